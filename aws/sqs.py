@@ -1,0 +1,156 @@
+"""SqsReader: receive login messages in batches and delete them after their commit."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from models import ReceivedMessage
+
+logger = logging.getLogger(__name__)
+
+# Limits from the ReceiveMessage / DeleteMessageBatch API reference:
+# https://docs.aws.amazon.com/AWSSimpleQueueService/latest/APIReference/API_ReceiveMessage.html
+MAX_MESSAGES_PER_RECEIVE = 10
+MAX_WAIT_TIME_SECONDS = 20
+MAX_ENTRIES_PER_DELETE = 10
+MAX_VISIBILITY_TIMEOUT_SECONDS = 43_200
+
+# Errors that say the queue itself is wrong, not that the network hiccuped.
+_FATAL_CODES = {
+    "AWS.SimpleQueueService.NonExistentQueue",
+    "QueueDoesNotExist",
+    "AccessDenied",
+    "AccessDeniedException",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "SignatureDoesNotMatch",
+}
+
+
+class SqsError(Exception):
+    """Root of the errors raised by this package."""
+
+
+class SqsUnavailable(SqsError):
+    """Raised when SQS cannot be reached or answers with a transient error; retry later."""
+
+
+class QueueNotFound(SqsError):
+    """Raised when the queue does not exist or the credentials may not use it; do not retry."""
+
+
+class SqsReader:
+    """Receives from one queue and deletes by receipt handle; one boto3 client per thread.
+
+    boto3 clients are cheap to share for calls, but each receiving thread gets its own so that
+    connection pools and retries never contend.
+    """
+
+    def __init__(
+        self,
+        queue_url: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        wait_time_seconds: int = MAX_WAIT_TIME_SECONDS,
+        max_attempts: int = 3,
+        connect_timeout_seconds: float = 5.0,
+    ) -> None:
+        if not 0 <= wait_time_seconds <= MAX_WAIT_TIME_SECONDS:
+            raise ValueError(f"wait_time_seconds must be within 0..{MAX_WAIT_TIME_SECONDS}")
+        self.queue_url = queue_url
+        self.wait_time_seconds = wait_time_seconds
+        self._session = boto3.session.Session(region_name=region)
+        self._endpoint_url = endpoint_url
+        self._config = Config(
+            connect_timeout=connect_timeout_seconds,
+            read_timeout=wait_time_seconds + 10,  # a long poll must not look like a hang
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            max_pool_connections=16,
+        )
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """This thread's SQS client."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            with self._lock:  # Session.client is not thread-safe
+                client = self._session.client("sqs", endpoint_url=self._endpoint_url, config=self._config)
+            self._local.client = client
+        return client
+
+    def check(self) -> dict[str, str]:
+        """Return the queue's attributes; raise QueueNotFound or SqsUnavailable."""
+        response = self._call("GetQueueAttributes", QueueUrl=self.queue_url, AttributeNames=["All"])
+        return dict(response.get("Attributes", {}))
+
+    def receive(self, *, wait_time_seconds: int | None = None) -> list[ReceivedMessage]:
+        """Receive up to 10 messages, long-polling; an empty list means none arrived in time."""
+        response = self._call(
+            "ReceiveMessage",
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=MAX_MESSAGES_PER_RECEIVE,
+            WaitTimeSeconds=self.wait_time_seconds if wait_time_seconds is None else wait_time_seconds,
+            MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
+        )
+        return [_to_message(raw) for raw in response.get("Messages", [])]
+
+    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+        """Delete messages in batches of 10; return the ids of entries SQS refused.
+
+        Call only after the transaction that stored the messages has committed. A refused entry
+        (e.g. a receipt handle gone stale after a redelivery) is harmless: the message will come
+        back and its idempotent insert will do nothing.
+        """
+        failed: list[str] = []
+        for start in range(0, len(messages), MAX_ENTRIES_PER_DELETE):
+            chunk = messages[start : start + MAX_ENTRIES_PER_DELETE]
+            entries = [{"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(chunk)]
+            response = self._call("DeleteMessageBatch", QueueUrl=self.queue_url, Entries=entries)
+            for entry in response.get("Failed", []):
+                message = chunk[int(entry["Id"])]
+                failed.append(message.message_id)
+                logger.warning(
+                    "delete refused for message %s: %s", message.message_id, entry.get("Code", "unknown")
+                )
+        return failed
+
+    def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        method = getattr(self.client, _snake(operation))
+        try:
+            return method(**kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in _FATAL_CODES:
+                raise QueueNotFound(
+                    f"{operation} on {self.queue_url} failed: {code}. "
+                    "Check SQS_QUEUE_URL, the region and the credentials."
+                ) from None
+            raise SqsUnavailable(f"{operation} failed: {code or exc}") from exc
+        except BotoCoreError as exc:
+            raise SqsUnavailable(f"{operation} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _to_message(raw: dict[str, Any]) -> ReceivedMessage:
+    attributes = raw.get("Attributes", {})
+    sent = attributes.get("SentTimestamp")
+    return ReceivedMessage(
+        message_id=raw["MessageId"],
+        receipt_handle=raw["ReceiptHandle"],
+        body=raw.get("Body", ""),
+        sent_timestamp_ms=int(sent) if sent else None,
+        receive_count=int(attributes.get("ApproximateReceiveCount", 1)),
+    )
+
+
+def _snake(operation: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in operation).lstrip("_")

@@ -1,0 +1,158 @@
+"""Types that cross package boundaries, and the parsing of a login message.
+
+This module imports nothing of ours: `aws`, `pii` and `database` all depend on it,
+never on each other.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any
+
+# Column limits of `user_logins` (the original exercise's DDL). Values that do not fit are
+# rejected up front, so that a batch never fails inside PostgreSQL.
+MAX_USER_ID_CHARS = 128
+MAX_DEVICE_TYPE_CHARS = 32
+MAX_LOCALE_CHARS = 32
+MAX_APP_VERSION_CHARS = 32
+# A masked value must fit varchar(256): "v1." + base64url(16-byte SIV tag + plaintext)
+# leaves room for 169 bytes; 128 keeps a margin for longer version prefixes.
+MAX_PII_BYTES = 128
+
+REQUIRED_FIELDS = ("user_id", "device_type", "ip", "device_id", "app_version")
+PII_FIELDS = ("ip", "device_id")
+_LIMITS = {
+    "user_id": MAX_USER_ID_CHARS,
+    "device_type": MAX_DEVICE_TYPE_CHARS,
+    "app_version": MAX_APP_VERSION_CHARS,
+    "locale": MAX_LOCALE_CHARS,
+}
+
+
+class InvalidMessage(ValueError):
+    """Raised when a message body is not a valid login event; the text is a safe reason.
+
+    The reason never quotes a value from the body, so it can be logged and stored.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    """One SQS message as received: identity, receipt and the raw body."""
+
+    message_id: str
+    receipt_handle: str
+    body: str = field(repr=False)  # may hold raw PII: never in a repr or a log
+    sent_timestamp_ms: int | None = None
+    receive_count: int = 1
+
+    @property
+    def sent_at(self) -> datetime | None:
+        """The time SQS accepted the message (UTC), if the attribute was present."""
+        if self.sent_timestamp_ms is None:
+            return None
+        return datetime.fromtimestamp(self.sent_timestamp_ms / 1000, tz=timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginEvent:
+    """A parsed, validated login event. Holds raw PII: it never leaves the process."""
+
+    user_id: str
+    device_type: str
+    ip: str = field(repr=False)
+    device_id: str = field(repr=False)
+    locale: str | None
+    app_version: str
+
+    @classmethod
+    def from_body(cls, body: str) -> LoginEvent:
+        """Parse and validate a message body; raise InvalidMessage with a safe reason."""
+        data = _load_json_object(body)
+        values: dict[str, Any] = {}
+        for name in REQUIRED_FIELDS:
+            value = data.get(name)
+            if value is None:
+                raise InvalidMessage(f"missing required field {name!r}")
+            if not isinstance(value, str):
+                raise InvalidMessage(f"field {name!r} must be a string, got {_json_type(value)}")
+            if not value.strip():
+                raise InvalidMessage(f"field {name!r} is empty")
+            values[name] = value
+        locale = data.get("locale")
+        if locale is not None and not isinstance(locale, str):
+            raise InvalidMessage(f"field 'locale' must be a string or null, got {_json_type(locale)}")
+        values["locale"] = locale
+        for name, value in values.items():
+            if value is not None:
+                _check_storable(name, value)
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedLogin:
+    """A row of `user_logins`: PII already replaced by tokens."""
+
+    message_id: str
+    user_id: str
+    device_type: str
+    masked_ip: str
+    masked_device_id: str
+    locale: str | None
+    app_version: str
+    create_date: date
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A row of `user_logins_rejected`: why a message was refused, its body encrypted."""
+
+    message_id: str
+    reason: str
+    encrypted_body: str
+    sent_at: datetime | None
+    receive_count: int
+
+
+def _load_json_object(body: str) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise InvalidMessage("JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError
+        # The decoder's message can quote the body; keep only its position.
+        pos = getattr(exc, "pos", None)
+        raise InvalidMessage(f"body is not valid JSON (at character {pos})") from None
+    if not isinstance(data, dict):
+        raise InvalidMessage(f"body must be a JSON object, got {_json_type(data)}")
+    return data
+
+
+def _check_storable(name: str, value: str) -> None:
+    if "\x00" in value:
+        raise InvalidMessage(f"field {name!r} contains a NUL character")
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMessage(f"field {name!r} is not valid Unicode (lone surrogate)") from None
+    if name in PII_FIELDS:
+        if len(encoded) > MAX_PII_BYTES:
+            raise InvalidMessage(f"field {name!r} is longer than {MAX_PII_BYTES} bytes")
+    elif len(value) > _LIMITS[name]:
+        raise InvalidMessage(f"field {name!r} is longer than {_LIMITS[name]} characters")
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"

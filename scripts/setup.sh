@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Shared set-up for run.sh and test.sh: virtual environment, the embedded stack, the queue, .env.
+# Sourced, not run: it leaves PATH pointing at .venv/bin.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+requirements=${1:-requirements.txt}
+
+stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)-$(basename "$requirements")
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing $requirements into .venv" >&2
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r "$requirements" >&2
+  touch "$stamp"
+fi
+export PATH=$ROOT/.venv/bin:$PATH
+
+bash scripts/stack.sh start
+export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test}
+export AWS_DEFAULT_REGION=${AWS_DEFAULT_REGION:-us-east-1}
+bash scripts/init-queue.sh >&2
+
+if [ ! -f .env ]; then
+  echo "setup: creating .env with a new MASKING_KEY (mode 0600)" >&2
+  (umask 077 && sed "s|^MASKING_KEY=.*|MASKING_KEY=$(python main.py keygen)|" .env.example >.env)
+fi
