@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose - args.quiet)
-    load_dotenv(Path(__file__).with_name(".env"), override=False)  # the real environment wins
+    load_dotenv(Path.cwd() / ".env", override=False)  # the real environment wins
     if args.command == "keygen":
         print(generate_key())
         return EXIT_OK
@@ -81,7 +81,7 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
         retry_budget_seconds=args.retry_budget_seconds,
     )
     pipeline = Pipeline(reader, writer, masker, options)
-    _install_signal_handlers(pipeline)
+    previous = _install_signal_handlers(pipeline)
     try:
         stats = pipeline.run()
     except ServiceLost as exc:
@@ -92,6 +92,8 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
         return EXIT_UNREACHABLE
     finally:
         writer.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print(stats.summary())
     return EXIT_OK
 
@@ -112,7 +114,8 @@ def _unmask(masker: Masker, tokens: Sequence[str]) -> int:
     return EXIT_OK
 
 
-def _install_signal_handlers(pipeline: Pipeline) -> None:
+def _install_signal_handlers(pipeline: Pipeline) -> dict[int, object]:
+    """Route SIGINT/SIGTERM to a graceful stop; return the handlers they replace."""
     def handle(signum: int, _frame: object) -> None:
         if pipeline.stopping:
             # Second signal: leave at once. Uncommitted messages return to the queue later.
@@ -120,13 +123,13 @@ def _install_signal_handlers(pipeline: Pipeline) -> None:
         logger.info("%s received: finishing the batch in hand", signal.Signals(signum).name)
         pipeline.stop()
 
-    signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGTERM, handle)
+    return {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _configure_logging(verbosity: int) -> None:
     level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # No force=True: a host that configured logging already (pytest, an embedding app) keeps it.
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botocore").setLevel(max(level, logging.WARNING))
 
 

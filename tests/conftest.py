@@ -1,0 +1,117 @@
+"""Shared fixtures: real PostgreSQL and a real SQS emulator over HTTP.
+
+Locally a missing service skips the tests that need it; under CI=true it fails them.
+TEST_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test) and TEST_SQS_ENDPOINT
+(default http://localhost:4566) choose the services.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+TEST_SQS_ENDPOINT = os.environ.get("TEST_SQS_ENDPOINT", "http://localhost:4566")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(what: str) -> None:
+    """Skip locally, fail in CI: a green CI run must have run every test."""
+    if IN_CI:
+        pytest.fail(f"{what} is required under CI=true")
+    pytest.skip(f"{what} is not available")
+
+
+@pytest.fixture(scope="session")
+def masking_key() -> str:
+    from pii.masking import generate_key
+
+    return generate_key()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    import psycopg2
+
+    try:
+        psycopg2.connect(TEST_DATABASE_URL, connect_timeout=3).close()
+    except psycopg2.OperationalError as exc:
+        unavailable(f"PostgreSQL at {TEST_DATABASE_URL} ({exc})")
+    return TEST_DATABASE_URL
+
+
+@pytest.fixture
+def database_url(pg_admin_url: str) -> Iterator[str]:
+    """A DSN whose search_path is a fresh schema, dropped after the test."""
+    import psycopg2
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    conn = psycopg2.connect(pg_admin_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in pg_admin_url else "?"
+    yield f"{pg_admin_url}{sep}options={quote(f'-csearch_path={schema}')}"
+    with conn.cursor() as cur:
+        cur.execute(f"DROP SCHEMA {schema} CASCADE")
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def sqs_client():  # type: ignore[no-untyped-def]
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "sqs",
+        endpoint_url=TEST_SQS_ENDPOINT,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=Config(connect_timeout=2, retries={"max_attempts": 1}),
+    )
+    try:
+        client.list_queues()
+    except Exception as exc:  # noqa: BLE001 - any failure means: no emulator
+        unavailable(f"SQS emulator at {TEST_SQS_ENDPOINT} ({type(exc).__name__})")
+    return client
+
+
+@pytest.fixture
+def queue_url(sqs_client) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A fresh uuid-named queue, deleted after the test."""
+    url = sqs_client.create_queue(QueueName=f"test-{uuid.uuid4().hex}")["QueueUrl"]
+    yield url
+    sqs_client.delete_queue(QueueUrl=url)
+
+
+@pytest.fixture
+def etl_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, queue_url: str, database_url: str, masking_key: str):  # type: ignore[no-untyped-def]
+    """The environment main() reads, pointed at this test's queue and schema; no .env in cwd."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "SQS_", "DATABASE_URL", "MASKING_KEY")):
+            monkeypatch.delenv(name)
+    env = {
+        "AWS_ENDPOINT_URL": TEST_SQS_ENDPOINT,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "SQS_QUEUE_URL": queue_url,
+        "DATABASE_URL": database_url,
+        "MASKING_KEY": masking_key,
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env

@@ -1,0 +1,56 @@
+"""Helpers for integration tests: send, count and query against the real services."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg2
+
+GOOD_LOGIN = {
+    "user_id": "424cdd21-063a-43a7-b91b-7ca1a833afae",
+    "app_version": "2.3.0",
+    "device_type": "android",
+    "ip": "199.172.111.135",
+    "locale": "RU",
+    "device_id": "593-47-5928",
+}
+
+
+def login(n: int, **changes: Any) -> str:
+    """A good body whose ip and device_id are unique to n."""
+    data = {**GOOD_LOGIN, "user_id": f"user-{n}", "ip": f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}",
+            "device_id": f"{100 + n % 900}-{n // 900 % 90 + 10}-{n % 9000 + 1000}", **changes}
+    return json.dumps(data)
+
+
+def send(sqs: Any, queue_url: str, bodies: list[str]) -> list[str]:
+    """Send bodies in batches of 10; return their MessageIds in order."""
+    ids: list[str] = []
+    for start in range(0, len(bodies), 10):
+        chunk = bodies[start : start + 10]
+        response = sqs.send_message_batch(
+            QueueUrl=queue_url, Entries=[{"Id": str(i), "MessageBody": b} for i, b in enumerate(chunk)]
+        )
+        assert not response.get("Failed"), response.get("Failed")
+        by_id = {entry["Id"]: entry["MessageId"] for entry in response["Successful"]}
+        ids.extend(by_id[str(i)] for i in range(len(chunk)))
+    return ids
+
+
+def queue_counts(sqs: Any, queue_url: str) -> tuple[int, int]:
+    """(visible, in flight) messages of a queue."""
+    attrs = sqs.get_queue_attributes(
+        QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def query(database_url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()

@@ -1,0 +1,64 @@
+"""The CLI surface that needs no service: keygen, unmask, --help, configuration errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from main import EXIT_CONFIG, EXIT_OK, EXIT_UNMASK_FAILED, main
+from pii.masking import Masker, decode_key, generate_key
+
+
+@pytest.fixture
+def key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    monkeypatch.chdir(tmp_path)  # no .env from the checkout
+    value = generate_key()
+    monkeypatch.setenv("MASKING_KEY", value)
+    return value
+
+
+def test_keygen_prints_a_valid_new_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keygen"]) == EXIT_OK
+    printed = capsys.readouterr().out.strip()
+    assert len(decode_key(printed)) == 64
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["unmask", "--help"], ["keygen", "--help"]])
+def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_a_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--batch-size", "0"])
+    assert info.value.code == EXIT_CONFIG
+
+
+def test_unmask_prints_each_original_value_in_order(key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    masker = Masker(decode_key(key))
+    tokens = [masker.mask("ip", "10.1.2.3"), masker.mask("device_id", "593-47-5928"), masker.mask("ip", "::1")]
+    assert main(["unmask", *tokens]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == ["10.1.2.3", "593-47-5928", "::1"]
+
+
+def test_unmask_of_a_foreign_token_fails_clearly_without_traceback(key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    foreign = Masker(decode_key(generate_key())).mask("ip", "10.1.2.3")
+    good = Masker(decode_key(key)).mask("ip", "10.9.9.9")
+    assert main(["unmask", good, foreign]) == EXIT_UNMASK_FAILED
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == "error: token 2: token does not decrypt under this key (wrong key, or tampered)"
+
+
+def test_a_missing_key_exits_2_with_one_line_naming_masking_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MASKING_KEY", raising=False)
+    assert main(["unmask", "v1.abc"]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MASKING_KEY" in err[0] and "keygen" in err[0]

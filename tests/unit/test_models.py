@@ -1,0 +1,138 @@
+"""Parsing and validation of login message bodies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from models import MAX_PII_BYTES, InvalidMessage, LoginEvent
+
+GOOD = {
+    "user_id": "424cdd21-063a-43a7-b91b-7ca1a833afae",
+    "app_version": "2.3.0",
+    "device_type": "android",
+    "ip": "199.172.111.135",
+    "locale": "RU",
+    "device_id": "593-47-5928",
+}
+
+
+def body(**changes: object) -> str:
+    data = {**GOOD, **changes}
+    return json.dumps({k: v for k, v in data.items() if v is not ...})
+
+
+def reason_of(text: str) -> str:
+    with pytest.raises(InvalidMessage) as info:
+        LoginEvent.from_body(text)
+    return str(info.value)
+
+
+def test_a_valid_body_parses_with_app_version_kept_as_text() -> None:
+    event = LoginEvent.from_body(body(app_version="2.00"))
+    assert event.app_version == "2.00"
+    assert (event.user_id, event.device_type, event.ip, event.device_id, event.locale) == (
+        GOOD["user_id"], "android", "199.172.111.135", "593-47-5928", "RU"
+    )
+
+
+def test_locale_may_be_null_or_absent_and_extra_keys_are_ignored() -> None:
+    assert LoginEvent.from_body(body(locale=None)).locale is None
+    assert LoginEvent.from_body(body(locale=...)).locale is None
+    assert LoginEvent.from_body(body(extra={"nested": [1, 2]})).user_id == GOOD["user_id"]
+
+
+def test_the_repr_of_an_event_hides_ip_and_device_id() -> None:
+    text = repr(LoginEvent.from_body(body()))
+    assert GOOD["ip"] not in text and GOOD["device_id"] not in text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("foo=bar", "not valid JSON"),
+        ('{"user_id": "x"', "not valid JSON"),
+        ("", "not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("[1, 2]", "must be a JSON object, got array"),
+        ('"just a string"', "must be a JSON object, got string"),
+        ("null", "must be a JSON object, got null"),
+        ("42", "must be a JSON object, got number"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_is_rejected(text: str, expected: str) -> None:
+    assert expected in reason_of(text)
+
+
+@pytest.mark.parametrize("name", ["user_id", "device_type", "ip", "device_id", "app_version"])
+def test_a_missing_or_null_required_field_is_rejected(name: str) -> None:
+    assert reason_of(body(**{name: ...})) == f"missing required field {name!r}"
+    assert reason_of(body(**{name: None})) == f"missing required field {name!r}"
+
+
+@pytest.mark.parametrize("value", [230, 2.3, True, ["a"], {"a": 1}])
+def test_a_required_field_of_the_wrong_type_is_rejected(value: object) -> None:
+    assert "must be a string" in reason_of(body(app_version=value))
+
+
+def test_an_empty_required_field_is_rejected() -> None:
+    assert reason_of(body(user_id="  ")) == "field 'user_id' is empty"
+
+
+def test_a_locale_of_the_wrong_type_is_rejected() -> None:
+    assert reason_of(body(locale=7)) == "field 'locale' must be a string or null, got number"
+
+
+@pytest.mark.parametrize(("name", "limit"), [("user_id", 128), ("device_type", 32), ("locale", 32), ("app_version", 32)])
+def test_a_value_longer_than_its_column_is_rejected_and_one_that_fits_is_not(name: str, limit: int) -> None:
+    LoginEvent.from_body(body(**{name: "x" * limit}))
+    assert reason_of(body(**{name: "x" * (limit + 1)})) == f"field {name!r} is longer than {limit} characters"
+
+
+@pytest.mark.parametrize("name", ["ip", "device_id"])
+def test_an_over_long_pii_value_is_rejected(name: str) -> None:
+    LoginEvent.from_body(body(**{name: "1" * MAX_PII_BYTES}))
+    assert "longer than" in reason_of(body(**{name: "1" * (MAX_PII_BYTES + 1)}))
+
+
+def test_a_nul_character_is_rejected() -> None:
+    assert reason_of(body(device_type="and\u0000roid")) == "field 'device_type' contains a NUL character"
+
+
+def test_a_lone_surrogate_is_rejected() -> None:
+    text = body().replace('"RU"', '"\\ud800"')
+    assert reason_of(text) == "field 'locale' is not valid Unicode (lone surrogate)"
+
+
+def test_a_rejection_reason_never_quotes_the_values() -> None:
+    for text in (body(ip=123), body(device_id="9" * 200), json.dumps(GOOD)[:-3]):
+        reason = reason_of(text)
+        assert "199.172.111.135" not in reason and "593-47-5928" not in reason and "999" not in reason
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=6),
+    max_leaves=20,
+)
+
+
+@given(st.text())
+def test_any_text_either_parses_or_is_rejected_with_a_reason(text: str) -> None:
+    try:
+        LoginEvent.from_body(text)
+    except InvalidMessage as exc:
+        assert str(exc)
+
+
+@given(st.dictionaries(st.sampled_from([*GOOD, "other"]), json_values))
+def test_any_json_object_either_parses_or_is_rejected_with_a_reason(data: dict[str, object]) -> None:
+    try:
+        event = LoginEvent.from_body(json.dumps(data))
+    except InvalidMessage as exc:
+        assert str(exc)
+    else:
+        assert event.ip == data["ip"] and event.device_id == data["device_id"]
