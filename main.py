@@ -13,6 +13,7 @@ uncommitted was deleted); 130/143 a second SIGINT/SIGTERM cut the run short.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -68,7 +69,7 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
                        wait_time_seconds=wait)
     try:
-        reader.check()
+        attributes = reader.check()
     except SqsError as exc:
         writer.close()
         print(f"error: SQS queue {settings.queue_url} unusable: {exc}", file=sys.stderr)
@@ -79,6 +80,8 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         flush_seconds=args.flush_seconds,
         retry_budget_seconds=args.retry_budget_seconds,
+        visibility_timeout_seconds=int(attributes.get("VisibilityTimeout", 30)),
+        max_receives=_max_receives(args.max_receives, attributes),
     )
     pipeline = Pipeline(reader, writer, masker, options)
     previous = _install_signal_handlers(pipeline)
@@ -96,6 +99,15 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
             signal.signal(signum, handler)
     print(stats.summary())
     return EXIT_OK
+
+
+def _max_receives(wanted: int, attributes: dict[str, str]) -> int:
+    """Quarantine looping messages before SQS would move them to the dead-letter queue."""
+    try:
+        dlq_after = int(json.loads(attributes["RedrivePolicy"])["maxReceiveCount"])
+    except (KeyError, ValueError, TypeError):
+        return wanted
+    return max(1, min(wanted, dlq_after - 1))
 
 
 def _unmask(masker: Masker, tokens: Sequence[str]) -> int:
@@ -157,6 +169,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="long-poll wait; drain stops at the first empty poll (1 drain, 5 follow)")
     parser.add_argument("--retry-budget-seconds", type=float, default=60.0,
                         help="drain mode: give up after a service is lost this long (60); --follow waits forever")
+    parser.add_argument("--max-receives", type=_positive_int, default=5,
+                        help="quarantine a message whose processing keeps failing after this many receives "
+                        "(5; capped below the queue's RedrivePolicy maxReceiveCount)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
     sub = parser.add_subparsers(dest="command", metavar="{unmask,keygen}")

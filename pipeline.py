@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TypeVar
 
-from aws.sqs import QueueNotFound, SqsReader, SqsUnavailable
+from aws.sqs import QueueNotFound, SqsError, SqsReader, SqsUnavailable
 from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable, PostgresWriter, WriteResult
 from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection
 from pii.masking import BODY_FIELD, Masker
@@ -50,6 +50,11 @@ class PipelineOptions:
     batch_size: int = 1000
     flush_seconds: float = 0.5
     retry_budget_seconds: float = 60.0
+    # The queue's VisibilityTimeout: messages held longer than about half of it are extended.
+    visibility_timeout_seconds: int = 30
+    # A message whose processing raised an unexpected error is left for redelivery; from this
+    # many receives on it is quarantined instead (kept below the RedrivePolicy's maxReceiveCount).
+    max_receives: int = 5
 
 
 @dataclass(slots=True)
@@ -60,14 +65,18 @@ class Stats:
     loaded: int = 0
     rejected: int = 0
     duplicates: int = 0
+    redelivered: int = 0
+    failed: int = 0
     delete_failures: int = 0
+    extended: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def summary(self) -> str:
         seconds = time.monotonic() - self.started
         rate = self.received / seconds if seconds > 0 else 0.0
+        failed = f", failed {self.failed} (left in the queue)" if self.failed else ""
         return (
-            f"loaded {self.loaded}, rejected {self.rejected}, duplicates skipped {self.duplicates} "
+            f"loaded {self.loaded}, rejected {self.rejected}, duplicates skipped {self.duplicates}{failed} "
             f"in {seconds:.1f} s ({rate:.0f} msgs/s)"
         )
 
@@ -102,6 +111,40 @@ def reject(message: ReceivedMessage, masker: Masker, reason: str) -> Rejection:
     )
 
 
+class InHand:
+    """The messages this process holds (received, not yet deleted) and their visibility deadlines.
+
+    SQS hides a received message for the queue's visibility timeout. A batch that takes longer
+    (a slow or unreachable database) would reappear and be processed twice in parallel; so
+    messages still in hand at half the timeout get their visibility extended.
+    """
+
+    def __init__(self, visibility_timeout_seconds: int) -> None:
+        self.timeout = max(1, visibility_timeout_seconds)
+        self._deadlines: dict[str, tuple[ReceivedMessage, float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, messages: Sequence[ReceivedMessage]) -> None:
+        deadline = time.monotonic() + self.timeout
+        with self._lock:
+            for message in messages:
+                self._deadlines[message.receipt_handle] = (message, deadline)
+
+    def remove(self, messages: Sequence[ReceivedMessage]) -> None:
+        with self._lock:
+            for message in messages:
+                self._deadlines.pop(message.receipt_handle, None)
+
+    def due(self) -> list[ReceivedMessage]:
+        """Messages within half a timeout of reappearing; their deadlines are pushed forward."""
+        now = time.monotonic()
+        with self._lock:
+            due = [m for m, deadline in self._deadlines.values() if deadline - now < self.timeout / 2]
+            for message in due:
+                self._deadlines[message.receipt_handle] = (message, now + self.timeout)
+        return due
+
+
 class Pipeline:
     """Runs receivers, the writer and the deleters until the queue is drained or stop() is called."""
 
@@ -115,6 +158,7 @@ class Pipeline:
             maxsize=max(4, 2 * options.batch_size // 10)
         )
         self._fatal: BaseException | None = None
+        self._in_hand = InHand(options.visibility_timeout_seconds)
         self.stats = Stats()
 
     @property
@@ -134,6 +178,9 @@ class Pipeline:
         ]
         for thread in receivers:
             thread.start()
+        done = threading.Event()
+        extender = threading.Thread(target=self._extend_loop, args=(done,), name="extender", daemon=True)
+        extender.start()
         with ThreadPoolExecutor(max_workers=self._options.receivers, thread_name_prefix="deleter") as deleters:
             pending: list[Future[None]] = []
             try:
@@ -142,6 +189,7 @@ class Pipeline:
                 self._stop.set()
                 for future in pending:
                     future.result()
+        done.set()
         if self._fatal is not None:
             raise self._fatal
         return self.stats
@@ -167,7 +215,21 @@ class Pipeline:
     def _put(self, messages: list[ReceivedMessage]) -> None:
         # Blocks while the writer is behind. Messages in hand are never dropped, even when
         # stopping: they are part of the batch that will be committed and deleted.
+        self._in_hand.add(messages)
         self._inbox.put(messages)
+
+    def _extend_loop(self, done: threading.Event) -> None:
+        tick = min(1.0, self._in_hand.timeout / 4)
+        while not done.wait(tick):
+            due = self._in_hand.due()
+            if not due:
+                continue
+            try:
+                self._reader.change_visibility(due, self._in_hand.timeout)
+                self.stats.extended += len(due)
+                logger.info("extended the visibility of %d messages still in hand", len(due))
+            except SqsError as exc:
+                logger.warning("could not extend the visibility of %d messages: %s", len(due), exc)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -195,7 +257,11 @@ class Pipeline:
             if due:
                 if self._fatal is not None:
                     return  # a receiver failed for good: do not commit what we cannot delete safely
-                self._commit(batch)
+                failed = self._commit(batch)
+                if failed:
+                    self._in_hand.remove(failed)  # not extended: they come back after the timeout
+                    failed_ids = {m.message_id for m in failed}
+                    batch = [m for m in batch if m.message_id not in failed_ids]
                 # Deletes of the previous batch had this batch's write to finish; wait for them
                 # now so that at most two batches are ever in hand.
                 for future in pending:
@@ -203,12 +269,22 @@ class Pipeline:
                 pending[:] = [deleters.submit(self._delete, batch)]
                 batch = []
 
-    def _commit(self, batch: Sequence[ReceivedMessage]) -> None:
+    def _commit(self, batch: Sequence[ReceivedMessage]) -> list[ReceivedMessage]:
+        """Store a batch in one transaction; return the messages that failed and must not be deleted."""
         self.stats.received += len(batch)
         rows: dict[str, MaskedLogin] = {}
         rejections: dict[str, Rejection] = {}
+        failed: list[ReceivedMessage] = []
         for message in batch:
-            result = transform(message, self._masker)
+            if message.receive_count > 1:
+                self.stats.redelivered += 1
+            try:
+                result = transform(message, self._masker)
+            except Exception as exc:  # noqa: BLE001 - a bug or an unexpected condition, not a bad body
+                result = self._on_failure(message, exc)
+                if result is None:
+                    failed.append(message)
+                    continue
             if isinstance(result, Rejection):
                 rejections[message.message_id] = result
                 logger.warning("message %s rejected: %s", message.message_id, result.reason)
@@ -217,7 +293,7 @@ class Pipeline:
         by_id = {m.message_id: m for m in batch}
         while True:
             try:
-                result = self._retry(
+                written = self._retry(
                     "PostgreSQL write",
                     lambda: self._write_once(list(rows.values()), list(rejections.values())),
                     DatabaseUnavailable,
@@ -230,10 +306,25 @@ class Pipeline:
                     del rows[login.message_id]
                     rejections[login.message_id] = reject(by_id[login.message_id], self._masker, reason)
                     logger.warning("message %s rejected: %s", login.message_id, reason)
-        self.stats.loaded += result.inserted
-        self.stats.rejected += result.rejected
-        self.stats.duplicates += result.duplicates
-        logger.debug("committed %d messages: %s", len(batch), result)
+        assert written is not None  # the write is never given up on, only budgeted
+        self.stats.loaded += written.inserted
+        self.stats.rejected += written.rejected
+        self.stats.duplicates += written.duplicates
+        logger.debug("committed %d messages: %s", len(batch), written)
+        return failed
+
+    def _on_failure(self, message: ReceivedMessage, exc: Exception) -> Rejection | None:
+        """Leave a message that failed unexpectedly for redelivery, or quarantine it once it loops."""
+        reason = f"processing failed {message.receive_count} times: {type(exc).__name__}"
+        if message.receive_count >= self._options.max_receives:
+            logger.error("message %s quarantined: %s", message.message_id, reason)
+            return reject(message, self._masker, reason)
+        self.stats.failed += 1
+        logger.error(
+            "message %s failed (%s, receive %d of %d before quarantine); left for redelivery",
+            message.message_id, type(exc).__name__, message.receive_count, self._options.max_receives,
+        )
+        return None
 
     def _write_once(self, logins: list[MaskedLogin], rejections: list[Rejection]) -> WriteResult:
         if not self._writer.connected:
@@ -248,6 +339,8 @@ class Pipeline:
             logger.warning("could not delete %d committed messages (%s); they will be redelivered", len(batch), exc)
             self.stats.delete_failures += len(batch)
             return
+        finally:
+            self._in_hand.remove(batch)
         self.stats.delete_failures += len(failed or ())
 
     # -- retries ------------------------------------------------------------------------------

@@ -124,6 +124,21 @@ class SqsReader:
                 )
         return failed
 
+    def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]:
+        """Hide messages for `timeout_seconds` more (from now); return the ids SQS refused."""
+        if not 0 <= timeout_seconds <= MAX_VISIBILITY_TIMEOUT_SECONDS:
+            raise ValueError(f"timeout_seconds must be within 0..{MAX_VISIBILITY_TIMEOUT_SECONDS}")
+        failed: list[str] = []
+        for start in range(0, len(messages), MAX_ENTRIES_PER_DELETE):
+            chunk = messages[start : start + MAX_ENTRIES_PER_DELETE]
+            entries = [
+                {"Id": str(i), "ReceiptHandle": m.receipt_handle, "VisibilityTimeout": timeout_seconds}
+                for i, m in enumerate(chunk)
+            ]
+            response = self._call("ChangeMessageVisibilityBatch", QueueUrl=self.queue_url, Entries=entries)
+            failed.extend(chunk[int(entry["Id"])].message_id for entry in response.get("Failed", []))
+        return failed
+
     def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
         method = getattr(self.client, _snake(operation))
         try:

@@ -170,8 +170,11 @@ class PostgresWriter:
         """
         try:
             return self._run(lambda cur: self._write(cur, logins, rejections))
-        except psycopg2.DataError:
-            raise DatabaseRejectedRows(self._find_bad_rows(logins)) from None
+        except _ROW_ERRORS as exc:
+            bad = self._find_bad_rows(logins)
+            if not bad:  # no row fails alone: not the data's fault; retry the batch later
+                raise DatabaseUnavailable(f"batch refused: {exc.pgcode}") from None
+            raise DatabaseRejectedRows(bad) from None
 
     def _write(
         self, cur: psycopg2.extensions.cursor, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection]
@@ -206,7 +209,7 @@ class PostgresWriter:
         for login in logins:
             try:
                 self._run(lambda cur, one=login: self._write(cur, [one], []), commit=False)
-            except psycopg2.DataError as exc:
+            except _ROW_ERRORS as exc:
                 bad.append((login, f"refused by PostgreSQL: {exc.pgcode} {_first_line(exc).split(':')[0]}"))
         return bad
 
@@ -225,13 +228,21 @@ class PostgresWriter:
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             self.close()
             raise DatabaseUnavailable(_first_line(exc)) from None
-        except psycopg2.Error:
+        except _ROW_ERRORS:
             try:
                 self._conn.rollback()
             except psycopg2.Error:
                 self.close()
             raise
+        except psycopg2.Error as exc:
+            # Not the rows' fault (a dropped table, a permission, a server error): reconnect,
+            # which re-runs the migrations, and retry the batch.
+            self.close()
+            raise DatabaseUnavailable(f"{exc.pgcode or type(exc).__name__}: {_first_line(exc)}") from None
 
+
+# Errors caused by particular rows: those rows are quarantined, the rest of the batch is written.
+_ROW_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError)
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
