@@ -171,7 +171,26 @@ class Pipeline:
         self._stop.set()
 
     def run(self) -> Stats:
-        """Consume until drained (or stopped); return the counters."""
+        """Consume until drained (or stopped); return the counters.
+
+        The work runs in other threads; the calling (main) thread only waits, so that signal
+        handlers run at once even while a commit blocks inside libpq.
+        """
+        worker = threading.Thread(target=self._work, name="writer", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+        if self._fatal is not None:
+            raise self._fatal
+        return self.stats
+
+    def _work(self) -> None:
+        try:
+            self._run_stages()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            self._fatal = self._fatal or exc
+
+    def _run_stages(self) -> None:
         receivers = [
             threading.Thread(target=self._receive_loop, name=f"receiver-{i}", daemon=True)
             for i in range(self._options.receivers)
@@ -190,9 +209,6 @@ class Pipeline:
                 for future in pending:
                     future.result()
         done.set()
-        if self._fatal is not None:
-            raise self._fatal
-        return self.stats
 
     # -- receiving ----------------------------------------------------------------------------
 

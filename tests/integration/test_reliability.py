@@ -1,0 +1,326 @@
+"""Fault injection: every message ends up exactly once in user_logins or user_logins_rejected.
+
+Real processes, the real PostgreSQL, the real emulator; faults injected for real (SIGKILL, a TCP
+proxy cut in front of a service, a table lock, signals).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import pytest
+from helpers import login, query, queue_counts, send
+from proxy import TcpProxy
+
+from database.sqs_postgres import PostgresWriter
+from sample_data import generate
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def start_etl(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start `python main.py ARGS` as users run it; output goes to files in tmp_path."""
+    n = len(list(tmp_path.glob("etl-*.out")))
+    out = open(tmp_path / f"etl-{n}.out", "w")  # noqa: SIM115 - closed by the OS when the test ends
+    err = open(tmp_path / f"etl-{n}.err", "w")  # noqa: SIM115
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=tmp_path, stdout=out,
+                            stderr=err, text=True, env=env or os.environ.copy())
+
+
+def output(tmp_path: Path) -> str:
+    return "".join(p.read_text() for p in sorted(tmp_path.glob("etl-*.*")))
+
+
+def set_visibility(sqs, queue_url: str, seconds: int, **extra: str) -> None:
+    sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"VisibilityTimeout": str(seconds), **extra})
+
+
+def stored_ids(database_url: str) -> Counter[str]:
+    rows = query(database_url, "SELECT message_id FROM user_logins WHERE message_id IS NOT NULL "
+                 "UNION ALL SELECT message_id FROM user_logins_rejected")
+    return Counter(r[0] for r in rows)
+
+
+def assert_exactly_once(database_url: str, ids: list[str]) -> None:
+    stored = stored_ids(database_url)
+    assert not [i for i, n in stored.items() if n > 1], "a message was stored twice"
+    missing = set(ids) - set(stored)
+    assert not missing, f"{len(missing)} messages lost"
+    assert set(stored) == set(ids)
+
+
+def drain_until_empty(tmp_path: Path, sqs, queue_url: str, attempts: int = 10) -> None:
+    """Drain again until no message is visible or in flight (killed runs leave some in flight)."""
+    for _ in range(attempts):
+        assert start_etl(tmp_path).wait(timeout=120) == 0, output(tmp_path)
+        if queue_counts(sqs, queue_url) == (0, 0):
+            return
+        time.sleep(1)
+    raise AssertionError(f"queue not empty: {queue_counts(sqs, queue_url)}")
+
+
+def with_port(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{parts.hostname}:{port}"))
+
+
+def test_sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice(etl_env, sqs_client, tmp_path) -> None:
+    queue_url = etl_env["SQS_QUEUE_URL"]
+    set_visibility(sqs_client, queue_url, 2)  # killed runs' messages come back quickly
+    ids = send(sqs_client, queue_url, list(generate(5000, seed=5)))
+    rng = random.Random(5)
+    kills = 0
+    for _ in range(6):
+        process = start_etl(tmp_path)
+        time.sleep(rng.uniform(0.8, 2.0))
+        if process.poll() is None:
+            process.kill()
+            kills += 1
+        process.wait(timeout=30)
+    assert kills >= 5, "the runs ended before they could be killed: send more messages"
+    assert 0 < sum(stored_ids(etl_env["DATABASE_URL"]).values()) < len(ids)
+    drain_until_empty(tmp_path, sqs_client, queue_url)
+    assert_exactly_once(etl_env["DATABASE_URL"], ids)
+
+
+def test_three_consumers_draining_one_queue_store_every_message_once(etl_env, sqs_client, tmp_path) -> None:
+    ids = send(sqs_client, etl_env["SQS_QUEUE_URL"], list(generate(6000, seed=6)))
+    processes = [start_etl(tmp_path) for _ in range(3)]
+    assert [p.wait(timeout=180) for p in processes] == [0, 0, 0], output(tmp_path)
+    assert queue_counts(sqs_client, etl_env["SQS_QUEUE_URL"]) == (0, 0)
+    assert_exactly_once(etl_env["DATABASE_URL"], ids)
+    summaries = [line for line in output(tmp_path).splitlines() if line.startswith("loaded ")]
+    assert len(summaries) == 3 and all(not s.startswith("loaded 0,") for s in summaries), summaries
+
+
+def test_a_database_outage_mid_run_is_retried_and_nothing_is_lost(etl_env, sqs_client, tmp_path) -> None:
+    ids = send(sqs_client, etl_env["SQS_QUEUE_URL"], list(generate(4000, seed=7)))
+    proxy = TcpProxy("127.0.0.1", urlsplit(etl_env["DATABASE_URL"]).port or 5432)
+    env = {**os.environ, "DATABASE_URL": with_port(etl_env["DATABASE_URL"], proxy.port)}
+    process = start_etl(tmp_path, "--batch-size", "100", env=env)
+    _wait_for_rows(etl_env["DATABASE_URL"])
+    proxy.cut()
+    # During the outage nothing is deleted that is not committed: stored + still queued covers all.
+    time.sleep(3)
+    visible, in_flight = queue_counts(sqs_client, etl_env["SQS_QUEUE_URL"])
+    assert sum(stored_ids(etl_env["DATABASE_URL"]).values()) + visible + in_flight >= len(ids)
+    assert process.poll() is None, "the ETL must not crash while the database is down"
+    proxy.restore()
+    assert process.wait(timeout=120) == 0, output(tmp_path)
+    proxy.close()
+    assert "PostgreSQL write failed" in output(tmp_path)
+    assert_exactly_once(etl_env["DATABASE_URL"], ids)
+
+
+def test_a_database_lost_beyond_the_budget_exits_4_and_a_rerun_resumes(etl_env, sqs_client, tmp_path) -> None:
+    queue_url = etl_env["SQS_QUEUE_URL"]
+    set_visibility(sqs_client, queue_url, 2)
+    ids = send(sqs_client, queue_url, list(generate(3000, seed=8)))
+    proxy = TcpProxy("127.0.0.1", urlsplit(etl_env["DATABASE_URL"]).port or 5432)
+    env = {**os.environ, "DATABASE_URL": with_port(etl_env["DATABASE_URL"], proxy.port)}
+    process = start_etl(tmp_path, "--batch-size", "100", "--retry-budget-seconds", "3", env=env)
+    _wait_for_rows(etl_env["DATABASE_URL"])
+    proxy.cut()
+    assert process.wait(timeout=60) == 4
+    assert "nothing uncommitted was deleted" in output(tmp_path) and "Traceback" not in output(tmp_path)
+    proxy.close()
+    drain_until_empty(tmp_path, sqs_client, queue_url)
+    assert_exactly_once(etl_env["DATABASE_URL"], ids)
+
+
+def test_an_sqs_outage_mid_run_is_retried_and_nothing_is_lost(etl_env, sqs_client, tmp_path) -> None:
+    queue_url = etl_env["SQS_QUEUE_URL"]
+    ids = send(sqs_client, queue_url, list(generate(4000, seed=9)))
+    endpoint = urlsplit(etl_env["AWS_ENDPOINT_URL"])
+    proxy = TcpProxy(endpoint.hostname or "127.0.0.1", endpoint.port or 4566)
+    env = {**os.environ, "AWS_ENDPOINT_URL": with_port(etl_env["AWS_ENDPOINT_URL"], proxy.port)}
+    process = start_etl(tmp_path, "--batch-size", "100", env=env)
+    _wait_for_rows(etl_env["DATABASE_URL"])
+    proxy.cut()
+    time.sleep(4)
+    assert process.poll() is None, "the ETL must not crash while SQS is down"
+    proxy.restore()
+    assert process.wait(timeout=120) == 0, output(tmp_path)
+    proxy.close()
+    assert "failed" in output(tmp_path)
+    if queue_counts(sqs_client, queue_url) != (0, 0):  # a delete cut mid-flight: redelivered later
+        set_visibility(sqs_client, queue_url, 1)
+        time.sleep(31)
+        drain_until_empty(tmp_path, sqs_client, queue_url)
+    assert_exactly_once(etl_env["DATABASE_URL"], ids)
+
+
+def test_a_slow_batch_has_its_visibility_extended_instead_of_being_redelivered(
+    etl_env, sqs_client, tmp_path
+) -> None:
+    queue_url = etl_env["SQS_QUEUE_URL"]
+    set_visibility(sqs_client, queue_url, 2)
+    process = start_etl(tmp_path, "--follow", "--wait-seconds", "1")
+    _wait_for_etl_connection(etl_env["DATABASE_URL"])
+    # GIVEN a database that blocks the first commit for 3.5 visibility timeouts
+    lock = psycopg2.connect(etl_env["DATABASE_URL"])
+    with lock.cursor() as cur:
+        cur.execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE")
+    ids = send(sqs_client, queue_url, [login(n) for n in range(300)])
+    time.sleep(7)
+    lock.rollback()
+    lock.close()
+    _wait_for_rows(etl_env["DATABASE_URL"], count=300)
+    process.send_signal(signal.SIGTERM)
+    # THEN the batch in hand was extended, never redelivered, and stored once
+    assert process.wait(timeout=30) == 0, output(tmp_path)
+    text = output(tmp_path)
+    assert "extended the visibility" in text
+    assert "duplicates skipped 0" in text, text
+    assert queue_counts(sqs_client, queue_url) == (0, 0)
+    assert_exactly_once(etl_env["DATABASE_URL"], ids)
+
+
+def test_a_looping_failure_is_quarantined_after_max_receives_not_looped_forever(etl_env, sqs_client, monkeypatch):
+    import main
+    import pipeline
+
+    queue_url = etl_env["SQS_QUEUE_URL"]
+    set_visibility(sqs_client, queue_url, 1)
+    ids = send(sqs_client, queue_url, [login(n) for n in range(5)] + [login(99, user_id="poison")])
+    real = pipeline.transform
+
+    def flaky(message, masker):  # a bug that trips on one message, whatever its content's validity
+        if '"poison"' in message.body:
+            raise RuntimeError("boom")
+        return real(message, masker)
+
+    monkeypatch.setattr(pipeline, "transform", flaky)
+    for _ in range(20):
+        assert main.main(["--max-receives", "3", "--wait-seconds", "2"]) == 0
+        if queue_counts(sqs_client, queue_url) == (0, 0):
+            break
+        time.sleep(1.1)
+    [(reason, receive_count)] = query(etl_env["DATABASE_URL"], "SELECT reason, receive_count FROM "
+                                      "user_logins_rejected WHERE message_id = %s", (ids[-1],))
+    assert (reason, receive_count) == ("processing failed 3 times: RuntimeError", 3)
+    assert_exactly_once(etl_env["DATABASE_URL"], ids)
+
+
+def test_with_a_redrive_policy_a_looping_message_is_quarantined_before_it_is_dead_lettered(
+    etl_env, sqs_client, monkeypatch
+) -> None:
+    import main
+    import pipeline
+
+    queue_url = etl_env["SQS_QUEUE_URL"]
+    dlq = sqs_client.create_queue(QueueName=queue_url.rsplit("/", 1)[1] + "-dlq")["QueueUrl"]
+    try:
+        arn = sqs_client.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        set_visibility(sqs_client, queue_url, 1,
+                       RedrivePolicy=f'{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"3"}}')
+        ids = send(sqs_client, queue_url, [login(1, user_id="poison")])
+        monkeypatch.setattr(pipeline, "transform", lambda message, masker: 1 / 0)
+        for _ in range(20):
+            assert main.main(["--max-receives", "10", "--wait-seconds", "2"]) == 0
+            if queue_counts(sqs_client, queue_url) == (0, 0):
+                break
+            time.sleep(1.1)
+        assert query(etl_env["DATABASE_URL"], "SELECT reason FROM user_logins_rejected WHERE message_id = %s",
+                     (ids[0],)) == [("processing failed 2 times: ZeroDivisionError",)]
+        assert queue_counts(sqs_client, dlq) == (0, 0)
+    finally:
+        sqs_client.delete_queue(QueueUrl=dlq)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_in_follow_mode_finishes_the_batch_in_hand_and_exits_0(
+    etl_env, sqs_client, tmp_path, signum
+) -> None:
+    queue_url = etl_env["SQS_QUEUE_URL"]
+    ids = send(sqs_client, queue_url, list(generate(3000, seed=10)))
+    process = start_etl(tmp_path, "--follow")
+    _wait_for_rows(etl_env["DATABASE_URL"])
+    process.send_signal(signum)
+    started = time.monotonic()
+    assert process.wait(timeout=15) == 0, output(tmp_path)
+    assert time.monotonic() - started < 8
+    # What was committed was deleted; what was not is still in the queue: a drain completes it.
+    drain_until_empty(tmp_path, sqs_client, queue_url)
+    assert_exactly_once(etl_env["DATABASE_URL"], ids)
+
+
+def test_a_signal_in_drain_mode_exits_0_after_committing(etl_env, sqs_client, tmp_path) -> None:
+    queue_url = etl_env["SQS_QUEUE_URL"]
+    ids = send(sqs_client, queue_url, list(generate(4000, seed=12)))
+    process = start_etl(tmp_path)
+    _wait_for_rows(etl_env["DATABASE_URL"])
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=15) == 0, output(tmp_path)
+    assert "SIGTERM received" in output(tmp_path)
+    assert sum(stored_ids(etl_env["DATABASE_URL"]).values()) < len(ids), "stopped too late to test anything"
+    drain_until_empty(tmp_path, sqs_client, queue_url)
+    assert_exactly_once(etl_env["DATABASE_URL"], ids)
+
+
+def test_a_second_signal_exits_at_once_and_the_messages_come_back(etl_env, sqs_client, tmp_path) -> None:
+    queue_url = etl_env["SQS_QUEUE_URL"]
+    set_visibility(sqs_client, queue_url, 2)
+    process = start_etl(tmp_path, "--follow", "--wait-seconds", "1")
+    _wait_for_etl_connection(etl_env["DATABASE_URL"])
+    lock = psycopg2.connect(etl_env["DATABASE_URL"])
+    with lock.cursor() as cur:
+        cur.execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE")  # the first commit hangs
+    ids = send(sqs_client, queue_url, [login(n) for n in range(200)])
+    try:
+        time.sleep(2)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert process.poll() is None, "the first signal must wait for the batch in hand"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=3) == 128 + signal.SIGTERM
+    finally:
+        lock.rollback()
+        lock.close()
+    assert sum(stored_ids(etl_env["DATABASE_URL"]).values()) == 0
+    time.sleep(2.5)
+    drain_until_empty(tmp_path, sqs_client, queue_url)
+    assert_exactly_once(etl_env["DATABASE_URL"], ids)
+
+
+def _wait_for_etl_connection(database_url: str, timeout: float = 30) -> None:
+    """Wait until an ETL process has connected and set up its schema."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            query(database_url, "SELECT 1 FROM etl_schema_version")
+        except psycopg2.errors.UndefinedTable:
+            time.sleep(0.05)
+            continue
+        if query(database_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'login-etl' "
+                 "AND state = 'idle'")[0][0]:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the ETL did not connect")
+
+
+def _wait_for_rows(database_url: str, timeout: float = 30, count: int = 1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if query(database_url, "SELECT count(*) FROM user_logins")[0][0] >= count:
+                return
+        except psycopg2.errors.UndefinedTable:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} rows arrived")
+
+
+# Used by the hostile-input test module too.
+__all__ = ["assert_exactly_once", "drain_until_empty", "output", "start_etl", "threading"]
