@@ -3,6 +3,7 @@
 
     python scripts/sample_data.py --count 1000 --seed 7 --send          # create queue, send
     python scripts/sample_data.py --count 5 --seed 7                     # print JSON lines
+    python scripts/sample_data.py --count 25 --batches                   # SendMessageBatch entries
 
 Shape: UUID user_id, app_version like "2.3.0" or "0.96", device_type android/ios, IPv4 ip,
 SSN-shaped device_id ("593-47-5928"), ~30% locale null, ~1% malformed (each kind of defect the
@@ -76,6 +77,13 @@ def generate(count: int, seed: int) -> Iterator[str]:
         yield _malform(rng, login) if rng.random() < MALFORMED_SHARE else json.dumps(login)
 
 
+def batch_entries(bodies: list[str]) -> Iterator[str]:
+    """Yield one JSON Entries list per SendMessageBatch call (10 bodies each), for the AWS CLI."""
+    for start in range(0, len(bodies), 10):
+        chunk = bodies[start : start + 10]
+        yield json.dumps([{"Id": str(i), "MessageBody": body} for i, body in enumerate(chunk)])
+
+
 def send(bodies: list[str], queue_url: str, endpoint_url: str | None, threads: int = 4) -> int:
     """Send bodies with SendMessageBatch (10 per call) from a few threads; return how many."""
     import boto3  # imported here so that printing samples needs no AWS SDK
@@ -104,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=1000, help="messages to generate (1000)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (42)")
     parser.add_argument("--send", action="store_true", help="send to SQS_QUEUE_URL instead of printing")
+    parser.add_argument("--batches", action="store_true",
+                        help="print one SendMessageBatch Entries JSON list (10 messages) per line; needs no boto3")
     parser.add_argument(
         "--queue-url",
         default=os.environ.get("SQS_QUEUE_URL", "http://localhost:4566/000000000000/login-queue"),
@@ -112,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bodies = list(generate(args.count, args.seed))
     if not args.send:
-        for body in bodies:
-            print(body)
+        for line in batch_entries(bodies) if args.batches else bodies:
+            print(line)
         return 0
     sent = send(bodies, args.queue_url, args.endpoint_url)
     print(f"sent {sent} messages to {args.queue_url}", file=sys.stderr)

@@ -53,7 +53,7 @@ start_sqs() {
     cd "$STATE/localstack"
     GATEWAY_LISTEN=127.0.0.1:$SQS_PORT LOCALSTACK_HOST=localhost:$SQS_PORT SERVICES=sqs \
       SQS_ENDPOINT_STRATEGY=off EAGER_SERVICE_LOADING=1 DNS_ADDRESS=0 DISABLE_EVENTS=1 \
-      SKIP_SSL_CERT_DOWNLOAD=1 FILESYSTEM_ROOT="$STATE/localstack" \
+      SKIP_SSL_CERT_DOWNLOAD=1 OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$STATE/localstack" \
       nohup setsid "$LS_VENV/bin/python" -m localstack.runtime.main \
       >>"$STATE/logs/localstack.log" 2>&1 &
     echo $! >"$STATE/localstack.pid"

@@ -9,13 +9,12 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
-from helpers import GOOD_LOGIN, login, query, queue_counts, send
-
 from database.sqs_postgres import PostgresWriter
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin
 from pii.masking import Masker, decode_key
+
+from helpers import GOOD_LOGIN, login, query, queue_counts, send
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,10 +18,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
+
 from helpers import login, query, queue_counts, send
 from proxy import TcpProxy
-
-from database.sqs_postgres import PostgresWriter
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -320,7 +318,3 @@ def _wait_for_rows(database_url: str, timeout: float = 30, count: int = 1) -> No
             pass
         time.sleep(0.05)
     raise AssertionError(f"fewer than {count} rows arrived")
-
-
-# Used by the hostile-input test module too.
-__all__ = ["assert_exactly_once", "drain_until_empty", "output", "start_etl", "threading"]

@@ -45,7 +45,9 @@ def test_unmask_prints_each_original_value_in_order(key: str, capsys: pytest.Cap
     assert capsys.readouterr().out.splitlines() == ["10.1.2.3", "593-47-5928", "::1"]
 
 
-def test_unmask_of_a_foreign_token_fails_clearly_without_traceback(key: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unmask_of_a_foreign_token_fails_clearly_without_traceback(
+    key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     foreign = Masker(decode_key(generate_key())).mask("ip", "10.1.2.3")
     good = Masker(decode_key(key)).mask("ip", "10.9.9.9")
     assert main(["unmask", good, foreign]) == EXIT_UNMASK_FAILED

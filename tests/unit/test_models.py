@@ -86,7 +86,9 @@ def test_a_locale_of_the_wrong_type_is_rejected() -> None:
     assert reason_of(body(locale=7)) == "field 'locale' must be a string or null, got number"
 
 
-@pytest.mark.parametrize(("name", "limit"), [("user_id", 128), ("device_type", 32), ("locale", 32), ("app_version", 32)])
+@pytest.mark.parametrize(
+    ("name", "limit"), [("user_id", 128), ("device_type", 32), ("locale", 32), ("app_version", 32)]
+)
 def test_a_value_longer_than_its_column_is_rejected_and_one_that_fits_is_not(name: str, limit: int) -> None:
     LoginEvent.from_body(body(**{name: "x" * limit}))
     assert reason_of(body(**{name: "x" * (limit + 1)})) == f"field {name!r} is longer than {limit} characters"

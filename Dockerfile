@@ -1,0 +1,27 @@
+# The ETL image: `python main.py --follow` as a non-root user. No secrets inside: MASKING_KEY, the
+# queue and the database come from the environment (see docker-compose.yml).
+FROM python:3.11.14-slim-bookworm
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN groupadd --system --gid 10001 etl \
+    && useradd --system --uid 10001 --gid etl --no-create-home --shell /usr/sbin/nologin etl
+
+WORKDIR /app
+
+# Dependencies in their own layer: rebuilt only when requirements.txt changes.
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt
+
+# Only the application; tests, scripts and .env stay out (see also .dockerignore).
+COPY main.py pipeline.py config.py models.py ./
+COPY aws/ aws/
+COPY pii/ pii/
+COPY database/ database/
+
+USER 10001:10001
+
+# Exec form: Python is PID 1 and receives SIGTERM itself (main.py then finishes the batch in hand).
+CMD ["python", "main.py", "--follow"]

@@ -1,0 +1,350 @@
+"""Benchmark of the login ETL against the bare emulator, a naive loop and the database's COPY limit.
+
+    .venv/bin/python bench/run.py [--count 20000] [--runs 3] [--latency-ms 20] [--skip-latency]
+                                  [--rss [--rss-count 100000]]
+
+Needs the stack of scripts/stack.sh (an SQS emulator on :4566, PostgreSQL on :5432). Each scenario
+uses its own uuid-named queue and its own database ``bench_<uuid>``, dropped afterwards. Prints the
+versions used, a table of medians over --runs, the ratios, and the targets of issue 7 with
+PASS/MISS. Exit code 0, or 1 if a run of the ETL lost or duplicated a message (MISMATCH).
+
+Scenarios (each run does them in this order, so drift hits all of them alike):
+  1 limit   N threads (the ETL's --receivers default): receive 10 + DeleteMessageBatch, nothing else
+  2 ours    `python main.py` as a child process; wall time, its own timer, peak RSS, verified counts
+  3 naive   one thread: receive 10, then per message parse, mask, INSERT + COMMIT, DeleteMessage
+  4 sink    transform() + PostgresWriter.write() in batches of the ETL's --batch-size, no SQS;
+            beside it a bare COPY of the same pre-masked rows into a plain table
+  5 latency 1-3 through bench/latency_proxy.py, which adds --latency-ms to every SQS request
+            (naive on a tenth of the messages, its rate extrapolated)
+  6 --rss   one drain of --rss-count messages by ours, for its peak RSS
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import boto3  # noqa: E402
+import botocore  # noqa: E402
+import cryptography  # noqa: E402
+import psycopg2  # noqa: E402
+
+from bench.scenarios import (  # noqa: E402
+    COPY_REPEAT,
+    Measurement,
+    Services,
+    bare_drain,
+    filled_queue,
+    fresh_database,
+    latency_proxy,
+    naive_loop,
+    run_etl,
+    sink,
+    via,
+)
+from pii.masking import generate_key  # noqa: E402
+
+from sample_data import generate  # noqa: E402
+
+SEED = 42
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+# Targets of issue 7.
+TARGET_OURS_VS_LIMIT = 0.9
+TARGET_SINK_ROWS_PER_SECOND = 50_000
+TARGET_SINK_VS_COPY = 0.4
+TARGET_LATENCY_OURS_MSGS_PER_SECOND = 1_500
+TARGET_LATENCY_OURS_VS_NAIVE = 20
+TARGET_PEAK_RSS_MB = 150
+RECEIVE_BATCH = 10  # the naive subset is at least one receive
+
+
+def etl_defaults() -> tuple[int, int, float]:
+    """(--receivers, --batch-size, --flush-seconds) as `python main.py` would use them."""
+    try:
+        from main import _build_parser  # the CLI is what the benchmark runs
+
+        parser = _build_parser()
+        return (parser.get_default("receivers"), parser.get_default("batch_size"),
+                parser.get_default("flush_seconds"))
+    except (ImportError, AttributeError):
+        from pipeline import PipelineOptions
+
+        options = PipelineOptions()
+        return options.receivers, options.batch_size, options.flush_seconds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print its report; return the exit code."""
+    args = _parser().parse_args(argv)
+    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(name, value)
+    services = Services(endpoint_url=args.endpoint_url, region=os.environ["AWS_DEFAULT_REGION"],
+                        admin_dsn=args.database_url, masking_key=generate_key())
+    receivers, batch_size, flush_seconds = etl_defaults()
+    started = datetime.now(timezone.utc)
+    load_before = os.getloadavg()
+    header = _environment(services, receivers, batch_size, flush_seconds, args)
+    for line in header:
+        _progress(line)
+    bodies = list(generate(args.count, SEED))
+    naive_count = args.naive_latency_count or max(RECEIVE_BATCH, args.count // 10)
+    results: dict[str, list[Measurement]] = {}
+
+    def record(key: str, label: str, measure: Callable[[], Measurement]) -> None:
+        result = measure()
+        results.setdefault(key, []).append(result)
+        _progress(f"  {label}: {result.items:,} in {result.seconds:.2f} s = {result.rate:,.0f}/s"
+                  + (f", peak RSS {result.rss_kb / 1024:.0f} MB" if result.rss_kb else "")
+                  + (f"; {result.check}" if result.check else ""))
+
+    with ExitStack() as stack:
+        proxy = None if args.skip_latency else stack.enter_context(latency_proxy(args.endpoint_url, args.latency_ms))
+        for run in range(1, args.runs + 1):
+            _progress(f"run {run}/{args.runs}")
+            record("limit", "limit", lambda: _drain(services, bodies, receivers))
+            record("ours", "ours", lambda: _ours(services, bodies))
+            record("naive", "naive", lambda: _naive(services, bodies))
+            sink_result, copy_result, copy_fmt_result = _sink(services, bodies, batch_size)
+            record("sink", "sink", lambda r=sink_result: r)
+            record("copy", "bare COPY, pre-formatted", lambda r=copy_result: r)
+            record("copy_fmt", "bare COPY, formatting timed", lambda r=copy_fmt_result: r)
+            if proxy is not None:
+                record("limit_lat", "limit +latency", lambda: _drain(services, bodies, receivers, proxy))
+                record("ours_lat", "ours +latency", lambda: _ours(services, bodies, proxy))
+                record("naive_lat", f"naive +latency ({naive_count:,}-message subset)",
+                       lambda: _naive(services, bodies[:naive_count], proxy))
+                record("naive_lat_full", f"  extrapolated to {args.count:,}",
+                       lambda: results["naive_lat"][-1].extrapolated(args.count))
+        if args.rss:
+            _progress(f"rss: ours draining {args.rss_count:,}")
+            record("rss", "ours (rss)", lambda: _ours(services, list(generate(args.rss_count, SEED))))
+    footer = [f"finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC after "
+              f"{(datetime.now(timezone.utc) - started).total_seconds() / 60:.1f} min; load average "
+              f"before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 cores shared with other work)"]
+    print("\n".join([*header, "", *_report(results, args, receivers, naive_count), "", *footer]))
+    checks = [m.check for key in ("ours", "ours_lat", "rss") for m in results.get(key, [])]
+    return EXIT_MISMATCH if any(c and not c.startswith("OK") for c in checks) else EXIT_OK
+
+
+
+def _drain(services: Services, bodies: list[str], threads: int, proxy: str | None = None) -> Measurement:
+    with filled_queue(services, bodies) as url:
+        return bare_drain(services, via(url, proxy) if proxy else url, threads, endpoint_url=proxy)
+
+
+def _ours(services: Services, bodies: list[str], proxy: str | None = None) -> Measurement:
+    with filled_queue(services, bodies) as url, fresh_database(services) as dsn:
+        return run_etl(services, url, dsn, sent=len(bodies), endpoint_url=proxy)
+
+
+def _naive(services: Services, bodies: list[str], proxy: str | None = None) -> Measurement:
+    with filled_queue(services, bodies) as url, fresh_database(services) as dsn:
+        return naive_loop(services, via(url, proxy) if proxy else url, dsn, endpoint_url=proxy)
+
+
+def _sink(services: Services, bodies: list[str], batch_size: int) -> tuple[Measurement, Measurement, Measurement]:
+    with fresh_database(services) as dsn:
+        return sink(services, bodies, dsn, batch_size)
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _environment(services: Services, receivers: int, batch_size: int, flush_seconds: float,
+                 args: argparse.Namespace) -> list[str]:
+    cpu = _first_value("/proc/cpuinfo", "model name") or platform.processor() or "unknown CPU"
+    memory_kb = _first_value("/proc/meminfo", "MemTotal")
+    memory = f", {int(memory_kb.split()[0]) / 1024 / 1024:.1f} GiB RAM" if memory_kb else ""
+    return [
+        f"login-etl benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"machine:    nproc {len(os.sched_getaffinity(0))} ({cpu}{memory}), "
+        f"{platform.system()} {platform.release()} {platform.machine()}",
+        f"emulator:   {_emulator(services.endpoint_url)} at {services.endpoint_url}",
+        f"PostgreSQL: {_postgres_version(services.admin_dsn)}",
+        f"Python {platform.python_version()}, boto3 {boto3.__version__}, botocore {botocore.__version__}, "
+        f"psycopg2 {psycopg2.__version__.split()[0]}, cryptography {cryptography.__version__}",
+        f"ETL defaults (main.py): --receivers {receivers} --batch-size {batch_size} --flush-seconds {flush_seconds}",
+        f"messages per drain: {args.count:,}; runs: {args.runs} (figures are medians); "
+        + ("no latency scenarios" if args.skip_latency else f"latency proxy: +{args.latency_ms:g} ms per request"),
+    ]
+
+
+def _emulator(endpoint_url: str) -> str:
+    try:
+        with urllib.request.urlopen(f"{endpoint_url.rstrip('/')}/_localstack/health", timeout=5) as response:
+            health = json.load(response)
+        return f"LocalStack {health.get('version', '?')} (edition {health.get('edition', '?')})"
+    except (OSError, ValueError):
+        return "unknown emulator (no /_localstack/health)"
+
+
+def _postgres_version(dsn: str) -> str:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT version()")
+            return str(cur.fetchone()[0]).split(" on ")[0] + " (" + _setting(cur, "fsync") + ")"
+    finally:
+        conn.close()
+
+
+def _setting(cur: psycopg2.extensions.cursor, name: str) -> str:
+    cur.execute("SELECT current_setting(%s)", (name,))
+    return f"{name}={cur.fetchone()[0]}"
+
+
+def _first_value(path: str, key: str) -> str | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _report(results: dict[str, list[Measurement]], args: argparse.Namespace, receivers: int,
+            naive_count: int) -> list[str]:
+    lat = f"+{args.latency_ms:g} ms"
+    rows = [
+        ("limit", f"1 limit: bare drain, {receivers} threads", "msgs/s"),
+        ("ours", "2 ours: python main.py (wall)", "msgs/s"),
+        ("naive", "3 naive: per-message loop", "msgs/s"),
+        ("sink", "4 sink: transform + write", "rows/s"),
+        ("copy", "4 bare COPY, pre-formatted (DB limit)", "rows/s"),
+        ("copy_fmt", "4 bare COPY incl. row formatting", "rows/s"),
+        ("limit_lat", f"5 limit, {lat}", "msgs/s"),
+        ("ours_lat", f"5 ours, {lat} (wall)", "msgs/s"),
+        ("naive_lat", f"5 naive, {lat}, {naive_count:,} msgs", "msgs/s"),
+        ("naive_lat_full", f"  naive extrapolated to {args.count:,}", "msgs/s"),
+        ("rss", f"6 ours, {args.rss_count:,} msgs (wall)", "msgs/s"),
+    ]
+    lines = [f"{'scenario':<38} {'median':>9} {'unit':<7} {'each run':<26} {'wall s':>7} {'peak RSS':>9}"]
+    for key, label, unit in rows:
+        runs = results.get(key)
+        if not runs:
+            continue
+        each = " ".join(f"{m.rate:,.0f}" for m in runs)
+        rss = _median([m.rss_kb for m in runs if m.rss_kb])
+        lines.append(f"{label:<38} {_median([m.rate for m in runs]):>9,.0f} {unit:<7} {each:<26} "
+                     f"{_median([m.seconds for m in runs]):>7.2f} {f'{rss / 1024:.0f} MB' if rss else '-':>9}")
+        inner = [m.inner_rate for m in runs if m.inner_rate]
+        if inner:
+            lines.append(f"{'  same, by its own timer':<38} {_median(inner):>9,.0f} {unit:<7} "
+                         + " ".join(f"{r:,.0f}" for r in inner))
+    if "naive_lat" in results:
+        lines.append(f"  naive {lat} ran on a subset of {naive_count:,} of {args.count:,} messages; its time for all "
+                     f"{args.count:,} is extrapolated (busy time scaled, the final empty 1 s poll counted once)")
+    lines.append(f"  the bare COPYs load the sink's rows {COPY_REPEAT} times over (one 20,000-row COPY lasts ~50 ms)")
+    lines.append("  every drain ends with one empty 1 s long poll (as the ETL's drain mode does); wall time "
+                 "includes it, and for ours also the interpreter start")
+    checks = [f"  {key} run {i}: {m.check}" for key in ("ours", "ours_lat", "rss")
+              for i, m in enumerate(results.get(key, []), start=1)]
+    lines += ["", "correctness (rows + rejected == sent, queue empty):", *checks]
+    lines += ["", *_targets(results, lat, args)]
+    return lines
+
+
+def _targets(results: dict[str, list[Measurement]], lat: str, args: argparse.Namespace) -> list[str]:
+    def rate(key: str, inner: bool = False) -> float | None:
+        runs = results.get(key)
+        if not runs:
+            return None
+        values = [m.inner_rate if inner else m.rate for m in runs]
+        return _median([v for v in values if v]) if all(values) else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    def paired(a: str, b: str, inner: bool = False) -> str:
+        """Ratios run by run (scenarios of one run ran minutes apart, under the same load)."""
+        values = []
+        for x, y in zip(results.get(a, []), results.get(b, []), strict=True):
+            mine = x.inner_rate if inner else x.rate
+            if mine and y.rate:
+                values.append(mine / y.rate)
+        return "  (per run: " + " ".join(f"{v:.2f}" for v in values) + ")" if len(values) > 1 else ""
+
+    def row(label: str, value: float | None, target: float, fmt: str, lower_is_better: bool = False,
+            note: str = "") -> str:
+        sign = "<=" if lower_is_better else ">="
+        if value is None:
+            return f"{label:<44} {'n/a':>10}   target {sign} {target:{fmt}}   not run"
+        ok = value <= target if lower_is_better else value >= target
+        return f"{label:<44} {value:>10{fmt}}   target {sign} {target:{fmt}}   {'PASS' if ok else 'MISS'}{note}"
+
+    rss_20k = _median([m.rss_kb / 1024 for m in results.get("ours", []) if m.rss_kb])
+    rss_big = _median([m.rss_kb / 1024 for m in results.get("rss", []) if m.rss_kb])
+    lines = [
+        "targets (issue 7)                             measured",
+        row("ours / limit (wall time)", ratio(rate("ours"), rate("limit")), TARGET_OURS_VS_LIMIT, ".2f",
+            note=paired("ours", "limit")),
+        row("ours / limit (ours by its own timer)", ratio(rate("ours", True), rate("limit")),
+            TARGET_OURS_VS_LIMIT, ".2f", note=paired("ours", "limit", inner=True)),
+        row("sink rows/s", rate("sink"), TARGET_SINK_ROWS_PER_SECOND, ",.0f"),
+        row("sink / bare COPY, pre-formatted", ratio(rate("sink"), rate("copy")), TARGET_SINK_VS_COPY, ".2f"),
+        row(f"ours {lat} msgs/s (wall)", rate("ours_lat"), TARGET_LATENCY_OURS_MSGS_PER_SECOND, ",.0f"),
+        row(f"ours {lat} / naive {lat} (extrapolated)", ratio(rate("ours_lat"), rate("naive_lat_full")),
+            TARGET_LATENCY_OURS_VS_NAIVE, ".1f"),
+        row(f"peak RSS MB, ours draining {args.count:,}", rss_20k or None, TARGET_PEAK_RSS_MB, ".0f",
+            lower_is_better=True),
+        row(f"peak RSS MB, ours draining {args.rss_count:,} (--rss)", rss_big or None, TARGET_PEAK_RSS_MB, ".0f",
+            lower_is_better=True),
+        "",
+        "other ratios",
+        f"  ours / naive:                 {_fmt(ratio(rate('ours'), rate('naive')))}",
+        f"  sink / bare COPY incl. row formatting: {_fmt(ratio(rate('sink'), rate('copy_fmt')))}",
+        f"  ours {lat} / limit {lat}:   {_fmt(ratio(rate('ours_lat'), rate('limit_lat')))}",
+        f"  limit {lat} / limit:          {_fmt(ratio(rate('limit_lat'), rate('limit')))}",
+    ]
+    if rss_20k and rss_big:
+        lines.append(f"  peak RSS {rss_big:.0f} MB for the large drain vs {rss_20k:.0f} MB for --count: "
+                     f"x{rss_big / rss_20k:.2f}")
+    return lines
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def _progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=20_000, help="messages per drain (20000)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of every scenario; medians are reported (3)")
+    parser.add_argument("--latency-ms", type=float, default=20.0, help="delay added to every SQS request (20)")
+    parser.add_argument("--skip-latency", action="store_true", help="leave out the latency scenarios")
+    parser.add_argument("--naive-latency-count", type=int, default=None,
+                        help="messages for the naive loop under latency (a tenth of --count)")
+    parser.add_argument("--rss", action="store_true", help="also drain --rss-count messages with ours once")
+    parser.add_argument("--rss-count", type=int, default=100_000, help="messages for --rss (100000)")
+    parser.add_argument("--endpoint-url", default="http://localhost:4566", help="the SQS emulator")
+    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                        help="server to create the bench_<uuid> databases on (its own data is not touched)")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

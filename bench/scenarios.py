@@ -1,0 +1,354 @@
+"""The measured scenarios of bench/run.py, and the throw-away queues and databases they use.
+
+Every scenario gets its own uuid-named queue and its own database (``bench_<uuid>``), both
+removed afterwards, so a benchmark never touches the user's queue or the `postgres` database.
+Filling a queue is never timed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import boto3
+import psycopg2
+from botocore.config import Config
+
+from database.sqs_postgres import PostgresWriter
+from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection
+from pii.masking import Masker, decode_key
+from pipeline import transform
+
+from sample_data import send  # scripts/ is put on sys.path by run.py
+
+ROOT = Path(__file__).resolve().parent.parent
+RECEIVE_MAX_MESSAGES = 10  # ReceiveMessage / DeleteMessageBatch limit
+COPY_REPEAT = 5  # the bare COPYs load the rows this many times: a 20,000-row COPY is over in ~50 ms
+DRAIN_WAIT_SECONDS = 1  # the ETL's drain-mode long poll; every drain stops at its first empty poll
+LOGIN_COLUMNS = ("message_id", "user_id", "device_type", "masked_ip", "masked_device_id", "locale",
+                 "app_version", "create_date")
+_SUMMARY = re.compile(r"in ([0-9.]+) s \(")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+@dataclass(frozen=True)
+class Services:
+    """Where the emulator and PostgreSQL are, and the key the ETL masks with."""
+
+    endpoint_url: str  # the emulator, direct (used for filling and for the no-latency drains)
+    region: str
+    admin_dsn: str  # a database to run CREATE/DROP DATABASE from; its data is never touched
+    masking_key: str
+
+    def client(self, endpoint_url: str | None = None) -> Any:
+        """A fresh SQS client; `endpoint_url` defaults to the emulator itself."""
+        config = Config(retries={"mode": "standard", "max_attempts": 3}, max_pool_connections=16)
+        session = boto3.session.Session(region_name=self.region)
+        return session.client("sqs", endpoint_url=endpoint_url or self.endpoint_url, config=config)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timed run: how many items in how long, and what else was observed."""
+
+    items: int
+    seconds: float
+    rss_kb: int | None = None
+    inner_seconds: float | None = None  # the ETL's own timer (from its summary line)
+    tail_seconds: float = 0.0  # the final empty long poll that ends a drain
+    check: str | None = None  # "OK ..." or "MISMATCH ..." for runs whose result is verified
+
+    @property
+    def rate(self) -> float:
+        """Items per second."""
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+    def extrapolated(self, items: int) -> Measurement:
+        """The time `items` would take at this run's pace (the final empty poll counted once)."""
+        busy = self.seconds - self.tail_seconds
+        return Measurement(items=items, seconds=busy * items / self.items + self.tail_seconds,
+                           tail_seconds=self.tail_seconds)
+
+    @property
+    def inner_rate(self) -> float | None:
+        """Items per second by the ETL's own timer, if it printed one."""
+        return self.items / self.inner_seconds if self.inner_seconds else None
+
+
+# -- throw-away resources -----------------------------------------------------------------------
+
+
+@contextmanager
+def filled_queue(services: Services, bodies: Sequence[str]) -> Iterator[str]:
+    """A new uuid-named queue holding `bodies`; deleted on exit. Yields its URL."""
+    sqs = services.client()
+    url = sqs.create_queue(QueueName=f"bench-{uuid.uuid4().hex}")["QueueUrl"]
+    try:
+        send(list(bodies), url, services.endpoint_url)
+        if queue_depth(sqs, url) != len(bodies):
+            raise RuntimeError(f"queue {url} holds {queue_depth(sqs, url)} messages after sending {len(bodies)}")
+        yield url
+    finally:
+        sqs.delete_queue(QueueUrl=url)
+
+
+def queue_depth(sqs: Any, url: str) -> int:
+    """Visible plus in-flight messages of a queue."""
+    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
+    return sum(int(attributes.get(name, 0)) for name in names)
+
+
+@contextmanager
+def fresh_database(services: Services) -> Iterator[str]:
+    """A new empty database ``bench_<uuid>`` on the same server; dropped on exit. Yields its DSN."""
+    name = f"bench_{uuid.uuid4().hex}"
+    _admin(services.admin_dsn, f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(services.admin_dsn)._replace(path=f"/{name}"))
+    finally:
+        _admin(services.admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _admin(dsn: str, statement: str) -> None:
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    finally:
+        conn.close()
+
+
+@contextmanager
+def latency_proxy(endpoint_url: str, latency_ms: float) -> Iterator[str]:
+    """Run bench/latency_proxy.py in its own process; yield its endpoint URL."""
+    upstream = urlsplit(endpoint_url)
+    host = "127.0.0.1" if upstream.hostname in (None, "localhost") else upstream.hostname
+    command = [sys.executable, str(ROOT / "bench" / "latency_proxy.py"), "--latency-ms", str(latency_ms),
+               "--upstream", f"{host}:{upstream.port or 80}"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"latency proxy did not start (said {line!r})")
+        yield f"http://127.0.0.1:{int(line.split()[-1])}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def via(queue_url: str, endpoint_url: str) -> str:
+    """The queue URL with its host:port replaced by the endpoint's (e.g. the latency proxy)."""
+    return urlunsplit(urlsplit(queue_url)._replace(netloc=urlsplit(endpoint_url).netloc))
+
+
+# -- 1. the limit: bare drain ---------------------------------------------------------------------
+
+
+def bare_drain(services: Services, queue_url: str, threads: int, endpoint_url: str | None = None) -> Measurement:
+    """`threads` threads each receive 10 + DeleteMessageBatch until an empty poll; nothing else."""
+    clients = [services.client(endpoint_url) for _ in range(threads)]  # Session.client is not thread-safe
+    counts = [0] * threads
+    start = threading.Barrier(threads + 1)
+
+    def drain(index: int) -> None:
+        sqs = clients[index]
+        start.wait()
+        while True:
+            messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=RECEIVE_MAX_MESSAGES,
+                                           WaitTimeSeconds=DRAIN_WAIT_SECONDS).get("Messages", [])
+            if not messages:
+                return
+            entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
+            sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries)
+            counts[index] += len(messages)
+
+    workers = [threading.Thread(target=drain, args=(i,), daemon=True) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    began = time.perf_counter()
+    for worker in workers:
+        worker.join()
+    return Measurement(items=sum(counts), seconds=time.perf_counter() - began)
+
+
+# -- 2. ours: python main.py ----------------------------------------------------------------------
+
+
+def run_etl(services: Services, queue_url: str, dsn: str, sent: int, endpoint_url: str | None = None,
+            timeout_seconds: float = 900.0) -> Measurement:
+    """Run `python main.py` (drain mode, CLI defaults) as a child; time it, take its peak RSS, verify."""
+    endpoint = endpoint_url or services.endpoint_url
+    env = dict(os.environ)
+    env.update(
+        SQS_QUEUE_URL=via(queue_url, endpoint),
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ENDPOINT_URL_SQS=endpoint,  # read first by config.py and boto3; must not point elsewhere
+        DATABASE_URL=dsn,
+        MASKING_KEY=services.masking_key,
+        AWS_DEFAULT_REGION=services.region,
+    )
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        began = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, str(ROOT / "main.py")], cwd=ROOT, env=env, stdout=out, stderr=err)
+        killer = threading.Timer(timeout_seconds, proc.kill)
+        killer.start()
+        try:
+            # wait4 reports the peak RSS of this child alone (RUSAGE_CHILDREN would be the max over all).
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+        seconds = time.perf_counter() - began
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        summary = out.read().decode("utf-8", "replace")
+        if proc.returncode != 0:
+            err.seek(0)
+            tail = err.read().decode("utf-8", "replace").strip()[-500:]
+            raise RuntimeError(f"main.py exited with {proc.returncode}: {tail}")
+    match = _SUMMARY.search(summary)
+    loaded, rejected = _stored_counts(dsn)
+    left = queue_depth(services.client(), queue_url)
+    verdict = "OK" if loaded + rejected == sent and left == 0 else "MISMATCH"
+    check = f"{verdict}: {loaded} rows + {rejected} rejected = {loaded + rejected} of {sent} sent, {left} left in queue"
+    return Measurement(items=sent, seconds=seconds, rss_kb=usage.ru_maxrss,
+                       inner_seconds=float(match.group(1)) if match else None, check=check)
+
+
+def _stored_counts(dsn: str) -> tuple[int, int]:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT (SELECT count(*) FROM user_logins), (SELECT count(*) FROM user_logins_rejected)")
+            loaded, rejected = cur.fetchone()
+        return int(loaded), int(rejected)
+    finally:
+        conn.close()
+
+
+# -- 3. the naive per-message loop ----------------------------------------------------------------
+
+
+def naive_loop(services: Services, queue_url: str, dsn: str, endpoint_url: str | None = None) -> Measurement:
+    """One thread: receive 10; per message parse, mask, INSERT + COMMIT, DeleteMessage."""
+    PostgresWriter(dsn).connect()  # the same schema as the ETL's (its connection is dropped at once)
+    masker = Masker(decode_key(services.masking_key))
+    sqs = services.client(endpoint_url)
+    conn = psycopg2.connect(dsn)
+    insert = f"INSERT INTO user_logins ({', '.join(LOGIN_COLUMNS)}) VALUES ({', '.join(['%s'] * 8)})"
+    handled = 0
+    try:
+        began = time.perf_counter()
+        while True:
+            polled = time.perf_counter()
+            messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=RECEIVE_MAX_MESSAGES,
+                                           WaitTimeSeconds=DRAIN_WAIT_SECONDS,
+                                           MessageSystemAttributeNames=["SentTimestamp"]).get("Messages", [])
+            if not messages:
+                break
+            for message in messages:
+                try:
+                    event = LoginEvent.from_body(message["Body"])
+                except InvalidMessage:
+                    pass  # the typical loop logs and drops it
+                else:
+                    sent_ms = int(message.get("Attributes", {}).get("SentTimestamp", time.time() * 1000))
+                    row = (message["MessageId"], event.user_id, event.device_type, masker.mask("ip", event.ip),
+                           masker.mask("device_id", event.device_id), event.locale, event.app_version,
+                           datetime.fromtimestamp(sent_ms / 1000, tz=timezone.utc).date())
+                    with conn.cursor() as cur:
+                        cur.execute(insert, row)
+                    conn.commit()
+                sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+                handled += 1
+        ended = time.perf_counter()
+        return Measurement(items=handled, seconds=ended - began, tail_seconds=ended - polled)
+    finally:
+        conn.close()
+
+
+# -- 4. the sink alone, and the database's own COPY limit -----------------------------------------
+
+
+def sink(services: Services, bodies: Sequence[str], dsn: str,
+         batch_size: int) -> tuple[Measurement, Measurement, Measurement]:
+    """Time transform() + PostgresWriter.write() over in-memory messages, then bare COPYs of the rows.
+
+    Returns (sink, bare COPY of pre-formatted text, bare COPY including the formatting of rows).
+    """
+    masker = Masker(decode_key(services.masking_key))
+    sent_ms = int(time.time() * 1000)
+    messages = [ReceivedMessage(message_id=str(uuid.uuid4()), receipt_handle="-", body=body,
+                                sent_timestamp_ms=sent_ms) for body in bodies]
+    writer = PostgresWriter(dsn)
+    writer.connect()
+    stored: list[MaskedLogin] = []
+    try:
+        began = time.perf_counter()
+        for start in range(0, len(messages), batch_size):
+            results = [transform(m, masker) for m in messages[start : start + batch_size]]
+            logins = [r for r in results if isinstance(r, MaskedLogin)]
+            writer.write(logins, [r for r in results if isinstance(r, Rejection)])
+            stored.extend(logins)
+        sink_seconds = time.perf_counter() - began
+    finally:
+        writer.close()
+    return (Measurement(items=len(messages), seconds=sink_seconds),
+            bare_copy(dsn, stored, batch_size, preformatted=True),
+            bare_copy(dsn, stored, batch_size, preformatted=False))
+
+
+def bare_copy(dsn: str, rows: Sequence[MaskedLogin], batch_size: int, *, preformatted: bool,
+              repeat: int = COPY_REPEAT) -> Measurement:
+    """COPY the rows `repeat` times into a plain copy of user_logins (no keys), one commit per batch.
+
+    With `preformatted` the COPY text is built before the clock starts (the database's own
+    limit); without it, turning the rows into COPY text is timed too (what a client can push).
+    """
+    columns = ", ".join(LOGIN_COLUMNS)
+    batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)] * repeat
+    texts = [_copy_text(batch) for batch in batches] if preformatted else []
+    table = f"copy_target_{uuid.uuid4().hex[:8]}"
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE TABLE {table} (LIKE user_logins)")
+        conn.commit()
+        began = time.perf_counter()
+        for index, batch in enumerate(batches):
+            text = texts[index] if preformatted else _copy_text(batch)
+            with conn.cursor() as cur:
+                cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN", io.StringIO(text))
+            conn.commit()
+        return Measurement(items=len(rows) * repeat, seconds=time.perf_counter() - began)
+    finally:
+        conn.close()
+
+
+def _copy_text(rows: Sequence[MaskedLogin]) -> str:
+    """COPY text format, every field escaped: the straightforward client-side formatting."""
+    lines = []
+    for row in rows:
+        fields = [getattr(row, name) for name in LOGIN_COLUMNS]
+        lines.append("\t".join("\\N" if f is None else str(f).translate(_COPY_ESCAPES) for f in fields))
+    return "\n".join(lines) + "\n"
