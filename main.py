@@ -4,6 +4,7 @@
     python main.py --follow        keep consuming until SIGINT/SIGTERM
     python main.py unmask TOKEN... print the original values (needs the key)
     python main.py keygen          print a new MASKING_KEY
+    python main.py check           check configuration and services, as a checklist
 
 Exit codes: 0 ok; 1 unmask failed; 2 configuration or usage error; 3 a service (SQS or
 PostgreSQL) unreachable at start; 4 a service lost mid-run beyond the retry budget (nothing
@@ -25,9 +26,17 @@ from dotenv import load_dotenv
 
 from aws.sqs import QueueNotFound, SqsError, SqsReader
 from config import ConfigError, Settings, redact_dsn
-from database.sqs_postgres import DatabaseUnavailable, PostgresWriter
+from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter
+from observability import Metrics, Progress, configure_logging
 from pii.masking import Masker, MaskingError, generate_key
-from pipeline import Pipeline, PipelineOptions, ServiceLost
+from pipeline import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_FLUSH_SECONDS,
+    DEFAULT_RECEIVERS,
+    Pipeline,
+    PipelineOptions,
+    ServiceLost,
+)
 
 EXIT_OK = 0
 EXIT_UNMASK_FAILED = 1
@@ -42,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose - args.quiet)
+    configure_logging(args.verbose - args.quiet, args.log_format)
     load_dotenv(Path.cwd() / ".env", override=False)  # the real environment wins
     if args.command == "keygen":
         print(generate_key())
@@ -50,8 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if args.command == "check":
+            print(f"✗ configuration: {exc}")
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "check":
+        return _check(settings)
     masker = Masker(settings.masking_key)
     if args.command == "unmask":
         return _unmask(masker, args.tokens)
@@ -83,10 +97,23 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
         visibility_timeout_seconds=int(attributes.get("VisibilityTimeout", 30)),
         max_receives=_max_receives(args.max_receives, attributes),
     )
-    pipeline = Pipeline(reader, writer, masker, options)
+    metrics = None
+    if args.metrics_port is not None:
+        metrics = Metrics()
+        metrics.serve(args.metrics_port)
+        logger.info("serving Prometheus metrics on :%d/metrics", args.metrics_port)
+    pipeline = Pipeline(reader, writer, masker, options, observer=metrics)
+
+    def queue_depth() -> int:
+        depth = int(reader.check().get("ApproximateNumberOfMessages", 0))
+        if metrics is not None:
+            metrics.queue_depth.set(depth)
+        return depth
+
     previous = _install_signal_handlers(pipeline)
     try:
-        stats = pipeline.run()
+        with Progress(pipeline.stats, queue_depth, interval=args.progress_seconds):
+            stats = pipeline.run()
     except ServiceLost as exc:
         print(f"error: {exc}; nothing uncommitted was deleted, rerun to resume", file=sys.stderr)
         return EXIT_SERVICE_LOST
@@ -99,6 +126,53 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
             signal.signal(signum, handler)
     print(stats.summary())
     return EXIT_OK
+
+
+def _check(settings: Settings) -> int:
+    """Print a checklist of every dependency, with a fix for each failure."""
+    ok = True
+
+    def report(passed: bool, what: str, fix: str = "") -> None:
+        nonlocal ok
+        ok = ok and passed
+        print(f"✓ {what}" if passed else f"✗ {what}\n    fix: {fix}")
+
+    report(True, "configuration and MASKING_KEY valid")
+    reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
+                       wait_time_seconds=0, max_attempts=1)
+    try:
+        attributes = reader.check()
+        report(True, f"SQS queue {settings.queue_url} reachable")
+        dlq_arn = json.loads(attributes.get("RedrivePolicy", "{}")).get("deadLetterTargetArn")
+        if dlq_arn:
+            dlq_url = settings.queue_url.rsplit("/", 1)[0] + "/" + dlq_arn.rsplit(":", 1)[-1]
+            try:
+                depth = SqsReader(dlq_url, endpoint_url=settings.endpoint_url, region=settings.region,
+                                  max_attempts=1).check().get("ApproximateNumberOfMessages", "?")
+                report(True, f"dead-letter queue {dlq_url} exists ({depth} messages)")
+            except SqsError as exc:
+                report(False, f"dead-letter queue {dlq_url} missing: {exc}",
+                       "create it (scripts/init-queue.sh) or fix the queue's RedrivePolicy")
+    except QueueNotFound as exc:
+        report(False, f"SQS queue missing or forbidden: {exc}",
+               "create it (scripts/init-queue.sh) or fix SQS_QUEUE_URL / AWS credentials")
+    except SqsError as exc:
+        report(False, f"SQS unreachable: {exc}",
+               "start the emulator (scripts/stack.sh start) or fix AWS_ENDPOINT_URL")
+    writer = PostgresWriter(settings.database_url)
+    dsn = redact_dsn(settings.database_url)
+    try:
+        writer.connect(migrate=False)
+        report(True, f"PostgreSQL {dsn} reachable")
+        problem = writer.schema_problem()
+        report(problem is None, f"schema: {'current' if problem is None else problem}",
+               "run `python main.py` once: it creates and migrates the schema at start")
+    except DatabaseError as exc:
+        report(False, f"PostgreSQL {dsn} unreachable: {exc}",
+               "start PostgreSQL (scripts/stack.sh start) or fix DATABASE_URL")
+    finally:
+        writer.close()
+    return EXIT_OK if ok else EXIT_UNREACHABLE
 
 
 def _max_receives(wanted: int, attributes: dict[str, str]) -> int:
@@ -138,13 +212,6 @@ def _install_signal_handlers(pipeline: Pipeline) -> dict[int, object]:
     return {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
-def _configure_logging(verbosity: int) -> None:
-    level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
-    # No force=True: a host that configured logging already (pytest, an embedding app) keeps it.
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("botocore").setLevel(max(level, logging.WARNING))
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -160,11 +227,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "at start, 4 service lost mid-run beyond the retry budget.",
     )
     parser.add_argument("--follow", action="store_true", help="keep long-polling until SIGINT/SIGTERM")
-    parser.add_argument("--receivers", type=_positive_int, default=4, help="concurrent receive threads (4)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1000,
-                        help="rows per transaction at most (1000)")
-    parser.add_argument("--flush-seconds", type=float, default=0.5,
-                        help="commit a partial batch once its oldest message is this old (0.5)")
+    parser.add_argument("--receivers", type=_positive_int, default=DEFAULT_RECEIVERS,
+                        help=f"concurrent receive threads ({DEFAULT_RECEIVERS})")
+    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+                        help=f"rows per transaction at most ({DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--flush-seconds", type=float, default=DEFAULT_FLUSH_SECONDS,
+                        help=f"commit a partial batch once its oldest message is this old ({DEFAULT_FLUSH_SECONDS})")
     parser.add_argument("--wait-seconds", type=int, choices=range(0, 21), metavar="0..20", default=None,
                         help="long-poll wait; drain stops at the first empty poll (1 drain, 5 follow)")
     parser.add_argument("--retry-budget-seconds", type=float, default=60.0,
@@ -172,9 +240,19 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-receives", type=_positive_int, default=5,
                         help="quarantine a message whose processing keeps failing after this many receives "
                         "(5; capped below the queue's RedrivePolicy maxReceiveCount)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus metrics on this port (off by default)")
+    parser.add_argument("--progress-seconds", type=float, default=None, metavar="S",
+                        help="progress interval (0.5 s redrawn on a terminal, else a log line every 10 s)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text (default) or json: one object per line")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
-    sub = parser.add_subparsers(dest="command", metavar="{unmask,keygen}")
+    sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen}")
+    sub.add_parser("check", help="check configuration, SQS, the DLQ and PostgreSQL; print a checklist",
+                   description="Verify the configuration and key, that the queue (and its dead-letter "
+                   "queue) exists, and that PostgreSQL answers with a current schema. Changes nothing. "
+                   "Exit 0 if all pass, 2 on a configuration error, 3 if a service check fails.")
     unmask = sub.add_parser("unmask", help="print the original value of each token, one per line",
                             description="Print the original value of each token, one per line, in order. "
                             "Tokens of ip and device_id are both accepted. Needs MASKING_KEY.")

@@ -37,6 +37,25 @@ BACKOFF_BASE_SECONDS = 0.2
 BACKOFF_CAP_SECONDS = 10.0
 
 
+# Defaults measured on a 2-core machine with the embedded LocalStack (see bench/ and README).
+DEFAULT_RECEIVERS = 4
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_FLUSH_SECONDS = 0.5
+
+
+class Observer:
+    """Receives pipeline events (for metrics); these defaults do nothing."""
+
+    def on_received(self, count: int, redelivered: int) -> None:
+        """A batch of `count` messages, `redelivered` of them seen before, is about to be written."""
+
+    def on_commit(self, size: int, seconds: float, inserted: int, rejected: int) -> None:
+        """A batch committed after `seconds` of parsing, masking and writing."""
+
+    def on_error(self, service: str, kind: str) -> None:
+        """A transient `service` ("sqs" or "postgres") error during operation `kind`; retried."""
+
+
 class ServiceLost(Exception):
     """Raised when SQS or PostgreSQL stayed unreachable beyond the retry budget (drain mode)."""
 
@@ -46,9 +65,9 @@ class PipelineOptions:
     """How the loop runs; defaults measured on a 2-core machine (see bench/)."""
 
     follow: bool = False
-    receivers: int = 4
-    batch_size: int = 1000
-    flush_seconds: float = 0.5
+    receivers: int = DEFAULT_RECEIVERS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    flush_seconds: float = DEFAULT_FLUSH_SECONDS
     retry_budget_seconds: float = 60.0
     # The queue's VisibilityTimeout: messages held longer than about half of it are extended.
     visibility_timeout_seconds: int = 30
@@ -148,7 +167,15 @@ class InHand:
 class Pipeline:
     """Runs receivers, the writer and the deleters until the queue is drained or stop() is called."""
 
-    def __init__(self, reader: SqsReader, writer: PostgresWriter, masker: Masker, options: PipelineOptions) -> None:
+    def __init__(
+        self,
+        reader: SqsReader,
+        writer: PostgresWriter,
+        masker: Masker,
+        options: PipelineOptions,
+        observer: Observer | None = None,
+    ) -> None:
+        self._observer = observer or Observer()
         self._reader = reader
         self._writer = writer
         self._masker = masker
@@ -287,13 +314,15 @@ class Pipeline:
 
     def _commit(self, batch: Sequence[ReceivedMessage]) -> list[ReceivedMessage]:
         """Store a batch in one transaction; return the messages that failed and must not be deleted."""
+        started = time.monotonic()
         self.stats.received += len(batch)
+        redelivered = sum(1 for m in batch if m.receive_count > 1)
+        self.stats.redelivered += redelivered
+        self._observer.on_received(len(batch), redelivered)
         rows: dict[str, MaskedLogin] = {}
         rejections: dict[str, Rejection] = {}
         failed: list[ReceivedMessage] = []
         for message in batch:
-            if message.receive_count > 1:
-                self.stats.redelivered += 1
             try:
                 result = transform(message, self._masker)
             except Exception as exc:  # noqa: BLE001 - a bug or an unexpected condition, not a bad body
@@ -303,7 +332,8 @@ class Pipeline:
                     continue
             if isinstance(result, Rejection):
                 rejections[message.message_id] = result
-                logger.warning("message %s rejected: %s", message.message_id, result.reason)
+                logger.warning("message %s rejected: %s", message.message_id, result.reason,
+                               extra={"message_id": message.message_id, "reason": result.reason})
             else:
                 rows[message.message_id] = result  # a message received twice is written once
         by_id = {m.message_id: m for m in batch}
@@ -321,24 +351,30 @@ class Pipeline:
                 for login, reason in exc.bad:
                     del rows[login.message_id]
                     rejections[login.message_id] = reject(by_id[login.message_id], self._masker, reason)
-                    logger.warning("message %s rejected: %s", login.message_id, reason)
+                    logger.warning("message %s rejected: %s", login.message_id, reason,
+                                   extra={"message_id": login.message_id, "reason": reason})
         assert written is not None  # the write is never given up on, only budgeted
         self.stats.loaded += written.inserted
         self.stats.rejected += written.rejected
         self.stats.duplicates += written.duplicates
-        logger.debug("committed %d messages: %s", len(batch), written)
+        seconds = time.monotonic() - started
+        self._observer.on_commit(len(batch), seconds, written.inserted, written.rejected)
+        logger.debug("committed %d messages in %.0f ms: %s", len(batch), seconds * 1000, written,
+                     extra={"batch_size": len(batch), "duration_ms": round(seconds * 1000, 1)})
         return failed
 
     def _on_failure(self, message: ReceivedMessage, exc: Exception) -> Rejection | None:
         """Leave a message that failed unexpectedly for redelivery, or quarantine it once it loops."""
         reason = f"processing failed {message.receive_count} times: {type(exc).__name__}"
         if message.receive_count >= self._options.max_receives:
-            logger.error("message %s quarantined: %s", message.message_id, reason)
+            logger.error("message %s quarantined: %s", message.message_id, reason,
+                         extra={"message_id": message.message_id, "reason": reason})
             return reject(message, self._masker, reason)
         self.stats.failed += 1
         logger.error(
             "message %s failed (%s, receive %d of %d before quarantine); left for redelivery",
             message.message_id, type(exc).__name__, message.receive_count, self._options.max_receives,
+            extra={"message_id": message.message_id, "error": type(exc).__name__},
         )
         return None
 
@@ -380,12 +416,15 @@ class Pipeline:
                 return call()
             except transient as exc:
                 attempt += 1
+                service, _, kind = what.partition(" ")
+                self._observer.on_error("sqs" if service == "SQS" else "postgres", kind)
                 if not self._options.follow and time.monotonic() >= deadline:
                     raise ServiceLost(f"{what} failed for {self._options.retry_budget_seconds:.0f} s: {exc}") from None
                 delay = random.uniform(0, min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt))
                 # Log the first failure and then every tenth: a long outage must not flood the log.
                 if attempt == 1 or attempt % 10 == 0:
-                    logger.warning("%s failed (attempt %d): %s; retrying", what, attempt, exc)
+                    logger.warning("%s failed (attempt %d): %s; retrying", what, attempt, exc,
+                                   extra={"attempt": attempt, "service": service, "error": str(exc)})
                 if self._stop.is_set():
                     time.sleep(delay)
                 else:

@@ -22,10 +22,12 @@ Scenarios (each run does them in this order, so drift hits all of them alike):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -98,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     receivers, batch_size, flush_seconds = etl_defaults()
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()
+    code_before = _code_fingerprint()
     header = _environment(services, receivers, batch_size, flush_seconds, args)
     for line in header:
         _progress(line)
@@ -133,7 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.rss:
             _progress(f"rss: ours draining {args.rss_count:,}")
             record("rss", "ours (rss)", lambda: _ours(services, list(generate(args.rss_count, SEED))))
-    footer = [f"finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC after "
+    code_after = _code_fingerprint()
+    footer = [] if code_after == code_before else [
+        f"WARNING: the ETL's code changed during the run ({code_before} -> {code_after}); figures may mix versions"]
+    footer += [f"finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC after "
               f"{(datetime.now(timezone.utc) - started).total_seconds() / 60:.1f} min; load average "
               f"before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 cores shared with other work)"]
     print("\n".join([*header, "", *_report(results, args, receivers, naive_count), "", *footer]))
@@ -178,10 +184,31 @@ def _environment(services: Services, receivers: int, batch_size: int, flush_seco
         f"PostgreSQL: {_postgres_version(services.admin_dsn)}",
         f"Python {platform.python_version()}, boto3 {boto3.__version__}, botocore {botocore.__version__}, "
         f"psycopg2 {psycopg2.__version__.split()[0]}, cryptography {cryptography.__version__}",
+        f"ETL code:   git {_git_head()}, fingerprint {_code_fingerprint()} (sha256 of the modules under test)",
         f"ETL defaults (main.py): --receivers {receivers} --batch-size {batch_size} --flush-seconds {flush_seconds}",
         f"messages per drain: {args.count:,}; runs: {args.runs} (figures are medians); "
         + ("no latency scenarios" if args.skip_latency else f"latency proxy: +{args.latency_ms:g} ms per request"),
     ]
+
+
+def _code_fingerprint() -> str:
+    """A short hash of the ETL's modules, to tell whether the code under test changed mid-run."""
+    digest = hashlib.sha256()
+    files = [ROOT / "main.py", ROOT / "config.py", ROOT / "models.py", ROOT / "pipeline.py"]
+    for package in ("aws", "database", "pii"):
+        files += sorted((ROOT / package).glob("*.py"))
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _git_head() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "--no-optional-locks", "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head = ""
+    return head or "unknown"
 
 
 def _emulator(endpoint_url: str) -> str:
@@ -250,7 +277,8 @@ def _report(results: dict[str, list[Measurement]], args: argparse.Namespace, rec
     if "naive_lat" in results:
         lines.append(f"  naive {lat} ran on a subset of {naive_count:,} of {args.count:,} messages; its time for all "
                      f"{args.count:,} is extrapolated (busy time scaled, the final empty 1 s poll counted once)")
-    lines.append(f"  the bare COPYs load the sink's rows {COPY_REPEAT} times over (one 20,000-row COPY lasts ~50 ms)")
+    lines.append(f"  the bare COPYs load the sink's rows {COPY_REPEAT} times over (one {args.count:,}-row COPY "
+                 "is too short to time well)")
     lines.append("  every drain ends with one empty 1 s long poll (as the ETL's drain mode does); wall time "
                  "includes it, and for ours also the interpreter start")
     checks = [f"  {key} run {i}: {m.check}" for key in ("ours", "ours_lat", "rss")
@@ -307,10 +335,10 @@ def _targets(results: dict[str, list[Measurement]], lat: str, args: argparse.Nam
             lower_is_better=True),
         "",
         "other ratios",
-        f"  ours / naive:                 {_fmt(ratio(rate('ours'), rate('naive')))}",
-        f"  sink / bare COPY incl. row formatting: {_fmt(ratio(rate('sink'), rate('copy_fmt')))}",
-        f"  ours {lat} / limit {lat}:   {_fmt(ratio(rate('ours_lat'), rate('limit_lat')))}",
-        f"  limit {lat} / limit:          {_fmt(ratio(rate('limit_lat'), rate('limit')))}",
+        f"  ours / naive                            {_fmt(ratio(rate('ours'), rate('naive')))}",
+        f"  sink / bare COPY incl. row formatting   {_fmt(ratio(rate('sink'), rate('copy_fmt')))}",
+        f"  ours {lat} / limit {lat}             {_fmt(ratio(rate('ours_lat'), rate('limit_lat')))}",
+        f"  limit {lat} / limit                    {_fmt(ratio(rate('limit_lat'), rate('limit')))}",
     ]
     if rss_20k and rss_big:
         lines.append(f"  peak RSS {rss_big:.0f} MB for the large drain vs {rss_20k:.0f} MB for --count: "

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 # Any constant: serialises schema set-up between processes starting at once.
 _SCHEMA_LOCK_ID = 7_412_350_191
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: tables and message_id; 2: the user_login_duplicates view
 
 _LOGIN_COLUMNS = (
     "message_id",
@@ -56,6 +56,19 @@ CREATE TABLE IF NOT EXISTS user_logins_rejected (
     receive_count  integer     NOT NULL DEFAULT 1,
     encrypted_body text        NOT NULL
 )"""
+
+
+# For analysts: every masked device id or IP seen more than once, with how many logins and users.
+_CREATE_DUPLICATES_VIEW = """
+CREATE OR REPLACE VIEW user_login_duplicates AS
+SELECT 'device_id'::text AS field, masked_device_id AS masked_value, count(*) AS logins,
+       count(DISTINCT user_id) AS users, min(create_date) AS first_seen, max(create_date) AS last_seen
+  FROM user_logins WHERE masked_device_id IS NOT NULL
+ GROUP BY masked_device_id HAVING count(*) > 1
+UNION ALL
+SELECT 'ip'::text, masked_ip, count(*), count(DISTINCT user_id), min(create_date), max(create_date)
+  FROM user_logins WHERE masked_ip IS NOT NULL
+ GROUP BY masked_ip HAVING count(*) > 1"""
 
 
 class DatabaseError(Exception):
@@ -97,8 +110,8 @@ class PostgresWriter:
 
     # -- connection ---------------------------------------------------------------------------
 
-    def connect(self) -> None:
-        """Open the connection and make sure the schema is current."""
+    def connect(self, *, migrate: bool = True) -> None:
+        """Open the connection and (unless told not to) bring the schema up to date."""
         self.close()
         try:
             self._conn = psycopg2.connect(
@@ -106,7 +119,23 @@ class PostgresWriter:
             )
         except psycopg2.OperationalError as exc:
             raise DatabaseUnavailable(_first_line(exc)) from None
-        self._run(self._migrate)
+        if migrate:
+            self._run(self._migrate)
+
+    def schema_problem(self) -> str | None:
+        """Without changing anything: None if the schema is current, else what is wrong."""
+        def inspect(cur: psycopg2.extensions.cursor) -> str | None:
+            cur.execute("SELECT to_regclass('user_logins'), to_regclass('user_logins_rejected'), "
+                        "to_regclass('etl_schema_version')")
+            if None in cur.fetchone():
+                return "tables missing"
+            cur.execute("SELECT max(version) FROM etl_schema_version")
+            version = cur.fetchone()[0]
+            if version != SCHEMA_VERSION:
+                return f"schema version {version}, expected {SCHEMA_VERSION}"
+            return None
+
+        return self._run(inspect, commit=False)
 
     @property
     def connected(self) -> bool:
@@ -153,6 +182,7 @@ class PostgresWriter:
             """CREATE TABLE IF NOT EXISTS etl_schema_version (
                    version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"""
         )
+        cur.execute(_CREATE_DUPLICATES_VIEW)
         cur.execute("INSERT INTO etl_schema_version (version) VALUES (%s) ON CONFLICT DO NOTHING", (SCHEMA_VERSION,))
         # Staging table for COPY: private to this session, emptied at each commit.
         cur.execute(

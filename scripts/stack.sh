@@ -15,6 +15,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE=${LOGIN_ETL_STATE:-$ROOT/.stack}
 CACHE=${LOGIN_ETL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/login-etl}
 SQS_PORT=${STACK_SQS_PORT:-4566}
+KMS_PORT=${STACK_KMS_PORT:-4599}
 PG_PORT=${STACK_PG_PORT:-5432}
 LOCALSTACK_VERSION=4.11.1
 # LocalStack 4.11.1 on Python 3.11 needs these pins (newer pyOpenSSL/psutil removed APIs it uses).
@@ -95,6 +96,29 @@ start_pg() {
     | grep -q 1 || psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c "CREATE DATABASE test"
 }
 
+# KMS for the key tests (LocalStack 4.11.1's KMS fails on Python 3.11): moto's server from the
+# project venv, when requirements-dev.txt installed it. Account 000000000000, as LocalStack's.
+kms_up() { curl -sS -m 2 -o /dev/null "http://127.0.0.1:$KMS_PORT/" 2>/dev/null; }
+start_kms() {
+  if kms_up; then log "KMS: something already answers on :$KMS_PORT, using it"; return; fi
+  if [ ! -x "$ROOT/.venv/bin/moto_server" ]; then
+    log "KMS: skipped (moto_server not in .venv: pip install -r requirements-dev.txt)"; return
+  fi
+  log "KMS: starting moto on 127.0.0.1:$KMS_PORT (log: $STATE/logs/moto-kms.log)"
+  MOTO_ACCOUNT_ID=000000000000 nohup setsid "$ROOT/.venv/bin/moto_server" -H 127.0.0.1 -p "$KMS_PORT" \
+    >>"$STATE/logs/moto-kms.log" 2>&1 &
+  echo $! >"$STATE/moto-kms.pid"
+  for _ in $(seq 60); do kms_up && { log "KMS: ready"; return; }; sleep 0.25; done
+  log "KMS: moto did not start; see $STATE/logs/moto-kms.log"; exit 1
+}
+stop_kms() {
+  if alive "$STATE/moto-kms.pid"; then
+    log "KMS: stopping moto (pid $(cat "$STATE/moto-kms.pid"))"
+    kill -TERM "$(cat "$STATE/moto-kms.pid")" 2>/dev/null || true
+  fi
+  rm -f "$STATE/moto-kms.pid"
+}
+
 stop_all() {
   if alive "$STATE/localstack.pid"; then
     local pid; pid=$(cat "$STATE/localstack.pid")
@@ -115,12 +139,14 @@ stop_all() {
 }
 
 case "${1:-}" in
-  start) start_sqs; start_pg ;;
-  stop) stop_all ;;
+  start) start_sqs; start_pg; start_kms ;;
+  stop) stop_all; stop_kms ;;
   status)
     sqs_up && echo "SQS :$SQS_PORT up$(alive "$STATE/localstack.pid" && echo ' (started by stack.sh)')" \
       || echo "SQS :$SQS_PORT down"
     pg_up && echo "PostgreSQL :$PG_PORT up$([ -f "$STATE/pg.started" ] && echo ' (started by stack.sh)')" \
-      || echo "PostgreSQL :$PG_PORT down" ;;
+      || echo "PostgreSQL :$PG_PORT down"
+    kms_up && echo "KMS :$KMS_PORT up$(alive "$STATE/moto-kms.pid" && echo ' (started by stack.sh)')" \
+      || echo "KMS :$KMS_PORT down" ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

@@ -76,12 +76,12 @@ def with_port(url: str, port: int) -> str:
 def test_sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice(etl_env, sqs_client, tmp_path) -> None:
     queue_url = etl_env["SQS_QUEUE_URL"]
     set_visibility(sqs_client, queue_url, 2)  # killed runs' messages come back quickly
-    ids = send(sqs_client, queue_url, list(generate(5000, seed=5)))
+    ids = send(sqs_client, queue_url, list(generate(12_000, seed=5)))
     rng = random.Random(5)
     kills = 0
     for _ in range(6):
         process = start_etl(tmp_path)
-        time.sleep(rng.uniform(0.8, 2.0))
+        time.sleep(rng.uniform(0.6, 1.6))
         if process.poll() is None:
             process.kill()
             kills += 1

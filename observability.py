@@ -1,0 +1,147 @@
+"""What operators see: JSON logs, live progress, Prometheus metrics.
+
+Kept out of main.py (which only wires) and out of pipeline.py (which only moves messages): the
+pipeline reports events to an observer; this module turns them into lines and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import TextIO
+
+from pipeline import Stats
+
+# Structured fields the code attaches with `extra=`; only these reach a JSON line.
+LOG_FIELDS = ("message_id", "reason", "batch_size", "duration_ms", "attempt", "count", "service", "error")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: timestamp, level, logger, message and known structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, object] = {
+            "timestamp": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in LOG_FIELDS:
+            if name in record.__dict__:
+                data[name] = record.__dict__[name]
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, ensure_ascii=False, default=str)
+
+
+def configure_logging(verbosity: int, log_format: str) -> None:
+    """Root logging to stderr; a host that configured logging already (pytest) keeps its handlers."""
+    level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    for noisy in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+class Progress:
+    """Live progress: a redrawn line on a terminal, a log line every `interval` seconds otherwise."""
+
+    def __init__(self, stats: Stats, queue_depth: Callable[[], int | None], *, stream: TextIO = sys.stderr,
+                 interval: float | None = None) -> None:
+        self._stats = stats
+        self._queue_depth = queue_depth
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._interval = interval if interval is not None else (0.5 if self._tty else 10.0)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+        self._depth: int | None = None
+        self._depth_at = 0.0
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=2)
+        if self._tty:
+            self._stream.write("\r\033[K")
+            self._stream.flush()
+
+    def line(self) -> str:
+        s = self._stats
+        seconds = max(time.monotonic() - s.started, 1e-9)
+        depth = "?" if self._depth is None else f"{self._depth:,}"
+        return (f"received {s.received:,}  loaded {s.loaded:,}  rejected {s.rejected:,}  "
+                f"{s.received / seconds:,.0f} msgs/s  queue ≈ {depth} left")
+
+    def _loop(self) -> None:
+        logger = logging.getLogger("login_etl.progress")
+        while not self._done.wait(self._interval):
+            if time.monotonic() - self._depth_at >= max(2.0, self._interval):
+                self._depth_at = time.monotonic()
+                try:
+                    self._depth = self._queue_depth()
+                except Exception:  # noqa: BLE001 - progress must never break a run
+                    self._depth = None
+            if self._tty:
+                self._stream.write("\r\033[K" + self.line())
+                self._stream.flush()
+            else:
+                logger.info("progress: %s", self.line())
+
+
+class Metrics:
+    """Prometheus metrics of a running ETL, fed by pipeline events; served on a port."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.received = Counter("login_etl_messages_received", "Messages received from SQS", registry=self.registry)
+        self.loaded = Counter("login_etl_messages_loaded", "Rows inserted into user_logins", registry=self.registry)
+        self.rejected = Counter("login_etl_messages_rejected", "Messages quarantined", registry=self.registry)
+        self.redelivered = Counter("login_etl_messages_redelivered", "Messages received more than once",
+                                   registry=self.registry)
+        self.batch_size = Histogram("login_etl_batch_size", "Messages per committed batch", registry=self.registry,
+                                    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000))
+        self.batch_seconds = Histogram("login_etl_batch_seconds", "Parse, mask and commit time of a batch",
+                                       registry=self.registry,
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.errors = Counter("login_etl_errors", "Service errors by service and kind", ["service", "kind"],
+                              registry=self.registry)
+        self.last_commit = Gauge("login_etl_last_commit_timestamp_seconds", "Unix time of the last commit",
+                                 registry=self.registry)
+        self.queue_depth = Gauge("login_etl_queue_depth", "ApproximateNumberOfMessages as last seen",
+                                 registry=self.registry)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - a container exposes it
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=addr, registry=self.registry)
+
+    # -- pipeline events ------------------------------------------------------------------------
+
+    def on_received(self, count: int, redelivered: int) -> None:
+        self.received.inc(count)
+        self.redelivered.inc(redelivered)
+
+    def on_commit(self, size: int, seconds: float, inserted: int, rejected: int) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+        self.loaded.inc(inserted)
+        self.rejected.inc(rejected)
+        self.last_commit.set_to_current_time()
+
+    def on_error(self, service: str, kind: str) -> None:
+        self.errors.labels(service=service, kind=kind).inc()

@@ -1,0 +1,157 @@
+"""What operators and analysts see: JSON logs, progress, metrics, `check`, the duplicates view."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import date
+from pathlib import Path
+
+from database.sqs_postgres import PostgresWriter
+from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
+from models import MaskedLogin
+
+from helpers import login, query, send
+from sample_data import generate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_etl(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=env or os.environ.copy(), timeout=120)
+
+
+def test_json_logs_are_one_object_per_line_with_fields_and_no_pii(etl_env, sqs_client, tmp_path) -> None:
+    bodies = [*generate(300, seed=21), '{"ip": "203.0.113.5", "device_id": "999-88-7777"']
+    send(sqs_client, etl_env["SQS_QUEUE_URL"], bodies)
+
+    result = run_etl(tmp_path, "--log-format", "json", "-v", "--progress-seconds", "0.2")
+
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert records and all({"timestamp", "level", "logger", "message"} <= r.keys() for r in records)
+    rejected = [r for r in records if "rejected:" in r["message"]]
+    assert rejected and all(r["message_id"] and r["reason"] for r in rejected)
+    commits = [r for r in records if r["message"].startswith("committed ")]
+    assert commits and all(r["batch_size"] > 0 and r["duration_ms"] >= 0 for r in commits)
+    assert any(r["message"].startswith("progress: received") for r in records)
+    secrets = ["203.0.113.5", "999-88-7777", etl_env["MASKING_KEY"]]
+    for body in bodies:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            secrets += [str(data[k]) for k in ("ip", "device_id") if k in data]
+    assert len(secrets) > 500
+    for secret in secrets:
+        assert secret not in result.stderr and secret not in result.stdout
+
+
+def test_the_metrics_endpoint_serves_the_counters_in_follow_mode(etl_env, sqs_client, tmp_path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    send(sqs_client, etl_env["SQS_QUEUE_URL"], [login(n) for n in range(40)] + ["not json"])
+    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--follow", "--metrics-port", str(port),
+                                "--wait-seconds", "1"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                text = ""
+            if "login_etl_messages_loaded_total 40.0" in text:
+                break
+            time.sleep(0.3)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=20)
+    assert "login_etl_messages_loaded_total 40.0" in text, text[-2000:]
+    assert "login_etl_messages_received_total 41.0" in text
+    assert "login_etl_messages_rejected_total 1.0" in text
+    assert "login_etl_batch_seconds_count" in text and "login_etl_batch_size_bucket" in text
+    assert "login_etl_last_commit_timestamp_seconds" in text
+    assert process.returncode == 0
+
+
+def test_check_passes_when_everything_is_in_place(etl_env, capsys) -> None:
+    PostgresWriter(etl_env["DATABASE_URL"]).connect()
+    assert main(["check"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.count("✓") == 4 and "✗" not in out and "schema: current" in out
+
+
+def test_check_fails_on_a_missing_key_with_the_fix(etl_env, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("MASKING_KEY", "short")
+    assert main(["check"]) == EXIT_CONFIG
+    assert "✗ configuration: MASKING_KEY is malformed" in capsys.readouterr().out
+
+
+def test_check_fails_on_a_missing_queue(etl_env, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SQS_QUEUE_URL", etl_env["SQS_QUEUE_URL"] + "-gone")
+    PostgresWriter(etl_env["DATABASE_URL"]).connect()
+    assert main(["check"]) == EXIT_UNREACHABLE
+    out = capsys.readouterr().out
+    assert "✗ SQS queue missing or forbidden" in out and "fix: create it" in out
+
+
+def test_check_fails_on_an_unreachable_sqs(etl_env, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    assert main(["check"]) == EXIT_UNREACHABLE
+    assert "✗ SQS unreachable" in capsys.readouterr().out
+
+
+def test_check_fails_on_a_missing_dead_letter_queue(etl_env, sqs_client, monkeypatch, capsys) -> None:
+    arn = "arn:aws:sqs:us-east-1:000000000000:no-such-dlq-" + os.urandom(4).hex()
+    sqs_client.set_queue_attributes(QueueUrl=etl_env["SQS_QUEUE_URL"], Attributes={
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "5"})})
+    assert main(["check"]) == EXIT_UNREACHABLE
+    assert "✗ dead-letter queue" in capsys.readouterr().out
+
+
+def test_check_fails_on_an_unreachable_database_without_showing_its_password(etl_env, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres:s3cret@127.0.0.1:1/postgres")
+    assert main(["check"]) == EXIT_UNREACHABLE
+    out = capsys.readouterr().out
+    assert "✗ PostgreSQL postgresql://postgres:***@127.0.0.1:1/postgres unreachable" in out
+    assert "s3cret" not in out
+
+
+def test_check_fails_on_a_missing_schema_and_changes_nothing(etl_env, capsys) -> None:
+    assert main(["check"]) == EXIT_UNREACHABLE
+    assert "✗ schema: tables missing" in capsys.readouterr().out
+    assert query(etl_env["DATABASE_URL"], "SELECT to_regclass('user_logins')") == [(None,)]
+
+
+def test_the_duplicates_view_groups_repeated_devices_and_ips(database_url) -> None:
+    writer = PostgresWriter(database_url)
+    writer.connect()
+
+    def row(n: int, user: str, ip: str, device: str, day: int) -> MaskedLogin:
+        return MaskedLogin(f"m{n}", user, "ios", ip, device, None, "1.0", date(2026, 1, day))
+
+    writer.write([
+        row(1, "alice", "ip-A", "dev-X", 1),
+        row(2, "bob", "ip-A", "dev-X", 3),
+        row(3, "alice", "ip-B", "dev-X", 2),
+        row(4, "carol", "ip-C", "dev-Y", 5),
+        row(5, "carol", "ip-C", "dev-Z", 6),
+    ], [])
+    writer.close()
+    assert query(database_url, "SELECT field, masked_value, logins, users, first_seen, last_seen "
+                 "FROM user_login_duplicates ORDER BY field, masked_value") == [
+        ("device_id", "dev-X", 3, 2, date(2026, 1, 1), date(2026, 1, 3)),
+        ("ip", "ip-A", 2, 2, date(2026, 1, 1), date(2026, 1, 3)),
+        ("ip", "ip-C", 2, 1, date(2026, 1, 5), date(2026, 1, 6)),
+    ]
