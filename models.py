@@ -6,6 +6,7 @@ never on each other.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
@@ -116,6 +117,31 @@ class Rejection:
     receive_count: int
 
 
+# A token is named in the audit by the first 16 hex digits of its SHA-256: enough to find its row
+# (`left(encode(sha256(convert_to(masked_ip, 'UTF8')), 'hex'), 16)`), useless for learning the value.
+FINGERPRINT_HEX_DIGITS = 16
+
+
+def token_fingerprint(token: str) -> str:
+    """The audit's name for a token: a SHA-256 prefix of the token (a ciphertext), never the value."""
+    return hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).hexdigest()[:FINGERPRINT_HEX_DIGITS]
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskAudit:
+    """One `unmask` call as recorded in `pii_unmask_audit`: who, why, which tokens (fingerprints only)."""
+
+    requested_by: str
+    reason: str
+    fingerprints: tuple[str, ...]
+    failed: int = 0  # tokens that did not unmask (nothing is shown then)
+
+    @classmethod
+    def of(cls, requested_by: str, reason: str, tokens: list[str] | tuple[str, ...], failed: int = 0) -> UnmaskAudit:
+        """The audit entry of a call on `tokens`."""
+        return cls(requested_by, reason, tuple(token_fingerprint(t) for t in tokens), failed)
+
+
 def _load_json_object(body: str) -> dict[str, Any]:
     try:
         data = json.loads(body)
@@ -133,15 +159,25 @@ def _load_json_object(body: str) -> dict[str, Any]:
 def _check_storable(name: str, value: str) -> None:
     if "\x00" in value:
         raise InvalidMessage(f"field {name!r} contains a NUL character")
+    if name in PII_FIELDS:
+        if value.isascii():  # the common case: no surrogates, one byte per character
+            size = len(value)
+        else:
+            size = len(_utf8(name, value))
+        if size > MAX_PII_BYTES:
+            raise InvalidMessage(f"field {name!r} is longer than {MAX_PII_BYTES} bytes")
+        return
+    if not value.isascii():
+        _utf8(name, value)
+    if len(value) > _LIMITS[name]:
+        raise InvalidMessage(f"field {name!r} is longer than {_LIMITS[name]} characters")
+
+
+def _utf8(name: str, value: str) -> bytes:
     try:
-        encoded = value.encode("utf-8")
+        return value.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidMessage(f"field {name!r} is not valid Unicode (lone surrogate)") from None
-    if name in PII_FIELDS:
-        if len(encoded) > MAX_PII_BYTES:
-            raise InvalidMessage(f"field {name!r} is longer than {MAX_PII_BYTES} bytes")
-    elif len(value) > _LIMITS[name]:
-        raise InvalidMessage(f"field {name!r} is longer than {_LIMITS[name]} characters")
 
 
 def _json_type(value: object) -> str:

@@ -20,12 +20,13 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TypeVar
 
-from aws.sqs import QueueNotFound, SqsError, SqsReader, SqsUnavailable
+from aws.sqs import MAX_ENTRIES_PER_DELETE as MAX_DELETE_ENTRIES
+from aws.sqs import SqsError, SqsReader, SqsUnavailable
 from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable, PostgresWriter, WriteResult
 from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection
 from pii.masking import BODY_FIELD, Masker
@@ -38,7 +39,8 @@ BACKOFF_CAP_SECONDS = 10.0
 
 
 # Defaults measured on a 2-core machine with the embedded LocalStack (see bench/ and README).
-DEFAULT_RECEIVERS = 4
+DEFAULT_RECEIVERS = 8
+DEFAULT_DELETERS = 8
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_FLUSH_SECONDS = 0.5
 
@@ -66,6 +68,7 @@ class PipelineOptions:
 
     follow: bool = False
     receivers: int = DEFAULT_RECEIVERS
+    deleters: int = DEFAULT_DELETERS
     batch_size: int = DEFAULT_BATCH_SIZE
     flush_seconds: float = DEFAULT_FLUSH_SECONDS
     retry_budget_seconds: float = 60.0
@@ -227,14 +230,12 @@ class Pipeline:
         done = threading.Event()
         extender = threading.Thread(target=self._extend_loop, args=(done,), name="extender", daemon=True)
         extender.start()
-        with ThreadPoolExecutor(max_workers=self._options.receivers, thread_name_prefix="deleter") as deleters:
-            pending: list[Future[None]] = []
+        # Leaving the `with` waits for every delete still running.
+        with ThreadPoolExecutor(max_workers=self._options.deleters, thread_name_prefix="deleter") as deleters:
             try:
-                self._write_loop(deleters, pending)
+                self._write_loop(deleters)
             finally:
                 self._stop.set()
-                for future in pending:
-                    future.result()
         done.set()
 
     # -- receiving ----------------------------------------------------------------------------
@@ -276,7 +277,10 @@ class Pipeline:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def _write_loop(self, deleters: ThreadPoolExecutor, pending: list[Future[None]]) -> None:
+    def _write_loop(self, deleters: ThreadPoolExecutor) -> None:
+        # At most two batches' worth of delete calls outstanding: memory stays bounded, and the
+        # writer goes on with the next batch while the last calls of the previous one finish.
+        slots = threading.BoundedSemaphore(max(2, 2 * self._options.batch_size // MAX_DELETE_ENTRIES))
         live = self._options.receivers
         batch: list[ReceivedMessage] = []
         oldest = 0.0
@@ -305,11 +309,10 @@ class Pipeline:
                     self._in_hand.remove(failed)  # not extended: they come back after the timeout
                     failed_ids = {m.message_id for m in failed}
                     batch = [m for m in batch if m.message_id not in failed_ids]
-                # Deletes of the previous batch had this batch's write to finish; wait for them
-                # now so that at most two batches are ever in hand.
-                for future in pending:
-                    future.result()
-                pending[:] = [deleters.submit(self._delete, batch)]
+                # Only now, after the commit: one task per DeleteMessageBatch call, side by side.
+                for start in range(0, len(batch), MAX_DELETE_ENTRIES):
+                    slots.acquire()
+                    deleters.submit(self._delete, batch[start : start + MAX_DELETE_ENTRIES], slots)
                 batch = []
 
     def _commit(self, batch: Sequence[ReceivedMessage]) -> list[ReceivedMessage]:
@@ -383,17 +386,17 @@ class Pipeline:
             self._writer.connect()  # after an outage: reconnect (and re-check the schema)
         return self._writer.write(logins, rejections)
 
-    def _delete(self, batch: Sequence[ReceivedMessage]) -> None:
+    def _delete(self, batch: Sequence[ReceivedMessage], slots: threading.BoundedSemaphore) -> None:
         try:
             failed = self._retry("SQS delete", lambda: self._reader.delete(batch), SqsUnavailable)
-        except (ServiceLost, QueueNotFound) as exc:
+            self.stats.delete_failures += len(failed or ())
+        except Exception as exc:  # noqa: BLE001 - a task's error would otherwise vanish in the pool
             # Committed but not deleted: the messages come back and their inserts do nothing.
             logger.warning("could not delete %d committed messages (%s); they will be redelivered", len(batch), exc)
             self.stats.delete_failures += len(batch)
-            return
         finally:
             self._in_hand.remove(batch)
-        self.stats.delete_failures += len(failed or ())
+            slots.release()
 
     # -- retries ------------------------------------------------------------------------------
 

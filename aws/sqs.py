@@ -73,10 +73,11 @@ class SqsReader:
             connect_timeout=connect_timeout_seconds,
             read_timeout=wait_time_seconds + 10,  # a long poll must not look like a hang
             retries={"mode": "standard", "max_attempts": max_attempts},
-            max_pool_connections=16,
+            max_pool_connections=32,  # the shared client serves a pool of delete threads
         )
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._shared: Any = None
 
     @property
     def client(self) -> Any:
@@ -87,6 +88,15 @@ class SqsReader:
                 client = self._session.client("sqs", endpoint_url=self._endpoint_url, config=self._config)
             self._local.client = client
         return client
+
+    @property
+    def shared_client(self) -> Any:
+        """One client for the many short delete/visibility calls of a thread pool (boto3 clients
+        are thread-safe for calls); saves a client's memory per pool thread."""
+        with self._lock:
+            if self._shared is None:
+                self._shared = self._session.client("sqs", endpoint_url=self._endpoint_url, config=self._config)
+            return self._shared
 
     def check(self) -> dict[str, str]:
         """Return the queue's attributes; raise QueueNotFound or SqsUnavailable."""
@@ -115,7 +125,7 @@ class SqsReader:
         for start in range(0, len(messages), MAX_ENTRIES_PER_DELETE):
             chunk = messages[start : start + MAX_ENTRIES_PER_DELETE]
             entries = [{"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(chunk)]
-            response = self._call("DeleteMessageBatch", QueueUrl=self.queue_url, Entries=entries)
+            response = self._call("DeleteMessageBatch", QueueUrl=self.queue_url, Entries=entries, shared=True)
             for entry in response.get("Failed", []):
                 message = chunk[int(entry["Id"])]
                 failed.append(message.message_id)
@@ -135,12 +145,13 @@ class SqsReader:
                 {"Id": str(i), "ReceiptHandle": m.receipt_handle, "VisibilityTimeout": timeout_seconds}
                 for i, m in enumerate(chunk)
             ]
-            response = self._call("ChangeMessageVisibilityBatch", QueueUrl=self.queue_url, Entries=entries)
+            response = self._call("ChangeMessageVisibilityBatch", QueueUrl=self.queue_url, Entries=entries,
+                                  shared=True)
             failed.extend(chunk[int(entry["Id"])].message_id for entry in response.get("Failed", []))
         return failed
 
-    def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
-        method = getattr(self.client, _snake(operation))
+    def _call(self, operation: str, *, shared: bool = False, **kwargs: Any) -> dict[str, Any]:
+        method = getattr(self.shared_client if shared else self.client, _snake(operation))
         try:
             return method(**kwargs)
         except ClientError as exc:
