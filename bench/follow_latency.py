@@ -26,6 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "bench")]
 
 from scenarios import Services, fresh_database, queue_depth  # noqa: E402
 
+from models import InvalidMessage, LoginEvent  # noqa: E402
 from pii.masking import generate_key  # noqa: E402
 
 from sample_data import generate  # noqa: E402
@@ -91,7 +92,7 @@ def _measure(services: Services, sqs, queue_url: str, dsn: str, rate: float, sec
     poller.start()
     try:
         time.sleep(3)  # let the ETL connect and start polling
-        bodies = [b for b in generate(int(rate * seconds * 1.1) + 10, seed=3) if b.startswith('{"user_id"')]
+        bodies = [b for b in generate(int(rate * seconds * 1.1) + 10, seed=3) if _valid(b)]
         start = time.monotonic()
         for i in range(int(rate * seconds)):
             time.sleep(max(0.0, start + i / rate - time.monotonic()))
@@ -108,6 +109,15 @@ def _measure(services: Services, sqs, queue_url: str, dsn: str, rate: float, sec
     if missing:
         raise SystemExit(f"{len(missing)} messages never became visible")
     return [seen[m] - sent[m] for m in sent]
+
+
+def _valid(body: str) -> bool:
+    """Only good messages: a quarantined one never shows up in user_logins."""
+    try:
+        LoginEvent.from_body(body)
+    except InvalidMessage:
+        return False
+    return True
 
 
 if __name__ == "__main__":
