@@ -24,6 +24,19 @@ def login(n: int, **changes: Any) -> str:
     return json.dumps(data)
 
 
+def pii_values(bodies: list[str]) -> set[str]:
+    """Every `ip` and `device_id` value in the bodies that parse as JSON objects."""
+    values: set[str] = set()
+    for body in bodies:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            values.update(str(data[k]) for k in ("ip", "device_id") if k in data)
+    return values
+
+
 def send(sqs: Any, queue_url: str, bodies: list[str]) -> list[str]:
     """Send bodies in batches of 10; return their MessageIds in order."""
     ids: list[str] = []

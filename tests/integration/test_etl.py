@@ -14,7 +14,7 @@ from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin
 from pii.masking import Masker, decode_key
 
-from helpers import GOOD_LOGIN, login, query, queue_counts, send
+from helpers import GOOD_LOGIN, login, pii_values, query, queue_counts, send
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,7 +127,7 @@ def test_unmask_round_trips_a_stored_token(etl_env, sqs_client, capsys) -> None:
     [(masked_ip, masked_device_id)] = query(etl_env["DATABASE_URL"],
                                             "SELECT masked_ip, masked_device_id FROM user_logins")
     capsys.readouterr()
-    assert main(["unmask", masked_device_id, masked_ip]) == EXIT_OK
+    assert main(["unmask", "--reason", "round trip test", masked_device_id, masked_ip]) == EXIT_OK
     assert capsys.readouterr().out.splitlines() == ["321-54-9876", "198.51.100.23"]
 
 
@@ -166,14 +166,7 @@ def test_no_raw_ip_or_device_id_reaches_the_database_or_the_output(etl_env, sqs_
         json.dumps({**GOOD_LOGIN, "ip": "203.0.113.78", "device_id": "555-66-7778", "user_id": 1}),
     ]
     send(sqs_client, etl_env["SQS_QUEUE_URL"], bodies)
-    secrets = {"203.0.113.77", "555-66-7777", "203.0.113.78", "555-66-7778"}
-    for body in bodies:
-        try:
-            data = json.loads(body)
-        except ValueError:
-            continue
-        if isinstance(data, dict):
-            secrets.update(str(data[k]) for k in ("ip", "device_id") if k in data)
+    secrets = {"203.0.113.77", "555-66-7777", "203.0.113.78", "555-66-7778"} | pii_values(bodies)
     # WHEN the ETL runs as users run it, with debug logging
     result = subprocess.run([sys.executable, str(ROOT / "main.py"), "-v"], capture_output=True, text=True,
                             cwd=tmp_path, env={**os.environ}, timeout=120)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -167,13 +169,9 @@ def test_a_slow_batch_has_its_visibility_extended_instead_of_being_redelivered(
     process = start_etl(tmp_path, "--follow", "--wait-seconds", "1")
     _wait_for_etl_connection(etl_env["DATABASE_URL"])
     # GIVEN a database that blocks the first commit for 3.5 visibility timeouts
-    lock = psycopg2.connect(etl_env["DATABASE_URL"])
-    with lock.cursor() as cur:
-        cur.execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE")
-    ids = send(sqs_client, queue_url, [login(n) for n in range(300)])
-    time.sleep(7)
-    lock.rollback()
-    lock.close()
+    with locked_logins(etl_env["DATABASE_URL"]):
+        ids = send(sqs_client, queue_url, [login(n) for n in range(300)])
+        time.sleep(7)
     _wait_for_rows(etl_env["DATABASE_URL"], count=300)
     process.send_signal(signal.SIGTERM)
     # THEN the batch in hand was extended, never redelivered, and stored once
@@ -272,24 +270,31 @@ def test_a_second_signal_exits_at_once_and_the_messages_come_back(etl_env, sqs_c
     set_visibility(sqs_client, queue_url, 2)
     process = start_etl(tmp_path, "--follow", "--wait-seconds", "1")
     _wait_for_etl_connection(etl_env["DATABASE_URL"])
-    lock = psycopg2.connect(etl_env["DATABASE_URL"])
-    with lock.cursor() as cur:
-        cur.execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE")  # the first commit hangs
-    ids = send(sqs_client, queue_url, [login(n) for n in range(200)])
-    try:
+    with locked_logins(etl_env["DATABASE_URL"]):  # the first commit hangs
+        ids = send(sqs_client, queue_url, [login(n) for n in range(200)])
         time.sleep(2)
         process.send_signal(signal.SIGTERM)
         time.sleep(1)
         assert process.poll() is None, "the first signal must wait for the batch in hand"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=3) == 128 + signal.SIGTERM
-    finally:
-        lock.rollback()
-        lock.close()
     assert sum(stored_ids(etl_env["DATABASE_URL"]).values()) == 0
     time.sleep(2.5)
     drain_until_empty(tmp_path, sqs_client, queue_url)
     assert_exactly_once(etl_env["DATABASE_URL"], ids)
+
+
+@contextmanager
+def locked_logins(database_url: str) -> Iterator[None]:
+    """Hold an exclusive lock on user_logins: every insert into it waits until the block ends."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE")
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
 
 
 def _wait_for_etl_connection(database_url: str, timeout: float = 30) -> None:
