@@ -47,11 +47,7 @@ class QueueNotFound(SqsError):
 
 
 class SqsReader:
-    """Receives from one queue and deletes by receipt handle; one boto3 client per thread.
-
-    boto3 clients are cheap to share for calls, but each receiving thread gets its own so that
-    connection pools and retries never contend.
-    """
+    """Receives from one queue and deletes (or hides longer) by receipt handle."""
 
     def __init__(
         self,
@@ -62,6 +58,7 @@ class SqsReader:
         wait_time_seconds: int = MAX_WAIT_TIME_SECONDS,
         max_attempts: int = 3,
         connect_timeout_seconds: float = 5.0,
+        max_connections: int = 32,
     ) -> None:
         if not 0 <= wait_time_seconds <= MAX_WAIT_TIME_SECONDS:
             raise ValueError(f"wait_time_seconds must be within 0..{MAX_WAIT_TIME_SECONDS}")
@@ -73,30 +70,24 @@ class SqsReader:
             connect_timeout=connect_timeout_seconds,
             read_timeout=wait_time_seconds + 10,  # a long poll must not look like a hang
             retries={"mode": "standard", "max_attempts": max_attempts},
-            max_pool_connections=32,  # the shared client serves a pool of delete threads
+            max_pool_connections=max_connections,  # one client serves every thread
         )
-        self._local = threading.local()
         self._lock = threading.Lock()
-        self._shared: Any = None
+        self._client: Any = None
 
     @property
     def client(self) -> Any:
-        """This thread's SQS client."""
-        client = getattr(self._local, "client", None)
-        if client is None:
-            with self._lock:  # Session.client is not thread-safe
-                client = self._session.client("sqs", endpoint_url=self._endpoint_url, config=self._config)
-            self._local.client = client
-        return client
+        """The SQS client, created on first use and shared by every thread.
 
-    @property
-    def shared_client(self) -> Any:
-        """One client for the many short delete/visibility calls of a thread pool (boto3 clients
-        are thread-safe for calls); saves a client's memory per pool thread."""
-        with self._lock:
-            if self._shared is None:
-                self._shared = self._session.client("sqs", endpoint_url=self._endpoint_url, config=self._config)
-            return self._shared
+        boto3's low-level clients are thread-safe; one client with a connection pool as large as
+        the threads using it costs far less memory than a client per thread (see the README's
+        benchmark for the peak RSS).
+        """
+        if self._client is None:
+            with self._lock:  # Session.client is not thread-safe
+                if self._client is None:
+                    self._client = self._session.client("sqs", endpoint_url=self._endpoint_url, config=self._config)
+        return self._client
 
     def check(self) -> dict[str, str]:
         """Return the queue's attributes; raise QueueNotFound or SqsUnavailable."""
@@ -125,7 +116,7 @@ class SqsReader:
         for start in range(0, len(messages), MAX_ENTRIES_PER_DELETE):
             chunk = messages[start : start + MAX_ENTRIES_PER_DELETE]
             entries = [{"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(chunk)]
-            response = self._call("DeleteMessageBatch", QueueUrl=self.queue_url, Entries=entries, shared=True)
+            response = self._call("DeleteMessageBatch", QueueUrl=self.queue_url, Entries=entries)
             for entry in response.get("Failed", []):
                 message = chunk[int(entry["Id"])]
                 failed.append(message.message_id)
@@ -145,13 +136,12 @@ class SqsReader:
                 {"Id": str(i), "ReceiptHandle": m.receipt_handle, "VisibilityTimeout": timeout_seconds}
                 for i, m in enumerate(chunk)
             ]
-            response = self._call("ChangeMessageVisibilityBatch", QueueUrl=self.queue_url, Entries=entries,
-                                  shared=True)
+            response = self._call("ChangeMessageVisibilityBatch", QueueUrl=self.queue_url, Entries=entries)
             failed.extend(chunk[int(entry["Id"])].message_id for entry in response.get("Failed", []))
         return failed
 
-    def _call(self, operation: str, *, shared: bool = False, **kwargs: Any) -> dict[str, Any]:
-        method = getattr(self.shared_client if shared else self.client, _snake(operation))
+    def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        method = getattr(self.client, _snake(operation))
         try:
             return method(**kwargs)
         except ClientError as exc:
