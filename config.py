@@ -6,12 +6,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from pii.keys import (
+    KeySource,
+    KeySourceError,
+    KmsWrappedKeys,
+    StaticKeys,
+    decode_keyring,
+    decode_wrapped,
+    read_key_file,
+)
 from pii.masking import InvalidKey, decode_key
 
 DEFAULT_QUEUE_URL = "http://localhost:4566/000000000000/login-queue"
 DEFAULT_DATABASE_URL = "postgresql://postgres:postgres@localhost:5432/postgres"
 DEFAULT_REGION = "us-east-1"
 KEY_HELP = "create one with `python main.py keygen` and put it in .env as MASKING_KEY=<key>"
+# The key sources, exactly one of which must be set (see README "Keys, rotation and audited unmasking").
+KEY_SOURCES = ("MASKING_KEY", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT", "MASKING_KEYS")
 
 
 class ConfigError(Exception):
@@ -24,7 +35,8 @@ class Settings:
 
     queue_url: str
     database_url: str = field(repr=False)  # may carry a password
-    masking_key: bytes = field(repr=False)
+    key_source: KeySource  # its repr names the source and versions, never a key
+    key_version: int  # the active version: new tokens are made with it
     endpoint_url: str | None
     region: str
 
@@ -33,20 +45,82 @@ class Settings:
         """Build Settings from a mapping such as os.environ; raise ConfigError."""
         queue_url = env.get("SQS_QUEUE_URL") or DEFAULT_QUEUE_URL
         endpoint_url = env.get("AWS_ENDPOINT_URL_SQS") or env.get("AWS_ENDPOINT_URL") or _endpoint_of(queue_url)
-        raw_key = env.get("MASKING_KEY", "")
-        if not raw_key.strip():
-            raise ConfigError(f"MASKING_KEY is not set: {KEY_HELP}")
-        try:
-            key = decode_key(raw_key)
-        except InvalidKey as exc:
-            raise ConfigError(f"MASKING_KEY is malformed ({exc}): {KEY_HELP}") from None
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+        source = key_source_from_env(env)
         return cls(
             queue_url=queue_url,
             database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
-            masking_key=key,
+            key_source=source,
+            key_version=_active_version(env, source),
             endpoint_url=endpoint_url,
+            region=region,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KmsSettings:
+    """Where KMS is: `AWS_ENDPOINT_URL_KMS`, else `AWS_ENDPOINT_URL`, else real AWS."""
+
+    endpoint_url: str | None
+    region: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> KmsSettings:
+        """Build from a mapping such as os.environ (no key needed: `keygen --kms-key-id` uses it)."""
+        return cls(
+            endpoint_url=env.get("AWS_ENDPOINT_URL_KMS") or env.get("AWS_ENDPOINT_URL") or None,
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION,
         )
+
+
+def key_source_from_env(env: Mapping[str, str]) -> KeySource:
+    """The one key source that is set; raise ConfigError naming the variables when none or several are."""
+    values = {
+        "MASKING_KEY": env.get("MASKING_KEY", ""),
+        "MASKING_KEY_FILE": env.get("MASKING_KEY_FILE", ""),
+        "MASKING_KEY_KMS_CIPHERTEXT": env.get("MASKING_KEY_KMS_CIPHERTEXT", ""),
+        "MASKING_KEYS": env.get("MASKING_KEYS", ""),
+    }
+    present = [name for name in KEY_SOURCES if values[name].strip()]
+    if not present:
+        others = ", ".join(KEY_SOURCES[1:])
+        raise ConfigError(f"MASKING_KEY is not set (nor {others}): {KEY_HELP}")
+    if len(present) > 1:
+        raise ConfigError(f"several key sources are set ({', '.join(present)}): "
+                          "set exactly one of them (.env counts too)")
+    name = present[0]
+    value = values[name]
+    try:
+        if name == "MASKING_KEY":
+            return StaticKeys(name, {1: decode_key(value)})
+        if name == "MASKING_KEYS":
+            return StaticKeys(name, decode_keyring(value))
+        if name == "MASKING_KEY_FILE":
+            return StaticKeys(f"{name} {value.strip()}", read_key_file(value.strip()))
+        kms = KmsSettings.from_env(env)
+        return KmsWrappedKeys(name, decode_wrapped(value), region=kms.region, endpoint_url=kms.endpoint_url,
+                              key_id=env.get("MASKING_KEY_KMS_KEY_ID") or None)
+    except InvalidKey as exc:
+        raise ConfigError(f"{name} is malformed ({exc}): {KEY_HELP}") from None
+    except KeySourceError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _active_version(env: Mapping[str, str], source: KeySource) -> int:
+    """MASKING_KEY_VERSION; required when the keyring holds several versions."""
+    versions = source.versions
+    raw = env.get("MASKING_KEY_VERSION", "").strip()
+    if not raw:
+        if len(versions) > 1:
+            raise ConfigError(f"MASKING_KEY_VERSION is not set: the keyring holds versions "
+                              f"{', '.join(map(str, versions))}; set it to the one new tokens should use")
+        return versions[0]
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"MASKING_KEY_VERSION must be a positive integer, got {raw!r}")
+    if int(raw) not in versions:
+        raise ConfigError(f"MASKING_KEY_VERSION={raw} is not in the keyring, which holds versions "
+                          f"{', '.join(map(str, versions))}")
+    return int(raw)
 
 
 def _endpoint_of(queue_url: str) -> str | None:

@@ -2,18 +2,21 @@
 
     python main.py                 drain the queue, then exit with a summary
     python main.py --follow        keep consuming until SIGINT/SIGTERM
-    python main.py unmask TOKEN... print the original values (needs the key)
-    python main.py keygen          print a new MASKING_KEY
+    python main.py unmask --reason TEXT TOKEN...  print the original values (needs the key; audited)
+    python main.py keygen [--kms-key-id ID]       print a new MASKING_KEY (or a KMS-wrapped one)
+    python main.py rekey           rewrite stored tokens of older key versions under the active one
     python main.py check           check configuration and services, as a checklist
 
-Exit codes: 0 ok; 1 unmask failed; 2 configuration or usage error; 3 a service (SQS or
-PostgreSQL) unreachable at start; 4 a service lost mid-run beyond the retry budget (nothing
-uncommitted was deleted); 130/143 a second SIGINT/SIGTERM cut the run short.
+Exit codes: 0 ok; 1 unmask failed, or rekey left tokens it cannot rewrite; 2 configuration or
+usage error; 3 a service (SQS, PostgreSQL, KMS) unreachable at start, or unmask could not write its
+audit row; 4 a service lost mid-run beyond the retry budget (nothing uncommitted was deleted);
+130/143 a second SIGINT/SIGTERM cut the run short.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -25,12 +28,17 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 from aws.sqs import QueueNotFound, SqsError, SqsReader
-from config import ConfigError, Settings, redact_dsn
+from config import ConfigError, KmsSettings, Settings, redact_dsn
+from database.audit import AuditLog, AuditUnavailable
+from database.rekey import Rekeyer, RekeyInterrupted
 from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter
+from models import UnmaskAudit
 from observability import Metrics, Progress, configure_logging
+from pii.keys import KeySourceError, KmsUnavailable, generate_wrapped_key
 from pii.masking import Masker, MaskingError, generate_key
 from pipeline import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_DELETERS,
     DEFAULT_FLUSH_SECONDS,
     DEFAULT_RECEIVERS,
     Pipeline,
@@ -54,8 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.verbose - args.quiet, args.log_format)
     load_dotenv(Path.cwd() / ".env", override=False)  # the real environment wins
     if args.command == "keygen":
-        print(generate_key())
-        return EXIT_OK
+        return _keygen(args.kms_key_id)
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
@@ -66,10 +73,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "check":
         return _check(settings)
-    masker = Masker(settings.masking_key)
+    masker = _load_masker(settings)
+    if isinstance(masker, int):
+        return masker  # an exit code: the keys could not be loaded
     if args.command == "unmask":
-        return _unmask(masker, args.tokens)
+        return _unmask(settings, masker, args)
+    if args.command == "rekey":
+        return _rekey(settings, masker, args.rekey_batch_size)
     return _run(settings, masker, args)
+
+
+def _keygen(kms_key_id: str | None) -> int:
+    if kms_key_id is None:
+        print(generate_key())
+        return EXIT_OK
+    kms = KmsSettings.from_env(os.environ)
+    try:
+        print(generate_wrapped_key(kms_key_id, region=kms.region, endpoint_url=kms.endpoint_url))
+    except KmsUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeySourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+def _load_masker(settings: Settings) -> Masker | int:
+    """The keyring from the configured source (KMS-wrapped keys are decrypted here, once), or an exit code."""
+    try:
+        masker = Masker.from_keys(settings.key_source.load(), active=settings.key_version)
+    except KmsUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except MaskingError as exc:  # a KMS refusal, a bad key file, an inconsistent keyring
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logger.debug("masking keys loaded: %r", masker)
+    return masker
 
 
 def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
@@ -91,6 +132,7 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     options = PipelineOptions(
         follow=args.follow,
         receivers=args.receivers,
+        deleters=args.deleters,
         batch_size=args.batch_size,
         flush_seconds=args.flush_seconds,
         retry_budget_seconds=args.retry_budget_seconds,
@@ -137,7 +179,14 @@ def _check(settings: Settings) -> int:
         ok = ok and passed
         print(f"✓ {what}" if passed else f"✗ {what}\n    fix: {fix}")
 
-    report(True, "configuration and MASKING_KEY valid")
+    try:
+        masker = Masker.from_keys(settings.key_source.load(), active=settings.key_version)
+        report(True, f"configuration valid; masking keys loaded ({settings.key_source!r}, active version "
+               f"{masker.version})")
+    except KmsUnavailable as exc:
+        report(False, f"masking keys: {exc}", "fix AWS_ENDPOINT_URL_KMS / the network, or retry later")
+    except MaskingError as exc:
+        report(False, f"masking keys: {exc}", "fix the key source (README: Keys, rotation and audited unmasking)")
     reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
                        wait_time_seconds=0, max_attempts=1)
     try:
@@ -184,20 +233,50 @@ def _max_receives(wanted: int, attributes: dict[str, str]) -> int:
     return max(1, min(wanted, dlq_after - 1))
 
 
-def _unmask(masker: Masker, tokens: Sequence[str]) -> int:
+def _unmask(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
+    # Decrypt in memory, commit the audit row, and only then show anything: no unaudited unmask.
     values: list[str] = []
-    failed = False
-    for position, token in enumerate(tokens, start=1):
+    errors: list[str] = []
+    for position, token in enumerate(args.tokens, start=1):
         try:
             values.append(masker.unmask(token))
         except MaskingError as exc:
-            print(f"error: token {position}: {exc}", file=sys.stderr)
-            failed = True
-    if failed:
+            errors.append(f"error: token {position}: {exc}")
+    try:
+        AuditLog(settings.database_url).record(
+            UnmaskAudit.of(args.requested_by or _os_user(), args.reason, args.tokens, failed=len(errors)))
+    except AuditUnavailable as exc:
+        print(f"error: refusing to unmask without an audit record at {redact_dsn(settings.database_url)}: {exc}",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
         return EXIT_UNMASK_FAILED  # print nothing rather than a list that no longer lines up
     for value in values:
         print(value)
     return EXIT_OK
+
+
+def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
+    rekeyer = Rekeyer(settings.database_url, masker.rekey, active_version=masker.version, batch_rows=batch_rows)
+    try:
+        result = rekeyer.run()
+    except DatabaseUnavailable as exc:
+        print(f"error: PostgreSQL unreachable at {redact_dsn(settings.database_url)}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except RekeyInterrupted as exc:
+        print(f"error: {exc}; committed batches are kept, rerun to resume", file=sys.stderr)
+        return EXIT_SERVICE_LOST
+    except DatabaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("rekey interrupted: committed batches are kept, rerun to resume", file=sys.stderr)
+        return 128 + signal.SIGINT
+    print(result.summary(masker.version))
+    for reason, count in result.failures.most_common():
+        print(f"error: {count} token(s) not rewritten: {reason}", file=sys.stderr)
+    return EXIT_OK if result.remaining == 0 else EXIT_UNMASK_FAILED
 
 
 def _install_signal_handlers(pipeline: Pipeline) -> dict[int, object]:
@@ -212,6 +291,24 @@ def _install_signal_handlers(pipeline: Pipeline) -> dict[int, object]:
     return {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+        return f"uid {os.getuid()}"
+
+
+def _audit_text(limit: int):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError("must not be blank")
+        if len(text) > limit:
+            raise argparse.ArgumentTypeError(f"at most {limit} characters")
+        return text.strip()
+
+    return parse
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -223,12 +320,15 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="main.py",
         description="Consume login events from SQS, mask ip/device_id, store them in PostgreSQL.",
-        epilog="Exit codes: 0 ok, 1 unmask failed, 2 configuration/usage error, 3 service unreachable "
-        "at start, 4 service lost mid-run beyond the retry budget.",
+        epilog="Exit codes: 0 ok, 1 unmask failed (or rekey left tokens), 2 configuration/usage error, "
+        "3 service unreachable at start (or the unmask audit not written), 4 service lost mid-run beyond the "
+        "retry budget.",
     )
     parser.add_argument("--follow", action="store_true", help="keep long-polling until SIGINT/SIGTERM")
     parser.add_argument("--receivers", type=_positive_int, default=DEFAULT_RECEIVERS,
                         help=f"concurrent receive threads ({DEFAULT_RECEIVERS})")
+    parser.add_argument("--deleters", type=_positive_int, default=DEFAULT_DELETERS,
+                        help=f"concurrent DeleteMessageBatch calls after each commit ({DEFAULT_DELETERS})")
     parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
                         help=f"rows per transaction at most ({DEFAULT_BATCH_SIZE})")
     parser.add_argument("--flush-seconds", type=float, default=DEFAULT_FLUSH_SECONDS,
@@ -248,17 +348,36 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="text (default) or json: one object per line")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
-    sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen}")
+    sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen,rekey}")
     sub.add_parser("check", help="check configuration, SQS, the DLQ and PostgreSQL; print a checklist",
                    description="Verify the configuration and key, that the queue (and its dead-letter "
                    "queue) exists, and that PostgreSQL answers with a current schema. Changes nothing. "
                    "Exit 0 if all pass, 2 on a configuration error, 3 if a service check fails.")
-    unmask = sub.add_parser("unmask", help="print the original value of each token, one per line",
+    unmask = sub.add_parser("unmask", help="print the original value of each token, one per line (audited)",
                             description="Print the original value of each token, one per line, in order. "
-                            "Tokens of ip and device_id are both accepted. Needs MASKING_KEY.")
+                            "Tokens of ip and device_id (and rejected bodies), of any key version held, are "
+                            "accepted. Needs the key and DATABASE_URL: every call is first recorded in "
+                            "pii_unmask_audit (who, why, token fingerprints; never a value); if that fails, "
+                            "nothing is shown and the exit code is 3.")
+    unmask.add_argument("--reason", required=True, type=_audit_text(1000),
+                        help="why these values are needed (required; recorded in the audit)")
+    unmask.add_argument("--requested-by", type=_audit_text(128), default=None, metavar="NAME",
+                        help="who asks (default: the OS user)")
     unmask.add_argument("tokens", nargs="+", metavar="TOKEN")
-    sub.add_parser("keygen", help="print a new random MASKING_KEY",
-                   description="Print a new random key (base64 of 64 bytes) for MASKING_KEY.")
+    keygen = sub.add_parser("keygen", help="print a new random MASKING_KEY, or a KMS-wrapped data key",
+                            description="Print a new random key (base64 of 64 bytes) for MASKING_KEY or "
+                            "MASKING_KEYS; with --kms-key-id, a new 64-byte data key wrapped by that KMS key "
+                            "(base64 of the CiphertextBlob, for MASKING_KEY_KMS_CIPHERTEXT): no plaintext key "
+                            "is printed or written.")
+    keygen.add_argument("--kms-key-id", metavar="ID", default=None,
+                        help="KMS key id, ARN or alias (alias/NAME); AWS_ENDPOINT_URL_KMS applies")
+    rekey = sub.add_parser("rekey", help="rewrite stored tokens of older key versions under the active one",
+                           description="Rewrite the tokens in user_logins (masked_ip, masked_device_id) and "
+                           "user_logins_rejected (encrypted_body) that are not of MASKING_KEY_VERSION, in "
+                           "batches of one transaction each. Safe to run while the ETL runs and to kill: "
+                           "a rerun resumes. Exit 0 when no token of another version is left, 1 otherwise.")
+    rekey.add_argument("--batch-size", dest="rekey_batch_size", type=_positive_int, default=500, metavar="N",
+                       help="about this many rows per transaction (500)")
     return parser
 
 

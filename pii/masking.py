@@ -89,7 +89,8 @@ class Masker:
             if version == active:
                 continue
             if key in seen:  # one key under two versions would make rotation a no-op
-                raise InvalidKey(f"key versions {seen[key]} and {version} hold the same key")
+                first, second = sorted((seen[key], version))
+                raise InvalidKey(f"key versions {first} and {second} hold the same key")
             seen[key] = version
             masker._add(version, key)
         return masker

@@ -43,7 +43,11 @@ DUMMY_KEY = "not-a-real-key-only-interpolated"
 # because another one covers them.
 REQUIRED_ETL_ENV = {"SQS_QUEUE_URL", "DATABASE_URL", "MASKING_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
                     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-COVERED_BY = {"AWS_ENDPOINT_URL_SQS": "AWS_ENDPOINT_URL", "AWS_REGION": "AWS_DEFAULT_REGION"}
+COVERED_BY = {"AWS_ENDPOINT_URL_SQS": "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_KMS": "AWS_ENDPOINT_URL",
+              "AWS_REGION": "AWS_DEFAULT_REGION",
+              # Other key sources: exactly one may be set, and the Docker path uses MASKING_KEY.
+              "MASKING_KEY_FILE": "MASKING_KEY", "MASKING_KEY_KMS_CIPHERTEXT": "MASKING_KEY",
+              "MASKING_KEY_KMS_KEY_ID": "MASKING_KEY"}
 DOCKERFILE_INSTALL = ["pip", "install", "--no-cache-dir", "-r", "requirements.txt"]
 
 

@@ -13,8 +13,12 @@ from pii.masking import Masker, decode_key, generate_key
 @pytest.fixture
 def key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     monkeypatch.chdir(tmp_path)  # no .env from the checkout
+    for name in ("MASKING_KEYS", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT", "MASKING_KEY_VERSION"):
+        monkeypatch.delenv(name, raising=False)
     value = generate_key()
     monkeypatch.setenv("MASKING_KEY", value)
+    # The audit goes to PostgreSQL (tests/integration/test_keys_audit.py); stubbed out here.
+    monkeypatch.setattr("main.AuditLog.record", lambda _self, entry: None)
     return value
 
 
@@ -41,7 +45,7 @@ def test_a_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_unmask_prints_each_original_value_in_order(key: str, capsys: pytest.CaptureFixture[str]) -> None:
     masker = Masker(decode_key(key))
     tokens = [masker.mask("ip", "10.1.2.3"), masker.mask("device_id", "593-47-5928"), masker.mask("ip", "::1")]
-    assert main(["unmask", *tokens]) == EXIT_OK
+    assert main(["unmask", "--reason", "test", *tokens]) == EXIT_OK
     assert capsys.readouterr().out.splitlines() == ["10.1.2.3", "593-47-5928", "::1"]
 
 
@@ -50,7 +54,7 @@ def test_unmask_of_a_foreign_token_fails_clearly_without_traceback(
 ) -> None:
     foreign = Masker(decode_key(generate_key())).mask("ip", "10.1.2.3")
     good = Masker(decode_key(key)).mask("ip", "10.9.9.9")
-    assert main(["unmask", good, foreign]) == EXIT_UNMASK_FAILED
+    assert main(["unmask", "--reason", "test", good, foreign]) == EXIT_UNMASK_FAILED
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.strip() == "error: token 2: token does not decrypt under this key (wrong key, or tampered)"
@@ -61,6 +65,6 @@ def test_a_missing_key_exits_2_with_one_line_naming_masking_key(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MASKING_KEY", raising=False)
-    assert main(["unmask", "v1.abc"]) == EXIT_CONFIG
+    assert main(["unmask", "--reason", "test", "v1.abc"]) == EXIT_CONFIG
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "MASKING_KEY" in err[0] and "keygen" in err[0]

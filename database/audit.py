@@ -1,0 +1,71 @@
+"""AuditLog: the `pii_unmask_audit` table, written before any unmasked value is shown.
+
+The order is the guarantee: `unmask` decrypts in memory, commits its audit row, and only then
+prints. If the row cannot be committed (database unreachable, no INSERT right), nothing is shown:
+there is no unaudited unmask. The row holds who asked (`--requested-by` and the database role),
+why, how many tokens and a fingerprint of each, never a value or a token.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psycopg2
+
+from database.sqs_postgres import DatabaseError
+from models import UnmaskAudit
+
+logger = logging.getLogger(__name__)
+
+AUDIT_DDL = (Path(__file__).parent / "audit.sql").read_text(encoding="utf-8")
+# Any constant: serialises the creation of the table by two first unmasks at once.
+_AUDIT_LOCK_ID = 7_412_350_192
+
+
+class AuditUnavailable(DatabaseError):
+    """Raised when the audit row could not be committed; the unmask must not go ahead."""
+
+
+class AuditLog:
+    """Writes one audit row per unmask call, each in its own committed transaction."""
+
+    def __init__(self, dsn: str, *, connect_timeout_seconds: int = 5) -> None:
+        self._dsn = dsn
+        self._connect_timeout = connect_timeout_seconds
+
+    def __repr__(self) -> str:
+        return "AuditLog()"  # the DSN may hold a password
+
+    def record(self, entry: UnmaskAudit) -> None:
+        """Commit `entry`; raise AuditUnavailable if it is not committed."""
+        try:
+            conn = psycopg2.connect(self._dsn, connect_timeout=self._connect_timeout,
+                                    application_name="login-etl-unmask")
+        except psycopg2.OperationalError as exc:
+            raise AuditUnavailable(f"PostgreSQL unreachable: {_first_line(exc)}") from None
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute("SELECT to_regclass('pii_unmask_audit') IS NULL")
+                if cur.fetchone()[0]:
+                    # First use without database/roles.sql: create it (needs CREATE on the schema).
+                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (_AUDIT_LOCK_ID,))
+                    cur.execute(AUDIT_DDL)
+                cur.execute(
+                    """INSERT INTO pii_unmask_audit
+                           (requested_by, reason, token_count, failed_count, token_fingerprints)
+                       VALUES (%s, %s, %s, %s, %s)""",
+                    (entry.requested_by, entry.reason, len(entry.fingerprints), entry.failed,
+                     list(entry.fingerprints)),
+                )
+        except psycopg2.Error as exc:
+            code = exc.pgcode or type(exc).__name__
+            raise AuditUnavailable(f"the audit row was not written ({code}: {_first_line(exc)})") from None
+        finally:
+            conn.close()
+        logger.info("unmask audited: %d token(s) for %s", len(entry.fingerprints), entry.requested_by)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,14 @@
+-- pii_unmask_audit: one row per `python main.py unmask` call, committed before any value is shown.
+-- Never a plaintext value or a token: tokens are named by a SHA-256 prefix (models.token_fingerprint).
+-- Used by database/audit.py (created on first use when absent) and by database/roles.sql (\ir).
+CREATE TABLE IF NOT EXISTS pii_unmask_audit (
+    id                 bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    requested_at       timestamptz NOT NULL DEFAULT now(),
+    requested_by       text        NOT NULL CHECK (btrim(requested_by) <> '' AND length(requested_by) <= 128),
+    database_user      text        NOT NULL DEFAULT session_user,
+    client_addr        inet                 DEFAULT inet_client_addr(),
+    reason             text        NOT NULL CHECK (btrim(reason) <> '' AND length(reason) <= 1000),
+    token_count        integer     NOT NULL CHECK (token_count > 0),
+    failed_count       integer     NOT NULL DEFAULT 0 CHECK (failed_count BETWEEN 0 AND token_count),
+    token_fingerprints text[]      NOT NULL CHECK (cardinality(token_fingerprints) = token_count)
+);

@@ -1,0 +1,185 @@
+"""Rekeyer: rewrite stored tokens of older key versions under the active one, batch by batch.
+
+How (and why it is safe to kill and to run beside the ETL):
+
+- Each table is walked in ranges of physical pages (``ctid`` ranges, read by a TID range scan),
+  one transaction per range: ``SELECT … FOR UPDATE SKIP LOCKED`` the rows holding a token not of
+  the active version, re-make those tokens, ``UPDATE`` them by ``ctid``, ``COMMIT``. Rows with a
+  NULL ``message_id`` (the original exercise's rows) are found like any other.
+- Resumable: progress is the data itself. A killed run loses its open batch (rolled back); a rerun
+  skips every row already of the active version and carries on.
+- Beside the ETL: the ETL only inserts (new rows are already of the active version once it runs
+  with the new keyring) and never locks existing rows; rows locked by anyone else are skipped and
+  taken in a later pass.
+- A token that cannot be rewritten (its version is not held, or not a token at all) is left as it
+  is and counted by reason; the run then ends with tokens remaining.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg2
+from psycopg2.extras import execute_values
+
+from database.sqs_postgres import DatabaseError, DatabaseUnavailable
+
+logger = logging.getLogger(__name__)
+
+# The masked columns of each table. `retoken` recovers each token's field from the token itself.
+MASKED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "user_logins": ("masked_ip", "masked_device_id"),
+    "user_logins_rejected": ("encrypted_body",),
+}
+MAX_PASSES = 5  # a pass after the first only picks up rows that were locked by others
+PROGRESS_EVERY_SECONDS = 2.0
+
+
+class RekeyInterrupted(DatabaseError):
+    """Raised when PostgreSQL failed mid-run; the batches committed so far are kept, rerun to resume."""
+
+
+@dataclass(slots=True)
+class RekeyResult:
+    """What a run did: rows and tokens rewritten, tokens it could not rewrite (by reason), tokens left."""
+
+    rows: Counter[str] = field(default_factory=Counter)
+    tokens: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    remaining: int = 0
+
+    def summary(self, version: int) -> str:
+        tables = ", ".join(f"{table} {count}" for table, count in self.rows.items()) or "none"
+        return (f"rekeyed {self.tokens} tokens to version {version} (rows rewritten: {tables}); "
+                f"{self.remaining} tokens of other versions left")
+
+
+class Rekeyer:
+    """Rewrites old-version tokens in `user_logins` and `user_logins_rejected`.
+
+    `retoken(token)` returns the token re-made under the active key, or raises ValueError with a
+    safe reason (never the value) when it cannot.
+    """
+
+    def __init__(self, dsn: str, retoken: Callable[[str], str], *, active_version: int, batch_rows: int = 500,
+                 connect_timeout_seconds: int = 5) -> None:
+        self._dsn = dsn
+        self._retoken = retoken
+        self._prefix = f"v{active_version}."
+        self._batch_rows = max(1, batch_rows)
+        self._connect_timeout = connect_timeout_seconds
+
+    def __repr__(self) -> str:
+        return f"Rekeyer(prefix={self._prefix!r})"  # the DSN may hold a password
+
+    def run(self) -> RekeyResult:
+        """Rewrite every table; raise DatabaseUnavailable (at start), RekeyInterrupted (lost mid-run) or
+        DatabaseError (refused, e.g. no UPDATE right)."""
+        try:
+            conn = psycopg2.connect(self._dsn, connect_timeout=self._connect_timeout,
+                                    application_name="login-etl-rekey")
+        except psycopg2.OperationalError as exc:
+            raise DatabaseUnavailable(_first_line(exc)) from None
+        result = RekeyResult()
+        try:
+            for table, columns in MASKED_COLUMNS.items():
+                if _exists(conn, table):
+                    result.remaining += self._table(conn, table, columns, result)
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            raise RekeyInterrupted(f"rekey stopped ({exc.pgcode or type(exc).__name__}: {_first_line(exc)})") from None
+        except psycopg2.Error as exc:  # not an outage: e.g. a role without UPDATE on the tables
+            raise DatabaseError(f"rekey refused by PostgreSQL ({exc.pgcode}: {_first_line(exc)})") from None
+        finally:
+            conn.close()
+        return result
+
+    def _table(self, conn, table: str, columns: tuple[str, ...], result: RekeyResult) -> int:  # type: ignore[no-untyped-def]
+        """Pass over a table until nothing rewritable is left; return the tokens of other versions left."""
+        result.rows[table] += 0  # listed in the summary even when nothing needed rewriting
+        for attempt in range(1, MAX_PASSES + 1):
+            failures: Counter[str] = Counter()
+            rewritten = self._pass(conn, table, columns, result, failures)
+            left = self._count_old(conn, table, columns)
+            logger.info("rekey %s: pass %d rewrote %d rows; %d tokens of other versions left",
+                        table, attempt, rewritten, left)
+            if left <= sum(failures.values()) or attempt == MAX_PASSES:
+                break  # done, or only tokens that cannot be rewritten are left
+            if rewritten == 0:
+                time.sleep(1.0)  # rows locked by another transaction (or new old-version rows): retry
+        result.failures.update(failures)
+        return left
+
+    def _pass(self, conn, table: str, columns: tuple[str, ...], result: RekeyResult,  # type: ignore[no-untyped-def]
+              failures: Counter[str]) -> int:
+        pages, rows = self._size(conn, table)
+        step = max(1, self._batch_rows * max(pages, 1) // max(rows, 1))  # pages holding ~batch_rows rows
+        needs = " OR ".join(f"({c} IS NOT NULL AND left({c}, %(n)s) <> %(prefix)s)" for c in columns)
+        select = (f"SELECT ctid::text, {', '.join(columns)} FROM {table} "
+                  f"WHERE ctid >= %(start)s::tid AND ctid < %(end)s::tid AND ({needs}) FOR UPDATE SKIP LOCKED")
+        sets = ", ".join(f"{c} = v.{c}" for c in columns)
+        update = (f"UPDATE {table} AS t SET {sets} FROM (VALUES %s) AS v(row_ctid, {', '.join(columns)}) "
+                  "WHERE t.ctid = v.row_ctid::tid")
+        start, rewritten, last_log = 0, 0, time.monotonic()
+        while start < pages:
+            params = {"start": f"({start},0)", "end": f"({start + step},0)", "n": len(self._prefix),
+                      "prefix": self._prefix}
+            with conn, conn.cursor() as cur:  # one transaction per range of pages
+                cur.execute(select, params)
+                changed = []
+                for row_ctid, *tokens in cur.fetchall():
+                    new = [self._rewrite(token, failures) for token in tokens]
+                    if new != tokens:
+                        result.tokens += sum(a != b for a, b in zip(new, tokens, strict=True))
+                        changed.append((row_ctid, *new))
+                if changed:
+                    execute_values(cur, update, changed, page_size=len(changed))
+            rewritten += len(changed)
+            result.rows[table] += len(changed)
+            start += step
+            pages = max(pages, self._size(conn, table, count=False)[0])  # the ETL may have added pages
+            if time.monotonic() - last_log >= PROGRESS_EVERY_SECONDS:
+                logger.info("rekey %s: page %d of %d, %d rows rewritten", table, min(start, pages), pages, rewritten)
+                last_log = time.monotonic()
+        return rewritten
+
+    def _rewrite(self, token: str | None, failures: Counter[str]) -> str | None:
+        if token is None or token.startswith(self._prefix):
+            return token
+        try:
+            return self._retoken(token)
+        except ValueError as exc:
+            failures[str(exc)] += 1
+            return token
+
+    def _size(self, conn, table: str, *, count: bool = True) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+        """(pages, rows) of a table; rows only when `count` (a full scan, once per pass)."""
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int", (table,))
+            pages = int(cur.fetchone()[0])
+            rows = 0
+            if count:
+                cur.execute(f"SELECT count(*) FROM {table}")
+                rows = int(cur.fetchone()[0])
+        return pages, rows
+
+    def _count_old(self, conn, table: str, columns: tuple[str, ...]) -> int:  # type: ignore[no-untyped-def]
+        terms = " + ".join(f"count(*) FILTER (WHERE {c} IS NOT NULL AND left({c}, %(n)s) <> %(prefix)s)"
+                           for c in columns)
+        with conn, conn.cursor() as cur:
+            cur.execute(f"SELECT {terms} FROM {table}", {"n": len(self._prefix), "prefix": self._prefix})
+            return int(cur.fetchone()[0])
+
+
+def _exists(conn, table: str) -> bool:  # type: ignore[no-untyped-def]
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+        return bool(cur.fetchone()[0])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,72 @@
+-- Least-privilege roles for login-etl. Run as a superuser (or the database owner), with psql:
+--
+--   psql "postgresql://postgres@localhost:5432/postgres" -v ON_ERROR_STOP=1 -f database/roles.sql
+--
+-- Idempotent. Run it again after the ETL's first start (to grant on the tables the ETL created)
+-- and after upgrades that add a view. Options (psql -v NAME=VALUE): schema (default: the current
+-- schema), etl_role, analyst_role, unmask_role, auditor_role (defaults login_etl, login_analyst,
+-- login_unmasker, login_auditor). These are group roles (NOLOGIN): give each person or service its
+-- own login and grant it one of them, e.g.
+--   CREATE ROLE alice LOGIN PASSWORD '...' IN ROLE login_analyst;
+--
+--   login_etl       owns the ETL's tables: it creates and migrates them at start (CREATE TABLE IF
+--                   NOT EXISTS, CREATE OR REPLACE VIEW need CREATE on the schema and ownership);
+--                   inserts, and updates (rekey). No right on pii_unmask_audit.
+--   login_analyst   SELECT on user_logins and user_login_duplicates only. Sees tokens, never values.
+--   login_unmasker  INSERT on pii_unmask_audit only: `unmask` writes its audit row. Unmasking itself
+--                   needs the masking key, which no database right gives.
+--   login_auditor   SELECT on pii_unmask_audit.
+-- Nobody but the administrator may UPDATE or DELETE audit rows.
+
+\if :{?schema}
+\else
+SELECT current_schema() AS schema \gset
+\endif
+\if :{?etl_role}
+\else
+\set etl_role login_etl
+\endif
+\if :{?analyst_role}
+\else
+\set analyst_role login_analyst
+\endif
+\if :{?unmask_role}
+\else
+\set unmask_role login_unmasker
+\endif
+\if :{?auditor_role}
+\else
+\set auditor_role login_auditor
+\endif
+
+SET search_path = :"schema";
+
+SELECT format('CREATE ROLE %I NOLOGIN', r)
+  FROM unnest(ARRAY[:'etl_role', :'analyst_role', :'unmask_role', :'auditor_role']) AS r
+ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) \gexec
+
+GRANT USAGE ON SCHEMA :"schema" TO :"etl_role", :"analyst_role", :"unmask_role", :"auditor_role";
+GRANT CREATE ON SCHEMA :"schema" TO :"etl_role";
+
+-- The ETL's objects, whoever created them, belong to the ETL role (its start-up migrations need it).
+SELECT format('ALTER %s %I.%I OWNER TO %I', CASE c.relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END,
+              n.nspname, c.relname, :'etl_role')
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = :'schema' AND c.relkind IN ('r', 'v')
+   AND c.relname IN ('user_logins', 'user_logins_rejected', 'etl_schema_version', 'user_login_duplicates') \gexec
+
+-- The audit table: owned by whoever runs this file; append-only for everyone else.
+\ir audit.sql
+REVOKE ALL ON pii_unmask_audit FROM PUBLIC;
+GRANT INSERT ON pii_unmask_audit TO :"unmask_role";
+GRANT SELECT ON pii_unmask_audit TO :"auditor_role";
+
+-- Analysts: user_logins and the duplicates view, when they exist; nothing else.
+SELECT format('GRANT SELECT ON %I.%I TO %I', n.nspname, c.relname, :'analyst_role')
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = :'schema' AND c.relname IN ('user_logins', 'user_login_duplicates') \gexec
+
+SELECT to_regclass('user_logins') IS NULL AS etl_tables_missing \gset
+\if :etl_tables_missing
+\echo 'roles.sql: user_logins does not exist yet. Start the ETL once as a member of' :"etl_role" 'and run this file again to grant' :"analyst_role" 'read access.'
+\endif

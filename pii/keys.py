@@ -1,0 +1,213 @@
+"""Where the masking keys come from: a variable, a file, or data keys wrapped by AWS KMS.
+
+Every source yields a keyring, ``{version: 64-byte key}``; `config.py` picks the one source that is
+set. Text forms: one base64 key (version 1), or ``version:value`` pairs separated by commas or
+white space (``1:<b64>,2:<b64>``). A KMS-wrapped key is the base64 of a KMS ``CiphertextBlob``
+(`GenerateDataKey` of 64 bytes); it is decrypted once at start and its plaintext lives only in
+memory. Error messages name the source and the version, never a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pii.masking import KEY_BYTES, InvalidKey, MaskingError, decode_key
+
+# Bound to every wrapped key (GenerateDataKey and Decrypt): a blob made for another purpose does
+# not decrypt here, and CloudTrail records the purpose of each Decrypt.
+KMS_ENCRYPTION_CONTEXT = {"purpose": "login-etl-masking-key"}
+KMS_HINT = "make a new one with `python main.py keygen --kms-key-id ID`"
+_PAIR = re.compile(r"^([1-9][0-9]{0,5}):(.+)$")
+# KMS error codes that mean "try again later", not "this key or blob is wrong".
+_KMS_TRANSIENT = {"ThrottlingException", "KMSInternalException", "DependencyTimeoutException",
+                  "InternalFailure", "ServiceUnavailable", "InternalError"}
+_KMS_HINTS = {
+    "InvalidCiphertextException": "the blob was not made by this KMS (other account or region), "
+    "was made for another purpose, or is damaged",
+    "AccessDeniedException": "these credentials may not use the KMS key that wrapped it, or it was "
+    "wrapped by another key than MASKING_KEY_KMS_KEY_ID",
+    "IncorrectKeyException": "it was wrapped by another key than MASKING_KEY_KMS_KEY_ID",
+    "NotFoundException": "the KMS key does not exist (deleted, or another account or region)",
+    "DisabledException": "the KMS key is disabled",
+    "KMSInvalidStateException": "the KMS key is disabled or pending deletion",
+}
+
+
+class KeySourceError(MaskingError):
+    """Raised when a key source cannot yield its keys (bad file, KMS refusal); the text says what to do."""
+
+
+class KmsUnavailable(KeySourceError):
+    """Raised when KMS cannot be reached or keeps failing; retry later."""
+
+
+class KeySource(Protocol):
+    """Something that yields the keyring: the versions are known before the keys are loaded."""
+
+    @property
+    def versions(self) -> tuple[int, ...]: ...
+
+    def load(self) -> dict[int, bytes]: ...
+
+
+def parse_pairs(text: str) -> dict[int, str]:
+    """Split ``version:value`` pairs; raise InvalidKey (the message names versions, never values)."""
+    pairs: dict[int, str] = {}
+    for position, item in enumerate(re.split(r"[,\s]+", text.strip()), start=1):
+        match = _PAIR.match(item)
+        if match is None:
+            raise InvalidKey(f"entry {position} is not 'version:base64' (version a positive integer)")
+        version = int(match.group(1))
+        if version in pairs:
+            raise InvalidKey(f"version {version} appears twice")
+        pairs[version] = match.group(2)
+    return pairs
+
+
+def decode_keyring(text: str) -> dict[int, bytes]:
+    """Decode one base64 key (version 1) or ``version:key`` pairs; raise InvalidKey."""
+    if ":" not in text:
+        return {1: decode_key(text)}
+    keys: dict[int, bytes] = {}
+    for version, value in parse_pairs(text).items():
+        try:
+            keys[version] = decode_key(value)
+        except InvalidKey as exc:
+            raise InvalidKey(f"version {version}: {exc}") from None
+    return keys
+
+
+def decode_wrapped(text: str) -> dict[int, bytes]:
+    """Decode one base64 CiphertextBlob (version 1) or ``version:blob`` pairs; raise InvalidKey."""
+    pairs = parse_pairs(text) if ":" in text else {1: text.strip()}
+    blobs: dict[int, bytes] = {}
+    for version, value in pairs.items():
+        try:
+            blobs[version] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidKey(f"version {version}: not valid base64") from None
+    return blobs
+
+
+def read_key_file(path: str) -> dict[int, bytes]:
+    """The keyring in a file (same text forms); refuse a file that group or others may read or write."""
+    try:
+        mode = os.stat(path).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeySourceError(f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}): "
+                                 f"run `chmod 600 {path}`")
+        with open(path, encoding="ascii") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise KeySourceError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeySourceError(f"{path} is not a text file of base64 keys") from None
+    try:
+        return decode_keyring(text)
+    except InvalidKey as exc:
+        raise KeySourceError(f"{path}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class StaticKeys:
+    """Keys already in memory (from MASKING_KEY, MASKING_KEYS or MASKING_KEY_FILE)."""
+
+    origin: str
+    keys: Mapping[int, bytes] = field(repr=False)
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self.keys))
+
+    def load(self) -> dict[int, bytes]:
+        return dict(self.keys)
+
+    def __repr__(self) -> str:
+        return f"StaticKeys({self.origin}, versions={list(self.versions)})"
+
+
+@dataclass(frozen=True, slots=True)
+class KmsWrappedKeys:
+    """Data keys wrapped by KMS; `load` decrypts each once (the provider seam: pass `client`)."""
+
+    origin: str
+    ciphertexts: Mapping[int, bytes] = field(repr=False)
+    region: str
+    endpoint_url: str | None = None
+    key_id: str | None = None  # if set, Decrypt must use this KMS key and no other
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self.ciphertexts))
+
+    def load(self, client: Any = None) -> dict[int, bytes]:
+        """Decrypt every wrapped key; raise KeySourceError (refused) or KmsUnavailable (unreachable)."""
+        client = client or kms_client(self.endpoint_url, self.region)
+        keys: dict[int, bytes] = {}
+        for version, blob in sorted(self.ciphertexts.items()):
+            what = f"{self.origin} version {version}"
+            extra = {"KeyId": self.key_id} if self.key_id else {}
+            response = _call_kms(what, "decrypt", lambda b=blob, e=extra: client.decrypt(
+                CiphertextBlob=b, EncryptionContext=KMS_ENCRYPTION_CONTEXT, **e))
+            plain = response["Plaintext"]
+            if len(plain) != KEY_BYTES:
+                raise KeySourceError(f"{what}: the data key is {len(plain)} bytes, not {KEY_BYTES}: {KMS_HINT}")
+            keys[version] = plain
+        return keys
+
+    def __repr__(self) -> str:
+        return f"KmsWrappedKeys({self.origin}, versions={list(self.versions)}, region={self.region!r})"
+
+
+def generate_wrapped_key(key_id: str, *, region: str, endpoint_url: str | None = None, client: Any = None) -> str:
+    """A new 64-byte data key wrapped by KMS key `key_id`: the base64 CiphertextBlob (no plaintext)."""
+    client = client or kms_client(endpoint_url, region)
+    response = _call_kms(f"KMS key {key_id}", "generate a data key", lambda: client.generate_data_key(
+        KeyId=key_id, NumberOfBytes=KEY_BYTES, EncryptionContext=KMS_ENCRYPTION_CONTEXT),
+        todo="check the key id or alias, the region, and kms:GenerateDataKey on the key")
+    return base64.b64encode(response["CiphertextBlob"]).decode("ascii")
+
+
+def kms_client(endpoint_url: str | None, region: str) -> Any:
+    """A boto3 KMS client with short timeouts and botocore's standard retries."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"})
+    return boto3.client("kms", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+def _call_kms(what: str, action: str, call: Any, todo: str = KMS_HINT) -> Any:
+    """Run one KMS call, translating botocore's errors into ours (a refusal or an outage)."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        NoCredentialsError,
+        ParamValidationError,
+        PartialCredentialsError,
+    )
+
+    try:
+        return call()
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "Unknown")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _KMS_TRANSIENT or status >= 500:
+            raise KmsUnavailable(f"{what}: KMS failed to {action} ({code}); retry later") from None
+        hint = _KMS_HINTS.get(code, error.get("Message") or "see the KMS documentation")
+        raise KeySourceError(f"{what}: KMS refused to {action} ({code}: {hint}); {todo}") from None
+    except (NoCredentialsError, PartialCredentialsError):
+        raise KeySourceError(f"{what}: no AWS credentials for KMS (set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY, or a profile or role)") from None
+    except ParamValidationError as exc:
+        raise KeySourceError(f"{what}: invalid KMS request ({exc})") from None
+    except BotoCoreError as exc:
+        raise KmsUnavailable(f"{what}: KMS unreachable ({type(exc).__name__})") from None

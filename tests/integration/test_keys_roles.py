@@ -1,0 +1,131 @@
+"""database/roles.sql: the ETL, analyst, unmasker and auditor roles can do their job and no more."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from datetime import date
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import psycopg2.errors
+import pytest
+
+from database.sqs_postgres import PostgresWriter
+from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
+from models import MaskedLogin
+from pii.masking import Masker, decode_key, generate_key
+
+from helpers import query
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = generate_key()
+MASKER = Masker(decode_key(KEY))
+GROUPS = ("etl", "analyst", "unmask", "auditor")
+
+
+def as_user(dsn: str, user: str) -> str:
+    parts = urlsplit(dsn)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{user}:pw-{user}@{host}"))
+
+
+def apply_roles_sql(admin_dsn: str, roles: dict[str, str]) -> str:
+    psql = shutil.which("psql")
+    if psql is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("psql is required under CI=true")
+        pytest.skip("psql is not available")
+    options = [arg for group, role in roles.items() for arg in ("-v", f"{group}_role={role}")]
+    result = subprocess.run([psql, admin_dsn, "-X", "-q", "-v", "ON_ERROR_STOP=1", *options,
+                             "-f", str(ROOT / "database" / "roles.sql")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def logins(database_url):  # type: ignore[no-untyped-def]
+    """roles.sql applied with per-test group roles, and one login user in each; all dropped after."""
+    suffix = uuid.uuid4().hex[:8]
+    roles = {group: f"test_{group}_{suffix}" for group in GROUPS}
+    first_run = apply_roles_sql(database_url, roles)
+    users = {group: f"{role}_user" for group, role in roles.items()}
+    for group, user in users.items():
+        query(database_url, f"CREATE ROLE {user} LOGIN PASSWORD 'pw-{user}' IN ROLE {roles[group]}")
+    yield {"roles": roles, "first_run": first_run, **{group: as_user(database_url, user)
+                                                      for group, user in users.items()}}
+    everyone = ", ".join([*users.values(), *roles.values()])
+    query(database_url, f"DROP OWNED BY {everyone} CASCADE; DROP ROLE {everyone}")
+
+
+def refused(dsn: str, sql: str) -> bool:
+    """True if PostgreSQL refuses `sql` to this login for lack of privilege."""
+    try:
+        query(dsn, sql)
+    except psycopg2.errors.InsufficientPrivilege:
+        return True
+    return False
+
+
+def test_the_least_privilege_set_up_works_as_documented(logins, database_url, monkeypatch, tmp_path) -> None:
+    # GIVEN roles.sql run before the ETL's first start, which says to run it again afterwards
+    assert "run this file again" in logins["first_run"]
+    # WHEN the ETL starts as its role (creating its tables) and writes, and roles.sql runs again
+    writer = PostgresWriter(logins["etl"])
+    writer.connect()
+    writer.write([MaskedLogin("m-1", "u1", "ios", MASKER.mask("ip", "10.0.0.1"), MASKER.mask("device_id", "d-1"),
+                              None, "1.0", date(2024, 1, 1))], [])
+    writer.close()
+    assert "run this file again" not in apply_roles_sql(database_url, logins["roles"])
+    # THEN the ETL role can restart (migrations), insert and update, but cannot read the audit
+    writer = PostgresWriter(logins["etl"])
+    writer.connect()
+    writer.close()
+    query(logins["etl"], "UPDATE user_logins SET locale = 'en' WHERE message_id = 'm-1'")
+    assert refused(logins["etl"], "SELECT * FROM pii_unmask_audit")
+    # AND the analyst reads user_logins and the duplicates view, and nothing else, and cannot write
+    analyst = logins["analyst"]
+    assert query(analyst, "SELECT user_id FROM user_logins") == [("u1",)]
+    if query(database_url, "SELECT to_regclass('user_login_duplicates') IS NOT NULL")[0][0]:
+        assert query(analyst, "SELECT count(*) FROM user_login_duplicates") == [(0,)]
+    for sql in ("INSERT INTO user_logins (user_id) VALUES ('x')", "UPDATE user_logins SET user_id = 'x'",
+                "DELETE FROM user_logins", "TRUNCATE user_logins", "SELECT * FROM user_logins_rejected",
+                "SELECT * FROM pii_unmask_audit", "INSERT INTO pii_unmask_audit (requested_by, reason, token_count, "
+                "token_fingerprints) VALUES ('a', 'b', 1, '{x}')", "CREATE TABLE mine (a int)"):
+        assert refused(analyst, sql), sql
+
+    # WHEN an unmasker unmasks (with the key, which no database right gives)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MASKING_KEY", KEY)
+    monkeypatch.setenv("DATABASE_URL", logins["unmask"])
+    token = query(analyst, "SELECT masked_ip FROM user_logins")[0][0]
+    assert main(["unmask", "--reason", "roles test", "--requested-by", "carol", token]) == EXIT_OK
+    # THEN its row is written; it cannot read, change or delete audit rows; the auditor reads them
+    assert refused(logins["unmask"], "SELECT * FROM pii_unmask_audit")
+    assert refused(logins["unmask"], "UPDATE pii_unmask_audit SET reason = 'nothing to see'")
+    assert refused(logins["unmask"], "DELETE FROM pii_unmask_audit")
+    assert refused(logins["auditor"], "DELETE FROM pii_unmask_audit")
+    assert query(logins["auditor"], "SELECT requested_by, reason, database_user FROM pii_unmask_audit") == [
+        ("carol", "roles test", f"{logins['roles']['unmask']}_user")]
+    # AND an analyst holding the key still cannot unmask (the audit row cannot be written) nor rekey
+    monkeypatch.setenv("DATABASE_URL", analyst)
+    assert main(["unmask", "--reason", "not allowed", token]) == EXIT_UNREACHABLE
+    assert main(["rekey"]) == EXIT_CONFIG
+
+
+def test_tables_an_administrator_created_first_are_handed_to_the_etl_role(logins, database_url) -> None:
+    # GIVEN the ETL's tables created by the administrator (the ETL was first run as postgres)
+    query(database_url, "DROP TABLE IF EXISTS user_logins, user_logins_rejected, etl_schema_version CASCADE")
+    admin_writer = PostgresWriter(database_url)
+    admin_writer.connect()
+    admin_writer.close()
+    # WHEN roles.sql runs
+    apply_roles_sql(database_url, logins["roles"])
+    # THEN the ETL role owns them (its start-up migrations work) and the analyst can read
+    writer = PostgresWriter(logins["etl"])
+    writer.connect()
+    writer.close()
+    assert query(logins["analyst"], "SELECT count(*) FROM user_logins") == [(0,)]

@@ -1,0 +1,170 @@
+"""Key sources, keyrings and rotation: which variables, which versions, which errors."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from config import KEY_SOURCES, ConfigError, KmsSettings, Settings
+from models import UnmaskAudit, token_fingerprint
+from pii.keys import KmsWrappedKeys, StaticKeys
+from pii.masking import InvalidKey, Masker, UnmaskError, decode_key, generate_key, token_version
+
+K1, K2, K3 = generate_key(), generate_key(), generate_key()
+KEYRING = Masker.from_keys({1: decode_key(K1), 2: decode_key(K2)}, active=2)
+
+
+def key_file(tmp_path: Path, text: str, mode: int = 0o600) -> str:
+    path = tmp_path / "masking.key"
+    path.write_text(text)
+    os.chmod(path, mode)
+    return str(path)
+
+
+# -- choosing the source ------------------------------------------------------------------------
+
+def test_no_key_source_names_every_variable_and_how_to_make_a_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({})
+    assert all(name in str(info.value) for name in KEY_SOURCES) and "keygen" in str(info.value)
+
+
+def test_two_key_sources_at_once_are_refused_naming_both() -> None:
+    with pytest.raises(ConfigError, match=r"several key sources are set \(MASKING_KEY, MASKING_KEYS\)"):
+        Settings.from_env({"MASKING_KEY": K1, "MASKING_KEYS": f"1:{K1}"})
+
+
+def test_masking_key_is_the_one_key_shorthand_for_version_1() -> None:
+    settings = Settings.from_env({"MASKING_KEY": K1})
+    assert settings.key_version == 1 and settings.key_source.load() == {1: decode_key(K1)}
+
+
+def test_a_keyring_of_two_versions_needs_the_active_version_named() -> None:
+    with pytest.raises(ConfigError, match="MASKING_KEY_VERSION is not set.*1, 2"):
+        Settings.from_env({"MASKING_KEYS": f"1:{K1},2:{K2}"})
+    settings = Settings.from_env({"MASKING_KEYS": f"1:{K1}, 2:{K2}", "MASKING_KEY_VERSION": "2"})
+    assert settings.key_version == 2 and settings.key_source.versions == (1, 2)
+
+
+@pytest.mark.parametrize("version", ["3", "0", "two"])
+def test_an_active_version_outside_the_keyring_is_refused(version: str) -> None:
+    with pytest.raises(ConfigError, match="MASKING_KEY_VERSION"):
+        Settings.from_env({"MASKING_KEYS": f"1:{K1},2:{K2}", "MASKING_KEY_VERSION": version})
+
+
+@pytest.mark.parametrize("text", [f"1:{K1},1:{K2}", f"x:{K1}", f"1:{K1},2:c2VjcmV0", f"1:{K1};2:{K2}"])
+def test_a_malformed_keyring_is_refused_without_echoing_a_key(text: str) -> None:
+    with pytest.raises(ConfigError, match="MASKING_KEYS is malformed") as info:
+        Settings.from_env({"MASKING_KEYS": text})
+    assert K1 not in str(info.value) and K2 not in str(info.value) and "c2VjcmV0" not in str(info.value)
+
+
+def test_the_repr_of_settings_names_the_source_and_versions_but_no_key() -> None:
+    text = repr(Settings.from_env({"MASKING_KEYS": f"1:{K1}\n2:{K2}", "MASKING_KEY_VERSION": "1"}))
+    assert "MASKING_KEYS" in text and "versions=[1, 2]" in text and K1 not in text and K2 not in text
+
+
+def test_a_key_file_of_mode_600_is_read_in_either_form(tmp_path: Path) -> None:
+    assert Settings.from_env({"MASKING_KEY_FILE": key_file(tmp_path, K1 + "\n")}).key_source.load()[1] == \
+        decode_key(K1)
+    settings = Settings.from_env({"MASKING_KEY_FILE": key_file(tmp_path, f"1:{K1}\n2:{K2}\n"),
+                                  "MASKING_KEY_VERSION": "2"})
+    assert settings.key_source.versions == (1, 2)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620])
+def test_a_key_file_that_group_or_others_may_access_is_refused(tmp_path: Path, mode: int) -> None:
+    path = key_file(tmp_path, K1, mode)
+    with pytest.raises(ConfigError, match=f"accessible by group or others.*chmod 600 {path}"):
+        Settings.from_env({"MASKING_KEY_FILE": path})
+
+
+def test_a_missing_key_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="MASKING_KEY_FILE: cannot read"):
+        Settings.from_env({"MASKING_KEY_FILE": str(tmp_path / "nope")})
+
+
+def test_a_kms_ciphertext_is_only_decoded_at_configuration_and_kms_endpoints_have_their_own_variable() -> None:
+    blob = base64.b64encode(b"wrapped" * 20).decode()
+    settings = Settings.from_env({"MASKING_KEY_KMS_CIPHERTEXT": blob, "AWS_ENDPOINT_URL": "http://sqs:4566",
+                                  "AWS_ENDPOINT_URL_KMS": "http://kms:4599", "MASKING_KEY_KMS_KEY_ID": "alias/x"})
+    source = settings.key_source
+    assert isinstance(source, KmsWrappedKeys) and source.ciphertexts == {1: b"wrapped" * 20}
+    assert (source.endpoint_url, source.key_id, settings.endpoint_url) == ("http://kms:4599", "alias/x",
+                                                                           "http://sqs:4566")
+    assert KmsSettings.from_env({"AWS_ENDPOINT_URL": "http://e:1"}).endpoint_url == "http://e:1"
+    with pytest.raises(ConfigError, match="MASKING_KEY_KMS_CIPHERTEXT is malformed"):
+        Settings.from_env({"MASKING_KEY_KMS_CIPHERTEXT": "1:not base64!"})
+
+
+# -- the keyring --------------------------------------------------------------------------------
+
+def test_new_tokens_use_the_active_version_and_tokens_of_every_held_version_unmask() -> None:
+    old = Masker(decode_key(K1)).mask("ip", "10.0.0.1")
+    new = KEYRING.mask("ip", "10.0.0.1")
+    assert token_version(old) == 1 and token_version(new) == 2
+    assert KEYRING.unmask(old) == KEYRING.unmask(new) == "10.0.0.1"
+
+
+def test_a_token_of_a_retired_version_says_which_version_is_missing() -> None:
+    retired = Masker.from_keys({2: decode_key(K2)}, active=2)
+    with pytest.raises(UnmaskError, match="key version 1, which this keyring does not hold \\(it holds 2\\)"):
+        retired.unmask(Masker(decode_key(K1)).mask("device_id", "593-47-5928"))
+
+
+def test_rekey_gives_exactly_the_token_the_active_key_makes_so_duplicates_line_up() -> None:
+    old = Masker(decode_key(K1)).mask("device_id", "593-47-5928")
+    assert KEYRING.rekey(old) == KEYRING.mask("device_id", "593-47-5928") != old
+    assert KEYRING.rekey(KEYRING.rekey(old)) == KEYRING.rekey(old)  # a current token is left alone
+    body = Masker(decode_key(K1)).mask("rejected_body", '{"ip": "1.2.3.4"')
+    assert KEYRING.unmask(KEYRING.rekey(body)) == '{"ip": "1.2.3.4"'
+
+
+def test_rekey_of_something_that_is_not_a_token_raises_a_value_error() -> None:
+    with pytest.raises(ValueError, match="not a masked token"):
+        KEYRING.rekey("x")
+
+
+def test_one_key_under_two_versions_or_an_absent_active_version_is_refused() -> None:
+    with pytest.raises(InvalidKey, match="versions 1 and 2 hold the same key"):
+        Masker.from_keys({1: decode_key(K1), 2: decode_key(K1)}, active=2)
+    with pytest.raises(InvalidKey, match="active key version 3 is not in the keyring"):
+        Masker.from_keys({1: decode_key(K1)}, active=3)
+
+
+def test_the_repr_of_a_keyring_shows_versions_only() -> None:
+    assert repr(KEYRING) == "Masker(version=2, versions=[1, 2])"
+    assert repr(StaticKeys("MASKING_KEYS", {1: decode_key(K1)})) == "StaticKeys(MASKING_KEYS, versions=[1])"
+
+
+@given(st.sampled_from(["ip", "device_id", "rejected_body"]), st.text())
+def test_any_value_survives_a_rotation(field: str, value: str) -> None:
+    old = Masker(decode_key(K1)).mask(field, value)
+    assert KEYRING.unmask(KEYRING.rekey(old)) == value
+
+
+# -- the audit entry ----------------------------------------------------------------------------
+
+def test_an_audit_entry_holds_fingerprints_of_the_tokens_and_nothing_else_of_them() -> None:
+    token = KEYRING.mask("ip", "10.0.0.1")
+    entry = UnmaskAudit.of("alice", "case 7", [token, token])
+    assert entry.fingerprints == (token_fingerprint(token),) * 2
+    assert len(entry.fingerprints[0]) == 16 and int(entry.fingerprints[0], 16) >= 0
+    assert token not in repr(entry) and "10.0.0.1" not in repr(entry)
+
+
+@pytest.mark.parametrize(("argv", "option"), [(["rekey", "--help"], "--batch-size"),
+                                              (["keygen", "--help"], "--kms-key-id"),
+                                              (["unmask", "--help"], "--requested-by")])
+def test_the_key_commands_document_their_options(argv: list[str], option: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0 and option in capsys.readouterr().out
