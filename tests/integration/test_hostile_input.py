@@ -50,7 +50,12 @@ def login_like(draw) -> str:  # type: ignore[no-untyped-def]
         data[name] = draw(nasty_strings | json_values)
     if draw(st.booleans()):
         data.pop(draw(st.sampled_from(sorted(data))), None)
-    return json.dumps(data, ensure_ascii=draw(st.booleans()))
+    text = json.dumps(data, ensure_ascii=draw(st.booleans()))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a raw lone surrogate: SQS would refuse the body, so escape it
+        text = json.dumps(data)
+    return text
 
 
 bodies = st.one_of(
