@@ -21,6 +21,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 LOCALES = ["RU", "PH", "US", "DE", "IN", "BR", "FR", "ID", "NG", "MX", "GB", "JP"]
 APP_VERSIONS = ["2.3.0", "0.96", "2.00", "3.7.1", "1.0", "0.2.6", "5.13.2", "4.1"]
@@ -107,7 +108,17 @@ def send(bodies: list[str], queue_url: str, endpoint_url: str | None, threads: i
         return sum(pool.map(send_many, parts))
 
 
+def _load_env() -> None:
+    """Read .env like main.py does (the real environment wins), where python-dotenv is installed."""
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # e.g. inside the LocalStack container: the hook exports what it needs
+        return
+    load_dotenv(Path.cwd() / ".env", override=False)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _load_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=1000, help="messages to generate (1000)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (42)")
