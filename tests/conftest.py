@@ -115,3 +115,14 @@ def etl_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, queue_url: str, dat
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+@pytest.fixture
+def db_env(database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """Only DATABASE_URL set (no .env from the checkout, no key): for commands that need no queue."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith(("MASKING_KEY", "DATABASE_URL")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    return database_url

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import os
 import subprocess
 
 import pytest
@@ -21,15 +20,10 @@ AUDIT_COLUMNS = "requested_by, reason, token_count, failed_count, token_fingerpr
 
 
 @pytest.fixture
-def unmask_env(database_url, monkeypatch, tmp_path):  # type: ignore[no-untyped-def]
+def unmask_env(db_env, monkeypatch):  # type: ignore[no-untyped-def]
     """MASKING_KEY and DATABASE_URL only; no .env from the checkout."""
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith(("MASKING_KEY", "DATABASE_URL")):
-            monkeypatch.delenv(name)
     monkeypatch.setenv("MASKING_KEY", KEY)
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    return database_url
+    return db_env
 
 
 def tokens() -> list[str]:

@@ -10,6 +10,7 @@ import base64
 import os
 
 import pytest
+from conftest import unavailable
 
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from pii.keys import KMS_ENCRYPTION_CONTEXT
@@ -18,14 +19,6 @@ from pii.masking import Masker, generate_key
 from helpers import login, query, queue_counts, send
 
 TEST_KMS_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://127.0.0.1:4599")
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def unavailable(what: str) -> None:
-    """Skip locally, fail in CI (as tests/conftest.py does)."""
-    if IN_CI:
-        pytest.fail(f"{what} is required under CI=true")
-    pytest.skip(f"{what} is not available")
 
 
 def kms_for(region: str):  # type: ignore[no-untyped-def]

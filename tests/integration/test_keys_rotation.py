@@ -12,8 +12,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import pytest
-
 from database.sqs_postgres import PostgresWriter
 from main import EXIT_OK, EXIT_UNMASK_FAILED, main
 from models import MaskedLogin
@@ -25,17 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 K1, K2 = generate_key(), generate_key()
 V1, V2 = Masker(decode_key(K1)), Masker(decode_key(K2), version=2)
 DEVICES = [f"555-01-{1000 + n}" for n in range(5)]
-
-
-@pytest.fixture
-def db_env(database_url, monkeypatch, tmp_path):  # type: ignore[no-untyped-def]
-    """Only DATABASE_URL set (no .env from the checkout, no key): for commands that need no queue."""
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith(("MASKING_KEY", "DATABASE_URL")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    return database_url
 
 
 def use_keyring(monkeypatch, keys: str, version: str | None) -> None:  # type: ignore[no-untyped-def]
