@@ -97,6 +97,10 @@ class Stats:
         seconds = time.monotonic() - self.started
         rate = self.received / seconds if seconds > 0 else 0.0
         failed = f", failed {self.failed} (left in the queue)" if self.failed else ""
+        if self.delete_failures:
+            failed += f", {self.delete_failures} committed but not deleted (redelivered later, stored once)"
+        if self.extended:
+            failed += f", visibility extended {self.extended} times"
         return (
             f"loaded {self.loaded}, rejected {self.rejected}, duplicates skipped {self.duplicates}{failed} "
             f"in {seconds:.1f} s ({rate:.0f} msgs/s)"
