@@ -23,14 +23,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TEST_SQS_ENDPOINT = os.environ.get("TEST_SQS_ENDPOINT", "http://localhost:4566")
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def unavailable(what: str) -> None:
-    """Skip locally, fail in CI: a green CI run must have run every test."""
-    if IN_CI:
-        pytest.fail(f"{what} is required under CI=true")
-    pytest.skip(f"{what} is not available")
+from helpers import unavailable  # noqa: E402 - needs the sys.path above
 
 
 @pytest.fixture(scope="session")

@@ -23,11 +23,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
+from helpers import unavailable
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +37,6 @@ DOCKERFILE = ROOT / "Dockerfile"
 HOOK = ROOT / "scripts" / "localstack-ready.sh"
 VENV_BIN = Path(sys.executable).parent
 SQS_ENDPOINT = os.environ.get("TEST_SQS_ENDPOINT", "http://localhost:4566")
-IN_CI = os.environ.get("CI", "").lower() == "true"
 DUMMY_KEY = "not-a-real-key-only-interpolated"
 
 # Every variable the etl container must get, and those config.py also reads but may leave unset
@@ -50,12 +50,6 @@ COVERED_BY = {"AWS_ENDPOINT_URL_SQS": "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_KMS"
               "MASKING_KEY_KMS_KEY_ID": "MASKING_KEY"}
 DOCKERFILE_INSTALL = ["pip", "install", "--no-cache-dir", "-r", "requirements.txt"]
 
-
-def unavailable(what: str) -> NoReturn:
-    """Skip locally, fail in CI: a green CI run must have run every test."""
-    if IN_CI:
-        pytest.fail(f"{what} is required under CI=true")
-    pytest.skip(f"{what} is not available")
 
 
 def compose_binary() -> Path:

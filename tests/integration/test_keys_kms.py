@@ -10,13 +10,12 @@ import base64
 import os
 
 import pytest
-from conftest import unavailable
 
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from pii.keys import KMS_ENCRYPTION_CONTEXT
 from pii.masking import Masker, generate_key
 
-from helpers import login, query, queue_counts, send
+from helpers import login, query, queue_counts, send, unavailable
 
 TEST_KMS_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://127.0.0.1:4599")
 
