@@ -68,9 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         if args.command == "check":
             print(f"✗ configuration: {exc}")
-        else:
-            print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+            return EXIT_CONFIG
+        return _fail(str(exc), EXIT_CONFIG)
     if args.command == "check":
         return _check(settings)
     masker = _load_masker(settings)
@@ -91,24 +90,25 @@ def _keygen(kms_key_id: str | None) -> int:
     try:
         print(generate_wrapped_key(kms_key_id, region=kms.region, endpoint_url=kms.endpoint_url))
     except KmsUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _fail(str(exc), EXIT_UNREACHABLE)
     except KeySourceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(str(exc), EXIT_CONFIG)
     return EXIT_OK
 
 
+def _masker_of(settings: Settings) -> Masker:
+    """The keyring from the configured source; KMS-wrapped keys are decrypted here, once."""
+    return Masker.from_keys(settings.key_source.load(), active=settings.key_version)
+
+
 def _load_masker(settings: Settings) -> Masker | int:
-    """The keyring from the configured source (KMS-wrapped keys are decrypted here, once), or an exit code."""
+    """The keyring, or the exit code after saying why it could not be loaded."""
     try:
-        masker = Masker.from_keys(settings.key_source.load(), active=settings.key_version)
+        masker = _masker_of(settings)
     except KmsUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _fail(str(exc), EXIT_UNREACHABLE)
     except MaskingError as exc:  # a KMS refusal, a bad key file, an inconsistent keyring
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(str(exc), EXIT_CONFIG)
     logger.debug("masking keys loaded: %r", masker)
     return masker
 
@@ -118,8 +118,7 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     try:
         writer.connect()
     except DatabaseUnavailable as exc:
-        print(f"error: PostgreSQL unreachable at {redact_dsn(settings.database_url)}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _fail(f"PostgreSQL unreachable at {redact_dsn(settings.database_url)}: {exc}", EXIT_UNREACHABLE)
     wait = args.wait_seconds if args.wait_seconds is not None else (5 if args.follow else 1)
     reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
                        wait_time_seconds=wait)
@@ -127,8 +126,7 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
         attributes = reader.check()
     except SqsError as exc:
         writer.close()
-        print(f"error: SQS queue {settings.queue_url} unusable: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _fail(f"SQS queue {settings.queue_url} unusable: {exc}", EXIT_UNREACHABLE)
     options = PipelineOptions(
         follow=args.follow,
         receivers=args.receivers,
@@ -157,11 +155,9 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
         with Progress(pipeline.stats, queue_depth, interval=args.progress_seconds):
             stats = pipeline.run()
     except ServiceLost as exc:
-        print(f"error: {exc}; nothing uncommitted was deleted, rerun to resume", file=sys.stderr)
-        return EXIT_SERVICE_LOST
+        return _fail(f"{exc}; nothing uncommitted was deleted, rerun to resume", EXIT_SERVICE_LOST)
     except QueueNotFound as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _fail(str(exc), EXIT_UNREACHABLE)
     finally:
         writer.close()
         for signum, handler in previous.items():
@@ -180,7 +176,7 @@ def _check(settings: Settings) -> int:
         print(f"✓ {what}" if passed else f"✗ {what}\n    fix: {fix}")
 
     try:
-        masker = Masker.from_keys(settings.key_source.load(), active=settings.key_version)
+        masker = _masker_of(settings)
         report(True, f"configuration valid; masking keys loaded ({settings.key_source!r}, active version "
                f"{masker.version})")
     except KmsUnavailable as exc:
@@ -246,9 +242,8 @@ def _unmask(settings: Settings, masker: Masker, args: argparse.Namespace) -> int
         AuditLog(settings.database_url).record(
             UnmaskAudit.of(args.requested_by or _os_user(), args.reason, args.tokens, failed=len(errors)))
     except AuditUnavailable as exc:
-        print(f"error: refusing to unmask without an audit record at {redact_dsn(settings.database_url)}: {exc}",
-              file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _fail(f"refusing to unmask without an audit record at {redact_dsn(settings.database_url)}: {exc}",
+                     EXIT_UNREACHABLE)
     if errors:
         print("\n".join(errors), file=sys.stderr)
         return EXIT_UNMASK_FAILED  # print nothing rather than a list that no longer lines up
@@ -262,14 +257,11 @@ def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
     try:
         result = rekeyer.run()
     except DatabaseUnavailable as exc:
-        print(f"error: PostgreSQL unreachable at {redact_dsn(settings.database_url)}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _fail(f"PostgreSQL unreachable at {redact_dsn(settings.database_url)}: {exc}", EXIT_UNREACHABLE)
     except RekeyInterrupted as exc:
-        print(f"error: {exc}; committed batches are kept, rerun to resume", file=sys.stderr)
-        return EXIT_SERVICE_LOST
+        return _fail(f"{exc}; committed batches are kept, rerun to resume", EXIT_SERVICE_LOST)
     except DatabaseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(str(exc), EXIT_CONFIG)
     except KeyboardInterrupt:
         print("rekey interrupted: committed batches are kept, rerun to resume", file=sys.stderr)
         return 128 + signal.SIGINT
@@ -277,6 +269,12 @@ def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
     for reason, count in result.failures.most_common():
         print(f"error: {count} token(s) not rewritten: {reason}", file=sys.stderr)
     return EXIT_OK if result.remaining == 0 else EXIT_UNMASK_FAILED
+
+
+def _fail(message: str, exit_code: int) -> int:
+    """Print one `error:` line on stderr and return the exit code to end with."""
+    print(f"error: {message}", file=sys.stderr)
+    return exit_code
 
 
 def _install_signal_handlers(pipeline: Pipeline) -> dict[int, object]:
