@@ -2,11 +2,12 @@
 
 Ordering (the promise "no message lost, none stored twice"):
 
-1. Receiver threads long-poll SQS and hand messages to a bounded inbox (back-pressure: when the
-   database is slower than the queue, receivers wait instead of buffering without limit).
-2. The writer (the calling thread) gathers messages into a batch, flushed by size or by the age
-   of its oldest message; parses and masks each one; writes logins and rejections in ONE
-   transaction; and only after the commit hands the batch to the deleters.
+1. Receiver threads long-poll SQS, parse and mask what they received, and hand it to a bounded
+   inbox (back-pressure: when the database is slower than the queue, receivers wait instead of
+   buffering without limit). Parsing and masking thus overlap the writer's commits.
+2. The writer gathers received messages into a batch, flushed by size or by the age of its
+   oldest message; writes logins and rejections in ONE transaction; and only after the commit
+   hands the batch to the deleters.
 3. Deletes of batch k run while batch k+1 is received and written. A crash anywhere before a
    delete leaves the message in the queue; it comes back and its insert does nothing
    (`ON CONFLICT (message_id) DO NOTHING`).
@@ -52,7 +53,7 @@ class Observer:
         """A batch of `count` messages, `redelivered` of them seen before, is about to be written."""
 
     def on_commit(self, size: int, seconds: float, inserted: int, rejected: int) -> None:
-        """A batch committed after `seconds` of parsing, masking and writing."""
+        """A batch committed after `seconds` of writing (parsing and masking happen before)."""
 
     def on_error(self, service: str, kind: str) -> None:
         """A transient `service` ("sqs" or "postgres") error during operation `kind`; retried."""
@@ -137,6 +138,16 @@ def reject(message: ReceivedMessage, masker: Masker, reason: str) -> Rejection:
     )
 
 
+@dataclass(slots=True)
+class Prepared:
+    """Messages of one receive, parsed and masked: rows, rejections, and those left for redelivery."""
+
+    messages: list[ReceivedMessage]
+    rows: list[MaskedLogin] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    failed: list[ReceivedMessage] = field(default_factory=list)
+
+
 class InHand:
     """The messages this process holds (received, not yet deleted) and their visibility deadlines.
 
@@ -188,7 +199,7 @@ class Pipeline:
         self._masker = masker
         self._options = options
         self._stop = threading.Event()
-        self._inbox: queue.Queue[list[ReceivedMessage] | None] = queue.Queue(
+        self._inbox: queue.Queue[Prepared | None] = queue.Queue(
             maxsize=max(4, 2 * options.batch_size // 10)
         )
         self._fatal: BaseException | None = None
@@ -264,7 +275,26 @@ class Pipeline:
         # Blocks while the writer is behind. Messages in hand are never dropped, even when
         # stopping: they are part of the batch that will be committed and deleted.
         self._in_hand.add(messages)
-        self._inbox.put(messages)
+        self._inbox.put(self._prepare(messages))
+
+    def _prepare(self, messages: list[ReceivedMessage]) -> Prepared:
+        """Parse and mask in the receiver's thread, while the writer waits on PostgreSQL."""
+        prepared = Prepared(messages)
+        for message in messages:
+            try:
+                result = transform(message, self._masker)
+            except Exception as exc:  # noqa: BLE001 - a bug or an unexpected condition, not a bad body
+                result = self._on_failure(message, exc)
+                if result is None:
+                    prepared.failed.append(message)
+                    continue
+            if isinstance(result, Rejection):
+                prepared.rejections.append(result)
+                logger.warning("message %s rejected: %s", message.message_id, result.reason,
+                               extra={"message_id": message.message_id, "reason": result.reason})
+            else:
+                prepared.rows.append(result)
+        return prepared
 
     def _extend_loop(self, done: threading.Event) -> None:
         tick = min(1.0, self._in_hand.timeout / 4)
@@ -286,29 +316,34 @@ class Pipeline:
         # writer goes on with the next batch while the last calls of the previous one finish.
         slots = threading.BoundedSemaphore(max(2, 2 * self._options.batch_size // MAX_DELETE_ENTRIES))
         live = self._options.receivers
-        batch: list[ReceivedMessage] = []
+        parts: list[Prepared] = []
+        size = 0
         oldest = 0.0
         while live:
-            timeout = max(0.0, oldest + self._options.flush_seconds - time.monotonic()) if batch else 0.5
+            timeout = max(0.0, oldest + self._options.flush_seconds - time.monotonic()) if parts else 0.5
             try:
                 item = self._inbox.get(timeout=timeout)
             except queue.Empty:
-                item = []
-            if item is None:
-                live -= 1
-            elif item:
-                if not batch:
-                    oldest = time.monotonic()
-                batch.extend(item)
-            due = batch and (
-                len(batch) >= self._options.batch_size
+                pass  # the oldest message's age may have come due
+            else:
+                if item is None:
+                    live -= 1
+                else:
+                    if not parts:
+                        oldest = time.monotonic()
+                    parts.append(item)
+                    size += len(item.messages)
+            due = parts and (
+                size >= self._options.batch_size
                 or time.monotonic() - oldest >= self._options.flush_seconds
                 or not live
             )
             if due:
                 if self._fatal is not None:
                     return  # a receiver failed for good: do not commit what we cannot delete safely
-                failed = self._commit(batch)
+                batch = [m for part in parts for m in part.messages]
+                failed = self._commit(batch, parts)
+                parts, size = [], 0
                 if failed:
                     self._in_hand.remove(failed)  # not extended: they come back after the timeout
                     failed_ids = {m.message_id for m in failed}
@@ -317,32 +352,19 @@ class Pipeline:
                 for start in range(0, len(batch), MAX_DELETE_ENTRIES):
                     slots.acquire()
                     deleters.submit(self._delete, batch[start : start + MAX_DELETE_ENTRIES], slots)
-                batch = []
 
-    def _commit(self, batch: Sequence[ReceivedMessage]) -> list[ReceivedMessage]:
+    def _commit(self, batch: Sequence[ReceivedMessage], parts: Sequence[Prepared]) -> list[ReceivedMessage]:
         """Store a batch in one transaction; return the messages that failed and must not be deleted."""
         started = time.monotonic()
         self.stats.received += len(batch)
         redelivered = sum(1 for m in batch if m.receive_count > 1)
         self.stats.redelivered += redelivered
         self._observer.on_received(len(batch), redelivered)
-        rows: dict[str, MaskedLogin] = {}
-        rejections: dict[str, Rejection] = {}
-        failed: list[ReceivedMessage] = []
-        for message in batch:
-            try:
-                result = transform(message, self._masker)
-            except Exception as exc:  # noqa: BLE001 - a bug or an unexpected condition, not a bad body
-                result = self._on_failure(message, exc)
-                if result is None:
-                    failed.append(message)
-                    continue
-            if isinstance(result, Rejection):
-                rejections[message.message_id] = result
-                logger.warning("message %s rejected: %s", message.message_id, result.reason,
-                               extra={"message_id": message.message_id, "reason": result.reason})
-            else:
-                rows[message.message_id] = result  # a message received twice is written once
+        # Keyed by message id: a message received twice in one batch is written once.
+        rows = {row.message_id: row for part in parts for row in part.rows}
+        rejections = {r.message_id: r for part in parts for r in part.rejections}
+        failed = [m for part in parts for m in part.failed]
+        self.stats.failed += len(failed)
         by_id = {m.message_id: m for m in batch}
         while True:
             try:
@@ -377,7 +399,6 @@ class Pipeline:
             logger.error("message %s quarantined: %s", message.message_id, reason,
                          extra={"message_id": message.message_id, "reason": reason})
             return reject(message, self._masker, reason)
-        self.stats.failed += 1
         logger.error(
             "message %s failed (%s, receive %d of %d before quarantine); left for redelivery",
             message.message_id, type(exc).__name__, message.receive_count, self._options.max_receives,

@@ -12,8 +12,9 @@ Scenarios (each run does them in this order, so drift hits all of them alike):
   1 limit   N threads (the ETL's --receivers default): receive 10 + DeleteMessageBatch, nothing else
   2 ours    `python main.py` as a child process; wall time, its own timer, peak RSS, verified counts
   3 naive   one thread: receive 10, then per message parse, mask, INSERT + COMMIT, DeleteMessage
-  4 sink    transform() + PostgresWriter.write() in batches of the ETL's --batch-size, no SQS;
-            beside it a bare COPY of the same pre-masked rows into a plain table
+  4 sink    the ETL's own Pipeline (receiver threads parse + mask, the writer COPYs + commits,
+            deleters) over an in-memory queue of the same bodies, no SQS; beside it a bare COPY
+            of the same pre-masked rows into a plain table
   5 latency 1-3 through bench/latency_proxy.py, which adds --latency-ms to every SQS request
             (naive on a tenth of the messages, its rate extrapolated)
   6 --rss   one drain of --rss-count messages by ours, for its peak RSS
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             record("limit", "limit", lambda: _drain(services, bodies, receivers))
             record("ours", "ours", lambda: _ours(services, bodies))
             record("naive", "naive", lambda: _naive(services, bodies))
-            sink_result, copy_result, copy_fmt_result = _sink(services, bodies, batch_size)
+            sink_result, copy_result, copy_fmt_result = _sink(services, bodies, receivers, batch_size, flush_seconds)
             record("sink", "sink", lambda r=sink_result: r)
             record("copy", "bare COPY, pre-formatted", lambda r=copy_result: r)
             record("copy_fmt", "bare COPY, formatting timed", lambda r=copy_fmt_result: r)
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{(datetime.now(timezone.utc) - started).total_seconds() / 60:.1f} min; load average "
               f"before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 cores shared with other work)"]
     print("\n".join([*header, "", *_report(results, args, receivers, naive_count), "", *footer]))
-    checks = [m.check for key in ("ours", "ours_lat", "rss") for m in results.get(key, [])]
+    checks = [m.check for key in ("ours", "ours_lat", "rss", "sink") for m in results.get(key, [])]
     return EXIT_MISMATCH if any(c and not c.startswith("OK") for c in checks) else EXIT_OK
 
 
@@ -163,9 +164,10 @@ def _naive(services: Services, bodies: list[str], proxy: str | None = None) -> M
         return naive_loop(services, via(url, proxy) if proxy else url, dsn, endpoint_url=proxy)
 
 
-def _sink(services: Services, bodies: list[str], batch_size: int) -> tuple[Measurement, Measurement, Measurement]:
+def _sink(services: Services, bodies: list[str], receivers: int, batch_size: int,
+          flush_seconds: float) -> tuple[Measurement, Measurement, Measurement]:
     with fresh_database(services) as dsn:
-        return sink(services, bodies, dsn, batch_size)
+        return sink(services, bodies, dsn, receivers, batch_size, flush_seconds)
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -252,7 +254,7 @@ def _report(results: dict[str, list[Measurement]], args: argparse.Namespace, rec
         ("limit", f"1 limit: bare drain, {receivers} threads", "msgs/s"),
         ("ours", "2 ours: python main.py (wall)", "msgs/s"),
         ("naive", "3 naive: per-message loop", "msgs/s"),
-        ("sink", "4 sink: transform + write", "rows/s"),
+        ("sink", "4 sink: pipeline, no SQS", "rows/s"),
         ("copy", "4 bare COPY, pre-formatted (DB limit)", "rows/s"),
         ("copy_fmt", "4 bare COPY incl. row formatting", "rows/s"),
         ("limit_lat", f"5 limit, {lat}", "msgs/s"),

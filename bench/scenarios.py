@@ -29,9 +29,9 @@ import psycopg2
 from botocore.config import Config
 
 from database.sqs_postgres import PostgresWriter
-from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection
+from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage
 from pii.masking import Masker, decode_key
-from pipeline import transform
+from pipeline import Pipeline, PipelineOptions
 
 from sample_data import send  # scripts/ is put on sys.path by run.py
 
@@ -308,32 +308,75 @@ def naive_loop(services: Services, queue_url: str, dsn: str, endpoint_url: str |
 # -- 4. the sink alone, and the database's own COPY limit -----------------------------------------
 
 
-def sink(services: Services, bodies: Sequence[str], dsn: str,
-         batch_size: int) -> tuple[Measurement, Measurement, Measurement]:
-    """Time transform() + PostgresWriter.write() over in-memory messages, then bare COPYs of the rows.
+class MemoryQueue:
+    """An in-memory stand-in for SqsReader: serves bodies ten at a time; deletes are no-ops.
+
+    It lets the sink scenario run the ETL's own Pipeline (receiver threads parsing and masking,
+    the writer committing, the deleters) with no SQS in the way.
+    """
+
+    def __init__(self, messages: Sequence[ReceivedMessage]) -> None:
+        self._messages = list(messages)
+        self._next = 0
+        self._lock = threading.Lock()
+        self.deleted = 0
+
+    def receive(self, *, wait_time_seconds: int | None = None) -> list[ReceivedMessage]:
+        with self._lock:
+            start = self._next
+            self._next = min(len(self._messages), start + RECEIVE_MAX_MESSAGES)
+            return self._messages[start : self._next]
+
+    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+        with self._lock:
+            self.deleted += len(messages)
+        return []
+
+    def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]:
+        return []
+
+
+def sink(services: Services, bodies: Sequence[str], dsn: str, receivers: int,
+         batch_size: int, flush_seconds: float) -> tuple[Measurement, Measurement, Measurement]:
+    """Time the ETL's Pipeline (parse, validate, mask, COPY, commit) over in-memory messages, then bare COPYs.
 
     Returns (sink, bare COPY of pre-formatted text, bare COPY including the formatting of rows).
     """
     masker = Masker(decode_key(services.masking_key))
     sent_ms = int(time.time() * 1000)
-    messages = [ReceivedMessage(message_id=str(uuid.uuid4()), receipt_handle="-", body=body,
-                                sent_timestamp_ms=sent_ms) for body in bodies]
+    messages = [ReceivedMessage(message_id=str(uuid.uuid4()), receipt_handle=str(n), body=body,
+                                sent_timestamp_ms=sent_ms) for n, body in enumerate(bodies)]
+    source = MemoryQueue(messages)
     writer = PostgresWriter(dsn)
     writer.connect()
-    stored: list[MaskedLogin] = []
+    options = PipelineOptions(receivers=receivers, batch_size=batch_size, flush_seconds=flush_seconds)
     try:
         began = time.perf_counter()
-        for start in range(0, len(messages), batch_size):
-            results = [transform(m, masker) for m in messages[start : start + batch_size]]
-            logins = [r for r in results if isinstance(r, MaskedLogin)]
-            writer.write(logins, [r for r in results if isinstance(r, Rejection)])
-            stored.extend(logins)
+        stats = Pipeline(source, writer, masker, options).run()  # type: ignore[arg-type]
         sink_seconds = time.perf_counter() - began
     finally:
         writer.close()
-    return (Measurement(items=len(messages), seconds=sink_seconds),
+    stored = _stored_logins(dsn)
+    check = (f"OK {stats.loaded:,} loaded + {stats.rejected:,} rejected, {source.deleted:,} deleted"
+             if stats.loaded + stats.rejected == len(messages) == source.deleted
+             else f"MISMATCH {stats.loaded + stats.rejected:,} stored, {source.deleted:,} deleted "
+                  f"of {len(messages):,}")
+    return (Measurement(items=len(messages), seconds=sink_seconds, check=check),
             bare_copy(dsn, stored, batch_size, preformatted=True),
             bare_copy(dsn, stored, batch_size, preformatted=False))
+
+
+def _stored_logins(dsn: str) -> list[MaskedLogin]:
+    """The rows the sink stored, read back for the bare COPYs."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT {', '.join(LOGIN_COLUMNS)} FROM user_logins")
+            return [MaskedLogin(message_id=r[0], user_id=r[1], device_type=r[2], masked_ip=r[3],
+                                masked_device_id=r[4], locale=r[5], app_version=r[6], create_date=r[7])
+                    for r in cur.fetchall()]
+    finally:
+        conn.close()
 
 
 def bare_copy(dsn: str, rows: Sequence[MaskedLogin], batch_size: int, *, preformatted: bool,

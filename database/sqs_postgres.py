@@ -1,8 +1,10 @@
 """PostgresWriter: schema migrations, idempotent batch writes of logins and rejections.
 
-Idempotency: every row carries the SQS MessageId under a unique constraint, and every insert is
-``ON CONFLICT (message_id) DO NOTHING``. A message redelivered after a crash between commit and
-delete is therefore stored once. One transaction per batch, never per row.
+Idempotency: every row carries the SQS MessageId under a unique constraint. A batch is COPYed
+straight into the table; if the constraint refuses it (a message already stored), the batch is
+written again through a staging table with ``ON CONFLICT (message_id) DO NOTHING``. A message
+redelivered after a crash between commit and delete is therefore stored once. One transaction per
+batch, never per row.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ _LOGIN_COLUMNS = (
     "create_date",
     "locale",
 )
+_COLUMN_LIST = ", ".join(_LOGIN_COLUMNS)
+# After a batch that held an already-stored message, this many batches go through staging.
+STAGED_BATCHES_AFTER_CONFLICT = 10
 
 _CREATE_LOGINS = """
 CREATE TABLE IF NOT EXISTS user_logins (
@@ -105,6 +110,7 @@ class PostgresWriter:
         self._connect_timeout = connect_timeout_seconds
         self._application_name = application_name
         self._conn: psycopg2.extensions.connection | None = None
+        self._staged_batches_left = 0
 
     def __repr__(self) -> str:
         return "PostgresWriter()"  # the DSN may hold a password
@@ -212,15 +218,7 @@ class PostgresWriter:
     ) -> WriteResult:
         inserted = rejected = 0
         if logins:
-            cur.copy_expert(
-                f"COPY user_logins_stage ({', '.join(_LOGIN_COLUMNS)}) FROM STDIN", _copy_buffer(logins)
-            )
-            cols = ", ".join(_LOGIN_COLUMNS)
-            cur.execute(
-                f"""INSERT INTO user_logins ({cols}) SELECT {cols} FROM user_logins_stage
-                    ON CONFLICT (message_id) DO NOTHING"""
-            )
-            inserted = cur.rowcount
+            inserted = self._insert_logins(cur, logins)
         if rejections:
             execute_values(
                 cur,
@@ -233,6 +231,36 @@ class PostgresWriter:
             rejected = cur.rowcount
         duplicates = len(logins) + len(rejections) - inserted - rejected
         return WriteResult(inserted=inserted, rejected=rejected, duplicates=duplicates)
+
+    def _insert_logins(self, cur: psycopg2.extensions.cursor, logins: Sequence[MaskedLogin]) -> int:
+        """Insert the rows that are new; return how many.
+
+        Usually none of them is stored yet, and a COPY straight into user_logins is the fastest
+        write (one statement, each row written once). When one is (a redelivery), the unique
+        constraint refuses the COPY; the transaction, which holds nothing else yet (logins are
+        written first), is rolled back and the batch goes through the staging table and
+        ``ON CONFLICT DO NOTHING`` instead, as do the next batches: redeliveries come in runs.
+        """
+        buffer = _copy_buffer(logins)
+        # One read of the whole buffer: each read is a trip back into Python (and a wait for the
+        # GIL while the receivers parse and mask), so the default 8 KiB chunks cost.
+        size = max(8192, len(buffer.getvalue()))
+        if self._staged_batches_left == 0:
+            try:
+                cur.copy_expert(f"COPY user_logins ({_COLUMN_LIST}) FROM STDIN", buffer, size=size)
+                return len(logins)
+            except psycopg2.errors.UniqueViolation:
+                self._conn.rollback()  # type: ignore[union-attr]
+                self._staged_batches_left = STAGED_BATCHES_AFTER_CONFLICT
+                buffer.seek(0)
+        else:
+            self._staged_batches_left -= 1
+        cur.copy_expert(f"COPY user_logins_stage ({_COLUMN_LIST}) FROM STDIN", buffer, size=size)
+        cur.execute(
+            f"""INSERT INTO user_logins ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM user_logins_stage
+                ON CONFLICT (message_id) DO NOTHING"""
+        )
+        return cur.rowcount
 
     def _find_bad_rows(self, logins: Sequence[MaskedLogin]) -> list[tuple[MaskedLogin, str]]:
         """Try each row alone (rolled back) to name the ones PostgreSQL refuses."""

@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 import threading
+from datetime import date
 from pathlib import Path
 
-from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
+from database.sqs_postgres import SCHEMA_VERSION, STAGED_BATCHES_AFTER_CONFLICT, PostgresWriter, WriteResult
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin
-from pii.masking import Masker, decode_key
+from pii.masking import Masker, decode_key, generate_key
 
 from helpers import GOOD_LOGIN, login, pii_values, query, queue_counts, send
 from sample_data import generate
@@ -79,6 +80,33 @@ def test_a_message_redelivered_after_its_commit_is_stored_once(etl_env, sqs_clie
     assert query(etl_env["DATABASE_URL"], "SELECT count(*) FROM user_logins WHERE message_id = %s",
                  (message_id,)) == [(1,)]
     assert queue_counts(sqs_client, etl_env["SQS_QUEUE_URL"]) == (0, 0)
+
+
+def _row(n: int, masker: Masker) -> MaskedLogin:
+    return MaskedLogin(f"message-{n}", f"user-{n}", "ios", masker.mask("ip", f"10.0.0.{n % 250}"),
+                       masker.mask("device_id", f"{n:03d}-00-0000"), None, "2.3.0", date(2024, 1, 2))
+
+
+def test_a_batch_holding_stored_messages_falls_back_to_on_conflict_and_later_batches_copy_again(
+        database_url) -> None:
+    # GIVEN a writer that stored rows 0-4 with a straight COPY
+    masker = Masker(decode_key(generate_key()))
+    writer = PostgresWriter(database_url)
+    writer.connect()
+    try:
+        assert writer.write([_row(n, masker) for n in range(5)], []) == WriteResult(5, 0, 0)
+        # WHEN a batch repeats two of them (a redelivery) beside three new ones
+        again = writer.write([_row(n, masker) for n in (3, 4, 5, 6, 7)], [])
+        # THEN the COPY is refused, the batch goes through ON CONFLICT: only the new rows land
+        assert again == WriteResult(inserted=3, rejected=0, duplicates=2)
+        # AND once the staged batches after a conflict are used up, repeats are still caught
+        batches = STAGED_BATCHES_AFTER_CONFLICT + 2
+        for start in range(8, 8 + 2 * batches, 2):  # each batch repeats the last row of the one before
+            assert writer.write([_row(n, masker) for n in (start - 1, start, start + 1)], []) == WriteResult(2, 0, 1)
+    finally:
+        writer.close()
+    stored = query(database_url, "SELECT message_id, count(*) FROM user_logins GROUP BY message_id")
+    assert len(stored) == 8 + 2 * batches and {count for _, count in stored} == {1}
 
 
 def test_the_original_exercise_table_is_migrated_in_place_keeping_its_rows(etl_env, sqs_client) -> None:

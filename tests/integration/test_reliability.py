@@ -78,16 +78,18 @@ def with_port(url: str, port: int) -> str:
 def test_sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice(etl_env, sqs_client, tmp_path) -> None:
     queue_url = etl_env["SQS_QUEUE_URL"]
     set_visibility(sqs_client, queue_url, 2)  # killed runs' messages come back quickly
-    ids = send(sqs_client, queue_url, list(generate(12_000, seed=5)))
+    ids = send(sqs_client, queue_url, list(generate(16_000, seed=5)))
     rng = random.Random(5)
     kills = 0
-    for _ in range(6):
+    for _ in range(8):  # six kills wanted; a run that finished before its moment does not count
         process = start_etl(tmp_path)
-        time.sleep(rng.uniform(0.6, 1.6))
+        time.sleep(rng.uniform(0.5, 1.3))  # start-up, receiving, committing or deleting
         if process.poll() is None:
             process.kill()
             kills += 1
         process.wait(timeout=30)
+        if kills == 6:
+            break
     assert kills >= 5, "the runs ended before they could be killed: send more messages"
     assert 0 < sum(stored_ids(etl_env["DATABASE_URL"]).values()) < len(ids)
     drain_until_empty(tmp_path, sqs_client, queue_url)
