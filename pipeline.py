@@ -9,8 +9,8 @@ Ordering (the promise "no message lost, none stored twice"):
    oldest message; writes logins and rejections in ONE transaction; and only after the commit
    hands the batch to the deleters.
 3. Deletes of batch k run while batch k+1 is received and written. A crash anywhere before a
-   delete leaves the message in the queue; it comes back and its insert does nothing
-   (`ON CONFLICT (message_id) DO NOTHING`).
+   delete leaves the message in the queue; it comes back and is not stored again (the unique
+   `message_id`; see database/sqs_postgres.py).
 """
 
 from __future__ import annotations

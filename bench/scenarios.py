@@ -8,6 +8,7 @@ Filling a queue is never timed.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import subprocess
@@ -347,6 +348,9 @@ def sink(services: Services, bodies: Sequence[str], dsn: str, receivers: int,
     messages = [ReceivedMessage(message_id=str(uuid.uuid4()), receipt_handle=str(n), body=body,
                                 sent_timestamp_ms=sent_ms) for n, body in enumerate(bodies)]
     source = MemoryQueue(messages)
+    # The pipeline logs a warning per rejected message: the records are still made, their output
+    # is dropped (without a handler Python would print each one to stderr).
+    logging.getLogger("pipeline").addHandler(logging.NullHandler())
     writer = PostgresWriter(dsn)
     writer.connect()
     options = PipelineOptions(receivers=receivers, batch_size=batch_size, flush_seconds=flush_seconds)
