@@ -57,6 +57,15 @@ logger = logging.getLogger("login_etl")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before the pipeline's own handlers are in place (loading keys, connecting):
+        # nothing has been received yet, so there is nothing to finish.
+        return _fail("interrupted", 128 + signal.SIGINT)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose - args.quiet, args.log_format)

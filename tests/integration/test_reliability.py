@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -284,6 +285,24 @@ def test_a_second_signal_exits_at_once_and_the_messages_come_back(etl_env, sqs_c
     time.sleep(2.5)
     drain_until_empty(tmp_path, sqs_client, queue_url)
     assert_exactly_once(etl_env["DATABASE_URL"], ids)
+
+
+def test_ctrl_c_while_connecting_at_start_exits_130_with_one_line_and_no_traceback(etl_env, tmp_path) -> None:
+    # GIVEN an SQS endpoint that accepts connections and never answers
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent.settimeout(30)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "SQS_QUEUE_URL": f"{endpoint}/000000000000/login-queue"}
+        process = start_etl(tmp_path, env=env)
+        connection, _ = silent.accept()  # the ETL is waiting for the queue's attributes
+        # WHEN the user presses Ctrl-C before the pipeline has started
+        process.send_signal(signal.SIGINT)
+        # THEN it stops at once with one error line
+        assert process.wait(timeout=5) == 128 + signal.SIGINT
+        connection.close()
+    assert "error: interrupted" in output(tmp_path) and "Traceback" not in output(tmp_path)
 
 
 @contextmanager
