@@ -22,8 +22,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from dotenv import load_dotenv
 
@@ -53,6 +55,9 @@ EXIT_UNREACHABLE = 3
 EXIT_SERVICE_LOST = 4
 
 logger = logging.getLogger("login_etl")
+
+# What signal.signal() takes and returns (typeshed's alias for it is private).
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,7 +291,7 @@ def _fail(message: str, exit_code: int) -> int:
     return exit_code
 
 
-def _install_signal_handlers(pipeline: Pipeline) -> dict[int, object]:
+def _install_signal_handlers(pipeline: Pipeline) -> dict[int, SignalHandler]:
     """Route SIGINT/SIGTERM to a graceful stop; return the handlers they replace."""
     def handle(signum: int, _frame: object) -> None:
         if pipeline.stopping:
@@ -305,7 +310,7 @@ def _os_user() -> str:
         return f"uid {os.getuid()}"
 
 
-def _audit_text(limit: int):  # type: ignore[no-untyped-def]
+def _audit_text(limit: int) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if not text.strip():
             raise argparse.ArgumentTypeError("must not be blank")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TextIO
 
-from pipeline import Stats
+from pipeline import Observer, Stats
 
 # Structured fields the code attaches with `extra=`; only these reach a JSON line.
 LOG_FIELDS = ("message_id", "reason", "batch_size", "duration_ms", "attempt", "count", "service", "error")
@@ -101,7 +101,7 @@ class Progress:
                 logger.info("progress: %s", self.line())
 
 
-class Metrics:
+class Metrics(Observer):
     """Prometheus metrics of a running ETL, fed by pipeline events; served on a port."""
 
     def __init__(self) -> None:

@@ -281,14 +281,14 @@ class Pipeline:
         """Parse and mask in the receiver's thread, while the writer waits on PostgreSQL."""
         prepared = Prepared(messages)
         for message in messages:
+            result: MaskedLogin | Rejection | None
             try:
                 result = transform(message, self._masker)
             except Exception as exc:  # noqa: BLE001 - a bug or an unexpected condition, not a bad body
                 result = self._on_failure(message, exc)
-                if result is None:
-                    prepared.failed.append(message)
-                    continue
-            if isinstance(result, Rejection):
+            if result is None:
+                prepared.failed.append(message)
+            elif isinstance(result, Rejection):
                 prepared.rejections.append(result)
                 logger.warning("message %s rejected: %s", message.message_id, result.reason,
                                extra={"message_id": message.message_id, "reason": result.reason})

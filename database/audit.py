@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg2
 
-from database.sqs_postgres import DatabaseError
+from database.sqs_postgres import DatabaseError, first_line
 from models import UnmaskAudit
 
 logger = logging.getLogger(__name__)
@@ -43,11 +43,11 @@ class AuditLog:
             conn = psycopg2.connect(self._dsn, connect_timeout=self._connect_timeout,
                                     application_name="login-etl-unmask")
         except psycopg2.OperationalError as exc:
-            raise AuditUnavailable(f"PostgreSQL unreachable: {_first_line(exc)}") from None
+            raise AuditUnavailable(f"PostgreSQL unreachable: {first_line(exc)}") from None
         try:
             with conn, conn.cursor() as cur:
                 cur.execute("SELECT to_regclass('pii_unmask_audit') IS NULL")
-                if cur.fetchone()[0]:
+                if cur.fetchone() == (True,):
                     # First use without database/roles.sql: create it (needs CREATE on the schema).
                     cur.execute("SELECT pg_advisory_xact_lock(%s)", (_AUDIT_LOCK_ID,))
                     cur.execute(AUDIT_DDL)
@@ -60,12 +60,8 @@ class AuditLog:
                 )
         except psycopg2.Error as exc:
             code = exc.pgcode or type(exc).__name__
-            raise AuditUnavailable(f"the audit row was not written ({code}: {_first_line(exc)})") from None
+            raise AuditUnavailable(f"the audit row was not written ({code}: {first_line(exc)})") from None
         finally:
             conn.close()
         logger.info("unmask audited: %d token(s) for %s", len(entry.fingerprints), entry.requested_by)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

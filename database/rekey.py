@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg2
+from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
-from database.sqs_postgres import DatabaseError, DatabaseUnavailable
+from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, one_row
 
 logger = logging.getLogger(__name__)
 
@@ -83,21 +84,21 @@ class Rekeyer:
             conn = psycopg2.connect(self._dsn, connect_timeout=self._connect_timeout,
                                     application_name="login-etl-rekey")
         except psycopg2.OperationalError as exc:
-            raise DatabaseUnavailable(_first_line(exc)) from None
+            raise DatabaseUnavailable(first_line(exc)) from None
         result = RekeyResult()
         try:
             for table, columns in MASKED_COLUMNS.items():
                 if _exists(conn, table):
                     result.remaining += self._table(conn, table, columns, result)
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-            raise RekeyInterrupted(f"rekey stopped ({exc.pgcode or type(exc).__name__}: {_first_line(exc)})") from None
+            raise RekeyInterrupted(f"rekey stopped ({exc.pgcode or type(exc).__name__}: {first_line(exc)})") from None
         except psycopg2.Error as exc:  # not an outage: e.g. a role without UPDATE on the tables
-            raise DatabaseError(f"rekey refused by PostgreSQL ({exc.pgcode}: {_first_line(exc)})") from None
+            raise DatabaseError(f"rekey refused by PostgreSQL ({exc.pgcode}: {first_line(exc)})") from None
         finally:
             conn.close()
         return result
 
-    def _table(self, conn, table: str, columns: tuple[str, ...], result: RekeyResult) -> int:  # type: ignore[no-untyped-def]
+    def _table(self, conn: Connection, table: str, columns: tuple[str, ...], result: RekeyResult) -> int:
         """Pass over a table until nothing rewritable is left; return the tokens of other versions left."""
         result.rows[table] += 0  # listed in the summary even when nothing needed rewriting
         for attempt in range(1, MAX_PASSES + 1):
@@ -113,7 +114,7 @@ class Rekeyer:
         result.failures.update(failures)
         return left
 
-    def _pass(self, conn, table: str, columns: tuple[str, ...], result: RekeyResult,  # type: ignore[no-untyped-def]
+    def _pass(self, conn: Connection, table: str, columns: tuple[str, ...], result: RekeyResult,
               failures: Counter[str]) -> int:
         pages, rows = self._size(conn, table)
         step = max(1, self._batch_rows * max(pages, 1) // max(rows, 1))  # pages holding ~batch_rows rows
@@ -155,31 +156,27 @@ class Rekeyer:
             failures[str(exc)] += 1
             return token
 
-    def _size(self, conn, table: str, *, count: bool = True) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    def _size(self, conn: Connection, table: str, *, count: bool = True) -> tuple[int, int]:
         """(pages, rows) of a table; rows only when `count` (a full scan, once per pass)."""
         with conn, conn.cursor() as cur:
             cur.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int", (table,))
-            pages = int(cur.fetchone()[0])
+            pages = int(one_row(cur)[0])
             rows = 0
             if count:
                 cur.execute(f"SELECT count(*) FROM {table}")
-                rows = int(cur.fetchone()[0])
+                rows = int(one_row(cur)[0])
         return pages, rows
 
-    def _count_old(self, conn, table: str, columns: tuple[str, ...]) -> int:  # type: ignore[no-untyped-def]
+    def _count_old(self, conn: Connection, table: str, columns: tuple[str, ...]) -> int:
         terms = " + ".join(f"count(*) FILTER (WHERE {c} IS NOT NULL AND left({c}, %(n)s) <> %(prefix)s)"
                            for c in columns)
         with conn, conn.cursor() as cur:
             cur.execute(f"SELECT {terms} FROM {table}", {"n": len(self._prefix), "prefix": self._prefix})
-            return int(cur.fetchone()[0])
+            return int(one_row(cur)[0])
 
 
-def _exists(conn, table: str) -> bool:  # type: ignore[no-untyped-def]
+def _exists(conn: Connection, table: str) -> bool:
     with conn, conn.cursor() as cur:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
-        return bool(cur.fetchone()[0])
+        return bool(one_row(cur)[0])
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.errors
+from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import execute_values
 
 from models import MaskedLogin, Rejection
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Any constant: serialises schema set-up between processes starting at once.
 _SCHEMA_LOCK_ID = 7_412_350_191
@@ -125,7 +129,7 @@ class PostgresWriter:
                 self._dsn, connect_timeout=self._connect_timeout, application_name=self._application_name
             )
         except psycopg2.OperationalError as exc:
-            raise DatabaseUnavailable(_first_line(exc)) from None
+            raise DatabaseUnavailable(first_line(exc)) from None
         if migrate:
             self._run(self._migrate)
 
@@ -134,10 +138,10 @@ class PostgresWriter:
         def inspect(cur: psycopg2.extensions.cursor) -> str | None:
             cur.execute("SELECT to_regclass('user_logins'), to_regclass('user_logins_rejected'), "
                         "to_regclass('etl_schema_version')")
-            if None in cur.fetchone():
+            if None in one_row(cur):
                 return "tables missing"
             cur.execute("SELECT max(version) FROM etl_schema_version")
-            version = cur.fetchone()[0]
+            version = one_row(cur)[0]
             if version != SCHEMA_VERSION:
                 return f"schema version {version}, expected {SCHEMA_VERSION}"
             return None
@@ -267,12 +271,12 @@ class PostgresWriter:
         bad: list[tuple[MaskedLogin, str]] = []
         for login in logins:
             try:
-                self._run(lambda cur, one=login: self._write(cur, [one], []), commit=False)
+                self._run(partial(self._write, logins=[login], rejections=[]), commit=False)
             except _ROW_ERRORS as exc:
-                bad.append((login, f"refused by PostgreSQL: {exc.pgcode} {_first_line(exc).split(':')[0]}"))
+                bad.append((login, f"refused by PostgreSQL: {exc.pgcode} {first_line(exc).split(':')[0]}"))
         return bad
 
-    def _run(self, work, *, commit: bool = True):  # type: ignore[no-untyped-def]
+    def _run(self, work: Callable[[Cursor], T], *, commit: bool = True) -> T:
         """Run `work(cursor)` in one transaction; map connection failures to DatabaseUnavailable."""
         if self._conn is None or self._conn.closed:
             raise DatabaseUnavailable("not connected")
@@ -286,7 +290,7 @@ class PostgresWriter:
             return result
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             self.close()
-            raise DatabaseUnavailable(_first_line(exc)) from None
+            raise DatabaseUnavailable(first_line(exc)) from None
         except _ROW_ERRORS:
             try:
                 self._conn.rollback()
@@ -297,7 +301,7 @@ class PostgresWriter:
             # Not the rows' fault (a dropped table, a permission, a server error): reconnect,
             # which re-runs the migrations, and retry the batch.
             self.close()
-            raise DatabaseUnavailable(f"{exc.pgcode or type(exc).__name__}: {_first_line(exc)}") from None
+            raise DatabaseUnavailable(f"{exc.pgcode or type(exc).__name__}: {first_line(exc)}") from None
 
 
 # Errors caused by particular rows: those rows are quarantined, the rest of the batch is written.
@@ -329,6 +333,14 @@ def _copy_buffer(logins: Sequence[MaskedLogin]) -> io.StringIO:
     return io.StringIO("\n".join(lines))
 
 
-def _first_line(exc: BaseException) -> str:
+def one_row(cur: Cursor) -> tuple[Any, ...]:
+    """The row of a query that always returns exactly one."""
+    row = cur.fetchone()
+    assert row is not None, "the query returns one row"
+    return row
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (psycopg2's carry a DETAIL and a CONTEXT after it)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
