@@ -1,7 +1,8 @@
 """What operators see: JSON logs, live progress, Prometheus metrics.
 
 Kept out of main.py (which only wires) and out of pipeline.py (which only moves messages): the
-pipeline reports events to an observer; this module turns them into lines and metrics.
+pipeline counts into Stats and reports events to an Observer; this module defines both and turns
+them into lines and metrics.
 """
 
 from __future__ import annotations
@@ -12,13 +13,54 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TextIO
 
-from pipeline import Observer, Stats
-
 # Structured fields the code attaches with `extra=`; only these reach a JSON line.
 LOG_FIELDS = ("message_id", "reason", "batch_size", "duration_ms", "attempt", "count", "service", "error")
+
+
+class Observer:
+    """Receives pipeline events (for metrics); these defaults do nothing."""
+
+    def on_received(self, count: int, redelivered: int) -> None:
+        """A batch of `count` messages, `redelivered` of them seen before, is about to be written."""
+
+    def on_commit(self, size: int, seconds: float, inserted: int, rejected: int) -> None:
+        """A batch committed after `seconds` of writing (parsing and masking happen before)."""
+
+    def on_error(self, service: str, kind: str) -> None:
+        """A transient `service` ("sqs" or "postgres") error during operation `kind`; retried."""
+
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters of one run."""
+
+    received: int = 0
+    loaded: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    redelivered: int = 0
+    failed: int = 0
+    delete_failures: int = 0
+    extended: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def summary(self) -> str:
+        seconds = time.monotonic() - self.started
+        rate = self.received / seconds if seconds > 0 else 0.0
+        failed = f", failed {self.failed} (left in the queue)" if self.failed else ""
+        if self.delete_failures:
+            failed += f", {self.delete_failures} committed but not deleted (redelivered later, stored once)"
+        if self.extended:
+            failed += f", visibility extended {self.extended} times"
+        return (
+            f"loaded {self.loaded}, rejected {self.rejected}, duplicates skipped {self.duplicates}{failed} "
+            f"in {seconds:.1f} s ({rate:.0f} msgs/s)"
+        )
 
 
 class JsonFormatter(logging.Formatter):

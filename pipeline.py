@@ -27,9 +27,10 @@ from datetime import datetime, timezone
 from typing import TypeVar
 
 from aws.sqs import MAX_ENTRIES_PER_DELETE as MAX_DELETE_ENTRIES
-from aws.sqs import SqsError, SqsReader, SqsUnavailable
+from aws.sqs import InHand, SqsError, SqsReader, SqsUnavailable
 from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable, PostgresWriter, WriteResult
 from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection
+from observability import Observer, Stats
 from pii.masking import BODY_FIELD, Masker
 
 logger = logging.getLogger(__name__)
@@ -44,19 +45,6 @@ DEFAULT_RECEIVERS = 8
 DEFAULT_DELETERS = 8
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_FLUSH_SECONDS = 0.5
-
-
-class Observer:
-    """Receives pipeline events (for metrics); these defaults do nothing."""
-
-    def on_received(self, count: int, redelivered: int) -> None:
-        """A batch of `count` messages, `redelivered` of them seen before, is about to be written."""
-
-    def on_commit(self, size: int, seconds: float, inserted: int, rejected: int) -> None:
-        """A batch committed after `seconds` of writing (parsing and masking happen before)."""
-
-    def on_error(self, service: str, kind: str) -> None:
-        """A transient `service` ("sqs" or "postgres") error during operation `kind`; retried."""
 
 
 class ServiceLost(Exception):
@@ -78,34 +66,6 @@ class PipelineOptions:
     # A message whose processing raised an unexpected error is left for redelivery; from this
     # many receives on it is quarantined instead (kept below the RedrivePolicy's maxReceiveCount).
     max_receives: int = 5
-
-
-@dataclass(slots=True)
-class Stats:
-    """Counters of one run."""
-
-    received: int = 0
-    loaded: int = 0
-    rejected: int = 0
-    duplicates: int = 0
-    redelivered: int = 0
-    failed: int = 0
-    delete_failures: int = 0
-    extended: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    def summary(self) -> str:
-        seconds = time.monotonic() - self.started
-        rate = self.received / seconds if seconds > 0 else 0.0
-        failed = f", failed {self.failed} (left in the queue)" if self.failed else ""
-        if self.delete_failures:
-            failed += f", {self.delete_failures} committed but not deleted (redelivered later, stored once)"
-        if self.extended:
-            failed += f", visibility extended {self.extended} times"
-        return (
-            f"loaded {self.loaded}, rejected {self.rejected}, duplicates skipped {self.duplicates}{failed} "
-            f"in {seconds:.1f} s ({rate:.0f} msgs/s)"
-        )
 
 
 def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejection:
@@ -146,40 +106,6 @@ class Prepared:
     rows: list[MaskedLogin] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     failed: list[ReceivedMessage] = field(default_factory=list)
-
-
-class InHand:
-    """The messages this process holds (received, not yet deleted) and their visibility deadlines.
-
-    SQS hides a received message for the queue's visibility timeout. A batch that takes longer
-    (a slow or unreachable database) would reappear and be processed twice in parallel; so
-    messages still in hand at half the timeout get their visibility extended.
-    """
-
-    def __init__(self, visibility_timeout_seconds: int) -> None:
-        self.timeout = max(1, visibility_timeout_seconds)
-        self._deadlines: dict[str, tuple[ReceivedMessage, float]] = {}
-        self._lock = threading.Lock()
-
-    def add(self, messages: Sequence[ReceivedMessage]) -> None:
-        deadline = time.monotonic() + self.timeout
-        with self._lock:
-            for message in messages:
-                self._deadlines[message.receipt_handle] = (message, deadline)
-
-    def remove(self, messages: Sequence[ReceivedMessage]) -> None:
-        with self._lock:
-            for message in messages:
-                self._deadlines.pop(message.receipt_handle, None)
-
-    def due(self) -> list[ReceivedMessage]:
-        """Messages within half a timeout of reappearing; their deadlines are pushed forward."""
-        now = time.monotonic()
-        with self._lock:
-            due = [m for m, deadline in self._deadlines.values() if deadline - now < self.timeout / 2]
-            for message in due:
-                self._deadlines[message.receipt_handle] = (message, now + self.timeout)
-        return due
 
 
 class Pipeline:
