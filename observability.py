@@ -157,7 +157,7 @@ class Metrics(Observer):
                                    registry=self.registry)
         self.batch_size = Histogram("login_etl_batch_size", "Messages per committed batch", registry=self.registry,
                                     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000))
-        self.batch_seconds = Histogram("login_etl_batch_seconds", "Parse, mask and commit time of a batch",
+        self.batch_seconds = Histogram("login_etl_batch_seconds", "Write and commit time of a batch (retries included)",
                                        registry=self.registry,
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.errors = Counter("login_etl_errors", "Service errors by service and kind", ["service", "kind"],
