@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -83,8 +83,12 @@ def test_sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice(etl_en
     rng = random.Random(5)
     kills = 0
     for _ in range(8):  # six kills wanted; a run that finished before its moment does not count
-        process = start_etl(tmp_path)
-        time.sleep(rng.uniform(0.5, 1.3))  # start-up, receiving, committing or deleting
+        stored = _stored_count(etl_env["DATABASE_URL"])
+        process = start_etl(tmp_path, "--batch-size", "200")
+        # Kill in the thick of it: once this run has committed, at a random moment of its
+        # receive / commit / delete cycle (a batch of 200 takes ~0.1 s here).
+        _wait_until(lambda before=stored: _stored_count(etl_env["DATABASE_URL"]) > before, "this run's first commit")
+        time.sleep(rng.uniform(0, 0.6))
         if process.poll() is None:
             process.kill()
             kills += 1
@@ -335,12 +339,27 @@ def _wait_for_etl_connection(database_url: str, timeout: float = 30) -> None:
 
 
 def _wait_for_rows(database_url: str, timeout: float = 30, count: int = 1) -> None:
+    _wait_until(lambda: _count(database_url, "SELECT count(*) FROM user_logins") >= count,
+                f"{count} rows in user_logins", timeout)
+
+
+def _stored_count(database_url: str) -> int:
+    """Messages stored so far, loaded or quarantined (0 before the tables exist)."""
+    return _count(database_url, "SELECT (SELECT count(*) FROM user_logins) + "
+                                "(SELECT count(*) FROM user_logins_rejected)")
+
+
+def _count(database_url: str, sql: str) -> int:
+    try:
+        return int(query(database_url, sql)[0][0])
+    except psycopg2.errors.UndefinedTable:
+        return 0
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if query(database_url, "SELECT count(*) FROM user_logins")[0][0] >= count:
-                return
-        except psycopg2.errors.UndefinedTable:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} rows arrived")
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"waited {timeout:.0f} s for {what}")
