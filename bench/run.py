@@ -9,7 +9,8 @@ versions used, a table of medians over --runs, the ratios, and the targets of is
 PASS/MISS. Exit code 0, or 1 if a run of the ETL lost or duplicated a message (MISMATCH).
 
 Scenarios (each run does them in this order, so drift hits all of them alike):
-  1 limit   N threads (the ETL's --receivers default): receive 10 + DeleteMessageBatch, nothing else
+  1 limit   N threads, N = the ETL's --receivers + --deleters defaults (its SQS calls in flight at
+            most): receive 10 + DeleteMessageBatch, nothing else
   2 ours    `python main.py` as a child process; wall time, its own timer, peak RSS, verified counts
   3 naive   one thread: receive 10, then per message parse, mask, INSERT + COMMIT, DeleteMessage
   4 sink    the ETL's own Pipeline (receiver threads parse + mask, the writer COPYs + commits,
@@ -75,19 +76,19 @@ TARGET_PEAK_RSS_MB = 150
 RECEIVE_BATCH = 10  # the naive subset is at least one receive
 
 
-def etl_defaults() -> tuple[int, int, float]:
-    """(--receivers, --batch-size, --flush-seconds) as `python main.py` would use them."""
+def etl_defaults() -> tuple[int, int, int, float]:
+    """(--receivers, --deleters, --batch-size, --flush-seconds) as `python main.py` would use them."""
     try:
         from main import _build_parser  # the CLI is what the benchmark runs
 
         parser = _build_parser()
-        return (parser.get_default("receivers"), parser.get_default("batch_size"),
-                parser.get_default("flush_seconds"))
+        return (parser.get_default("receivers"), parser.get_default("deleters"),
+                parser.get_default("batch_size"), parser.get_default("flush_seconds"))
     except (ImportError, AttributeError):
         from pipeline import PipelineOptions
 
         options = PipelineOptions()
-        return options.receivers, options.batch_size, options.flush_seconds
+        return options.receivers, options.deleters, options.batch_size, options.flush_seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,11 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     services = Services(endpoint_url=args.endpoint_url, region=os.environ["AWS_DEFAULT_REGION"],
                         admin_dsn=args.database_url, masking_key=generate_key())
-    receivers, batch_size, flush_seconds = etl_defaults()
+    receivers, deleters, batch_size, flush_seconds = etl_defaults()
+    limit_threads = receivers + deleters  # the SQS calls the ETL may have in flight
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()
     code_before = _code_fingerprint()
-    header = _environment(services, receivers, batch_size, flush_seconds, args)
+    header = _environment(services, receivers, deleters, batch_size, flush_seconds, args)
     for line in header:
         _progress(line)
     bodies = list(generate(args.count, SEED))
@@ -120,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxy = None if args.skip_latency else stack.enter_context(latency_proxy(args.endpoint_url, args.latency_ms))
         for run in range(1, args.runs + 1):
             _progress(f"run {run}/{args.runs}")
-            record("limit", "limit", lambda: _drain(services, bodies, receivers))
+            record("limit", "limit", lambda: _drain(services, bodies, limit_threads))
             record("ours", "ours", lambda: _ours(services, bodies))
             record("naive", "naive", lambda: _naive(services, bodies))
             sink_result, copy_result, copy_fmt_result = _sink(services, bodies, receivers, batch_size, flush_seconds)
@@ -128,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             record("copy", "bare COPY, pre-formatted", lambda r=copy_result: r)
             record("copy_fmt", "bare COPY, formatting timed", lambda r=copy_fmt_result: r)
             if proxy is not None:
-                record("limit_lat", "limit +latency", lambda: _drain(services, bodies, receivers, proxy))
+                record("limit_lat", "limit +latency", lambda: _drain(services, bodies, limit_threads, proxy))
                 record("ours_lat", "ours +latency", lambda: _ours(services, bodies, proxy))
                 record("naive_lat", f"naive +latency ({naive_count:,}-message subset)",
                        lambda: _naive(services, bodies[:naive_count], proxy))
@@ -143,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     footer += [f"finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC after "
               f"{(datetime.now(timezone.utc) - started).total_seconds() / 60:.1f} min; load average "
               f"before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 cores shared with other work)"]
-    print("\n".join([*header, "", *_report(results, args, receivers, naive_count), "", *footer]))
+    print("\n".join([*header, "", *_report(results, args, limit_threads, naive_count), "", *footer]))
     checks = [m.check for key in ("ours", "ours_lat", "rss", "sink") for m in results.get(key, [])]
     return EXIT_MISMATCH if any(c and not c.startswith("OK") for c in checks) else EXIT_OK
 
@@ -173,7 +175,7 @@ def _sink(services: Services, bodies: list[str], receivers: int, batch_size: int
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _environment(services: Services, receivers: int, batch_size: int, flush_seconds: float,
+def _environment(services: Services, receivers: int, deleters: int, batch_size: int, flush_seconds: float,
                  args: argparse.Namespace) -> list[str]:
     cpu = _first_value("/proc/cpuinfo", "model name") or platform.processor() or "unknown CPU"
     memory_kb = _first_value("/proc/meminfo", "MemTotal")
@@ -187,7 +189,8 @@ def _environment(services: Services, receivers: int, batch_size: int, flush_seco
         f"Python {platform.python_version()}, boto3 {boto3.__version__}, botocore {botocore.__version__}, "
         f"psycopg2 {psycopg2.__version__.split()[0]}, cryptography {cryptography.__version__}",
         f"ETL code:   git {_git_head()}, fingerprint {_code_fingerprint()} (sha256 of the modules under test)",
-        f"ETL defaults (main.py): --receivers {receivers} --batch-size {batch_size} --flush-seconds {flush_seconds}",
+        f"ETL defaults (main.py): --receivers {receivers} --deleters {deleters} --batch-size {batch_size} "
+        f"--flush-seconds {flush_seconds}",
         f"messages per drain: {args.count:,}; runs: {args.runs} (figures are medians); "
         + ("no latency scenarios" if args.skip_latency else f"latency proxy: +{args.latency_ms:g} ms per request"),
     ]
@@ -247,11 +250,11 @@ def _first_value(path: str, key: str) -> str | None:
     return None
 
 
-def _report(results: dict[str, list[Measurement]], args: argparse.Namespace, receivers: int,
+def _report(results: dict[str, list[Measurement]], args: argparse.Namespace, limit_threads: int,
             naive_count: int) -> list[str]:
     lat = f"+{args.latency_ms:g} ms"
     rows = [
-        ("limit", f"1 limit: bare drain, {receivers} threads", "msgs/s"),
+        ("limit", f"1 limit: bare drain, {limit_threads} threads", "msgs/s"),
         ("ours", "2 ours: python main.py (wall)", "msgs/s"),
         ("naive", "3 naive: per-message loop", "msgs/s"),
         ("sink", "4 sink: pipeline, no SQS", "rows/s"),
