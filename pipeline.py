@@ -74,7 +74,6 @@ def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejecti
         event = LoginEvent.from_body(message.body)
     except InvalidMessage as exc:
         return reject(message, masker, str(exc))
-    sent_at = message.sent_at or datetime.now(timezone.utc)
     return MaskedLogin(
         message_id=message.message_id,
         user_id=event.user_id,
@@ -83,7 +82,7 @@ def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejecti
         masked_device_id=masker.mask("device_id", event.device_id),
         locale=event.locale,
         app_version=event.app_version,
-        create_date=sent_at.date(),
+        create_date=message.sent_date or datetime.now(timezone.utc).date(),
     )
 
 

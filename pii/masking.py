@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import secrets
 from collections.abc import Mapping
@@ -132,8 +133,11 @@ class Masker:
         return self._seal(self.version, field, value)
 
     def _seal(self, version: int, field: str, value: str) -> str:
-        sealed = self._ciphers[version].encrypt(value.encode("utf-8", "surrogatepass"), [field.encode()])
-        return f"v{version}." + base64.urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
+        # The hot path of the ETL (twice per message): the associated data is built once per field,
+        # and base64url is base64 with two letters swapped.
+        sealed = self._ciphers[version].encrypt(value.encode("utf-8", "surrogatepass"), _associated_data(field))
+        encoded = binascii.b2a_base64(sealed, newline=False).rstrip(b"=").translate(_BASE64_TO_URLSAFE)
+        return f"v{version}." + encoded.decode("ascii")
 
     def _open(self, token: str, fields: tuple[str, ...]) -> tuple[str, str]:
         version, sealed = _parse(token)
@@ -146,11 +150,20 @@ class Masker:
             )
         for field in fields:
             try:
-                plain = cipher.decrypt(sealed, [field.encode()])
+                plain = cipher.decrypt(sealed, _associated_data(field))
             except InvalidTag:
                 continue
             return field, plain.decode("utf-8", "surrogatepass")
         raise UnmaskError("token does not decrypt under this key (wrong key, or tampered)")
+
+
+_BASE64_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+@functools.cache
+def _associated_data(field: str) -> list[bytes]:
+    """The AES-SIV associated data of a field (a list the cipher reads and never changes)."""
+    return [field.encode()]
 
 
 def _parse(token: str) -> tuple[int, bytes]:

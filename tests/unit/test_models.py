@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models import MAX_PII_BYTES, InvalidMessage, LoginEvent
+from models import MAX_PII_BYTES, InvalidMessage, LoginEvent, ReceivedMessage
 
 GOOD = {
     "user_id": "424cdd21-063a-43a7-b91b-7ca1a833afae",
@@ -138,3 +138,10 @@ def test_any_json_object_either_parses_or_is_rejected_with_a_reason(data: dict[s
         assert str(exc)
     else:
         assert event.ip == data["ip"] and event.device_id == data["device_id"]
+
+
+@given(st.integers(min_value=-(10**13), max_value=10**14))
+def test_the_sent_date_is_the_utc_day_of_the_sent_time(sent_ms: int) -> None:
+    message = ReceivedMessage(message_id="m", receipt_handle="r", body="{}", sent_timestamp_ms=sent_ms)
+    assert message.sent_at is not None
+    assert message.sent_date == message.sent_at.date()
