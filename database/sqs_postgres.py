@@ -135,7 +135,7 @@ class PostgresWriter:
 
     def schema_problem(self) -> str | None:
         """Without changing anything: None if the schema is current, else what is wrong."""
-        def inspect(cur: psycopg2.extensions.cursor) -> str | None:
+        def inspect(cur: Cursor) -> str | None:
             cur.execute("SELECT to_regclass('user_logins'), to_regclass('user_logins_rejected'), "
                         "to_regclass('etl_schema_version')")
             if None in one_row(cur):
@@ -164,7 +164,7 @@ class PostgresWriter:
 
     # -- schema -------------------------------------------------------------------------------
 
-    def _migrate(self, cur: psycopg2.extensions.cursor) -> None:
+    def _migrate(self, cur: Cursor) -> None:
         # One transaction under an advisory lock: two processes starting at once take turns,
         # and the second finds everything in place.
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
@@ -218,7 +218,7 @@ class PostgresWriter:
             raise DatabaseRejectedRows(bad) from None
 
     def _write(
-        self, cur: psycopg2.extensions.cursor, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection]
+        self, cur: Cursor, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection]
     ) -> WriteResult:
         inserted = rejected = 0
         if logins:
@@ -236,7 +236,7 @@ class PostgresWriter:
         duplicates = len(logins) + len(rejections) - inserted - rejected
         return WriteResult(inserted=inserted, rejected=rejected, duplicates=duplicates)
 
-    def _insert_logins(self, cur: psycopg2.extensions.cursor, logins: Sequence[MaskedLogin]) -> int:
+    def _insert_logins(self, cur: Cursor, logins: Sequence[MaskedLogin]) -> int:
         """Insert the rows that are new; return how many.
 
         Usually none of them is stored yet, and a COPY straight into user_logins is the fastest
@@ -245,16 +245,17 @@ class PostgresWriter:
         written first), is rolled back and the batch goes through the staging table and
         ``ON CONFLICT DO NOTHING`` instead, as do the next batches: redeliveries come in runs.
         """
-        buffer = _copy_buffer(logins)
-        # One read of the whole buffer: each read is a trip back into Python (and a wait for the
+        text = _copy_text(logins)
+        buffer = io.StringIO(text)
+        # One read of the whole text: each read is a trip back into Python (and a wait for the
         # GIL while the receivers parse and mask), so the default 8 KiB chunks cost.
-        size = max(8192, len(buffer.getvalue()))
+        size = max(8192, len(text))
         if self._staged_batches_left == 0:
             try:
                 cur.copy_expert(f"COPY user_logins ({_COLUMN_LIST}) FROM STDIN", buffer, size=size)
                 return len(logins)
             except psycopg2.errors.UniqueViolation:
-                self._conn.rollback()  # type: ignore[union-attr]
+                cur.connection.rollback()
                 self._staged_batches_left = STAGED_BATCHES_AFTER_CONFLICT
                 buffer.seek(0)
         else:
@@ -310,7 +311,7 @@ _ROW_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError)
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def _copy_buffer(logins: Sequence[MaskedLogin]) -> io.StringIO:
+def _copy_text(logins: Sequence[MaskedLogin]) -> str:
     """Rows in COPY text format (tab-separated, \\N for NULL, backslash escapes).
 
     Fast path: values almost never hold a tab, newline or backslash, so each row is joined once
@@ -330,7 +331,7 @@ def _copy_buffer(logins: Sequence[MaskedLogin]) -> io.StringIO:
         locale = "\\N" if row.locale is None else row.locale.translate(_COPY_ESCAPES)
         lines.append(f"{head}\t{locale}")
     lines.append("")
-    return io.StringIO("\n".join(lines))
+    return "\n".join(lines)
 
 
 def one_row(cur: Cursor) -> tuple[Any, ...]:

@@ -7,7 +7,7 @@ from datetime import date
 from hypothesis import given
 from hypothesis import strategies as st
 
-from database.sqs_postgres import _copy_buffer
+from database.sqs_postgres import _copy_text
 from models import MaskedLogin
 
 _UNESCAPE = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r"}
@@ -40,7 +40,7 @@ text = st.text(alphabet=st.characters(exclude_characters="\x00", exclude_categor
 def test_every_row_decodes_back_to_its_values(rows: list[tuple[str, str, str, str | None]]) -> None:
     logins = [MaskedLogin(f"m{i}", user, device, "v1.a", "v1.b", locale, version, date(2026, 1, 2))
               for i, (user, device, version, locale) in enumerate(rows)]
-    lines = _copy_buffer(logins).getvalue().split("\n")
+    lines = _copy_text(logins).split("\n")
     assert lines[-1] == "" and len(lines) == len(logins) + 1
     for login, line in zip(logins, lines, strict=False):
         assert decode(line) == [login.message_id, login.user_id, login.device_type, "v1.a", "v1.b",
