@@ -266,21 +266,20 @@ class Pipeline:
             if due:
                 if self._fatal is not None:
                     return  # a receiver failed for good: do not commit what we cannot delete safely
-                batch = [m for part in parts for m in part.messages]
-                failed = self._commit(batch, parts)
+                committed = self._commit(parts)
                 parts, size = [], 0
-                if failed:
-                    self._in_hand.remove(failed)  # not extended: they come back after the timeout
-                    failed_ids = {m.message_id for m in failed}
-                    batch = [m for m in batch if m.message_id not in failed_ids]
                 # Only now, after the commit: one task per DeleteMessageBatch call, side by side.
-                for start in range(0, len(batch), MAX_DELETE_ENTRIES):
+                for start in range(0, len(committed), MAX_DELETE_ENTRIES):
                     slots.acquire()
-                    deleters.submit(self._delete, batch[start : start + MAX_DELETE_ENTRIES], slots)
+                    deleters.submit(self._delete, committed[start : start + MAX_DELETE_ENTRIES], slots)
 
-    def _commit(self, batch: Sequence[ReceivedMessage], parts: Sequence[Prepared]) -> list[ReceivedMessage]:
-        """Store a batch in one transaction; return the messages that failed and must not be deleted."""
+    def _commit(self, parts: Sequence[Prepared]) -> list[ReceivedMessage]:
+        """Store a batch in one transaction; return its messages that may now be deleted.
+
+        Those left for redelivery (an unexpected processing error) are not among them.
+        """
         started = time.monotonic()
+        batch = [m for part in parts for m in part.messages]
         self.stats.received += len(batch)
         redelivered = sum(1 for m in batch if m.receive_count > 1)
         self.stats.redelivered += redelivered
@@ -315,7 +314,11 @@ class Pipeline:
         self._observer.on_commit(len(batch), seconds, written.inserted, written.rejected)
         logger.debug("committed %d messages in %.0f ms: %s", len(batch), seconds * 1000, written,
                      extra={"batch_size": len(batch), "duration_ms": round(seconds * 1000, 1)})
-        return failed
+        if not failed:
+            return batch
+        self._in_hand.remove(failed)  # not extended: they come back after the timeout
+        failed_ids = {m.message_id for m in failed}
+        return [m for m in batch if m.message_id not in failed_ids]
 
     def _on_failure(self, message: ReceivedMessage, exc: Exception) -> Rejection | None:
         """Leave a message that failed unexpectedly for redelivery, or quarantine it once it loops."""
