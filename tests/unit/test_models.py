@@ -10,14 +10,7 @@ from hypothesis import strategies as st
 
 from models import MAX_PII_BYTES, InvalidMessage, LoginEvent, ReceivedMessage
 
-GOOD = {
-    "user_id": "424cdd21-063a-43a7-b91b-7ca1a833afae",
-    "app_version": "2.3.0",
-    "device_type": "android",
-    "ip": "199.172.111.135",
-    "locale": "RU",
-    "device_id": "593-47-5928",
-}
+from helpers import GOOD_LOGIN as GOOD  # the exercise's sample message, shared with the integration tests
 
 
 def body(**changes: object) -> str:
