@@ -42,6 +42,9 @@ COPY_REPEAT = 5  # the bare COPYs load the rows this many times: a 20,000-row CO
 DRAIN_WAIT_SECONDS = 1  # the ETL's drain-mode long poll; every drain stops at its first empty poll
 LOGIN_COLUMNS = ("message_id", "user_id", "device_type", "masked_ip", "masked_device_id", "locale",
                  "app_version", "create_date")
+# The sink runs the pipeline in this process. It logs a warning per rejected message: the records
+# are still made, their output is dropped (with no handler Python would print each one to stderr).
+logging.getLogger("pipeline").addHandler(logging.NullHandler())
 _SUMMARY = re.compile(r"in ([0-9.]+) s \(")
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
@@ -348,9 +351,6 @@ def sink(services: Services, bodies: Sequence[str], dsn: str, receivers: int,
     messages = [ReceivedMessage(message_id=str(uuid.uuid4()), receipt_handle=str(n), body=body,
                                 sent_timestamp_ms=sent_ms) for n, body in enumerate(bodies)]
     source = MemoryQueue(messages)
-    # The pipeline logs a warning per rejected message: the records are still made, their output
-    # is dropped (without a handler Python would print each one to stderr).
-    logging.getLogger("pipeline").addHandler(logging.NullHandler())
     writer = PostgresWriter(dsn)
     writer.connect()
     options = PipelineOptions(receivers=receivers, batch_size=batch_size, flush_seconds=flush_seconds)
