@@ -10,7 +10,9 @@
 Exit codes: 0 ok; 1 unmask failed, or rekey left tokens it cannot rewrite; 2 configuration or
 usage error; 3 a service (SQS, PostgreSQL, KMS) unreachable at start, or unmask could not write its
 audit row; 4 a service lost mid-run beyond the retry budget (nothing uncommitted was deleted);
-130/143 a second SIGINT/SIGTERM cut the run short.
+5 stopped by SIGINT/SIGTERM while a service was unreachable: the stop timeout passed with messages
+uncommitted (not deleted; SQS redelivers them); 6 the queue became unusable mid-run (deleted, access
+denied); 128+N a second signal N cut the run short.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from aws.sqs import QueueNotFound, SqsError, SqsReader
 from config import ConfigError, KmsSettings, Settings, redact_dsn
 from database.audit import AuditLog, AuditUnavailable
 from database.rekey import Rekeyer, RekeyInterrupted
-from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter
+from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
 from models import UnmaskAudit
 from observability import Metrics, Progress, configure_logging
 from pii.keys import KeySourceError, KmsUnavailable, generate_wrapped_key
@@ -43,16 +45,22 @@ from pipeline import (
     DEFAULT_DELETERS,
     DEFAULT_FLUSH_SECONDS,
     DEFAULT_RECEIVERS,
+    DEFAULT_STOP_TIMEOUT_SECONDS,
     Pipeline,
     PipelineOptions,
+    QueueLost,
     ServiceLost,
+    Stopped,
 )
+from retry import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, BudgetExhausted, Retrier, StopState
 
 EXIT_OK = 0
 EXIT_UNMASK_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_UNREACHABLE = 3
 EXIT_SERVICE_LOST = 4
+EXIT_STOPPED_UNCOMMITTED = 5
+EXIT_QUEUE_LOST = 6
 
 logger = logging.getLogger("login_etl")
 
@@ -127,12 +135,20 @@ def _load_masker(settings: Settings) -> Masker | int:
     return masker
 
 
+def _connect(writer: PostgresWriter, args: argparse.Namespace) -> None:
+    """Connect and set up the schema; a schema lock held by someone else is waited out with backoff
+    (for the retry budget in drain mode, for ever with --follow); PostgreSQL unreachable is not."""
+    backoff = Backoff(args.backoff_base_seconds, args.backoff_cap_seconds)
+    retrier = Retrier(backoff, StopState(), budget_seconds=None if args.follow else args.retry_budget_seconds)
+    retrier.call("PostgreSQL", "schema set-up", writer.connect, SchemaBusy)
+
+
 def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     writer = PostgresWriter(settings.database_url)
     try:
-        writer.connect()
-    except DatabaseUnavailable as exc:
-        return _fail(f"PostgreSQL unreachable at {redact_dsn(settings.database_url)}: {exc}", EXIT_UNREACHABLE)
+        _connect(writer, args)
+    except (DatabaseUnavailable, BudgetExhausted) as exc:
+        return _fail(f"PostgreSQL unusable at {redact_dsn(settings.database_url)}: {exc}", EXIT_UNREACHABLE)
     wait = args.wait_seconds if args.wait_seconds is not None else (5 if args.follow else 1)
     reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
                        wait_time_seconds=wait)
@@ -148,6 +164,9 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         flush_seconds=args.flush_seconds,
         retry_budget_seconds=args.retry_budget_seconds,
+        stop_timeout_seconds=args.stop_timeout,
+        backoff_base_seconds=args.backoff_base_seconds,
+        backoff_cap_seconds=args.backoff_cap_seconds,
         visibility_timeout_seconds=int(attributes.get("VisibilityTimeout", 30)),
         max_receives=_max_receives(args.max_receives, attributes),
     )
@@ -170,8 +189,13 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
             stats = pipeline.run()
     except ServiceLost as exc:
         return _fail(f"{exc}; nothing uncommitted was deleted, rerun to resume", EXIT_SERVICE_LOST)
-    except QueueNotFound as exc:
-        return _fail(str(exc), EXIT_UNREACHABLE)
+    except Stopped as exc:
+        logger.error("stop timeout (%.0f s) passed: %s; they were not deleted and SQS redelivers them",
+                     args.stop_timeout, exc, extra={"count": exc.uncommitted})
+        return EXIT_STOPPED_UNCOMMITTED
+    except QueueLost as exc:
+        return _fail(f"the queue became unusable mid-run: {exc}; nothing uncommitted was deleted",
+                     EXIT_QUEUE_LOST)
     finally:
         writer.close()
         for signum, handler in previous.items():
@@ -328,13 +352,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number > 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number >= 0")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="main.py",
         description="Consume login events from SQS, mask ip/device_id, store them in PostgreSQL.",
         epilog="Exit codes: 0 ok, 1 unmask failed (or rekey left tokens), 2 configuration/usage error, "
         "3 service unreachable at start (or the unmask audit not written), 4 service lost mid-run beyond the "
-        "retry budget.",
+        "retry budget, 5 stopped with messages uncommitted after --stop-timeout, 6 the queue became unusable "
+        "mid-run, 128+N a second signal N.",
     )
     parser.add_argument("--follow", action="store_true", help="keep long-polling until SIGINT/SIGTERM")
     parser.add_argument("--receivers", type=_positive_int, default=DEFAULT_RECEIVERS,
@@ -349,6 +388,13 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="long-poll wait; drain stops at the first empty poll (1 drain, 5 follow)")
     parser.add_argument("--retry-budget-seconds", type=float, default=60.0,
                         help="drain mode: give up after a service is lost this long (60); --follow waits forever")
+    parser.add_argument("--stop-timeout", type=_non_negative_float, default=DEFAULT_STOP_TIMEOUT_SECONDS,
+                        metavar="S", help="on SIGINT/SIGTERM, keep retrying the batch in hand this long, then exit "
+                        f"5 leaving it uncommitted ({DEFAULT_STOP_TIMEOUT_SECONDS:.0f}; below a 30 s grace period)")
+    parser.add_argument("--backoff-base-seconds", type=_positive_float, default=DEFAULT_BASE_SECONDS, metavar="S",
+                        help=f"first retry waits up to this long, doubling per failure ({DEFAULT_BASE_SECONDS})")
+    parser.add_argument("--backoff-cap-seconds", type=_positive_float, default=DEFAULT_CAP_SECONDS, metavar="S",
+                        help=f"longest wait between retries ({DEFAULT_CAP_SECONDS:.0f})")
     parser.add_argument("--max-receives", type=_positive_int, default=5,
                         help="quarantine a message whose processing keeps failing after this many receives "
                         "(5; capped below the queue's RedrivePolicy maxReceiveCount)")

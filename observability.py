@@ -48,6 +48,14 @@ class Stats:
     delete_failures: int = 0
     extended: int = 0
     started: float = field(default_factory=time.monotonic)
+    # Receivers, the writer, the deleters and the extender all count: one lock for every update.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        """Add to counters by name, atomically (called from several threads)."""
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
 
     def summary(self) -> str:
         seconds = time.monotonic() - self.started

@@ -33,6 +33,7 @@ from database.sqs_postgres import PostgresWriter
 from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage
 from pii.masking import Masker, decode_key
 from pipeline import Pipeline, PipelineOptions
+from tests.fakes import MemoryQueue
 
 from sample_data import send  # scripts/ is put on sys.path by run.py
 
@@ -312,34 +313,6 @@ def naive_loop(services: Services, queue_url: str, dsn: str, endpoint_url: str |
 # -- 4. the sink alone, and the database's own COPY limit -----------------------------------------
 
 
-class MemoryQueue:
-    """An in-memory stand-in for SqsReader: serves bodies ten at a time; deletes are no-ops.
-
-    It lets the sink scenario run the ETL's own Pipeline (receiver threads parsing and masking,
-    the writer committing, the deleters) with no SQS in the way.
-    """
-
-    def __init__(self, messages: Sequence[ReceivedMessage]) -> None:
-        self._messages = list(messages)
-        self._next = 0
-        self._lock = threading.Lock()
-        self.deleted = 0
-
-    def receive(self, *, wait_time_seconds: int | None = None) -> list[ReceivedMessage]:
-        with self._lock:
-            start = self._next
-            self._next = min(len(self._messages), start + RECEIVE_MAX_MESSAGES)
-            return self._messages[start : self._next]
-
-    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
-        with self._lock:
-            self.deleted += len(messages)
-        return []
-
-    def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]:
-        return []
-
-
 def sink(services: Services, bodies: Sequence[str], dsn: str, receivers: int,
          batch_size: int, flush_seconds: float) -> tuple[Measurement, Measurement, Measurement]:
     """Time the ETL's Pipeline (parse, validate, mask, COPY, commit) over in-memory messages, then bare COPYs.
@@ -356,7 +329,7 @@ def sink(services: Services, bodies: Sequence[str], dsn: str, receivers: int,
     options = PipelineOptions(receivers=receivers, batch_size=batch_size, flush_seconds=flush_seconds)
     try:
         began = time.perf_counter()
-        stats = Pipeline(source, writer, masker, options).run()  # type: ignore[arg-type]
+        stats = Pipeline(source, writer, masker, options).run()
         sink_seconds = time.perf_counter() - began
     finally:
         writer.close()

@@ -44,6 +44,8 @@ _LOGIN_COLUMNS = (
 _COLUMN_LIST = ", ".join(_LOGIN_COLUMNS)
 # After a batch that held an already-stored message, this many batches go through staging.
 STAGED_BATCHES_AFTER_CONFLICT = 10
+# Longest wait for any lock the schema set-up needs; past it the set-up is retried with backoff.
+DEFAULT_LOCK_TIMEOUT_SECONDS = 2.0
 
 _CREATE_LOGINS = """
 CREATE TABLE IF NOT EXISTS user_logins (
@@ -89,12 +91,17 @@ class DatabaseUnavailable(DatabaseError):
     """Raised when PostgreSQL cannot be reached or the connection broke; retry later."""
 
 
-class DatabaseRejectedRows(DatabaseError):
-    """Raised when PostgreSQL refused data in a batch; `bad` holds the rows it refused alone."""
+class SchemaBusy(DatabaseUnavailable):
+    """Raised when a schema migration gave up waiting for a lock (an open transaction holds it); retry later."""
 
-    def __init__(self, bad: list[tuple[MaskedLogin, str]]) -> None:
-        super().__init__(f"{len(bad)} row(s) refused by PostgreSQL")
-        self.bad = bad
+
+class DatabaseRejectedRows(DatabaseError):
+    """Raised when PostgreSQL refused data in a batch: the rows it refuses alone, with the reason."""
+
+    def __init__(self, bad_logins: list[tuple[MaskedLogin, str]], bad_rejections: list[tuple[Rejection, str]]) -> None:
+        super().__init__(f"{len(bad_logins) + len(bad_rejections)} row(s) refused by PostgreSQL")
+        self.bad_logins = bad_logins
+        self.bad_rejections = bad_rejections
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +116,10 @@ class WriteResult:
 class PostgresWriter:
     """Owns one connection; writes batches in single transactions."""
 
-    def __init__(self, dsn: str, *, connect_timeout_seconds: int = 5, application_name: str = "login-etl") -> None:
+    def __init__(self, dsn: str, *, connect_timeout_seconds: int = 5, application_name: str = "login-etl",
+                 lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS) -> None:
         self._dsn = dsn
+        self._lock_timeout_ms = max(1, int(lock_timeout_seconds * 1000))
         self._connect_timeout = connect_timeout_seconds
         self._application_name = application_name
         self._conn: psycopg2.extensions.connection | None = None
@@ -122,7 +131,14 @@ class PostgresWriter:
     # -- connection ---------------------------------------------------------------------------
 
     def connect(self, *, migrate: bool = True) -> None:
-        """Open the connection and (unless told not to) bring the schema up to date."""
+        """Open the connection and (unless told not to) bring the schema up to date.
+
+        The schema is looked at first, without taking a lock; only a schema that is behind is
+        migrated. Every lock a migration (or the session's staging table) waits for is bounded by
+        the lock timeout: SchemaBusy then names who holds it, and the caller retries later. So a
+        restart never queues behind an analyst's open transaction, nor makes the analysts'
+        next queries queue behind it.
+        """
         self.close()
         try:
             self._conn = psycopg2.connect(
@@ -130,8 +146,17 @@ class PostgresWriter:
             )
         except psycopg2.OperationalError as exc:
             raise DatabaseUnavailable(first_line(exc)) from None
-        if migrate:
-            self._run(self._migrate)
+        if not migrate:
+            return
+        try:
+            if self.schema_problem() is not None:
+                self._run(self._migrate)
+            self._run(self._create_stage)
+        except psycopg2.errors.LockNotAvailable:
+            holders = self._run(_lock_holders, commit=False)
+            self.close()
+            raise SchemaBusy(f"schema set-up waited {self._lock_timeout_ms} ms for a lock {holders}; "
+                             "it will try again") from None
 
     def schema_problem(self) -> str | None:
         """Without changing anything: None if the schema is current, else what is wrong."""
@@ -166,7 +191,8 @@ class PostgresWriter:
 
     def _migrate(self, cur: Cursor) -> None:
         # One transaction under an advisory lock: two processes starting at once take turns,
-        # and the second finds everything in place.
+        # and the second finds everything in place. No lock is waited for longer than the timeout.
+        cur.execute(f"SET LOCAL lock_timeout = {self._lock_timeout_ms}")
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
         cur.execute(_CREATE_LOGINS)
         cur.execute(_CREATE_REJECTED)
@@ -195,7 +221,10 @@ class PostgresWriter:
         )
         cur.execute(_CREATE_DUPLICATES_VIEW)
         cur.execute("INSERT INTO etl_schema_version (version) VALUES (%s) ON CONFLICT DO NOTHING", (SCHEMA_VERSION,))
+
+    def _create_stage(self, cur: Cursor) -> None:
         # Staging table for COPY: private to this session, emptied at each commit.
+        cur.execute(f"SET LOCAL lock_timeout = {self._lock_timeout_ms}")
         cur.execute(
             """CREATE TEMP TABLE IF NOT EXISTS user_logins_stage
                (LIKE user_logins INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"""
@@ -203,40 +232,55 @@ class PostgresWriter:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def write(self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection]) -> WriteResult:
+    def write(
+        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False
+    ) -> WriteResult:
         """Store a batch in one transaction; return once it has committed.
+
+        A message is stored in one of the two tables, never both: a rejection is not stored for a
+        message already loaded, nor (when `redelivered`: the batch holds messages received before)
+        a login for one already quarantined. Only a redelivered message can be in either table.
 
         Raises DatabaseUnavailable (nothing committed; retry the batch) or DatabaseRejectedRows
         (nothing committed; the listed rows are refused by PostgreSQL, the rest are good).
         """
         try:
-            return self._run(lambda cur: self._write(cur, logins, rejections))
+            return self._run(lambda cur: self._write(cur, logins, rejections, staged=redelivered))
         except _ROW_ERRORS as exc:
-            bad = self._find_bad_rows(logins)
-            if not bad:  # no row fails alone: not the data's fault; retry the batch later
+            bad_logins = self._find_bad_rows(logins, [])
+            bad_rejections = self._find_bad_rows([], rejections)
+            if not bad_logins and not bad_rejections:  # no row fails alone: not the data's fault
                 raise DatabaseUnavailable(f"batch refused: {exc.pgcode}") from None
-            raise DatabaseRejectedRows(bad) from None
+            raise DatabaseRejectedRows(
+                [(row, reason) for row, reason in bad_logins if isinstance(row, MaskedLogin)],
+                [(row, reason) for row, reason in bad_rejections if isinstance(row, Rejection)],
+            ) from None
 
     def _write(
-        self, cur: Cursor, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection]
+        self, cur: Cursor, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], staged: bool = False
     ) -> WriteResult:
         inserted = rejected = 0
         if logins:
-            inserted = self._insert_logins(cur, logins)
+            inserted = self._insert_logins(cur, logins, staged)
         if rejections:
-            execute_values(
+            # RETURNING, not rowcount: execute_values runs one statement per page, and rowcount
+            # would hold the last page's count only.
+            stored = execute_values(
                 cur,
-                """INSERT INTO user_logins_rejected
-                       (message_id, reason, sent_at, receive_count, encrypted_body)
-                   VALUES %s ON CONFLICT (message_id) DO NOTHING""",
+                """INSERT INTO user_logins_rejected (message_id, reason, sent_at, receive_count, encrypted_body)
+                   SELECT v.* FROM (VALUES %s) AS v (message_id, reason, sent_at, receive_count, encrypted_body)
+                    WHERE NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = v.message_id)
+                   ON CONFLICT (message_id) DO NOTHING RETURNING 1""",
                 [(r.message_id, r.reason, r.sent_at, r.receive_count, r.encrypted_body) for r in rejections],
+                template="(%s, %s, %s::timestamptz, %s::integer, %s)",
                 page_size=1000,
+                fetch=True,
             )
-            rejected = cur.rowcount
+            rejected = len(stored)
         duplicates = len(logins) + len(rejections) - inserted - rejected
         return WriteResult(inserted=inserted, rejected=rejected, duplicates=duplicates)
 
-    def _insert_logins(self, cur: Cursor, logins: Sequence[MaskedLogin]) -> int:
+    def _insert_logins(self, cur: Cursor, logins: Sequence[MaskedLogin], staged: bool = False) -> int:
         """Insert the rows that are new; return how many.
 
         Usually none of them is stored yet, and a COPY straight into user_logins is the fastest
@@ -250,7 +294,7 @@ class PostgresWriter:
         # One read of the whole text: each read is a trip back into Python (and a wait for the
         # GIL while the receivers parse and mask), so the default 8 KiB chunks cost.
         size = max(8192, len(text))
-        if self._staged_batches_left == 0:
+        if self._staged_batches_left == 0 and not staged:
             try:
                 cur.copy_expert(f"COPY user_logins ({_COLUMN_LIST}) FROM STDIN", buffer, size=size)
                 return len(logins)
@@ -258,23 +302,30 @@ class PostgresWriter:
                 cur.connection.rollback()
                 self._staged_batches_left = STAGED_BATCHES_AFTER_CONFLICT
                 buffer.seek(0)
-        else:
+        elif self._staged_batches_left:
             self._staged_batches_left -= 1
         cur.copy_expert(f"COPY user_logins_stage ({_COLUMN_LIST}) FROM STDIN", buffer, size=size)
         cur.execute(
-            f"""INSERT INTO user_logins ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM user_logins_stage
+            f"""INSERT INTO user_logins ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM user_logins_stage s
+                 WHERE NOT EXISTS (SELECT 1 FROM user_logins_rejected r WHERE r.message_id = s.message_id)
                 ON CONFLICT (message_id) DO NOTHING"""
         )
         return cur.rowcount
 
-    def _find_bad_rows(self, logins: Sequence[MaskedLogin]) -> list[tuple[MaskedLogin, str]]:
+    def _find_bad_rows(
+        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection]
+    ) -> list[tuple[MaskedLogin | Rejection, str]]:
         """Try each row alone (rolled back) to name the ones PostgreSQL refuses."""
-        bad: list[tuple[MaskedLogin, str]] = []
-        for login in logins:
+        bad: list[tuple[MaskedLogin | Rejection, str]] = []
+        rows: list[tuple[MaskedLogin | Rejection, Callable[[Cursor], WriteResult]]] = [
+            *((login, partial(self._write, logins=[login], rejections=[])) for login in logins),
+            *((rejection, partial(self._write, logins=[], rejections=[rejection])) for rejection in rejections),
+        ]
+        for row, work in rows:
             try:
-                self._run(partial(self._write, logins=[login], rejections=[]), commit=False)
+                self._run(work, commit=False)
             except _ROW_ERRORS as exc:
-                bad.append((login, f"refused by PostgreSQL: {exc.pgcode} {first_line(exc).split(':')[0]}"))
+                bad.append((row, f"refused by PostgreSQL: {exc.pgcode} {first_line(exc).split(':')[0]}"))
         return bad
 
     def _run(self, work: Callable[[Cursor], T], *, commit: bool = True) -> T:
@@ -289,6 +340,9 @@ class PostgresWriter:
             else:
                 self._conn.rollback()
             return result
+        except psycopg2.errors.LockNotAvailable:
+            self._conn.rollback()  # lock_timeout: the connection is fine, the caller says what waited
+            raise
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             self.close()
             raise DatabaseUnavailable(first_line(exc)) from None
@@ -332,6 +386,23 @@ def _copy_text(logins: Sequence[MaskedLogin]) -> str:
         lines.append(f"{head}\t{locale}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _lock_holders(cur: Cursor) -> str:
+    """Who holds locks on our tables: pid, application, state and since when; never a query's text."""
+    cur.execute(
+        """SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, ''), '?'), coalesce(a.state, '?'),
+                  to_char(a.xact_start AT TIME ZONE 'UTC', 'HH24:MI:SS'),
+                  coalesce(c.relname, 'the schema set-up lock')
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid LEFT JOIN pg_class c ON c.oid = l.relation
+            WHERE l.granted AND l.pid <> pg_backend_pid()
+              AND ((c.relnamespace = current_schema()::regnamespace
+                    AND c.relname IN ('user_logins', 'user_logins_rejected', 'user_login_duplicates',
+                                      'etl_schema_version'))
+                   OR (l.locktype = 'advisory' AND l.objid = %s))
+            ORDER BY 1 LIMIT 5""", (_SCHEMA_LOCK_ID & 0xFFFFFFFF,))
+    held = [f"pid {pid} ({app}, {state} since {since} UTC) on {rel}" for pid, app, state, since, rel in cur.fetchall()]
+    return "held by " + "; ".join(held) if held else "(its holder has gone)"
 
 
 def one_row(cur: Cursor) -> tuple[Any, ...]:

@@ -192,19 +192,19 @@ def test_a_slow_batch_has_its_visibility_extended_instead_of_being_redelivered(
 
 def test_a_looping_failure_is_quarantined_after_max_receives_not_looped_forever(etl_env, sqs_client, monkeypatch):
     import main
-    import pipeline
+    import transform
 
     queue_url = etl_env["SQS_QUEUE_URL"]
     set_visibility(sqs_client, queue_url, 1)
     ids = send(sqs_client, queue_url, [login(n) for n in range(5)] + [login(99, user_id="poison")])
-    real = pipeline.transform
+    real = transform.transform
 
     def flaky(message, masker):  # a bug that trips on one message, whatever its content's validity
         if '"poison"' in message.body:
             raise RuntimeError("boom")
         return real(message, masker)
 
-    monkeypatch.setattr(pipeline, "transform", flaky)
+    monkeypatch.setattr(transform, "transform", flaky)
     for _ in range(20):
         assert main.main(["--max-receives", "3", "--wait-seconds", "2"]) == 0
         if queue_counts(sqs_client, queue_url) == (0, 0):
@@ -220,7 +220,7 @@ def test_with_a_redrive_policy_a_looping_message_is_quarantined_before_it_is_dea
     etl_env, sqs_client, monkeypatch
 ) -> None:
     import main
-    import pipeline
+    import transform
 
     queue_url = etl_env["SQS_QUEUE_URL"]
     dlq = sqs_client.create_queue(QueueName=queue_url.rsplit("/", 1)[1] + "-dlq")["QueueUrl"]
@@ -229,7 +229,7 @@ def test_with_a_redrive_policy_a_looping_message_is_quarantined_before_it_is_dea
         set_visibility(sqs_client, queue_url, 1,
                        RedrivePolicy=f'{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"3"}}')
         ids = send(sqs_client, queue_url, [login(1, user_id="poison")])
-        monkeypatch.setattr(pipeline, "transform", lambda message, masker: 1 / 0)
+        monkeypatch.setattr(transform, "transform", lambda message, masker: 1 / 0)
         for _ in range(20):
             assert main.main(["--max-receives", "10", "--wait-seconds", "2"]) == 0
             if queue_counts(sqs_client, queue_url) == (0, 0):

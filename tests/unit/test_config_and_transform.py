@@ -10,7 +10,7 @@ import pytest
 from config import DEFAULT_DATABASE_URL, DEFAULT_QUEUE_URL, ConfigError, Settings, redact_dsn
 from models import MaskedLogin, ReceivedMessage, Rejection
 from pii.masking import Masker, generate_key
-from pipeline import transform
+from transform import transform
 
 KEY = generate_key()
 

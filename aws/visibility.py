@@ -1,0 +1,150 @@
+"""VisibilityKeeper: the messages this process holds, and the thread that keeps them hidden.
+
+SQS hides a received message for the queue's visibility timeout. A batch that takes longer (a slow
+or unreachable database) would reappear and be processed twice in parallel, so a message still in
+hand at half the timeout has its visibility extended. The rules, each a past bug:
+
+- a deadline moves only when SQS accepted the extension; after a failure the next tick tries again
+  (it does not wait for the message to reappear);
+- an entry SQS refuses (its receipt handle is stale: the message reappeared or was deleted) is no
+  longer tracked and is not counted as extended;
+- each call covers at most 10 entries, and one failing call does not skip the others;
+- no error ends the extender thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from models import ReceivedMessage
+
+logger = logging.getLogger(__name__)
+
+MAX_ENTRIES_PER_CALL = 10  # ChangeMessageVisibilityBatch limit
+
+# extend(messages, timeout_seconds) -> ids SQS refused; raises on a failed call.
+Extend = Callable[[Sequence[ReceivedMessage], int], list[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendResult:
+    """One pass of the keeper: how many entries were extended, refused, or left for the next tick."""
+
+    extended: int = 0
+    refused: int = 0
+    failed: int = 0
+
+
+class VisibilityKeeper:
+    """Tracks received-not-deleted messages by receipt handle; extends those due, on its own thread."""
+
+    def __init__(
+        self,
+        extend: Extend,
+        timeout_seconds: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_pass: Callable[[ExtendResult], None] = lambda result: None,
+    ) -> None:
+        self.timeout = max(1, timeout_seconds)
+        self._extend = extend
+        self._clock = clock
+        self._on_pass = on_pass
+        self._deadlines: dict[str, tuple[ReceivedMessage, float]] = {}
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- tracking -------------------------------------------------------------------------------
+
+    def track(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Start tracking messages just received: SQS hides them for one timeout from now."""
+        deadline = self._clock() + self.timeout
+        with self._lock:
+            for message in messages:
+                self._deadlines[message.receipt_handle] = (message, deadline)
+
+    def untrack(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Stop tracking (deleted, or left to reappear on purpose)."""
+        with self._lock:
+            for message in messages:
+                self._deadlines.pop(message.receipt_handle, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._deadlines)
+
+    def held(self) -> list[ReceivedMessage]:
+        """The messages tracked now."""
+        with self._lock:
+            return [message for message, _ in self._deadlines.values()]
+
+    # -- extending ------------------------------------------------------------------------------
+
+    def due(self) -> list[ReceivedMessage]:
+        """Messages within half a timeout of reappearing (nothing is changed)."""
+        now = self._clock()
+        with self._lock:
+            return [m for m, deadline in self._deadlines.values() if deadline - now < self.timeout / 2]
+
+    def extend_due(self) -> ExtendResult:
+        """Extend every message due, 10 per call; one pass of the extender thread."""
+        due = self.due()
+        extended = refused = failed = 0
+        for start in range(0, len(due), MAX_ENTRIES_PER_CALL):
+            chunk = due[start : start + MAX_ENTRIES_PER_CALL]
+            called_at = self._clock()  # SQS counts the new timeout from the call
+            try:
+                refused_ids = set(self._extend(chunk, self.timeout))
+            except Exception as exc:  # noqa: BLE001 - any failure: try again at the next tick
+                failed += len(chunk)
+                logger.warning("could not extend the visibility of %d messages: %s", len(chunk), _short(exc))
+                continue
+            with self._lock:
+                for message in chunk:
+                    if message.receipt_handle not in self._deadlines:
+                        continue  # deleted meanwhile
+                    if message.message_id in refused_ids:
+                        del self._deadlines[message.receipt_handle]
+                        refused += 1
+                    else:
+                        self._deadlines[message.receipt_handle] = (message, called_at + self.timeout)
+                        extended += 1
+            if refused_ids:
+                logger.warning("SQS refused to extend %d of %d messages (stale receipt: they reappear and are "
+                               "stored once)", len(refused_ids), len(chunk))
+        if extended:
+            logger.info("extended the visibility of %d messages still in hand", extended)
+        return ExtendResult(extended=extended, refused=refused, failed=failed)
+
+    # -- the thread -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the extender thread (a daemon: it never holds up the process's exit)."""
+        self._thread = threading.Thread(target=self._loop, name="visibility", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the extender thread and wait for it."""
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        tick = min(1.0, self.timeout / 4)
+        while not self._done.wait(tick):
+            try:
+                result = self.extend_due()
+                if result.extended or result.refused or result.failed:
+                    self._on_pass(result)
+            except Exception:  # noqa: BLE001 - the extender must outlive any bug in one pass
+                logger.exception("visibility extender pass failed; trying again")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -1,0 +1,160 @@
+"""How every retry in the process waits and when it gives up.
+
+`Backoff` is the policy (capped exponential delay, full jitter). `Retrier` applies it to one call
+against one service: it counts attempts, reports each failure, and decides between trying again,
+giving up after the retry budget (drain mode), and giving up because the process is stopping.
+The clock and the sleep are injected, so that a test can fail a call 100,000 times in a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_BASE_SECONDS = 0.2
+DEFAULT_CAP_SECONDS = 10.0
+# Log the first failure of a call and then every tenth: a long outage must not flood the log.
+LOG_EVERY = 10
+
+
+class RetryError(Exception):
+    """Root of the errors raised here: a call was given up on. The text names service and operation."""
+
+
+class BudgetExhausted(RetryError):
+    """Raised when a call kept failing for longer than the retry budget (drain mode)."""
+
+
+class StopDeadlinePassed(RetryError):
+    """Raised when the process is stopping and the call still failed at the stop deadline."""
+
+
+class Abandoned(RetryError):
+    """Raised when the process is stopping and the call is one not worth finishing (a receive)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base * 2**n))."""
+
+    base_seconds: float = DEFAULT_BASE_SECONDS
+    cap_seconds: float = DEFAULT_CAP_SECONDS
+
+    def __post_init__(self) -> None:
+        if not 0 < self.base_seconds <= self.cap_seconds:
+            raise ValueError(f"need 0 < base ({self.base_seconds}) <= cap ({self.cap_seconds})")
+
+    def ceiling(self, attempt: int) -> float:
+        """The longest wait after the `attempt`-th failure; never overflows, however long the outage."""
+        # Past this exponent the cap rules anyway; 2**attempt itself would overflow a float at ~1,024.
+        exponent = min(max(attempt, 0), math.ceil(math.log2(self.cap_seconds / self.base_seconds)) + 1)
+        return min(self.cap_seconds, self.base_seconds * 2.0**exponent)
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """A wait drawn uniformly from [0, ceiling(attempt)) (full jitter)."""
+        return rng() * self.ceiling(attempt)
+
+
+class Clock:
+    """Monotonic time and an interruptible sleep; tests pass a fake that never really sleeps."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float, wake: threading.Event) -> None:
+        """Sleep up to `seconds`, returning early once `wake` is set."""
+        wake.wait(seconds)
+
+
+@dataclass
+class StopState:
+    """Whether the process is stopping, and until when a batch in hand may still be retried."""
+
+    clock: Clock = field(default_factory=Clock)
+    timeout_seconds: float = 20.0
+    event: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None
+
+    def stop(self) -> None:
+        """Start stopping now (later calls keep the first deadline)."""
+        if self.deadline is None:
+            self.deadline = self.clock.now() + self.timeout_seconds
+        self.event.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self.event.is_set()
+
+
+class Retrier:
+    """Retries calls under one Backoff, one retry budget and one stop state.
+
+    `budget_seconds` None means retry for ever (`--follow`). Once stopping, a call made with
+    `finish=True` (a commit, a delete of something committed) is still retried until the stop
+    deadline; one made with `finish=False` (a receive) is abandoned at its next failure.
+    """
+
+    def __init__(
+        self,
+        backoff: Backoff,
+        stop: StopState,
+        *,
+        budget_seconds: float | None,
+        on_error: Callable[[str, str], None] = lambda service, operation: None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.backoff = backoff
+        self._stop = stop
+        self._budget = budget_seconds
+        self._on_error = on_error
+        self._rng = rng
+
+    def call(
+        self,
+        service: str,
+        operation: str,
+        fn: Callable[[], T],
+        transient: type[Exception] | tuple[type[Exception], ...],
+        *,
+        finish: bool = True,
+    ) -> T:
+        """Call `fn` until it succeeds; raise BudgetExhausted, StopDeadlinePassed or Abandoned."""
+        clock = self._stop.clock
+        budget_end = math.inf if self._budget is None else clock.now() + self._budget
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except transient as exc:
+                attempt += 1
+                self._on_error(service, operation)
+                what = f"{service} {operation}"
+                now = clock.now()
+                if now >= budget_end:
+                    raise BudgetExhausted(f"{what} failed for {self._budget:.0f} s: {exc}") from None
+                if self._stop.stopping:
+                    if not finish:
+                        raise Abandoned(f"{what} abandoned while stopping: {exc}") from None
+                    assert self._stop.deadline is not None
+                    if now >= self._stop.deadline:
+                        raise StopDeadlinePassed(f"{what} still failing at the stop deadline: {exc}") from None
+                if attempt == 1 or attempt % LOG_EVERY == 0:
+                    logger.warning("%s failed (attempt %d): %s; retrying", what, attempt, exc,
+                                   extra={"attempt": attempt, "service": service, "error": str(exc)})
+                delay = self.backoff.delay(attempt, self._rng)
+                if self._stop.deadline is not None:
+                    delay = min(delay, max(0.0, self._stop.deadline - now))
+                # Not woken by stop when already stopping: the event stays set, the wait must still wait.
+                clock.sleep(delay, _NEVER if self._stop.stopping else self._stop.event)
+
+
+_NEVER = threading.Event()

@@ -1,0 +1,255 @@
+"""In-memory stand-ins for the consume loop's seams: a queue with SQS's semantics, a sink with
+PostgresWriter's, a clock that never sleeps, and fault plans for the simulation test.
+
+They implement pipeline.MessageSource and pipeline.BatchSink, so the real Pipeline runs over them.
+`MemoryQueue` (the simplest source: no redelivery, deletes counted) also serves bench/ (the sink
+scenario).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from aws.sqs import QueueNotFound, SqsUnavailable
+from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable, SchemaBusy, WriteResult
+from models import MaskedLogin, ReceivedMessage, Rejection
+
+MAX_MESSAGES_PER_RECEIVE = 10
+
+
+class MemoryQueue:
+    """Serves the given messages ten at a time, once each; deletes only count."""
+
+    def __init__(self, messages: Sequence[ReceivedMessage]) -> None:
+        self._messages = list(messages)
+        self._next = 0
+        self._lock = threading.Lock()
+        self.deleted = 0
+
+    def receive(self) -> list[ReceivedMessage]:
+        with self._lock:
+            start = self._next
+            self._next = min(len(self._messages), start + MAX_MESSAGES_PER_RECEIVE)
+            return self._messages[start : self._next]
+
+    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+        with self._lock:
+            self.deleted += len(messages)
+        return []
+
+    def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]:
+        return []
+
+
+class FakeClock:
+    """Monotonic time that moves only when someone sleeps: 100,000 backoffs take no real time."""
+
+    def __init__(self) -> None:
+        self._now = 1000.0
+        self._lock = threading.Lock()
+        self.slept = 0.0
+
+    def now(self) -> float:
+        with self._lock:
+            return self._now
+
+    def sleep(self, seconds: float, wake: threading.Event) -> None:
+        with self._lock:
+            self._now += max(0.0, seconds)
+            self.slept += max(0.0, seconds)
+
+
+@dataclass
+class Faults:
+    """Probabilities of each fault per call (0 = never). Seeded: a run's faults replay from its seed."""
+
+    seed: int = 0
+    receive_error: float = 0.0  # SqsUnavailable from ReceiveMessage
+    receive_permanent: float = 0.0  # QueueNotFound from ReceiveMessage (the queue deleted mid-run)
+    duplicate: float = 0.0  # a message in flight delivered again (SQS is at-least-once)
+    lapse: float = 0.0  # every message in flight reappears (its visibility timeout passed)
+    delete_error: float = 0.0  # SqsUnavailable, the deletes not applied
+    delete_error_after: float = 0.0  # SqsUnavailable, the deletes applied (the answer was lost)
+    delete_refused: float = 0.0  # an entry refused (counted in Failed)
+    extend_error: float = 0.0
+    write_error: float = 0.0  # DatabaseUnavailable, nothing committed
+    write_error_after_commit: float = 0.0  # committed, but the client saw the connection break
+    connect_error: float = 0.0  # DatabaseUnavailable or SchemaBusy from connect()
+    slow: float = 0.0  # a call takes a little real time
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        self._lock = threading.Lock()
+
+    def hit(self, probability: float) -> bool:
+        if probability <= 0:
+            return False
+        with self._lock:
+            return self._rng.random() < probability
+
+    def maybe_slow(self) -> None:
+        if self.hit(self.slow):
+            time.sleep(0.001)
+
+
+class FakeQueue:
+    """A standard SQS queue: visible and in-flight messages, receipt handles, receive counts.
+
+    Deleting with a receipt handle that is not the message's latest succeeds and does nothing, as
+    SQS documents. `stored` tells whether the sink holds a message: deleting one it does not hold
+    is recorded in `early_deletes` (the invariant "no delete before its commit").
+    """
+
+    def __init__(self, bodies: Sequence[tuple[str, str]], faults: Faults | None = None,
+                 stored: Callable[[str], bool] | None = None) -> None:
+        self.bodies = dict(bodies)
+        self.faults = faults or Faults()
+        self.stored = stored or (lambda message_id: True)
+        self._visible = [message_id for message_id, _ in bodies]
+        self._latest: dict[str, str] = {}  # in flight: message id -> latest receipt handle
+        self._receives: Counter[str] = Counter()
+        self._receipts = itertools.count(1)
+        self._lock = threading.Lock()
+        self.deleted: set[str] = set()
+        self.early_deletes: list[str] = []
+        self.permanent_failures = 0
+        self.empty_wait_seconds = 0.002
+
+    def receive(self) -> list[ReceivedMessage]:
+        self.faults.maybe_slow()
+        if self.faults.hit(self.faults.receive_error):
+            raise SqsUnavailable("ReceiveMessage failed: fake outage")
+        if self.faults.hit(self.faults.receive_permanent):
+            self.permanent_failures += 1
+            raise QueueNotFound("ReceiveMessage failed: AWS.SimpleQueueService.NonExistentQueue (fake)")
+        with self._lock:
+            if self.faults.hit(self.faults.lapse):
+                self._visible.extend(self._latest)
+                self._latest.clear()
+            taken = self._visible[:MAX_MESSAGES_PER_RECEIVE]
+            del self._visible[: len(taken)]
+            if self._latest and self.faults.hit(self.faults.duplicate):
+                taken.append(next(iter(self._latest)))  # delivered again while still in flight
+            delivered = [self._deliver(message_id) for message_id in taken]
+        if not delivered:
+            time.sleep(self.empty_wait_seconds)  # a long poll that found nothing
+        return delivered
+
+    def _deliver(self, message_id: str) -> ReceivedMessage:
+        receipt = f"{message_id}#{next(self._receipts)}"
+        self._latest[message_id] = receipt
+        self._receives[message_id] += 1
+        return ReceivedMessage(message_id=message_id, receipt_handle=receipt, body=self.bodies[message_id],
+                               sent_timestamp_ms=1_700_000_000_000, receive_count=self._receives[message_id])
+
+    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+        self.faults.maybe_slow()
+        if self.faults.hit(self.faults.delete_error):
+            raise SqsUnavailable("DeleteMessageBatch failed: fake outage")
+        refused: list[str] = []
+        with self._lock:
+            for message in messages:
+                if not self.stored(message.message_id):
+                    self.early_deletes.append(message.message_id)
+                if self.faults.hit(self.faults.delete_refused):
+                    refused.append(message.message_id)
+                    continue
+                if self._latest.get(message.message_id) == message.receipt_handle:
+                    del self._latest[message.message_id]
+                    self.deleted.add(message.message_id)
+        if self.faults.hit(self.faults.delete_error_after):
+            raise SqsUnavailable("DeleteMessageBatch failed: fake outage after the deletes")
+        return refused
+
+    def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]:
+        if self.faults.hit(self.faults.extend_error):
+            raise SqsUnavailable("ChangeMessageVisibilityBatch failed: fake outage")
+        with self._lock:
+            return [m.message_id for m in messages if self._latest.get(m.message_id) != m.receipt_handle]
+
+    def expire_all(self) -> None:
+        """Every message in flight becomes visible again (its visibility timeout passed)."""
+        with self._lock:
+            self._visible.extend(self._latest)
+            self._latest.clear()
+
+    @property
+    def left(self) -> int:
+        """Messages not deleted (visible or in flight)."""
+        with self._lock:
+            return len(self._visible) + len(self._latest)
+
+
+class FakeSink:
+    """PostgresWriter's contract in memory: one atomic write per batch, idempotent on message id,
+    a message in one table only, rows it refuses alone (`refuse_logins`, `refuse_rejections`)."""
+
+    def __init__(self, faults: Faults | None = None, *, refuse_logins: set[str] | None = None,
+                 refuse_rejections: set[str] | None = None, refuse_minimal: bool = False) -> None:
+        self.faults = faults or Faults()
+        self.refuse_logins = refuse_logins or set()
+        self.refuse_rejections = refuse_rejections or set()
+        self.refuse_minimal = refuse_minimal  # also the minimal quarantine row (no sent_at) of those ids
+        self.logins: dict[str, MaskedLogin] = {}
+        self.rejections: dict[str, Rejection] = {}
+        self.connected = False
+        self.commits = 0
+        self.ambiguous_commits = 0
+        self.returned = Counter[str]()  # what successful writes reported: inserted, rejected
+        self.stored_twice: list[str] = []
+        self._lock = threading.Lock()
+
+    def connect(self) -> None:
+        if self.faults.hit(self.faults.connect_error):
+            raise SchemaBusy("fake lock wait") if self.faults.hit(0.5) else DatabaseUnavailable("fake refused")
+        self.connected = True
+
+    def holds(self, message_id: str) -> bool:
+        with self._lock:
+            return message_id in self.logins or message_id in self.rejections
+
+    def write(self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *,
+              redelivered: bool = False) -> WriteResult:
+        if not self.connected:
+            raise DatabaseUnavailable("not connected")
+        self.faults.maybe_slow()
+        if self.faults.hit(self.faults.write_error):
+            self.connected = False
+            raise DatabaseUnavailable("fake outage")
+        bad_logins = [(row, "refused by PostgreSQL: 22001 fake") for row in logins
+                      if row.message_id in self.refuse_logins]
+        bad_rejections = [(row, "refused by PostgreSQL: 23514 fake") for row in rejections
+                          if row.message_id in self.refuse_rejections
+                          and (row.sent_at is not None or self.refuse_minimal)]
+        if bad_logins or bad_rejections:
+            raise DatabaseRejectedRows(bad_logins, bad_rejections)
+        with self._lock:
+            inserted = rejected = 0
+            for row in logins:
+                if row.message_id in self.logins:
+                    continue
+                if row.message_id in self.rejections:
+                    if redelivered:
+                        continue  # PostgresWriter's staged path skips messages already quarantined
+                    self.stored_twice.append(row.message_id)  # its straight COPY would not
+                self.logins[row.message_id] = row
+                inserted += 1
+            for rejection in rejections:
+                if rejection.message_id in self.rejections or rejection.message_id in self.logins:
+                    continue
+                self.rejections[rejection.message_id] = rejection
+                rejected += 1
+            self.commits += 1
+        if self.faults.hit(self.faults.write_error_after_commit):
+            self.connected = False
+            self.ambiguous_commits += 1
+            raise DatabaseUnavailable("fake: connection lost after COMMIT was sent")
+        self.returned.update(inserted=inserted, rejected=rejected)
+        return WriteResult(inserted=inserted, rejected=rejected,
+                           duplicates=len(logins) + len(rejections) - inserted - rejected)

@@ -1,0 +1,293 @@
+"""The consume loop over fakes: ordering, batching, poison, retries, stopping. No network, no sleeping
+through backoffs (a FakeClock), seconds in all."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import date
+
+import pytest
+
+from database.sqs_postgres import DatabaseUnavailable, WriteResult
+from models import MaskedLogin, ReceivedMessage, Rejection
+from pii.masking import Masker
+from pipeline import Pipeline, PipelineOptions, ServiceLost, Stopped
+from tests.fakes import FakeClock, FakeQueue, FakeSink, MemoryQueue
+
+MASKER = Masker(bytes(64))
+
+
+def body(n: int, **changes: object) -> str:
+    return json.dumps({"user_id": f"user-{n}", "device_type": "ios", "ip": f"10.0.{n // 256}.{n % 256}",
+                       "device_id": f"dev-{n}", "app_version": "2.3.0", "locale": None, **changes})
+
+
+def bodies(count: int) -> list[tuple[str, str]]:
+    return [(f"m{n:05d}", body(n)) for n in range(count)]
+
+
+class PoisonMasker(Masker):
+    """Raises for device ids starting with 'poison' (a bug that trips on some messages)."""
+
+    def mask(self, field: str, value: str) -> str:
+        if value.startswith("poison"):
+            raise RuntimeError("boom")
+        return super().mask(field, value)
+
+
+def options(**changes: object) -> PipelineOptions:
+    defaults: dict[str, object] = {"receivers": 2, "deleters": 2, "batch_size": 50, "flush_seconds": 0.01}
+    return PipelineOptions(**{**defaults, **changes})  # type: ignore[arg-type]
+
+
+def run_in_thread(pipeline: Pipeline) -> tuple[threading.Thread, list[object]]:
+    """Run the pipeline on a thread; the list receives its Stats or the exception it raised."""
+    outcome: list[object] = []
+
+    def target() -> None:
+        try:
+            outcome.append(pipeline.run())
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+class FailingSink(FakeSink):
+    """A sink whose writes fail (DatabaseUnavailable) the first `failures` times."""
+
+    def __init__(self, failures: float) -> None:
+        super().__init__()
+        self.failures = failures
+        self.attempts = 0
+
+    def write(self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *,
+              redelivered: bool = False) -> WriteResult:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise DatabaseUnavailable("connection refused (fake)")
+        return super().write(logins, rejections, redelivered=redelivered)
+
+
+# -- ordering and batching -----------------------------------------------------------------------
+
+def test_every_message_is_stored_once_and_deleted_only_after_its_commit() -> None:
+    sink = FakeSink()
+    queue = FakeQueue(bodies(500), stored=sink.holds)
+    stats = Pipeline(queue, sink, MASKER, options()).run()
+    assert queue.early_deletes == []
+    assert len(sink.logins) == 500 and queue.left == 0
+    assert (stats.received, stats.loaded, stats.rejected) == (500, 500, 0)
+
+
+def test_a_drain_ends_at_the_first_empty_receive() -> None:
+    queue = FakeQueue(bodies(25))
+    Pipeline(queue, FakeSink(), MASKER, options()).run()  # returns: it would hang otherwise
+    assert queue.left == 0
+
+
+def test_a_full_batch_is_committed_without_waiting_for_its_age() -> None:
+    sink = FakeSink()
+    pipeline = Pipeline(FakeQueue(bodies(30)), sink, MASKER,
+                        options(follow=True, receivers=1, batch_size=10, flush_seconds=3600))
+    thread, _ = run_in_thread(pipeline)
+    wait_until(lambda: len(sink.logins) == 30)
+    assert sink.commits == 3
+    pipeline.stop()
+    thread.join(10)
+
+
+def test_a_partial_batch_is_committed_once_its_oldest_message_is_flush_seconds_old() -> None:
+    sink = FakeSink()
+    pipeline = Pipeline(FakeQueue(bodies(5)), sink, MASKER, options(follow=True, batch_size=1000, flush_seconds=0.05))
+    thread, _ = run_in_thread(pipeline)
+    wait_until(lambda: len(sink.logins) == 5, timeout=5)
+    pipeline.stop()
+    thread.join(10)
+    assert sink.commits == 1
+
+
+def test_counters_equal_what_the_sink_stored() -> None:
+    sink = FakeSink()
+    sink.logins["m00003"] = MaskedLogin("m00003", "u", "ios", "x", "y", None, "1", date(2024, 1, 1))
+    queue = FakeQueue([*bodies(40), ("bad1", "not json"), ("bad2", "{}")], stored=sink.holds)
+    stats = Pipeline(queue, sink, MASKER, options()).run()
+    assert (stats.loaded, stats.rejected, stats.duplicates) == (39, 2, 1)
+    assert len(sink.logins) == 40 and len(sink.rejections) == 2
+
+
+# -- poison messages ----------------------------------------------------------------------------
+
+def test_a_message_whose_processing_fails_is_left_for_redelivery_below_max_receives() -> None:
+    sink = FakeSink()
+    queue = FakeQueue([*bodies(3), ("p", body(9, device_id="poison-1"))], stored=sink.holds)
+    pipeline = Pipeline(queue, sink, PoisonMasker(bytes(64)), options(max_receives=3))
+    stats = pipeline.run()
+    assert "p" not in sink.logins and "p" not in sink.rejections and "p" not in queue.deleted
+    assert stats.failed == 1 and len(pipeline.keeper) == 0  # not extended: it comes back
+
+
+def test_a_message_that_keeps_failing_is_quarantined_at_max_receives() -> None:
+    sink = FakeSink()
+    queue = FakeQueue([("p", body(9, device_id="poison-1"))], stored=sink.holds)
+    for _ in range(3):
+        Pipeline(queue, sink, PoisonMasker(bytes(64)), options(max_receives=3)).run()
+        queue.expire_all()
+    assert sink.rejections["p"].reason == "processing failed 3 times: RuntimeError"
+    assert queue.left == 0
+
+
+def test_a_message_received_twice_in_one_batch_with_one_copy_failing_is_deleted_and_not_left_in_hand() -> None:
+    """Point 5: one copy transformed, the other raised: stored, both receipts deleted, none held."""
+    message = ReceivedMessage("dup", "r1", body(1), 1_700_000_000_000, 1)
+    again = ReceivedMessage("dup", "r2", body(1), 1_700_000_000_000, 2)
+    calls = {"n": 0}
+
+    class FirstCallFails(Masker):
+        def mask(self, field: str, value: str) -> str:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("transient bug")
+            return super().mask(field, value)
+
+    class Source(MemoryQueue):
+        def __init__(self) -> None:
+            super().__init__([message, again])
+            self.deleted_receipts: list[str] = []
+
+        def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+            self.deleted_receipts.extend(m.receipt_handle for m in messages)
+            return []
+
+    source = Source()
+    sink = FakeSink()
+    pipeline = Pipeline(source, sink, FirstCallFails(bytes(64)), options(receivers=1))
+    stats = pipeline.run()
+    assert "dup" in sink.logins
+    assert sorted(source.deleted_receipts) == ["r1", "r2"]
+    assert len(pipeline.keeper) == 0 and stats.failed == 0
+
+
+# -- rows PostgreSQL refuses ----------------------------------------------------------------------
+
+def test_a_login_the_database_refuses_is_quarantined_alone() -> None:
+    sink = FakeSink(refuse_logins={"m00002"})
+    queue = FakeQueue(bodies(5), stored=sink.holds)
+    stats = Pipeline(queue, sink, MASKER, options()).run()
+    assert sorted(sink.logins) == ["m00000", "m00001", "m00003", "m00004"]
+    assert sink.rejections["m00002"].reason.startswith("refused by PostgreSQL")
+    assert (stats.loaded, stats.rejected) == (4, 1) and queue.left == 0
+
+
+def test_a_quarantine_row_the_database_refuses_is_replaced_by_a_minimal_one() -> None:
+    sink = FakeSink(refuse_rejections={"bad"})
+    queue = FakeQueue([*bodies(3), ("bad", "not json")], stored=sink.holds)
+    Pipeline(queue, sink, MASKER, options()).run()
+    assert "bad" in sink.rejections and sink.rejections["bad"].reason.startswith("quarantine row refused")
+    assert len(sink.logins) == 3 and queue.left == 0
+
+
+def test_a_message_neither_table_accepts_is_left_for_redelivery_and_the_rest_is_stored() -> None:
+    sink = FakeSink(refuse_rejections={"bad"}, refuse_minimal=True)
+    queue = FakeQueue([*bodies(3), ("bad", "not json")], stored=sink.holds)
+    pipeline = Pipeline(queue, sink, MASKER, options())
+    stats = pipeline.run()
+    assert "bad" not in sink.rejections and "bad" not in queue.deleted and len(sink.logins) == 3
+    assert stats.failed == 1 and len(pipeline.keeper) == 0
+
+
+# -- retries, outages and stopping ---------------------------------------------------------------
+
+def test_drain_mode_gives_up_after_the_retry_budget_without_deleting_anything() -> None:
+    clock = FakeClock()
+    sink = FailingSink(failures=float("inf"))
+    queue = FakeQueue(bodies(20), stored=sink.holds)
+    with pytest.raises(ServiceLost, match="PostgreSQL write failed for 60 s"):
+        Pipeline(queue, sink, MASKER, options(retry_budget_seconds=60), clock=clock).run()
+    assert queue.deleted == set() and 60 <= clock.now() - 1000 < 75
+
+
+def test_follow_mode_survives_100_000_consecutive_failures_and_then_stores_everything() -> None:
+    """Point 1: 2**attempt overflowed a float at about the 1,024th attempt and killed --follow."""
+    clock = FakeClock()
+    sink = FailingSink(failures=100_000)
+    queue = FakeQueue(bodies(20), stored=sink.holds)
+    pipeline = Pipeline(queue, sink, MASKER, options(follow=True), clock=clock)
+    thread, outcome = run_in_thread(pipeline)
+    wait_until(lambda: len(sink.logins) == 20, timeout=120)
+    pipeline.stop()
+    thread.join(10)
+    assert sink.attempts > 100_000 and clock.now() - 1000 > 100_000  # days of (fake) outage
+    assert outcome and not isinstance(outcome[0], Exception), outcome
+    assert queue.early_deletes == [] and queue.left == 0
+
+
+def test_stop_finishes_the_batch_in_hand() -> None:
+    release = threading.Event()
+
+    class SlowSink(FakeSink):
+        def write(self, logins, rejections, *, redelivered=False):  # type: ignore[no-untyped-def]
+            release.wait(10)
+            return super().write(logins, rejections, redelivered=redelivered)
+
+    sink = SlowSink()
+    queue = FakeQueue(bodies(30), stored=sink.holds)
+    pipeline = Pipeline(queue, sink, MASKER, options(follow=True, receivers=1, batch_size=1000, flush_seconds=0))
+    thread, outcome = run_in_thread(pipeline)
+    wait_until(lambda: pipeline.stats.received > 0)
+    pipeline.stop()
+    release.set()
+    thread.join(10)
+    stats = outcome[0]
+    assert not isinstance(stats, Exception), stats
+    received = pipeline.stats.received
+    assert len(sink.logins) == received and len(queue.deleted) == received and len(pipeline.keeper) == 0
+
+
+def test_stop_during_a_database_outage_gives_up_at_the_stop_timeout_and_deletes_nothing() -> None:
+    """Point 2: the write retry ignored stop, so a stop during an outage never exited."""
+    clock = FakeClock()
+    sink = FailingSink(failures=float("inf"))
+    queue = FakeQueue(bodies(30), stored=sink.holds)
+    pipeline = Pipeline(queue, sink, MASKER, options(follow=True, stop_timeout_seconds=20), clock=clock)
+    thread, outcome = run_in_thread(pipeline)
+    wait_until(lambda: sink.attempts > 3)
+    stopped_at = clock.now()
+    pipeline.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    [error] = outcome
+    assert isinstance(error, Stopped) and error.uncommitted == pipeline.stats.received > 0
+    assert queue.deleted == set() and clock.now() - stopped_at <= 20 + 1e-6
+
+
+def test_stop_while_deletes_fail_abandons_them_at_the_stop_timeout() -> None:
+    clock = FakeClock()
+    sink = FakeSink()
+
+    class NoDeletes(FakeQueue):
+        def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+            from aws.sqs import SqsUnavailable
+
+            raise SqsUnavailable("DeleteMessageBatch failed: fake outage")
+
+    queue = NoDeletes(bodies(30), stored=sink.holds)
+    pipeline = Pipeline(queue, sink, MASKER, options(follow=True, stop_timeout_seconds=5), clock=clock)
+    thread, outcome = run_in_thread(pipeline)
+    wait_until(lambda: len(sink.logins) == 30)
+    pipeline.stop()
+    thread.join(10)
+    assert not thread.is_alive() and not isinstance(outcome[0], Exception)
+    assert pipeline.stats.delete_failures == 30 and len(pipeline.keeper) == 0

@@ -1,0 +1,149 @@
+"""What happens to each message, as plain functions: parse and mask, quarantine, the poison rule.
+
+And `Batch`: the messages of one transaction, what to write for them, and which of them may be
+deleted once it has committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection
+from pii.masking import BODY_FIELD, Masker
+
+logger = logging.getLogger(__name__)
+
+
+def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejection:
+    """Parse and mask one message: a row for `user_logins`, or a Rejection with its reason."""
+    try:
+        event = LoginEvent.from_body(message.body)
+    except InvalidMessage as exc:
+        return reject(message, masker, str(exc))
+    return MaskedLogin(
+        message_id=message.message_id,
+        user_id=event.user_id,
+        device_type=event.device_type,
+        masked_ip=masker.mask("ip", event.ip),
+        masked_device_id=masker.mask("device_id", event.device_id),
+        locale=event.locale,
+        app_version=event.app_version,
+        create_date=message.sent_date or datetime.now(timezone.utc).date(),
+    )
+
+
+def reject(message: ReceivedMessage, masker: Masker, reason: str) -> Rejection:
+    """A Rejection whose body is encrypted whole: a bad body may hold PII anywhere."""
+    return Rejection(
+        message_id=message.message_id,
+        reason=reason,
+        encrypted_body=masker.mask(BODY_FIELD, message.body),
+        sent_at=message.sent_at,
+        receive_count=message.receive_count,
+    )
+
+
+def poison_rule(message: ReceivedMessage, exc: Exception, masker: Masker, max_receives: int) -> Rejection | None:
+    """A message whose processing raised: None (leave it for redelivery) until it has looped
+    `max_receives` times, then its quarantine row."""
+    reason = f"processing failed {message.receive_count} times: {type(exc).__name__}"
+    if message.receive_count >= max_receives:
+        logger.error("message %s quarantined: %s", message.message_id, reason,
+                     extra={"message_id": message.message_id, "reason": reason})
+        return reject(message, masker, reason)
+    logger.error(
+        "message %s failed (%s, receive %d of %d before quarantine); left for redelivery",
+        message.message_id, type(exc).__name__, message.receive_count, max_receives,
+        extra={"message_id": message.message_id, "error": type(exc).__name__},
+    )
+    return None
+
+
+@dataclass(slots=True)
+class Prepared:
+    """Messages of one receive, parsed and masked: rows, rejections, and those left for redelivery."""
+
+    messages: list[ReceivedMessage]
+    rows: list[MaskedLogin] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    failed: list[ReceivedMessage] = field(default_factory=list)
+
+
+def prepare(messages: list[ReceivedMessage], masker: Masker, max_receives: int) -> Prepared:
+    """Transform each message; one that raises unexpectedly goes through the poison rule."""
+    prepared = Prepared(messages)
+    for message in messages:
+        result: MaskedLogin | Rejection | None
+        try:
+            result = transform(message, masker)
+        except Exception as exc:  # noqa: BLE001 - a bug or an unexpected condition, not a bad body
+            result = poison_rule(message, exc, masker, max_receives)
+        if result is None:
+            prepared.failed.append(message)
+        elif isinstance(result, Rejection):
+            prepared.rejections.append(result)
+            logger.warning("message %s rejected: %s", message.message_id, result.reason,
+                           extra={"message_id": message.message_id, "reason": result.reason})
+        else:
+            prepared.rows.append(result)
+    return prepared
+
+
+class Batch:
+    """The messages of one transaction, keyed by message id.
+
+    A message received twice in one batch (SQS delivers at least once) is written once. If one copy
+    was transformed and another raised, the message is stored all the same, so every copy's receipt
+    is deleted after the commit: none is left in hand.
+    """
+
+    def __init__(self, parts: Sequence[Prepared]) -> None:
+        self.messages = [m for part in parts for m in part.messages]
+        self.rows = {row.message_id: row for part in parts for row in part.rows}
+        self.rejections = {r.message_id: r for part in parts for r in part.rejections}
+        self._by_id = {m.message_id: m for m in self.messages}
+        self._failed_ids = {m.message_id for part in parts for m in part.failed}
+        self._fallbacks: set[str] = set()
+
+    @property
+    def redelivered(self) -> int:
+        return sum(1 for m in self.messages if m.receive_count > 1)
+
+    def quarantine_refused(self, logins: Sequence[tuple[MaskedLogin, str]],
+                           rejections: Sequence[tuple[Rejection, str]], masker: Masker) -> None:
+        """Rows PostgreSQL refused alone: a login becomes a rejection with PostgreSQL's reason; a
+        rejection is replaced by a minimal one; a minimal one refused too leaves its message for
+        redelivery (SQS dead-letters it after the RedrivePolicy's maxReceiveCount)."""
+        for login, reason in logins:
+            del self.rows[login.message_id]
+            self.rejections[login.message_id] = reject(self._by_id[login.message_id], masker, reason)
+            logger.warning("message %s rejected: %s", login.message_id, reason,
+                           extra={"message_id": login.message_id, "reason": reason})
+        for rejection, reason in rejections:
+            message_id = rejection.message_id
+            if message_id in self._fallbacks:
+                del self.rejections[message_id]
+                self._failed_ids.add(message_id)
+                logger.error("message %s cannot be stored in either table (%s); left for redelivery",
+                             message_id, reason, extra={"message_id": message_id, "reason": reason})
+                continue
+            self._fallbacks.add(message_id)
+            self.rejections[message_id] = Rejection(
+                message_id=message_id, reason=f"quarantine row {reason}; original reason dropped",
+                encrypted_body=rejection.encrypted_body, sent_at=None, receive_count=1)
+            logger.warning("message %s: its quarantine row was refused (%s); storing a minimal one",
+                           message_id, reason, extra={"message_id": message_id, "reason": reason})
+
+    @property
+    def failed(self) -> list[ReceivedMessage]:
+        """Copies of messages neither stored nor quarantined: left to come back after the timeout."""
+        stored = self.rows.keys() | self.rejections.keys()
+        return [m for m in self.messages if m.message_id in self._failed_ids and m.message_id not in stored]
+
+    def deletable(self) -> list[ReceivedMessage]:
+        """After the commit: every receipt of every message the transaction stored or quarantined."""
+        stored = self.rows.keys() | self.rejections.keys()
+        return [m for m in self.messages if m.message_id in stored]
