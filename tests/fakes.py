@@ -180,6 +180,11 @@ class FakeQueue:
             self._latest.clear()
 
     @property
+    def visible(self) -> int:
+        with self._lock:
+            return len(self._visible)
+
+    @property
     def left(self) -> int:
         """Messages not deleted (visible or in flight)."""
         with self._lock:
