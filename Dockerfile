@@ -16,7 +16,7 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
 # Only the application; tests, scripts and .env stay out (see also .dockerignore).
-COPY main.py pipeline.py config.py models.py observability.py ./
+COPY main.py pipeline.py retry.py transform.py config.py models.py observability.py ./
 COPY aws/ aws/
 COPY pii/ pii/
 COPY database/ database/

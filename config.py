@@ -16,6 +16,7 @@ from pii.keys import (
     read_key_file,
 )
 from pii.masking import InvalidKey, decode_key
+from retry import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS
 
 DEFAULT_QUEUE_URL = "http://localhost:4566/000000000000/login-queue"
 DEFAULT_DATABASE_URL = "postgresql://postgres:postgres@localhost:5432/postgres"
@@ -23,6 +24,35 @@ DEFAULT_REGION = "us-east-1"
 KEY_HELP = "create one with `python main.py keygen` and put it in .env as MASKING_KEY=<key>"
 # The key sources, exactly one of which must be set (see README "Keys, rotation and audited unmasking").
 KEY_SOURCES = ("MASKING_KEY", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT", "MASKING_KEYS")
+
+
+# The consume loop's defaults, measured on a 2-core machine with the embedded LocalStack (see bench/ and README).
+DEFAULT_RECEIVERS = 8
+DEFAULT_DELETERS = 8
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_FLUSH_SECONDS = 0.5
+# Below the 30 s grace period of Compose and Kubernetes before they send SIGKILL.
+DEFAULT_STOP_TIMEOUT_SECONDS = 20.0
+
+@dataclass(frozen=True, slots=True)
+class PipelineOptions:
+    """How the loop runs; defaults measured on a 2-core machine (see bench/)."""
+
+    follow: bool = False
+    receivers: int = DEFAULT_RECEIVERS
+    deleters: int = DEFAULT_DELETERS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    flush_seconds: float = DEFAULT_FLUSH_SECONDS
+    retry_budget_seconds: float = 60.0
+    stop_timeout_seconds: float = DEFAULT_STOP_TIMEOUT_SECONDS
+    backoff_base_seconds: float = DEFAULT_BASE_SECONDS
+    backoff_cap_seconds: float = DEFAULT_CAP_SECONDS
+    # The queue's VisibilityTimeout: messages held longer than about half of it are extended.
+    visibility_timeout_seconds: int = 30
+    # A message whose processing raised an unexpected error is left for redelivery; from this
+    # many receives on it is quarantined instead (kept below the RedrivePolicy's maxReceiveCount).
+    max_receives: int = 5
+
 
 
 class ConfigError(Exception):

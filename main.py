@@ -32,7 +32,18 @@ from typing import Any
 from dotenv import load_dotenv
 
 from aws.sqs import QueueNotFound, SqsError, SqsReader
-from config import ConfigError, KmsSettings, Settings, redact_dsn
+from config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DELETERS,
+    DEFAULT_FLUSH_SECONDS,
+    DEFAULT_RECEIVERS,
+    DEFAULT_STOP_TIMEOUT_SECONDS,
+    ConfigError,
+    KmsSettings,
+    PipelineOptions,
+    Settings,
+    redact_dsn,
+)
 from database.audit import AuditLog, AuditUnavailable
 from database.rekey import Rekeyer, RekeyInterrupted
 from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
@@ -40,18 +51,7 @@ from models import UnmaskAudit
 from observability import Metrics, Progress, configure_logging
 from pii.keys import KeySourceError, KmsUnavailable, generate_wrapped_key
 from pii.masking import Masker, MaskingError, generate_key
-from pipeline import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_DELETERS,
-    DEFAULT_FLUSH_SECONDS,
-    DEFAULT_RECEIVERS,
-    DEFAULT_STOP_TIMEOUT_SECONDS,
-    Pipeline,
-    PipelineOptions,
-    QueueLost,
-    ServiceLost,
-    Stopped,
-)
+from pipeline import Pipeline, QueueLost, ServiceLost, Stopped
 from retry import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, BudgetExhausted, Retrier, StopState
 
 EXIT_OK = 0
@@ -81,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.backoff_base_seconds > args.backoff_cap_seconds:
+        parser.error("--backoff-base-seconds must not exceed --backoff-cap-seconds")
     configure_logging(args.verbose - args.quiet, args.log_format)
     load_dotenv(Path.cwd() / ".env", override=False)  # the real environment wins
     if args.command == "keygen":
@@ -147,8 +149,10 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     writer = PostgresWriter(settings.database_url)
     try:
         _connect(writer, args)
-    except (DatabaseUnavailable, BudgetExhausted) as exc:
-        return _fail(f"PostgreSQL unusable at {redact_dsn(settings.database_url)}: {exc}", EXIT_UNREACHABLE)
+    except DatabaseUnavailable as exc:
+        return _fail(f"PostgreSQL unreachable at {redact_dsn(settings.database_url)}: {exc}", EXIT_UNREACHABLE)
+    except BudgetExhausted as exc:
+        return _fail(f"PostgreSQL at {redact_dsn(settings.database_url)}: {exc}", EXIT_UNREACHABLE)
     wait = args.wait_seconds if args.wait_seconds is not None else (5 if args.follow else 1)
     reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
                        wait_time_seconds=wait)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 # Column limits of `user_logins` (the original exercise's DDL). Values that do not fit are
 # rejected up front, so that a batch never fails inside PostgreSQL.
@@ -124,6 +125,33 @@ class Rejection:
     encrypted_body: str
     sent_at: datetime | None
     receive_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What one committed batch did."""
+
+    inserted: int
+    rejected: int
+    duplicates: int
+
+
+class MessageSource(Protocol):
+    """Where the consume loop gets messages (aws.sqs.SqsReader; a fake in tests)."""
+
+    def receive(self) -> list[ReceivedMessage]: ...
+    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]: ...
+    def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]: ...
+
+
+class BatchSink(Protocol):
+    """Where the consume loop writes, one transaction per batch (database.sqs_postgres.PostgresWriter; a fake)."""
+
+    @property
+    def connected(self) -> bool: ...
+    def connect(self) -> None: ...
+    def write(self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *,
+              redelivered: bool = False) -> WriteResult: ...
 
 
 # A token is named in the audit by the first 16 hex digits of its SHA-256: enough to find its row

@@ -26,18 +26,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol
 
 from aws.sqs import QueueNotFound, SqsUnavailable
 from aws.visibility import MAX_ENTRIES_PER_CALL, ExtendResult, VisibilityKeeper
-from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable, WriteResult
-from models import MaskedLogin, ReceivedMessage, Rejection
+from config import PipelineOptions
+from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable
+from models import BatchSink, MessageSource, ReceivedMessage, WriteResult
 from observability import Observer, Stats
 from pii.masking import Masker
 from retry import (
-    DEFAULT_BASE_SECONDS,
-    DEFAULT_CAP_SECONDS,
     Abandoned,
     Backoff,
     BudgetExhausted,
@@ -51,32 +48,7 @@ from transform import Batch, Prepared, prepare
 
 logger = logging.getLogger(__name__)
 
-# Defaults measured on a 2-core machine with the embedded LocalStack (see bench/ and README).
-DEFAULT_RECEIVERS = 8
-DEFAULT_DELETERS = 8
-DEFAULT_BATCH_SIZE = 1000
-DEFAULT_FLUSH_SECONDS = 0.5
-# Below the 30 s grace period of Compose and Kubernetes before they send SIGKILL.
-DEFAULT_STOP_TIMEOUT_SECONDS = 20.0
 _METRIC_SERVICE = {"SQS": "sqs", "PostgreSQL": "postgres"}
-
-
-class MessageSource(Protocol):
-    """Where messages come from (aws.sqs.SqsReader; a fake in tests)."""
-
-    def receive(self) -> list[ReceivedMessage]: ...
-    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]: ...
-    def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]: ...
-
-
-class BatchSink(Protocol):
-    """Where batches go, one transaction each (database.sqs_postgres.PostgresWriter; a fake in tests)."""
-
-    @property
-    def connected(self) -> bool: ...
-    def connect(self) -> None: ...
-    def write(self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *,
-              redelivered: bool = False) -> WriteResult: ...
 
 
 class ServiceLost(Exception):
@@ -93,26 +65,6 @@ class Stopped(Exception):
 
 class QueueLost(Exception):
     """Raised when the queue became unusable mid-run (deleted, access denied): not retried."""
-
-
-@dataclass(frozen=True, slots=True)
-class PipelineOptions:
-    """How the loop runs; defaults measured on a 2-core machine (see bench/)."""
-
-    follow: bool = False
-    receivers: int = DEFAULT_RECEIVERS
-    deleters: int = DEFAULT_DELETERS
-    batch_size: int = DEFAULT_BATCH_SIZE
-    flush_seconds: float = DEFAULT_FLUSH_SECONDS
-    retry_budget_seconds: float = 60.0
-    stop_timeout_seconds: float = DEFAULT_STOP_TIMEOUT_SECONDS
-    backoff_base_seconds: float = DEFAULT_BASE_SECONDS
-    backoff_cap_seconds: float = DEFAULT_CAP_SECONDS
-    # The queue's VisibilityTimeout: messages held longer than about half of it are extended.
-    visibility_timeout_seconds: int = 30
-    # A message whose processing raised an unexpected error is left for redelivery; from this
-    # many receives on it is quarantined instead (kept below the RedrivePolicy's maxReceiveCount).
-    max_receives: int = 5
 
 
 class Pipeline:

@@ -1,13 +1,12 @@
 """SqsReader: receive login messages in batches and delete them after their commit.
 
-InHand: the received messages not yet deleted, and when their visibility must be extended.
+Keeping messages in hand hidden (visibility) is aws/visibility.py's job.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -158,40 +157,6 @@ class SqsReader:
             raise SqsUnavailable(f"{operation} failed: {code or exc}") from exc
         except BotoCoreError as exc:
             raise SqsUnavailable(f"{operation} failed: {type(exc).__name__}: {exc}") from exc
-
-
-class InHand:
-    """The messages this process holds (received, not yet deleted) and their visibility deadlines.
-
-    SQS hides a received message for the queue's visibility timeout. A batch that takes longer
-    (a slow or unreachable database) would reappear and be processed twice in parallel; so
-    messages still in hand at half the timeout get their visibility extended.
-    """
-
-    def __init__(self, visibility_timeout_seconds: int) -> None:
-        self.timeout = max(1, visibility_timeout_seconds)
-        self._deadlines: dict[str, tuple[ReceivedMessage, float]] = {}
-        self._lock = threading.Lock()
-
-    def add(self, messages: Sequence[ReceivedMessage]) -> None:
-        deadline = time.monotonic() + self.timeout
-        with self._lock:
-            for message in messages:
-                self._deadlines[message.receipt_handle] = (message, deadline)
-
-    def remove(self, messages: Sequence[ReceivedMessage]) -> None:
-        with self._lock:
-            for message in messages:
-                self._deadlines.pop(message.receipt_handle, None)
-
-    def due(self) -> list[ReceivedMessage]:
-        """Messages within half a timeout of reappearing; their deadlines are pushed forward."""
-        now = time.monotonic()
-        with self._lock:
-            due = [m for m, deadline in self._deadlines.values() if deadline - now < self.timeout / 2]
-            for message in due:
-                self._deadlines[message.receipt_handle] = (message, now + self.timeout)
-        return due
 
 
 def _to_message(raw: dict[str, Any]) -> ReceivedMessage:

@@ -85,7 +85,7 @@ def etl_defaults() -> tuple[int, int, int, float]:
         return (parser.get_default("receivers"), parser.get_default("deleters"),
                 parser.get_default("batch_size"), parser.get_default("flush_seconds"))
     except (ImportError, AttributeError):
-        from pipeline import PipelineOptions
+        from config import PipelineOptions
 
         options = PipelineOptions()
         return options.receivers, options.deleters, options.batch_size, options.flush_seconds

@@ -29,10 +29,11 @@ import boto3
 import psycopg2
 from botocore.config import Config
 
+from config import PipelineOptions
 from database.sqs_postgres import PostgresWriter
 from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage
 from pii.masking import Masker, decode_key
-from pipeline import Pipeline, PipelineOptions
+from pipeline import Pipeline
 from tests.fakes import MemoryQueue
 
 from sample_data import send  # scripts/ is put on sys.path by run.py

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -21,7 +20,7 @@ import psycopg2.errors
 from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import execute_values
 
-from models import MaskedLogin, Rejection
+from models import MaskedLogin, Rejection, WriteResult
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,15 +101,6 @@ class DatabaseRejectedRows(DatabaseError):
         super().__init__(f"{len(bad_logins) + len(bad_rejections)} row(s) refused by PostgreSQL")
         self.bad_logins = bad_logins
         self.bad_rejections = bad_rejections
-
-
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    """What one committed batch did."""
-
-    inserted: int
-    rejected: int
-    duplicates: int
 
 
 class PostgresWriter:

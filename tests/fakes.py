@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aws.sqs import QueueNotFound, SqsUnavailable
-from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable, SchemaBusy, WriteResult
-from models import MaskedLogin, ReceivedMessage, Rejection
+from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable, SchemaBusy
+from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
 
 MAX_MESSAGES_PER_RECEIVE = 10
 

@@ -10,9 +10,9 @@ import threading
 from datetime import date
 from pathlib import Path
 
-from database.sqs_postgres import SCHEMA_VERSION, STAGED_BATCHES_AFTER_CONFLICT, PostgresWriter, WriteResult
+from database.sqs_postgres import SCHEMA_VERSION, STAGED_BATCHES_AFTER_CONFLICT, PostgresWriter
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
-from models import MaskedLogin
+from models import MaskedLogin, WriteResult
 from pii.masking import Masker, decode_key, generate_key
 
 from helpers import GOOD_LOGIN, login, pii_values, query, queue_counts, send

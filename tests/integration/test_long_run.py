@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 import psycopg2
 import pytest
 
-from database.sqs_postgres import DatabaseRejectedRows, PostgresWriter, WriteResult
+from database.sqs_postgres import DatabaseRejectedRows, PostgresWriter
 from main import EXIT_OK, EXIT_QUEUE_LOST, EXIT_STOPPED_UNCOMMITTED
-from models import MaskedLogin, Rejection
+from models import MaskedLogin, Rejection, WriteResult
 
 from helpers import login, query, queue_counts, send
 from proxy import TcpProxy

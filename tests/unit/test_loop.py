@@ -11,10 +11,11 @@ from datetime import date
 
 import pytest
 
-from database.sqs_postgres import DatabaseUnavailable, WriteResult
-from models import MaskedLogin, ReceivedMessage, Rejection
+from config import PipelineOptions
+from database.sqs_postgres import DatabaseUnavailable
+from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
 from pii.masking import Masker
-from pipeline import Pipeline, PipelineOptions, ServiceLost, Stopped
+from pipeline import Pipeline, ServiceLost, Stopped
 from tests.fakes import FakeClock, FakeQueue, FakeSink, MemoryQueue
 
 MASKER = Masker(bytes(64))

@@ -24,9 +24,10 @@ import random
 import threading
 
 from aws.sqs import SqsUnavailable  # noqa: F401 - the fakes raise it; imported for replay sessions
+from config import PipelineOptions
 from observability import Stats
 from pii.masking import Masker
-from pipeline import Pipeline, PipelineOptions, QueueLost, ServiceLost, Stopped
+from pipeline import Pipeline, QueueLost, ServiceLost, Stopped
 from tests.fakes import FakeClock, FakeQueue, FakeSink, Faults
 
 MASKER = Masker(bytes(64))
