@@ -117,7 +117,7 @@ def test_check_fails_on_an_unreachable_database_without_showing_its_password(etl
     monkeypatch.setenv("DATABASE_URL", "postgresql://postgres:s3cret@127.0.0.1:1/postgres")
     assert main(["check"]) == EXIT_UNREACHABLE
     out = capsys.readouterr().out
-    assert "✗ PostgreSQL postgresql://postgres:***@127.0.0.1:1/postgres unreachable" in out
+    assert "✗ PostgreSQL postgresql://postgres@127.0.0.1:1/postgres unreachable" in out
     assert "s3cret" not in out
 
 
