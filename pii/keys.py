@@ -52,6 +52,11 @@ class KeySource(Protocol):
     """Something that yields the keyring: the versions are known before the keys are loaded."""
 
     @property
+    def origin(self) -> str:
+        """Where the keys come from, in words: the variable (and the file) named, never a key."""
+        ...
+
+    @property
     def versions(self) -> tuple[int, ...]: ...
 
     def load(self) -> dict[int, bytes]: ...

@@ -42,6 +42,24 @@ def test_a_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == EXIT_CONFIG
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--progress-seconds", "0"], "--progress-seconds: must be > 0"),
+    (["--progress-seconds", "nan"], "--progress-seconds: must be > 0"),
+    (["--retry-budget-seconds", "-1"], "--retry-budget-seconds: must be >= 0"),
+    (["--flush-seconds", "-0.5"], "--flush-seconds: must be >= 0"),
+    (["--metrics-port", "0"], "--metrics-port: must be a port number, 1..65535"),
+    (["--metrics-port", "70000"], "--metrics-port: must be a port number, 1..65535"),
+])
+def test_bad_numbers_are_refused_by_the_parser_with_exit_2_and_one_line(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and says in err
+
+
 def test_unmask_prints_each_original_value_in_order(key: str, capsys: pytest.CaptureFixture[str]) -> None:
     masker = Masker(decode_key(key))
     tokens = [masker.mask("ip", "10.1.2.3"), masker.mask("device_id", "593-47-5928"), masker.mask("ip", "::1")]
