@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -279,8 +280,29 @@ def _unmask(settings: Settings, masker: Masker, args: argparse.Namespace) -> int
         print("\n".join(errors), file=sys.stderr)
         return EXIT_UNMASK_FAILED  # print nothing rather than a list that no longer lines up
     for value in values:
-        print(value)
+        print(value if args.raw else escape_controls(value))
     return EXIT_OK
+
+
+# Characters a terminal may act on (C0/C1 controls, bidi and other format characters, line and
+# paragraph separators) and lone surrogates, which no terminal encoding can print.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_NAMED_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def escape_controls(value: str) -> str:
+    """`value` with control and format characters as \\xNN / \\uNNNN escapes and \\ doubled (unambiguous)."""
+    shown = []
+    for char in value:
+        if char in _NAMED_ESCAPES:
+            shown.append(_NAMED_ESCAPES[char])
+        elif unicodedata.category(char) in _UNSAFE_CATEGORIES:
+            code = ord(char)
+            shown.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                         else f"\\U{code:08x}")
+        else:
+            shown.append(char)
+    return "".join(shown)
 
 
 def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
@@ -420,6 +442,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="why these values are needed (required; recorded in the audit)")
     unmask.add_argument("--requested-by", type=_audit_text(128), default=None, metavar="NAME",
                         help="who asks (default: the OS user)")
+    unmask.add_argument("--raw", action="store_true",
+                        help="print values byte-exact; by default control and format characters are shown "
+                        "as \\xNN/\\uNNNN escapes and a backslash as \\\\, so a value cannot drive the terminal")
     unmask.add_argument("tokens", nargs="+", metavar="TOKEN")
     keygen = sub.add_parser("keygen", help="print a new random MASKING_KEY, or a KMS-wrapped data key",
                             description="Print a new random key (base64 of 64 bytes) for MASKING_KEY or "

@@ -67,6 +67,25 @@ def test_unmask_prints_each_original_value_in_order(key: str, capsys: pytest.Cap
     assert capsys.readouterr().out.splitlines() == ["10.1.2.3", "593-47-5928", "::1"]
 
 
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J10.0.0.1\u202e\r\nnext\\x1b\x9b"
+
+
+def test_unmask_escapes_control_characters_so_a_value_cannot_drive_the_terminal(
+    key: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    masker = Masker(decode_key(key))
+    assert main(["unmask", "--reason", "test", masker.mask("ip", HOSTILE), masker.mask("ip", "10.1.2.3")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["\\x1b]0;pwned\\x07\\x1b[2J10.0.0.1\\u202e\\r\\nnext\\\\x1b\\x9b", "10.1.2.3"]
+    assert out.isascii() and "\x1b" not in out
+
+
+def test_unmask_raw_prints_values_byte_exact(key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    masker = Masker(decode_key(key))
+    assert main(["unmask", "--raw", "--reason", "test", masker.mask("ip", HOSTILE)]) == EXIT_OK
+    assert capsys.readouterr().out == HOSTILE + "\n"
+
+
 def test_unmask_of_a_foreign_token_fails_clearly_without_traceback(
     key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
