@@ -28,8 +28,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from config import ConfigError, Settings
+from pii.keys import generate_wrapped_key
+from pii.masking import Masker, MaskingError, generate_key
+
 from helpers import unavailable
-from pii.masking import generate_key
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,9 +157,6 @@ def etl_config_check(variables: dict[str, str], tmp_path: Path) -> tuple[dict[st
         env["MASKING_KEY_FILE"] = mounted[env["MASKING_KEY_FILE"]]
     if env.get("MASKING_KEY_KMS_CIPHERTEXT"):
         env["AWS_ENDPOINT_URL_KMS"] = KMS_ENDPOINT  # the test's moto stands in for localstack:4566
-    from config import ConfigError, Settings
-    from pii.masking import Masker, MaskingError
-
     try:
         settings = Settings.from_env(env)
         Masker.from_keys(settings.key_source.load(), active=settings.key_version)
@@ -170,8 +170,6 @@ def kms_blob() -> str:
     """A data key wrapped by a new key of the test KMS (moto)."""
     import boto3
     from botocore.exceptions import BotoCoreError
-
-    from pii.keys import generate_wrapped_key
 
     try:
         kms = boto3.client("kms", endpoint_url=KMS_ENDPOINT, region_name="us-east-1",
