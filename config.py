@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
+
+from psycopg2 import ProgrammingError
+from psycopg2.extensions import parse_dsn
 
 from pii.keys import (
     KeySource,
@@ -79,7 +83,7 @@ class Settings:
         source = key_source_from_env(env)
         return cls(
             queue_url=queue_url,
-            database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            database_url=_database_url(env.get("DATABASE_URL") or DEFAULT_DATABASE_URL),
             key_source=source,
             key_version=_active_version(env, source),
             endpoint_url=endpoint_url,
@@ -166,10 +170,56 @@ def _endpoint_of(queue_url: str) -> str | None:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+UNPARSEABLE_DSN = "(unparseable DATABASE_URL)"
+
+
+class DsnError(ValueError):
+    """Raised when libpq cannot parse a connection string; the text holds no part of it."""
+
+
+def parse_connection_string(dsn: str) -> dict[str, str]:
+    """libpq's own reading of a URI or keyword DSN; raise DsnError with libpq's reason, input removed."""
+    try:
+        return parse_dsn(dsn)
+    except ProgrammingError as exc:
+        # libpq quotes the offending fragment ("invalid percent-encoded token: \"50%zz…\""), which
+        # may be the password: drop everything from the first quote to the last.
+        reason = re.sub(r'".*"', "…", str(exc).strip(), flags=re.S).removeprefix("invalid dsn: ")
+        raise DsnError(reason) from None
+
+
 def redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced by ***, for messages and logs."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    """Host, port, database and user of a DSN as a URI, for messages and logs; never a password.
+
+    The DSN is read by libpq's own parser, so a password in the URI, in `?password=`, or in a
+    keyword string (`host=… password=…`) is never shown; a DSN libpq cannot parse is shown as
+    "(unparseable DATABASE_URL)".
+    """
+    try:
+        parts = parse_connection_string(dsn)
+    except DsnError:
+        return UNPARSEABLE_DSN
+    user = f"{quote(parts['user'], safe='')}@" if parts.get("user") else ""
+    hosts = parts.get("host", "").split(",") if parts.get("host") else []
+    ports = parts.get("port", "").split(",") if parts.get("port") else []
+    if len(ports) == 1 and len(hosts) > 1:
+        ports *= len(hosts)  # libpq: one port applies to every host
+    where = []
+    for i in range(max(len(hosts), len(ports))):
+        host = hosts[i] if i < len(hosts) else ""
+        host = f"[{host}]" if ":" in host else quote(host, safe="")  # IPv6, or a socket directory
+        port = f":{ports[i]}" if i < len(ports) and ports[i] else ""
+        where.append(host + port)
+    database = f"/{quote(parts['dbname'], safe='')}" if parts.get("dbname") else ""
+    return f"postgresql://{user}{','.join(where)}{database}"
+
+
+def _database_url(dsn: str) -> str:
+    """DATABASE_URL if libpq can parse it; else ConfigError with libpq's reason, never the text."""
+    try:
+        parse_connection_string(dsn)
+    except DsnError as exc:
+        raise ConfigError(f"DATABASE_URL is not a valid libpq connection string ({exc}); if the password "
+                          "holds a special character, percent-encode it in a URI (% as %25, @ as %40) "
+                          "or quote it in a keyword string (password='…')") from None
+    return dsn

@@ -21,13 +21,15 @@ import argparse
 import getpass
 import json
 import logging
+import math
 import os
 import signal
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from dotenv import load_dotenv
 
@@ -177,7 +179,12 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     metrics = None
     if args.metrics_port is not None:
         metrics = Metrics()
-        metrics.serve(args.metrics_port)
+        try:
+            metrics.serve(args.metrics_port)
+        except OSError as exc:  # typically EADDRINUSE; nothing has been received yet
+            writer.close()
+            return _fail(f"--metrics-port {args.metrics_port}: cannot serve metrics there ({exc.strerror}); "
+                         "choose a free port", EXIT_CONFIG)
         logger.info("serving Prometheus metrics on :%d/metrics", args.metrics_port)
     pipeline = Pipeline(reader, writer, masker, options, observer=metrics)
 
@@ -209,22 +216,26 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
 
 
 def _check(settings: Settings) -> int:
-    """Print a checklist of every dependency, with a fix for each failure."""
-    ok = True
+    """Print a checklist of every dependency, with a fix for each failure.
 
-    def report(passed: bool, what: str, fix: str = "") -> None:
-        nonlocal ok
-        ok = ok and passed
+    Exit 2 if the configuration (the keys) fails, else 3 if a service check fails, else 0.
+    """
+    failed: set[int] = set()
+
+    def report(passed: bool, what: str, fix: str = "", code: int = EXIT_UNREACHABLE) -> None:
+        if not passed:
+            failed.add(code)
         print(f"✓ {what}" if passed else f"✗ {what}\n    fix: {fix}")
 
     try:
         masker = _masker_of(settings)
-        report(True, f"configuration valid; masking keys loaded ({settings.key_source!r}, active version "
-               f"{masker.version})")
+        report(True, f"configuration valid; masking keys loaded from {settings.key_source.origin}: "
+               f"{_versions(settings.key_source.versions)}, new tokens use version {masker.version}")
     except KmsUnavailable as exc:
         report(False, f"masking keys: {exc}", "fix AWS_ENDPOINT_URL_KMS / the network, or retry later")
-    except MaskingError as exc:
-        report(False, f"masking keys: {exc}", "fix the key source (README: Keys, rotation and audited unmasking)")
+    except MaskingError as exc:  # a KMS refusal, one key under two versions: configuration
+        report(False, f"masking keys: {exc}", "fix the key source (README: Keys, rotation and audited unmasking)",
+               code=EXIT_CONFIG)
     reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
                        wait_time_seconds=0, max_attempts=1)
     try:
@@ -252,14 +263,21 @@ def _check(settings: Settings) -> int:
         writer.connect(migrate=False)
         report(True, f"PostgreSQL {dsn} reachable")
         problem = writer.schema_problem()
-        report(problem is None, f"schema: {'current' if problem is None else problem}",
-               "run `python main.py` once: it creates and migrates the schema at start")
+        if problem == "tables missing":  # a fresh database: the ETL creates its tables at start
+            report(True, "schema: not created yet; the ETL creates it at its first run")
+        else:
+            report(problem is None, f"schema: {'current' if problem is None else problem}",
+                   "run `python main.py` once: it creates and migrates the schema at start")
     except DatabaseError as exc:
         report(False, f"PostgreSQL {dsn} unreachable: {exc}",
                "start PostgreSQL (scripts/stack.sh start) or fix DATABASE_URL")
     finally:
         writer.close()
-    return EXIT_OK if ok else EXIT_UNREACHABLE
+    return EXIT_CONFIG if EXIT_CONFIG in failed else EXIT_UNREACHABLE if failed else EXIT_OK
+
+
+def _versions(versions: Sequence[int]) -> str:
+    return f"version{'s' if len(versions) > 1 else ''} {', '.join(map(str, versions))}"
 
 
 def _max_receives(wanted: int, attributes: dict[str, str]) -> int:
@@ -290,8 +308,29 @@ def _unmask(settings: Settings, masker: Masker, args: argparse.Namespace) -> int
         print("\n".join(errors), file=sys.stderr)
         return EXIT_UNMASK_FAILED  # print nothing rather than a list that no longer lines up
     for value in values:
-        print(value)
+        print(value if args.raw else escape_controls(value))
     return EXIT_OK
+
+
+# Characters a terminal may act on (C0/C1 controls, bidi and other format characters, line and
+# paragraph separators) and lone surrogates, which no terminal encoding can print.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_NAMED_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def escape_controls(value: str) -> str:
+    """`value` with control and format characters as \\xNN / \\uNNNN escapes and \\ doubled (unambiguous)."""
+    shown = []
+    for char in value:
+        if char in _NAMED_ESCAPES:
+            shown.append(_NAMED_ESCAPES[char])
+        elif unicodedata.category(char) in _UNSAFE_CATEGORIES:
+            code = ord(char)
+            shown.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                         else f"\\U{code:08x}")
+        else:
+            shown.append(char)
+    return "".join(shown)
 
 
 def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
@@ -356,22 +395,35 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be a number > 0")
-    return value
+def _seconds(*, allow_zero: bool) -> Callable[[str], float]:
+    """A finite number of seconds, > 0 (or >= 0 where zero means "at once")."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError("must be >= 0" if allow_zero else "must be > 0")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be a number >= 0")
-    return value
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError("must be a port number, 1..65535")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), not the whole usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="main.py",
         description="Consume login events from SQS, mask ip/device_id, store them in PostgreSQL.",
         epilog="Exit codes: 0 ok, 1 unmask failed (or rekey left tokens), 2 configuration/usage error, "
@@ -386,25 +438,27 @@ def _build_parser() -> argparse.ArgumentParser:
                         help=f"concurrent DeleteMessageBatch calls after each commit ({DEFAULT_DELETERS})")
     parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
                         help=f"rows per transaction at most ({DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--flush-seconds", type=float, default=DEFAULT_FLUSH_SECONDS,
+    parser.add_argument("--flush-seconds", type=_seconds(allow_zero=True), default=DEFAULT_FLUSH_SECONDS,
                         help=f"commit a partial batch once its oldest message is this old ({DEFAULT_FLUSH_SECONDS})")
     parser.add_argument("--wait-seconds", type=int, choices=range(0, 21), metavar="0..20", default=None,
                         help="long-poll wait; drain stops at the first empty poll (1 drain, 5 follow)")
-    parser.add_argument("--retry-budget-seconds", type=float, default=60.0,
+    parser.add_argument("--retry-budget-seconds", type=_seconds(allow_zero=True), default=60.0,
                         help="drain mode: give up after a service is lost this long (60); --follow waits forever")
-    parser.add_argument("--stop-timeout", type=_non_negative_float, default=DEFAULT_STOP_TIMEOUT_SECONDS,
+    parser.add_argument("--stop-timeout", type=_seconds(allow_zero=True), default=DEFAULT_STOP_TIMEOUT_SECONDS,
                         metavar="S", help="on SIGINT/SIGTERM, keep retrying the batch in hand this long, then exit "
                         f"5 leaving it uncommitted ({DEFAULT_STOP_TIMEOUT_SECONDS:.0f}; below a 30 s grace period)")
-    parser.add_argument("--backoff-base-seconds", type=_positive_float, default=DEFAULT_BASE_SECONDS, metavar="S",
+    parser.add_argument("--backoff-base-seconds", type=_seconds(allow_zero=False), default=DEFAULT_BASE_SECONDS,
+                        metavar="S",
                         help=f"first retry waits up to this long, doubling per failure ({DEFAULT_BASE_SECONDS})")
-    parser.add_argument("--backoff-cap-seconds", type=_positive_float, default=DEFAULT_CAP_SECONDS, metavar="S",
+    parser.add_argument("--backoff-cap-seconds", type=_seconds(allow_zero=False), default=DEFAULT_CAP_SECONDS,
+                        metavar="S",
                         help=f"longest wait between retries ({DEFAULT_CAP_SECONDS:.0f})")
     parser.add_argument("--max-receives", type=_positive_int, default=5,
                         help="quarantine a message whose processing keeps failing after this many receives "
                         "(5; capped below the queue's RedrivePolicy maxReceiveCount)")
-    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+    parser.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
                         help="serve Prometheus metrics on this port (off by default)")
-    parser.add_argument("--progress-seconds", type=float, default=None, metavar="S",
+    parser.add_argument("--progress-seconds", type=_seconds(allow_zero=False), default=None, metavar="S",
                         help="progress interval (0.5 s redrawn on a terminal, else a log line every 10 s)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="text (default) or json: one object per line")
@@ -413,8 +467,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen,rekey}")
     sub.add_parser("check", help="check configuration, SQS, the DLQ and PostgreSQL; print a checklist",
                    description="Verify the configuration and key, that the queue (and its dead-letter "
-                   "queue) exists, and that PostgreSQL answers with a current schema. Changes nothing. "
-                   "Exit 0 if all pass, 2 on a configuration error, 3 if a service check fails.")
+                   "queue) exists, and that PostgreSQL answers with a current schema (or none yet: the ETL "
+                   "creates it at its first run). Changes nothing. Exit 0 if all pass, 2 if the configuration "
+                   "or the keys fail, else 3 if a service check fails.")
     unmask = sub.add_parser("unmask", help="print the original value of each token, one per line (audited)",
                             description="Print the original value of each token, one per line, in order. "
                             "Tokens of ip and device_id (and rejected bodies), of any key version held, are "
@@ -425,6 +480,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="why these values are needed (required; recorded in the audit)")
     unmask.add_argument("--requested-by", type=_audit_text(128), default=None, metavar="NAME",
                         help="who asks (default: the OS user)")
+    unmask.add_argument("--raw", action="store_true",
+                        help="print values byte-exact; by default control and format characters are shown "
+                        "as \\xNN/\\uNNNN escapes and a backslash as \\\\, so a value cannot drive the terminal")
     unmask.add_argument("tokens", nargs="+", metavar="TOKEN")
     keygen = sub.add_parser("keygen", help="print a new random MASKING_KEY, or a KMS-wrapped data key",
                             description="Print a new random key (base64 of 64 bytes) for MASKING_KEY or "

@@ -1,6 +1,9 @@
 -- pii_unmask_audit: one row per `python main.py unmask` call, committed before any value is shown.
 -- Never a plaintext value or a token: tokens are named by a SHA-256 prefix (models.token_fingerprint).
 -- Used by database/audit.py (created on first use when absent) and by database/roles.sql (\ir).
+-- Who, when and from where come from the server, never from the client: roles.sql grants the
+-- unmasker INSERT on the other columns only, and the trigger below overwrites these three on every
+-- insert, whoever inserts (even a role with INSERT on the whole table, or the owner).
 CREATE TABLE IF NOT EXISTS pii_unmask_audit (
     id                 bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     requested_at       timestamptz NOT NULL DEFAULT now(),
@@ -12,3 +15,15 @@ CREATE TABLE IF NOT EXISTS pii_unmask_audit (
     failed_count       integer     NOT NULL DEFAULT 0 CHECK (failed_count BETWEEN 0 AND token_count),
     token_fingerprints text[]      NOT NULL CHECK (cardinality(token_fingerprints) = token_count)
 );
+
+CREATE OR REPLACE FUNCTION pii_unmask_audit_server_columns() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+    NEW.requested_at  := now();
+    NEW.database_user := session_user;
+    NEW.client_addr   := inet_client_addr();
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS pii_unmask_audit_server_columns ON pii_unmask_audit;
+CREATE TRIGGER pii_unmask_audit_server_columns BEFORE INSERT ON pii_unmask_audit
+    FOR EACH ROW EXECUTE FUNCTION pii_unmask_audit_server_columns();

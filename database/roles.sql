@@ -13,9 +13,12 @@
 --                   NOT EXISTS, CREATE OR REPLACE VIEW need CREATE on the schema and ownership);
 --                   inserts, and updates (rekey). No right on pii_unmask_audit.
 --   login_analyst   SELECT on user_logins and user_login_duplicates only. Sees tokens, never values.
---   login_unmasker  INSERT on pii_unmask_audit only: `unmask` writes its audit row. Unmasking itself
---                   needs the masking key, which no database right gives.
---   login_auditor   SELECT on pii_unmask_audit.
+--   login_unmasker  INSERT on pii_unmask_audit, and only on the columns the client states (who asks,
+--                   why, the token fingerprints and counts): `unmask` writes its audit row. The id,
+--                   requested_at, database_user and client_addr come from the server (audit.sql).
+--                   Unmasking itself needs the masking key, which no database right gives.
+--   login_auditor   SELECT on pii_unmask_audit, and on the view pii_unmask_audit_rows (which stored
+--                   rows each audit entry revealed), without any right on the ETL's tables.
 -- Nobody but the administrator may UPDATE or DELETE audit rows.
 
 \if :{?schema}
@@ -57,8 +60,9 @@ SELECT format('ALTER %s %I.%I OWNER TO %I', CASE c.relkind WHEN 'v' THEN 'VIEW' 
 
 -- The audit table: owned by whoever runs this file; append-only for everyone else.
 \ir audit.sql
-REVOKE ALL ON pii_unmask_audit FROM PUBLIC;
-GRANT INSERT ON pii_unmask_audit TO :"unmask_role";
+REVOKE ALL ON pii_unmask_audit FROM PUBLIC, :"unmask_role";  -- also an older table-wide INSERT
+GRANT INSERT (requested_by, reason, token_count, failed_count, token_fingerprints)
+   ON pii_unmask_audit TO :"unmask_role";
 GRANT SELECT ON pii_unmask_audit TO :"auditor_role";
 
 -- Analysts: user_logins and the duplicates view, when they exist; nothing else.
@@ -66,7 +70,29 @@ SELECT format('GRANT SELECT ON %I.%I TO %I', n.nspname, c.relname, :'analyst_rol
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = :'schema' AND c.relname IN ('user_logins', 'user_login_duplicates') \gexec
 
-SELECT to_regclass('user_logins') IS NULL AS etl_tables_missing \gset
+SELECT to_regclass('user_logins') IS NULL OR to_regclass('user_logins_rejected') IS NULL AS etl_tables_missing \gset
 \if :etl_tables_missing
-\echo 'roles.sql: user_logins does not exist yet. Start the ETL once as a member of' :"etl_role" 'and run this file again to grant' :"analyst_role" 'read access.'
+\echo 'roles.sql: user_logins does not exist yet. Start the ETL once as a member of' :"etl_role" 'and run this file again to grant' :"analyst_role" 'read access and create the auditors'' view.'
+\else
+-- For auditors: the stored rows behind each audit entry, matched by token fingerprint. A view runs
+-- with its owner's rights (whoever runs this file), so the auditor needs none on the ETL's tables,
+-- and sees which message and user a value was revealed for, never a token or a value.
+CREATE OR REPLACE VIEW pii_unmask_audit_rows AS
+SELECT a.id AS audit_id, a.requested_at, a.requested_by, a.database_user, a.reason, f.fingerprint,
+       m.source_table, m.message_id, m.user_id, m.field
+  FROM pii_unmask_audit a
+ CROSS JOIN LATERAL unnest(a.token_fingerprints) AS f(fingerprint)
+  JOIN (SELECT 'user_logins'::text AS source_table, message_id, user_id, 'ip'::text AS field,
+               left(encode(sha256(convert_to(masked_ip, 'UTF8')), 'hex'), 16) AS fingerprint
+          FROM user_logins WHERE masked_ip IS NOT NULL
+        UNION ALL
+        SELECT 'user_logins', message_id, user_id, 'device_id',
+               left(encode(sha256(convert_to(masked_device_id, 'UTF8')), 'hex'), 16)
+          FROM user_logins WHERE masked_device_id IS NOT NULL
+        UNION ALL
+        SELECT 'user_logins_rejected', message_id, NULL, 'encrypted_body',
+               left(encode(sha256(convert_to(encrypted_body, 'UTF8')), 'hex'), 16)
+          FROM user_logins_rejected) AS m ON m.fingerprint = f.fingerprint;
+REVOKE ALL ON pii_unmask_audit_rows FROM PUBLIC;
+GRANT SELECT ON pii_unmask_audit_rows TO :"auditor_role";
 \endif

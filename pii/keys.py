@@ -24,6 +24,7 @@ from pii.masking import KEY_BYTES, InvalidKey, MaskingError, decode_key
 # not decrypt here, and CloudTrail records the purpose of each Decrypt.
 KMS_ENCRYPTION_CONTEXT = {"purpose": "login-etl-masking-key"}
 KMS_HINT = "make a new one with `python main.py keygen --kms-key-id ID`"
+MAX_KEY_FILE_BYTES = 64 * 1024  # a keyring of hundreds of versions; anything larger is the wrong file
 _PAIR = re.compile(r"^([1-9][0-9]{0,5}):(.+)$")
 # KMS error codes that mean "try again later", not "this key or blob is wrong".
 _KMS_TRANSIENT = {"ThrottlingException", "KMSInternalException", "DependencyTimeoutException",
@@ -50,6 +51,11 @@ class KmsUnavailable(KeySourceError):
 
 class KeySource(Protocol):
     """Something that yields the keyring: the versions are known before the keys are loaded."""
+
+    @property
+    def origin(self) -> str:
+        """Where the keys come from, in words: the variable (and the file) named, never a key."""
+        ...
 
     @property
     def versions(self) -> tuple[int, ...]: ...
@@ -97,22 +103,65 @@ def decode_wrapped(text: str) -> dict[int, bytes]:
 
 
 def read_key_file(path: str) -> dict[int, bytes]:
-    """The keyring in a file (same text forms); refuse a file that group or others may read or write."""
+    """The keyring in a file (same text forms), read once and checked on the open descriptor.
+
+    The path is opened once; type, owner and mode are then checked with ``fstat`` on that
+    descriptor and the text is read from it, so the file checked is the file read (no window
+    between a check by path and the open). Symbolic links are followed, because Kubernetes mounts
+    secrets as links into a timestamped directory; the checks apply to the file reached. The owner
+    rule is PostgreSQL's for its key files (and, for the first case, ssh's and ``.pgpass``'s):
+
+    - owned by the user this process runs as: no access for group or others (0600, 0400);
+    - owned by root: not writable by its group, no access for others (0640, 0440), so that a
+      Kubernetes secret (root-owned, group = the pod's ``fsGroup``) or a ``root:etl 0440`` file works;
+    - owned by anyone else, or not a regular file: refused.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        mode = os.stat(path).st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeySourceError(f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}): "
-                                 f"run `chmod 600 {path}`")
-        with open(path, encoding="ascii") as handle:
-            text = handle.read()
+        fd = os.open(path, flags)  # O_NONBLOCK: a FIFO must not block the start-up
+    except OSError as exc:
+        raise KeySourceError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        problem = key_file_problem(path, info.st_mode, info.st_uid, os.geteuid())
+        if problem is not None:
+            raise KeySourceError(f"{path} {problem}")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, MAX_KEY_FILE_BYTES + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_KEY_FILE_BYTES:
+                raise KeySourceError(f"{path} is larger than {MAX_KEY_FILE_BYTES} bytes: not a file of keys")
+        text = b"".join(chunks).decode("ascii")
     except OSError as exc:
         raise KeySourceError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise KeySourceError(f"{path} is not a text file of base64 keys") from None
+    finally:
+        os.close(fd)
     try:
         return decode_keyring(text)
     except InvalidKey as exc:
         raise KeySourceError(f"{path}: {exc}") from None
+
+
+def key_file_problem(path: str, mode: int, owner: int, euid: int) -> str | None:
+    """Why a key file of this type, mode and owner is refused to a process of user `euid`; None if it is not."""
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    permissions = stat.S_IMODE(mode)
+    if owner == euid:
+        if permissions & (stat.S_IRWXG | stat.S_IRWXO):
+            return f"is accessible by group or others (mode {permissions:04o}): run `chmod 600 {path}`"
+        return None
+    if owner == 0:
+        if permissions & (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO):
+            return (f"is owned by root and writable by its group or accessible by others (mode {permissions:04o}): "
+                    f"run `chmod 440 {path}`")
+        return None
+    return (f"is owned by uid {owner}, neither this process's uid {euid} nor root: run `chown {euid} {path}` "
+            "(README: Where the key comes from)")
 
 
 @dataclass(frozen=True, slots=True)

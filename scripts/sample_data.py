@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Generate login messages shaped like the original exercise, and optionally send them to SQS.
 
-    python scripts/sample_data.py --count 1000 --seed 7 --send          # create queue, send
+    python scripts/sample_data.py --count 1000 --seed 7 --send          # send to SQS_QUEUE_URL
     python scripts/sample_data.py --count 5 --seed 7                     # print JSON lines
     python scripts/sample_data.py --count 25 --batches                   # SendMessageBatch entries
 
 Shape: UUID user_id, app_version like "2.3.0" or "0.96", device_type android/ios, IPv4 ip,
 SSN-shaped device_id ("593-47-5928"), ~30% locale null, ~1% malformed (each kind of defect the
 ETL must quarantine), and a share of repeated devices and IPs so duplicates show up.
-Deterministic for a given seed and count.
+Deterministic for a given seed and count. `--send` sends to a queue that must already exist
+(`scripts/init-queue.sh` creates login-queue and its DLQ); it does not create one.
 """
 
 from __future__ import annotations
@@ -89,11 +90,12 @@ def send(bodies: list[str], queue_url: str, endpoint_url: str | None, threads: i
     """Send bodies with SendMessageBatch (10 per call) from a few threads; return how many."""
     import boto3  # imported here so that printing samples needs no AWS SDK
 
-    session = boto3.session.Session(region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
     chunks = [bodies[i : i + 10] for i in range(0, len(bodies), 10)]
 
     def send_many(part: list[list[str]]) -> int:
-        client = session.client("sqs", endpoint_url=endpoint_url)
+        # A Session per thread: boto3 Sessions are not thread-safe (the clients made from them are).
+        client = boto3.session.Session(region_name=region).client("sqs", endpoint_url=endpoint_url)
         sent = 0
         for chunk in part:
             entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(chunk)]

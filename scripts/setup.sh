@@ -22,5 +22,16 @@ bash scripts/init-queue.sh >&2
 
 if [ ! -f .env ]; then
   echo "setup: creating .env with a new MASKING_KEY (mode 0600)" >&2
-  (umask 077 && sed "s|^MASKING_KEY=.*|MASKING_KEY=$(python main.py keygen)|" .env.example >.env)
+  # The key is made and written inside Python: never on a command line (visible in `ps`).
+  python - <<'PY'
+import os
+import re
+
+from pii.masking import generate_key
+
+text = open(".env.example", encoding="utf-8").read()
+text = re.sub(r"(?m)^MASKING_KEY=.*$", lambda _match: "MASKING_KEY=" + generate_key(), text, count=1)
+with os.fdopen(os.open(".env", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as env:
+    env.write(text)
+PY
 fi

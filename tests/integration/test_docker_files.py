@@ -28,6 +28,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from config import ConfigError, Settings
+from pii.keys import generate_wrapped_key
+from pii.masking import Masker, MaskingError, generate_key
+
 from helpers import unavailable
 from sample_data import generate
 
@@ -43,11 +47,10 @@ DUMMY_KEY = "not-a-real-key-only-interpolated"
 # because another one covers them.
 REQUIRED_ETL_ENV = {"SQS_QUEUE_URL", "DATABASE_URL", "MASKING_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
                     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-COVERED_BY = {"AWS_ENDPOINT_URL_SQS": "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_KMS": "AWS_ENDPOINT_URL",
-              "AWS_REGION": "AWS_DEFAULT_REGION",
-              # Other key sources: exactly one may be set, and the Docker path uses MASKING_KEY.
-              "MASKING_KEY_FILE": "MASKING_KEY", "MASKING_KEY_KMS_CIPHERTEXT": "MASKING_KEY",
-              "MASKING_KEY_KMS_KEY_ID": "MASKING_KEY"}
+COVERED_BY = {"AWS_ENDPOINT_URL_SQS": "AWS_ENDPOINT_URL", "AWS_REGION": "AWS_DEFAULT_REGION"}
+KEY_SOURCES = ("MASKING_KEY", "MASKING_KEYS", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT")
+KMS_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://localhost:4599")
+KEY_A, KEY_B = generate_key(), generate_key()
 DOCKERFILE_INSTALL = ["pip", "install", "--no-cache-dir", "-r", "requirements.txt"]
 
 
@@ -72,11 +75,14 @@ def tool(name: str) -> str:
     return found
 
 
-def run_compose(env_file: Path, *args: str, masking_key: str | None = DUMMY_KEY) -> subprocess.CompletedProcess[str]:
-    """docker-compose on our file, blind to the repo's .env and to the caller's MASKING_KEY."""
-    env = {k: v for k, v in os.environ.items() if k != "MASKING_KEY" and not k.startswith("COMPOSE_")}
+def run_compose(env_file: Path, *args: str, masking_key: str | None = DUMMY_KEY,
+                variables: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """docker-compose on our file, blind to the repo's .env and to the caller's key sources."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MASKING_KEY", "COMPOSE_", "AWS_ENDPOINT_URL_KMS"))}
     if masking_key is not None:
         env["MASKING_KEY"] = masking_key
+    env.update(variables or {})
     command = [str(compose_binary()), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
                "--env-file", str(env_file), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
@@ -124,19 +130,107 @@ def test_compose_file_passes_docker_compose_config(empty_env_file: Path, profile
     assert result.stderr == ""  # no warnings (obsolete `version:`, unset variables)
 
 
-def test_compose_config_fails_without_masking_key_and_says_how_to_set_it(empty_env_file: Path) -> None:
-    # Compose interpolates the whole file before it applies profiles: even plain `up` needs the key.
-    for profile in ([], ["--profile", "etl"]):
-        result = run_compose(empty_env_file, *profile, "config", "-q", masking_key=None)
-        assert result.returncode != 0
-        assert "MASKING_KEY" in result.stderr and "main.py keygen" in result.stderr
-
-
-def test_masking_key_comes_from_the_environment_and_is_not_written_in_the_file(empty_env_file: Path) -> None:
+def test_no_key_source_is_written_in_the_compose_file(empty_env_file: Path) -> None:
     raw = run_compose(empty_env_file, "--profile", "etl", "config", "--no-interpolate", "--format", "json")
     assert raw.returncode == 0, raw.stderr
-    value = json.loads(raw.stdout)["services"]["etl"]["environment"]["MASKING_KEY"]
-    assert value.startswith("${MASKING_KEY:?")
+    model = json.loads(raw.stdout)
+    env = model["services"]["etl"]["environment"]
+    for name in KEY_SOURCES + ("MASKING_KEY_VERSION",):
+        assert env[name].startswith(("${" + name + ":-}", "${" + name + ":+")), (name, env[name])
+    assert model["secrets"]["masking_key"]["file"].endswith("${MASKING_KEY_FILE:-/dev/null}")
+
+
+def etl_config_check(variables: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], str]:
+    """Resolve the compose file with these variables in .env, then run the app's configuration check
+    (Settings.from_env and loading the keys, as main.py does before consuming) on the `etl` service's
+    environment; the secret's container path is mapped back to its host file. Returns the environment
+    and "ok" or the configuration error."""
+    env_file = tmp_path / "compose.env"
+    env_file.write_text("".join(f"{name}={value}\n" for name, value in variables.items()))
+    result = run_compose(env_file, "--profile", "etl", "config", "--format", "json", masking_key=None)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    model = json.loads(result.stdout)
+    env = {name: value or "" for name, value in model["services"]["etl"]["environment"].items()}
+    mounted = {f"/run/secrets/{s.get('target') or s['source']}": model["secrets"][s["source"]]["file"]
+               for s in model["services"]["etl"].get("secrets", [])}
+    if env.get("MASKING_KEY_FILE"):
+        env["MASKING_KEY_FILE"] = mounted[env["MASKING_KEY_FILE"]]
+    if env.get("MASKING_KEY_KMS_CIPHERTEXT"):
+        env["AWS_ENDPOINT_URL_KMS"] = KMS_ENDPOINT  # the test's moto stands in for localstack:4566
+    try:
+        settings = Settings.from_env(env)
+        Masker.from_keys(settings.key_source.load(), active=settings.key_version)
+    except (ConfigError, MaskingError) as exc:
+        return env, str(exc)
+    return env, "ok"
+
+
+@pytest.fixture(scope="module")
+def kms_blob() -> str:
+    """A data key wrapped by a new key of the test KMS (moto)."""
+    import boto3
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        kms = boto3.client("kms", endpoint_url=KMS_ENDPOINT, region_name="us-east-1",
+                           aws_access_key_id="test", aws_secret_access_key="test")
+        key_id = kms.create_key()["KeyMetadata"]["KeyId"]
+    except BotoCoreError:
+        unavailable(f"KMS at {KMS_ENDPOINT}")
+    return generate_wrapped_key(key_id, region="us-east-1", endpoint_url=KMS_ENDPOINT)
+
+
+def _sources(tmp_path: Path, kms_blob: str) -> dict[str, dict[str, str]]:
+    key_path = tmp_path / "masking_key"
+    key_path.write_text(KEY_A + "\n")
+    key_path.chmod(0o600)
+    return {
+        "MASKING_KEY": {"MASKING_KEY": KEY_A},
+        "MASKING_KEYS": {"MASKING_KEYS": f"1:{KEY_A},2:{KEY_B}", "MASKING_KEY_VERSION": "2"},
+        "MASKING_KEY_FILE": {"MASKING_KEY_FILE": str(key_path)},
+        "MASKING_KEY_KMS_CIPHERTEXT": {"MASKING_KEY_KMS_CIPHERTEXT": kms_blob},
+    }
+
+
+@pytest.mark.parametrize("source", KEY_SOURCES)
+def test_each_key_source_alone_passes_compose_and_the_etl_configuration_check(
+    source: str, tmp_path: Path, kms_blob: str,
+) -> None:
+    env, outcome = etl_config_check(_sources(tmp_path, kms_blob)[source], tmp_path)
+    assert outcome == "ok"
+    assert [name for name in KEY_SOURCES if env.get(name)] == [source]
+
+
+def test_under_compose_a_key_file_is_a_secret_mounted_at_run_secrets(tmp_path: Path, kms_blob: str) -> None:
+    variables = _sources(tmp_path, kms_blob)["MASKING_KEY_FILE"]
+    env_file = tmp_path / "compose.env"
+    env_file.write_text(f"MASKING_KEY_FILE={variables['MASKING_KEY_FILE']}\n")
+    model = json.loads(run_compose(env_file, "--profile", "etl", "config", "--format", "json",
+                                   masking_key=None).stdout)
+    assert model["services"]["etl"]["environment"]["MASKING_KEY_FILE"] == "/run/secrets/masking_key"
+    assert model["secrets"]["masking_key"]["file"] == variables["MASKING_KEY_FILE"]
+
+
+def test_the_readme_rotation_steps_work_under_compose(tmp_path: Path, kms_blob: str) -> None:
+    # GIVEN .env with the first key, as `cp .env.example .env` + keygen leaves it
+    assert etl_config_check({"MASKING_KEY": KEY_A}, tmp_path)[1] == "ok"
+    # WHEN step 2 replaces it with the keyring, the new key active; THEN the etl starts
+    env, outcome = etl_config_check({"MASKING_KEYS": f"1:{KEY_A},2:{KEY_B}", "MASKING_KEY_VERSION": "2"}, tmp_path)
+    assert outcome == "ok" and env["MASKING_KEY_VERSION"] == "2"
+    # AND step 4 retires the old key
+    assert etl_config_check({"MASKING_KEYS": f"2:{KEY_B}"}, tmp_path)[1] == "ok"
+
+
+def test_with_no_key_source_compose_still_runs_the_services_and_the_etl_refuses_to_start(tmp_path: Path) -> None:
+    # Compose cannot express "one of four variables" (its ${VAR:?} checks one, and nested ones are
+    # all evaluated); the etl's own check refuses, naming every source and how to make a key.
+    _env, outcome = etl_config_check({}, tmp_path)
+    assert all(name in outcome for name in KEY_SOURCES) and "keygen" in outcome
+
+
+def test_with_two_key_sources_the_etl_refuses_to_start_naming_both(tmp_path: Path) -> None:
+    _env, outcome = etl_config_check({"MASKING_KEY": KEY_A, "MASKING_KEYS": f"2:{KEY_B}"}, tmp_path)
+    assert "several key sources are set (MASKING_KEY, MASKING_KEYS)" in outcome
 
 
 def test_plain_up_starts_localstack_and_postgres_and_the_etl_profile_adds_the_etl(empty_env_file: Path) -> None:

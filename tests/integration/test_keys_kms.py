@@ -117,6 +117,19 @@ def test_a_wrapped_key_kms_refuses_is_a_clear_error_and_nothing_is_consumed(kms_
     assert queue_counts(sqs_client, kms_env["SQS_QUEUE_URL"]) == (3, 0)
 
 
+def test_check_exits_2_when_kms_refuses_the_wrapped_key_and_3_when_kms_is_out_of_reach(
+    kms_env, kms, kms_key, monkeypatch, capsys,
+) -> None:
+    # A refusal is a configuration error (exit 2, as for the ETL itself); an outage is a service's.
+    monkeypatch.setenv("MASKING_KEY_KMS_CIPHERTEXT", keygen(capsys, kms_key))
+    monkeypatch.setenv("MASKING_KEY_KMS_KEY_ID", kms.create_key()["KeyMetadata"]["KeyId"])
+    assert main(["check"]) == EXIT_CONFIG
+    assert "✗ masking keys: MASKING_KEY_KMS_CIPHERTEXT version 1: KMS refused" in capsys.readouterr().out
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", "http://127.0.0.1:1")
+    assert main(["check"]) == EXIT_UNREACHABLE
+    assert "KMS unreachable" in capsys.readouterr().out
+
+
 def test_an_unreachable_kms_exits_3_and_nothing_is_consumed(kms_env, sqs_client, monkeypatch, capsys) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", "http://127.0.0.1:1")
     monkeypatch.setenv("MASKING_KEY_KMS_CIPHERTEXT", base64.b64encode(b"x" * 150).decode())

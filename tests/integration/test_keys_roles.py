@@ -129,3 +129,56 @@ def test_tables_an_administrator_created_first_are_handed_to_the_etl_role(logins
     writer.connect()
     writer.close()
     assert query(logins["analyst"], "SELECT count(*) FROM user_logins") == [(0,)]
+
+
+def readme_auditor_query() -> str:
+    """The SQL the README gives auditors (the block after "finds the rows behind an entry")."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = text[text.index("finds the rows behind an entry"):]
+    return after[after.index("```sql") + len("```sql"):after.index("```", after.index("```sql") + 6)].strip()
+
+
+def test_the_unmasker_cannot_forge_who_when_or_from_where_in_an_audit_row(logins, database_url) -> None:
+    # GIVEN the unmasker role, which must be able to add audit rows
+    unmasker = logins["unmask"]
+    forged = {"database_user": "'postgres'", "requested_at": "'2001-01-01'", "client_addr": "'10.6.6.6'",
+              "id": "1"}
+    for column, value in forged.items():
+        # WHEN it tries to set a column the server must fill THEN it is refused
+        override = " OVERRIDING SYSTEM VALUE" if column == "id" else ""
+        sql = (f"INSERT INTO pii_unmask_audit (requested_by, reason, token_count, token_fingerprints, {column})"
+               f"{override} VALUES ('mallory', 'forged', 1, '{{x}}', {value})")
+        assert refused(unmasker, sql), column
+    # AND even a role that may insert every column (here the table's owner) gets the server's values
+    query(database_url, "INSERT INTO pii_unmask_audit (requested_by, reason, token_count, token_fingerprints, "
+          "database_user, requested_at, client_addr) VALUES ('mallory', 'owner', 1, '{x}', 'alice', "
+          "'2001-01-01', '10.6.6.6')")
+    assert query(database_url, "SELECT database_user, requested_at > now() - interval '1 minute', "
+                 "client_addr IS DISTINCT FROM '10.6.6.6' FROM pii_unmask_audit WHERE reason = 'owner'") == [
+        ("postgres", True, True)]
+
+
+def test_an_auditor_finds_the_rows_behind_an_unmask_with_the_readme_query_as_the_auditor_role(
+    logins, database_url, monkeypatch, tmp_path,
+) -> None:
+    # GIVEN stored logins and a rejected body, the roles set up after the ETL's first start
+    writer = PostgresWriter(logins["etl"])
+    writer.connect()
+    rows = [MaskedLogin(f"m-{n}", f"u{n}", "ios", MASKER.mask("ip", f"10.0.0.{n}"),
+                        MASKER.mask("device_id", f"d-{n}"), None, "1.0", date(2024, 1, 1)) for n in (1, 2)]
+    writer.write(rows, [])
+    writer.close()
+    apply_roles_sql(database_url, logins["roles"])
+    # WHEN an unmasker unmasks the device of u2
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MASKING_KEY", KEY)
+    monkeypatch.setenv("DATABASE_URL", logins["unmask"])
+    assert main(["unmask", "--reason", "case 7", "--requested-by", "carol", rows[1].masked_device_id]) == EXIT_OK
+    # THEN the auditor, who may not read user_logins, finds it with the README's query
+    auditor = logins["auditor"]
+    assert refused(auditor, "SELECT * FROM user_logins")
+    found = query(auditor, readme_auditor_query())
+    assert [(r[1], r[2], r[-4:]) for r in found] == [("carol", "case 7", ("user_logins", "m-2", "u2", "device_id"))]
+    # AND the view gives the analyst and the unmasker nothing
+    assert refused(logins["analyst"], "SELECT * FROM pii_unmask_audit_rows")
+    assert refused(logins["unmask"], "SELECT * FROM pii_unmask_audit_rows")

@@ -42,11 +42,48 @@ def test_a_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == EXIT_CONFIG
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--progress-seconds", "0"], "--progress-seconds: must be > 0"),
+    (["--progress-seconds", "nan"], "--progress-seconds: must be > 0"),
+    (["--retry-budget-seconds", "-1"], "--retry-budget-seconds: must be >= 0"),
+    (["--flush-seconds", "-0.5"], "--flush-seconds: must be >= 0"),
+    (["--metrics-port", "0"], "--metrics-port: must be a port number, 1..65535"),
+    (["--metrics-port", "70000"], "--metrics-port: must be a port number, 1..65535"),
+])
+def test_bad_numbers_are_refused_by_the_parser_with_exit_2_and_one_line(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and says in err
+
+
 def test_unmask_prints_each_original_value_in_order(key: str, capsys: pytest.CaptureFixture[str]) -> None:
     masker = Masker(decode_key(key))
     tokens = [masker.mask("ip", "10.1.2.3"), masker.mask("device_id", "593-47-5928"), masker.mask("ip", "::1")]
     assert main(["unmask", "--reason", "test", *tokens]) == EXIT_OK
     assert capsys.readouterr().out.splitlines() == ["10.1.2.3", "593-47-5928", "::1"]
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J10.0.0.1\u202e\r\nnext\\x1b\x9b"
+
+
+def test_unmask_escapes_control_characters_so_a_value_cannot_drive_the_terminal(
+    key: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    masker = Masker(decode_key(key))
+    assert main(["unmask", "--reason", "test", masker.mask("ip", HOSTILE), masker.mask("ip", "10.1.2.3")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["\\x1b]0;pwned\\x07\\x1b[2J10.0.0.1\\u202e\\r\\nnext\\\\x1b\\x9b", "10.1.2.3"]
+    assert out.isascii() and "\x1b" not in out
+
+
+def test_unmask_raw_prints_values_byte_exact(key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    masker = Masker(decode_key(key))
+    assert main(["unmask", "--raw", "--reason", "test", masker.mask("ip", HOSTILE)]) == EXIT_OK
+    assert capsys.readouterr().out == HOSTILE + "\n"
 
 
 def test_unmask_of_a_foreign_token_fails_clearly_without_traceback(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,111 @@ def test_a_key_file_that_group_or_others_may_access_is_refused(tmp_path: Path, m
 def test_a_missing_key_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="MASKING_KEY_FILE: cannot read"):
         Settings.from_env({"MASKING_KEY_FILE": str(tmp_path / "nope")})
+
+
+IMAGE_UID = 10001  # the Dockerfile's USER
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown files to other users")
+
+
+def test_key_file_checks_are_made_on_the_opened_descriptor_not_on_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN a good key file, and any look-up by path other than the one open refused
+    path = key_file(tmp_path, K1)
+    opened: list[str] = []
+    real_open = os.open
+
+    def open_once(name: str, flags: int, *args: int) -> int:
+        opened.append(name)
+        return real_open(name, flags, *args)
+
+    def no_lookup_of_path(real: Callable[..., object]) -> Callable[..., object]:
+        def lookup(name: object, *args: object, **kwargs: object) -> object:
+            if name == path:
+                raise AssertionError("a check by path can be raced: the file may be swapped before it is opened")
+            return real(name, *args, **kwargs)
+
+        return lookup
+
+    monkeypatch.setattr("pii.keys.os.open", open_once)
+    for name in ("stat", "lstat", "access"):
+        monkeypatch.setattr(f"pii.keys.os.{name}", no_lookup_of_path(getattr(os, name)))
+    monkeypatch.setattr("builtins.open", no_lookup_of_path(open))
+    # WHEN it is read THEN it is opened once, checked with fstat and read through that descriptor
+    assert Settings.from_env({"MASKING_KEY_FILE": path}).key_source.load() == {1: decode_key(K1)}
+    assert opened == [path]
+
+
+def test_a_key_file_that_is_a_fifo_is_refused_at_once_instead_of_blocking(tmp_path: Path) -> None:
+    path = tmp_path / "fifo"
+    os.mkfifo(path, 0o600)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            Settings.from_env({"MASKING_KEY_FILE": str(path)})
+            outcome.append(None)
+        except ConfigError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():  # unblock the reader before failing
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading a FIFO as the key file blocked")
+    assert isinstance(outcome[0], ConfigError) and "not a regular file" in str(outcome[0])
+
+
+@needs_root
+def test_a_key_file_owned_by_another_user_is_refused_even_at_mode_600(tmp_path: Path) -> None:
+    path = key_file(tmp_path, K1)
+    os.chown(path, IMAGE_UID + 1, IMAGE_UID + 1)
+    with pytest.raises(ConfigError, match=f"owned by uid {IMAGE_UID + 1}.*neither this process's uid"):
+        Settings.from_env({"MASKING_KEY_FILE": path})
+
+
+@needs_root
+def test_a_compose_secret_owned_by_the_image_user_at_mode_400_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Compose (without Swarm) bind-mounts the host file as it is: owner and mode come from the host.
+    path = key_file(tmp_path, K1, 0o400)
+    os.chown(path, IMAGE_UID, IMAGE_UID)
+    monkeypatch.setattr("pii.keys.os.geteuid", lambda: IMAGE_UID)
+    assert Settings.from_env({"MASKING_KEY_FILE": path}).key_source.versions == (1,)
+
+
+@pytest.mark.parametrize("mode", [0o440, 0o640, 0o400])
+def test_a_kubernetes_secret_owned_by_root_and_readable_by_the_fs_group_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int,
+) -> None:
+    # GIVEN the layout of a Kubernetes secret volume: symlinks into a timestamped directory, files
+    # owned by root; with defaultMode 0400 and an fsGroup the kubelet makes them 0440 root:fsGroup
+    if os.geteuid() != 0:
+        pytest.skip("needs root-owned files")
+    data = tmp_path / "..2026_11_26_09_00_00.123"
+    data.mkdir()
+    (data / "masking_key").write_text(K1)
+    os.chmod(data / "masking_key", mode)
+    os.chown(data / "masking_key", 0, IMAGE_UID)
+    (tmp_path / "..data").symlink_to(data.name)
+    (tmp_path / "masking_key").symlink_to("..data/masking_key")
+    # WHEN the image's user reads it THEN the file reached through the links is read
+    monkeypatch.setattr("pii.keys.os.geteuid", lambda: IMAGE_UID)
+    assert Settings.from_env({"MASKING_KEY_FILE": str(tmp_path / "masking_key")}).key_source.versions == (1,)
+
+
+@pytest.mark.parametrize("mode", [0o460, 0o444, 0o404, 0o450])
+def test_a_root_owned_key_file_writable_by_its_group_or_open_to_others_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int,
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root-owned files")
+    path = key_file(tmp_path, K1, mode)
+    monkeypatch.setattr("pii.keys.os.geteuid", lambda: IMAGE_UID)
+    with pytest.raises(ConfigError, match=f"owned by root.*chmod 440 {path}"):
+        Settings.from_env({"MASKING_KEY_FILE": path})
 
 
 def test_a_kms_ciphertext_is_only_decoded_at_configuration_and_kms_endpoints_have_their_own_variable() -> None:
