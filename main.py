@@ -7,12 +7,8 @@
     python main.py rekey           rewrite stored tokens of older key versions under the active one
     python main.py check           check configuration and services, as a checklist
 
-Exit codes: 0 ok; 1 unmask failed, or rekey left tokens it cannot rewrite; 2 configuration or
-usage error; 3 a service (SQS, PostgreSQL, KMS) unreachable at start, or unmask could not write its
-audit row; 4 a service lost mid-run beyond the retry budget (nothing uncommitted was deleted);
-5 stopped by SIGINT/SIGTERM while a service was unreachable: the stop timeout passed with messages
-uncommitted (not deleted; SQS redelivers them); 6 the queue became unusable mid-run (deleted, access
-denied); 128+N a second signal N cut the run short.
+Exit codes: EXIT_CODES below (printed by --help; the table in docs/operations.md says the same,
+checked by tests/unit/test_docs.py).
 """
 
 from __future__ import annotations
@@ -63,6 +59,17 @@ EXIT_UNREACHABLE = 3
 EXIT_SERVICE_LOST = 4
 EXIT_STOPPED_UNCOMMITTED = 5
 EXIT_QUEUE_LOST = 6
+EXIT_SIGNAL_BASE = 128  # + the signal's number
+# The one list of exit codes, in short; docs/operations.md explains each.
+EXIT_CODES = {
+    EXIT_OK: "ok",
+    EXIT_UNMASK_FAILED: "unmask failed, or rekey left tokens it cannot rewrite",
+    EXIT_CONFIG: "configuration or usage error (nothing consumed)",
+    EXIT_UNREACHABLE: "a service unreachable at start (nothing consumed), or the unmask audit not written",
+    EXIT_SERVICE_LOST: "a service lost mid-run beyond the retry budget (nothing uncommitted deleted)",
+    EXIT_STOPPED_UNCOMMITTED: "stopped with messages uncommitted after --stop-timeout (not deleted)",
+    EXIT_QUEUE_LOST: "the queue became unusable mid-run",
+}
 
 logger = logging.getLogger("login_etl")
 
@@ -77,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C before the pipeline's own handlers are in place (loading keys, connecting):
         # nothing has been received yet, so there is nothing to finish.
-        return _fail("interrupted", 128 + signal.SIGINT)
+        return _fail("interrupted", EXIT_SIGNAL_BASE + signal.SIGINT)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -345,7 +352,7 @@ def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
         return _fail(str(exc), EXIT_CONFIG)
     except KeyboardInterrupt:
         print("rekey interrupted: committed batches are kept, rerun to resume", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return EXIT_SIGNAL_BASE + signal.SIGINT
     print(result.summary(masker.version))
     for reason, count in result.failures.most_common():
         print(f"error: {count} token(s) not rewritten: {reason}", file=sys.stderr)
@@ -363,7 +370,7 @@ def _install_signal_handlers(pipeline: Pipeline) -> dict[int, SignalHandler]:
     def handle(signum: int, _frame: object) -> None:
         if pipeline.stopping:
             # Second signal: leave at once. Uncommitted messages return to the queue later.
-            os._exit(128 + signum)
+            os._exit(EXIT_SIGNAL_BASE + signum)
         logger.info("%s received: finishing the batch in hand", signal.Signals(signum).name)
         pipeline.stop()
 
@@ -426,10 +433,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="main.py",
         description="Consume login events from SQS, mask ip/device_id, store them in PostgreSQL.",
-        epilog="Exit codes: 0 ok, 1 unmask failed (or rekey left tokens), 2 configuration/usage error, "
-        "3 service unreachable at start (or the unmask audit not written), 4 service lost mid-run beyond the "
-        "retry budget, 5 stopped with messages uncommitted after --stop-timeout, 6 the queue became unusable "
-        "mid-run, 128+N a second signal N.",
+        epilog="Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
+        + f"; {EXIT_SIGNAL_BASE}+N a second signal N cut the run short. See docs/operations.md.",
     )
     parser.add_argument("--follow", action="store_true", help="keep long-polling until SIGINT/SIGTERM")
     parser.add_argument("--receivers", type=_positive_int, default=DEFAULT_RECEIVERS,
