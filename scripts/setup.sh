@@ -15,10 +15,12 @@ if [ ! -f "$stamp" ]; then
 fi
 export PATH=$ROOT/.venv/bin:$PATH
 
-bash scripts/stack.sh start
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test}
 export AWS_DEFAULT_REGION=${AWS_DEFAULT_REGION:-us-east-1}
-bash scripts/init-queue.sh >&2
+if [ "${SETUP_SERVICES:-1}" = 1 ]; then  # test.sh sets 0 for unit tests alone: they need no service
+  bash scripts/stack.sh start
+  bash scripts/init-queue.sh >&2
+fi
 
 if [ ! -f .env ]; then
   echo "setup: creating .env with a new MASKING_KEY (mode 0600)" >&2

@@ -1,5 +1,17 @@
 #!/usr/bin/env bash
 # One command for the whole suite: the same set-up as run.sh, then pytest (extra args pass through).
+# Given only paths under tests/unit, it sets up the virtual environment alone: unit tests need no
+# service, so none is started (and nothing is installed with apt).
 set -euo pipefail
+only_unit=0
+paths=0
+for arg in "$@"; do
+  case $arg in
+    -*) ;;
+    tests/unit|tests/unit/*) paths=$((paths + 1)) ;;
+    *) paths=$((paths + 1)); only_unit=-1 ;;
+  esac
+done
+[ "$paths" -gt 0 ] && [ "$only_unit" -eq 0 ] && export SETUP_SERVICES=0
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" requirements-dev.txt
 python -m pytest "$@"

@@ -8,22 +8,25 @@ TEST_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test) and TEST_S
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from hypothesis import settings
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
+from helpers import unavailable
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TEST_SQS_ENDPOINT = os.environ.get("TEST_SQS_ENDPOINT", "http://localhost:4566")
-from helpers import unavailable  # noqa: E402 - needs the sys.path above
+
+# Hypothesis profiles: "dev" (the default: 100 examples, random) and "ci" (CI=true: 500 examples,
+# derandomized, so a CI failure reproduces). They set the pure properties (parsing, masking); the
+# database-backed hostile-input property sets its own, bounded count (tests/integration).
+settings.register_profile("dev", max_examples=100)
+settings.register_profile("ci", max_examples=500, derandomize=True, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI", "").lower() == "true" else "dev")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""In-memory stand-ins for the consume loop's seams: a queue with SQS's semantics, a sink with
-PostgresWriter's, a clock that never sleeps, and fault plans for the simulation test.
+"""Shared by unit and integration tests: sample login bodies, and in-memory stand-ins for the
+consume loop's seams (a queue with SQS's semantics, a sink with PostgresWriter's, a clock that never
+sleeps, fault plans for the simulation test).
 
 They implement pipeline.MessageSource and pipeline.BatchSink, so the real Pipeline runs over them.
 `MemoryQueue` (the simplest source: no redelivery, deletes counted) also serves bench/ (the sink
@@ -9,6 +10,7 @@ scenario).
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import threading
 import time
@@ -21,6 +23,22 @@ from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable, Sch
 from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
 
 MAX_MESSAGES_PER_RECEIVE = 10
+
+GOOD_LOGIN = {
+    "user_id": "424cdd21-063a-43a7-b91b-7ca1a833afae",
+    "app_version": "2.3.0",
+    "device_type": "android",
+    "ip": "199.172.111.135",
+    "locale": "RU",
+    "device_id": "593-47-5928",
+}
+
+
+def login(n: int, **changes: object) -> str:
+    """A good body whose ip and device_id are unique to n."""
+    data = {**GOOD_LOGIN, "user_id": f"user-{n}", "ip": f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}",
+            "device_id": f"{100 + n % 900}-{n // 900 % 90 + 10}-{n % 9000 + 1000}", **changes}
+    return json.dumps(data)
 
 
 class MemoryQueue:

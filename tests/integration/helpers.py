@@ -9,6 +9,8 @@ from typing import Any, NoReturn
 import psycopg2
 import pytest
 
+from tests.fakes import GOOD_LOGIN, login  # noqa: F401 - the samples, shared with the unit tests
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -17,23 +19,6 @@ def unavailable(what: str) -> NoReturn:
     if IN_CI:
         pytest.fail(f"{what} is required under CI=true")
     pytest.skip(f"{what} is not available")
-
-
-GOOD_LOGIN = {
-    "user_id": "424cdd21-063a-43a7-b91b-7ca1a833afae",
-    "app_version": "2.3.0",
-    "device_type": "android",
-    "ip": "199.172.111.135",
-    "locale": "RU",
-    "device_id": "593-47-5928",
-}
-
-
-def login(n: int, **changes: Any) -> str:
-    """A good body whose ip and device_id are unique to n."""
-    data = {**GOOD_LOGIN, "user_id": f"user-{n}", "ip": f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}",
-            "device_id": f"{100 + n % 900}-{n // 900 % 90 + 10}-{n % 9000 + 1000}", **changes}
-    return json.dumps(data)
 
 
 def pii_values(bodies: list[str]) -> set[str]:

@@ -9,8 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from models import MAX_PII_BYTES, InvalidMessage, LoginEvent, ReceivedMessage
-
-from helpers import GOOD_LOGIN as GOOD  # the exercise's sample message, shared with the integration tests
+from tests.fakes import GOOD_LOGIN as GOOD  # the exercise's sample message, shared with the integration tests
 
 
 def body(**changes: object) -> str:
