@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 from dotenv import load_dotenv
 
-from aws.sqs import QueueNotFound, SqsError, SqsReader
+from aws.sqs import SqsError, SqsReader
 from config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DELETERS,
@@ -45,9 +45,10 @@ from config import (
 from database.audit import AuditLog, AuditUnavailable
 from database.rekey import Rekeyer, RekeyInterrupted
 from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
+from health import Failure, checklist
 from models import UnmaskAudit
 from observability import Metrics, Progress, configure_logging
-from pii.keys import KeySourceError, KmsUnavailable, generate_wrapped_key
+from pii.keys import KmsUnavailable, generate_wrapped_key
 from pii.masking import Masker, MaskingError, generate_key
 from pipeline import Pipeline, QueueLost, ServiceLost, Stopped
 from retry import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, BudgetExhausted, Retrier, StopState
@@ -71,6 +72,24 @@ EXIT_CODES = {
     EXIT_QUEUE_LOST: "the queue became unusable mid-run",
 }
 
+# The one mapping from errors to exit codes and to the one `error:` line that says what happened;
+# the first match wins (subclasses before their roots). main() catches once and maps once.
+ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
+    (ConfigError, EXIT_CONFIG, "{exc}"),
+    (KmsUnavailable, EXIT_UNREACHABLE, "{exc}"),
+    (MaskingError, EXIT_CONFIG, "{exc}"),  # a KMS refusal, a bad key file, an inconsistent keyring
+    (AuditUnavailable, EXIT_UNREACHABLE, "refusing to unmask without an audit record at {dsn}: {exc}"),
+    (RekeyInterrupted, EXIT_SERVICE_LOST, "{exc}; committed batches are kept, rerun to resume"),
+    (DatabaseUnavailable, EXIT_UNREACHABLE, "PostgreSQL unreachable at {dsn}: {exc}"),
+    (DatabaseError, EXIT_CONFIG, "{exc}"),
+    (BudgetExhausted, EXIT_UNREACHABLE, "PostgreSQL at {dsn}: {exc}"),  # the schema set-up at start
+    (SqsError, EXIT_UNREACHABLE, "SQS queue {queue} unusable: {exc}"),
+    (ServiceLost, EXIT_SERVICE_LOST, "{exc}; nothing uncommitted was deleted, rerun to resume"),
+    (Stopped, EXIT_STOPPED_UNCOMMITTED,
+     "stop timeout ({stop_timeout} s) passed: {exc}; they were not deleted and SQS redelivers them"),
+    (QueueLost, EXIT_QUEUE_LOST, "the queue became unusable mid-run: {exc}; nothing uncommitted was deleted"),
+)
+
 logger = logging.getLogger("login_etl")
 
 # What signal.signal() takes and returns (typeshed's alias for it is private).
@@ -78,16 +97,20 @@ SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the process exit code."""
+    """Run the CLI; return the process exit code. Expected errors end as one line and a code (ERRORS)."""
+    context: dict[str, str] = {"dsn": "PostgreSQL", "queue": "", "stop_timeout": ""}
     try:
-        return _main(argv)
+        return _main(argv, context)
     except KeyboardInterrupt:
         # Ctrl-C before the pipeline's own handlers are in place (loading keys, connecting):
         # nothing has been received yet, so there is nothing to finish.
         return _fail("interrupted", EXIT_SIGNAL_BASE + signal.SIGINT)
+    except tuple(kind for kind, _, _ in ERRORS) as exc:
+        code, template = next((code, template) for kind, code, template in ERRORS if isinstance(exc, kind))
+        return _fail(template.format(exc=exc, **context), code)
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.backoff_base_seconds > args.backoff_cap_seconds:
@@ -99,15 +122,16 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
-        if args.command == "check":
-            print(f"✗ configuration: {exc}")
-            return EXIT_CONFIG
-        return _fail(str(exc), EXIT_CONFIG)
+        if args.command != "check":
+            raise
+        print(f"✗ configuration: {exc}")
+        return EXIT_CONFIG
+    context.update(dsn=redact_dsn(settings.database_url), queue=settings.queue_url,
+                   stop_timeout=f"{args.stop_timeout:g}")
     if args.command == "check":
         return _check(settings)
-    masker = _load_masker(settings)
-    if isinstance(masker, int):
-        return masker  # an exit code: the keys could not be loaded
+    masker = _masker_of(settings)
+    logger.debug("masking keys loaded: %r", masker)
     if args.command == "unmask":
         return _unmask(settings, masker, args)
     if args.command == "rekey":
@@ -120,30 +144,13 @@ def _keygen(kms_key_id: str | None) -> int:
         print(generate_key())
         return EXIT_OK
     kms = KmsSettings.from_env(os.environ)
-    try:
-        print(generate_wrapped_key(kms_key_id, region=kms.region, endpoint_url=kms.endpoint_url))
-    except KmsUnavailable as exc:
-        return _fail(str(exc), EXIT_UNREACHABLE)
-    except KeySourceError as exc:
-        return _fail(str(exc), EXIT_CONFIG)
+    print(generate_wrapped_key(kms_key_id, region=kms.region, endpoint_url=kms.endpoint_url))
     return EXIT_OK
 
 
 def _masker_of(settings: Settings) -> Masker:
     """The keyring from the configured source; KMS-wrapped keys are decrypted here, once."""
     return Masker.from_keys(settings.key_source.load(), active=settings.key_version)
-
-
-def _load_masker(settings: Settings) -> Masker | int:
-    """The keyring, or the exit code after saying why it could not be loaded."""
-    try:
-        masker = _masker_of(settings)
-    except KmsUnavailable as exc:
-        return _fail(str(exc), EXIT_UNREACHABLE)
-    except MaskingError as exc:  # a KMS refusal, a bad key file, an inconsistent keyring
-        return _fail(str(exc), EXIT_CONFIG)
-    logger.debug("masking keys loaded: %r", masker)
-    return masker
 
 
 def _connect(writer: PostgresWriter, args: argparse.Namespace) -> None:
@@ -157,19 +164,17 @@ def _connect(writer: PostgresWriter, args: argparse.Namespace) -> None:
 def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     writer = PostgresWriter(settings.database_url)
     try:
-        _connect(writer, args)
-    except DatabaseUnavailable as exc:
-        return _fail(f"PostgreSQL unreachable at {redact_dsn(settings.database_url)}: {exc}", EXIT_UNREACHABLE)
-    except BudgetExhausted as exc:
-        return _fail(f"PostgreSQL at {redact_dsn(settings.database_url)}: {exc}", EXIT_UNREACHABLE)
+        return _consume(writer, settings, masker, args)
+    finally:
+        writer.close()
+
+
+def _consume(writer: PostgresWriter, settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
+    _connect(writer, args)
     wait = args.wait_seconds if args.wait_seconds is not None else (5 if args.follow else 1)
     reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
                        wait_time_seconds=wait)
-    try:
-        attributes = reader.check()
-    except SqsError as exc:
-        writer.close()
-        return _fail(f"SQS queue {settings.queue_url} unusable: {exc}", EXIT_UNREACHABLE)
+    attributes = reader.check()
     options = PipelineOptions(
         follow=args.follow,
         receivers=args.receivers,
@@ -189,9 +194,8 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
         try:
             metrics.serve(args.metrics_port)
         except OSError as exc:  # typically EADDRINUSE; nothing has been received yet
-            writer.close()
-            return _fail(f"--metrics-port {args.metrics_port}: cannot serve metrics there ({exc.strerror}); "
-                         "choose a free port", EXIT_CONFIG)
+            raise ConfigError(f"--metrics-port {args.metrics_port}: cannot serve metrics there ({exc.strerror}); "
+                              "choose a free port") from None
         logger.info("serving Prometheus metrics on :%d/metrics", args.metrics_port)
     pipeline = Pipeline(reader, writer, masker, options, observer=metrics)
 
@@ -205,17 +209,7 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     try:
         with Progress(pipeline.stats, queue_depth, interval=args.progress_seconds):
             stats = pipeline.run()
-    except ServiceLost as exc:
-        return _fail(f"{exc}; nothing uncommitted was deleted, rerun to resume", EXIT_SERVICE_LOST)
-    except Stopped as exc:
-        logger.error("stop timeout (%.0f s) passed: %s; they were not deleted and SQS redelivers them",
-                     args.stop_timeout, exc, extra={"count": exc.uncommitted})
-        return EXIT_STOPPED_UNCOMMITTED
-    except QueueLost as exc:
-        return _fail(f"the queue became unusable mid-run: {exc}; nothing uncommitted was deleted",
-                     EXIT_QUEUE_LOST)
     finally:
-        writer.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     print(stats.summary())
@@ -223,68 +217,13 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
 
 
 def _check(settings: Settings) -> int:
-    """Print a checklist of every dependency, with a fix for each failure.
-
-    Exit 2 if the configuration (the keys) fails, else 3 if a service check fails, else 0.
-    """
-    failed: set[int] = set()
-
-    def report(passed: bool, what: str, fix: str = "", code: int = EXIT_UNREACHABLE) -> None:
-        if not passed:
-            failed.add(code)
-        print(f"✓ {what}" if passed else f"✗ {what}\n    fix: {fix}")
-
-    try:
-        masker = _masker_of(settings)
-        report(True, f"configuration valid; masking keys loaded from {settings.key_source.origin}: "
-               f"{_versions(settings.key_source.versions)}, new tokens use version {masker.version}")
-    except KmsUnavailable as exc:
-        report(False, f"masking keys: {exc}", "fix AWS_ENDPOINT_URL_KMS / the network, or retry later")
-    except MaskingError as exc:  # a KMS refusal, one key under two versions: configuration
-        report(False, f"masking keys: {exc}", "fix the key source (README: Keys, rotation and audited unmasking)",
-               code=EXIT_CONFIG)
-    reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
-                       wait_time_seconds=0, max_attempts=1)
-    try:
-        attributes = reader.check()
-        report(True, f"SQS queue {settings.queue_url} reachable")
-        dlq_arn = json.loads(attributes.get("RedrivePolicy", "{}")).get("deadLetterTargetArn")
-        if dlq_arn:
-            dlq_url = settings.queue_url.rsplit("/", 1)[0] + "/" + dlq_arn.rsplit(":", 1)[-1]
-            try:
-                depth = SqsReader(dlq_url, endpoint_url=settings.endpoint_url, region=settings.region,
-                                  max_attempts=1).check().get("ApproximateNumberOfMessages", "?")
-                report(True, f"dead-letter queue {dlq_url} exists ({depth} messages)")
-            except SqsError as exc:
-                report(False, f"dead-letter queue {dlq_url} missing: {exc}",
-                       "create it (scripts/init-queue.sh) or fix the queue's RedrivePolicy")
-    except QueueNotFound as exc:
-        report(False, f"SQS queue missing or forbidden: {exc}",
-               "create it (scripts/init-queue.sh) or fix SQS_QUEUE_URL / AWS credentials")
-    except SqsError as exc:
-        report(False, f"SQS unreachable: {exc}",
-               "start the emulator (scripts/stack.sh start) or fix AWS_ENDPOINT_URL")
-    writer = PostgresWriter(settings.database_url)
-    dsn = redact_dsn(settings.database_url)
-    try:
-        writer.connect(migrate=False)
-        report(True, f"PostgreSQL {dsn} reachable")
-        problem = writer.schema_problem()
-        if problem == "tables missing":  # a fresh database: the ETL creates its tables at start
-            report(True, "schema: not created yet; the ETL creates it at its first run")
-        else:
-            report(problem is None, f"schema: {'current' if problem is None else problem}",
-                   "run `python main.py` once: it creates and migrates the schema at start")
-    except DatabaseError as exc:
-        report(False, f"PostgreSQL {dsn} unreachable: {exc}",
-               "start PostgreSQL (scripts/stack.sh start) or fix DATABASE_URL")
-    finally:
-        writer.close()
-    return EXIT_CONFIG if EXIT_CONFIG in failed else EXIT_UNREACHABLE if failed else EXIT_OK
-
-
-def _versions(versions: Sequence[int]) -> str:
-    return f"version{'s' if len(versions) > 1 else ''} {', '.join(map(str, versions))}"
+    """Print the checklist (health.py); exit 2 if the configuration failed, else 3 if a service did."""
+    failures = set()
+    for item in checklist(settings):
+        print(item)
+        if not item.passed:
+            failures.add(item.failure)
+    return EXIT_CONFIG if Failure.CONFIGURATION in failures else EXIT_UNREACHABLE if failures else EXIT_OK
 
 
 def _max_receives(wanted: int, attributes: dict[str, str]) -> int:
@@ -305,12 +244,8 @@ def _unmask(settings: Settings, masker: Masker, args: argparse.Namespace) -> int
             values.append(masker.unmask(token))
         except MaskingError as exc:
             errors.append(f"error: token {position}: {exc}")
-    try:
-        AuditLog(settings.database_url).record(
-            UnmaskAudit.of(args.requested_by or _os_user(), args.reason, args.tokens, failed=len(errors)))
-    except AuditUnavailable as exc:
-        return _fail(f"refusing to unmask without an audit record at {redact_dsn(settings.database_url)}: {exc}",
-                     EXIT_UNREACHABLE)
+    AuditLog(settings.database_url).record(  # AuditUnavailable: nothing is shown (ERRORS)
+        UnmaskAudit.of(args.requested_by or _os_user(), args.reason, args.tokens, failed=len(errors)))
     if errors:
         print("\n".join(errors), file=sys.stderr)
         return EXIT_UNMASK_FAILED  # print nothing rather than a list that no longer lines up
@@ -344,12 +279,6 @@ def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
     rekeyer = Rekeyer(settings.database_url, masker.rekey, active_version=masker.version, batch_rows=batch_rows)
     try:
         result = rekeyer.run()
-    except DatabaseUnavailable as exc:
-        return _fail(f"PostgreSQL unreachable at {redact_dsn(settings.database_url)}: {exc}", EXIT_UNREACHABLE)
-    except RekeyInterrupted as exc:
-        return _fail(f"{exc}; committed batches are kept, rerun to resume", EXIT_SERVICE_LOST)
-    except DatabaseError as exc:
-        return _fail(str(exc), EXIT_CONFIG)
     except KeyboardInterrupt:
         print("rekey interrupted: committed batches are kept, rerun to resume", file=sys.stderr)
         return EXIT_SIGNAL_BASE + signal.SIGINT

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from aws.sqs import QueueNotFound, SqsUnavailable
+from aws.sqs import QueueUnusable, SqsUnavailable
 from aws.visibility import MAX_ENTRIES_PER_CALL, ExtendResult, VisibilityKeeper
 from config import PipelineOptions
 from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable
@@ -156,7 +156,7 @@ class Pipeline:
                     return  # drained: an empty long poll
         except Abandoned:
             return  # stopped while SQS was unreachable
-        except QueueNotFound as exc:
+        except QueueUnusable as exc:
             self._fail(QueueLost(str(exc)))
         except BaseException as exc:  # noqa: BLE001 - handed to the writer thread, re-raised there
             self._fail(exc)

@@ -45,8 +45,9 @@ class SqsUnavailable(SqsError):
     """Raised when SQS cannot be reached or answers with a transient error; retry later."""
 
 
-class QueueNotFound(SqsError):
-    """Raised when the queue does not exist or the credentials may not use it; do not retry."""
+class QueueUnusable(SqsError):
+    """Raised when the queue cannot be used at all: it does not exist, access is denied, or the
+    credentials are invalid. Retrying does not help."""
 
 
 class SqsReader:
@@ -93,7 +94,7 @@ class SqsReader:
         return self._client
 
     def check(self) -> dict[str, str]:
-        """Return the queue's attributes; raise QueueNotFound or SqsUnavailable."""
+        """Return the queue's attributes; raise QueueUnusable or SqsUnavailable."""
         response = self._call("GetQueueAttributes", QueueUrl=self.queue_url, AttributeNames=["All"])
         return dict(response.get("Attributes", {}))
 
@@ -150,7 +151,7 @@ class SqsReader:
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in _FATAL_CODES:
-                raise QueueNotFound(
+                raise QueueUnusable(
                     f"{operation} on {self.queue_url} failed: {code}. "
                     "Check SQS_QUEUE_URL, the region and the credentials."
                 ) from None

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from aws.sqs import QueueNotFound, SqsUnavailable
+from aws.sqs import QueueUnusable, SqsUnavailable
 from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable, SchemaBusy
 from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
 
@@ -89,7 +89,7 @@ class Faults:
 
     seed: int = 0
     receive_error: float = 0.0  # SqsUnavailable from ReceiveMessage
-    receive_permanent: float = 0.0  # QueueNotFound from ReceiveMessage (the queue deleted mid-run)
+    receive_permanent: float = 0.0  # QueueUnusable from ReceiveMessage (the queue deleted mid-run)
     duplicate: float = 0.0  # a message in flight delivered again (SQS is at-least-once)
     lapse: float = 0.0  # every message in flight reappears (its visibility timeout passed)
     delete_error: float = 0.0  # SqsUnavailable, the deletes not applied
@@ -145,7 +145,7 @@ class FakeQueue:
             raise SqsUnavailable("ReceiveMessage failed: fake outage")
         if self.faults.hit(self.faults.receive_permanent):
             self.permanent_failures += 1
-            raise QueueNotFound("ReceiveMessage failed: AWS.SimpleQueueService.NonExistentQueue (fake)")
+            raise QueueUnusable("ReceiveMessage failed: AWS.SimpleQueueService.NonExistentQueue (fake)")
         with self._lock:
             if self.faults.hit(self.faults.lapse):
                 self._visible.extend(self._latest)

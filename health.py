@@ -1,0 +1,105 @@
+"""`check`: every dependency of a run, as a checklist with a fix for each failure. Changes nothing.
+
+Kept out of the CLI module: main.py only prints the lines and maps the outcome to an exit code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from aws.sqs import QueueUnusable, SqsError, SqsReader
+from config import Settings, redact_dsn
+from database.sqs_postgres import DatabaseError, PostgresWriter
+from pii.keys import KmsUnavailable
+from pii.masking import Masker, MaskingError
+
+
+class Failure(Enum):
+    """What kind of thing failed: the configuration (exit 2) or a service (exit 3)."""
+
+    CONFIGURATION = "configuration"
+    SERVICE = "service"
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One line of the checklist."""
+
+    passed: bool
+    what: str
+    fix: str = ""
+    failure: Failure = Failure.SERVICE
+
+    def __str__(self) -> str:
+        return f"✓ {self.what}" if self.passed else f"✗ {self.what}\n    fix: {self.fix}"
+
+
+def checklist(settings: Settings) -> Iterator[Item]:
+    """Check the keys, the queue and its dead-letter queue, PostgreSQL and its schema, in that order."""
+    yield _keys(settings)
+    yield from _queue(settings)
+    yield from _database(settings)
+
+
+def _keys(settings: Settings) -> Item:
+    try:
+        masker = Masker.from_keys(settings.key_source.load(), active=settings.key_version)
+    except KmsUnavailable as exc:
+        return Item(False, f"masking keys: {exc}", "fix AWS_ENDPOINT_URL_KMS / the network, or retry later")
+    except MaskingError as exc:  # a KMS refusal, one key under two versions: configuration
+        return Item(False, f"masking keys: {exc}", "fix the key source (docs/keys-and-privacy.md)",
+                    Failure.CONFIGURATION)
+    return Item(True, f"configuration valid; masking keys loaded from {settings.key_source.origin}: "
+                f"{_versions(settings.key_source.versions)}, new tokens use version {masker.version}")
+
+
+def _queue(settings: Settings) -> Iterator[Item]:
+    reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
+                       wait_time_seconds=0, max_attempts=1)
+    try:
+        attributes = reader.check()
+    except QueueUnusable as exc:
+        yield Item(False, f"SQS queue missing or forbidden: {exc}",
+                   "create it (scripts/init-queue.sh) or fix SQS_QUEUE_URL / AWS credentials")
+        return
+    except SqsError as exc:
+        yield Item(False, f"SQS unreachable: {exc}",
+                   "start the emulator (scripts/stack.sh start) or fix AWS_ENDPOINT_URL")
+        return
+    yield Item(True, f"SQS queue {settings.queue_url} reachable")
+    dlq_arn = json.loads(attributes.get("RedrivePolicy", "{}")).get("deadLetterTargetArn")
+    if dlq_arn:
+        dlq_url = settings.queue_url.rsplit("/", 1)[0] + "/" + dlq_arn.rsplit(":", 1)[-1]
+        try:
+            depth = SqsReader(dlq_url, endpoint_url=settings.endpoint_url, region=settings.region,
+                              max_attempts=1).check().get("ApproximateNumberOfMessages", "?")
+            yield Item(True, f"dead-letter queue {dlq_url} exists ({depth} messages)")
+        except SqsError as exc:
+            yield Item(False, f"dead-letter queue {dlq_url} missing: {exc}",
+                       "create it (scripts/init-queue.sh) or fix the queue's RedrivePolicy")
+
+
+def _database(settings: Settings) -> Iterator[Item]:
+    writer = PostgresWriter(settings.database_url)
+    dsn = redact_dsn(settings.database_url)
+    try:
+        writer.connect(migrate=False)
+        yield Item(True, f"PostgreSQL {dsn} reachable")
+        problem = writer.schema_problem()
+        if problem == "tables missing":  # a fresh database: the ETL creates its tables at start
+            yield Item(True, "schema: not created yet; the ETL creates it at its first run")
+        else:
+            yield Item(problem is None, f"schema: {'current' if problem is None else problem}",
+                       "run `python main.py` once: it creates and migrates the schema at start")
+    except DatabaseError as exc:
+        yield Item(False, f"PostgreSQL {dsn} unreachable: {exc}",
+                   "start PostgreSQL (scripts/stack.sh start) or fix DATABASE_URL")
+    finally:
+        writer.close()
+
+
+def _versions(versions: Sequence[int]) -> str:
+    return f"version{'s' if len(versions) > 1 else ''} {', '.join(map(str, versions))}"
