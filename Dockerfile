@@ -11,12 +11,14 @@ RUN groupadd --system --gid 10001 etl \
 
 WORKDIR /app
 
-# Dependencies in their own layer: rebuilt only when requirements.txt changes.
-COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
+# Dependencies in their own layer, rebuilt only when the lock changes. requirements.lock pins every
+# package (transitive ones too) with its hashes: pip refuses anything else (pip-compile
+# --generate-hashes from requirements.txt; see docs/CONTRIBUTING.md).
+COPY requirements.lock .
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 
 # Only the application; tests, scripts and .env stay out (see also .dockerignore).
-COPY main.py pipeline.py retry.py transform.py config.py models.py observability.py ./
+COPY main.py pipeline.py retry.py transform.py health.py config.py models.py observability.py ./
 COPY aws/ aws/
 COPY pii/ pii/
 COPY database/ database/

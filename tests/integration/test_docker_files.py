@@ -51,7 +51,7 @@ COVERED_BY = {"AWS_ENDPOINT_URL_SQS": "AWS_ENDPOINT_URL", "AWS_REGION": "AWS_DEF
 KEY_SOURCES = ("MASKING_KEY", "MASKING_KEYS", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT")
 KMS_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://localhost:4599")
 KEY_A, KEY_B = generate_key(), generate_key()
-DOCKERFILE_INSTALL = ["pip", "install", "--no-cache-dir", "-r", "requirements.txt"]
+DOCKERFILE_INSTALL = ["pip", "install", "--no-cache-dir", "--require-hashes", "-r", "requirements.lock"]
 
 
 
@@ -385,10 +385,10 @@ def test_dockerfile_base_is_a_pinned_python_slim_image() -> None:
 
 def test_dockerfile_installs_requirements_in_a_layer_before_the_app_is_copied() -> None:
     steps = dockerfile_instructions()
-    copy_requirements = steps.index(("COPY", "requirements.txt ."))
+    copy_requirements = steps.index(("COPY", "requirements.lock ."))
     install = steps.index(("RUN", " ".join(DOCKERFILE_INSTALL)))
     first_app_copy = min(i for i, (instruction, args) in enumerate(steps)
-                         if instruction == "COPY" and "requirements.txt" not in args)
+                         if instruction == "COPY" and "requirements.lock" not in args)
     assert copy_requirements < install < first_app_copy
 
 
@@ -406,7 +406,7 @@ def test_dockerfile_runs_unbuffered_as_a_non_root_user_with_an_exec_form_cmd() -
 def copied_app_paths() -> list[Path]:
     sources: list[Path] = []
     for instruction, args in dockerfile_instructions():
-        if instruction == "COPY" and "requirements.txt" not in args:
+        if instruction == "COPY" and "requirements.lock" not in args:
             sources += [ROOT / part.rstrip("/") for part in args.split()[:-1]]
     return sources
 
@@ -613,7 +613,7 @@ def test_requirements_install_in_a_fresh_venv_of_the_image_python_and_the_app_st
     subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=120)
     app = tmp_path / "app"
     app.mkdir()
-    shutil.copy2(ROOT / "requirements.txt", app)
+    shutil.copy2(ROOT / "requirements.lock", app)
     install = subprocess.run([str(venv / "bin" / "python"), "-m", *DOCKERFILE_INSTALL], cwd=app,
                              capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
@@ -631,3 +631,14 @@ def test_requirements_install_in_a_fresh_venv_of_the_image_python_and_the_app_st
                             capture_output=True, text=True, timeout=60)
     assert keygen.returncode == 0, keygen.stderr
     assert len(keygen.stdout.strip()) >= 80  # base64 of 64 bytes
+
+
+def test_the_lock_pins_exactly_the_requirements_with_hashes() -> None:
+    """requirements.txt is the human-edited list; requirements.lock must pin each of those versions."""
+    wanted = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements.txt").read_text(), re.M))
+    lock = (ROOT / "requirements.lock").read_text()
+    locked = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\", lock, re.M))
+    assert {name.lower(): version for name, version in wanted.items()} == {
+        name.lower(): version for name, version in locked.items() if name.lower() in {n.lower() for n in wanted}}
+    entries = re.split(r"\n(?=[A-Za-z0-9_.-]+==)", lock.split("\n\n", 1)[-1])
+    assert all("--hash=sha256:" in entry for entry in entries if "==" in entry)
