@@ -86,10 +86,15 @@ class VisibilityKeeper:
     # -- extending ------------------------------------------------------------------------------
 
     def due(self) -> list[ReceivedMessage]:
-        """Messages within half a timeout of reappearing (nothing is changed)."""
+        """Messages within half a timeout of reappearing, the most urgent first (nothing is changed).
+
+        Most urgent first: when a pass is slow (many messages, a loaded machine), the messages
+        closest to reappearing are extended before the others.
+        """
         now = self._clock()
         with self._lock:
-            return [m for m, deadline in self._deadlines.values() if deadline - now < self.timeout / 2]
+            due = [(deadline, m) for m, deadline in self._deadlines.values() if deadline - now < self.timeout / 2]
+        return [m for _, m in sorted(due, key=lambda pair: pair[0])]
 
     def extend_due(self) -> ExtendResult:
         """Extend every message due, 10 per call; one pass of the extender thread."""

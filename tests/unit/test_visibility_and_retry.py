@@ -187,3 +187,15 @@ def test_a_stop_wakes_a_retry_that_is_waiting() -> None:
     with pytest.raises(StopDeadlinePassed):
         retrier.call("PostgreSQL", "write", call, SqsUnavailable)  # type: ignore[arg-type]
     assert time.monotonic() - started < 2  # not the 5 s wait
+
+
+def test_the_messages_closest_to_reappearing_are_extended_first() -> None:
+    clock = Clock()
+    keeper = VisibilityKeeper(Extender(), 30, clock=clock)
+    first, second = messages(2)
+    clock.now = 5
+    keeper.track([first])  # tracked first, reappears at 35
+    clock.now = 0
+    keeper.track([second])  # tracked second, reappears at 30
+    clock.now = 25
+    assert [m.message_id for m in keeper.due()] == ["m1", "m0"]
