@@ -147,7 +147,27 @@ def _connect(writer: PostgresWriter, args: argparse.Namespace) -> None:
     retrier.call("PostgreSQL", "schema set-up", writer.connect, SchemaBusy)
 
 
+def _serve_metrics(port: int | None) -> Metrics | None | int:
+    """Metrics and the probes on `port` (None: not served), or the exit code after saying why not.
+
+    Served before connecting, so that a liveness probe is answered while the ETL starts.
+    """
+    if port is None:
+        return None
+    metrics = Metrics()
+    try:
+        metrics.serve(port)
+    except OSError as exc:  # typically EADDRINUSE; nothing has been received yet
+        return _fail(f"--metrics-port {port}: cannot serve metrics there ({exc.strerror}); choose a free port",
+                     EXIT_CONFIG)
+    logger.info("serving Prometheus metrics on :%d/metrics, probes on /livez and /readyz", port)
+    return metrics
+
+
 def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
+    metrics = _serve_metrics(args.metrics_port)
+    if isinstance(metrics, int):
+        return metrics
     writer = PostgresWriter(settings.database_url)
     try:
         _connect(writer, args)
@@ -176,16 +196,6 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
         visibility_timeout_seconds=int(attributes.get("VisibilityTimeout", 30)),
         max_receives=_max_receives(args.max_receives, attributes),
     )
-    metrics = None
-    if args.metrics_port is not None:
-        metrics = Metrics()
-        try:
-            metrics.serve(args.metrics_port)
-        except OSError as exc:  # typically EADDRINUSE; nothing has been received yet
-            writer.close()
-            return _fail(f"--metrics-port {args.metrics_port}: cannot serve metrics there ({exc.strerror}); "
-                         "choose a free port", EXIT_CONFIG)
-        logger.info("serving Prometheus metrics on :%d/metrics", args.metrics_port)
     pipeline = Pipeline(reader, writer, masker, options, observer=metrics)
 
     def queue_depth() -> int:
@@ -195,6 +205,8 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
         return depth
 
     previous = _install_signal_handlers(pipeline)
+    if metrics is not None:
+        metrics.health.running(lambda: pipeline.stopping)
     try:
         with Progress(pipeline.stats, queue_depth, interval=args.progress_seconds):
             stats = pipeline.run()
@@ -457,7 +469,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="quarantine a message whose processing keeps failing after this many receives "
                         "(5; capped below the queue's RedrivePolicy maxReceiveCount)")
     parser.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
-                        help="serve Prometheus metrics on this port (off by default)")
+                        help="serve Prometheus metrics on this port, with the probes /livez and /readyz "
+                        "(off by default)")
     parser.add_argument("--progress-seconds", type=_seconds(allow_zero=False), default=None, metavar="S",
                         help="progress interval (0.5 s redrawn on a terminal, else a log line every 10 s)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
