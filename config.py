@@ -37,6 +37,9 @@ DEFAULT_BATCH_SIZE = 1000
 DEFAULT_FLUSH_SECONDS = 0.5
 # Below the 30 s grace period of Compose and Kubernetes before they send SIGKILL.
 DEFAULT_STOP_TIMEOUT_SECONDS = 20.0
+# The liveness probe (/livez) fails once the consume loop has neither turned nor retried a call for
+# this long: far above any one call's timeouts, so only a stuck process is restarted (see Health).
+LIVENESS_STALL_SECONDS = 300.0
 
 @dataclass(frozen=True, slots=True)
 class PipelineOptions:

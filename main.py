@@ -161,15 +161,34 @@ def _connect(writer: PostgresWriter, args: argparse.Namespace) -> None:
     retrier.call("PostgreSQL", "schema set-up", writer.connect, SchemaBusy)
 
 
+def _serve_metrics(port: int | None) -> Metrics | None:
+    """Metrics and the probes on `port` (None: not served); a busy port is a ConfigError.
+
+    Served before connecting, so that a liveness probe is answered while the ETL starts.
+    """
+    if port is None:
+        return None
+    metrics = Metrics()
+    try:
+        metrics.serve(port)
+    except OSError as exc:  # typically EADDRINUSE; nothing has been received yet
+        raise ConfigError(f"--metrics-port {port}: cannot serve metrics there ({exc.strerror}); "
+                          "choose a free port") from None
+    logger.info("serving Prometheus metrics on :%d/metrics, probes on /livez and /readyz", port)
+    return metrics
+
+
 def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
+    metrics = _serve_metrics(args.metrics_port)
     writer = PostgresWriter(settings.database_url)
     try:
-        return _consume(writer, settings, masker, args)
+        return _consume(writer, settings, masker, args, metrics)
     finally:
         writer.close()
 
 
-def _consume(writer: PostgresWriter, settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
+def _consume(writer: PostgresWriter, settings: Settings, masker: Masker, args: argparse.Namespace,
+             metrics: Metrics | None) -> int:
     _connect(writer, args)
     wait = args.wait_seconds if args.wait_seconds is not None else (5 if args.follow else 1)
     reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
@@ -188,15 +207,6 @@ def _consume(writer: PostgresWriter, settings: Settings, masker: Masker, args: a
         visibility_timeout_seconds=int(attributes.get("VisibilityTimeout", 30)),
         max_receives=_max_receives(args.max_receives, attributes),
     )
-    metrics = None
-    if args.metrics_port is not None:
-        metrics = Metrics()
-        try:
-            metrics.serve(args.metrics_port)
-        except OSError as exc:  # typically EADDRINUSE; nothing has been received yet
-            raise ConfigError(f"--metrics-port {args.metrics_port}: cannot serve metrics there ({exc.strerror}); "
-                              "choose a free port") from None
-        logger.info("serving Prometheus metrics on :%d/metrics", args.metrics_port)
     pipeline = Pipeline(reader, writer, masker, options, observer=metrics)
 
     def queue_depth() -> int:
@@ -206,6 +216,8 @@ def _consume(writer: PostgresWriter, settings: Settings, masker: Masker, args: a
         return depth
 
     previous = _install_signal_handlers(pipeline)
+    if metrics is not None:
+        metrics.health.running(lambda: pipeline.stopping)
     try:
         with Progress(pipeline.stats, queue_depth, interval=args.progress_seconds):
             stats = pipeline.run()
@@ -391,7 +403,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="quarantine a message whose processing keeps failing after this many receives "
                         "(5; capped below the queue's RedrivePolicy maxReceiveCount)")
     parser.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
-                        help="serve Prometheus metrics on this port (off by default)")
+                        help="serve Prometheus metrics on this port, with the probes /livez and /readyz "
+                        "(off by default)")
     parser.add_argument("--progress-seconds", type=_seconds(allow_zero=False), default=None, metavar="S",
                         help="progress interval (0.5 s redrawn on a terminal, else a log line every 10 s)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",

@@ -12,10 +12,14 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TextIO
+from socketserver import ThreadingMixIn
+from typing import Any, TextIO
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from config import LIVENESS_STALL_SECONDS
 
 # Structured fields the code attaches with `extra=`; only these reach a JSON line.
 LOG_FIELDS = ("message_id", "reason", "batch_size", "duration_ms", "attempt", "count", "service", "error")
@@ -33,6 +37,8 @@ class Observer:
     def on_error(self, service: str, kind: str) -> None:
         """A transient `service` ("sqs" or "postgres") error during operation `kind`; retried."""
 
+    def on_writer_turn(self) -> None:
+        """The writer went once round its loop (at least every 0.5 s while it waits for messages)."""
 
 
 @dataclass(slots=True)
@@ -151,12 +157,65 @@ class Progress:
                 logger.info("progress: %s", self.line())
 
 
-class Metrics(Observer):
-    """Prometheus metrics of a running ETL, fed by pipeline events; served on a port."""
+class Health:
+    """What the Kubernetes probes ask, answered from memory: never a call to PostgreSQL or SQS.
 
-    def __init__(self) -> None:
+    Live: still starting, or the consume loop moved in the last `stall_seconds`: the writer went
+    round its loop (at least every 0.5 s while idle) or a call failed and is being retried. An
+    outage of PostgreSQL or SQS therefore counts as alive (a restart would not bring the service
+    back, and would only add connection storms); only a loop stuck in one call that long is not.
+    Ready: the consume loop runs and is not stopping.
+    """
+
+    def __init__(self, stall_seconds: float = LIVENESS_STALL_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._stall_seconds = stall_seconds
+        self._clock = clock
+        self._last_beat = clock()
+        self._stopping: Callable[[], bool] | None = None
+
+    def beat(self) -> None:
+        """The loop moved (a turn of the writer, or a retried call)."""
+        self._last_beat = self._clock()
+
+    def running(self, stopping: Callable[[], bool]) -> None:
+        """The consume loop starts now; `stopping` says when it has been told to stop."""
+        self.beat()
+        self._stopping = stopping
+
+    def live(self) -> tuple[bool, str]:
+        if self._stopping is None:
+            return True, "starting"
+        idle = self._clock() - self._last_beat
+        if idle > self._stall_seconds:
+            return False, f"stalled: the consume loop has not moved for {idle:.0f} s"
+        return True, f"ok: the consume loop moved {idle:.1f} s ago"
+
+    def ready(self) -> tuple[bool, str]:
+        if self._stopping is None:
+            return False, "starting"
+        if self._stopping():
+            return False, "stopping: finishing the batch in hand"
+        return True, "ready"
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """No access log: probes would write a line every few seconds."""
+
+
+class Metrics(Observer):
+    """Prometheus metrics of a running ETL, fed by pipeline events; served on a port with the probes
+    (`/livez`, `/readyz`: see Health)."""
+
+    def __init__(self, health: Health | None = None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        self.health = health or Health()
         self.registry = CollectorRegistry()
         self.received = Counter("login_etl_messages_received", "Messages received from SQS", registry=self.registry)
         self.loaded = Counter("login_etl_messages_loaded", "Rows inserted into user_logins", registry=self.registry)
@@ -176,9 +235,27 @@ class Metrics(Observer):
                                  registry=self.registry)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - a container exposes it
-        from prometheus_client import start_http_server
+        """Serve wsgi_app() on `port` from a daemon thread; raise OSError if the port is taken."""
+        server = make_server(addr, port, self.wsgi_app(), _ThreadingServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
 
-        start_http_server(port, addr=addr, registry=self.registry)
+    def wsgi_app(self) -> Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]:
+        """/livez and /readyz (200 or 503, one line of text; see Health), the metrics on any other path."""
+        from prometheus_client import make_wsgi_app
+
+        metrics_app = make_wsgi_app(self.registry)
+        probes = {"/livez": self.health.live, "/readyz": self.health.ready}
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            probe = probes.get(environ.get("PATH_INFO", ""))
+            if probe is None:
+                return metrics_app(environ, start_response)
+            ok, text = probe()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain; charset=utf-8")])
+            return [text.encode() + b"\n"]
+
+        return app
 
     # -- pipeline events ------------------------------------------------------------------------
 
@@ -195,3 +272,7 @@ class Metrics(Observer):
 
     def on_error(self, service: str, kind: str) -> None:
         self.errors.labels(service=service, kind=kind).inc()
+        self.health.beat()  # retrying is alive: an outage must not get the pod restarted
+
+    def on_writer_turn(self) -> None:
+        self.health.beat()

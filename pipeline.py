@@ -177,6 +177,7 @@ class Pipeline:
         size = 0
         oldest = 0.0
         while live:
+            self._observer.on_writer_turn()
             timeout = max(0.0, oldest + self._options.flush_seconds - time.monotonic()) if parts else 0.5
             try:
                 item = self._inbox.get(timeout=timeout)

@@ -17,7 +17,7 @@ from database.sqs_postgres import PostgresWriter
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin
 
-from helpers import login, pii_values, query, send
+from helpers import login, pii_values, query, queue_counts, send
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,7 +159,10 @@ def test_a_busy_metrics_port_exits_2_with_one_line_and_consumes_nothing(etl_env,
         assert main(["--metrics-port", str(port)]) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--metrics-port {port}" in err and "Traceback" not in err
-    assert query(etl_env["DATABASE_URL"], "SELECT count(*) FROM user_logins") == [(0,)]
+    # Refused before connecting anywhere (the port is served first, for the probes): nothing
+    # received, not even the tables created.
+    assert queue_counts(sqs_client, etl_env["SQS_QUEUE_URL"]) == (1, 0)
+    assert query(etl_env["DATABASE_URL"], "SELECT to_regclass('user_logins')") == [(None,)]
 
 
 def test_the_duplicates_view_groups_repeated_devices_and_ips(database_url) -> None:
