@@ -12,8 +12,9 @@ import logging
 import sys
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from collections import Counter as Tally
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, TextIO
@@ -21,6 +22,9 @@ from typing import TYPE_CHECKING, TextIO
 from transform import REASON_LABELS, reason_kind
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
+
     from models import WriteResult
     from transform import Batch
 
@@ -166,6 +170,43 @@ ERROR_KINDS = {"sqs": ("receive", "delete"), "postgres": ("write",)}
 FRESHNESS_BUCKETS = (0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 
+class BatchHistogram:
+    """A Prometheus histogram observed a batch of values at a time.
+
+    prometheus_client's Histogram takes one value per call, each under its lock and a Python loop
+    over the buckets: several milliseconds for the 1,000 freshness values of one batch, on the
+    writer thread. This one sorts the batch (in C) and counts each bucket with one bisection.
+    Negative values (a clock behind SQS's) count as 0.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = sorted(buckets)
+        self._cumulative = [0] * (len(self._bounds) + 1)  # values <= each bound, then all (+Inf)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        ordered = sorted(values)
+        total = sum(ordered[bisect_left(ordered, 0.0):])
+        counts = [bisect_right(ordered, bound) for bound in self._bounds] + [len(ordered)]
+        with self._lock:
+            self._cumulative = [a + b for a, b in zip(self._cumulative, counts, strict=True)]
+            self._sum += total
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        with self._lock:
+            cumulative, total = list(self._cumulative), self._sum
+        les = [floatToGoString(bound) for bound in [*self._bounds, float("inf")]]
+        yield HistogramMetricFamily(self._name, self._documentation, buckets=list(zip(les, cumulative, strict=True)),
+                                    sum_value=total)
+
+
 class Metrics(Observer):
     """Prometheus metrics of a running ETL, fed by pipeline events; served on a port.
 
@@ -189,9 +230,9 @@ class Metrics(Observer):
         self.batch_seconds = Histogram("login_etl_batch_seconds", "Write and commit time of a batch (retries included)",
                                        registry=self.registry,
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.freshness = Histogram("login_etl_freshness_seconds",
-                                   "Commit time minus SQS SentTimestamp, per committed message",
-                                   registry=self.registry, buckets=FRESHNESS_BUCKETS)
+        self.freshness = BatchHistogram("login_etl_freshness_seconds",
+                                        "Commit time minus SQS SentTimestamp, per committed message",
+                                        FRESHNESS_BUCKETS, self.registry)
         self.oldest_age = Gauge("login_etl_oldest_message_age_seconds",
                                 "Age (now minus SentTimestamp) of the oldest message of the last committed batch",
                                 registry=self.registry)
@@ -231,8 +272,7 @@ class Metrics(Observer):
         # whichever copy): the analyst's "how stale is user_logins?".
         sent = {m.message_id: m.sent_timestamp_ms for m in batch.deletable() if m.sent_timestamp_ms is not None}
         if sent:
-            for sent_ms in sent.values():
-                self.freshness.observe(max(0.0, now - sent_ms / 1000))
+            self.freshness.observe_many([now - sent_ms / 1000 for sent_ms in sent.values()])
             self.oldest_age.set(max(0.0, now - min(sent.values()) / 1000))
         self.last_commit.set(now)
 

@@ -106,3 +106,30 @@ def test_a_replayed_body_is_validated_as_today() -> None:
     assert MASKER.unmask(row.masked_ip) == GOOD_LOGIN["ip"]
     assert retry_quarantined("m2", MASKER.mask("rejected_body", body(ip=...)), sent, MASKER) == \
         "missing required field 'ip'"
+
+
+def test_the_batch_histogram_exposes_what_prometheus_client_s_histogram_would() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from observability import BatchHistogram
+
+    buckets = (0.25, 0.5, 1, 2.5, 5, 10, 30)
+    values = [0.25, 0.5, 1.0, 10.0, 30.0, 31.0, 0.0, 2.4999, 7.0] * 50 + [n / 7 for n in range(300)]
+    reference, ours = CollectorRegistry(), CollectorRegistry()
+    histogram = Histogram("x_seconds", "d", registry=reference, buckets=buckets)
+    for value in values:
+        histogram.observe(value)
+    batched = BatchHistogram("x_seconds", "d", buckets, ours)
+    batched.observe_many(values[:200])
+    batched.observe_many(values[200:])
+    batched.observe_many([])
+
+    def samples(registry: CollectorRegistry) -> dict[str, float]:
+        return {s.name + str(sorted(s.labels.items())): s.value for metric in registry.collect()
+                for s in metric.samples if not s.name.endswith("_created")}
+
+    expected, got = samples(reference), samples(ours)
+    assert got.keys() == expected.keys()
+    assert all(got[k] == pytest.approx(v) for k, v in expected.items())
+    batched.observe_many([-2.0])  # a clock behind SQS's: counted as 0 in the first bucket
+    assert samples(ours)["x_seconds_bucket[('le', '0.25')]"] == expected["x_seconds_bucket[('le', '0.25')]"] + 1
