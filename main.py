@@ -5,6 +5,7 @@
     python main.py unmask --reason TEXT TOKEN...  print the original values (needs the key; audited)
     python main.py keygen [--kms-key-id ID]       print a new MASKING_KEY (or a KMS-wrapped one)
     python main.py rekey           rewrite stored tokens of older key versions under the active one
+    python main.py replay --reason TEXT [--dry-run]  load quarantined messages that now pass (audited)
     python main.py check           check configuration and services, as a checklist
 
 Exit codes: EXIT_CODES below (printed by --help; the table in docs/operations.md says the same,
@@ -19,10 +20,12 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import unicodedata
 from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -44,6 +47,7 @@ from config import (
 )
 from database.audit import AuditLog, AuditUnavailable
 from database.rekey import Rekeyer, RekeyInterrupted
+from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
 from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
 from health import Failure, checklist
 from models import UnmaskAudit
@@ -52,6 +56,7 @@ from pii.keys import KmsUnavailable, generate_wrapped_key
 from pii.masking import Masker, MaskingError, generate_key
 from pipeline import Pipeline, QueueLost, ServiceLost, Stopped
 from retry import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, BudgetExhausted, Retrier, StopState
+from transform import retry_quarantined
 
 EXIT_OK = 0
 EXIT_UNMASK_FAILED = 1
@@ -136,6 +141,8 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
         return _unmask(settings, masker, args)
     if args.command == "rekey":
         return _rekey(settings, masker, args.rekey_batch_size)
+    if args.command == "replay":
+        return _replay(settings, masker, args)
     return _run(settings, masker, args)
 
 
@@ -300,6 +307,29 @@ def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
     return EXIT_OK if result.remaining == 0 else EXIT_UNMASK_FAILED
 
 
+def _replay(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
+    # Decrypt and validate in memory, commit the audit row, and only then move anything.
+    replayer = Replayer(settings.database_url,
+                        lambda message_id, body, sent_at: retry_quarantined(message_id, body, sent_at, masker))
+    request = ReplayRequest(args.requested_by or _os_user(), args.reason, args.where_reason, args.since, args.dry_run)
+    dsn = redact_dsn(settings.database_url)
+    writer = PostgresWriter(settings.database_url)  # the schema must be current (replayed_at)
+    try:
+        _connect(writer, args)
+        writer.close()
+        result = replayer.run(request)
+    except (DatabaseUnavailable, BudgetExhausted) as exc:
+        return _fail(f"PostgreSQL unreachable at {dsn}: {exc}", EXIT_UNREACHABLE)
+    except ReplayNotAudited as exc:
+        return _fail(f"refusing to replay without an audit record at {dsn}: {exc}", EXIT_UNREACHABLE)
+    except ReplayInterrupted as exc:
+        return _fail(f"{exc}; committed batches are kept, rerun to resume", EXIT_SERVICE_LOST)
+    except DatabaseError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    print("\n".join(result.lines(args.dry_run)))
+    return EXIT_OK
+
+
 def _fail(message: str, exit_code: int) -> int:
     """Print one `error:` line on stderr and return the exit code to end with."""
     print(f"error: {message}", file=sys.stderr)
@@ -334,6 +364,20 @@ def _audit_text(limit: int) -> Callable[[str], str]:
         return text.strip()
 
     return parse
+
+
+def _since(text: str) -> datetime:
+    """A point in time: an ISO 8601 date or date-time (UTC unless it says), or an age: 90m, 12h, 7d."""
+    age = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if age:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[age.group(2)]
+        return datetime.now(timezone.utc) - timedelta(**{unit: int(age.group(1))})
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected an ISO date or date-time (2026-11-26, "
+                                         "2026-11-26T09:00:00Z) or an age (90m, 12h, 7d)") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def _positive_int(text: str) -> int:
@@ -411,7 +455,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="text (default) or json: one object per line")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
-    sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen,rekey}")
+    sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen,rekey,replay}")
     sub.add_parser("check", help="check configuration, SQS, the DLQ and PostgreSQL; print a checklist",
                    description="Verify the configuration and key, that the queue (and its dead-letter "
                    "queue) exists, and that PostgreSQL answers with a current schema (or none yet: the ETL "
@@ -445,6 +489,23 @@ def _build_parser() -> argparse.ArgumentParser:
                            "a rerun resumes. Exit 0 when no token of another version is left, 1 otherwise.")
     rekey.add_argument("--batch-size", dest="rekey_batch_size", type=_positive_int, default=500, metavar="N",
                        help="about this many rows per transaction (500)")
+    replay = sub.add_parser("replay", help="load quarantined messages that today's validation accepts (audited)",
+                            description="Decrypt quarantined bodies in memory, validate them as the ETL does "
+                            "today, and load those that pass into user_logins (idempotent on message_id; safe "
+                            "to run twice and beside the ETL); the others stay quarantined with today's reason. "
+                            "Every call is first recorded in etl_replay_audit (who, why, counts, message ids; "
+                            "never a value); if that fails nothing moves and the exit code is 3. Loaded rows "
+                            "keep their quarantine row with replayed_at set (view user_logins_replayed).")
+    replay.add_argument("--reason", required=True, type=_audit_text(1000),
+                        help="why (required; recorded in the audit)")
+    replay.add_argument("--requested-by", type=_audit_text(128), default=None, metavar="NAME",
+                        help="who asks (default: the OS user)")
+    replay.add_argument("--where-reason", default=None, metavar="PATTERN",
+                        help="only rows whose reason matches this ILIKE pattern, e.g. 'processing failed%%'")
+    replay.add_argument("--since", type=_since, default=None, metavar="WHEN",
+                        help="only rows quarantined at or after WHEN: 2026-11-26, 2026-11-26T09:00:00Z, or 12h, 7d")
+    replay.add_argument("--dry-run", action="store_true",
+                        help="print counts by outcome and reason, change nothing (still audited)")
     return parser
 
 

@@ -134,6 +134,8 @@ class WriteResult:
     inserted: int
     rejected: int
     duplicates: int
+    # The message ids of the quarantine rows this batch stored (for the metrics' reason counts).
+    rejected_ids: frozenset[str] = field(default=frozenset(), compare=False)
 
 
 class MessageSource(Protocol):

@@ -234,7 +234,7 @@ class Pipeline:
                        failed=len(failed))
         self.keeper.untrack(failed)  # not extended: they come back after the timeout
         seconds = time.monotonic() - started
-        self._observer.on_commit(len(batch.messages), seconds, written.inserted, written.rejected)
+        self._observer.on_commit(batch, seconds, written)
         logger.debug("committed %d messages in %.0f ms: %s", len(batch.messages), seconds * 1000, written,
                      extra={"batch_size": len(batch.messages), "duration_ms": round(seconds * 1000, 1)})
         return batch.deletable()

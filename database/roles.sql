@@ -11,14 +11,18 @@
 --
 --   login_etl       owns the ETL's tables: it creates and migrates them at start (CREATE TABLE IF
 --                   NOT EXISTS, CREATE OR REPLACE VIEW need CREATE on the schema and ownership);
---                   inserts, and updates (rekey). No right on pii_unmask_audit.
---   login_analyst   SELECT on user_logins and user_login_duplicates only. Sees tokens, never values.
+--                   inserts, and updates (rekey). No right on pii_unmask_audit. `replay` runs as this
+--                   role (it loads into its tables): INSERT on etl_replay_audit, only the columns the
+--                   client states; who, when and from where come from the server (replay_audit.sql).
+--   login_analyst   SELECT on user_logins, user_login_duplicates and user_logins_replayed (which rows a
+--                   replay loaded) only. Sees tokens, never values.
 --   login_unmasker  INSERT on pii_unmask_audit, and only on the columns the client states (who asks,
 --                   why, the token fingerprints and counts): `unmask` writes its audit row. The id,
 --                   requested_at, database_user and client_addr come from the server (audit.sql).
 --                   Unmasking itself needs the masking key, which no database right gives.
 --   login_auditor   SELECT on pii_unmask_audit, and on the view pii_unmask_audit_rows (which stored
---                   rows each audit entry revealed), without any right on the ETL's tables.
+--                   rows each audit entry revealed), and on etl_replay_audit, without any right on the
+--                   ETL's tables.
 -- Nobody but the administrator may UPDATE or DELETE audit rows.
 
 \if :{?schema}
@@ -56,7 +60,8 @@ SELECT format('ALTER %s %I.%I OWNER TO %I', CASE c.relkind WHEN 'v' THEN 'VIEW' 
               n.nspname, c.relname, :'etl_role')
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = :'schema' AND c.relkind IN ('r', 'v')
-   AND c.relname IN ('user_logins', 'user_logins_rejected', 'etl_schema_version', 'user_login_duplicates') \gexec
+   AND c.relname IN ('user_logins', 'user_logins_rejected', 'etl_schema_version', 'user_login_duplicates',
+                     'user_logins_replayed') \gexec
 
 -- The audit table: owned by whoever runs this file; append-only for everyone else.
 \ir audit.sql
@@ -65,10 +70,19 @@ GRANT INSERT (requested_by, reason, token_count, failed_count, token_fingerprint
    ON pii_unmask_audit TO :"unmask_role";
 GRANT SELECT ON pii_unmask_audit TO :"auditor_role";
 
--- Analysts: user_logins and the duplicates view, when they exist; nothing else.
+-- The replay audit, likewise: the ETL role (which runs `replay`) appends, the auditor reads.
+\ir replay_audit.sql
+REVOKE ALL ON etl_replay_audit FROM PUBLIC, :"etl_role";
+GRANT INSERT (requested_by, reason, dry_run, where_reason, since, examined_count, to_load_count,
+              still_failing_count, undecryptable_count, message_ids, to_load_ids)
+   ON etl_replay_audit TO :"etl_role";
+GRANT SELECT (id) ON etl_replay_audit TO :"etl_role";  -- INSERT … RETURNING id: the audit id, nothing else
+GRANT SELECT ON etl_replay_audit TO :"auditor_role";
+
+-- Analysts: user_logins and the duplicates and replayed views, when they exist; nothing else.
 SELECT format('GRANT SELECT ON %I.%I TO %I', n.nspname, c.relname, :'analyst_role')
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE n.nspname = :'schema' AND c.relname IN ('user_logins', 'user_login_duplicates') \gexec
+ WHERE n.nspname = :'schema' AND c.relname IN ('user_logins', 'user_login_duplicates', 'user_logins_replayed') \gexec
 
 SELECT to_regclass('user_logins') IS NULL OR to_regclass('user_logins_rejected') IS NULL AS etl_tables_missing \gset
 \if :etl_tables_missing

@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 # Any constant: serialises schema set-up between processes starting at once.
 _SCHEMA_LOCK_ID = 7_412_350_191
-SCHEMA_VERSION = 2  # 1: tables and message_id; 2: the user_login_duplicates view
+SCHEMA_VERSION = 3  # 1: tables and message_id; 2: the user_login_duplicates view; 3: replay columns and view
 
 # COPY order: `locale`, the only nullable value, last, so a row is built with one join.
 _LOGIN_COLUMNS = (
@@ -80,6 +80,13 @@ UNION ALL
 SELECT 'ip'::text, masked_ip, count(*), count(DISTINCT user_id), min(create_date), max(create_date)
   FROM user_logins WHERE masked_ip IS NOT NULL
  GROUP BY masked_ip HAVING count(*) > 1"""
+
+
+# For analysts (who cannot read the quarantine): which rows of user_logins were loaded by a replay.
+_CREATE_REPLAYED_VIEW = """
+CREATE OR REPLACE VIEW user_logins_replayed AS
+SELECT message_id, replayed_at, replay_audit_id, reason AS quarantine_reason
+  FROM user_logins_rejected WHERE replayed_at IS NOT NULL"""
 
 
 class DatabaseError(Exception):
@@ -210,6 +217,10 @@ class PostgresWriter:
                    version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"""
         )
         cur.execute(_CREATE_DUPLICATES_VIEW)
+        # `python main.py replay` (database/replay.py) marks the quarantine rows it loaded.
+        cur.execute("""ALTER TABLE user_logins_rejected ADD COLUMN IF NOT EXISTS replayed_at timestamptz,
+                       ADD COLUMN IF NOT EXISTS replay_audit_id bigint""")
+        cur.execute(_CREATE_REPLAYED_VIEW)
         cur.execute("INSERT INTO etl_schema_version (version) VALUES (%s) ON CONFLICT DO NOTHING", (SCHEMA_VERSION,))
 
     def _create_stage(self, cur: Cursor) -> None:
@@ -260,7 +271,7 @@ class PostgresWriter:
                 """INSERT INTO user_logins_rejected (message_id, reason, sent_at, receive_count, encrypted_body)
                    SELECT v.* FROM (VALUES %s) AS v (message_id, reason, sent_at, receive_count, encrypted_body)
                     WHERE NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = v.message_id)
-                   ON CONFLICT (message_id) DO NOTHING RETURNING 1""",
+                   ON CONFLICT (message_id) DO NOTHING RETURNING message_id""",
                 [(r.message_id, r.reason, r.sent_at, r.receive_count, r.encrypted_body) for r in rejections],
                 template="(%s, %s, %s::timestamptz, %s::integer, %s)",
                 page_size=1000,
@@ -268,7 +279,8 @@ class PostgresWriter:
             )
             rejected = len(stored)
         duplicates = len(logins) + len(rejections) - inserted - rejected
-        return WriteResult(inserted=inserted, rejected=rejected, duplicates=duplicates)
+        return WriteResult(inserted=inserted, rejected=rejected, duplicates=duplicates,
+                           rejected_ids=frozenset(row[0] for row in stored) if rejections else frozenset())
 
     def _insert_logins(self, cur: Cursor, logins: Sequence[MaskedLogin], staged: bool = False) -> int:
         """Insert the rows that are new; return how many.
@@ -388,7 +400,7 @@ def _lock_holders(cur: Cursor) -> str:
             WHERE l.granted AND l.pid <> pg_backend_pid()
               AND ((c.relnamespace = current_schema()::regnamespace
                     AND c.relname IN ('user_logins', 'user_logins_rejected', 'user_login_duplicates',
-                                      'etl_schema_version'))
+                                      'user_logins_replayed', 'etl_schema_version'))
                    OR (l.locktype = 'advisory' AND l.objid = %s))
             ORDER BY 1 LIMIT 5""", (_SCHEMA_LOCK_ID & 0xFFFFFFFF,))
     held = [f"pid {pid} ({app}, {state} since {since} UTC) on {rel}" for pid, app, state, since, rel in cur.fetchall()]

@@ -13,5 +13,6 @@ for arg in "$@"; do
   esac
 done
 [ "$paths" -gt 0 ] && [ "$only_unit" -eq 0 ] && export SETUP_SERVICES=0
+export SETUP_FOR_TESTS=1
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" requirements-dev.txt
 python -m pytest "$@"

@@ -254,6 +254,7 @@ class FakeSink:
             raise DatabaseRejectedRows(bad_logins, bad_rejections)
         with self._lock:
             inserted = rejected = 0
+            stored_rejections: set[str] = set()
             for row in logins:
                 if row.message_id in self.logins:
                     continue
@@ -267,6 +268,7 @@ class FakeSink:
                 if rejection.message_id in self.rejections or rejection.message_id in self.logins:
                     continue
                 self.rejections[rejection.message_id] = rejection
+                stored_rejections.add(rejection.message_id)
                 rejected += 1
             self.commits += 1
         if self.faults.hit(self.faults.write_error_after_commit):
@@ -275,4 +277,5 @@ class FakeSink:
             raise DatabaseUnavailable("fake: connection lost after COMMIT was sent")
         self.returned.update(inserted=inserted, rejected=rejected)
         return WriteResult(inserted=inserted, rejected=rejected,
-                           duplicates=len(logins) + len(rejections) - inserted - rejected)
+                           duplicates=len(logins) + len(rejections) - inserted - rejected,
+                           rejected_ids=frozenset(stored_rejections))

@@ -98,7 +98,7 @@ def empty_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def compose(empty_env_file: Path) -> dict[str, Any]:
     """The compose model as Compose normalises it, every profile enabled."""
-    result = run_compose(empty_env_file, "--profile", "etl", "config", "--format", "json")
+    result = run_compose(empty_env_file, "--profile", "etl", "--profile", "monitoring", "config", "--format", "json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -123,7 +123,8 @@ def host_path(svc: dict[str, Any], container_path: str) -> Path | None:
 # --- docker-compose.yml -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "etl"]], ids=["default", "etl-profile"])
+@pytest.mark.parametrize("profile", [[], ["--profile", "etl"], ["--profile", "monitoring"]],
+                         ids=["default", "etl-profile", "monitoring-profile"])
 def test_compose_file_passes_docker_compose_config(empty_env_file: Path, profile: list[str]) -> None:
     result = run_compose(empty_env_file, *profile, "config", "-q")
     assert result.returncode == 0, result.stderr
@@ -238,6 +239,30 @@ def test_plain_up_starts_localstack_and_postgres_and_the_etl_profile_adds_the_et
     with_etl = run_compose(empty_env_file, "--profile", "etl", "config", "--services")
     assert sorted(plain.stdout.split()) == ["localstack", "postgres"]
     assert sorted(with_etl.stdout.split()) == ["etl", "localstack", "postgres"]
+    monitoring = run_compose(empty_env_file, "--profile", "monitoring", "config", "--services")
+    assert sorted(monitoring.stdout.split()) == ["etl", "grafana", "localstack", "postgres", "prometheus"]
+
+
+def test_the_monitoring_profile_runs_the_tested_prometheus_config_rules_and_dashboard(compose: dict[str, Any]) -> None:
+    import yaml
+
+    prometheus, grafana = service(compose, "prometheus"), service(compose, "grafana")
+    [config_flag] = [arg for arg in prometheus["command"] if arg.startswith("--config.file=")]
+    config = host_path(prometheus, config_flag.split("=", 1)[1])
+    assert config == ROOT / "monitoring" / "prometheus.yml"  # the file promtool checked
+    assert (config.parent / "alerts.yml").is_file()  # rule_files is relative to it
+    [job] = yaml.safe_load(config.read_text())["scrape_configs"]
+    [dns] = job["dns_sd_configs"]
+    # Every etl replica, on the port its command serves metrics on.
+    assert dns["names"] == ["etl"] and "--metrics-port" in service(compose, "etl")["command"]
+    etl_command = service(compose, "etl")["command"]
+    assert etl_command[etl_command.index("--metrics-port") + 1] == str(dns["port"])
+    provider = yaml.safe_load((ROOT / "monitoring/grafana/provisioning/dashboards/login-etl.yml").read_text())
+    dashboards = provider["providers"][0]["options"]["path"]
+    assert host_path(grafana, "/etc/grafana/provisioning") == ROOT / "monitoring/grafana/provisioning"
+    assert host_path(grafana, f"{dashboards}/login-etl.json") == ROOT / "monitoring" / "dashboard.json"
+    assert {p["published"] for svc in (prometheus, grafana) for p in svc["ports"]} == {"9090", "3000"}
+    assert all(p["host_ip"] == "127.0.0.1" for svc in (prometheus, grafana) for p in svc["ports"])
 
 
 def test_etl_gets_every_variable_the_app_reads(compose: dict[str, Any]) -> None:
@@ -322,7 +347,7 @@ def test_postgres_uses_the_exercise_credentials_and_a_named_volume(compose: dict
 
 def test_etl_follows_the_queue_restarts_and_can_be_scaled(compose: dict[str, Any]) -> None:
     etl = service(compose, "etl")
-    assert etl["command"] == ["python", "main.py", "--follow"]
+    assert etl["command"] == ["python", "main.py", "--follow", "--metrics-port", "9108"]
     assert etl["build"]["dockerfile"] == "Dockerfile"
     assert etl["restart"] == "unless-stopped"
     # A fixed container name or a published port would make `--scale etl=3` fail.

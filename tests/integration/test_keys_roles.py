@@ -16,7 +16,7 @@ import pytest
 
 from database.sqs_postgres import PostgresWriter
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
-from models import MaskedLogin
+from models import MaskedLogin, Rejection
 from pii.masking import Masker, decode_key, generate_key
 
 from helpers import query
@@ -129,6 +129,34 @@ def test_tables_an_administrator_created_first_are_handed_to_the_etl_role(logins
     writer.connect()
     writer.close()
     assert query(logins["analyst"], "SELECT count(*) FROM user_logins") == [(0,)]
+
+
+def test_replay_runs_as_the_etl_role_its_audit_is_append_only_and_analysts_see_what_it_loaded(
+    logins, database_url, monkeypatch, tmp_path,
+) -> None:
+    # GIVEN a quarantined message, stored by the ETL as its role, and roles.sql run again
+    writer = PostgresWriter(logins["etl"])
+    writer.connect()
+    body = MASKER.mask("rejected_body", '{"user_id": "u1", "device_type": "ios", "ip": "10.0.0.9", '
+                       '"device_id": "d-9", "app_version": "1.0"}')
+    writer.write([], [Rejection("m-9", "processing failed 5 times: KeyError", body, None, 5)])
+    writer.close()
+    apply_roles_sql(database_url, logins["roles"])
+    # WHEN the ETL role replays it (with the key)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MASKING_KEY", KEY)
+    monkeypatch.setenv("DATABASE_URL", logins["etl"])
+    assert main(["replay", "--reason", "bug fixed", "--requested-by", "dave"]) == EXIT_OK
+    # THEN it is loaded, the audit row names the ETL's login, and the ETL role cannot change the audit
+    assert query(logins["analyst"], "SELECT user_id FROM user_logins") == [("u1",)]
+    assert query(logins["analyst"], "SELECT message_id, quarantine_reason FROM user_logins_replayed") == [
+        ("m-9", "processing failed 5 times: KeyError")]
+    assert query(logins["auditor"], "SELECT requested_by, database_user, to_load_ids FROM etl_replay_audit") == [
+        ("dave", f"{logins['roles']['etl']}_user", ["m-9"])]
+    for sql in ("SELECT reason FROM etl_replay_audit", "UPDATE etl_replay_audit SET reason = 'x'",
+                "DELETE FROM etl_replay_audit"):
+        assert refused(logins["etl"], sql), sql
+    assert refused(logins["analyst"], "SELECT * FROM etl_replay_audit")
 
 
 def readme_auditor_query() -> str:

@@ -72,7 +72,8 @@ def test_the_metrics_endpoint_serves_the_counters_in_follow_mode(etl_env, sqs_cl
         process.communicate(timeout=20)
     assert "login_etl_messages_loaded_total 40.0" in text, text[-2000:]
     assert "login_etl_messages_received_total 41.0" in text
-    assert "login_etl_messages_rejected_total 1.0" in text
+    assert 'login_etl_messages_rejected_total{reason="not_json"} 1.0' in text
+    assert "login_etl_freshness_seconds_count 41.0" in text and "login_etl_oldest_message_age_seconds" in text
     assert "login_etl_batch_seconds_count" in text and "login_etl_batch_size_bucket" in text
     assert "login_etl_last_commit_timestamp_seconds" in text
     assert process.returncode == 0

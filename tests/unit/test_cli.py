@@ -28,7 +28,7 @@ def test_keygen_prints_a_valid_new_key(capsys: pytest.CaptureFixture[str]) -> No
     assert len(decode_key(printed)) == 64
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["unmask", "--help"], ["keygen", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["unmask", "--help"], ["keygen", "--help"], ["replay", "--help"]])
 def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -49,6 +49,9 @@ def test_a_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     (["--flush-seconds", "-0.5"], "--flush-seconds: must be >= 0"),
     (["--metrics-port", "0"], "--metrics-port: must be a port number, 1..65535"),
     (["--metrics-port", "70000"], "--metrics-port: must be a port number, 1..65535"),
+    (["replay", "--reason", " "], "--reason: must not be blank"),
+    (["replay", "--dry-run"], "the following arguments are required: --reason"),
+    (["replay", "--reason", "r", "--since", "yesterday"], "--since: expected an ISO date or date-time"),
 ])
 def test_bad_numbers_are_refused_by_the_parser_with_exit_2_and_one_line(
     argv: list[str], says: str, capsys: pytest.CaptureFixture[str],
@@ -105,3 +108,16 @@ def test_a_missing_key_exits_2_with_one_line_naming_masking_key(
     assert main(["unmask", "--reason", "test", "v1.abc"]) == EXIT_CONFIG
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "MASKING_KEY" in err[0] and "keygen" in err[0]
+
+
+def test_replay_since_takes_a_date_a_date_time_or_an_age() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from main import _since
+
+    assert _since("2026-11-26") == datetime(2026, 11, 26, tzinfo=timezone.utc)
+    assert _since("2026-11-26T09:30:00Z") == datetime(2026, 11, 26, 9, 30, tzinfo=timezone.utc)
+    assert _since("2026-11-26T09:30:00+01:00") == datetime(2026, 11, 26, 8, 30, tzinfo=timezone.utc)
+    before = datetime.now(timezone.utc)
+    assert abs(_since("12h") - (before - timedelta(hours=12))) < timedelta(seconds=5)
+    assert abs(_since("7d") - (before - timedelta(days=7))) < timedelta(seconds=5)
