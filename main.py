@@ -6,6 +6,7 @@
     python main.py keygen [--kms-key-id ID]       print a new MASKING_KEY (or a KMS-wrapped one)
     python main.py rekey           rewrite stored tokens of older key versions under the active one
     python main.py check           check configuration and services, as a checklist
+    python main.py retention --keep-days N [--dry-run]   drop daily partitions older than N days (audited)
 
 Exit codes: 0 ok; 1 unmask failed, or rekey left tokens it cannot rewrite; 2 configuration or
 usage error; 3 a service (SQS, PostgreSQL, KMS) unreachable at start, or unmask could not write its
@@ -44,10 +45,12 @@ from config import (
     KmsSettings,
     PipelineOptions,
     Settings,
+    database_url_from_env,
     redact_dsn,
 )
 from database.audit import AuditLog, AuditUnavailable
 from database.rekey import Rekeyer, RekeyInterrupted
+from database.retention import Retention
 from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
 from models import UnmaskAudit
 from observability import Metrics, Progress, configure_logging
@@ -89,6 +92,8 @@ def _main(argv: Sequence[str] | None) -> int:
     load_dotenv(Path.cwd() / ".env", override=False)  # the real environment wins
     if args.command == "keygen":
         return _keygen(args.kms_key_id)
+    if args.command == "retention":
+        return _retention(args)
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
@@ -352,6 +357,23 @@ def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
     return EXIT_OK if result.remaining == 0 else EXIT_UNMASK_FAILED
 
 
+def _retention(args: argparse.Namespace) -> int:
+    """Drop what is older than --keep-days (no key needed); exit 0, 2 (configuration) or 3 (PostgreSQL)."""
+    try:
+        dsn = database_url_from_env(os.environ)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    retention = Retention(dsn, keep_days=args.keep_days, requested_by=args.requested_by or _os_user())
+    try:
+        result = retention.run(dry_run=args.dry_run)
+    except DatabaseUnavailable as exc:
+        return _fail(f"PostgreSQL at {redact_dsn(dsn)}: {exc}", EXIT_UNREACHABLE)
+    except DatabaseError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    print(result.summary())
+    return EXIT_OK
+
+
 def _fail(message: str, exit_code: int) -> int:
     """Print one `error:` line on stderr and return the exit code to end with."""
     print(f"error: {message}", file=sys.stderr)
@@ -464,7 +486,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="text (default) or json: one object per line")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
-    sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen,rekey}")
+    sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen,rekey,retention}")
     sub.add_parser("check", help="check configuration, SQS, the DLQ and PostgreSQL; print a checklist",
                    description="Verify the configuration and key, that the queue (and its dead-letter "
                    "queue) exists, and that PostgreSQL answers with a current schema (or none yet: the ETL "
@@ -498,6 +520,18 @@ def _build_parser() -> argparse.ArgumentParser:
                            "a rerun resumes. Exit 0 when no token of another version is left, 1 otherwise.")
     rekey.add_argument("--batch-size", dest="rekey_batch_size", type=_positive_int, default=500, metavar="N",
                        help="about this many rows per transaction (500)")
+    retention = sub.add_parser("retention", help="drop the daily partitions of user_logins older than N days (audited)",
+                               description="Drop the daily partitions of user_logins dated before today minus "
+                               "--keep-days (today and yesterday are never touched), and delete older rows of "
+                               "user_logins_default and (by received_at) user_logins_rejected. Each drop or delete "
+                               "commits with its row in etl_retention_audit. Needs DATABASE_URL only (no key). "
+                               "Exit 0 done, 2 configuration (or a table not yet migrated), 3 PostgreSQL "
+                               "unreachable or a lock held too long (rerun).")
+    retention.add_argument("--keep-days", type=_positive_int, required=True, metavar="N",
+                           help="keep today and the N full days before it")
+    retention.add_argument("--dry-run", action="store_true", help="print what would be dropped; change nothing")
+    retention.add_argument("--requested-by", type=_audit_text(128), default=None, metavar="NAME",
+                           help="who runs it, for the audit (default: the OS user)")
     return parser
 
 

@@ -192,8 +192,8 @@ def move_legacy_batch(cur: Cursor, first_page: int, pages: int) -> int:
         """SELECT column_name FROM information_schema.columns
             WHERE table_schema = current_schema() AND table_name = %s""", (LEGACY_TABLE,))
     present = {row[0] for row in cur.fetchall()}
-    values = ", ".join(
-        ("app_version::text AS app_version" if c == "app_version" else c) if c in present else f"NULL AS {c}" for c in COLUMNS)
+    values = ", ".join(("app_version::text AS app_version" if c == "app_version" else c)
+                       if c in present else f"NULL AS {c}" for c in COLUMNS)
     cur.execute(
         f"""WITH moved AS (DELETE FROM {LEGACY_TABLE} WHERE ctid >= %s::tid AND ctid < %s::tid RETURNING {values})
             INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM moved""",

@@ -2,8 +2,9 @@
 
 How (and why it is safe to kill and to run beside the ETL):
 
-- Each table (each partition of a partitioned one: `ctid` is per partition; and a legacy table
-  that a migration to partitions has not finished moving) is walked in ranges of physical pages (``ctid`` ranges, read by a TID range scan),
+- Each table (each partition of a partitioned one, since `ctid` is per partition; and a legacy
+  table that a migration to partitions has not finished moving) is walked in ranges of physical
+  pages (``ctid`` ranges, read by a TID range scan),
   one transaction per range: ``SELECT … FOR UPDATE SKIP LOCKED`` the rows holding a token not of
   the active version, re-make those tokens, ``UPDATE`` them by ``ctid``, ``COMMIT``. Rows with a
   NULL ``message_id`` (the original exercise's rows) are found like any other.

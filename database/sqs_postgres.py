@@ -16,8 +16,8 @@ import io
 import logging
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from datetime import date, datetime, timezone
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg2
@@ -241,7 +241,8 @@ class PostgresWriter:
             return
         page, moved, logged = 0, 0, time.monotonic()
         while page < pages:
-            moved += self._run(lambda cur: partitions.move_legacy_batch(cur, page, self._migrate_batch_pages))
+            moved += self._run(partial(partitions.move_legacy_batch, first_page=page,
+                                       pages=self._migrate_batch_pages))
             page += self._migrate_batch_pages
             if time.monotonic() - logged >= 5:
                 logger.info("moving %s into daily partitions: page %d of %d, %d rows moved",
