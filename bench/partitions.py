@@ -7,8 +7,9 @@ For each layout (`plain`: schema 2, one table, UNIQUE (message_id); `partitioned
 ETL creates it) in its own throw-away database `bench_part_<uuid>`, the table is preloaded with SQL
 up to each size (millions of rows, random UUID message ids, dated over past days, --rows-per-day-m
 million a day), then --batches COPYs of 10,000 rows dated today are timed, each in its own
-transaction, with the ETL's own COPY text (`_copy_text`), as the sink does. At each size from 10M
-up, the three README queries and the duplicates view are timed on the partitioned layout. Prints
+transaction, with the ETL's own COPY text (`_copy_text`), as the sink does; the two layouts'
+batches alternate. At each size from 10M
+up (--queries-from-m), the README's three queries and a one-day query are timed on both layouts. Prints
 everything; asserts nothing. Needs PostgreSQL on DATABASE_URL (default: the embedded stack's).
 """
 
@@ -30,7 +31,7 @@ sys.path[:0] = [str(ROOT)]
 import psycopg2  # noqa: E402
 
 from database import partitions  # noqa: E402
-from database.sqs_postgres import PostgresWriter, _copy_text  # noqa: E402
+from database.sqs_postgres import _CREATE_DUPLICATES_VIEW, PostgresWriter, _copy_text  # noqa: E402
 from models import MaskedLogin  # noqa: E402
 
 BATCH_ROWS = 10_000
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="0,10,50", help="table sizes in millions of rows (0,10,50)")
     parser.add_argument("--rows-per-day-m", type=float, default=2.0, help="preloaded millions of rows per day (2)")
     parser.add_argument("--batches", type=int, default=30, help="timed 10,000-row COPYs per size (30)")
+    parser.add_argument("--queries-from-m", type=float, default=10.0,
+                        help="time the analysts' queries at sizes from this many million rows (10)")
     parser.add_argument("--skip-queries", action="store_true")
     args = parser.parse_args(argv)
     sizes = [int(float(s) * 1_000_000) for s in args.sizes.split(",")]
@@ -83,29 +86,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"PostgreSQL: {version.split(',')[0]}; shared_buffers {shared_buffers}, work_mem {work_mem}")
     print(f"sizes (rows preloaded): {', '.join(f'{s:,}' for s in sizes)}; {args.batches} COPYs of "
           f"{BATCH_ROWS:,} rows dated today per size; preload {args.rows_per_day_m}M rows per past day\n")
-    results: dict[str, list[tuple[int, float, list[float]]]] = {}
+    results: dict[str, list[tuple[int, float, list[float]]]] = {"plain": [], "partitioned": []}
     space: dict[str, tuple[int, int, int]] = {}
-    timings: list[tuple[int, str, float]] = []
-    for layout in ("plain", "partitioned"):
-        dsn, drop = _database(admin)
-        try:
+    timings: list[tuple[int, str, str, float]] = []
+    databases = {layout: _database(admin) for layout in ("plain", "partitioned")}
+    try:
+        loaded = dict.fromkeys(databases, 0)
+        for layout, (dsn, _drop) in databases.items():
             _create(dsn, layout)
-            results[layout] = []
-            loaded = 0
-            for size in sizes:
+        for size in sizes:
+            preload = {}
+            for layout, (dsn, _drop) in databases.items():
                 t0 = time.monotonic()
-                loaded = _preload(dsn, layout, loaded, size, int(args.rows_per_day_m * 1_000_000))
-                preload_s = time.monotonic() - t0
-                rates = _copy_rates(dsn, args.batches, size)
-                results[layout].append((size, preload_s, rates))
-                print(f"{layout:<12} at {size / 1e6:>5.1f}M rows: COPY median {statistics.median(rates):>9,.0f} rows/s "
-                      f"(min {min(rates):,.0f}, max {max(rates):,.0f}); preload took {preload_s:.0f} s", flush=True)
-                if layout == "partitioned" and size >= 10_000_000 and not args.skip_queries:
+                loaded[layout] = _preload(dsn, layout, loaded[layout], size, int(args.rows_per_day_m * 1_000_000))
+                preload[layout] = time.monotonic() - t0
+            # The two layouts' batches alternate, so that whatever else the machine does hits both alike.
+            rates: dict[str, list[float]] = {layout: [] for layout in databases}
+            for b in range(args.batches):
+                for layout, (dsn, _drop) in databases.items():
+                    rates[layout].append(_copy_rate(dsn, size, b))
+            for layout in databases:
+                r = rates[layout]
+                results[layout].append((size, preload[layout], r))
+                print(f"{layout:<12} at {size / 1e6:>5.1f}M rows: COPY median {statistics.median(r):>9,.0f} rows/s "
+                      f"(min {min(r):,.0f}, max {max(r):,.0f}); preload took {preload[layout]:.0f} s", flush=True)
+            if size >= args.queries_from_m * 1_000_000 and not args.skip_queries:
+                for layout, (dsn, _drop) in databases.items():
                     for name, seconds in _queries(dsn):
-                        timings.append((size, name, seconds))
-                        print(f"    {name:<34} {seconds:>7.2f} s", flush=True)
+                        timings.append((size, layout, name, seconds))
+                        print(f"    {layout:<12} {name:<34} {seconds:>7.2f} s", flush=True)
+        for layout, (dsn, _drop) in databases.items():
             space[layout] = _space(dsn)
-        finally:
+    finally:
+        for _dsn, drop in databases.values():
             drop()
     print("\nwrite rate (median rows/s of the timed COPYs), relative to the empty table")
     print(f"{'rows in table':>14}  {'plain':>10} {'ratio':>6}  {'partitioned':>11} {'ratio':>6}")
@@ -122,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {layout:<12} {heap * per / 2**20:>7.1f} MB heap + {indexes * per / 2**20:>6.1f} MB indexes "
               f"= {(heap + indexes) * per / 2**20:>7.1f} MB  ({rows:,} rows)")
     if timings:
-        print("\nanalysts' queries on the partitioned layout (one run each, cold-ish cache)")
-        for size, name, seconds in timings:
-            print(f"  {size / 1e6:>5.1f}M rows  {name:<34} {seconds:>7.2f} s")
+        print("\nanalysts' queries (one run each, right after the COPYs)")
+        for size, layout, name, seconds in timings:
+            print(f"  {size / 1e6:>5.1f}M rows  {layout:<12} {name:<34} {seconds:>7.2f} s")
     print(f"\nfinished after {(time.monotonic() - started) / 60:.1f} min")
     return 0
 
@@ -157,6 +170,7 @@ def _create(dsn: str, layout: str) -> None:
         return
     with _connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(_PLAIN_DDL)
+        cur.execute(_CREATE_DUPLICATES_VIEW)
 
 
 def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int:
@@ -203,23 +217,22 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
     return size
 
 
-def _copy_rates(dsn: str, batches: int, size: int) -> list[float]:
+def _copy_rate(dsn: str, size: int, batch: int) -> float:
+    """Rows/s of one 10,000-row COPY dated today, in its own transaction (a new connection each time,
+    as cheap as the sink's reused one: the connection is made before the clock starts)."""
     today: date = datetime.now(timezone.utc).date()
+    rows = [MaskedLogin(str(uuid.uuid4()), str(uuid.uuid4()), "ios", f"v1.ip{size}-{batch}-{i:05d}" + "x" * 30,
+                        f"v1.dev{size}-{batch}-{i:05d}" + "y" * 24, None, "2.3.0", today)
+            for i in range(BATCH_ROWS)]
+    text = _copy_text(rows)
     conn = _connect(dsn)
-    rates = []
     try:
-        for b in range(batches):
-            rows = [MaskedLogin(str(uuid.uuid4()), str(uuid.uuid4()), "ios", f"v1.ip{size}-{b}-{i:05d}" + "x" * 30,
-                                f"v1.dev{size}-{b}-{i:05d}" + "y" * 24, None, "2.3.0", today)
-                    for i in range(BATCH_ROWS)]
-            text = _copy_text(rows)
-            t0 = time.perf_counter()
-            with conn, conn.cursor() as cur:
-                cur.copy_expert(f"COPY user_logins ({', '.join(_COPY_COLUMNS)}) FROM STDIN", _Reader(text))
-            rates.append(BATCH_ROWS / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        with conn, conn.cursor() as cur:
+            cur.copy_expert(f"COPY user_logins ({', '.join(_COPY_COLUMNS)}) FROM STDIN", _Reader(text))
+        return BATCH_ROWS / (time.perf_counter() - t0)
     finally:
         conn.close()
-    return rates
 
 
 _COPY_COLUMNS = ("message_id", "user_id", "device_type", "masked_ip", "masked_device_id", "app_version",
