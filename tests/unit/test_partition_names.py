@@ -30,3 +30,14 @@ def test_a_rejection_is_dated_like_the_login_row_of_its_message() -> None:
     assert ReceivedMessage("m", "r", "{}").create_date == UNDATED_CREATE_DATE
     late = datetime(2023, 11, 14, 23, 59, 59, 999000, tzinfo=timezone.utc)
     assert Rejection("m", "x", "v1.x", late, 1).create_date == date(2023, 11, 14)
+
+
+def test_retention_refuses_a_keep_days_below_one_before_connecting(capsys) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from main import EXIT_CONFIG, main
+
+    with pytest.raises(SystemExit) as info:
+        main(["retention", "--keep-days", "0"])
+    assert info.value.code == EXIT_CONFIG
+    assert "--keep-days: must be >= 1" in capsys.readouterr().err
