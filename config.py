@@ -217,6 +217,11 @@ def redact_dsn(dsn: str) -> str:
     return f"postgresql://{user}{','.join(where)}{database}"
 
 
+def database_url_from_env(env: Mapping[str, str]) -> str:
+    """DATABASE_URL alone (for commands that need no key, such as `retention`); raise ConfigError."""
+    return _database_url(env.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
+
+
 def _database_url(dsn: str) -> str:
     """DATABASE_URL if libpq can parse it; else ConfigError with libpq's reason, never the text."""
     try:

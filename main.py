@@ -7,6 +7,7 @@
     python main.py rekey           rewrite stored tokens of older key versions under the active one
     python main.py replay --reason TEXT [--dry-run]  load quarantined messages that now pass (audited)
     python main.py check           check configuration and services, as a checklist
+    python main.py retention --keep-days N [--dry-run]   drop daily partitions older than N days (audited)
 
 Exit codes: EXIT_CODES below (printed by --help; the table in docs/operations.md says the same,
 checked by tests/unit/test_docs.py).
@@ -43,11 +44,13 @@ from config import (
     KmsSettings,
     PipelineOptions,
     Settings,
+    database_url_from_env,
     redact_dsn,
 )
 from database.audit import AuditLog, AuditUnavailable
 from database.rekey import Rekeyer, RekeyInterrupted
 from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
+from database.retention import Retention
 from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
 from health import Failure, checklist
 from models import UnmaskAudit
@@ -124,6 +127,8 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
     load_dotenv(Path.cwd() / ".env", override=False)  # the real environment wins
     if args.command == "keygen":
         return _keygen(args.kms_key_id)
+    if args.command == "retention":
+        return _retention(args)
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
@@ -330,6 +335,23 @@ def _replay(settings: Settings, masker: Masker, args: argparse.Namespace) -> int
     return EXIT_OK
 
 
+def _retention(args: argparse.Namespace) -> int:
+    """Drop what is older than --keep-days (no key needed); exit 0, 2 (configuration) or 3 (PostgreSQL)."""
+    try:
+        dsn = database_url_from_env(os.environ)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    retention = Retention(dsn, keep_days=args.keep_days, requested_by=args.requested_by or _os_user())
+    try:
+        result = retention.run(dry_run=args.dry_run)
+    except DatabaseUnavailable as exc:
+        return _fail(f"PostgreSQL at {redact_dsn(dsn)}: {exc}", EXIT_UNREACHABLE)
+    except DatabaseError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    print(result.summary())
+    return EXIT_OK
+
+
 def _fail(message: str, exit_code: int) -> int:
     """Print one `error:` line on stderr and return the exit code to end with."""
     print(f"error: {message}", file=sys.stderr)
@@ -455,7 +477,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="text (default) or json: one object per line")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
-    sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen,rekey,replay}")
+    sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen,rekey,replay,retention}")
     sub.add_parser("check", help="check configuration, SQS, the DLQ and PostgreSQL; print a checklist",
                    description="Verify the configuration and key, that the queue (and its dead-letter "
                    "queue) exists, and that PostgreSQL answers with a current schema (or none yet: the ETL "
@@ -506,6 +528,18 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="only rows quarantined at or after WHEN: 2026-11-26, 2026-11-26T09:00:00Z, or 12h, 7d")
     replay.add_argument("--dry-run", action="store_true",
                         help="print counts by outcome and reason, change nothing (still audited)")
+    retention = sub.add_parser("retention", help="drop the daily partitions of user_logins older than N days (audited)",
+                               description="Drop the daily partitions of user_logins dated before today minus "
+                               "--keep-days (today and yesterday are never touched), and delete older rows of "
+                               "user_logins_default and (by received_at) user_logins_rejected. Each drop or delete "
+                               "commits with its row in etl_retention_audit. Needs DATABASE_URL only (no key). "
+                               "Exit 0 done, 2 configuration (or a table not yet migrated), 3 PostgreSQL "
+                               "unreachable or a lock held too long (rerun).")
+    retention.add_argument("--keep-days", type=_positive_int, required=True, metavar="N",
+                           help="keep today and the N full days before it")
+    retention.add_argument("--dry-run", action="store_true", help="print what would be dropped; change nothing")
+    retention.add_argument("--requested-by", type=_audit_text(128), default=None, metavar="NAME",
+                           help="who runs it, for the audit (default: the OS user)")
     return parser
 
 

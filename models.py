@@ -25,6 +25,10 @@ MAX_PII_BYTES = 128
 
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _MS_PER_DAY = 86_400_000
+# The create_date of a message without a SentTimestamp (SQS always sends one when asked; another
+# source may not): the day of timestamp 0, a constant, so that every delivery of such a message
+# gets the same day, hence the same partition, and is stored once. It lands in the default partition.
+UNDATED_CREATE_DATE = date(1970, 1, 1)
 
 REQUIRED_FIELDS = ("user_id", "device_type", "ip", "device_id", "app_version")
 PII_FIELDS = ("ip", "device_id")
@@ -59,6 +63,12 @@ class ReceivedMessage:
         if self.sent_timestamp_ms is None:
             return None
         return date.fromordinal(_EPOCH_ORDINAL + self.sent_timestamp_ms // _MS_PER_DAY)
+
+    @property
+    def create_date(self) -> date:
+        """The row's create_date: a function of the message alone (never of the clock), so that a
+        redelivery on another day lands in the same daily partition and is refused as a duplicate."""
+        return self.sent_date or UNDATED_CREATE_DATE
 
     @property
     def sent_at(self) -> datetime | None:
@@ -125,6 +135,13 @@ class Rejection:
     encrypted_body: str
     sent_at: datetime | None
     receive_count: int
+
+    @property
+    def create_date(self) -> date | None:
+        """The create_date its message's login row would have, if its sent time is known."""
+        if self.sent_at is None:
+            return None
+        return self.sent_at.astimezone(timezone.utc).date()
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection
 from pii.masking import BODY_FIELD, Masker
@@ -53,7 +52,7 @@ def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejecti
         masked_device_id=masker.mask("device_id", event.device_id),
         locale=event.locale,
         app_version=event.app_version,
-        create_date=message.sent_date or datetime.now(timezone.utc).date(),
+        create_date=message.create_date,
     )
 
 

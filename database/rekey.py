@@ -2,7 +2,9 @@
 
 How (and why it is safe to kill and to run beside the ETL):
 
-- Each table is walked in ranges of physical pages (``ctid`` ranges, read by a TID range scan),
+- Each table (each partition of a partitioned one, since `ctid` is per partition; and a legacy
+  table that a migration to partitions has not finished moving) is walked in ranges of physical
+  pages (``ctid`` ranges, read by a TID range scan),
   one transaction per range: ``SELECT … FOR UPDATE SKIP LOCKED`` the rows holding a token not of
   the active version, re-make those tokens, ``UPDATE`` them by ``ctid``, ``COMMIT``. Rows with a
   NULL ``message_id`` (the original exercise's rows) are found like any other.
@@ -88,8 +90,8 @@ class Rekeyer:
         result = RekeyResult()
         try:
             for table, columns in MASKED_COLUMNS.items():
-                if _exists(conn, table):
-                    result.remaining += self._table(conn, table, columns, result)
+                for leaf in _leaves(conn, table):
+                    result.remaining += self._table(conn, leaf, columns, result, label=table)
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             raise RekeyInterrupted(f"rekey stopped ({exc.pgcode or type(exc).__name__}: {first_line(exc)})") from None
         except psycopg2.Error as exc:  # not an outage: e.g. a role without UPDATE on the tables
@@ -98,12 +100,13 @@ class Rekeyer:
             conn.close()
         return result
 
-    def _table(self, conn: Connection, table: str, columns: tuple[str, ...], result: RekeyResult) -> int:
+    def _table(self, conn: Connection, table: str, columns: tuple[str, ...], result: RekeyResult,
+               label: str) -> int:
         """Pass over a table until nothing rewritable is left; return the tokens of other versions left."""
-        result.rows[table] += 0  # listed in the summary even when nothing needed rewriting
+        result.rows[label] += 0  # listed in the summary even when nothing needed rewriting
         for attempt in range(1, MAX_PASSES + 1):
             failures: Counter[str] = Counter()
-            rewritten = self._pass(conn, table, columns, result, failures)
+            rewritten = self._pass(conn, table, columns, result, failures, label)
             left = self._count_old(conn, table, columns)
             logger.info("rekey %s: pass %d rewrote %d rows; %d tokens of other versions left",
                         table, attempt, rewritten, left)
@@ -115,7 +118,7 @@ class Rekeyer:
         return left
 
     def _pass(self, conn: Connection, table: str, columns: tuple[str, ...], result: RekeyResult,
-              failures: Counter[str]) -> int:
+              failures: Counter[str], label: str) -> int:
         pages, rows = self._size(conn, table)
         step = max(1, self._batch_rows * max(pages, 1) // max(rows, 1))  # pages holding ~batch_rows rows
         needs = " OR ".join(f"({c} IS NOT NULL AND left({c}, %(n)s) <> %(prefix)s)" for c in columns)
@@ -139,7 +142,7 @@ class Rekeyer:
                 if changed:
                     execute_values(cur, update, changed, page_size=len(changed))
             rewritten += len(changed)
-            result.rows[table] += len(changed)
+            result.rows[label] += len(changed)
             start += step
             pages = max(pages, self._size(conn, table, count=False)[0])  # the ETL may have added pages
             if time.monotonic() - last_log >= PROGRESS_EVERY_SECONDS:
@@ -175,8 +178,17 @@ class Rekeyer:
             return int(one_row(cur)[0])
 
 
-def _exists(conn: Connection, table: str) -> bool:
+def _leaves(conn: Connection, table: str) -> list[str]:
+    """The tables holding `table`'s rows: itself, or its partitions (and, for user_logins, the legacy
+    table a migration to partitions is still moving); none if it does not exist."""
+    names = [table] + (["user_logins_legacy"] if table == "user_logins" else [])
+    leaves: list[str] = []
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
-        return bool(one_row(cur)[0])
+        for name in names:
+            # pg_partition_tree() has no rows for a plain table: it is its own leaf then.
+            cur.execute("""SELECT relid::regclass::text FROM pg_partition_tree(to_regclass(%(t)s)) WHERE isleaf
+                           UNION SELECT %(t)s WHERE (SELECT relkind FROM pg_class WHERE oid = to_regclass(%(t)s)) = 'r'
+                           ORDER BY 1""", {"t": name})
+            leaves.extend(row[0] for row in cur.fetchall())
+    return leaves
 

@@ -10,7 +10,7 @@ Order (the guarantee "no unaudited replay"):
    value), committed. If it cannot be committed, nothing else happens.
 3. Move (not with --dry-run), in transactions of `batch_rows`: the audited rows still not replayed
    are locked (`FOR UPDATE`) and validated again (a row may have been rekeyed or replayed since);
-   those that pass are inserted into `user_logins` with ``ON CONFLICT (message_id) DO NOTHING`` and
+   those that pass are inserted into `user_logins` with ``ON CONFLICT (message_id, create_date) DO NOTHING`` and
    their quarantine rows get `replayed_at` and `replay_audit_id`; those that still fail get today's
    reason. Only audited message ids move.
 
@@ -243,7 +243,7 @@ class Replayer:
     def _load(self, cur: Any, logins: Sequence[MaskedLogin], result: ReplayResult) -> None:
         inserted = execute_values(
             cur,
-            f"INSERT INTO user_logins ({_COLUMN_LIST}) VALUES %s ON CONFLICT (message_id) DO NOTHING "
+            f"INSERT INTO user_logins ({_COLUMN_LIST}) VALUES %s ON CONFLICT (message_id, create_date) DO NOTHING "
             "RETURNING message_id",
             [(r.message_id, r.user_id, r.device_type, r.masked_ip, r.masked_device_id, r.app_version, r.create_date,
               r.locale) for r in logins],

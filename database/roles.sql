@@ -55,13 +55,15 @@ SELECT format('CREATE ROLE %I NOLOGIN', r)
 GRANT USAGE ON SCHEMA :"schema" TO :"etl_role", :"analyst_role", :"unmask_role", :"auditor_role";
 GRANT CREATE ON SCHEMA :"schema" TO :"etl_role";
 
--- The ETL's objects, whoever created them, belong to the ETL role (its start-up migrations need it).
+-- The ETL's objects, whoever created them, belong to the ETL role (its start-up migrations need it;
+-- so do the daily partitions it creates ahead and `retention` drops: docs/partitions.md).
 SELECT format('ALTER %s %I.%I OWNER TO %I', CASE c.relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END,
               n.nspname, c.relname, :'etl_role')
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE n.nspname = :'schema' AND c.relkind IN ('r', 'v')
-   AND c.relname IN ('user_logins', 'user_logins_rejected', 'etl_schema_version', 'user_login_duplicates',
-                     'user_logins_replayed') \gexec
+ WHERE n.nspname = :'schema' AND c.relkind IN ('r', 'p', 'v')
+   AND (c.relname IN ('user_logins', 'user_logins_rejected', 'etl_schema_version', 'user_login_duplicates',
+                      'user_logins_replayed', 'etl_retention_audit', 'user_logins_default', 'user_logins_legacy')
+        OR c.relname ~ '^user_logins_p[0-9]{8}$') \gexec
 
 -- The audit table: owned by whoever runs this file; append-only for everyone else.
 \ir audit.sql

@@ -1,17 +1,22 @@
 """PostgresWriter: schema migrations, idempotent batch writes of logins and rejections.
 
-Idempotency: every row carries the SQS MessageId under a unique constraint. A batch is COPYed
-straight into the table; if the constraint refuses it (a message already stored), the batch is
-written again through a staging table with ``ON CONFLICT (message_id) DO NOTHING``. A message
-redelivered after a crash between commit and delete is therefore stored once. One transaction per
-batch, never per row.
+Idempotency: every row carries the SQS MessageId, and `user_logins` is partitioned by day on
+create_date, a function of the message itself (its SentTimestamp), with a unique index on
+(message_id, create_date) in each partition: a redelivered message has the same day, lands in the
+same partition and is refused there. A batch is COPYed straight into the table; if the index
+refuses it (a message already stored), the batch is written again through a staging table with
+``ON CONFLICT (message_id, create_date) DO NOTHING``. A message redelivered after a crash between
+commit and delete is therefore stored once. One transaction per batch, never per row.
+Partitions: database/partitions.py and docs/partitions.md.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Callable, Sequence
+from datetime import date, datetime, timezone
 from functools import partial
 from typing import Any, TypeVar
 
@@ -20,6 +25,7 @@ import psycopg2.errors
 from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import execute_values
 
+from database import partitions
 from models import MaskedLogin, Rejection, WriteResult
 
 logger = logging.getLogger(__name__)
@@ -27,7 +33,8 @@ T = TypeVar("T")
 
 # Any constant: serialises schema set-up between processes starting at once.
 _SCHEMA_LOCK_ID = 7_412_350_191
-SCHEMA_VERSION = 3  # 1: tables and message_id; 2: the user_login_duplicates view; 3: replay columns and view
+SCHEMA_VERSION = 3  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
+# replay columns and the user_logins_replayed view
 
 # COPY order: `locale`, the only nullable value, last, so a row is built with one join.
 _LOGIN_COLUMNS = (
@@ -45,18 +52,10 @@ _COLUMN_LIST = ", ".join(_LOGIN_COLUMNS)
 STAGED_BATCHES_AFTER_CONFLICT = 10
 # Longest wait for any lock the schema set-up needs; past it the set-up is retried with backoff.
 DEFAULT_LOCK_TIMEOUT_SECONDS = 2.0
-
-_CREATE_LOGINS = """
-CREATE TABLE IF NOT EXISTS user_logins (
-    user_id          varchar(128),
-    device_type      varchar(32),
-    masked_ip        varchar(256),
-    masked_device_id varchar(256),
-    locale           varchar(32),
-    app_version      varchar(32),
-    create_date      date,
-    message_id       varchar(128)
-)"""
+# Pages of the legacy table moved per transaction by the migration to partitions (~40,000 rows).
+MIGRATE_BATCH_PAGES = 1000
+# After a failed attempt to create the coming days' partitions (a lock held), wait this long.
+PARTITION_RETRY_SECONDS = 60.0
 
 _CREATE_REJECTED = """
 CREATE TABLE IF NOT EXISTS user_logins_rejected (
@@ -66,6 +65,20 @@ CREATE TABLE IF NOT EXISTS user_logins_rejected (
     sent_at        timestamptz,
     receive_count  integer     NOT NULL DEFAULT 1,
     encrypted_body text        NOT NULL
+)"""
+
+# Retention's audit: one row per partition dropped or rows deleted (database/retention.py).
+_CREATE_RETENTION_AUDIT = """
+CREATE TABLE IF NOT EXISTS etl_retention_audit (
+    id            bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_at        timestamptz NOT NULL DEFAULT now(),
+    database_user text        NOT NULL DEFAULT session_user,
+    requested_by  text        NOT NULL,
+    keep_days     integer     NOT NULL,
+    cutoff        date        NOT NULL,
+    action        text        NOT NULL,
+    object        text        NOT NULL,
+    rows          bigint      NOT NULL
 )"""
 
 
@@ -114,8 +127,13 @@ class PostgresWriter:
     """Owns one connection; writes batches in single transactions."""
 
     def __init__(self, dsn: str, *, connect_timeout_seconds: int = 5, application_name: str = "login-etl",
-                 lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS) -> None:
+                 lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
+                 migrate_batch_pages: int = MIGRATE_BATCH_PAGES) -> None:
         self._dsn = dsn
+        self._migrate_batch_pages = max(1, migrate_batch_pages)
+        self._partition_days: set[date] = set()
+        self._partitions_checked_on: date | None = None
+        self._partitions_retry_at = 0.0
         self._lock_timeout_ms = max(1, int(lock_timeout_seconds * 1000))
         self._connect_timeout = connect_timeout_seconds
         self._application_name = application_name
@@ -147,7 +165,8 @@ class PostgresWriter:
             return
         try:
             if self.schema_problem() is not None:
-                self._run(self._migrate)
+                self._migrate()
+            self._ensure_partitions(_utc_today())
             self._run(self._create_stage)
         except psycopg2.errors.LockNotAvailable:
             holders = self._run(_lock_holders, commit=False)
@@ -166,6 +185,8 @@ class PostgresWriter:
             version = one_row(cur)[0]
             if version != SCHEMA_VERSION:
                 return f"schema version {version}, expected {SCHEMA_VERSION}"
+            if partitions.relkind(cur, partitions.LEGACY_TABLE) is not None:
+                return f"{partitions.LEGACY_TABLE} is still being moved into the daily partitions"
             return None
 
         return self._run(inspect, commit=False)
@@ -186,42 +207,97 @@ class PostgresWriter:
 
     # -- schema -------------------------------------------------------------------------------
 
-    def _migrate(self, cur: Cursor) -> None:
-        # One transaction under an advisory lock: two processes starting at once take turns,
-        # and the second finds everything in place. No lock is waited for longer than the timeout.
-        cur.execute(f"SET LOCAL lock_timeout = {self._lock_timeout_ms}")
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
-        cur.execute(_CREATE_LOGINS)
+    def _migrate(self) -> None:
+        # Under a session advisory lock (two processes starting at once take turns, the second
+        # finds everything in place), in several transactions: the move of a legacy table commits
+        # batch by batch, so a killed migration resumes where it stopped. No lock is waited for
+        # longer than the timeout.
+        def lock(cur: Cursor) -> None:
+            cur.execute(f"SET lock_timeout = {self._lock_timeout_ms}")
+            cur.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK_ID,))
+
+        self._run(lock)
+        try:
+            self._run(self._migrate_tables)
+            self._move_legacy()
+            self._run(self._migrate_views)
+        finally:
+            if self.connected:
+                self._run(lambda cur: cur.execute("SELECT pg_advisory_unlock(%s); RESET lock_timeout",
+                                                  (_SCHEMA_LOCK_ID,)))
+
+    def _migrate_tables(self, cur: Cursor) -> None:
         cur.execute(_CREATE_REJECTED)
-        # The original exercise's table has `app_version integer` and no message_id:
-        # migrate it in place, keeping its rows (integers become their decimal text).
-        cur.execute(
-            """SELECT column_name, data_type FROM information_schema.columns
-               WHERE table_schema = current_schema() AND table_name = 'user_logins'"""
-        )
-        columns = dict(cur.fetchall())
-        if columns.get("app_version") != "character varying":
-            logger.info("migrating user_logins.app_version from %s to varchar(32)", columns.get("app_version"))
-            cur.execute("ALTER TABLE user_logins ALTER COLUMN app_version TYPE varchar(32) USING app_version::text")
-        if "message_id" not in columns:
-            logger.info("adding user_logins.message_id")
-            cur.execute("ALTER TABLE user_logins ADD COLUMN message_id varchar(128)")
-        cur.execute(
-            """SELECT 1 FROM pg_constraint
-               WHERE conrelid = 'user_logins'::regclass AND conname = 'user_logins_message_id_key'"""
-        )
-        if cur.fetchone() is None:
-            cur.execute("ALTER TABLE user_logins ADD CONSTRAINT user_logins_message_id_key UNIQUE (message_id)")
+        cur.execute("CREATE INDEX IF NOT EXISTS user_logins_rejected_received_at ON user_logins_rejected (received_at)")
+        cur.execute(_CREATE_RETENTION_AUDIT)
         cur.execute(
             """CREATE TABLE IF NOT EXISTS etl_schema_version (
                    version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"""
         )
+        kind = partitions.relkind(cur, partitions.TABLE)
+        if kind is None:
+            partitions.create_partitioned(cur)
+        elif kind == "r":
+            # Today's table (or the original exercise's: integer app_version, no message_id):
+            # renamed, replaced by the partitioned one, its rows moved in batches afterwards.
+            partitions.start_legacy_move(cur)
+        partitions.ensure_days(cur, partitions.window(_utc_today()))
+
+    def _move_legacy(self) -> None:
+        pages = self._run(partitions.legacy_pages, commit=False)
+        if pages == 0 and self._run(lambda cur: partitions.relkind(cur, partitions.LEGACY_TABLE), commit=False) is None:
+            return
+        page, moved, logged = 0, 0, time.monotonic()
+        while page < pages:
+            moved += self._run(partial(partitions.move_legacy_batch, first_page=page,
+                                       pages=self._migrate_batch_pages))
+            page += self._migrate_batch_pages
+            if time.monotonic() - logged >= 5:
+                logger.info("moving %s into daily partitions: page %d of %d, %d rows moved",
+                            partitions.LEGACY_TABLE, min(page, pages), pages, moved)
+                logged = time.monotonic()
+        logger.info("moved %d rows from %s into daily partitions", moved, partitions.LEGACY_TABLE)
+        self._run(partitions.finish_legacy_move)
+
+    def _migrate_views(self, cur: Cursor) -> None:
         cur.execute(_CREATE_DUPLICATES_VIEW)
         # `python main.py replay` (database/replay.py) marks the quarantine rows it loaded.
         cur.execute("""ALTER TABLE user_logins_rejected ADD COLUMN IF NOT EXISTS replayed_at timestamptz,
                        ADD COLUMN IF NOT EXISTS replay_audit_id bigint""")
         cur.execute(_CREATE_REPLAYED_VIEW)
         cur.execute("INSERT INTO etl_schema_version (version) VALUES (%s) ON CONFLICT DO NOTHING", (SCHEMA_VERSION,))
+
+    def _ensure_partitions(self, today: date) -> None:
+        """Make sure the partitions of yesterday, today and the next days exist.
+
+        Looked at first without a lock; created only when missing, under the schema advisory lock
+        and the lock timeout (creating a partition locks the parent table).
+        """
+        days = partitions.window(today)
+        have = self._run(partitions.partition_days, commit=False)
+        if not have.issuperset(days):
+            def create(cur: Cursor) -> None:
+                cur.execute(f"SET LOCAL lock_timeout = {self._lock_timeout_ms}")
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
+                partitions.ensure_days(cur, days)
+            self._run(create)
+            have = self._run(partitions.partition_days, commit=False)
+        self._partition_days = have
+        self._partitions_checked_on = today
+
+    def _ensure_partitions_daily(self) -> None:
+        """Once per UTC day while running: the coming days' partitions. A lock held by someone
+        else is not waited out: the default partition takes the rows meanwhile, retried later."""
+        today = _utc_today()
+        if today == self._partitions_checked_on or time.monotonic() < self._partitions_retry_at:
+            return
+        try:
+            self._ensure_partitions(today)
+        except psycopg2.errors.LockNotAvailable:
+            holders = self._run(_lock_holders, commit=False)
+            self._partitions_retry_at = time.monotonic() + PARTITION_RETRY_SECONDS
+            logger.warning("creating the coming days' partitions waited %d ms for a lock %s; trying again in %.0f s",
+                           self._lock_timeout_ms, holders, PARTITION_RETRY_SECONDS)
 
     def _create_stage(self, cur: Cursor) -> None:
         # Staging table for COPY: private to this session, emptied at each commit.
@@ -245,6 +321,13 @@ class PostgresWriter:
         Raises DatabaseUnavailable (nothing committed; retry the batch) or DatabaseRejectedRows
         (nothing committed; the listed rows are refused by PostgreSQL, the rest are good).
         """
+        self._ensure_partitions_daily()
+        if logins and self._partition_days:
+            outside = sum(1 for row in logins if row.create_date not in self._partition_days)
+            if outside:
+                logger.warning("%d row(s) of this batch are dated outside the daily partitions (a SentTimestamp "
+                               "far off, or none); stored in %s", outside, partitions.DEFAULT_PARTITION,
+                               extra={"count": outside})
         try:
             return self._run(lambda cur: self._write(cur, logins, rejections, staged=redelivered))
         except _ROW_ERRORS as exc:
@@ -263,24 +346,19 @@ class PostgresWriter:
         inserted = rejected = 0
         if logins:
             inserted = self._insert_logins(cur, logins, staged)
-        if rejections:
-            # RETURNING, not rowcount: execute_values runs one statement per page, and rowcount
-            # would hold the last page's count only.
-            stored = execute_values(
-                cur,
-                """INSERT INTO user_logins_rejected (message_id, reason, sent_at, receive_count, encrypted_body)
-                   SELECT v.* FROM (VALUES %s) AS v (message_id, reason, sent_at, receive_count, encrypted_body)
-                    WHERE NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = v.message_id)
-                   ON CONFLICT (message_id) DO NOTHING RETURNING message_id""",
-                [(r.message_id, r.reason, r.sent_at, r.receive_count, r.encrypted_body) for r in rejections],
-                template="(%s, %s, %s::timestamptz, %s::integer, %s)",
-                page_size=1000,
-                fetch=True,
-            )
-            rejected = len(stored)
+        # Not for a message already loaded. Its login row is in the partition of its day: with the
+        # sent time known, one index probe there; without it (rare), one in each partition.
+        dated = [r for r in rejections if r.create_date is not None]
+        undated = [r for r in rejections if r.create_date is None]
+        stored: list[str] = []
+        if dated:
+            stored += _insert_rejections(cur, dated, "l.message_id = v.message_id AND l.create_date = v.day")
+        if undated:
+            stored += _insert_rejections(cur, undated, "l.message_id = v.message_id")
+        rejected = len(stored)
         duplicates = len(logins) + len(rejections) - inserted - rejected
         return WriteResult(inserted=inserted, rejected=rejected, duplicates=duplicates,
-                           rejected_ids=frozenset(row[0] for row in stored) if rejections else frozenset())
+                           rejected_ids=frozenset(stored))
 
     def _insert_logins(self, cur: Cursor, logins: Sequence[MaskedLogin], staged: bool = False) -> int:
         """Insert the rows that are new; return how many.
@@ -310,7 +388,7 @@ class PostgresWriter:
         cur.execute(
             f"""INSERT INTO user_logins ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM user_logins_stage s
                  WHERE NOT EXISTS (SELECT 1 FROM user_logins_rejected r WHERE r.message_id = s.message_id)
-                ON CONFLICT (message_id) DO NOTHING"""
+                ON CONFLICT (message_id, create_date) DO NOTHING"""
         )
         return cur.rowcount
 
@@ -361,6 +439,32 @@ class PostgresWriter:
             raise DatabaseUnavailable(f"{exc.pgcode or type(exc).__name__}: {first_line(exc)}") from None
 
 
+def _insert_rejections(cur: Cursor, rejections: Sequence[Rejection], loaded: str) -> list[str]:
+    """Insert quarantine rows, but none whose message is `loaded` (a condition on l and v); return
+    the message ids stored.
+
+    RETURNING, not rowcount: execute_values runs one statement per page, and rowcount would hold
+    the last page's count only.
+    """
+    stored = execute_values(
+        cur,
+        f"""INSERT INTO user_logins_rejected (message_id, reason, sent_at, receive_count, encrypted_body)
+            SELECT v.message_id, v.reason, v.sent_at, v.receive_count, v.encrypted_body
+              FROM (VALUES %s) AS v (message_id, reason, sent_at, receive_count, encrypted_body, day)
+             WHERE NOT EXISTS (SELECT 1 FROM user_logins l WHERE {loaded})
+            ON CONFLICT (message_id) DO NOTHING RETURNING message_id""",
+        [(r.message_id, r.reason, r.sent_at, r.receive_count, r.encrypted_body, r.create_date) for r in rejections],
+        template="(%s, %s, %s::timestamptz, %s::integer, %s, %s::date)",
+        page_size=1000,
+        fetch=True,
+    )
+    return [row[0] for row in stored]
+
+
+def _utc_today() -> date:
+    return datetime.now(timezone.utc).date()
+
+
 # Errors caused by particular rows: those rows are quarantined, the rest of the batch is written.
 _ROW_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError)
 
@@ -399,8 +503,10 @@ def _lock_holders(cur: Cursor) -> str:
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid LEFT JOIN pg_class c ON c.oid = l.relation
             WHERE l.granted AND l.pid <> pg_backend_pid()
               AND ((c.relnamespace = current_schema()::regnamespace
-                    AND c.relname IN ('user_logins', 'user_logins_rejected', 'user_login_duplicates',
-                                      'user_logins_replayed', 'etl_schema_version'))
+                    AND (c.relname IN ('user_logins', 'user_logins_rejected', 'user_login_duplicates',
+                                       'user_logins_replayed', 'etl_schema_version', 'user_logins_default',
+                                       'user_logins_legacy')
+                         OR c.relname LIKE 'user\\_logins\\_p%%'))
                    OR (l.locktype = 'advisory' AND l.objid = %s))
             ORDER BY 1 LIMIT 5""", (_SCHEMA_LOCK_ID & 0xFFFFFFFF,))
     held = [f"pid {pid} ({app}, {state} since {since} UTC) on {rel}" for pid, app, state, since, rel in cur.fetchall()]

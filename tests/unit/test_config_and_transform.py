@@ -83,3 +83,24 @@ def test_a_bad_message_becomes_a_rejection_with_its_body_encrypted() -> None:
     assert "not valid JSON" in rejection.reason
     assert "1.2.3.4" not in repr(rejection) and "123-45-6789" not in rejection.encrypted_body
     assert masker.unmask(rejection.encrypted_body) == body
+
+
+def test_a_message_without_a_sent_time_gets_the_same_create_date_on_every_delivery(monkeypatch) -> None:
+    """Issue 18: the fallback was the wall clock, so a redelivery on another day got another day
+    (another partition) and was stored twice. Now the date is a function of the message alone."""
+    import datetime as real_datetime
+
+    body = json.dumps({"user_id": "u", "device_type": "ios", "ip": "1.2.3.4", "device_id": "123-45-6789",
+                       "app_version": "1"})
+    first = transform(message(body, sent_ms=None), masker)
+
+    class Tomorrow(real_datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
+            return real_datetime.datetime.now(tz) + real_datetime.timedelta(days=1)
+
+    import transform as transform_module
+    monkeypatch.setattr(transform_module, "datetime", Tomorrow, raising=False)
+    again = transform(message(body, sent_ms=None), masker)
+    assert isinstance(first, MaskedLogin) and isinstance(again, MaskedLogin)
+    assert first.create_date == again.create_date == date(1970, 1, 1)

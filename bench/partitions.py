@@ -1,0 +1,282 @@
+"""Scale benchmark of user_logins (issue 18): the write rate as the table grows, today's layout
+against the daily partitions, in the same run; the analysts' queries; disk per million rows.
+
+    .venv/bin/python bench/partitions.py [--sizes 0,10,50] [--rows-per-day-m 2] [--batches 30]
+
+For each layout (`plain`: schema 2, one table, UNIQUE (message_id); `partitioned`: schema 3, as the
+ETL creates it) in its own throw-away database `bench_part_<uuid>`, the table is preloaded with SQL
+up to each size (millions of rows, random UUID message ids, dated over past days, --rows-per-day-m
+million a day), then --batches COPYs of 10,000 rows dated today are timed, each in its own
+transaction, with the ETL's own COPY text (`_copy_text`), as the sink does; the two layouts'
+batches alternate. At each size from 10M
+up (--queries-from-m), the README's three queries and a one-day query are timed on both layouts. Prints
+everything; asserts nothing. Needs PostgreSQL on DATABASE_URL (default: the embedded stack's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT)]
+
+import psycopg2  # noqa: E402
+
+from database import partitions  # noqa: E402
+from database.sqs_postgres import _CREATE_DUPLICATES_VIEW, PostgresWriter, _copy_text  # noqa: E402
+from models import MaskedLogin  # noqa: E402
+
+BATCH_ROWS = 10_000
+PRELOAD_CHUNK = 1_000_000
+QUERIES = {
+    "devices seen most often": """SELECT masked_value, logins, users, first_seen, last_seen
+        FROM user_login_duplicates WHERE field = 'device_id' ORDER BY logins DESC LIMIT 20""",
+    "IPs seen most often": """SELECT masked_value, logins, users, first_seen, last_seen
+        FROM user_login_duplicates WHERE field = 'ip' ORDER BY logins DESC LIMIT 20""",
+    "users sharing a device": """SELECT masked_device_id, count(DISTINCT user_id) AS users
+        FROM user_logins GROUP BY masked_device_id HAVING count(DISTINCT user_id) > 1
+        ORDER BY users DESC LIMIT 20""",
+    "one day's logins by device type": """SELECT device_type, count(*) FROM user_logins
+        WHERE create_date = current_date - 3 GROUP BY 1""",
+}
+_PLAIN_DDL = """
+CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
+    masked_device_id varchar(256), locale varchar(32), app_version varchar(32), create_date date,
+    message_id varchar(128), CONSTRAINT user_logins_message_id_key UNIQUE (message_id))"""
+# Rows shaped like the ETL's: a UUID message id, v1. tokens of the length AES-SIV gives, ~4 logins
+# per device and per IP, a UUID user id.
+_PRELOAD = """
+INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale, app_version,
+                         create_date)
+SELECT gen_random_uuid()::text, md5(mod(n, %(users)s)::text)::uuid::text,
+       CASE WHEN mod(n, 2) = 0 THEN 'android' ELSE 'ios' END,
+       'v1.' || md5('ip' || mod(n * 7919, %(pool)s)) || 'aZ',
+       'v1.' || md5('dev' || mod(n * 104729, %(pool)s)),
+       CASE WHEN mod(n, 3) = 0 THEN NULL ELSE 'RU' END, '2.3.0',
+       %(last_day)s::date - (n / %(per_day)s)::int
+  FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS n"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="0,10,50", help="table sizes in millions of rows (0,10,50)")
+    parser.add_argument("--rows-per-day-m", type=float, default=2.0, help="preloaded millions of rows per day (2)")
+    parser.add_argument("--batches", type=int, default=30, help="timed 10,000-row COPYs per size (30)")
+    parser.add_argument("--queries-from-m", type=float, default=10.0,
+                        help="time the analysts' queries at sizes from this many million rows (10)")
+    parser.add_argument("--skip-queries", action="store_true")
+    args = parser.parse_args(argv)
+    sizes = [int(float(s) * 1_000_000) for s in args.sizes.split(",")]
+    admin = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    started = time.monotonic()
+    print(f"user_logins scale benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"machine: nproc {len(os.sched_getaffinity(0))}, {platform.system()} {platform.release()}; "
+          f"Python {platform.python_version()}")
+    with _connect(admin) as conn, conn.cursor() as cur:
+        cur.execute("SELECT version(), current_setting('shared_buffers'), current_setting('work_mem')")
+        version, shared_buffers, work_mem = cur.fetchone()
+    print(f"PostgreSQL: {version.split(',')[0]}; shared_buffers {shared_buffers}, work_mem {work_mem}")
+    print(f"sizes (rows preloaded): {', '.join(f'{s:,}' for s in sizes)}; {args.batches} COPYs of "
+          f"{BATCH_ROWS:,} rows dated today per size; preload {args.rows_per_day_m}M rows per past day\n")
+    results: dict[str, list[tuple[int, float, list[float]]]] = {"plain": [], "partitioned": []}
+    space: dict[str, tuple[int, int, int]] = {}
+    timings: list[tuple[int, str, str, float]] = []
+    databases = {layout: _database(admin) for layout in ("plain", "partitioned")}
+    try:
+        loaded = dict.fromkeys(databases, 0)
+        for layout, (dsn, _drop) in databases.items():
+            _create(dsn, layout)
+        for size in sizes:
+            preload = {}
+            for layout, (dsn, _drop) in databases.items():
+                t0 = time.monotonic()
+                loaded[layout] = _preload(dsn, layout, loaded[layout], size, int(args.rows_per_day_m * 1_000_000))
+                preload[layout] = time.monotonic() - t0
+            # The two layouts' batches alternate, so that whatever else the machine does hits both alike.
+            rates: dict[str, list[float]] = {layout: [] for layout in databases}
+            for b in range(args.batches):
+                for layout, (dsn, _drop) in databases.items():
+                    rates[layout].append(_copy_rate(dsn, size, b))
+            for layout in databases:
+                r = rates[layout]
+                results[layout].append((size, preload[layout], r))
+                print(f"{layout:<12} at {size / 1e6:>5.1f}M rows: COPY median {statistics.median(r):>9,.0f} rows/s "
+                      f"(min {min(r):,.0f}, max {max(r):,.0f}); preload took {preload[layout]:.0f} s", flush=True)
+            if size >= args.queries_from_m * 1_000_000 and not args.skip_queries:
+                for layout, (dsn, _drop) in databases.items():
+                    for name, seconds in _queries(dsn):
+                        timings.append((size, layout, name, seconds))
+                        print(f"    {layout:<12} {name:<34} {seconds:>7.2f} s", flush=True)
+        for layout, (dsn, _drop) in databases.items():
+            space[layout] = _space(dsn)
+    finally:
+        for _dsn, drop in databases.values():
+            drop()
+    print("\nwrite rate (median rows/s of the timed COPYs), relative to the empty table")
+    print(f"{'rows in table':>14}  {'plain':>10} {'ratio':>6}  {'partitioned':>11} {'ratio':>6}")
+    for i, size in enumerate(sizes):
+        cells = []
+        for layout in ("plain", "partitioned"):
+            rate = statistics.median(results[layout][i][2])
+            base = statistics.median(results[layout][0][2])
+            cells.append(f"{rate:>10,.0f} {rate / base:>6.2f}")
+        print(f"{size:>14,}  {cells[0]}  {cells[1]:>18}")
+    print("\ndisk per million rows (heap + indexes, after the run)")
+    for layout, (heap, indexes, rows) in space.items():
+        per = 1_000_000 / max(rows, 1)
+        print(f"  {layout:<12} {heap * per / 2**20:>7.1f} MB heap + {indexes * per / 2**20:>6.1f} MB indexes "
+              f"= {(heap + indexes) * per / 2**20:>7.1f} MB  ({rows:,} rows)")
+    if timings:
+        print("\nanalysts' queries (one run each, right after the COPYs)")
+        for size, layout, name, seconds in timings:
+            print(f"  {size / 1e6:>5.1f}M rows  {layout:<12} {name:<34} {seconds:>7.2f} s")
+    print(f"\nfinished after {(time.monotonic() - started) / 60:.1f} min")
+    return 0
+
+
+def _connect(dsn: str) -> psycopg2.extensions.connection:
+    return psycopg2.connect(dsn, application_name="bench-partitions")
+
+
+def _database(admin: str):  # type: ignore[no-untyped-def]
+    name = f"bench_part_{uuid.uuid4().hex[:10]}"
+    conn = _connect(admin)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    dsn = psycopg2.extensions.make_dsn(admin, dbname=name)
+
+    def drop() -> None:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        conn.close()
+
+    return dsn, drop
+
+
+def _create(dsn: str, layout: str) -> None:
+    if layout == "partitioned":
+        writer = PostgresWriter(dsn)  # the schema exactly as the ETL creates it
+        writer.connect()
+        writer.close()
+        return
+    with _connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(_PLAIN_DDL)
+        cur.execute(_CREATE_DUPLICATES_VIEW)
+
+
+def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int:
+    """Grow the table from `loaded` to `size` rows, dated over the days before yesterday.
+
+    Fast, and the same end state as rows written one by one: the unique index is built once per
+    step, by sorting (plain: dropped and added again; partitioned: each past day is filled as a
+    table of its own, then attached, which builds its index).
+    """
+    last_day = datetime.now(timezone.utc).date() - timedelta(days=2)
+    if size <= loaded:
+        return loaded
+    conn = _connect(dsn)
+    conn.autocommit = True  # one statement per day, each its own transaction
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET synchronous_commit = off; SET maintenance_work_mem = '512MB'")
+            if layout == "plain":
+                cur.execute("ALTER TABLE user_logins DROP CONSTRAINT user_logins_message_id_key")
+            for d in range(loaded // per_day, (size - 1) // per_day + 1):
+                first, last = max(loaded, d * per_day), min(size, (d + 1) * per_day) - 1
+                day = last_day - timedelta(days=d)
+                target = "user_logins"
+                if layout == "partitioned":
+                    target = partitions.partition_name(day)
+                    cur.execute(f"SELECT to_regclass('{target}') IS NOT NULL")
+                    attached = cur.fetchone()[0]
+                    if attached:
+                        cur.execute(f"ALTER TABLE user_logins DETACH PARTITION {target}")
+                        cur.execute(f"DROP INDEX IF EXISTS {target}_message_id_create_date_key")
+                    else:
+                        cur.execute(f"CREATE TABLE {target} (LIKE user_logins)")
+                cur.execute(_PRELOAD.replace("INSERT INTO user_logins", f"INSERT INTO {target}"),
+                            {"users": max(size // 8, 1), "pool": max(size // 4, 1), "last_day": last_day,
+                             "per_day": per_day, "first": first, "last": last})
+                if layout == "partitioned":
+                    cur.execute(f"ALTER TABLE user_logins ATTACH PARTITION {target} FOR VALUES FROM (%s) TO (%s)",
+                                (day, day + timedelta(days=1)))
+            if layout == "plain":
+                cur.execute("ALTER TABLE user_logins ADD CONSTRAINT user_logins_message_id_key UNIQUE (message_id)")
+            cur.execute("VACUUM ANALYZE user_logins")
+    finally:
+        conn.close()
+    return size
+
+
+def _copy_rate(dsn: str, size: int, batch: int) -> float:
+    """Rows/s of one 10,000-row COPY dated today, in its own transaction (a new connection each time,
+    as cheap as the sink's reused one: the connection is made before the clock starts)."""
+    today: date = datetime.now(timezone.utc).date()
+    rows = [MaskedLogin(str(uuid.uuid4()), str(uuid.uuid4()), "ios", f"v1.ip{size}-{batch}-{i:05d}" + "x" * 30,
+                        f"v1.dev{size}-{batch}-{i:05d}" + "y" * 24, None, "2.3.0", today)
+            for i in range(BATCH_ROWS)]
+    text = _copy_text(rows)
+    conn = _connect(dsn)
+    try:
+        t0 = time.perf_counter()
+        with conn, conn.cursor() as cur:
+            cur.copy_expert(f"COPY user_logins ({', '.join(_COPY_COLUMNS)}) FROM STDIN", _Reader(text))
+        return BATCH_ROWS / (time.perf_counter() - t0)
+    finally:
+        conn.close()
+
+
+_COPY_COLUMNS = ("message_id", "user_id", "device_type", "masked_ip", "masked_device_id", "app_version",
+                 "create_date", "locale")
+
+
+class _Reader:
+    """The COPY text handed over in one read, as the sink does."""
+
+    def __init__(self, text: str) -> None:
+        self._text: str | None = text
+
+    def read(self, _size: int = -1) -> str:
+        text, self._text = self._text, None
+        return text or ""
+
+
+def _queries(dsn: str) -> list[tuple[str, float]]:
+    timed = []
+    conn = _connect(dsn)
+    try:
+        for name, sql in QUERIES.items():
+            t0 = time.monotonic()
+            with conn, conn.cursor() as cur:
+                cur.execute("SET LOCAL statement_timeout = '600s'")
+                cur.execute(sql)
+                cur.fetchall()
+            timed.append((name, time.monotonic() - t0))
+    finally:
+        conn.close()
+    return timed
+
+
+def _space(dsn: str) -> tuple[int, int, int]:
+    with _connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("""SELECT coalesce(sum(pg_table_size(relid)), 0), coalesce(sum(pg_indexes_size(relid)), 0)
+                         FROM (SELECT relid FROM pg_partition_tree('user_logins') WHERE isleaf
+                               UNION SELECT 'user_logins'::regclass WHERE NOT EXISTS
+                                     (SELECT 1 FROM pg_partition_tree('user_logins'))) t""")
+        heap, indexes = cur.fetchone()
+        cur.execute("SELECT count(*) FROM user_logins")
+        (rows,) = cur.fetchone()
+    return int(heap), int(indexes), int(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Retention: drop the daily partitions of `user_logins` older than N days, audited.
+
+Storing personal data only as long as it is needed is a privacy requirement (docs/partitions.md).
+Dropping a whole partition is instant and leaves no bloat, unlike a DELETE. What is kept: today,
+and the `keep_days` full days before it (so yesterday, which still receives late messages, and the
+partitions created ahead are never touched). Rows older than that elsewhere are deleted too: those
+in the default partition (a SentTimestamp long past) and quarantined messages in
+`user_logins_rejected` (by received_at), which is small and not partitioned.
+
+Each drop or delete commits together with its row in `etl_retention_audit` (who, when, the cutoff,
+what, how many rows): nothing is removed without its audit row. `dry_run` only reports.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+
+import psycopg2
+from psycopg2.extensions import cursor as Cursor
+
+from database import partitions
+from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, one_row
+
+logger = logging.getLogger(__name__)
+
+DELETE_BATCH_ROWS = 10_000
+
+
+class RetentionBusy(DatabaseUnavailable):
+    """Raised when a drop waited longer than the lock timeout (a long query holds the table); rerun later."""
+
+
+@dataclass(slots=True)
+class RetentionResult:
+    """What a run dropped (or would drop, in a dry run): (partition, rows) and the other rows deleted."""
+
+    cutoff: date
+    dry_run: bool
+    partitions: list[tuple[str, int]] = field(default_factory=list)
+    default_rows: int = 0
+    rejected_rows: int = 0
+
+    def summary(self) -> str:
+        verb = "would drop" if self.dry_run else "dropped"
+        rows = sum(n for _, n in self.partitions)
+        names = ", ".join(name for name, _ in self.partitions) or "none"
+        return (f"retention (rows before {self.cutoff}): {verb} {len(self.partitions)} partition(s) of user_logins "
+                f"({rows} rows: {names}); {'would delete' if self.dry_run else 'deleted'} "
+                f"{self.default_rows} rows of {partitions.DEFAULT_PARTITION} and {self.rejected_rows} of "
+                "user_logins_rejected")
+
+
+class Retention:
+    """Drops what is older than `keep_days` full days before today (UTC)."""
+
+    def __init__(self, dsn: str, *, keep_days: int, requested_by: str, today: date | None = None,
+                 lock_timeout_seconds: float = 5.0, connect_timeout_seconds: int = 5) -> None:
+        if keep_days < 1:
+            raise ValueError("keep_days must be >= 1: today and yesterday are never dropped")
+        self._dsn = dsn
+        self._keep_days = keep_days
+        self._requested_by = requested_by
+        self._today = today or datetime.now(timezone.utc).date()
+        self._lock_timeout_ms = max(1, int(lock_timeout_seconds * 1000))
+        self._connect_timeout = connect_timeout_seconds
+
+    def __repr__(self) -> str:
+        return f"Retention(keep_days={self._keep_days})"  # the DSN may hold a password
+
+    @property
+    def cutoff(self) -> date:
+        """The oldest day kept."""
+        return self._today - timedelta(days=self._keep_days)
+
+    def run(self, *, dry_run: bool) -> RetentionResult:
+        """Drop (or, in a dry run, list) what is older than the cutoff; raise DatabaseError."""
+        try:
+            conn = psycopg2.connect(self._dsn, connect_timeout=self._connect_timeout,
+                                    application_name="login-etl-retention")
+        except psycopg2.OperationalError as exc:
+            raise DatabaseUnavailable(first_line(exc)) from None
+        result = RetentionResult(self.cutoff, dry_run)
+        try:
+            with conn, conn.cursor() as cur:
+                if partitions.relkind(cur, partitions.TABLE) != "p":
+                    raise DatabaseError("user_logins is not partitioned yet: start the ETL once (it migrates the "
+                                        "table), then run retention")
+                old = sorted((day, name) for name, day in _daily(cur) if day < self.cutoff)
+            for _day, name in old:
+                result.partitions.append((name, self._drop(conn, name, dry_run)))
+            result.default_rows = self._delete(conn, partitions.DEFAULT_PARTITION, "create_date", dry_run)
+            result.rejected_rows = self._delete(conn, "user_logins_rejected", "received_at", dry_run)
+        except psycopg2.errors.LockNotAvailable:
+            raise RetentionBusy(f"a drop waited {self._lock_timeout_ms} ms for a lock on user_logins (a long query "
+                                "or open transaction holds it); what was dropped so far is audited, rerun later") \
+                from None
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            raise DatabaseUnavailable(first_line(exc)) from None
+        except psycopg2.Error as exc:
+            raise DatabaseError(f"retention refused by PostgreSQL ({exc.pgcode}: {first_line(exc)})") from None
+        finally:
+            conn.close()
+        return result
+
+    def _drop(self, conn: psycopg2.extensions.connection, name: str, dry_run: bool) -> int:
+        with conn, conn.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {name}")
+            rows = int(one_row(cur)[0])
+            if dry_run:
+                return rows
+            cur.execute(f"SET LOCAL lock_timeout = {self._lock_timeout_ms}")
+            cur.execute(f"DROP TABLE {name}")
+            self._audit(cur, "drop partition", name, rows)
+        logger.info("retention: dropped %s (%d rows)", name, rows)
+        return rows
+
+    def _delete(self, conn: psycopg2.extensions.connection, table: str, column: str, dry_run: bool) -> int:
+        """Delete rows of `table` older than the cutoff in batches, each audited; return how many."""
+        limit = self.cutoff if column == "create_date" else datetime.combine(self.cutoff, datetime.min.time(),
+                                                                             timezone.utc)
+        total = 0
+        while True:
+            with conn, conn.cursor() as cur:
+                if dry_run:
+                    cur.execute(f"SELECT count(*) FROM {table} WHERE {column} < %s", (limit,))
+                    return int(one_row(cur)[0])
+                cur.execute(f"SET LOCAL lock_timeout = {self._lock_timeout_ms}")
+                cur.execute(f"""DELETE FROM {table} WHERE ctid = ANY (ARRAY(
+                                   SELECT ctid FROM {table} WHERE {column} < %s LIMIT %s))""",
+                            (limit, DELETE_BATCH_ROWS))
+                deleted = cur.rowcount
+                if deleted:
+                    self._audit(cur, "delete rows", table, deleted)
+            total += deleted
+            if deleted < DELETE_BATCH_ROWS:
+                if total:
+                    logger.info("retention: deleted %d rows of %s", total, table)
+                return total
+
+    def _audit(self, cur: Cursor, action: str, what: str, rows: int) -> None:
+        cur.execute(
+            """INSERT INTO etl_retention_audit (requested_by, keep_days, cutoff, action, object, rows)
+               VALUES (%s, %s, %s, %s, %s, %s)""",
+            (self._requested_by, self._keep_days, self.cutoff, action, what, rows))
+
+
+def _daily(cur: Cursor) -> list[tuple[str, date]]:
+    cur.execute("""SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                    WHERE i.inhparent = to_regclass(%s)""", (partitions.TABLE,))
+    return [(name, day) for (name,) in cur.fetchall() if (day := partitions.day_of(name)) is not None]

@@ -1,0 +1,43 @@
+"""Daily partition names and windows, and the day a message's rows belong to (issue 18)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+
+from database import partitions
+from models import UNDATED_CREATE_DATE, ReceivedMessage, Rejection
+
+
+def test_a_partition_name_and_its_day_round_trip_and_other_tables_have_no_day() -> None:
+    day = date(2026, 2, 28)
+    assert partitions.partition_name(day) == "user_logins_p20260228"
+    assert partitions.day_of(partitions.partition_name(day)) == day
+    assert partitions.day_of("user_logins_default") is None and partitions.day_of("user_logins_p2026") is None
+
+
+def test_the_window_is_yesterday_today_and_the_days_ahead() -> None:
+    days = partitions.window(date(2026, 12, 31))
+    assert days[0] == date(2026, 12, 30) and days[1] == date(2026, 12, 31) and days[-1] == date(2027, 1, 7)
+    assert len(days) == partitions.DAYS_BEHIND + 1 + partitions.DAYS_AHEAD
+
+
+def test_a_rejection_is_dated_like_the_login_row_of_its_message() -> None:
+    sent_ms = 1_700_006_399_999  # 2023-11-14T23:59:59.999Z
+    message = ReceivedMessage("m", "r", "{}", sent_timestamp_ms=sent_ms)
+    rejection = Rejection("m", "x", "v1.x", message.sent_at, 1)
+    assert rejection.create_date == message.create_date == date(2023, 11, 14)
+    assert Rejection("m", "x", "v1.x", None, 1).create_date is None
+    assert ReceivedMessage("m", "r", "{}").create_date == UNDATED_CREATE_DATE
+    late = datetime(2023, 11, 14, 23, 59, 59, 999000, tzinfo=timezone.utc)
+    assert Rejection("m", "x", "v1.x", late, 1).create_date == date(2023, 11, 14)
+
+
+def test_retention_refuses_a_keep_days_below_one_before_connecting(capsys) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from main import EXIT_CONFIG, main
+
+    with pytest.raises(SystemExit) as info:
+        main(["retention", "--keep-days", "0"])
+    assert info.value.code == EXIT_CONFIG
+    assert "--keep-days: must be >= 1" in capsys.readouterr().err
