@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection
 from pii.masking import BODY_FIELD, Masker
