@@ -539,8 +539,8 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="with --format tink: the configured keyring plus a new key, made primary")
     rekey = sub.add_parser("rekey", help="rewrite stored tokens of older key versions under the active one",
                            description="Rewrite the tokens in user_logins (masked_ip, masked_device_id) and "
-                           "user_logins_rejected (encrypted_body) that are not of the active key (MASKING_KEY_VERSION, or "
-                           "the keyset's primary), legacy v<n>. tokens included, in "
+                           "user_logins_rejected (encrypted_body) that are not of the active key "
+                           "(MASKING_KEY_VERSION, or the keyset's primary), legacy v<n>. tokens included, in "
                            "batches of one transaction each. Safe to run while the ETL runs and to kill: "
                            "a rerun resumes. Exit 0 when no token of another version is left, 1 otherwise.")
     rekey.add_argument("--batch-size", dest="rekey_batch_size", type=_positive_int, default=500, metavar="N",

@@ -2,10 +2,10 @@
 
 Every source yields a keyring, ``{version: 64-byte key}`` (the version is the Tink key id);
 `config.py` picks the one source that is set. Text forms: one base64 key (version 1),
-``version:value`` pairs separated by commas or white space (``1:<b64>,2:<b64>``), or a Tink JSON
-keyset of AES-SIV keys (`pii.tink_keyset`), which also names the primary key. A KMS-wrapped key is the base64 of a KMS ``CiphertextBlob``
-(`GenerateDataKey` of 64 bytes); it is decrypted once at start and its plaintext lives only in
-memory. Error messages name the source and the version, never a key.
+``version:value`` pairs separated by commas or white space (``1:<b64>,2:<b64>``), or a Tink
+JSON keyset of AES-SIV keys (`pii.tink_keyset`), which also names the primary key. A KMS-wrapped
+key is the base64 of a KMS ``CiphertextBlob`` (`GenerateDataKey` of 64 bytes); it is decrypted
+once at start and its plaintext lives only in memory. Error messages name the source and the version, never a key.
 """
 
 from __future__ import annotations

@@ -94,8 +94,8 @@ def test_the_keyset_keygen_prints_is_one_tink_accepts_and_rotate_makes_a_new_pri
         encoding.encode_ip("10.1.2.3")
 
 
-def test_export_of_a_base64_keyring_keeps_its_versions_as_key_ids_so_legacy_tokens_still_open(monkeypatch,
-                                                                                                capsys, tmp_path) -> None:
+def test_export_of_a_base64_keyring_keeps_its_versions_as_key_ids_so_legacy_tokens_still_open(
+        monkeypatch, capsys, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)  # no .env
     for name in [n for n in os.environ if n.startswith("MASKING_KEY")]:
         monkeypatch.delenv(name)
