@@ -132,8 +132,8 @@ def test_tables_an_administrator_created_first_are_handed_to_the_etl_role(logins
 
 
 def readme_auditor_query() -> str:
-    """The SQL the README gives auditors (the block after "finds the rows behind an entry")."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The SQL the docs give auditors (the block after "finds the rows behind an entry")."""
+    text = (ROOT / "docs" / "keys-and-privacy.md").read_text(encoding="utf-8")
     after = text[text.index("finds the rows behind an entry"):]
     return after[after.index("```sql") + len("```sql"):after.index("```", after.index("```sql") + 6)].strip()
 
