@@ -15,6 +15,7 @@ from pii.keys import (
     KeySourceError,
     KmsWrappedKeys,
     StaticKeys,
+    decode_key_text,
     decode_keyring,
     decode_wrapped,
     read_key_file,
@@ -27,7 +28,7 @@ DEFAULT_DATABASE_URL = "postgresql://postgres:postgres@localhost:5432/postgres"
 DEFAULT_REGION = "us-east-1"
 KEY_HELP = "create one with `python main.py keygen` and put it in .env as MASKING_KEY=<key>"
 # The key sources, exactly one of which must be set (see README "Keys, rotation and audited unmasking").
-KEY_SOURCES = ("MASKING_KEY", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT", "MASKING_KEYS")
+KEY_SOURCES = ("MASKING_KEY", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT", "MASKING_KEYS", "MASKING_KEYSET")
 
 
 # The consume loop's defaults, measured on a 2-core machine with the embedded LocalStack (see bench/ and README).
@@ -117,6 +118,7 @@ def key_source_from_env(env: Mapping[str, str]) -> KeySource:
         "MASKING_KEY_FILE": env.get("MASKING_KEY_FILE", ""),
         "MASKING_KEY_KMS_CIPHERTEXT": env.get("MASKING_KEY_KMS_CIPHERTEXT", ""),
         "MASKING_KEYS": env.get("MASKING_KEYS", ""),
+        "MASKING_KEYSET": env.get("MASKING_KEYSET", ""),
     }
     present = [name for name in KEY_SOURCES if values[name].strip()]
     if not present:
@@ -132,8 +134,13 @@ def key_source_from_env(env: Mapping[str, str]) -> KeySource:
             return StaticKeys(name, {1: decode_key(value)})
         if name == "MASKING_KEYS":
             return StaticKeys(name, decode_keyring(value))
+        if name == "MASKING_KEYSET":
+            keys, primary = decode_key_text(value)
+            if primary is None:
+                raise InvalidKey("not a Tink JSON keyset (use MASKING_KEYS for version:key pairs)")
+            return StaticKeys(name, keys, primary)
         if name == "MASKING_KEY_FILE":
-            return StaticKeys(f"{name} {value.strip()}", read_key_file(value.strip()))
+            return StaticKeys(f"{name} {value.strip()}", *read_key_file(value.strip()))
         kms = KmsSettings.from_env(env)
         return KmsWrappedKeys(name, decode_wrapped(value), region=kms.region, endpoint_url=kms.endpoint_url,
                               key_id=env.get("MASKING_KEY_KMS_KEY_ID") or None)
@@ -144,9 +151,14 @@ def key_source_from_env(env: Mapping[str, str]) -> KeySource:
 
 
 def _active_version(env: Mapping[str, str], source: KeySource) -> int:
-    """MASKING_KEY_VERSION; required when the keyring holds several versions."""
+    """MASKING_KEY_VERSION; required when the keyring holds several versions, unless a keyset names its primary."""
     versions = source.versions
     raw = env.get("MASKING_KEY_VERSION", "").strip()
+    if source.primary is not None:
+        if raw and raw != str(source.primary):
+            raise ConfigError(f"MASKING_KEY_VERSION={raw} but the keyset's primary key id is {source.primary}: "
+                              "unset MASKING_KEY_VERSION (the keyset's primary decides) or make that key primary")
+        return source.primary
     if not raw:
         if len(versions) > 1:
             raise ConfigError(f"MASKING_KEY_VERSION is not set: the keyring holds versions "

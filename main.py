@@ -4,6 +4,7 @@
     python main.py --follow        keep consuming until SIGINT/SIGTERM
     python main.py unmask --reason TEXT TOKEN...  print the original values (needs the key; audited)
     python main.py keygen [--kms-key-id ID]       print a new MASKING_KEY (or a KMS-wrapped one)
+    python main.py keygen --format tink [--export | --rotate]  a Tink JSON keyset (new, or of the keyring)
     python main.py rekey           rewrite stored tokens of older key versions under the active one
     python main.py replay --reason TEXT [--dry-run]  load quarantined messages that now pass (audited)
     python main.py check           check configuration and services, as a checklist
@@ -22,6 +23,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import signal
 import sys
 import unicodedata
@@ -56,7 +58,8 @@ from health import Failure, checklist
 from models import UnmaskAudit
 from observability import Metrics, Progress, configure_logging
 from pii.keys import KmsUnavailable, generate_wrapped_key
-from pii.masking import Masker, MaskingError, generate_key
+from pii.masking import KEY_BYTES, Masker, MaskingError, generate_key
+from pii.tink_keyset import keyset_json, new_key_id
 from pipeline import Pipeline, QueueLost, ServiceLost, Stopped
 from retry import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, BudgetExhausted, Retrier, StopState
 from transform import retry_quarantined
@@ -126,6 +129,12 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
     configure_logging(args.verbose - args.quiet, args.log_format)
     load_dotenv(Path.cwd() / ".env", override=False)  # the real environment wins
     if args.command == "keygen":
+        if args.kms_key_id is not None and args.key_format == "tink":
+            parser.error("--kms-key-id makes a KMS-wrapped data key; it cannot be combined with --format tink")
+        if (args.export or args.rotate) and args.key_format != "tink":
+            parser.error("--export and --rotate print a Tink keyset: add --format tink")
+        if args.key_format == "tink":
+            return _keygen_tink(export=args.export, rotate=args.rotate)
         return _keygen(args.kms_key_id)
     if args.command == "retention":
         return _retention(args)
@@ -157,6 +166,28 @@ def _keygen(kms_key_id: str | None) -> int:
         return EXIT_OK
     kms = KmsSettings.from_env(os.environ)
     print(generate_wrapped_key(kms_key_id, region=kms.region, endpoint_url=kms.endpoint_url))
+    return EXIT_OK
+
+
+def _keygen_tink(*, export: bool, rotate: bool) -> int:
+    """A new keyset of one key; or the configured keyring as a keyset (--export), plus a new primary (--rotate)."""
+    if not (export or rotate):
+        key_id = new_key_id()
+        print(keyset_json({key_id: secrets.token_bytes(KEY_BYTES)}, key_id))
+        return EXIT_OK
+    try:
+        settings = Settings.from_env(os.environ)
+        keys, primary = settings.key_source.load(), settings.key_version
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    except KmsUnavailable as exc:
+        return _fail(str(exc), EXIT_UNREACHABLE)
+    except MaskingError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    if rotate:
+        primary = new_key_id(set(keys))
+        keys[primary] = secrets.token_bytes(KEY_BYTES)
+    print(keyset_json(keys, primary))
     return EXIT_OK
 
 
@@ -300,7 +331,8 @@ def escape_controls(value: str) -> str:
 
 
 def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
-    rekeyer = Rekeyer(settings.database_url, masker.rekey, active_version=masker.version, batch_rows=batch_rows)
+    rekeyer = Rekeyer(settings.database_url, masker.rekey, current_prefixes=masker.current_prefixes,
+                      batch_rows=batch_rows)
     try:
         result = rekeyer.run()
     except KeyboardInterrupt:
@@ -504,9 +536,19 @@ def _build_parser() -> argparse.ArgumentParser:
                             "is printed or written.")
     keygen.add_argument("--kms-key-id", metavar="ID", default=None,
                         help="KMS key id, ARN or alias (alias/NAME); AWS_ENDPOINT_URL_KMS applies")
+    keygen.add_argument("--format", dest="key_format", choices=("base64", "tink"), default="base64",
+                        help="base64 (default): one key for MASKING_KEY; tink: a Tink JSON keyset of one new "
+                        "AES-SIV key, for MASKING_KEYSET or MASKING_KEY_FILE (docs/tink-tokens.md)")
+    what = keygen.add_mutually_exclusive_group()
+    what.add_argument("--export", action="store_true",
+                      help="with --format tink: the configured keyring as a keyset, its active version "
+                      "primary (for BigQuery or Tink; it holds the keys)")
+    what.add_argument("--rotate", action="store_true",
+                      help="with --format tink: the configured keyring plus a new key, made primary")
     rekey = sub.add_parser("rekey", help="rewrite stored tokens of older key versions under the active one",
                            description="Rewrite the tokens in user_logins (masked_ip, masked_device_id) and "
-                           "user_logins_rejected (encrypted_body) that are not of MASKING_KEY_VERSION, in "
+                           "user_logins_rejected (encrypted_body) that are not of the active key "
+                           "(MASKING_KEY_VERSION, or the keyset's primary), legacy v<n>. tokens included, in "
                            "batches of one transaction each. Safe to run while the ETL runs and to kill: "
                            "a rerun resumes. Exit 0 when no token of another version is left, 1 otherwise.")
     rekey.add_argument("--batch-size", dest="rekey_batch_size", type=_positive_int, default=500, metavar="N",

@@ -1,4 +1,8 @@
-"""Rekeyer: rewrite stored tokens of older key versions under the active one, batch by batch.
+"""Rekeyer: rewrite stored tokens of older key versions (or of the legacy format) under the active key, batch by batch.
+
+A token is current when its text starts with one of the active key's prefixes (Tink tokens carry
+their key id in their first bytes, so seven base64 characters tell); every other token, including
+the legacy ``v<n>.`` ones of any version, is rewritten.
 
 How (and why it is safe to kill and to run beside the ETL):
 
@@ -68,16 +72,20 @@ class Rekeyer:
     safe reason (never the value) when it cannot.
     """
 
-    def __init__(self, dsn: str, retoken: Callable[[str], str], *, active_version: int, batch_rows: int = 500,
-                 connect_timeout_seconds: int = 5) -> None:
+    def __init__(self, dsn: str, retoken: Callable[[str], str], *, current_prefixes: tuple[str, ...],
+                 batch_rows: int = 500, connect_timeout_seconds: int = 5) -> None:
+        lengths = {len(prefix) for prefix in current_prefixes}
+        if len(lengths) != 1:
+            raise ValueError("current_prefixes must be non-empty and of one length")
         self._dsn = dsn
         self._retoken = retoken
-        self._prefix = f"v{active_version}."
+        self._prefixes = tuple(current_prefixes)
+        self._prefix_chars = lengths.pop()
         self._batch_rows = max(1, batch_rows)
         self._connect_timeout = connect_timeout_seconds
 
     def __repr__(self) -> str:
-        return f"Rekeyer(prefix={self._prefix!r})"  # the DSN may hold a password
+        return f"Rekeyer(prefixes={self._prefixes!r})"  # the DSN may hold a password
 
     def run(self) -> RekeyResult:
         """Rewrite every table; raise DatabaseUnavailable (at start), RekeyInterrupted (lost mid-run) or
@@ -121,7 +129,7 @@ class Rekeyer:
               failures: Counter[str], label: str) -> int:
         pages, rows = self._size(conn, table)
         step = max(1, self._batch_rows * max(pages, 1) // max(rows, 1))  # pages holding ~batch_rows rows
-        needs = " OR ".join(f"({c} IS NOT NULL AND left({c}, %(n)s) <> %(prefix)s)" for c in columns)
+        needs = " OR ".join(f"({c} IS NOT NULL AND left({c}, %(n)s) <> ALL(%(prefixes)s))" for c in columns)
         select = (f"SELECT ctid::text, {', '.join(columns)} FROM {table} "
                   f"WHERE ctid >= %(start)s::tid AND ctid < %(end)s::tid AND ({needs}) FOR UPDATE SKIP LOCKED")
         sets = ", ".join(f"{c} = v.{c}" for c in columns)
@@ -129,8 +137,8 @@ class Rekeyer:
                   "WHERE t.ctid = v.row_ctid::tid")
         start, rewritten, last_log = 0, 0, time.monotonic()
         while start < pages:
-            params = {"start": f"({start},0)", "end": f"({start + step},0)", "n": len(self._prefix),
-                      "prefix": self._prefix}
+            params = {"start": f"({start},0)", "end": f"({start + step},0)", "n": self._prefix_chars,
+                      "prefixes": list(self._prefixes)}
             with conn, conn.cursor() as cur:  # one transaction per range of pages
                 cur.execute(select, params)
                 changed = []
@@ -151,7 +159,7 @@ class Rekeyer:
         return rewritten
 
     def _rewrite(self, token: str | None, failures: Counter[str]) -> str | None:
-        if token is None or token.startswith(self._prefix):
+        if token is None or token.startswith(self._prefixes):
             return token
         try:
             return self._retoken(token)
@@ -171,10 +179,10 @@ class Rekeyer:
         return pages, rows
 
     def _count_old(self, conn: Connection, table: str, columns: tuple[str, ...]) -> int:
-        terms = " + ".join(f"count(*) FILTER (WHERE {c} IS NOT NULL AND left({c}, %(n)s) <> %(prefix)s)"
+        terms = " + ".join(f"count(*) FILTER (WHERE {c} IS NOT NULL AND left({c}, %(n)s) <> ALL(%(prefixes)s))"
                            for c in columns)
         with conn, conn.cursor() as cur:
-            cur.execute(f"SELECT {terms} FROM {table}", {"n": len(self._prefix), "prefix": self._prefix})
+            cur.execute(f"SELECT {terms} FROM {table}", {"n": self._prefix_chars, "prefixes": list(self._prefixes)})
             return int(one_row(cur)[0])
 
 

@@ -1,10 +1,11 @@
 """Where the masking keys come from: a variable, a file, or data keys wrapped by AWS KMS.
 
-Every source yields a keyring, ``{version: 64-byte key}``; `config.py` picks the one source that is
-set. Text forms: one base64 key (version 1), or ``version:value`` pairs separated by commas or
-white space (``1:<b64>,2:<b64>``). A KMS-wrapped key is the base64 of a KMS ``CiphertextBlob``
-(`GenerateDataKey` of 64 bytes); it is decrypted once at start and its plaintext lives only in
-memory. Error messages name the source and the version, never a key.
+Every source yields a keyring, ``{version: 64-byte key}`` (the version is the Tink key id);
+`config.py` picks the one source that is set. Text forms: one base64 key (version 1),
+``version:value`` pairs separated by commas or white space (``1:<b64>,2:<b64>``), or a Tink
+JSON keyset of AES-SIV keys (`pii.tink_keyset`), which also names the primary key. A KMS-wrapped
+key is the base64 of a KMS ``CiphertextBlob`` (`GenerateDataKey` of 64 bytes); it is decrypted
+once at start and its plaintext lives only in memory. Error messages name the source and the version, never a key.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pii.masking import KEY_BYTES, InvalidKey, MaskingError, decode_key
+from pii.tink_keyset import KeysetError, is_keyset, parse_keyset
 
 # Bound to every wrapped key (GenerateDataKey and Decrypt): a blob made for another purpose does
 # not decrypt here, and CloudTrail records the purpose of each Decrypt.
@@ -60,6 +62,11 @@ class KeySource(Protocol):
     @property
     def versions(self) -> tuple[int, ...]: ...
 
+    @property
+    def primary(self) -> int | None:
+        """The version a keyset names as primary; None when the source does not say."""
+        ...
+
     def load(self) -> dict[int, bytes]: ...
 
 
@@ -90,6 +97,16 @@ def decode_keyring(text: str) -> dict[int, bytes]:
     return keys
 
 
+def decode_key_text(text: str) -> tuple[dict[int, bytes], int | None]:
+    """A keyring and its primary version from any text form (a keyset names one, others None); raise InvalidKey."""
+    if is_keyset(text):
+        try:
+            return parse_keyset(text, key_bytes=KEY_BYTES)
+        except KeysetError as exc:
+            raise InvalidKey(f"Tink keyset: {exc}") from None
+    return decode_keyring(text), None
+
+
 def decode_wrapped(text: str) -> dict[int, bytes]:
     """Decode one base64 CiphertextBlob (version 1) or ``version:blob`` pairs; raise InvalidKey."""
     pairs = parse_pairs(text) if ":" in text else {1: text.strip()}
@@ -102,8 +119,8 @@ def decode_wrapped(text: str) -> dict[int, bytes]:
     return blobs
 
 
-def read_key_file(path: str) -> dict[int, bytes]:
-    """The keyring in a file (same text forms), read once and checked on the open descriptor.
+def read_key_file(path: str) -> tuple[dict[int, bytes], int | None]:
+    """The keyring in a file (same text forms) and its primary version, read once and checked on the open descriptor.
 
     The path is opened once; type, owner and mode are then checked with ``fstat`` on that
     descriptor and the text is read from it, so the file checked is the file read (no window
@@ -141,7 +158,7 @@ def read_key_file(path: str) -> dict[int, bytes]:
     finally:
         os.close(fd)
     try:
-        return decode_keyring(text)
+        return decode_key_text(text)
     except InvalidKey as exc:
         raise KeySourceError(f"{path}: {exc}") from None
 
@@ -166,10 +183,11 @@ def key_file_problem(path: str, mode: int, owner: int, euid: int) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class StaticKeys:
-    """Keys already in memory (from MASKING_KEY, MASKING_KEYS or MASKING_KEY_FILE)."""
+    """Keys already in memory (from MASKING_KEY, MASKING_KEYS, MASKING_KEYSET or MASKING_KEY_FILE)."""
 
     origin: str
     keys: Mapping[int, bytes] = field(repr=False)
+    primary: int | None = None
 
     @property
     def versions(self) -> tuple[int, ...]:
@@ -191,6 +209,7 @@ class KmsWrappedKeys:
     region: str
     endpoint_url: str | None = None
     key_id: str | None = None  # if set, Decrypt must use this KMS key and no other
+    primary: int | None = None  # wrapped keys name no primary: MASKING_KEY_VERSION does
 
     @property
     def versions(self) -> tuple[int, ...]:

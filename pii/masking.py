@@ -1,4 +1,4 @@
-"""Reversible, deterministic, keyed masking of PII with AES-SIV (RFC 5297).
+"""Reversible, deterministic, keyed masking of PII with AES-SIV (RFC 5297), in Tink's format.
 
 Why AES-SIV: it is deterministic by design (the IV is synthesised from the key, the associated
 data and the plaintext), so the same value masks to the same token and analysts can still count
@@ -9,9 +9,18 @@ the 2^32 IPv4 addresses or the 10^9 SSN-shaped device ids, brute-forceable in mi
 The field name is the associated data: an IP and a device id with the same text mask to
 different tokens, and a token cannot be replayed as another field.
 
-Token format: ``v<version>.<base64url(siv_tag || ciphertext), unpadded>``. A Masker holds a
-keyring: one key per version. New tokens use the active version; any version held unmasks. Rotation
-adds a version, makes it active, rewrites stored tokens (`rekey`), then retires the old key.
+Token format: standard base64 (padded) of exactly what Tink's DeterministicAead (AES-SIV key,
+``TINK`` output prefix) gives for ``encrypt_deterministically(plaintext, field)``: the byte 0x01,
+the 4-byte big-endian key id, the 16-byte SIV, the ciphertext. So Tink, and BigQuery's
+``DETERMINISTIC_DECRYPT_BYTES``, decrypt a token with the keyset (`pii.tink_keyset`). The plaintext
+is the field's fixed-length form (`pii.encoding`): every IP token has one length, every device token
+of up to 31 bytes another.
+
+A Masker holds a keyring, ``{key id: key}``; new tokens use the primary (active) key id, any key held
+unmasks. The key id is the version: a keyring from MASKING_KEY/MASKING_KEYS uses its versions (1, 2,
+...) as key ids. Legacy tokens, ``v<version>.<base64url(siv || utf-8 text)>`` (unpadded text, made
+before Tink's format), still unmask with the key of that version, and `rekey` rewrites them.
+Rotation adds a key, makes it primary, rewrites stored tokens (`rekey`), then retires the old key.
 """
 
 from __future__ import annotations
@@ -26,11 +35,19 @@ from collections.abc import Mapping
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
+from pii import encoding
+
 KEY_BYTES = 64  # AES-256-SIV: two 256-bit keys (RFC 5297 section 2.2)
 FIELDS = ("ip", "device_id")
 # Rejected messages are stored with their whole body encrypted under this associated data.
 BODY_FIELD = "rejected_body"
-_TOKEN = re.compile(r"^v([1-9][0-9]{0,5})\.([A-Za-z0-9_-]+)$")
+_LEGACY_TOKEN = re.compile(r"^v([1-9][0-9]{0,5})\.([A-Za-z0-9_-]+)$")
+TINK_PREFIX_BYTE = 0x01  # Tink's OutputPrefixType.TINK
+PREFIX_BYTES = 5  # the prefix byte and the 4-byte key id
+MAX_KEY_ID = 2**32 - 1
+# How each field's value becomes the plaintext (and back); other fields are UTF-8 (pii.encoding).
+_ENCODE = {"ip": encoding.encode_ip, "device_id": encoding.encode_padded}
+_DECODE = {"ip": encoding.decode_ip, "device_id": encoding.decode_padded}
 
 
 class MaskingError(Exception):
@@ -62,8 +79,28 @@ def decode_key(text: str) -> bytes:
 
 
 def token_version(token: str) -> int:
-    """The key version a token was made with; raise UnmaskError if it is not a token."""
+    """The key id (version) a token was made with; raise UnmaskError if it is not a token."""
     return _parse(token)[0]
+
+
+def canonical(field: str, value: str) -> str:
+    """What `unmask` returns for a token of `value`: the canonical text of an IP, else `value`."""
+    return _DECODE.get(field, encoding.decode_text)(_ENCODE.get(field, encoding.encode_text)(value))
+
+
+def token_prefix(key_id: int) -> bytes:
+    """The first 5 bytes of every token of `key_id`: Tink's prefix byte and the big-endian key id."""
+    return bytes([TINK_PREFIX_BYTE]) + key_id.to_bytes(4, "big")
+
+
+def text_prefixes(key_id: int) -> tuple[str, ...]:
+    """The 7-character beginnings a token of `key_id` can have (its text starts with one of them).
+
+    Seven base64 characters hold 42 bits: the 40 of the prefix and the top 2 of the SIV, hence four.
+    A SQL filter can test them without decoding (`rekey`).
+    """
+    prefix = token_prefix(key_id)
+    return tuple(sorted({base64.b64encode(prefix + bytes([top])).decode()[:7] for top in (0, 0x40, 0x80, 0xC0)}))
 
 
 class Masker:
@@ -76,11 +113,13 @@ class Masker:
         self._ciphers: dict[int, AESSIV] = {}
         self._add(version, key)
         self.version = version
-        self._prefix = f"v{version}."
+        self._cipher = self._ciphers[version]
+        self._prefix = token_prefix(version)
+        self.current_prefixes = text_prefixes(version)
 
     @classmethod
     def from_keys(cls, keys: Mapping[int, bytes], *, active: int) -> Masker:
-        """A keyring: `keys` maps versions to 64-byte keys; new tokens use version `active`."""
+        """A keyring: `keys` maps key ids (versions) to 64-byte keys; new tokens use key id `active`."""
         if active not in keys:
             held = ", ".join(map(str, sorted(keys))) or "none"
             raise InvalidKey(f"the active key version {active} is not in the keyring (it holds {held})")
@@ -99,13 +138,13 @@ class Masker:
     def _add(self, version: int, key: bytes) -> None:
         if len(key) != KEY_BYTES:
             raise InvalidKey(f"the key of version {version} must be {KEY_BYTES} bytes, got {len(key)}")
-        if version < 1:
-            raise ValueError("version must be >= 1")
+        if not 0 <= version <= MAX_KEY_ID:
+            raise ValueError(f"a key id must be between 0 and {MAX_KEY_ID}")
         self._ciphers[version] = AESSIV(key)
 
     @property
     def versions(self) -> tuple[int, ...]:
-        """The key versions held, ascending."""
+        """The key ids (versions) held, ascending."""
         return tuple(sorted(self._ciphers))
 
     def __repr__(self) -> str:
@@ -115,32 +154,33 @@ class Masker:
 
     def mask(self, field: str, value: str) -> str:
         """Return the token of `value` as `field` under the active key: same input and key, same token."""
-        return self._seal(self.version, field, value)
+        # The hot path of the ETL (twice per message): one encode, one encrypt, one base64.
+        plain = _ENCODE.get(field, encoding.encode_text)(value)
+        sealed = self._cipher.encrypt(plain, _associated_data(field))
+        return binascii.b2a_base64(self._prefix + sealed, newline=False).decode("ascii")
 
     def unmask(self, token: str, fields: tuple[str, ...] = (*FIELDS, BODY_FIELD)) -> str:
-        """Return the original value of a token of any of `fields`; raise UnmaskError."""
+        """Return the original value of a token of any of `fields` (an IP in canonical text); raise UnmaskError."""
         return self._open(token, fields)[1]
+
+    def is_current(self, token: str) -> bool:
+        """Whether `token` is already of the active key and format (what `rekey` leaves alone)."""
+        return token.startswith(self.current_prefixes) and _parse(token)[0] == self.version
 
     def rekey(self, token: str, fields: tuple[str, ...] = (*FIELDS, BODY_FIELD)) -> str:
         """Return `token` re-made under the active key (the same token if it already is); raise UnmaskError.
 
         The field is recovered from the token itself (the one whose associated data authenticates),
-        so a rewritten token is exactly what `mask(field, value)` gives today: duplicates line up.
+        so a rewritten token is exactly what `mask(field, value)` gives today: duplicates line up,
+        and a legacy token's IP is canonicalised on the way.
         """
-        if token.startswith(self._prefix):
+        if self.is_current(token):
             return token
         field, value = self._open(token, fields)
-        return self._seal(self.version, field, value)
-
-    def _seal(self, version: int, field: str, value: str) -> str:
-        # The hot path of the ETL (twice per message): the associated data is built once per field,
-        # and base64url is base64 with two letters swapped.
-        sealed = self._ciphers[version].encrypt(value.encode("utf-8", "surrogatepass"), _associated_data(field))
-        encoded = binascii.b2a_base64(sealed, newline=False).rstrip(b"=").translate(_BASE64_TO_URLSAFE)
-        return f"v{version}." + encoded.decode("ascii")
+        return self.mask(field, value)
 
     def _open(self, token: str, fields: tuple[str, ...]) -> tuple[str, str]:
-        version, sealed = _parse(token)
+        version, sealed, legacy = _parse(token)
         cipher = self._ciphers.get(version)
         if cipher is None:
             held = ", ".join(map(str, self.versions))
@@ -153,11 +193,12 @@ class Masker:
                 plain = cipher.decrypt(sealed, _associated_data(field))
             except InvalidTag:
                 continue
-            return field, plain.decode("utf-8", "surrogatepass")
+            decode = encoding.decode_text if legacy else _DECODE.get(field, encoding.decode_text)
+            try:
+                return field, decode(plain)
+            except encoding.EncodingError as exc:  # authentic, so made with our key by other code
+                raise UnmaskError(f"token decrypts as {field}, but {exc} (see docs/tink-tokens.md)") from None
         raise UnmaskError("token does not decrypt under this key (wrong key, or tampered)")
-
-
-_BASE64_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 @functools.cache
@@ -166,13 +207,23 @@ def _associated_data(field: str) -> list[bytes]:
     return [field.encode()]
 
 
-def _parse(token: str) -> tuple[int, bytes]:
-    match = _TOKEN.match(token.strip())
-    if match is None:
-        raise UnmaskError("not a masked token (expected 'v<version>.<base64url>')")
-    payload = match.group(2)
+def _parse(token: str) -> tuple[int, bytes, bool]:
+    """(key id, SIV and ciphertext, whether it is a legacy `v<n>.` token); raise UnmaskError."""
+    token = token.strip()
+    if token.startswith("v"):
+        match = _LEGACY_TOKEN.match(token)
+        if match is None:
+            raise UnmaskError("not a masked token (expected base64, or a legacy 'v<version>.<base64url>')")
+        payload = match.group(2)
+        try:
+            sealed = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        except (binascii.Error, ValueError):
+            raise UnmaskError("token payload is not valid base64url") from None
+        return int(match.group(1)), sealed, True
     try:
-        sealed = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        data = base64.b64decode(token, validate=True)
     except (binascii.Error, ValueError):
-        raise UnmaskError("token payload is not valid base64url") from None
-    return int(match.group(1)), sealed
+        raise UnmaskError("not a masked token (expected base64, or a legacy 'v<version>.<base64url>')") from None
+    if len(data) < PREFIX_BYTES + 16 or data[0] != TINK_PREFIX_BYTE:
+        raise UnmaskError("not a masked token (too short, or not Tink's prefix 0x01)")
+    return int.from_bytes(data[1:PREFIX_BYTES], "big"), data[PREFIX_BYTES:], False

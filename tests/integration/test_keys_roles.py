@@ -160,8 +160,8 @@ def test_replay_runs_as_the_etl_role_its_audit_is_append_only_and_analysts_see_w
 
 
 def readme_auditor_query() -> str:
-    """The SQL the README gives auditors (the block after "finds the rows behind an entry")."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The SQL the docs give auditors (the block after "finds the rows behind an entry")."""
+    text = (ROOT / "docs" / "keys-and-privacy.md").read_text(encoding="utf-8")
     after = text[text.index("finds the rows behind an entry"):]
     return after[after.index("```sql") + len("```sql"):after.index("```", after.index("```sql") + 6)].strip()
 

@@ -1,4 +1,7 @@
-"""Rotation v1 -> v2: rows of both versions, `rekey` (also killed and resumed), retiring the old key."""
+"""Rotation v1 -> v2: rows of both versions, `rekey` (also killed and resumed), retiring the old key.
+
+The rows of v1 written straight into the tables are of the legacy format (``v1.`` + base64url of the
+unpadded text), as the ETL wrote them before Tink's format: `rekey` migrates them."""
 
 from __future__ import annotations
 
@@ -9,20 +12,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from datetime import date
 from pathlib import Path
 
 from database.sqs_postgres import PostgresWriter
 from main import EXIT_OK, EXIT_UNMASK_FAILED, main
 from models import MaskedLogin
-from pii.masking import Masker, decode_key, generate_key
+from pii.masking import Masker, decode_key, generate_key, token_version
+from tests.legacy_tokens import legacy_token
 
 from helpers import GOOD_LOGIN, login, query, send
 
 ROOT = Path(__file__).resolve().parents[2]
 K1, K2 = generate_key(), generate_key()
-V1, V2 = Masker(decode_key(K1)), Masker(decode_key(K2), version=2)
+V2 = Masker(decode_key(K2), version=2)
 DEVICES = [f"555-01-{1000 + n}" for n in range(5)]
+IS_V2 = "left({0}, 7) = ANY(%s)"  # a token of key 2 in Tink's format (see Masker.current_prefixes)
+
+
+def v1(field: str, value: str) -> str:
+    """A legacy-format token of key version 1."""
+    return legacy_token(decode_key(K1), 1, field, value)
 
 
 def use_keyring(monkeypatch, keys: str, version: str | None) -> None:  # type: ignore[no-untyped-def]
@@ -49,8 +60,8 @@ def test_rotation_rekey_and_retirement_from_the_cli(etl_env, sqs_client, monkeyp
     use_keyring(monkeypatch, f"1:{K1},2:{K2}", "2")
     send(sqs_client, etl_env["SQS_QUEUE_URL"], batch(10, 10))
     assert main([]) == EXIT_OK
-    assert query(db, "SELECT left(masked_device_id, 3), count(*) FROM user_logins GROUP BY 1 ORDER BY 1") == [
-        ("v1.", 10), ("v2.", 10)]
+    tokens = [token for (token,) in query(db, "SELECT masked_device_id FROM user_logins")]
+    assert Counter(map(token_version, tokens)) == {1: 10, 2: 10}
     assert query(db, "SELECT count(DISTINCT masked_device_id) FROM user_logins") == [(10,)]  # split in two
     old_ip = query(db, "SELECT masked_ip FROM user_logins WHERE user_id = 'user-3'")[0][0]
     new_ip = query(db, "SELECT masked_ip FROM user_logins WHERE user_id = 'user-13'")[0][0]
@@ -88,25 +99,34 @@ def insert_v1_rows(database_url: str, count: int, legacy: int) -> None:
     """`count` ETL rows and `legacy` rows of the original exercise (NULL message_id), all under v1."""
     writer = PostgresWriter(database_url)
     writer.connect()
-    rows = [MaskedLogin(f"m-{n}", f"user-{n}", "ios", V1.mask("ip", f"10.1.{n // 256}.{n % 256}"),
-                        V1.mask("device_id", f"device-{n}"), None, "1.0", date(2024, 1, 1)) for n in range(count)]
+    rows = [MaskedLogin(f"m-{n}", f"user-{n}", "ios", v1("ip", f"10.1.{n % 97 // 256}.{n % 97}"),
+                        v1("device_id", f"device-{n % 50}"), None, "1.0", date(2024, 1, 1)) for n in range(count)]
     writer.write(rows, [])
     writer.close()
     if not legacy:
         return
-    values = ", ".join(f"('legacy-{n}', 'android', '{V1.mask('ip', f'192.0.2.{n}')}', "
-                       f"'{V1.mask('device_id', f'legacy-device-{n}')}', '0.96', '2020-01-01')" for n in range(legacy))
+    values = ", ".join(f"('legacy-{n}', 'android', '{v1('ip', f'192.0.2.{n}')}', "
+                       f"'{v1('device_id', f'legacy-device-{n}')}', '0.96', '2020-01-01')" for n in range(legacy))
     query(database_url, "INSERT INTO user_logins (user_id, device_type, masked_ip, masked_device_id, app_version, "
           f"create_date) VALUES {values}")
 
 
 def count_v2(database_url: str) -> int:
-    return query(database_url, "SELECT count(*) FROM user_logins WHERE left(masked_ip, 3) = 'v2.'")[0][0]
+    return query(database_url, f"SELECT count(*) FROM user_logins WHERE {IS_V2.format('masked_ip')}",
+                 (list(V2.current_prefixes),))[0][0]
+
+
+def duplicates(database_url: str) -> list[tuple[str, int, int]]:
+    """What the analysts' duplicates view says, without the tokens (which rekey changes)."""
+    return sorted(query(database_url, "SELECT field, logins, users FROM user_login_duplicates"))
 
 
 def test_a_rekey_killed_with_sigkill_keeps_its_committed_batches_and_a_rerun_finishes(database_url, tmp_path):
-    # GIVEN 600 v1 rows plus 5 legacy rows without message_id, and updates slowed to 5 ms a row
+    # GIVEN 600 rows of legacy v1 tokens (50 devices, 97 IPs) plus 5 rows without message_id, and
+    # updates slowed to 5 ms a row
     insert_v1_rows(database_url, 600, legacy=5)
+    before = duplicates(database_url)
+    assert len(before) == 50 + 97
     query(database_url, """
         CREATE FUNCTION slow_down() RETURNS trigger LANGUAGE plpgsql AS
             'BEGIN PERFORM pg_sleep(0.005); RETURN NEW; END';
@@ -124,8 +144,8 @@ def test_a_rekey_killed_with_sigkill_keeps_its_committed_batches_and_a_rerun_fin
     # THEN the committed batches are kept, the open one is rolled back whole
     done = count_v2(database_url)
     assert process.returncode == -signal.SIGKILL and 60 <= done < 605
-    assert query(database_url, "SELECT count(*) FROM user_logins WHERE left(masked_ip, 3) <> "
-                 "left(masked_device_id, 3)") == [(0,)]
+    assert query(database_url, f"SELECT count(*) FROM user_logins WHERE ({IS_V2.format('masked_ip')}) <> "
+                 f"({IS_V2.format('masked_device_id')})", (list(V2.current_prefixes),) * 2) == [(0,)]
     # WHEN it is run again
     query(database_url, "DROP TRIGGER slow_down ON user_logins")
     rerun = subprocess.run([sys.executable, str(ROOT / "main.py"), "rekey"], cwd=tmp_path, env=env,
@@ -141,7 +161,10 @@ def test_a_rekey_killed_with_sigkill_keeps_its_committed_batches_and_a_rerun_fin
         if kind == "legacy":
             assert (V2.unmask(masked_ip), V2.unmask(masked_device_id)) == (f"192.0.2.{n}", f"legacy-device-{n}")
         else:
-            assert V2.unmask(masked_device_id) == f"device-{n}" and masked_ip.startswith("v2.")
+            assert V2.unmask(masked_device_id) == f"device-{int(n) % 50}" and V2.is_current(masked_ip)
+            assert V2.unmask(masked_ip) == f"10.1.0.{int(n) % 97}"
+    # and the duplicates line up exactly as before: one token per device and per IP again
+    assert duplicates(database_url) == before
 
 
 def test_rekey_beside_a_writing_etl_leaves_no_old_token(db_env, monkeypatch) -> None:
@@ -176,8 +199,8 @@ def test_rekey_beside_a_writing_etl_leaves_no_old_token(db_env, monkeypatch) -> 
         thread.join()
     # THEN the ETL kept writing, no token of v1 is left and nothing was lost
     assert during > 10
-    assert query(database_url, "SELECT count(*) FROM user_logins WHERE left(masked_ip, 3) <> 'v2.' "
-                 "OR left(masked_device_id, 3) <> 'v2.'") == [(0,)]
+    assert query(database_url, f"SELECT count(*) FROM user_logins WHERE NOT {IS_V2.format('masked_ip')} "
+                 f"OR NOT {IS_V2.format('masked_device_id')}", (list(V2.current_prefixes),) * 2) == [(0,)]
     assert query(database_url, "SELECT count(*) FROM user_logins") == [(2000 + len(written),)]
 
 

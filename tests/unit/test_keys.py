@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from config import KEY_SOURCES, ConfigError, KmsSettings, Settings
 from models import UnmaskAudit, token_fingerprint
 from pii.keys import KmsWrappedKeys, StaticKeys
-from pii.masking import InvalidKey, Masker, UnmaskError, decode_key, generate_key, token_version
+from pii.masking import InvalidKey, Masker, UnmaskError, canonical, decode_key, generate_key, token_version
+from tests.legacy_tokens import legacy_token
 
 K1, K2, K3 = generate_key(), generate_key(), generate_key()
 KEYRING = Masker.from_keys({1: decode_key(K1), 2: decode_key(K2)}, active=2)
@@ -254,7 +255,17 @@ def test_the_repr_of_a_keyring_shows_versions_only() -> None:
 @given(st.sampled_from(["ip", "device_id", "rejected_body"]), st.text())
 def test_any_value_survives_a_rotation(field: str, value: str) -> None:
     old = Masker(decode_key(K1)).mask(field, value)
-    assert KEYRING.unmask(KEYRING.rekey(old)) == value
+    assert KEYRING.unmask(KEYRING.rekey(old)) == canonical(field, value)
+
+
+@given(st.sampled_from(["ip", "device_id", "rejected_body"]), st.text() | st.ip_addresses().map(str))
+def test_any_legacy_v1_token_unmasks_and_rekeys_to_the_token_of_today(field: str, value: str) -> None:
+    old = legacy_token(decode_key(K1), 1, field, value)
+    assert KEYRING.unmask(old) == value  # the legacy plaintext is the text as it came
+    assert KEYRING.rekey(old) == KEYRING.mask(field, value)
+    assert KEYRING.unmask(KEYRING.rekey(old)) == canonical(field, value)
+    same_key = Masker(decode_key(K1))  # the format changes even when the key does not
+    assert same_key.rekey(old) == same_key.mask(field, value) != old
 
 
 # -- the audit entry ----------------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""The plaintext each field is encrypted as: fixed-length forms, so a token's length says nothing.
+
+AES-SIV's ciphertext is exactly as long as its plaintext, so a token of the raw text would tell
+``1.2.3.4`` from ``203.113.250.101`` at a glance. Each field is therefore encoded first:
+
+- ``ip``: an IP address as its 16-byte binary form (RFC 4291), an IPv4 address as an IPv4-mapped
+  IPv6 address (``::ffff:a.b.c.d``). Every IP token has one length, and one address written two
+  ways (``1.2.3.4``, ``::ffff:1.2.3.4``, ``2001:DB8::1``, ``2001:db8::1``) gives one token. Decoding
+  gives the canonical text: dotted quad for IPv4 (mapped or not), RFC 5952 for IPv6. A value that
+  is not an IP address (a zone id, leading zeros, spaces, anything) is not lost: it takes the padded
+  text form below, which is at least 32 bytes and so never 16.
+- ``device_id``: the padded text form.
+- anything else (the rejected body): UTF-8, unpadded.
+
+The padded text form is the UTF-8 of the value, one byte 0x80, then 0x00 bytes up to the next
+multiple of 32 bytes (ISO/IEC 7816-4 padding; at least one byte is always added, so it is
+unambiguous: strip the trailing 0x00 bytes, then the one 0x80). Values of up to 31 bytes all give
+32 bytes; longer ones reveal their length to within 32 bytes.
+
+Text is encoded with ``surrogatepass`` so that any Python string round-trips.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+PAD_BLOCK_BYTES = 32
+IP_BYTES = 16
+_IPV4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96
+
+
+class EncodingError(ValueError):
+    """Raised when a decrypted plaintext is not in the form its field uses (a foreign token)."""
+
+
+def pad(data: bytes) -> bytes:
+    """`data`, 0x80, then 0x00 bytes up to the next multiple of PAD_BLOCK_BYTES (at least one byte added)."""
+    zeros = -(len(data) + 1) % PAD_BLOCK_BYTES
+    return data + b"\x80" + bytes(zeros)
+
+
+def unpad(data: bytes) -> bytes:
+    """Undo `pad`; raise EncodingError if `data` is not padded so."""
+    stripped = data.rstrip(b"\x00")
+    if not data or len(data) % PAD_BLOCK_BYTES or not stripped.endswith(b"\x80") \
+            or len(data) - len(stripped) >= PAD_BLOCK_BYTES:
+        raise EncodingError("plaintext is not in the padded form")
+    return stripped[:-1]
+
+
+def encode_ip(text: str) -> bytes:
+    """16 bytes for an IP address (IPv4 as IPv4-mapped IPv6); the padded text form for anything else.
+
+    ``inet_pton`` is the fast path (the ETL calls this once per message); what it accepts is
+    checked against `ipaddress` by the unit tests, so the canonical form does not depend on the C
+    library for the forms that matter (dotted quads without leading zeros, RFC 4291 text).
+    """
+    try:
+        return _IPV4_MAPPED + socket.inet_pton(socket.AF_INET, text)
+    except (OSError, ValueError):  # ValueError: an embedded NUL or a lone surrogate
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, text)
+    except (OSError, ValueError):
+        return pad(text.encode("utf-8", "surrogatepass"))
+
+
+def decode_ip(data: bytes) -> str:
+    """The canonical text of an `encode_ip` plaintext; raise EncodingError if it is not one."""
+    if len(data) == IP_BYTES:
+        if data.startswith(_IPV4_MAPPED):
+            return str(ipaddress.IPv4Address(data[IP_BYTES - 4:]))
+        return str(ipaddress.IPv6Address(data))
+    return _text(unpad(data))
+
+
+def encode_padded(text: str) -> bytes:
+    """The padded text form."""
+    return pad(text.encode("utf-8", "surrogatepass"))
+
+
+def decode_padded(data: bytes) -> str:
+    """Undo `encode_padded`; raise EncodingError."""
+    return _text(unpad(data))
+
+
+def encode_text(text: str) -> bytes:
+    """UTF-8 (surrogates kept), unpadded."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def decode_text(data: bytes) -> str:
+    """Undo `encode_text`; raise EncodingError."""
+    return _text(data)
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise EncodingError("plaintext is not UTF-8") from None
