@@ -44,7 +44,7 @@ from retry import (
     StopDeadlinePassed,
     StopState,
 )
-from transform import Batch, Prepared, prepare
+from transform import Batch, Prepared, RecentQuarantine, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class Pipeline:
                                        on_pass=self._extended)
         self._inbox: queue.Queue[Prepared | None] = queue.Queue(maxsize=max(4, 2 * options.batch_size // 10))
         self._fatal: BaseException | None = None
+        self._quarantined = RecentQuarantine()
         self.stats = Stats()
 
     @property
@@ -229,6 +230,7 @@ class Pipeline:
                 # Rare: validation let through something PostgreSQL refuses. Quarantine those rows
                 # alone and write the rest; the batch around them must not fail.
                 batch.quarantine_refused(exc.bad_logins, exc.bad_rejections, self._masker)
+        self._quarantined.remember(written.rejected_ids)
         failed = batch.failed
         self.stats.add(loaded=written.inserted, rejected=written.rejected, duplicates=written.duplicates,
                        failed=len(failed))
@@ -243,7 +245,7 @@ class Pipeline:
         if not self._sink.connected:
             self._sink.connect()  # after an outage: reconnect (the schema is checked, not relocked)
         return self._sink.write(list(batch.rows.values()), list(batch.rejections.values()),
-                                redelivered=batch.redelivered > 0)
+                                redelivered=batch.redelivered > 0 or self._quarantined.holds_any(batch.rows))
 
     def _delete(self, chunk: Sequence[ReceivedMessage], slots: threading.BoundedSemaphore) -> None:
         try:

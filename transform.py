@@ -8,7 +8,8 @@ label); `retry_quarantined`: today's validation of a quarantined message (`repla
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -186,3 +187,22 @@ class Batch:
         """After the commit: every receipt of every message the transaction stored or quarantined."""
         stored = self.rows.keys() | self.rejections.keys()
         return [m for m in self.messages if m.message_id in stored]
+
+
+class RecentQuarantine:
+    """The ids this process quarantined lately (bounded): a later batch holding one of them must be
+    written with the one-table check, even if its copy is a first delivery. (SQS can deliver a
+    message twice at once; the poison rule may quarantine one copy while the other loads.)"""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def remember(self, message_ids: Iterable[str]) -> None:
+        for message_id in message_ids:
+            self._ids[message_id] = None
+        while len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+
+    def holds_any(self, message_ids: Iterable[str]) -> bool:
+        return any(message_id in self._ids for message_id in message_ids)

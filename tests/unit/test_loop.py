@@ -292,3 +292,29 @@ def test_stop_while_deletes_fail_abandons_them_at_the_stop_timeout() -> None:
     thread.join(10)
     assert not thread.is_alive() and not isinstance(outcome[0], Exception)
     assert pipeline.stats.delete_failures == 30 and len(pipeline.keeper) == 0
+
+
+def test_a_first_delivery_arriving_after_its_quarantined_copy_is_not_also_loaded() -> None:
+    """SQS delivered a message twice; the poison rule quarantined one copy (receive 2), then the
+    other copy (receive 1, no redelivery flag of its own) transformed fine in a later batch."""
+    second = ReceivedMessage("dup", "r2", body(1), 1_700_000_000_000, 2)
+    first = ReceivedMessage("dup", "r1", body(1), 1_700_000_000_000, 1)
+    calls = {"n": 0}
+
+    class FirstCallFails(Masker):
+        def mask(self, field: str, value: str) -> str:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("flaky bug")
+            return super().mask(field, value)
+
+    class OneAtATime(MemoryQueue):
+        def receive(self) -> list[ReceivedMessage]:
+            with self._lock:
+                batch, self._messages = self._messages[:1], self._messages[1:]
+                return batch
+
+    sink = FakeSink()
+    Pipeline(OneAtATime([second, first]), sink, FirstCallFails(bytes(64)),
+             options(receivers=1, batch_size=1, max_receives=2)).run()
+    assert "dup" in sink.rejections and sink.stored_twice == [] and "dup" not in sink.logins
