@@ -91,6 +91,8 @@ ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (MaskingError, EXIT_CONFIG, "{exc}"),  # a KMS refusal, a bad key file, an inconsistent keyring
     (AuditUnavailable, EXIT_UNREACHABLE, "refusing to unmask without an audit record at {dsn}: {exc}"),
     (RekeyInterrupted, EXIT_SERVICE_LOST, "{exc}; committed batches are kept, rerun to resume"),
+    (ReplayNotAudited, EXIT_UNREACHABLE, "refusing to replay without an audit record at {dsn}: {exc}"),
+    (ReplayInterrupted, EXIT_SERVICE_LOST, "{exc}; committed batches are kept, rerun to resume"),
     (DatabaseUnavailable, EXIT_UNREACHABLE, "PostgreSQL unreachable at {dsn}: {exc}"),
     (DatabaseError, EXIT_CONFIG, "{exc}"),
     (BudgetExhausted, EXIT_UNREACHABLE, "PostgreSQL at {dsn}: {exc}"),  # the schema set-up at start
@@ -137,7 +139,7 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
             return _keygen_tink(export=args.export, rotate=args.rotate)
         return _keygen(args.kms_key_id)
     if args.command == "retention":
-        return _retention(args)
+        return _retention(args, context)
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
@@ -349,38 +351,22 @@ def _replay(settings: Settings, masker: Masker, args: argparse.Namespace) -> int
     replayer = Replayer(settings.database_url,
                         lambda message_id, body, sent_at: retry_quarantined(message_id, body, sent_at, masker))
     request = ReplayRequest(args.requested_by or _os_user(), args.reason, args.where_reason, args.since, args.dry_run)
-    dsn = redact_dsn(settings.database_url)
     writer = PostgresWriter(settings.database_url)  # the schema must be current (replayed_at)
     try:
         _connect(writer, args)
+    finally:
         writer.close()
-        result = replayer.run(request)
-    except (DatabaseUnavailable, BudgetExhausted) as exc:
-        return _fail(f"PostgreSQL unreachable at {dsn}: {exc}", EXIT_UNREACHABLE)
-    except ReplayNotAudited as exc:
-        return _fail(f"refusing to replay without an audit record at {dsn}: {exc}", EXIT_UNREACHABLE)
-    except ReplayInterrupted as exc:
-        return _fail(f"{exc}; committed batches are kept, rerun to resume", EXIT_SERVICE_LOST)
-    except DatabaseError as exc:
-        return _fail(str(exc), EXIT_CONFIG)
+    result = replayer.run(request)  # its errors end in ERRORS
     print("\n".join(result.lines(args.dry_run)))
     return EXIT_OK
 
 
-def _retention(args: argparse.Namespace) -> int:
+def _retention(args: argparse.Namespace, context: dict[str, str]) -> int:
     """Drop what is older than --keep-days (no key needed); exit 0, 2 (configuration) or 3 (PostgreSQL)."""
-    try:
-        dsn = database_url_from_env(os.environ)
-    except ConfigError as exc:
-        return _fail(str(exc), EXIT_CONFIG)
+    dsn = database_url_from_env(os.environ)
+    context["dsn"] = redact_dsn(dsn)
     retention = Retention(dsn, keep_days=args.keep_days, requested_by=args.requested_by or _os_user())
-    try:
-        result = retention.run(dry_run=args.dry_run)
-    except DatabaseUnavailable as exc:
-        return _fail(f"PostgreSQL at {redact_dsn(dsn)}: {exc}", EXIT_UNREACHABLE)
-    except DatabaseError as exc:
-        return _fail(str(exc), EXIT_CONFIG)
-    print(result.summary())
+    print(retention.run(dry_run=args.dry_run).summary())  # its errors end in ERRORS
     return EXIT_OK
 
 
