@@ -454,6 +454,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _add_audit_arguments(parser: argparse.ArgumentParser, why: str) -> None:
+    """--reason (required) and --requested-by: who and why, for an audited command."""
+    parser.add_argument("--reason", required=True, type=_audit_text(1000),
+                        help=f"{why} (required; recorded in the audit)")
+    parser.add_argument("--requested-by", type=_audit_text(128), default=None, metavar="NAME",
+                        help="who asks (default: the OS user)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="main.py",
@@ -507,10 +515,7 @@ def _build_parser() -> argparse.ArgumentParser:
                             "accepted. Needs the key and DATABASE_URL: every call is first recorded in "
                             "pii_unmask_audit (who, why, token fingerprints; never a value); if that fails, "
                             "nothing is shown and the exit code is 3.")
-    unmask.add_argument("--reason", required=True, type=_audit_text(1000),
-                        help="why these values are needed (required; recorded in the audit)")
-    unmask.add_argument("--requested-by", type=_audit_text(128), default=None, metavar="NAME",
-                        help="who asks (default: the OS user)")
+    _add_audit_arguments(unmask, "why these values are needed")
     unmask.add_argument("--raw", action="store_true",
                         help="print values byte-exact; by default control and format characters are shown "
                         "as \\xNN/\\uNNNN escapes and a backslash as \\\\, so a value cannot drive the terminal")
@@ -546,10 +551,7 @@ def _build_parser() -> argparse.ArgumentParser:
                             "Every call is first recorded in etl_replay_audit (who, why, counts, message ids; "
                             "never a value); if that fails nothing moves and the exit code is 3. Loaded rows "
                             "keep their quarantine row with replayed_at set (view user_logins_replayed).")
-    replay.add_argument("--reason", required=True, type=_audit_text(1000),
-                        help="why (required; recorded in the audit)")
-    replay.add_argument("--requested-by", type=_audit_text(128), default=None, metavar="NAME",
-                        help="who asks (default: the OS user)")
+    _add_audit_arguments(replay, "why")
     replay.add_argument("--where-reason", default=None, metavar="PATTERN",
                         help="only rows whose reason matches this ILIKE pattern, e.g. 'processing failed%%'")
     replay.add_argument("--since", type=_since, default=None, metavar="WHEN",

@@ -17,10 +17,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aws.sqs import QueueUnusable, SqsUnavailable
 from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable, SchemaBusy
 from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
+from pii.masking import Masker
 
 MAX_MESSAGES_PER_RECEIVE = 10
 
@@ -279,3 +281,32 @@ class FakeSink:
         return WriteResult(inserted=inserted, rejected=rejected,
                            duplicates=len(logins) + len(rejections) - inserted - rejected,
                            rejected_ids=frozenset(stored_rejections))
+
+
+def run_in_thread(pipeline: Any) -> tuple[threading.Thread, list[object]]:
+    """Start `pipeline.run()` on a daemon thread; the list receives its Stats or the exception it raised."""
+    outcome: list[object] = []
+
+    def target() -> None:
+        try:
+            outcome.append(pipeline.run())
+        except Exception as exc:  # noqa: BLE001 - handed to the test, which judges it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+class FirstCallFails(Masker):
+    """A masker whose first mask() call raises (a transient bug), then works."""
+
+    def __init__(self, key: bytes) -> None:
+        super().__init__(key)
+        self.calls = 0
+
+    def mask(self, field: str, value: str) -> str:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("transient bug")
+        return super().mask(field, value)

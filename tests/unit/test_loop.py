@@ -16,7 +16,7 @@ from database.sqs_postgres import DatabaseUnavailable
 from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
 from pii.masking import Masker
 from pipeline import Pipeline, ServiceLost, Stopped
-from tests.fakes import FakeClock, FakeQueue, FakeSink, MemoryQueue
+from tests.fakes import FakeClock, FakeQueue, FakeSink, FirstCallFails, MemoryQueue, run_in_thread
 
 MASKER = Masker(bytes(64))
 
@@ -42,21 +42,6 @@ class PoisonMasker(Masker):
 def options(**changes: object) -> PipelineOptions:
     defaults: dict[str, object] = {"receivers": 2, "deleters": 2, "batch_size": 50, "flush_seconds": 0.01}
     return PipelineOptions(**{**defaults, **changes})  # type: ignore[arg-type]
-
-
-def run_in_thread(pipeline: Pipeline) -> tuple[threading.Thread, list[object]]:
-    """Run the pipeline on a thread; the list receives its Stats or the exception it raised."""
-    outcome: list[object] = []
-
-    def target() -> None:
-        try:
-            outcome.append(pipeline.run())
-        except Exception as exc:  # noqa: BLE001 - handed to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -154,15 +139,6 @@ def test_a_message_received_twice_in_one_batch_with_one_copy_failing_is_deleted_
     """Point 5: one copy transformed, the other raised: stored, both receipts deleted, none held."""
     message = ReceivedMessage("dup", "r1", body(1), 1_700_000_000_000, 1)
     again = ReceivedMessage("dup", "r2", body(1), 1_700_000_000_000, 2)
-    calls = {"n": 0}
-
-    class FirstCallFails(Masker):
-        def mask(self, field: str, value: str) -> str:
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise RuntimeError("transient bug")
-            return super().mask(field, value)
-
     class Source(MemoryQueue):
         def __init__(self) -> None:
             super().__init__([message, again])
@@ -299,15 +275,6 @@ def test_a_first_delivery_arriving_after_its_quarantined_copy_is_not_also_loaded
     other copy (receive 1, no redelivery flag of its own) transformed fine in a later batch."""
     second = ReceivedMessage("dup", "r2", body(1), 1_700_000_000_000, 2)
     first = ReceivedMessage("dup", "r1", body(1), 1_700_000_000_000, 1)
-    calls = {"n": 0}
-
-    class FirstCallFails(Masker):
-        def mask(self, field: str, value: str) -> str:
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise RuntimeError("flaky bug")
-            return super().mask(field, value)
-
     class OneAtATime(MemoryQueue):
         def receive(self) -> list[ReceivedMessage]:
             with self._lock:

@@ -30,7 +30,7 @@ from config import PipelineOptions
 from observability import Stats
 from pii.masking import Masker
 from pipeline import Pipeline, QueueLost, ServiceLost, Stopped
-from tests.fakes import FakeClock, FakeQueue, FakeSink, Faults
+from tests.fakes import FakeClock, FakeQueue, FakeSink, Faults, run_in_thread
 
 MASKER = Masker(bytes(64))
 EXPECTED_ENDINGS = (ServiceLost, Stopped, QueueLost)
@@ -80,16 +80,7 @@ def draw_faults(seed: int, rng: random.Random) -> Faults:
 
 def run(pipeline: Pipeline, queue: FakeQueue, follow: bool, stop_after: float | None) -> tuple[object, bool]:
     """Run to its end (stopping it at `stop_after` seconds); return (Stats or exception, hung)."""
-    outcome: list[object] = []
-
-    def target() -> None:
-        try:
-            outcome.append(pipeline.run())
-        except Exception as exc:  # noqa: BLE001 - judged by the caller
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
+    thread, outcome = run_in_thread(pipeline)
     if stop_after is not None:
         thread.join(stop_after)
         pipeline.stop()
