@@ -20,7 +20,7 @@ from pii.keys import (
     decode_wrapped,
     read_key_file,
 )
-from pii.masking import InvalidKey, decode_key
+from pii.masking import InvalidKey, Masker, decode_key
 from retry import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS
 
 DEFAULT_QUEUE_URL = "http://localhost:4566/000000000000/login-queue"
@@ -77,6 +77,11 @@ class Settings:
     key_version: int  # the active version: new tokens are made with it
     endpoint_url: str | None
     region: str
+
+    def load_masker(self) -> Masker:
+        """The keyring from the configured source, its active version set; KMS-wrapped keys are
+        decrypted here (raises MaskingError, or KmsUnavailable)."""
+        return Masker.from_keys(self.key_source.load(), active=self.key_version)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:

@@ -14,7 +14,7 @@ from aws.sqs import QueueUnusable, SqsError, SqsReader
 from config import Settings, redact_dsn
 from database.sqs_postgres import DatabaseError, PostgresWriter
 from pii.keys import KmsUnavailable
-from pii.masking import Masker, MaskingError
+from pii.masking import MaskingError
 
 
 class Failure(Enum):
@@ -46,7 +46,7 @@ def checklist(settings: Settings) -> Iterator[Item]:
 
 def _keys(settings: Settings) -> Item:
     try:
-        masker = Masker.from_keys(settings.key_source.load(), active=settings.key_version)
+        masker = settings.load_masker()
     except KmsUnavailable as exc:
         return Item(False, f"masking keys: {exc}", "fix AWS_ENDPOINT_URL_KMS / the network, or retry later")
     except MaskingError as exc:  # a KMS refusal, one key under two versions: configuration

@@ -151,7 +151,7 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
                    stop_timeout=f"{args.stop_timeout:g}")
     if args.command == "check":
         return _check(settings)
-    masker = _masker_of(settings)
+    masker = settings.load_masker()
     logger.debug("masking keys loaded: %r", masker)
     if args.command == "unmask":
         return _unmask(settings, masker, args)
@@ -191,11 +191,6 @@ def _keygen_tink(*, export: bool, rotate: bool) -> int:
         keys[primary] = secrets.token_bytes(KEY_BYTES)
     print(keyset_json(keys, primary))
     return EXIT_OK
-
-
-def _masker_of(settings: Settings) -> Masker:
-    """The keyring from the configured source; KMS-wrapped keys are decrypted here, once."""
-    return Masker.from_keys(settings.key_source.load(), active=settings.key_version)
 
 
 def _connect(writer: PostgresWriter, args: argparse.Namespace) -> None:
