@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from models import ReceivedMessage
+
+if TYPE_CHECKING:  # types-boto3-sqs (requirements-dev.txt): typed calls, no runtime cost
+    from types_boto3_sqs.client import SQSClient
+    from types_boto3_sqs.type_defs import (
+        ChangeMessageVisibilityBatchRequestEntryTypeDef,
+        DeleteMessageBatchRequestEntryTypeDef,
+        MessageTypeDef,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -77,36 +86,41 @@ class SqsReader:
             max_pool_connections=max_connections,  # one client serves every thread
         )
         self._lock = threading.Lock()
-        self._client: Any = None
+        self._client: SQSClient | None = None
 
     @property
-    def client(self) -> Any:
+    def client(self) -> SQSClient:
         """The SQS client, created on first use and shared by every thread.
 
         boto3's low-level clients are thread-safe; one client with a connection pool as large as
         the threads using it costs far less memory than a client per thread (see the README's
         benchmark for the peak RSS).
         """
-        if self._client is None:
+        client = self._client
+        if client is None:
             with self._lock:  # Session.client is not thread-safe
-                if self._client is None:
-                    self._client = self._session.client("sqs", endpoint_url=self._endpoint_url, config=self._config)
-        return self._client
+                client = self._client
+                if client is None:
+                    client = self._client = self._session.client(
+                        "sqs", endpoint_url=self._endpoint_url, config=self._config
+                    )
+        return client
 
     def check(self) -> dict[str, str]:
         """Return the queue's attributes; raise QueueUnusable or SqsUnavailable."""
-        response = self._call("GetQueueAttributes", QueueUrl=self.queue_url, AttributeNames=["All"])
-        return dict(response.get("Attributes", {}))
+        with self._errors("GetQueueAttributes"):
+            response = self.client.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["All"])
+        return {str(name): value for name, value in response.get("Attributes", {}).items()}
 
     def receive(self, *, wait_time_seconds: int | None = None) -> list[ReceivedMessage]:
         """Receive up to 10 messages, long-polling; an empty list means none arrived in time."""
-        response = self._call(
-            "ReceiveMessage",
-            QueueUrl=self.queue_url,
-            MaxNumberOfMessages=MAX_MESSAGES_PER_RECEIVE,
-            WaitTimeSeconds=self.wait_time_seconds if wait_time_seconds is None else wait_time_seconds,
-            MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
-        )
+        with self._errors("ReceiveMessage"):
+            response = self.client.receive_message(
+                QueueUrl=self.queue_url,
+                MaxNumberOfMessages=MAX_MESSAGES_PER_RECEIVE,
+                WaitTimeSeconds=self.wait_time_seconds if wait_time_seconds is None else wait_time_seconds,
+                MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
+            )
         return [_to_message(raw) for raw in response.get("Messages", [])]
 
     def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
@@ -119,8 +133,11 @@ class SqsReader:
         failed: list[str] = []
         for start in range(0, len(messages), MAX_ENTRIES_PER_DELETE):
             chunk = messages[start : start + MAX_ENTRIES_PER_DELETE]
-            entries = [{"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(chunk)]
-            response = self._call("DeleteMessageBatch", QueueUrl=self.queue_url, Entries=entries)
+            entries: list[DeleteMessageBatchRequestEntryTypeDef] = [
+                {"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(chunk)
+            ]
+            with self._errors("DeleteMessageBatch"):
+                response = self.client.delete_message_batch(QueueUrl=self.queue_url, Entries=entries)
             for entry in response.get("Failed", []):
                 message = chunk[int(entry["Id"])]
                 failed.append(message.message_id)
@@ -136,18 +153,20 @@ class SqsReader:
         failed: list[str] = []
         for start in range(0, len(messages), MAX_ENTRIES_PER_DELETE):
             chunk = messages[start : start + MAX_ENTRIES_PER_DELETE]
-            entries = [
+            entries: list[ChangeMessageVisibilityBatchRequestEntryTypeDef] = [
                 {"Id": str(i), "ReceiptHandle": m.receipt_handle, "VisibilityTimeout": timeout_seconds}
                 for i, m in enumerate(chunk)
             ]
-            response = self._call("ChangeMessageVisibilityBatch", QueueUrl=self.queue_url, Entries=entries)
+            with self._errors("ChangeMessageVisibilityBatch"):
+                response = self.client.change_message_visibility_batch(QueueUrl=self.queue_url, Entries=entries)
             failed.extend(chunk[int(entry["Id"])].message_id for entry in response.get("Failed", []))
         return failed
 
-    def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
-        method = getattr(self.client, _snake(operation))
+    @contextmanager
+    def _errors(self, operation: str) -> Iterator[None]:
+        """Translate botocore's errors for `operation` into QueueUnusable or SqsUnavailable."""
         try:
-            return method(**kwargs)
+            yield
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in _FATAL_CODES:
@@ -160,7 +179,7 @@ class SqsReader:
             raise SqsUnavailable(f"{operation} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _to_message(raw: dict[str, Any]) -> ReceivedMessage:
+def _to_message(raw: MessageTypeDef) -> ReceivedMessage:
     attributes = raw.get("Attributes", {})
     sent = attributes.get("SentTimestamp")
     return ReceivedMessage(
@@ -171,6 +190,3 @@ def _to_message(raw: dict[str, Any]) -> ReceivedMessage:
         receive_count=int(attributes.get("ApproximateReceiveCount", 1)),
     )
 
-
-def _snake(operation: str) -> str:
-    return "".join("_" + c.lower() if c.isupper() else c for c in operation).lstrip("_")

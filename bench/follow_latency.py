@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _measure(services: Services, sqs, queue_url: str, dsn: str, rate: float, seconds: float) -> list[float]:  # type: ignore[no-untyped-def]
+def _measure(services: Services, sqs, queue_url: str, dsn: str, rate: float, seconds: float) -> list[float]:
     env = {**os.environ, "SQS_QUEUE_URL": queue_url, "AWS_ENDPOINT_URL": services.endpoint_url,
            "DATABASE_URL": dsn, "MASKING_KEY": services.masking_key}
     etl = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--follow", "-q"], cwd=ROOT, env=env)

@@ -24,6 +24,7 @@ import time
 import uuid
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
           f"Python {platform.python_version()}")
     with _connect(admin) as conn, conn.cursor() as cur:
         cur.execute("SELECT version(), current_setting('shared_buffers'), current_setting('work_mem')")
-        version, shared_buffers, work_mem = cur.fetchone()
+        version, shared_buffers, work_mem = _one(cur)
     print(f"PostgreSQL: {version.split(',')[0]}; shared_buffers {shared_buffers}, work_mem {work_mem}")
     print(f"sizes (rows preloaded): {', '.join(f'{s:,}' for s in sizes)}; {args.batches} COPYs of "
           f"{BATCH_ROWS:,} rows dated today per size; preload {args.rows_per_day_m}M rows per past day\n")
@@ -142,11 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _one(cur: psycopg2.extensions.cursor) -> tuple[Any, ...]:
+    row = cur.fetchone()
+    assert row is not None, "the query returns one row"
+    return row
+
+
 def _connect(dsn: str) -> psycopg2.extensions.connection:
     return psycopg2.connect(dsn, application_name="bench-partitions")
 
 
-def _database(admin: str):  # type: ignore[no-untyped-def]
+def _database(admin: str):
     name = f"bench_part_{uuid.uuid4().hex[:10]}"
     conn = _connect(admin)
     conn.autocommit = True
@@ -197,7 +204,7 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
                 if layout == "partitioned":
                     target = partitions.partition_name(day)
                     cur.execute(f"SELECT to_regclass('{target}') IS NOT NULL")
-                    attached = cur.fetchone()[0]
+                    (attached,) = _one(cur)
                     if attached:
                         cur.execute(f"ALTER TABLE user_logins DETACH PARTITION {target}")
                         cur.execute(f"DROP INDEX IF EXISTS {target}_message_id_create_date_key")
@@ -229,7 +236,7 @@ def _copy_rate(dsn: str, size: int, batch: int) -> float:
     try:
         t0 = time.perf_counter()
         with conn, conn.cursor() as cur:
-            cur.copy_expert(f"COPY user_logins ({', '.join(_COPY_COLUMNS)}) FROM STDIN", _Reader(text))
+            cur.copy_expert(f"COPY user_logins ({', '.join(_COPY_COLUMNS)}) FROM STDIN", _Reader(text))  # type: ignore[arg-type]
         return BATCH_ROWS / (time.perf_counter() - t0)
     finally:
         conn.close()
@@ -272,9 +279,9 @@ def _space(dsn: str) -> tuple[int, int, int]:
                          FROM (SELECT relid FROM pg_partition_tree('user_logins') WHERE isleaf
                                UNION SELECT 'user_logins'::regclass WHERE NOT EXISTS
                                      (SELECT 1 FROM pg_partition_tree('user_logins'))) t""")
-        heap, indexes = cur.fetchone()
+        heap, indexes = _one(cur)
         cur.execute("SELECT count(*) FROM user_logins")
-        (rows,) = cur.fetchone()
+        (rows,) = _one(cur)
     return int(heap), int(indexes), int(rows)
 
 

@@ -126,9 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             record("ours", "ours", lambda: _ours(services, bodies))
             record("naive", "naive", lambda: _naive(services, bodies))
             sink_result, copy_result, copy_fmt_result = _sink(services, bodies, receivers, batch_size, flush_seconds)
-            record("sink", "sink", lambda r=sink_result: r)
-            record("copy", "bare COPY, pre-formatted", lambda r=copy_result: r)
-            record("copy_fmt", "bare COPY, formatting timed", lambda r=copy_fmt_result: r)
+            record("sink", "sink", _measured(sink_result))
+            record("copy", "bare COPY, pre-formatted", _measured(copy_result))
+            record("copy_fmt", "bare COPY, formatting timed", _measured(copy_fmt_result))
             if proxy is not None:
                 record("limit_lat", "limit +latency", lambda: _drain(services, bodies, limit_threads, proxy))
                 record("ours_lat", "ours +latency", lambda: _ours(services, bodies, proxy))
@@ -169,6 +169,11 @@ def _naive(services: Services, bodies: list[str], proxy: str | None = None) -> M
         return naive_loop(services, via(url, proxy) if proxy else url, dsn, endpoint_url=proxy)
 
 
+def _measured(result: Measurement) -> Callable[[], Measurement]:
+    """A measurement already taken, in the shape `record` wants."""
+    return lambda: result
+
+
 def _sink(services: Services, bodies: list[str], receivers: int, batch_size: int,
           flush_seconds: float) -> tuple[Measurement, Measurement, Measurement]:
     with fresh_database(services) as dsn:
@@ -183,6 +188,7 @@ def _environment(services: Services, receivers: int, deleters: int, batch_size: 
     cpu = _first_value("/proc/cpuinfo", "model name") or platform.processor() or "unknown CPU"
     memory_kb = _first_value("/proc/meminfo", "MemTotal")
     memory = f", {int(memory_kb.split()[0]) / 1024 / 1024:.1f} GiB RAM" if memory_kb else ""
+    psycopg2_version = psycopg2.__version__.split()[0]  # type: ignore[attr-defined]  # not in types-psycopg2
     return [
         f"login-etl benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"machine:    nproc {len(os.sched_getaffinity(0))} ({cpu}{memory}), "
@@ -190,7 +196,7 @@ def _environment(services: Services, receivers: int, deleters: int, batch_size: 
         f"emulator:   {_emulator(services.endpoint_url)} at {services.endpoint_url}",
         f"PostgreSQL: {_postgres_version(services.admin_dsn)}",
         f"Python {platform.python_version()}, boto3 {boto3.__version__}, botocore {botocore.__version__}, "
-        f"psycopg2 {psycopg2.__version__.split()[0]}, cryptography {cryptography.__version__}",
+        f"psycopg2 {psycopg2_version}, cryptography {cryptography.__version__}",
         f"ETL code:   git {_git_head()}, fingerprint {_code_fingerprint()} (sha256 of the modules under test)",
         f"ETL defaults (main.py): --receivers {receivers} --deleters {deleters} --batch-size {batch_size} "
         f"--flush-seconds {flush_seconds}",
@@ -234,14 +240,22 @@ def _postgres_version(dsn: str) -> str:
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT version()")
-            return str(cur.fetchone()[0]).split(" on ")[0] + " (" + _setting(cur, "fsync") + ")"
+            (version,) = _one(cur)
+            return str(version).split(" on ")[0] + " (" + _setting(cur, "fsync") + ")"
     finally:
         conn.close()
 
 
 def _setting(cur: psycopg2.extensions.cursor, name: str) -> str:
     cur.execute("SELECT current_setting(%s)", (name,))
-    return f"{name}={cur.fetchone()[0]}"
+    (value,) = _one(cur)
+    return f"{name}={value}"
+
+
+def _one(cur: psycopg2.extensions.cursor) -> tuple[object, ...]:
+    row = cur.fetchone()
+    assert row is not None, "the query returns one row"
+    return row
 
 
 def _first_value(path: str, key: str) -> str | None:

@@ -264,7 +264,9 @@ def _stored_counts(dsn: str) -> tuple[int, int]:
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT (SELECT count(*) FROM user_logins), (SELECT count(*) FROM user_logins_rejected)")
-            loaded, rejected = cur.fetchone()
+            row = cur.fetchone()
+            assert row is not None
+            loaded, rejected = row
         return int(loaded), int(rejected)
     finally:
         conn.close()

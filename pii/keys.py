@@ -15,12 +15,19 @@ import binascii
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pii.masking import KEY_BYTES, InvalidKey, MaskingError, decode_key
 from pii.tink_keyset import KeysetError, is_keyset, parse_keyset
+
+if TYPE_CHECKING:  # types-boto3-kms (requirements-dev.txt)
+    from types_boto3_kms.client import KMSClient
+    from types_boto3_kms.type_defs import DecryptRequestTypeDef
+
+_T = TypeVar("_T")
 
 # Bound to every wrapped key (GenerateDataKey and Decrypt): a blob made for another purpose does
 # not decrypt here, and CloudTrail records the purpose of each Decrypt.
@@ -215,15 +222,16 @@ class KmsWrappedKeys:
     def versions(self) -> tuple[int, ...]:
         return tuple(sorted(self.ciphertexts))
 
-    def load(self, client: Any = None) -> dict[int, bytes]:
+    def load(self, client: KMSClient | None = None) -> dict[int, bytes]:
         """Decrypt every wrapped key; raise KeySourceError (refused) or KmsUnavailable (unreachable)."""
-        client = client or kms_client(self.endpoint_url, self.region)
+        kms = client or kms_client(self.endpoint_url, self.region)
         keys: dict[int, bytes] = {}
         for version, blob in sorted(self.ciphertexts.items()):
             what = f"{self.origin} version {version}"
-            extra = {"KeyId": self.key_id} if self.key_id else {}
-            response = _call_kms(what, "decrypt", lambda b=blob, e=extra: client.decrypt(
-                CiphertextBlob=b, EncryptionContext=KMS_ENCRYPTION_CONTEXT, **e))
+            request: DecryptRequestTypeDef = {"CiphertextBlob": blob, "EncryptionContext": KMS_ENCRYPTION_CONTEXT}
+            if self.key_id:
+                request["KeyId"] = self.key_id
+            response = _call_kms(what, "decrypt", partial(kms.decrypt, **request))
             plain = response["Plaintext"]
             if len(plain) != KEY_BYTES:
                 raise KeySourceError(f"{what}: the data key is {len(plain)} bytes, not {KEY_BYTES}: {KMS_HINT}")
@@ -234,25 +242,28 @@ class KmsWrappedKeys:
         return f"KmsWrappedKeys({self.origin}, versions={list(self.versions)}, region={self.region!r})"
 
 
-def generate_wrapped_key(key_id: str, *, region: str, endpoint_url: str | None = None, client: Any = None) -> str:
+def generate_wrapped_key(
+    key_id: str, *, region: str, endpoint_url: str | None = None, client: KMSClient | None = None
+) -> str:
     """A new 64-byte data key wrapped by KMS key `key_id`: the base64 CiphertextBlob (no plaintext)."""
-    client = client or kms_client(endpoint_url, region)
-    response = _call_kms(f"KMS key {key_id}", "generate a data key", lambda: client.generate_data_key(
+    kms = client or kms_client(endpoint_url, region)
+    response = _call_kms(f"KMS key {key_id}", "generate a data key", lambda: kms.generate_data_key(
         KeyId=key_id, NumberOfBytes=KEY_BYTES, EncryptionContext=KMS_ENCRYPTION_CONTEXT),
         todo="check the key id or alias, the region, and kms:GenerateDataKey on the key")
     return base64.b64encode(response["CiphertextBlob"]).decode("ascii")
 
 
-def kms_client(endpoint_url: str | None, region: str) -> Any:
+def kms_client(endpoint_url: str | None, region: str) -> KMSClient:
     """A boto3 KMS client with short timeouts and botocore's standard retries."""
     import boto3
     from botocore.config import Config
 
     config = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"})
-    return boto3.client("kms", endpoint_url=endpoint_url, region_name=region, config=config)
+    client: KMSClient = boto3.client("kms", endpoint_url=endpoint_url, region_name=region, config=config)
+    return client
 
 
-def _call_kms(what: str, action: str, call: Any, todo: str = KMS_HINT) -> Any:
+def _call_kms(what: str, action: str, call: Callable[[], _T], todo: str = KMS_HINT) -> _T:
     """Run one KMS call, translating botocore's errors into ours (a refusal or an outage)."""
     from botocore.exceptions import (
         BotoCoreError,

@@ -65,7 +65,7 @@ def database_url(pg_admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def sqs_client():  # type: ignore[no-untyped-def]
+def sqs_client():
     import boto3
     from botocore.config import Config
 
@@ -85,7 +85,7 @@ def sqs_client():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def queue_url(sqs_client) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def queue_url(sqs_client) -> Iterator[str]:
     """A fresh uuid-named queue, deleted after the test."""
     url = sqs_client.create_queue(QueueName=f"test-{uuid.uuid4().hex}")["QueueUrl"]
     yield url
@@ -93,7 +93,7 @@ def queue_url(sqs_client) -> Iterator[str]:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def etl_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, queue_url: str, database_url: str, masking_key: str):  # type: ignore[no-untyped-def]
+def etl_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, queue_url: str, database_url: str, masking_key: str):
     """The environment main() reads, pointed at this test's queue and schema; no .env in cwd."""
     monkeypatch.chdir(tmp_path)
     for name in list(os.environ):

@@ -17,14 +17,20 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aws.sqs import QueueUnusable, SqsUnavailable
 from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable, SchemaBusy
 from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
 from pii.masking import Masker
+from retry import Clock
+
+if TYPE_CHECKING:
+    from hypothesis.internal.charmap import CategoryName
 
 MAX_MESSAGES_PER_RECEIVE = 10
+# Every Unicode category but Cs: surrogates cannot be encoded to UTF-8, so no JSON body holds one.
+NOT_SURROGATES: tuple[CategoryName, ...] = ("L", "M", "N", "P", "S", "Z", "Cc", "Cf", "Co", "Cn")
 
 GOOD_LOGIN = {
     "user_id": "424cdd21-063a-43a7-b91b-7ca1a833afae",
@@ -67,7 +73,7 @@ class MemoryQueue:
         return []
 
 
-class FakeClock:
+class FakeClock(Clock):
     """Monotonic time that moves only when someone sleeps: 100,000 backoffs take no real time."""
 
     def __init__(self) -> None:

@@ -164,7 +164,7 @@ def test_replicas_scaled_between_0_and_n_under_churn_store_every_message_exactly
     phase = ["wave 1"]
     producer_error: list[BaseException] = []
 
-    def wait_for(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    def wait_for(condition, what: str) -> None:
         while not condition():
             if time.monotonic() - began > TEST_BUDGET_SECONDS:
                 raise AssertionError(f"producer: timed out waiting for {what}")

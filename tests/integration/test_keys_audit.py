@@ -19,7 +19,7 @@ AUDIT_COLUMNS = "requested_by, reason, token_count, failed_count, token_fingerpr
 
 
 @pytest.fixture
-def unmask_env(db_env, monkeypatch):  # type: ignore[no-untyped-def]
+def unmask_env(db_env, monkeypatch):
     """MASKING_KEY and DATABASE_URL only; no .env from the checkout."""
     monkeypatch.setenv("MASKING_KEY", KEY)
     return db_env

@@ -20,7 +20,7 @@ from helpers import login, query, queue_counts, send, unavailable
 TEST_KMS_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://127.0.0.1:4599")
 
 
-def kms_for(region: str):  # type: ignore[no-untyped-def]
+def kms_for(region: str):
     import boto3
     from botocore.config import Config
 
@@ -29,7 +29,7 @@ def kms_for(region: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def kms():  # type: ignore[no-untyped-def]
+def kms():
     client = kms_for("us-east-1")
     try:
         client.list_keys(Limit=1)
@@ -39,19 +39,19 @@ def kms():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def kms_key(kms) -> str:  # type: ignore[no-untyped-def]
+def kms_key(kms) -> str:
     return kms.create_key(Description="login-etl test")["KeyMetadata"]["KeyId"]
 
 
 @pytest.fixture
-def kms_env(etl_env, monkeypatch):  # type: ignore[no-untyped-def]
+def kms_env(etl_env, monkeypatch):
     """etl_env with KMS at the emulator (SQS stays where it is) and no plain key."""
     monkeypatch.delenv("MASKING_KEY")
     monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", TEST_KMS_ENDPOINT)
     return etl_env
 
 
-def keygen(capsys, key_id: str) -> str:  # type: ignore[no-untyped-def]
+def keygen(capsys, key_id: str) -> str:
     capsys.readouterr()
     assert main(["keygen", "--kms-key-id", key_id]) == EXIT_OK
     return capsys.readouterr().out.strip()

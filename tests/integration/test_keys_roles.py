@@ -47,7 +47,7 @@ def apply_roles_sql(admin_dsn: str, roles: dict[str, str]) -> str:
 
 
 @pytest.fixture
-def logins(database_url):  # type: ignore[no-untyped-def]
+def logins(database_url):
     """roles.sql applied with per-test group roles, and one login user in each; all dropped after."""
     suffix = uuid.uuid4().hex[:8]
     roles = {group: f"test_{group}_{suffix}" for group in GROUPS}

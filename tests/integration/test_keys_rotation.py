@@ -36,7 +36,7 @@ def v1(field: str, value: str) -> str:
     return legacy_token(decode_key(K1), 1, field, value)
 
 
-def use_keyring(monkeypatch, keys: str, version: str | None) -> None:  # type: ignore[no-untyped-def]
+def use_keyring(monkeypatch, keys: str, version: str | None) -> None:
     monkeypatch.delenv("MASKING_KEY", raising=False)
     monkeypatch.setenv("MASKING_KEYS", keys)
     if version is None:

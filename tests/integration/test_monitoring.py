@@ -153,7 +153,7 @@ class PromApi:
 
 
 @pytest.fixture
-def etl_and_prometheus(etl_env, sqs_client, tmp_path: Path) -> Iterator[tuple[PromApi, dict[str, int]]]:  # type: ignore[no-untyped-def]
+def etl_and_prometheus(etl_env, sqs_client, tmp_path: Path) -> Iterator[tuple[PromApi, dict[str, int]]]:
     """A real ETL in --follow mode fed for ~10 s, scraped every second by a real Prometheus that
     evaluates alerts.yml every second. Yields the API and how many messages of each kind were sent."""
     prometheus = tool("prometheus")
@@ -218,7 +218,7 @@ def etl_and_prometheus(etl_env, sqs_client, tmp_path: Path) -> Iterator[tuple[Pr
             server.wait(timeout=20)
 
 
-def test_every_panel_and_every_alert_returns_series_from_a_real_prometheus(etl_and_prometheus) -> None:  # type: ignore[no-untyped-def]
+def test_every_panel_and_every_alert_returns_series_from_a_real_prometheus(etl_and_prometheus) -> None:
     api, sent = etl_and_prometheus
     end = time.time()
     empty = []

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -87,7 +88,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice(etl_en
         process = start_etl(tmp_path, "--batch-size", "200")
         # Kill in the thick of it: once this run has committed, at a random moment of its
         # receive / commit / delete cycle (a batch of 200 takes ~0.1 s here).
-        _wait_until(lambda before=stored: _stored_count(etl_env["DATABASE_URL"]) > before, "this run's first commit")
+        _wait_until(partial(_stored_more_than, etl_env["DATABASE_URL"], stored), "this run's first commit")
         time.sleep(rng.uniform(0, 0.6))
         if process.poll() is None:
             process.kill()
@@ -350,6 +351,10 @@ def _stored_count(database_url: str) -> int:
     """Messages stored so far, loaded or quarantined (0 before the tables exist)."""
     return _count(database_url, "SELECT (SELECT count(*) FROM user_logins) + "
                                 "(SELECT count(*) FROM user_logins_rejected)")
+
+
+def _stored_more_than(database_url: str, before: int) -> bool:
+    return _stored_count(database_url) > before
 
 
 def _count(database_url: str, sql: str) -> int:

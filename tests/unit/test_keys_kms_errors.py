@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+from typing import TYPE_CHECKING, cast
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
 from pii.keys import KMS_ENCRYPTION_CONTEXT, KeySourceError, KmsUnavailable, KmsWrappedKeys, generate_wrapped_key
 from pii.masking import KEY_BYTES
+
+if TYPE_CHECKING:
+    from types_boto3_kms.client import KMSClient
 
 
 class FakeKms:
@@ -23,13 +27,20 @@ class FakeKms:
         self.calls.append(kwargs)
         if self.error:
             raise self.error
-        return {"Plaintext": bytes(reversed(kwargs["CiphertextBlob"]))[: self.size]}  # type: ignore[arg-type]
+        blob = kwargs["CiphertextBlob"]
+        assert isinstance(blob, bytes)
+        return {"Plaintext": blob[::-1][: self.size]}
 
     def generate_data_key(self, **kwargs: object) -> dict[str, bytes]:
         self.calls.append(kwargs)
         if self.error:
             raise self.error
         return {"Plaintext": b"p" * KEY_BYTES, "CiphertextBlob": b"wrapped"}
+
+    @property
+    def client(self) -> KMSClient:
+        """This fake where a boto3 KMS client is expected (it has the two methods the code calls)."""
+        return cast("KMSClient", self)
 
 
 def client_error(code: str, status: int = 400) -> ClientError:
@@ -43,7 +54,7 @@ SOURCE = KmsWrappedKeys("MASKING_KEY_KMS_CIPHERTEXT", {1: bytes(range(64)), 2: b
 
 def test_every_wrapped_key_is_decrypted_once_with_the_purpose_and_the_pinned_key() -> None:
     fake = FakeKms()
-    assert SOURCE.load(fake) == {1: bytes(reversed(range(64))), 2: bytes(reversed(range(64, 128)))}
+    assert SOURCE.load(fake.client) == {1: bytes(reversed(range(64))), 2: bytes(reversed(range(64, 128)))}
     assert [call["EncryptionContext"] for call in fake.calls] == [KMS_ENCRYPTION_CONTEXT] * 2
     assert {call["KeyId"] for call in fake.calls} == {"alias/etl"}
 
@@ -57,7 +68,7 @@ def test_every_wrapped_key_is_decrypted_once_with_the_purpose_and_the_pinned_key
 def test_a_kms_refusal_names_the_variable_the_version_and_what_to_do(code: str, hint: str) -> None:
     with pytest.raises(KeySourceError, match=f"MASKING_KEY_KMS_CIPHERTEXT version 1: KMS refused.*{code}.*{hint}"
                        ".*keygen --kms-key-id") as info:
-        SOURCE.load(FakeKms(client_error(code)))
+        SOURCE.load(FakeKms(client_error(code)).client)
     assert not isinstance(info.value, KmsUnavailable)
 
 
@@ -65,25 +76,26 @@ def test_a_kms_refusal_names_the_variable_the_version_and_what_to_do(code: str, 
                                    client_error("KMSInternalException", 500), client_error("Oops", 503)])
 def test_kms_out_of_reach_or_failing_is_told_apart_from_a_refusal(error: Exception) -> None:
     with pytest.raises(KmsUnavailable):
-        SOURCE.load(FakeKms(error))
+        SOURCE.load(FakeKms(error).client)
 
 
 def test_missing_credentials_say_which_variables_to_set() -> None:
     with pytest.raises(KeySourceError, match="no AWS credentials"):
-        SOURCE.load(FakeKms(NoCredentialsError()))
+        SOURCE.load(FakeKms(NoCredentialsError()).client)
 
 
 def test_a_data_key_of_the_wrong_size_is_refused() -> None:
     with pytest.raises(KeySourceError, match="32 bytes, not 64"):
-        SOURCE.load(FakeKms(plaintext_bytes=32))
+        SOURCE.load(FakeKms(plaintext_bytes=32).client)
 
 
 def test_a_new_wrapped_key_is_the_ciphertext_only() -> None:
     fake = FakeKms()
-    assert generate_wrapped_key("alias/etl", region="us-east-1", client=fake) == base64.b64encode(b"wrapped").decode()
+    wrapped = generate_wrapped_key("alias/etl", region="us-east-1", client=fake.client)
+    assert wrapped == base64.b64encode(b"wrapped").decode()
     assert fake.calls == [{"KeyId": "alias/etl", "NumberOfBytes": 64, "EncryptionContext": KMS_ENCRYPTION_CONTEXT}]
 
 
 def test_a_new_wrapped_key_for_a_missing_kms_key_is_a_refusal() -> None:
     with pytest.raises(KeySourceError, match="KMS key alias/nope: KMS refused to generate a data key"):
-        generate_wrapped_key("alias/nope", region="us-east-1", client=FakeKms(client_error("NotFoundException")))
+        generate_wrapped_key("alias/nope", region="us-east-1", client=FakeKms(client_error("NotFoundException")).client)

@@ -215,7 +215,7 @@ def test_stop_finishes_the_batch_in_hand() -> None:
     release = threading.Event()
 
     class SlowSink(FakeSink):
-        def write(self, logins, rejections, *, redelivered=False):  # type: ignore[no-untyped-def]
+        def write(self, logins, rejections, *, redelivered=False):
             release.wait(10)
             return super().write(logins, rejections, redelivered=redelivered)
 

@@ -32,7 +32,7 @@ def test_a_rejection_is_dated_like_the_login_row_of_its_message() -> None:
     assert Rejection("m", "x", "v1.x", late, 1).create_date == date(2023, 11, 14)
 
 
-def test_retention_refuses_a_keep_days_below_one_before_connecting(capsys) -> None:  # type: ignore[no-untyped-def]
+def test_retention_refuses_a_keep_days_below_one_before_connecting(capsys) -> None:
     import pytest
 
     from main import EXIT_CONFIG, main
