@@ -5,12 +5,19 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 requirements=${1:-requirements.txt}
+UV_VERSION=0.13.9
 
 stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)-$(basename "$requirements")
 if [ ! -f "$stamp" ]; then
   echo "setup: installing $requirements into .venv" >&2
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -r "$requirements" >&2
+  # uv installs from its cache in seconds where pip takes minutes (a clean clone in CI re-creates
+  # .venv every time); pip is the fallback when uv cannot be had.
+  if [ -x .venv/bin/uv ] || .venv/bin/pip install -q --disable-pip-version-check "uv==$UV_VERSION" >/dev/null 2>&1; then
+    .venv/bin/uv pip install -q --python .venv/bin/python -r "$requirements" >&2
+  else
+    .venv/bin/pip install -q --disable-pip-version-check -r "$requirements" >&2
+  fi
   touch "$stamp"
 fi
 export PATH=$ROOT/.venv/bin:$PATH

@@ -15,4 +15,11 @@ done
 [ "$paths" -gt 0 ] && [ "$only_unit" -eq 0 ] && export SETUP_SERVICES=0
 export SETUP_FOR_TESTS=1
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" requirements-dev.txt
-python -m pytest "$@"
+# Two pytest workers (pytest-xdist): most integration tests wait on subprocesses, sleeps and the
+# network, so two share the 2 cores well. Tests of one `xdist_group` run on one worker, in order.
+# TEST_WORKERS=0 runs in this process (for -s, pdb); an explicit -n wins.
+workers=()
+case " $* " in *" -n "*|*" -n"[0-9]*|*" -p no:xdist "*) ;; *)
+  [ "${TEST_WORKERS:-2}" != 0 ] && workers=(-n "${TEST_WORKERS:-2}" --dist loadgroup) ;;
+esac
+python -m pytest "${workers[@]}" "$@"

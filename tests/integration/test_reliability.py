@@ -327,7 +327,11 @@ def locked_logins(database_url: str) -> Iterator[None]:
 
 
 def _wait_for_etl_connection(database_url: str, timeout: float = 30) -> None:
-    """Wait until an ETL process has connected and set up its schema."""
+    """Wait until an ETL process has connected and set up its schema, partitions included.
+
+    The partitions count: an idle `login-etl` session may be another test's ETL (tests run in
+    parallel, each in its own schema), and this ETL creates its partitions after the schema.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -335,8 +339,9 @@ def _wait_for_etl_connection(database_url: str, timeout: float = 30) -> None:
         except psycopg2.errors.UndefinedTable:
             time.sleep(0.05)
             continue
-        if query(database_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'login-etl' "
-                 "AND state = 'idle'")[0][0]:
+        partitions = query(database_url, "SELECT count(*) FROM pg_inherits WHERE inhparent = 'user_logins'::regclass")
+        if partitions[0][0] and query(database_url, "SELECT count(*) FROM pg_stat_activity "
+                                      "WHERE application_name = 'login-etl' AND state = 'idle'")[0][0]:
             return
         time.sleep(0.05)
     raise AssertionError("the ETL did not connect")

@@ -62,7 +62,8 @@ def test_an_active_version_outside_the_keyring_is_refused(version: str) -> None:
         Settings.from_env({"MASKING_KEYS": f"1:{K1},2:{K2}", "MASKING_KEY_VERSION": version})
 
 
-@pytest.mark.parametrize("text", [f"1:{K1},1:{K2}", f"x:{K1}", f"1:{K1},2:c2VjcmV0", f"1:{K1};2:{K2}"])
+@pytest.mark.parametrize("text", [f"1:{K1},1:{K2}", f"x:{K1}", f"1:{K1},2:c2VjcmV0", f"1:{K1};2:{K2}"],
+                         ids=["version-twice", "version-not-a-number", "key-too-short", "semicolon"])
 def test_a_malformed_keyring_is_refused_without_echoing_a_key(text: str) -> None:
     with pytest.raises(ConfigError, match="MASKING_KEYS is malformed") as info:
         Settings.from_env({"MASKING_KEYS": text})
