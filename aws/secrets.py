@@ -20,7 +20,7 @@ class SecretError(Exception):
 def read_secret(secret_id: str, *, region: str, client: Any = None) -> str:
     """The SecretString of `secret_id` (a name or ARN); raise SecretError saying what to check.
 
-    The endpoint is boto3's own choice (AWS_ENDPOINT_URL_SECRETSMANAGER / AWS_ENDPOINT_URL, else AWS).
+    The endpoint is boto3's own choice (AWS_ENDPOINT_URL_SECRETS_MANAGER / AWS_ENDPOINT_URL, else AWS).
     """
     client = client or boto3.client("secretsmanager", region_name=region, config=_CONFIG)
     try:

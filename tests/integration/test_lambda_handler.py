@@ -25,12 +25,14 @@ from config import Settings
 from database.sqs_postgres import PostgresWriter
 from lambda_handler import SqsBatchHandler
 from observability import JsonFormatter
+from pii.keys import generate_wrapped_key
 from pii.masking import Masker, decode_key
 from tests.fakes import FirstCallFails
 
-from helpers import login, pii_values, query
+from helpers import login, pii_values, query, unavailable
 from proxy import TcpProxy
 
+MOTO_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://127.0.0.1:4599")  # KMS and Secrets Manager
 QUEUE_ARN = "arn:aws:sqs:us-east-2:123456789012:login-queue"
 SENT_MS = int(time.time() * 1000) - 5_000  # sent a few seconds ago: today's partition
 
@@ -273,3 +275,37 @@ def test_a_failed_cold_start_raises_and_the_next_invocation_tries_again(
     assert lambda_handler._handler is None
     monkeypatch.setenv("MASKING_KEY", lambda_env["MASKING_KEY"])
     assert failures(lambda_handler.handler(sqs_event(sqs_record(login(0))), FakeContext())) == []
+
+
+def test_a_cold_start_as_deployed_reads_the_dsn_from_secrets_manager_and_unwraps_the_key_with_kms(
+        lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The template's configuration: DATABASE_SECRET_ARN (RDS credentials JSON) over a password-less
+    DATABASE_URL, and a KMS-wrapped key; Secrets Manager and KMS are the moto emulator."""
+    import boto3
+    from botocore.config import Config
+
+    clients = {name: boto3.client(name, endpoint_url=MOTO_ENDPOINT, region_name="us-east-1", aws_access_key_id="test",
+                                  aws_secret_access_key="test", config=Config(connect_timeout=2,
+                                                                              retries={"max_attempts": 1}))
+               for name in ("kms", "secretsmanager")}
+    try:
+        key_id = clients["kms"].create_key(Description="login-etl lambda test")["KeyMetadata"]["Arn"]
+    except Exception as exc:  # noqa: BLE001 - any failure means: no emulator
+        unavailable(f"the KMS / Secrets Manager emulator at {MOTO_ENDPOINT} ({type(exc).__name__})")
+    password = f"pw-{uuid.uuid4().hex}"  # trust auth ignores it; it must never be shown
+    secret = clients["secretsmanager"].create_secret(
+        Name=f"login-etl-{uuid.uuid4().hex}", SecretString=json.dumps({"username": "postgres", "password": password}))
+    for name, value in {"AWS_ENDPOINT_URL_KMS": MOTO_ENDPOINT, "AWS_ENDPOINT_URL_SECRETS_MANAGER": MOTO_ENDPOINT,
+                        "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "DATABASE_SECRET_ARN": secret["ARN"], "MASKING_KEY_KMS_KEY_ID": key_id,
+                        "MASKING_KEY_KMS_CIPHERTEXT": generate_wrapped_key(key_id, region="us-east-1",
+                                                                           client=clients["kms"])}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MASKING_KEY")
+    caplog.set_level(logging.DEBUG)
+    for noisy in ("botocore", "boto3", "urllib3"):  # as use_json_lines sets them in Lambda: botocore's
+        caplog.set_level(logging.WARNING, logger=noisy)  # DEBUG lines hold response bodies, the secret's too
+    records = [sqs_record(login(n)) for n in range(2)]
+    assert failures(lambda_handler.handler(sqs_event(*records), FakeContext())) == []
+    assert stored(lambda_env["DATABASE_URL"])[0] == sorted(r["messageId"] for r in records)
+    assert password not in caplog.text
