@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
 from psycopg2 import ProgrammingError
-from psycopg2.extensions import parse_dsn
+from psycopg2.extensions import make_dsn, parse_dsn
 
 from pii.keys import (
     KeySource,
@@ -248,3 +249,34 @@ def _database_url(dsn: str) -> str:
                           "holds a special character, percent-encode it in a URI (% as %25, @ as %40) "
                           "or quote it in a keyword string (password='…')") from None
     return dsn
+
+
+# The fields of an RDS / Aurora credentials secret (Secrets Manager's JSON) and their libpq names.
+_SECRET_FIELDS = {"host": "host", "port": "port", "dbname": "dbname", "username": "user", "password": "password"}
+
+
+def database_url_with_secret(base: str | None, secret: str) -> str:
+    """The DSN from a Secrets Manager secret, over `base` (DATABASE_URL, may be None); raise ConfigError.
+
+    The secret is either a libpq connection string (URI or keywords), used as it is, or the JSON of
+    an RDS credentials secret (`username`, `password`, and optionally `host`, `port`, `dbname`),
+    whose fields override those of `base`: an RDS-managed master secret holds only the user and
+    password, and DATABASE_URL says where (`host=… dbname=… sslmode=verify-full`). Messages never
+    quote the secret.
+    """
+    text = secret.strip()
+    if not text.startswith("{"):
+        return _database_url(text)
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ConfigError("the database secret looks like JSON but does not parse; store a JSON object "
+                          "with username and password, or a libpq connection string") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("username", "password")):
+        raise ConfigError("the database secret's JSON lacks username or password (RDS credentials format)")
+    fields = {libpq: str(data[name]) for name, libpq in _SECRET_FIELDS.items() if data.get(name) not in (None, "")}
+    try:
+        return _database_url(make_dsn(_database_url(base) if base else None, **fields))
+    except ProgrammingError:
+        raise ConfigError("DATABASE_URL cannot be combined with the database secret; "
+                          "write it as a libpq connection string") from None

@@ -31,8 +31,10 @@ if TYPE_CHECKING:
     from models import WriteResult
     from transform import Batch
 
-# Structured fields the code attaches with `extra=`; only these reach a JSON line.
-LOG_FIELDS = ("message_id", "reason", "batch_size", "duration_ms", "attempt", "count", "service", "error")
+# Structured fields the code attaches with `extra=`; only these reach a JSON line. aws_request_id:
+# set on every record by the Lambda runtime's log handler (lambda_handler.py).
+LOG_FIELDS = ("message_id", "reason", "batch_size", "duration_ms", "attempt", "count", "service", "error",
+              "aws_request_id")
 
 
 class Observer:

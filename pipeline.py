@@ -67,6 +67,29 @@ class QueueLost(Exception):
     """Raised when the queue became unusable mid-run (deleted, access denied): not retried."""
 
 
+def write_batch(sink: BatchSink, batch: Batch, quarantined: RecentQuarantine) -> WriteResult:
+    """Write a batch's rows and rejections in one transaction (the sink's `write`), with the
+    one-table check whenever a message of it may have been seen before."""
+    return sink.write(list(batch.rows.values()), list(batch.rejections.values()),
+                      redelivered=batch.redelivered > 0 or quarantined.holds_any(batch.rows))
+
+
+def store(batch: Batch, masker: Masker, write: Callable[[], WriteResult]) -> WriteResult:
+    """Commit `batch` with `write` (one transaction); rows PostgreSQL refuses alone are quarantined
+    and the rest written again, so a batch never fails because of one row.
+
+    The one path from a prepared batch to the database, for the consume loop and for the Lambda
+    handler (lambda_handler.py). Raises what `write` raises other than DatabaseRejectedRows.
+    """
+    while True:
+        try:
+            return write()
+        except DatabaseRejectedRows as exc:
+            # Rare: validation let through something PostgreSQL refuses. Quarantine those rows
+            # alone and write the rest; the batch around them must not fail.
+            batch.quarantine_refused(exc.bad_logins, exc.bad_rejections, masker)
+
+
 class Pipeline:
     """Runs receivers, the writer and the deleters until the queue is drained or stop() is called."""
 
@@ -221,15 +244,8 @@ class Pipeline:
         """Store a batch in one transaction; return the messages that may now be deleted."""
         started = time.monotonic()
         batch = Batch(parts)
-        while True:
-            try:
-                written = self._retrier.call("PostgreSQL", "write", lambda: self._write_once(batch),
-                                             DatabaseUnavailable)
-                break
-            except DatabaseRejectedRows as exc:
-                # Rare: validation let through something PostgreSQL refuses. Quarantine those rows
-                # alone and write the rest; the batch around them must not fail.
-                batch.quarantine_refused(exc.bad_logins, exc.bad_rejections, self._masker)
+        written = store(batch, self._masker, lambda: self._retrier.call(
+            "PostgreSQL", "write", lambda: self._write_once(batch), DatabaseUnavailable))
         self._quarantined.remember(written.rejected_ids)
         failed = batch.failed
         self.stats.add(loaded=written.inserted, rejected=written.rejected, duplicates=written.duplicates,
@@ -244,8 +260,7 @@ class Pipeline:
     def _write_once(self, batch: Batch) -> WriteResult:
         if not self._sink.connected:
             self._sink.connect()  # after an outage: reconnect (the schema is checked, not relocked)
-        return self._sink.write(list(batch.rows.values()), list(batch.rejections.values()),
-                                redelivered=batch.redelivered > 0 or self._quarantined.holds_any(batch.rows))
+        return write_batch(self._sink, batch, self._quarantined)
 
     def _delete(self, chunk: Sequence[ReceivedMessage], slots: threading.BoundedSemaphore) -> None:
         try:

@@ -145,8 +145,11 @@ class PostgresWriter:
 
     # -- connection ---------------------------------------------------------------------------
 
-    def connect(self, *, migrate: bool = True) -> None:
+    def connect(self, *, migrate: bool = True, timeout_seconds: int | None = None) -> None:
         """Open the connection and (unless told not to) bring the schema up to date.
+
+        `timeout_seconds` bounds this connect instead of the constructor's connect timeout (the
+        Lambda handler derives it from the time its invocation has left).
 
         The schema is looked at first, without taking a lock; only a schema that is behind is
         migrated. Every lock a migration (or the session's staging table) waits for is bounded by
@@ -157,8 +160,8 @@ class PostgresWriter:
         self.close()
         try:
             self._conn = psycopg2.connect(
-                self._dsn, connect_timeout=self._connect_timeout, application_name=self._application_name
-            )
+                self._dsn, connect_timeout=timeout_seconds or self._connect_timeout,
+                application_name=self._application_name)
         except psycopg2.OperationalError as exc:
             raise DatabaseUnavailable(first_line(exc)) from None
         if not migrate:

@@ -46,10 +46,10 @@ def flags(parser: argparse.ArgumentParser) -> set[str]:
             if option.startswith("--") and option != "--help"}
 
 
-def names_read_from_env() -> set[str]:
+def names_read_from_env(modules: tuple[str, ...] = ("config.py", "main.py")) -> set[str]:
     """Every NAME in `env.get("NAME")` / `env["NAME"]` / `os.environ...("NAME")` in the app's modules."""
     names: set[str] = set()
-    for path in [ROOT / "config.py", ROOT / "main.py"]:
+    for path in [ROOT / module for module in modules]:
         for node in ast.walk(ast.parse(path.read_text())):
             key = None
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
@@ -106,3 +106,11 @@ def test_no_document_links_to_a_file_that_does_not_exist() -> None:
 
 def test_the_readme_stays_short() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_every_variable_the_lambda_handler_reads_is_in_its_configuration_table_and_back() -> None:
+    table = section(ROOT / "docs" / "lambda.md", "Configuration")
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", "\n".join(
+        line.split("|")[1] for line in table.splitlines() if line.startswith("| `"))))
+    assert names_read_from_env(("lambda_handler.py",)) - documented == set(), "read but not in docs/lambda.md"
+    assert documented - names_read_from_env(("lambda_handler.py", "config.py")) == set(), "listed but nothing reads"

