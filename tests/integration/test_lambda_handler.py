@@ -262,7 +262,9 @@ def test_keys_are_loaded_once_per_cold_start_and_one_connection_serves_every_inv
     for n in range(3):
         assert failures(lambda_handler.handler(sqs_event(sqs_record(login(n))), FakeContext())) == []
         assert lambda_handler._handler is not None
-        sessions.add(lambda_handler._handler.writer._conn.get_backend_pid())
+        conn = lambda_handler._handler.writer._conn
+        assert conn is not None
+        sessions.add(conn.get_backend_pid())
     assert len(loads) == 1
     assert len(sessions) == 1  # one PostgreSQL session, opened by the first invocation, kept
     assert len(stored(lambda_env["DATABASE_URL"])[0]) == 3

@@ -171,8 +171,8 @@ def test_the_role_has_least_privilege(template: dict[str, Any]) -> None:
     assert kms["Condition"] == {"StringEquals": expected}
     assert by_sid["ReadTheDatabaseSecret"]["Resource"] == {"Ref": "DatabaseSecretArn"}
     assert by_sid["WriteItsOwnLogs"]["Resource"] == {"Fn::GetAtt": ["LogGroup", "Arn"]}
-    actions = {a for s in found for a in as_list(s["Action"])}
-    assert actions == QUEUE_ACTIONS | ENI_ACTIONS | {"kms:Decrypt", "secretsmanager:GetSecretValue",
+    granted = {a for s in found for a in as_list(s["Action"])}
+    assert granted == QUEUE_ACTIONS | ENI_ACTIONS | {"kms:Decrypt", "secretsmanager:GetSecretValue",
                                                      "logs:CreateLogStream", "logs:PutLogEvents"}
 
 
