@@ -173,17 +173,19 @@ def test_a_slow_batch_has_its_visibility_extended_instead_of_being_redelivered(
     etl_env, sqs_client, tmp_path
 ) -> None:
     queue_url = etl_env["SQS_QUEUE_URL"]
-    # 5 s, not less: the extender acts at half the timeout, and on a machine whose 2 cores are
-    # starved (load average 9 seen in CI) a thread can pause for over 2 s, which a 2 s timeout
-    # turned into redeliveries (stored once all the same, but this test is about extension).
-    set_visibility(sqs_client, queue_url, 5)
+    # 8 s and 100 messages, not less: the extender acts at half the timeout and extends 10
+    # messages per SQS call. On 2 starved cores (load average 6-9 in CI, with the suite on two
+    # workers sharing one LocalStack) a round of 30 calls for 300 messages took 5.5 s, and a 5 s
+    # timeout then turned into redeliveries (stored once all the same, but this test is about
+    # extension). 100 messages are 10 calls, well inside the 4 s margin.
+    set_visibility(sqs_client, queue_url, 8)
     process = start_etl(tmp_path, "--follow", "--wait-seconds", "1")
     _wait_for_etl_connection(etl_env["DATABASE_URL"])
     # GIVEN a database that blocks the first commit for 2.5 visibility timeouts
     with locked_logins(etl_env["DATABASE_URL"]):
-        ids = send(sqs_client, queue_url, [login(n) for n in range(300)])
-        time.sleep(12.5)
-    _wait_for_rows(etl_env["DATABASE_URL"], count=300)
+        ids = send(sqs_client, queue_url, [login(n) for n in range(100)])
+        time.sleep(20)
+    _wait_for_rows(etl_env["DATABASE_URL"], count=100)
     process.send_signal(signal.SIGTERM)
     # THEN the batch in hand was extended, never redelivered, and stored once
     assert process.wait(timeout=30) == 0, output(tmp_path)
