@@ -12,7 +12,7 @@ from enum import Enum
 
 from aws.sqs import QueueUnusable, SqsError, SqsReader
 from config import Settings, redact_dsn
-from database.sqs_postgres import DatabaseError, PostgresWriter
+from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, PostgresWriter
 from pii.keys import KmsUnavailable
 from pii.masking import MaskingError
 
@@ -88,9 +88,16 @@ def _database(settings: Settings) -> Iterator[Item]:
     try:
         writer.connect(migrate=False)
         yield Item(True, f"PostgreSQL {dsn} reachable")
+        version = writer.schema_version()
         problem = writer.schema_problem()
         if problem == "tables missing":  # a fresh database: the ETL creates its tables at start
             yield Item(True, "schema: not created yet; the ETL creates it at its first run")
+        elif version is not None and version < SCHEMA_VERSION:  # an upgrade: the ETL migrates at start
+            yield Item(True, f"schema: version {version}; the ETL migrates it to {SCHEMA_VERSION} at start")
+        elif version is not None and version > SCHEMA_VERSION:
+            # A newer release migrated it (a rolling update): its additive schema serves this one.
+            yield Item(True, f"schema: version {version}, newer than this release's {SCHEMA_VERSION}; "
+                             "this release runs on it without migrating")
         else:
             yield Item(problem is None, f"schema: {'current' if problem is None else problem}",
                        "run `python main.py` once: it creates and migrates the schema at start")

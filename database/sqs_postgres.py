@@ -167,7 +167,14 @@ class PostgresWriter:
         if not migrate:
             return
         try:
-            if self.schema_problem() is not None:
+            version = self.schema_version()
+            if version is not None and version > SCHEMA_VERSION:
+                # A newer release migrated this database (a rolling update in progress, or a
+                # rollback): its additive schema serves this release too, and migrating "back"
+                # would replace its views with ours.
+                logger.warning("schema version %d is newer than this release's %d: not migrating", version,
+                               SCHEMA_VERSION)
+            elif self.schema_problem() is not None:
                 self._migrate()
             self._ensure_partitions(_utc_today())
             self._run(self._create_stage)
@@ -176,6 +183,18 @@ class PostgresWriter:
             self.close()
             raise SchemaBusy(f"schema set-up waited {self._lock_timeout_ms} ms for a lock {holders}; "
                              "it will try again") from None
+
+    def schema_version(self) -> int | None:
+        """The schema's version, or None if its tables are not there yet (changes nothing)."""
+        def inspect(cur: Cursor) -> int | None:
+            cur.execute("SELECT to_regclass('etl_schema_version')")
+            if one_row(cur)[0] is None:
+                return None
+            cur.execute("SELECT max(version) FROM etl_schema_version")
+            version = one_row(cur)[0]
+            return None if version is None else int(version)
+
+        return self._run(inspect, commit=False)
 
     def schema_problem(self) -> str | None:
         """Without changing anything: None if the schema is current, else what is wrong."""

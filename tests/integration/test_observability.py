@@ -131,6 +131,50 @@ def test_check_on_a_fresh_database_says_the_schema_comes_at_first_run_exits_0_an
     assert query(etl_env["DATABASE_URL"], "SELECT to_regclass('user_logins')") == [(None,)]
 
 
+def test_check_on_a_schema_an_older_release_made_says_the_etl_migrates_it_and_exits_0(etl_env, capsys) -> None:
+    from database.sqs_postgres import SCHEMA_VERSION
+
+    assert main([]) == EXIT_OK  # an empty queue: the schema is created, nothing else
+    db = etl_env["DATABASE_URL"]
+    query(db, f"DELETE FROM etl_schema_version WHERE version = {SCHEMA_VERSION}")
+    query(db, f"INSERT INTO etl_schema_version (version) VALUES ({SCHEMA_VERSION - 1})")
+    capsys.readouterr()
+    assert main(["check"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"schema: version {SCHEMA_VERSION - 1}; the ETL migrates it to {SCHEMA_VERSION} at start" in out
+    assert "✗" not in out
+
+
+def test_check_on_a_schema_a_newer_release_made_says_so_and_passes(etl_env, capsys) -> None:
+    from database.sqs_postgres import SCHEMA_VERSION
+
+    assert main([]) == EXIT_OK
+    query(etl_env["DATABASE_URL"], f"INSERT INTO etl_schema_version (version) VALUES ({SCHEMA_VERSION + 1})")
+    capsys.readouterr()
+    assert main(["check"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"✓ schema: version {SCHEMA_VERSION + 1}, newer than this release's {SCHEMA_VERSION}; " in out
+
+
+def test_an_etl_older_than_the_schema_runs_without_migrating_it_back(etl_env, sqs_client, capsys) -> None:
+    """A rolling update: new replicas migrated the schema; an old one restarting must leave it alone."""
+    from database.sqs_postgres import SCHEMA_VERSION
+
+    assert main([]) == EXIT_OK
+    db = etl_env["DATABASE_URL"]
+    # GIVEN the next release's schema: a version row and a view with one more column
+    definition = query(db, "SELECT pg_get_viewdef('user_login_duplicates')")[0][0].rstrip().rstrip(";")
+    query(db, f"CREATE OR REPLACE VIEW user_login_duplicates AS SELECT d.*, 1 AS next_release FROM ({definition}) d")
+    query(db, f"INSERT INTO etl_schema_version (version) VALUES ({SCHEMA_VERSION + 1})")
+    ids = send(sqs_client, etl_env["SQS_QUEUE_URL"], [login(n) for n in range(5)])
+    # WHEN this release drains
+    assert main([]) == EXIT_OK
+    # THEN it stored the messages and left the newer view as it was
+    assert query(db, "SELECT count(*) FROM user_logins")[0][0] == len(ids)
+    assert query(db, "SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() "
+                     "AND table_name = 'user_login_duplicates' AND column_name = 'next_release'")[0][0] == 1
+
+
 def test_check_says_where_the_keys_come_from_in_words_not_a_python_repr(etl_env, capsys) -> None:
     assert main(["check"]) == EXIT_OK
     out = capsys.readouterr().out
