@@ -53,6 +53,13 @@ QUERIES = {
     "the whole duplicates view": "SELECT field, count(*), sum(logins) FROM user_login_duplicates GROUP BY 1",
     "one day's logins by device type": """SELECT device_type, count(*) FROM user_logins
         WHERE create_date = current_date - 3 GROUP BY 1""",
+    "one device's logins": """SELECT user_id, create_date FROM user_logins
+        WHERE masked_device_id = (SELECT masked_device_id FROM user_logins WHERE create_date = current_date - 3
+                                   LIMIT 1)""",
+    "devices seen most often, 3 days": """SELECT masked_device_id, count(*) AS logins,
+        count(DISTINCT user_id) AS users FROM user_logins
+        WHERE create_date >= current_date - 3 AND masked_device_id IS NOT NULL
+        GROUP BY masked_device_id HAVING count(*) > 1 ORDER BY logins DESC LIMIT 20""",
 }
 _PLAIN_DDL = """
 CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
