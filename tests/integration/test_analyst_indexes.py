@@ -110,7 +110,7 @@ def _assert_index_answers_as_plain_scan(database_url: str, stored: list[MaskedLo
         assert "Index Only Scan" in plan and "Seq Scan" not in plan, f"{name}:\n{plan}"
     fast, plain = _answers(database_url, _INDEX_ONLY), _answers(database_url, _PLAIN_SCAN)
     assert fast == plain
-    assert fast["view"] == _by_hand(stored)
+    assert sorted(fast["view"]) == _by_hand(stored)  # sorted in Python: not the collation's order
 
 
 def test_the_analysts_queries_are_answered_from_the_token_indexes_as_a_plain_scan_answers_them(database_url) -> None:
