@@ -184,6 +184,13 @@ def test_a_schema_3_database_gets_the_token_indexes_at_start_also_after_a_cut_sh
         index, leaf = partitions.missing_token_indexes(cur)[0]
         partitions.build_token_index(cur, index, leaf)
     conn.close()
+    # AND an index an administrator built beforehand by hand (CONCURRENTLY), under our name, not attached
+    today = partitions.partition_name(TODAY)
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True  # CONCURRENTLY runs outside a transaction
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE INDEX CONCURRENTLY {today}_ip_user_day ON {today} (masked_ip, user_id, create_date)")
+    conn.close()
 
     # WHEN the ETL starts
     writer = PostgresWriter(database_url)
@@ -192,6 +199,8 @@ def test_a_schema_3_database_gets_the_token_indexes_at_start_also_after_a_cut_sh
     # THEN every partition has both indexes, attached and valid, the rows are unchanged, schema 4 is recorded
     assert _token_indexes_complete(database_url)
     assert query(database_url, "SELECT * FROM user_logins ORDER BY message_id") == before
+    # (the one built by hand attached, not built twice: the unique index and two token indexes)
+    assert query(database_url, "SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass", (today,)) == [(3,)]
     assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)] == [(4,)]
     # AND a day created later gets them too, and the queries can use them
     _add_day(database_url, TODAY + timedelta(days=30))
