@@ -2,15 +2,18 @@
 against the daily partitions, in the same run; the analysts' queries; disk per million rows.
 
     .venv/bin/python bench/partitions.py [--sizes 0,10,50] [--rows-per-day-m 2] [--batches 30]
+                                         [--layouts plain,partitioned,device-indexed,indexed]
 
-For each layout (`plain`: schema 2, one table, UNIQUE (message_id); `partitioned`: schema 3, as the
-ETL creates it) in its own throw-away database `bench_part_<uuid>`, the table is preloaded with SQL
-up to each size (millions of rows, random UUID message ids, dated over past days, --rows-per-day-m
-million a day), then --batches COPYs of 10,000 rows dated today are timed, each in its own
-transaction, with the ETL's own COPY text (`_copy_text`), as the sink does; the two layouts'
-batches alternate. At each size from 10M
-up (--queries-from-m), the README's three queries and a one-day query are timed on both layouts. Prints
-everything; asserts nothing. Needs PostgreSQL on DATABASE_URL (default: the embedded stack's).
+For each layout (`plain`: schema 2, one table, UNIQUE (message_id); `partitioned`: schema 3, daily
+partitions without the token indexes; `indexed`: schema 4, as the ETL creates it, with the two token
+indexes on every partition; `device-indexed`: schema 4 without the IP one, the write cost of one
+index) in its own throw-away database `bench_part_<uuid>`, the table is preloaded with SQL up to
+each size (millions of rows, random UUID message ids, dated over past days, --rows-per-day-m million
+a day), then --batches COPYs of 10,000 rows dated today are timed, each in its own transaction, with
+the ETL's own COPY text (`_copy_text`), as the sink does; the layouts' batches alternate. At each
+size from 10M up (--queries-from-m), the README's three queries, the whole duplicates view and a
+one-day query are timed on each layout. Prints everything; asserts nothing. Needs PostgreSQL on
+DATABASE_URL (default: the embedded stack's).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from database import partitions  # noqa: E402
 from database.sqs_postgres import _CREATE_DUPLICATES_VIEW, PostgresWriter, _copy_text  # noqa: E402
 from models import MaskedLogin  # noqa: E402
 
+LAYOUTS = ("plain", "partitioned", "device-indexed", "indexed")
 BATCH_ROWS = 10_000
 PRELOAD_CHUNK = 1_000_000
 QUERIES = {
@@ -42,11 +46,20 @@ QUERIES = {
         FROM user_login_duplicates WHERE field = 'device_id' ORDER BY logins DESC LIMIT 20""",
     "IPs seen most often": """SELECT masked_value, logins, users, first_seen, last_seen
         FROM user_login_duplicates WHERE field = 'ip' ORDER BY logins DESC LIMIT 20""",
-    "users sharing a device": """SELECT masked_device_id, count(DISTINCT user_id) AS users
+    "users sharing a device": """SELECT masked_device_id, count(DISTINCT user_id) AS users,
+        array_agg(DISTINCT user_id) AS user_ids
         FROM user_logins GROUP BY masked_device_id HAVING count(DISTINCT user_id) > 1
         ORDER BY users DESC LIMIT 20""",
+    "the whole duplicates view": "SELECT field, count(*), sum(logins) FROM user_login_duplicates GROUP BY 1",
     "one day's logins by device type": """SELECT device_type, count(*) FROM user_logins
         WHERE create_date = current_date - 3 GROUP BY 1""",
+    "one device's logins": """SELECT user_id, create_date FROM user_logins
+        WHERE masked_device_id = (SELECT masked_device_id FROM user_logins WHERE create_date = current_date - 3
+                                   LIMIT 1)""",
+    "devices seen most often, 3 days": """SELECT masked_device_id, count(*) AS logins,
+        count(DISTINCT user_id) AS users FROM user_logins
+        WHERE create_date >= current_date - 3 AND masked_device_id IS NOT NULL
+        GROUP BY masked_device_id HAVING count(*) > 1 ORDER BY logins DESC LIMIT 20""",
 }
 _PLAIN_DDL = """
 CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
@@ -74,23 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries-from-m", type=float, default=10.0,
                         help="time the analysts' queries at sizes from this many million rows (10)")
     parser.add_argument("--skip-queries", action="store_true")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"some of {','.join(LAYOUTS)} (all)")
     args = parser.parse_args(argv)
+    layouts = [layout for layout in LAYOUTS if layout in args.layouts.split(",")]
     sizes = [int(float(s) * 1_000_000) for s in args.sizes.split(",")]
     admin = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     started = time.monotonic()
     print(f"user_logins scale benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"machine: nproc {len(os.sched_getaffinity(0))}, {platform.system()} {platform.release()}; "
-          f"Python {platform.python_version()}")
+          f"Python {platform.python_version()}; load average {_load()}")
     with _connect(admin) as conn, conn.cursor() as cur:
         cur.execute("SELECT version(), current_setting('shared_buffers'), current_setting('work_mem')")
         version, shared_buffers, work_mem = _one(cur)
     print(f"PostgreSQL: {version.split(',')[0]}; shared_buffers {shared_buffers}, work_mem {work_mem}")
     print(f"sizes (rows preloaded): {', '.join(f'{s:,}' for s in sizes)}; {args.batches} COPYs of "
           f"{BATCH_ROWS:,} rows dated today per size; preload {args.rows_per_day_m}M rows per past day\n")
-    results: dict[str, list[tuple[int, float, list[float]]]] = {"plain": [], "partitioned": []}
+    results: dict[str, list[tuple[int, float, list[float]]]] = {layout: [] for layout in layouts}
     space: dict[str, tuple[int, int, int]] = {}
     timings: list[tuple[int, str, str, float]] = []
-    databases = {layout: _database(admin) for layout in ("plain", "partitioned")}
+    databases = {layout: _database(admin) for layout in layouts}
     try:
         loaded = dict.fromkeys(databases, 0)
         for layout, (dsn, _drop) in databases.items():
@@ -122,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         for _dsn, drop in databases.values():
             drop()
     print("\nwrite rate (median rows/s of the timed COPYs), relative to the empty table")
-    print(f"{'rows in table':>14}  {'plain':>10} {'ratio':>6}  {'partitioned':>11} {'ratio':>6}")
+    print(f"{'rows in table':>14}" + "".join(f"  {layout:>11} {'ratio':>6}" for layout in layouts))
     for i, size in enumerate(sizes):
         cells = []
-        for layout in ("plain", "partitioned"):
+        for layout in layouts:
             rate = statistics.median(results[layout][i][2])
             base = statistics.median(results[layout][0][2])
-            cells.append(f"{rate:>10,.0f} {rate / base:>6.2f}")
-        print(f"{size:>14,}  {cells[0]}  {cells[1]:>18}")
+            cells.append(f"{rate:>11,.0f} {rate / base:>6.2f}")
+        print(f"{size:>14,}  " + "  ".join(cells))
     print("\ndisk per million rows (heap + indexes, after the run)")
     for layout, (heap, indexes, rows) in space.items():
         per = 1_000_000 / max(rows, 1)
@@ -139,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\nanalysts' queries (one run each, right after the COPYs)")
         for size, layout, name, seconds in timings:
             print(f"  {size / 1e6:>5.1f}M rows  {layout:<12} {name:<34} {seconds:>7.2f} s")
-    print(f"\nfinished after {(time.monotonic() - started) / 60:.1f} min")
+    print(f"\nfinished after {(time.monotonic() - started) / 60:.1f} min; load average {_load()}")
     return 0
+
+
+def _load() -> str:
+    return " ".join(f"{n:.2f}" for n in os.getloadavg())
 
 
 def _one(cur: psycopg2.extensions.cursor) -> tuple[Any, ...]:
@@ -170,10 +189,15 @@ def _database(admin: str):
 
 
 def _create(dsn: str, layout: str) -> None:
-    if layout == "partitioned":
+    if layout != "plain":
         writer = PostgresWriter(dsn)  # the schema exactly as the ETL creates it
         writer.connect()
         writer.close()
+        dropped = {"partitioned": list(partitions.TOKEN_INDEXES),  # schema 3: without the token indexes
+                   "device-indexed": ["user_logins_ip_user_day"]}.get(layout)  # the write cost of one index
+        if dropped:
+            with _connect(dsn) as conn, conn.cursor() as cur:
+                cur.execute(f"DROP INDEX {', '.join(dropped)}")
         return
     with _connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(_PLAIN_DDL)
@@ -184,8 +208,8 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
     """Grow the table from `loaded` to `size` rows, dated over the days before yesterday.
 
     Fast, and the same end state as rows written one by one: the unique index is built once per
-    step, by sorting (plain: dropped and added again; partitioned: each past day is filled as a
-    table of its own, then attached, which builds its index).
+    step, by sorting (plain: dropped and added again; partitioned and indexed: each past day is
+    filled as a table of its own, then attached, which builds its indexes).
     """
     last_day = datetime.now(timezone.utc).date() - timedelta(days=2)
     if size <= loaded:
@@ -201,7 +225,7 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
                 first, last = max(loaded, d * per_day), min(size, (d + 1) * per_day) - 1
                 day = last_day - timedelta(days=d)
                 target = "user_logins"
-                if layout == "partitioned":
+                if layout != "plain":
                     target = partitions.partition_name(day)
                     cur.execute(f"SELECT to_regclass('{target}') IS NOT NULL")
                     (attached,) = _one(cur)
@@ -213,7 +237,7 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
                 cur.execute(_PRELOAD.replace("INSERT INTO user_logins", f"INSERT INTO {target}"),
                             {"users": max(size // 8, 1), "pool": max(size // 4, 1), "last_day": last_day,
                              "per_day": per_day, "first": first, "last": last})
-                if layout == "partitioned":
+                if layout != "plain":
                     cur.execute(f"ALTER TABLE user_logins ATTACH PARTITION {target} FOR VALUES FROM (%s) TO (%s)",
                                 (day, day + timedelta(days=1)))
             if layout == "plain":

@@ -10,6 +10,11 @@ inside the caller's transaction; the caller holds the schema advisory lock and h
   message without one: 1970-01-01, the original exercise's NULL dates). It never fails a batch.
 - Creating a day whose rows already sit in the default partition moves them in the same
   transaction (PostgreSQL would otherwise refuse the new partition).
+- Two token indexes (schema 4), defined on the parent and so on every partition:
+  (masked_device_id, user_id, create_date) and (masked_ip, user_id, create_date). They hold every
+  column the duplicates view and the analysts' queries read, so those run as index-only scans merged
+  in token order, without sorting the table (docs/analysts.md). Kept by PostgreSQL itself: every
+  writer (COPY, ON CONFLICT, rekey's UPDATE, the legacy move, retention's DROP) keeps them exact.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ UNIQUE_KEY = "user_logins_message_id_create_date_key"
 DAYS_AHEAD = 7
 DAYS_BEHIND = 1
 _DAY_NAME = re.compile(r"^user_logins_p(\d{8})$")
+# Index on the parent -> (name suffix of each partition's index, key columns).
+TOKEN_INDEXES = {
+    "user_logins_device_user_day": ("device_user_day", "(masked_device_id, user_id, create_date)"),
+    "user_logins_ip_user_day": ("ip_user_day", "(masked_ip, user_id, create_date)"),
+}
 
 COLUMNS_DDL = """
     user_id          varchar(128),
@@ -83,6 +93,41 @@ def create_partitioned(cur: Cursor) -> None:
     cur.execute(f"CREATE TABLE {TABLE} ({COLUMNS_DDL},\n    CONSTRAINT {UNIQUE_KEY} UNIQUE (message_id, create_date)"
                 "\n) PARTITION BY RANGE (create_date)")
     cur.execute(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT")
+    for index, (_suffix, columns) in TOKEN_INDEXES.items():
+        cur.execute(f"CREATE INDEX {index} ON {TABLE} {columns}")
+
+
+# -- the token indexes of schema 4 on an existing table ------------------------------------------
+
+def start_token_indexes(cur: Cursor) -> None:
+    """Define the token indexes on the parent only (invalid until each partition has its own).
+
+    Partitions created from now on get theirs at creation; `missing_token_indexes` lists the rest.
+    """
+    for index, (_suffix, columns) in TOKEN_INDEXES.items():
+        cur.execute(f"CREATE INDEX IF NOT EXISTS {index} ON ONLY {TABLE} {columns}")
+
+
+def missing_token_indexes(cur: Cursor) -> list[tuple[str, str]]:
+    """(parent index, partition) for each partition that has no index attached to a token index."""
+    cur.execute(
+        """SELECT p.idx, c.relname
+             FROM unnest(%s::text[]) AS p(idx)
+             JOIN pg_partition_tree(to_regclass(%s)) t ON t.isleaf
+             JOIN pg_class c ON c.oid = t.relid
+            WHERE to_regclass(p.idx) IS NOT NULL AND NOT EXISTS (
+                  SELECT 1 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid
+                   WHERE i.inhparent = to_regclass(p.idx) AND x.indrelid = t.relid)
+            ORDER BY c.relname, p.idx""", (list(TOKEN_INDEXES), TABLE))
+    return [(str(index), str(leaf)) for index, leaf in cur.fetchall()]
+
+
+def build_token_index(cur: Cursor, index: str, leaf: str) -> None:
+    """Build one partition's token index and attach it to the parent's (one transaction: resumable)."""
+    suffix, columns = TOKEN_INDEXES[index]
+    name = f"{leaf}_{suffix}"
+    cur.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {leaf} {columns}")
+    cur.execute(f"ALTER INDEX {index} ATTACH PARTITION {name}")
 
 
 def ensure_days(cur: Cursor, days: list[date]) -> list[date]:

@@ -33,8 +33,8 @@ T = TypeVar("T")
 
 # Any constant: serialises schema set-up between processes starting at once.
 _SCHEMA_LOCK_ID = 7_412_350_191
-SCHEMA_VERSION = 3  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
-# replay columns and the user_logins_replayed view
+SCHEMA_VERSION = 4  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
+# replay columns and the user_logins_replayed view; 4: the token indexes for the analysts' queries
 
 # COPY order: `locale`, the only nullable value, last, so a row is built with one join.
 _LOGIN_COLUMNS = (
@@ -242,6 +242,7 @@ class PostgresWriter:
         try:
             self._run(self._migrate_tables)
             self._move_legacy()
+            self._build_token_indexes()
             self._run(self._migrate_views)
         finally:
             if self.connected:
@@ -263,6 +264,7 @@ class PostgresWriter:
             # Today's table (or the original exercise's: integer app_version, no message_id):
             # renamed, replaced by the partitioned one, its rows moved in batches afterwards.
             partitions.start_legacy_move(cur)
+        partitions.start_token_indexes(cur)  # schema 3 -> 4; before ensure_days: new days get theirs
         partitions.ensure_days(cur, partitions.window(_utc_today()))
 
     def _move_legacy(self) -> None:
@@ -280,6 +282,17 @@ class PostgresWriter:
                 logged = time.monotonic()
         logger.info("moved %d rows from %s into daily partitions", moved, partitions.LEGACY_TABLE)
         self._run(partitions.finish_legacy_move)
+
+    def _build_token_indexes(self) -> None:
+        # Schema 3 -> 4: one partition's index per transaction, so a killed migration keeps what it
+        # built; each build waits for the partition's lock no longer than the lock timeout.
+        missing = self._run(partitions.missing_token_indexes, commit=False)
+        started = time.monotonic()
+        for n, (index, leaf) in enumerate(missing, 1):
+            self._run(partial(partitions.build_token_index, index=index, leaf=leaf))
+            logger.info("built the token index %s on %s (%d of %d)", index, leaf, n, len(missing))
+        if missing:
+            logger.info("token indexes built on %d partition(s) in %.1f s", len(missing), time.monotonic() - started)
 
     def _migrate_views(self, cur: Cursor) -> None:
         cur.execute(_CREATE_DUPLICATES_VIEW)
