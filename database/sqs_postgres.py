@@ -292,7 +292,7 @@ class PostgresWriter:
             self._run(partial(partitions.build_token_index, index=index, leaf=leaf))
             logger.info("built the token index %s on %s (%d of %d)", index, leaf, n, len(missing))
         if missing:
-            logger.info("token indexes built on %d partition(s) in %.1f s", len(missing), time.monotonic() - started)
+            logger.info("%d token index(es) of partitions built in %.1f s", len(missing), time.monotonic() - started)
 
     def _migrate_views(self, cur: Cursor) -> None:
         cur.execute(_CREATE_DUPLICATES_VIEW)

@@ -195,6 +195,13 @@ def test_todays_table_is_moved_into_daily_partitions_keeping_rows_grants_and_vie
     assert query(database_url, "SELECT n FROM admins_view") == [(5000,)]
     assert query(database_url, "SELECT to_regclass('user_logins_legacy')") == [(None,)]
     assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)]
+    # AND the analysts' token indexes (schema 4) are on every partition, valid
+    assert query(database_url, "SELECT count(*) FROM pg_index WHERE indexrelid = ANY(%s::regclass[]) AND indisvalid",
+                 (list(partitions.TOKEN_INDEXES),)) == [(2,)]
+    conn = psycopg2.connect(database_url)
+    with conn, conn.cursor() as cur:
+        assert partitions.missing_token_indexes(cur) == []
+    conn.close()
 
 
 def test_the_original_exercise_table_is_moved_into_partitions_converted_and_complete(database_url) -> None:
