@@ -106,3 +106,14 @@ def test_no_document_links_to_a_file_that_does_not_exist() -> None:
 
 def test_the_readme_stays_short() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_the_documented_compose_up_for_a_drain_on_the_host_waits_until_the_services_are_healthy() -> None:
+    # `python main.py` exits 3 at once while LocalStack is starting or its init hook has not yet
+    # created login-queue; `up -d` returns before that, `up -d --wait` only once both are healthy
+    # (tests/integration/test_docker_runtime.py runs this path).
+    compose_comments = "\n".join(line for line in (ROOT / "docker-compose.yml").read_text().splitlines()
+                                 if line.startswith("#"))
+    for text in (all_docs(), compose_comments):
+        for command in re.findall(r"docker compose (?!--profile)[^`#\n]*\bup\b[^`#\n]*", text):
+            assert "--wait" in command, command
