@@ -1,4 +1,4 @@
-"""Shared fixtures: real PostgreSQL and a real SQS emulator over HTTP.
+"""Shared fixtures: real PostgreSQL, a real SQS emulator over HTTP, and a Docker engine.
 
 Locally a missing service skips the tests that need it; under CI=true it fails them.
 TEST_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test) and TEST_SQS_ENDPOINT
@@ -122,3 +122,24 @@ def db_env(database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
             monkeypatch.delenv(name)
     monkeypatch.setenv("DATABASE_URL", database_url)
     return database_url
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> str:
+    """The Docker engine's version (DOCKER_HOST, else the default socket); see docker_engine.py."""
+    from docker_engine import engine_version
+
+    return engine_version()
+
+
+@pytest.fixture(scope="session")
+def etl_image(docker_engine: str) -> str:
+    """Our image, built once per session from the Dockerfile (docker_engine.ETL_IMAGE, kept as the cache)."""
+    import time
+
+    from docker_engine import ETL_IMAGE, build_image
+
+    started = time.monotonic()
+    build_image(ETL_IMAGE)
+    print(f"docker build: {time.monotonic() - started:.1f} s")  # shown with -rA
+    return ETL_IMAGE

@@ -7,11 +7,12 @@ import threading
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; cut() simulates an outage, restore() ends it."""
+    """Forwards <listen_host>:<port> (127.0.0.1 unless told) to a target; cut() simulates an outage,
+    restore() ends it."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
         self._target = (target_host, target_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server((listen_host, 0))
         self.port: int = self._listener.getsockname()[1]
         self._up = threading.Event()
         self._up.set()

@@ -114,3 +114,14 @@ def test_every_variable_the_lambda_handler_reads_is_in_its_configuration_table_a
         line.split("|")[1] for line in table.splitlines() if line.startswith("| `"))))
     assert names_read_from_env(("lambda_handler.py",)) - documented == set(), "read but not in docs/lambda.md"
     assert documented - names_read_from_env(("lambda_handler.py", "config.py")) == set(), "listed but nothing reads"
+
+
+def test_the_documented_compose_up_for_a_drain_on_the_host_waits_until_the_services_are_healthy() -> None:
+    # `python main.py` exits 3 at once while LocalStack is starting or its init hook has not yet
+    # created login-queue; `up -d` returns before that, `up -d --wait` only once both are healthy
+    # (tests/integration/test_docker_runtime.py runs this path).
+    compose_comments = "\n".join(line for line in (ROOT / "docker-compose.yml").read_text().splitlines()
+                                 if line.startswith("#"))
+    for text in (all_docs(), compose_comments):
+        for command in re.findall(r"docker compose (?!--profile)[^`#\n]*\bup\b[^`#\n]*", text):
+            assert "--wait" in command, command
