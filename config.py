@@ -43,6 +43,7 @@ DEFAULT_STOP_TIMEOUT_SECONDS = 20.0
 # this long: far above any one call's timeouts, so only a stuck process is restarted (see Health).
 LIVENESS_STALL_SECONDS = 300.0
 
+
 @dataclass(frozen=True, slots=True)
 class PipelineOptions:
     """How the loop runs; defaults measured on a 2-core machine (see bench/)."""
@@ -61,7 +62,6 @@ class PipelineOptions:
     # A message whose processing raised an unexpected error is left for redelivery; from this
     # many receives on it is quarantined instead (kept below the RedrivePolicy's maxReceiveCount).
     max_receives: int = 5
-
 
 
 class ConfigError(Exception):
@@ -131,8 +131,9 @@ def key_source_from_env(env: Mapping[str, str]) -> KeySource:
         others = ", ".join(KEY_SOURCES[1:])
         raise ConfigError(f"MASKING_KEY is not set (nor {others}): {KEY_HELP}")
     if len(present) > 1:
-        raise ConfigError(f"several key sources are set ({', '.join(present)}): "
-                          "set exactly one of them (.env counts too)")
+        raise ConfigError(
+            f"several key sources are set ({', '.join(present)}): set exactly one of them (.env counts too)"
+        )
     name = present[0]
     value = values[name]
     try:
@@ -148,8 +149,13 @@ def key_source_from_env(env: Mapping[str, str]) -> KeySource:
         if name == "MASKING_KEY_FILE":
             return StaticKeys(f"{name} {value.strip()}", *read_key_file(value.strip()))
         kms = KmsSettings.from_env(env)
-        return KmsWrappedKeys(name, decode_wrapped(value), region=kms.region, endpoint_url=kms.endpoint_url,
-                              key_id=env.get("MASKING_KEY_KMS_KEY_ID") or None)
+        return KmsWrappedKeys(
+            name,
+            decode_wrapped(value),
+            region=kms.region,
+            endpoint_url=kms.endpoint_url,
+            key_id=env.get("MASKING_KEY_KMS_KEY_ID") or None,
+        )
     except InvalidKey as exc:
         raise ConfigError(f"{name} is malformed ({exc}): {KEY_HELP}") from None
     except KeySourceError as exc:
@@ -162,19 +168,24 @@ def _active_version(env: Mapping[str, str], source: KeySource) -> int:
     raw = env.get("MASKING_KEY_VERSION", "").strip()
     if source.primary is not None:
         if raw and raw != str(source.primary):
-            raise ConfigError(f"MASKING_KEY_VERSION={raw} but the keyset's primary key id is {source.primary}: "
-                              "unset MASKING_KEY_VERSION (the keyset's primary decides) or make that key primary")
+            raise ConfigError(
+                f"MASKING_KEY_VERSION={raw} but the keyset's primary key id is {source.primary}: "
+                "unset MASKING_KEY_VERSION (the keyset's primary decides) or make that key primary"
+            )
         return source.primary
     if not raw:
         if len(versions) > 1:
-            raise ConfigError(f"MASKING_KEY_VERSION is not set: the keyring holds versions "
-                              f"{', '.join(map(str, versions))}; set it to the one new tokens should use")
+            raise ConfigError(
+                f"MASKING_KEY_VERSION is not set: the keyring holds versions "
+                f"{', '.join(map(str, versions))}; set it to the one new tokens should use"
+            )
         return versions[0]
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError(f"MASKING_KEY_VERSION must be a positive integer, got {raw!r}")
     if int(raw) not in versions:
-        raise ConfigError(f"MASKING_KEY_VERSION={raw} is not in the keyring, which holds versions "
-                          f"{', '.join(map(str, versions))}")
+        raise ConfigError(
+            f"MASKING_KEY_VERSION={raw} is not in the keyring, which holds versions {', '.join(map(str, versions))}"
+        )
     return int(raw)
 
 
@@ -245,9 +256,11 @@ def _database_url(dsn: str) -> str:
     try:
         parse_connection_string(dsn)
     except DsnError as exc:
-        raise ConfigError(f"DATABASE_URL is not a valid libpq connection string ({exc}); if the password "
-                          "holds a special character, percent-encode it in a URI (% as %25, @ as %40) "
-                          "or quote it in a keyword string (password='…')") from None
+        raise ConfigError(
+            f"DATABASE_URL is not a valid libpq connection string ({exc}); if the password "
+            "holds a special character, percent-encode it in a URI (% as %25, @ as %40) "
+            "or quote it in a keyword string (password='…')"
+        ) from None
     return dsn
 
 
@@ -270,13 +283,16 @@ def database_url_with_secret(base: str | None, secret: str) -> str:
     try:
         data = json.loads(text)
     except ValueError:
-        raise ConfigError("the database secret looks like JSON but does not parse; store a JSON object "
-                          "with username and password, or a libpq connection string") from None
+        raise ConfigError(
+            "the database secret looks like JSON but does not parse; store a JSON object "
+            "with username and password, or a libpq connection string"
+        ) from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("username", "password")):
         raise ConfigError("the database secret's JSON lacks username or password (RDS credentials format)")
     fields = {libpq: str(data[name]) for name, libpq in _SECRET_FIELDS.items() if data.get(name) not in (None, "")}
     try:
         return _database_url(make_dsn(_database_url(base) if base else None, **fields))
     except ProgrammingError:
-        raise ConfigError("DATABASE_URL cannot be combined with the database secret; "
-                          "write it as a libpq connection string") from None
+        raise ConfigError(
+            "DATABASE_URL cannot be combined with the database secret; write it as a libpq connection string"
+        ) from None

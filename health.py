@@ -50,36 +50,55 @@ def _keys(settings: Settings) -> Item:
     except KmsUnavailable as exc:
         return Item(False, f"masking keys: {exc}", "fix AWS_ENDPOINT_URL_KMS / the network, or retry later")
     except MaskingError as exc:  # a KMS refusal, one key under two versions: configuration
-        return Item(False, f"masking keys: {exc}", "fix the key source (docs/keys-and-privacy.md)",
-                    Failure.CONFIGURATION)
-    return Item(True, f"configuration valid; masking keys loaded from {settings.key_source.origin}: "
-                f"{_versions(settings.key_source.versions)}, new tokens use version {masker.version}")
+        return Item(
+            False, f"masking keys: {exc}", "fix the key source (docs/keys-and-privacy.md)", Failure.CONFIGURATION
+        )
+    return Item(
+        True,
+        f"configuration valid; masking keys loaded from {settings.key_source.origin}: "
+        f"{_versions(settings.key_source.versions)}, new tokens use version {masker.version}",
+    )
 
 
 def _queue(settings: Settings) -> Iterator[Item]:
-    reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
-                       wait_time_seconds=0, max_attempts=1)
+    reader = SqsReader(
+        settings.queue_url,
+        endpoint_url=settings.endpoint_url,
+        region=settings.region,
+        wait_time_seconds=0,
+        max_attempts=1,
+    )
     try:
         attributes = reader.check()
     except QueueUnusable as exc:
-        yield Item(False, f"SQS queue missing or forbidden: {exc}",
-                   "create it (scripts/init-queue.sh) or fix SQS_QUEUE_URL / AWS credentials")
+        yield Item(
+            False,
+            f"SQS queue missing or forbidden: {exc}",
+            "create it (scripts/init-queue.sh) or fix SQS_QUEUE_URL / AWS credentials",
+        )
         return
     except SqsError as exc:
-        yield Item(False, f"SQS unreachable: {exc}",
-                   "start the emulator (scripts/stack.sh start) or fix AWS_ENDPOINT_URL")
+        yield Item(
+            False, f"SQS unreachable: {exc}", "start the emulator (scripts/stack.sh start) or fix AWS_ENDPOINT_URL"
+        )
         return
     yield Item(True, f"SQS queue {settings.queue_url} reachable")
     dlq_arn = json.loads(attributes.get("RedrivePolicy", "{}")).get("deadLetterTargetArn")
     if dlq_arn:
         dlq_url = settings.queue_url.rsplit("/", 1)[0] + "/" + dlq_arn.rsplit(":", 1)[-1]
         try:
-            depth = SqsReader(dlq_url, endpoint_url=settings.endpoint_url, region=settings.region,
-                              max_attempts=1).check().get("ApproximateNumberOfMessages", "?")
+            depth = (
+                SqsReader(dlq_url, endpoint_url=settings.endpoint_url, region=settings.region, max_attempts=1)
+                .check()
+                .get("ApproximateNumberOfMessages", "?")
+            )
             yield Item(True, f"dead-letter queue {dlq_url} exists ({depth} messages)")
         except SqsError as exc:
-            yield Item(False, f"dead-letter queue {dlq_url} missing: {exc}",
-                       "create it (scripts/init-queue.sh) or fix the queue's RedrivePolicy")
+            yield Item(
+                False,
+                f"dead-letter queue {dlq_url} missing: {exc}",
+                "create it (scripts/init-queue.sh) or fix the queue's RedrivePolicy",
+            )
 
 
 def _database(settings: Settings) -> Iterator[Item]:
@@ -96,14 +115,23 @@ def _database(settings: Settings) -> Iterator[Item]:
             yield Item(True, f"schema: version {version}; the ETL migrates it to {SCHEMA_VERSION} at start")
         elif version is not None and version > SCHEMA_VERSION:
             # A newer release migrated it (a rolling update): its additive schema serves this one.
-            yield Item(True, f"schema: version {version}, newer than this release's {SCHEMA_VERSION}; "
-                             "this release runs on it without migrating")
+            yield Item(
+                True,
+                f"schema: version {version}, newer than this release's {SCHEMA_VERSION}; "
+                "this release runs on it without migrating",
+            )
         else:
-            yield Item(problem is None, f"schema: {'current' if problem is None else problem}",
-                       "run `python main.py` once: it creates and migrates the schema at start")
+            yield Item(
+                problem is None,
+                f"schema: {'current' if problem is None else problem}",
+                "run `python main.py` once: it creates and migrates the schema at start",
+            )
     except DatabaseError as exc:
-        yield Item(False, f"PostgreSQL {dsn} unreachable: {exc}",
-                   "start PostgreSQL (scripts/stack.sh start) or fix DATABASE_URL")
+        yield Item(
+            False,
+            f"PostgreSQL {dsn} unreachable: {exc}",
+            "start PostgreSQL (scripts/stack.sh start) or fix DATABASE_URL",
+        )
     finally:
         writer.close()
 

@@ -59,8 +59,14 @@ MIN_CONNECT_TIMEOUT_SECONDS = 2
 class SqsBatchHandler:
     """Handles the events of one execution environment: one keyring, one PostgreSQL connection."""
 
-    def __init__(self, writer: PostgresWriter, masker: Masker, *, max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT,
-                 max_connect_timeout_seconds: int = MAX_CONNECT_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        writer: PostgresWriter,
+        masker: Masker,
+        *,
+        max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT,
+        max_connect_timeout_seconds: int = MAX_CONNECT_TIMEOUT_SECONDS,
+    ) -> None:
         if max_receive_count < 1:
             raise ValueError(f"max_receive_count must be at least 1, got {max_receive_count}")
         self.writer = writer
@@ -81,15 +87,26 @@ class SqsBatchHandler:
         try:
             written = store(batch, self._masker, lambda: self._write(batch, context))
         except DatabaseError as exc:
-            logger.error("PostgreSQL: %s; nothing committed, all %d records reported for retry", exc, len(messages),
-                         extra={"count": len(messages), "service": "postgres", "error": type(exc).__name__})
+            logger.error(
+                "PostgreSQL: %s; nothing committed, all %d records reported for retry",
+                exc,
+                len(messages),
+                extra={"count": len(messages), "service": "postgres", "error": type(exc).__name__},
+            )
             return batch_response(m.message_id for m in messages)
         self._quarantined.remember(written.rejected_ids)
         failed = [m.message_id for m in batch.failed]
         milliseconds = round((time.monotonic() - started) * 1000, 1)
-        logger.info("%d records: loaded %d, quarantined %d, duplicates %d, reported for retry %d in %.0f ms",
-                    len(messages), written.inserted, written.rejected, written.duplicates, len(failed), milliseconds,
-                    extra={"batch_size": len(messages), "count": len(failed), "duration_ms": milliseconds})
+        logger.info(
+            "%d records: loaded %d, quarantined %d, duplicates %d, reported for retry %d in %.0f ms",
+            len(messages),
+            written.inserted,
+            written.rejected,
+            written.duplicates,
+            len(failed),
+            milliseconds,
+            extra={"batch_size": len(messages), "count": len(failed), "duration_ms": milliseconds},
+        )
         return batch_response(failed)
 
     def _write(self, batch: Batch, context: Any) -> WriteResult:
@@ -103,8 +120,11 @@ class SqsBatchHandler:
                 raise
             # The connection kept from an earlier invocation died while the environment was frozen
             # (a server restart, a failover, an idle timeout): nothing was committed; open a new one, once.
-            logger.warning("the kept PostgreSQL connection broke (%s); connecting again", exc,
-                           extra={"service": "postgres", "error": type(exc).__name__})
+            logger.warning(
+                "the kept PostgreSQL connection broke (%s); connecting again",
+                exc,
+                extra={"service": "postgres", "error": type(exc).__name__},
+            )
             self.writer.connect(timeout_seconds=self.connect_timeout(context))
             return write_batch(self.writer, batch, self._quarantined)
 

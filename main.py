@@ -98,8 +98,11 @@ ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (BudgetExhausted, EXIT_UNREACHABLE, "PostgreSQL at {dsn}: {exc}"),  # the schema set-up at start
     (SqsError, EXIT_UNREACHABLE, "SQS queue {queue} unusable: {exc}"),
     (ServiceLost, EXIT_SERVICE_LOST, "{exc}; nothing uncommitted was deleted, rerun to resume"),
-    (Stopped, EXIT_STOPPED_UNCOMMITTED,
-     "stop timeout ({stop_timeout} s) passed: {exc}; they were not deleted and SQS redelivers them"),
+    (
+        Stopped,
+        EXIT_STOPPED_UNCOMMITTED,
+        "stop timeout ({stop_timeout} s) passed: {exc}; they were not deleted and SQS redelivers them",
+    ),
     (QueueLost, EXIT_QUEUE_LOST, "the queue became unusable mid-run: {exc}; nothing uncommitted was deleted"),
 )
 
@@ -147,8 +150,9 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
             raise
         print(f"✗ configuration: {exc}")
         return EXIT_CONFIG
-    context.update(dsn=redact_dsn(settings.database_url), queue=settings.queue_url,
-                   stop_timeout=f"{args.stop_timeout:g}")
+    context.update(
+        dsn=redact_dsn(settings.database_url), queue=settings.queue_url, stop_timeout=f"{args.stop_timeout:g}"
+    )
     if args.command == "check":
         return _check(settings)
     masker = settings.load_masker()
@@ -212,8 +216,9 @@ def _serve_metrics(port: int | None) -> Metrics | None:
     try:
         metrics.serve(port)
     except OSError as exc:  # typically EADDRINUSE; nothing has been received yet
-        raise ConfigError(f"--metrics-port {port}: cannot serve metrics there ({exc.strerror}); "
-                          "choose a free port") from None
+        raise ConfigError(
+            f"--metrics-port {port}: cannot serve metrics there ({exc.strerror}); choose a free port"
+        ) from None
     logger.info("serving Prometheus metrics on :%d/metrics, probes on /livez and /readyz", port)
     return metrics
 
@@ -227,12 +232,14 @@ def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
         writer.close()
 
 
-def _consume(writer: PostgresWriter, settings: Settings, masker: Masker, args: argparse.Namespace,
-             metrics: Metrics | None) -> int:
+def _consume(
+    writer: PostgresWriter, settings: Settings, masker: Masker, args: argparse.Namespace, metrics: Metrics | None
+) -> int:
     _connect(writer, args)
     wait = args.wait_seconds if args.wait_seconds is not None else (5 if args.follow else 1)
-    reader = SqsReader(settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region,
-                       wait_time_seconds=wait)
+    reader = SqsReader(
+        settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region, wait_time_seconds=wait
+    )
     attributes = reader.check()
     options = PipelineOptions(
         follow=args.follow,
@@ -297,7 +304,8 @@ def _unmask(settings: Settings, masker: Masker, args: argparse.Namespace) -> int
         except MaskingError as exc:
             errors.append(f"error: token {position}: {exc}")
     AuditLog(settings.database_url).record(  # AuditUnavailable: nothing is shown (ERRORS)
-        UnmaskAudit.of(args.requested_by or _os_user(), args.reason, args.tokens, failed=len(errors)))
+        UnmaskAudit.of(args.requested_by or _os_user(), args.reason, args.tokens, failed=len(errors))
+    )
     if errors:
         print("\n".join(errors), file=sys.stderr)
         return EXIT_UNMASK_FAILED  # print nothing rather than a list that no longer lines up
@@ -320,16 +328,16 @@ def escape_controls(value: str) -> str:
             shown.append(_NAMED_ESCAPES[char])
         elif unicodedata.category(char) in _UNSAFE_CATEGORIES:
             code = ord(char)
-            shown.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
-                         else f"\\U{code:08x}")
+            shown.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
         else:
             shown.append(char)
     return "".join(shown)
 
 
 def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
-    rekeyer = Rekeyer(settings.database_url, masker.rekey, current_prefixes=masker.current_prefixes,
-                      batch_rows=batch_rows)
+    rekeyer = Rekeyer(
+        settings.database_url, masker.rekey, current_prefixes=masker.current_prefixes, batch_rows=batch_rows
+    )
     try:
         result = rekeyer.run()
     except KeyboardInterrupt:
@@ -343,8 +351,9 @@ def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
 
 def _replay(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     # Decrypt and validate in memory, commit the audit row, and only then move anything.
-    replayer = Replayer(settings.database_url,
-                        lambda message_id, body, sent_at: retry_quarantined(message_id, body, sent_at, masker))
+    replayer = Replayer(
+        settings.database_url, lambda message_id, body, sent_at: retry_quarantined(message_id, body, sent_at, masker)
+    )
     request = ReplayRequest(args.requested_by or _os_user(), args.reason, args.where_reason, args.since, args.dry_run)
     writer = PostgresWriter(settings.database_url)  # the schema must be current (replayed_at)
     try:
@@ -373,6 +382,7 @@ def _fail(message: str, exit_code: int) -> int:
 
 def _install_signal_handlers(pipeline: Pipeline) -> dict[int, SignalHandler]:
     """Route SIGINT/SIGTERM to a graceful stop; return the handlers they replace."""
+
     def handle(signum: int, _frame: object) -> None:
         if pipeline.stopping:
             # Second signal: leave at once. Uncommitted messages return to the queue later.
@@ -410,8 +420,9 @@ def _since(text: str) -> datetime:
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise argparse.ArgumentTypeError("expected an ISO date or date-time (2026-11-26, "
-                                         "2026-11-26T09:00:00Z) or an age (90m, 12h, 7d)") from None
+        raise argparse.ArgumentTypeError(
+            "expected an ISO date or date-time (2026-11-26, 2026-11-26T09:00:00Z) or an age (90m, 12h, 7d)"
+        ) from None
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
@@ -424,6 +435,7 @@ def _positive_int(text: str) -> int:
 
 def _seconds(*, allow_zero: bool) -> Callable[[str], float]:
     """A finite number of seconds, > 0 (or >= 0 where zero means "at once")."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -451,120 +463,232 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_audit_arguments(parser: argparse.ArgumentParser, why: str) -> None:
     """--reason (required) and --requested-by: who and why, for an audited command."""
-    parser.add_argument("--reason", required=True, type=_audit_text(1000),
-                        help=f"{why} (required; recorded in the audit)")
-    parser.add_argument("--requested-by", type=_audit_text(128), default=None, metavar="NAME",
-                        help="who asks (default: the OS user)")
+    parser.add_argument(
+        "--reason", required=True, type=_audit_text(1000), help=f"{why} (required; recorded in the audit)"
+    )
+    parser.add_argument(
+        "--requested-by", type=_audit_text(128), default=None, metavar="NAME", help="who asks (default: the OS user)"
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="main.py",
         description="Consume login events from SQS, mask ip/device_id, store them in PostgreSQL.",
-        epilog="Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
+        epilog="Exit codes: "
+        + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
         + f"; {EXIT_SIGNAL_BASE}+N a second signal N cut the run short. See docs/operations.md.",
     )
     parser.add_argument("--follow", action="store_true", help="keep long-polling until SIGINT/SIGTERM")
-    parser.add_argument("--receivers", type=_positive_int, default=DEFAULT_RECEIVERS,
-                        help=f"concurrent receive threads ({DEFAULT_RECEIVERS})")
-    parser.add_argument("--deleters", type=_positive_int, default=DEFAULT_DELETERS,
-                        help=f"concurrent DeleteMessageBatch calls after each commit ({DEFAULT_DELETERS})")
-    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
-                        help=f"rows per transaction at most ({DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--flush-seconds", type=_seconds(allow_zero=True), default=DEFAULT_FLUSH_SECONDS,
-                        help=f"commit a partial batch once its oldest message is this old ({DEFAULT_FLUSH_SECONDS})")
-    parser.add_argument("--wait-seconds", type=int, choices=range(0, 21), metavar="0..20", default=None,
-                        help="long-poll wait; drain stops at the first empty poll (1 drain, 5 follow)")
-    parser.add_argument("--retry-budget-seconds", type=_seconds(allow_zero=True), default=60.0,
-                        help="drain mode: give up after a service is lost this long (60); --follow waits forever")
-    parser.add_argument("--stop-timeout", type=_seconds(allow_zero=True), default=DEFAULT_STOP_TIMEOUT_SECONDS,
-                        metavar="S", help="on SIGINT/SIGTERM, keep retrying the batch in hand this long, then exit "
-                        f"5 leaving it uncommitted ({DEFAULT_STOP_TIMEOUT_SECONDS:.0f}; below a 30 s grace period)")
-    parser.add_argument("--backoff-base-seconds", type=_seconds(allow_zero=False), default=DEFAULT_BASE_SECONDS,
-                        metavar="S",
-                        help=f"first retry waits up to this long, doubling per failure ({DEFAULT_BASE_SECONDS})")
-    parser.add_argument("--backoff-cap-seconds", type=_seconds(allow_zero=False), default=DEFAULT_CAP_SECONDS,
-                        metavar="S",
-                        help=f"longest wait between retries ({DEFAULT_CAP_SECONDS:.0f})")
-    parser.add_argument("--max-receives", type=_positive_int, default=5,
-                        help="quarantine a message whose processing keeps failing after this many receives "
-                        "(5; capped below the queue's RedrivePolicy maxReceiveCount)")
-    parser.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
-                        help="serve Prometheus metrics on this port, with the probes /livez and /readyz "
-                        "(off by default)")
-    parser.add_argument("--progress-seconds", type=_seconds(allow_zero=False), default=None, metavar="S",
-                        help="progress interval (0.5 s redrawn on a terminal, else a log line every 10 s)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="text (default) or json: one object per line")
+    parser.add_argument(
+        "--receivers",
+        type=_positive_int,
+        default=DEFAULT_RECEIVERS,
+        help=f"concurrent receive threads ({DEFAULT_RECEIVERS})",
+    )
+    parser.add_argument(
+        "--deleters",
+        type=_positive_int,
+        default=DEFAULT_DELETERS,
+        help=f"concurrent DeleteMessageBatch calls after each commit ({DEFAULT_DELETERS})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"rows per transaction at most ({DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--flush-seconds",
+        type=_seconds(allow_zero=True),
+        default=DEFAULT_FLUSH_SECONDS,
+        help=f"commit a partial batch once its oldest message is this old ({DEFAULT_FLUSH_SECONDS})",
+    )
+    parser.add_argument(
+        "--wait-seconds",
+        type=int,
+        choices=range(0, 21),
+        metavar="0..20",
+        default=None,
+        help="long-poll wait; drain stops at the first empty poll (1 drain, 5 follow)",
+    )
+    parser.add_argument(
+        "--retry-budget-seconds",
+        type=_seconds(allow_zero=True),
+        default=60.0,
+        help="drain mode: give up after a service is lost this long (60); --follow waits forever",
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=_seconds(allow_zero=True),
+        default=DEFAULT_STOP_TIMEOUT_SECONDS,
+        metavar="S",
+        help="on SIGINT/SIGTERM, keep retrying the batch in hand this long, then exit "
+        f"5 leaving it uncommitted ({DEFAULT_STOP_TIMEOUT_SECONDS:.0f}; below a 30 s grace period)",
+    )
+    parser.add_argument(
+        "--backoff-base-seconds",
+        type=_seconds(allow_zero=False),
+        default=DEFAULT_BASE_SECONDS,
+        metavar="S",
+        help=f"first retry waits up to this long, doubling per failure ({DEFAULT_BASE_SECONDS})",
+    )
+    parser.add_argument(
+        "--backoff-cap-seconds",
+        type=_seconds(allow_zero=False),
+        default=DEFAULT_CAP_SECONDS,
+        metavar="S",
+        help=f"longest wait between retries ({DEFAULT_CAP_SECONDS:.0f})",
+    )
+    parser.add_argument(
+        "--max-receives",
+        type=_positive_int,
+        default=5,
+        help="quarantine a message whose processing keeps failing after this many receives "
+        "(5; capped below the queue's RedrivePolicy maxReceiveCount)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port, with the probes /livez and /readyz (off by default)",
+    )
+    parser.add_argument(
+        "--progress-seconds",
+        type=_seconds(allow_zero=False),
+        default=None,
+        metavar="S",
+        help="progress interval (0.5 s redrawn on a terminal, else a log line every 10 s)",
+    )
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="text (default) or json: one object per line"
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
     sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen,rekey,replay,retention}")
-    sub.add_parser("check", help="check configuration, SQS, the DLQ and PostgreSQL; print a checklist",
-                   description="Verify the configuration and key, that the queue (and its dead-letter "
-                   "queue) exists, and that PostgreSQL answers with a current schema (or none yet: the ETL "
-                   "creates it at its first run). Changes nothing. Exit 0 if all pass, 2 if the configuration "
-                   "or the keys fail, else 3 if a service check fails.")
-    unmask = sub.add_parser("unmask", help="print the original value of each token, one per line (audited)",
-                            description="Print the original value of each token, one per line, in order. "
-                            "Tokens of ip and device_id (and rejected bodies), of any key version held, are "
-                            "accepted. Needs the key and DATABASE_URL: every call is first recorded in "
-                            "pii_unmask_audit (who, why, token fingerprints; never a value); if that fails, "
-                            "nothing is shown and the exit code is 3.")
+    sub.add_parser(
+        "check",
+        help="check configuration, SQS, the DLQ and PostgreSQL; print a checklist",
+        description="Verify the configuration and key, that the queue (and its dead-letter "
+        "queue) exists, and that PostgreSQL answers with a current schema (or none yet: the ETL "
+        "creates it at its first run). Changes nothing. Exit 0 if all pass, 2 if the configuration "
+        "or the keys fail, else 3 if a service check fails.",
+    )
+    unmask = sub.add_parser(
+        "unmask",
+        help="print the original value of each token, one per line (audited)",
+        description="Print the original value of each token, one per line, in order. "
+        "Tokens of ip and device_id (and rejected bodies), of any key version held, are "
+        "accepted. Needs the key and DATABASE_URL: every call is first recorded in "
+        "pii_unmask_audit (who, why, token fingerprints; never a value); if that fails, "
+        "nothing is shown and the exit code is 3.",
+    )
     _add_audit_arguments(unmask, "why these values are needed")
-    unmask.add_argument("--raw", action="store_true",
-                        help="print values byte-exact; by default control and format characters are shown "
-                        "as \\xNN/\\uNNNN escapes and a backslash as \\\\, so a value cannot drive the terminal")
+    unmask.add_argument(
+        "--raw",
+        action="store_true",
+        help="print values byte-exact; by default control and format characters are shown "
+        "as \\xNN/\\uNNNN escapes and a backslash as \\\\, so a value cannot drive the terminal",
+    )
     unmask.add_argument("tokens", nargs="+", metavar="TOKEN")
-    keygen = sub.add_parser("keygen", help="print a new random MASKING_KEY, or a KMS-wrapped data key",
-                            description="Print a new random key (base64 of 64 bytes) for MASKING_KEY or "
-                            "MASKING_KEYS; with --kms-key-id, a new 64-byte data key wrapped by that KMS key "
-                            "(base64 of the CiphertextBlob, for MASKING_KEY_KMS_CIPHERTEXT): no plaintext key "
-                            "is printed or written.")
-    keygen.add_argument("--kms-key-id", metavar="ID", default=None,
-                        help="KMS key id, ARN or alias (alias/NAME); AWS_ENDPOINT_URL_KMS applies")
-    keygen.add_argument("--format", dest="key_format", choices=("base64", "tink"), default="base64",
-                        help="base64 (default): one key for MASKING_KEY; tink: a Tink JSON keyset of one new "
-                        "AES-SIV key, for MASKING_KEYSET or MASKING_KEY_FILE (docs/tink-tokens.md)")
+    keygen = sub.add_parser(
+        "keygen",
+        help="print a new random MASKING_KEY, or a KMS-wrapped data key",
+        description="Print a new random key (base64 of 64 bytes) for MASKING_KEY or "
+        "MASKING_KEYS; with --kms-key-id, a new 64-byte data key wrapped by that KMS key "
+        "(base64 of the CiphertextBlob, for MASKING_KEY_KMS_CIPHERTEXT): no plaintext key "
+        "is printed or written.",
+    )
+    keygen.add_argument(
+        "--kms-key-id",
+        metavar="ID",
+        default=None,
+        help="KMS key id, ARN or alias (alias/NAME); AWS_ENDPOINT_URL_KMS applies",
+    )
+    keygen.add_argument(
+        "--format",
+        dest="key_format",
+        choices=("base64", "tink"),
+        default="base64",
+        help="base64 (default): one key for MASKING_KEY; tink: a Tink JSON keyset of one new "
+        "AES-SIV key, for MASKING_KEYSET or MASKING_KEY_FILE (docs/tink-tokens.md)",
+    )
     what = keygen.add_mutually_exclusive_group()
-    what.add_argument("--export", action="store_true",
-                      help="with --format tink: the configured keyring as a keyset, its active version "
-                      "primary (for BigQuery or Tink; it holds the keys)")
-    what.add_argument("--rotate", action="store_true",
-                      help="with --format tink: the configured keyring plus a new key, made primary")
-    rekey = sub.add_parser("rekey", help="rewrite stored tokens of older key versions under the active one",
-                           description="Rewrite the tokens in user_logins (masked_ip, masked_device_id) and "
-                           "user_logins_rejected (encrypted_body) that are not of the active key "
-                           "(MASKING_KEY_VERSION, or the keyset's primary), legacy v<n>. tokens included, in "
-                           "batches of one transaction each. Safe to run while the ETL runs and to kill: "
-                           "a rerun resumes. Exit 0 when no token of another version is left, 1 otherwise.")
-    rekey.add_argument("--batch-size", dest="rekey_batch_size", type=_positive_int, default=500, metavar="N",
-                       help="about this many rows per transaction (500)")
-    replay = sub.add_parser("replay", help="load quarantined messages that today's validation accepts (audited)",
-                            description="Decrypt quarantined bodies in memory, validate them as the ETL does "
-                            "today, and load those that pass into user_logins (idempotent on message_id; safe "
-                            "to run twice and beside the ETL); the others stay quarantined with today's reason. "
-                            "Every call is first recorded in etl_replay_audit (who, why, counts, message ids; "
-                            "never a value); if that fails nothing moves and the exit code is 3. Loaded rows "
-                            "keep their quarantine row with replayed_at set (view user_logins_replayed).")
+    what.add_argument(
+        "--export",
+        action="store_true",
+        help="with --format tink: the configured keyring as a keyset, its active version "
+        "primary (for BigQuery or Tink; it holds the keys)",
+    )
+    what.add_argument(
+        "--rotate", action="store_true", help="with --format tink: the configured keyring plus a new key, made primary"
+    )
+    rekey = sub.add_parser(
+        "rekey",
+        help="rewrite stored tokens of older key versions under the active one",
+        description="Rewrite the tokens in user_logins (masked_ip, masked_device_id) and "
+        "user_logins_rejected (encrypted_body) that are not of the active key "
+        "(MASKING_KEY_VERSION, or the keyset's primary), legacy v<n>. tokens included, in "
+        "batches of one transaction each. Safe to run while the ETL runs and to kill: "
+        "a rerun resumes. Exit 0 when no token of another version is left, 1 otherwise.",
+    )
+    rekey.add_argument(
+        "--batch-size",
+        dest="rekey_batch_size",
+        type=_positive_int,
+        default=500,
+        metavar="N",
+        help="about this many rows per transaction (500)",
+    )
+    replay = sub.add_parser(
+        "replay",
+        help="load quarantined messages that today's validation accepts (audited)",
+        description="Decrypt quarantined bodies in memory, validate them as the ETL does "
+        "today, and load those that pass into user_logins (idempotent on message_id; safe "
+        "to run twice and beside the ETL); the others stay quarantined with today's reason. "
+        "Every call is first recorded in etl_replay_audit (who, why, counts, message ids; "
+        "never a value); if that fails nothing moves and the exit code is 3. Loaded rows "
+        "keep their quarantine row with replayed_at set (view user_logins_replayed).",
+    )
     _add_audit_arguments(replay, "why")
-    replay.add_argument("--where-reason", default=None, metavar="PATTERN",
-                        help="only rows whose reason matches this ILIKE pattern, e.g. 'processing failed%%'")
-    replay.add_argument("--since", type=_since, default=None, metavar="WHEN",
-                        help="only rows quarantined at or after WHEN: 2026-11-26, 2026-11-26T09:00:00Z, or 12h, 7d")
-    replay.add_argument("--dry-run", action="store_true",
-                        help="print counts by outcome and reason, change nothing (still audited)")
-    retention = sub.add_parser("retention", help="drop the daily partitions of user_logins older than N days (audited)",
-                               description="Drop the daily partitions of user_logins dated before today minus "
-                               "--keep-days (today and yesterday are never touched), and delete older rows of "
-                               "user_logins_default and (by received_at) user_logins_rejected. Each drop or delete "
-                               "commits with its row in etl_retention_audit. Needs DATABASE_URL only (no key). "
-                               "Exit 0 done, 2 configuration (or a table not yet migrated), 3 PostgreSQL "
-                               "unreachable or a lock held too long (rerun).")
-    retention.add_argument("--keep-days", type=_positive_int, required=True, metavar="N",
-                           help="keep today and the N full days before it")
+    replay.add_argument(
+        "--where-reason",
+        default=None,
+        metavar="PATTERN",
+        help="only rows whose reason matches this ILIKE pattern, e.g. 'processing failed%%'",
+    )
+    replay.add_argument(
+        "--since",
+        type=_since,
+        default=None,
+        metavar="WHEN",
+        help="only rows quarantined at or after WHEN: 2026-11-26, 2026-11-26T09:00:00Z, or 12h, 7d",
+    )
+    replay.add_argument(
+        "--dry-run", action="store_true", help="print counts by outcome and reason, change nothing (still audited)"
+    )
+    retention = sub.add_parser(
+        "retention",
+        help="drop the daily partitions of user_logins older than N days (audited)",
+        description="Drop the daily partitions of user_logins dated before today minus "
+        "--keep-days (today and yesterday are never touched), and delete older rows of "
+        "user_logins_default and (by received_at) user_logins_rejected. Each drop or delete "
+        "commits with its row in etl_retention_audit. Needs DATABASE_URL only (no key). "
+        "Exit 0 done, 2 configuration (or a table not yet migrated), 3 PostgreSQL "
+        "unreachable or a lock held too long (rerun).",
+    )
+    retention.add_argument(
+        "--keep-days", type=_positive_int, required=True, metavar="N", help="keep today and the N full days before it"
+    )
     retention.add_argument("--dry-run", action="store_true", help="print what would be dropped; change nothing")
-    retention.add_argument("--requested-by", type=_audit_text(128), default=None, metavar="NAME",
-                           help="who runs it, for the audit (default: the OS user)")
+    retention.add_argument(
+        "--requested-by",
+        type=_audit_text(128),
+        default=None,
+        metavar="NAME",
+        help="who runs it, for the audit (default: the OS user)",
+    )
     return parser
 
 

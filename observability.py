@@ -33,8 +33,17 @@ if TYPE_CHECKING:
 
 # Structured fields the code attaches with `extra=`; only these reach a JSON line. aws_request_id:
 # set on every record by the Lambda runtime's log handler (lambda_handler.py).
-LOG_FIELDS = ("message_id", "reason", "batch_size", "duration_ms", "attempt", "count", "service", "error",
-              "aws_request_id")
+LOG_FIELDS = (
+    "message_id",
+    "reason",
+    "batch_size",
+    "duration_ms",
+    "attempt",
+    "count",
+    "service",
+    "error",
+    "aws_request_id",
+)
 
 
 class Observer:
@@ -123,8 +132,14 @@ def configure_logging(verbosity: int, log_format: str) -> None:
 class Progress:
     """Live progress: a redrawn line on a terminal, a log line every `interval` seconds otherwise."""
 
-    def __init__(self, stats: Stats, queue_depth: Callable[[], int | None], *, stream: TextIO = sys.stderr,
-                 interval: float | None = None) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        queue_depth: Callable[[], int | None],
+        *,
+        stream: TextIO = sys.stderr,
+        interval: float | None = None,
+    ) -> None:
         self._stats = stats
         self._queue_depth = queue_depth
         self._stream = stream
@@ -150,8 +165,10 @@ class Progress:
         s = self._stats
         seconds = max(time.monotonic() - s.started, 1e-9)
         depth = "?" if self._depth is None else f"{self._depth:,}"
-        return (f"received {s.received:,}  loaded {s.loaded:,}  rejected {s.rejected:,}  "
-                f"{s.received / seconds:,.0f} msgs/s  queue ≈ {depth} left")
+        return (
+            f"received {s.received:,}  loaded {s.loaded:,}  rejected {s.rejected:,}  "
+            f"{s.received / seconds:,.0f} msgs/s  queue ≈ {depth} left"
+        )
 
     def _loop(self) -> None:
         logger = logging.getLogger("login_etl.progress")
@@ -179,8 +196,9 @@ class Health:
     Ready: the consume loop runs and is not stopping.
     """
 
-    def __init__(self, stall_seconds: float = LIVENESS_STALL_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, stall_seconds: float = LIVENESS_STALL_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._stall_seconds = stall_seconds
         self._clock = clock
         self._last_beat = clock()
@@ -248,7 +266,7 @@ class BatchHistogram:
 
     def observe_many(self, values: Iterable[float]) -> None:
         ordered = sorted(values)
-        total = sum(ordered[bisect_left(ordered, 0.0):])
+        total = sum(ordered[bisect_left(ordered, 0.0) :])
         counts = [bisect_right(ordered, bound) for bound in self._bounds] + [len(ordered)]
         with self._lock:
             self._cumulative = [a + b for a, b in zip(self._cumulative, counts, strict=True)]
@@ -261,8 +279,9 @@ class BatchHistogram:
         with self._lock:
             cumulative, total = list(self._cumulative), self._sum
         les = [floatToGoString(bound) for bound in [*self._bounds, float("inf")]]
-        yield HistogramMetricFamily(self._name, self._documentation, buckets=list(zip(les, cumulative, strict=True)),
-                                    sum_value=total)
+        yield HistogramMetricFamily(
+            self._name, self._documentation, buckets=list(zip(les, cumulative, strict=True)), sum_value=total
+        )
 
 
 class Metrics(Observer):
@@ -281,27 +300,44 @@ class Metrics(Observer):
         self.registry = CollectorRegistry()
         self.received = Counter("login_etl_messages_received", "Messages received from SQS", registry=self.registry)
         self.loaded = Counter("login_etl_messages_loaded", "Rows inserted into user_logins", registry=self.registry)
-        self.rejected = Counter("login_etl_messages_rejected", "Messages quarantined, by kind of reason",
-                                ["reason"], registry=self.registry)
-        self.redelivered = Counter("login_etl_messages_redelivered", "Messages received more than once",
-                                   registry=self.registry)
-        self.batch_size = Histogram("login_etl_batch_size", "Messages per committed batch", registry=self.registry,
-                                    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000))
-        self.batch_seconds = Histogram("login_etl_batch_seconds", "Write and commit time of a batch (retries included)",
-                                       registry=self.registry,
-                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.freshness = BatchHistogram("login_etl_freshness_seconds",
-                                        "Commit time minus SQS SentTimestamp, per committed message",
-                                        FRESHNESS_BUCKETS, self.registry)
-        self.oldest_age = Gauge("login_etl_oldest_message_age_seconds",
-                                "Age (now minus SentTimestamp) of the oldest message of the last committed batch",
-                                registry=self.registry)
-        self.errors = Counter("login_etl_errors", "Service errors by service and kind", ["service", "kind"],
-                              registry=self.registry)
-        self.last_commit = Gauge("login_etl_last_commit_timestamp_seconds", "Unix time of the last commit",
-                                 registry=self.registry)
-        self.queue_depth = Gauge("login_etl_queue_depth", "ApproximateNumberOfMessages as last seen",
-                                 registry=self.registry)
+        self.rejected = Counter(
+            "login_etl_messages_rejected", "Messages quarantined, by kind of reason", ["reason"], registry=self.registry
+        )
+        self.redelivered = Counter(
+            "login_etl_messages_redelivered", "Messages received more than once", registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "login_etl_batch_size",
+            "Messages per committed batch",
+            registry=self.registry,
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+        )
+        self.batch_seconds = Histogram(
+            "login_etl_batch_seconds",
+            "Write and commit time of a batch (retries included)",
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.freshness = BatchHistogram(
+            "login_etl_freshness_seconds",
+            "Commit time minus SQS SentTimestamp, per committed message",
+            FRESHNESS_BUCKETS,
+            self.registry,
+        )
+        self.oldest_age = Gauge(
+            "login_etl_oldest_message_age_seconds",
+            "Age (now minus SentTimestamp) of the oldest message of the last committed batch",
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "login_etl_errors", "Service errors by service and kind", ["service", "kind"], registry=self.registry
+        )
+        self.last_commit = Gauge(
+            "login_etl_last_commit_timestamp_seconds", "Unix time of the last commit", registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "login_etl_queue_depth", "ApproximateNumberOfMessages as last seen", registry=self.registry
+        )
         for reason in REASON_LABELS:
             self.rejected.labels(reason=reason)
         for service, kinds in ERROR_KINDS.items():
@@ -325,8 +361,9 @@ class Metrics(Observer):
             if probe is None:
                 return metrics_app(environ, start_response)
             ok, text = probe()
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "text/plain; charset=utf-8")])
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")]
+            )
             return [text.encode() + b"\n"]
 
         return app
@@ -342,8 +379,11 @@ class Metrics(Observer):
         self.batch_size.observe(len(batch.messages))
         self.batch_seconds.observe(seconds)
         self.loaded.inc(written.inserted)
-        kinds = Tally(reason_kind(batch.rejections[message_id].reason) for message_id in written.rejected_ids
-                      if message_id in batch.rejections)
+        kinds = Tally(
+            reason_kind(batch.rejections[message_id].reason)
+            for message_id in written.rejected_ids
+            if message_id in batch.rejections
+        )
         for kind, count in kinds.items():
             self.rejected.labels(reason=kind).inc(count)
         # Freshness of every message the transaction stored or quarantined (once per message id,

@@ -70,8 +70,11 @@ class QueueLost(Exception):
 def write_batch(sink: BatchSink, batch: Batch, quarantined: RecentQuarantine) -> WriteResult:
     """Write a batch's rows and rejections in one transaction (the sink's `write`), with the
     one-table check whenever a message of it may have been seen before."""
-    return sink.write(list(batch.rows.values()), list(batch.rejections.values()),
-                      redelivered=batch.redelivered > 0 or quarantined.holds_any(batch.rows))
+    return sink.write(
+        list(batch.rows.values()),
+        list(batch.rejections.values()),
+        redelivered=batch.redelivered > 0 or quarantined.holds_any(batch.rows),
+    )
 
 
 def store(batch: Batch, masker: Masker, write: Callable[[], WriteResult]) -> WriteResult:
@@ -93,9 +96,17 @@ def store(batch: Batch, masker: Masker, write: Callable[[], WriteResult]) -> Wri
 class Pipeline:
     """Runs receivers, the writer and the deleters until the queue is drained or stop() is called."""
 
-    def __init__(self, source: MessageSource, sink: BatchSink, masker: Masker, options: PipelineOptions,
-                 observer: Observer | None = None, *, clock: Clock | None = None,
-                 rng: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        source: MessageSource,
+        sink: BatchSink,
+        masker: Masker,
+        options: PipelineOptions,
+        observer: Observer | None = None,
+        *,
+        clock: Clock | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         self._source = source
         self._sink = sink
         self._masker = masker
@@ -103,12 +114,15 @@ class Pipeline:
         self._observer = observer or Observer()
         self._stop = StopState(clock or Clock(), options.stop_timeout_seconds)
         self._retrier = Retrier(
-            Backoff(options.backoff_base_seconds, options.backoff_cap_seconds), self._stop,
+            Backoff(options.backoff_base_seconds, options.backoff_cap_seconds),
+            self._stop,
             budget_seconds=None if options.follow else options.retry_budget_seconds,
             on_error=lambda service, operation: self._observer.on_error(_METRIC_SERVICE[service], operation),
-            rng=rng)
-        self.keeper = VisibilityKeeper(source.change_visibility, options.visibility_timeout_seconds,
-                                       on_pass=self._extended)
+            rng=rng,
+        )
+        self.keeper = VisibilityKeeper(
+            source.change_visibility, options.visibility_timeout_seconds, on_pass=self._extended
+        )
         self._inbox: queue.Queue[Prepared | None] = queue.Queue(maxsize=max(4, 2 * options.batch_size // 10))
         self._fatal: BaseException | None = None
         self._quarantined = RecentQuarantine()
@@ -143,8 +157,10 @@ class Pipeline:
 
     def _work(self) -> None:
         try:
-            receivers = [threading.Thread(target=self._receive_loop, name=f"receiver-{i}", daemon=True)
-                         for i in range(self._options.receivers)]
+            receivers = [
+                threading.Thread(target=self._receive_loop, name=f"receiver-{i}", daemon=True)
+                for i in range(self._options.receivers)
+            ]
             for thread in receivers:
                 thread.start()
             self.keeper.start()
@@ -244,17 +260,26 @@ class Pipeline:
         """Store a batch in one transaction; return the messages that may now be deleted."""
         started = time.monotonic()
         batch = Batch(parts)
-        written = store(batch, self._masker, lambda: self._retrier.call(
-            "PostgreSQL", "write", lambda: self._write_once(batch), DatabaseUnavailable))
+        written = store(
+            batch,
+            self._masker,
+            lambda: self._retrier.call("PostgreSQL", "write", lambda: self._write_once(batch), DatabaseUnavailable),
+        )
         self._quarantined.remember(written.rejected_ids)
         failed = batch.failed
-        self.stats.add(loaded=written.inserted, rejected=written.rejected, duplicates=written.duplicates,
-                       failed=len(failed))
+        self.stats.add(
+            loaded=written.inserted, rejected=written.rejected, duplicates=written.duplicates, failed=len(failed)
+        )
         self.keeper.untrack(failed)  # not extended: they come back after the timeout
         seconds = time.monotonic() - started
         self._observer.on_commit(batch, seconds, written)
-        logger.debug("committed %d messages in %.0f ms: %s", len(batch.messages), seconds * 1000, written,
-                     extra={"batch_size": len(batch.messages), "duration_ms": round(seconds * 1000, 1)})
+        logger.debug(
+            "committed %d messages in %.0f ms: %s",
+            len(batch.messages),
+            seconds * 1000,
+            written,
+            extra={"batch_size": len(batch.messages), "duration_ms": round(seconds * 1000, 1)},
+        )
         return batch.deletable()
 
     def _write_once(self, batch: Batch) -> WriteResult:

@@ -148,8 +148,13 @@ class Retrier:
                     if now >= self._stop.deadline:
                         raise StopDeadlinePassed(f"{what} still failing at the stop deadline: {exc}") from None
                 if attempt == 1 or attempt % LOG_EVERY == 0:
-                    logger.warning("%s failed (attempt %d): %s; retrying", what, attempt, exc,
-                                   extra={"attempt": attempt, "service": service, "error": str(exc)})
+                    logger.warning(
+                        "%s failed (attempt %d): %s; retrying",
+                        what,
+                        attempt,
+                        exc,
+                        extra={"attempt": attempt, "service": service, "error": str(exc)},
+                    )
                 delay = self.backoff.delay(attempt, self._rng)
                 if self._stop.deadline is not None:
                     delay = min(delay, max(0.0, self._stop.deadline - now))

@@ -74,19 +74,30 @@ def poison_rule(message: ReceivedMessage, exc: Exception, masker: Masker, max_re
     `max_receives` times, then its quarantine row."""
     reason = f"processing failed {message.receive_count} times: {type(exc).__name__}"
     if message.receive_count >= max_receives:
-        logger.error("message %s quarantined: %s", message.message_id, reason,
-                     extra={"message_id": message.message_id, "reason": reason})
+        logger.error(
+            "message %s quarantined: %s",
+            message.message_id,
+            reason,
+            extra={"message_id": message.message_id, "reason": reason},
+        )
         return reject(message, masker, reason)
     logger.error(
         "message %s failed (%s, receive %d of %d before quarantine); left for redelivery",
-        message.message_id, type(exc).__name__, message.receive_count, max_receives,
+        message.message_id,
+        type(exc).__name__,
+        message.receive_count,
+        max_receives,
         extra={"message_id": message.message_id, "error": type(exc).__name__},
     )
     return None
 
 
-def retry_quarantined(message_id: str, encrypted_body: str, sent_at: datetime | None, masker: Masker,
-                      ) -> MaskedLogin | str:
+def retry_quarantined(
+    message_id: str,
+    encrypted_body: str,
+    sent_at: datetime | None,
+    masker: Masker,
+) -> MaskedLogin | str:
     """Today's validation of a quarantined message: its row for `user_logins`, or why it still fails.
 
     The body is decrypted in memory only and never returned, logged or put in the reason (reasons
@@ -125,8 +136,12 @@ def prepare(messages: list[ReceivedMessage], masker: Masker, max_receives: int) 
             prepared.failed.append(message)
         elif isinstance(result, Rejection):
             prepared.rejections.append(result)
-            logger.warning("message %s rejected: %s", message.message_id, result.reason,
-                           extra={"message_id": message.message_id, "reason": result.reason})
+            logger.warning(
+                "message %s rejected: %s",
+                message.message_id,
+                result.reason,
+                extra={"message_id": message.message_id, "reason": result.reason},
+            )
         else:
             prepared.rows.append(result)
     return prepared
@@ -152,30 +167,47 @@ class Batch:
     def redelivered(self) -> int:
         return sum(1 for m in self.messages if m.receive_count > 1)
 
-    def quarantine_refused(self, logins: Sequence[tuple[MaskedLogin, str]],
-                           rejections: Sequence[tuple[Rejection, str]], masker: Masker) -> None:
+    def quarantine_refused(
+        self, logins: Sequence[tuple[MaskedLogin, str]], rejections: Sequence[tuple[Rejection, str]], masker: Masker
+    ) -> None:
         """Rows PostgreSQL refused alone: a login becomes a rejection with PostgreSQL's reason; a
         rejection is replaced by a minimal one; a minimal one refused too leaves its message for
         redelivery (SQS dead-letters it after the RedrivePolicy's maxReceiveCount)."""
         for login, reason in logins:
             del self.rows[login.message_id]
             self.rejections[login.message_id] = reject(self._by_id[login.message_id], masker, reason)
-            logger.warning("message %s rejected: %s", login.message_id, reason,
-                           extra={"message_id": login.message_id, "reason": reason})
+            logger.warning(
+                "message %s rejected: %s",
+                login.message_id,
+                reason,
+                extra={"message_id": login.message_id, "reason": reason},
+            )
         for rejection, reason in rejections:
             message_id = rejection.message_id
             if message_id in self._fallbacks:
                 del self.rejections[message_id]
                 self._failed_ids.add(message_id)
-                logger.error("message %s cannot be stored in either table (%s); left for redelivery",
-                             message_id, reason, extra={"message_id": message_id, "reason": reason})
+                logger.error(
+                    "message %s cannot be stored in either table (%s); left for redelivery",
+                    message_id,
+                    reason,
+                    extra={"message_id": message_id, "reason": reason},
+                )
                 continue
             self._fallbacks.add(message_id)
             self.rejections[message_id] = Rejection(
-                message_id=message_id, reason=f"quarantine row {reason}; original reason dropped",
-                encrypted_body=rejection.encrypted_body, sent_at=None, receive_count=1)
-            logger.warning("message %s: its quarantine row was refused (%s); storing a minimal one",
-                           message_id, reason, extra={"message_id": message_id, "reason": reason})
+                message_id=message_id,
+                reason=f"quarantine row {reason}; original reason dropped",
+                encrypted_body=rejection.encrypted_body,
+                sent_at=None,
+                receive_count=1,
+            )
+            logger.warning(
+                "message %s: its quarantine row was refused (%s); storing a minimal one",
+                message_id,
+                reason,
+                extra={"message_id": message_id, "reason": reason},
+            )
 
     @property
     def failed(self) -> list[ReceivedMessage]:

@@ -36,13 +36,15 @@ def messages_of(event: Mapping[str, Any]) -> list[ReceivedMessage]:
         if missing:
             raise EventError(f"record {position} lacks {', '.join(missing)}")
         attributes = record.get("attributes") or {}
-        messages.append(ReceivedMessage(
-            message_id=record["messageId"],
-            receipt_handle=record["receiptHandle"],
-            body=record["body"],
-            sent_timestamp_ms=_int_or_none(attributes.get("SentTimestamp")),
-            receive_count=_int_or_none(attributes.get("ApproximateReceiveCount")) or 1,
-        ))
+        messages.append(
+            ReceivedMessage(
+                message_id=record["messageId"],
+                receipt_handle=record["receiptHandle"],
+                body=record["body"],
+                sent_timestamp_ms=_int_or_none(attributes.get("SentTimestamp")),
+                receive_count=_int_or_none(attributes.get("ApproximateReceiveCount")) or 1,
+            )
+        )
     return messages
 
 

@@ -27,8 +27,10 @@ def read_secret(secret_id: str, *, region: str, client: Any = None) -> str:
         value = client.get_secret_value(SecretId=secret_id).get("SecretString")
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "error")
-        raise SecretError(f"secret {secret_id}: {code}; check that it exists in {region} and that the "
-                          "function's role may call secretsmanager:GetSecretValue on it") from None
+        raise SecretError(
+            f"secret {secret_id}: {code}; check that it exists in {region} and that the "
+            "function's role may call secretsmanager:GetSecretValue on it"
+        ) from None
     except BotoCoreError as exc:
         raise SecretError(f"secret {secret_id}: Secrets Manager unreachable ({type(exc).__name__})") from None
     if not value:

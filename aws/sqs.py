@@ -141,9 +141,7 @@ class SqsReader:
             for entry in response.get("Failed", []):
                 message = chunk[int(entry["Id"])]
                 failed.append(message.message_id)
-                logger.warning(
-                    "delete refused for message %s: %s", message.message_id, entry.get("Code", "unknown")
-                )
+                logger.warning("delete refused for message %s: %s", message.message_id, entry.get("Code", "unknown"))
         return failed
 
     def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]:
@@ -189,4 +187,3 @@ def _to_message(raw: MessageTypeDef) -> ReceivedMessage:
         sent_timestamp_ms=int(sent) if sent else None,
         receive_count=int(attributes.get("ApproximateReceiveCount", 1)),
     )
-

@@ -120,8 +120,11 @@ class VisibilityKeeper:
                         self._deadlines[message.receipt_handle] = (message, called_at + self.timeout)
                         extended += 1
             if refused_ids:
-                logger.warning("SQS refused to extend %d of %d messages (stale receipt: they reappear and are "
-                               "stored once)", len(refused_ids), len(chunk))
+                logger.warning(
+                    "SQS refused to extend %d of %d messages (stale receipt: they reappear and are stored once)",
+                    len(refused_ids),
+                    len(chunk),
+                )
         if extended:
             logger.info("extended the visibility of %d messages still in hand", extended)
         return ExtendResult(extended=extended, refused=refused, failed=failed)

@@ -41,11 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint-url", default="http://localhost:4566")
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args(argv)
-    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         os.environ.setdefault(name, value)
-    services = Services(endpoint_url=args.endpoint_url, region=os.environ["AWS_DEFAULT_REGION"],
-                        admin_dsn=args.database_url, masking_key=generate_key())
+    services = Services(
+        endpoint_url=args.endpoint_url,
+        region=os.environ["AWS_DEFAULT_REGION"],
+        admin_dsn=args.database_url,
+        masking_key=generate_key(),
+    )
     sqs = services.client()
     queue_url = sqs.create_queue(QueueName=f"bench-follow-{os.urandom(6).hex()}")["QueueUrl"]
     try:
@@ -66,8 +73,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _measure(services: Services, sqs, queue_url: str, dsn: str, rate: float, seconds: float) -> list[float]:
-    env = {**os.environ, "SQS_QUEUE_URL": queue_url, "AWS_ENDPOINT_URL": services.endpoint_url,
-           "DATABASE_URL": dsn, "MASKING_KEY": services.masking_key}
+    env = {
+        **os.environ,
+        "SQS_QUEUE_URL": queue_url,
+        "AWS_ENDPOINT_URL": services.endpoint_url,
+        "DATABASE_URL": dsn,
+        "MASKING_KEY": services.masking_key,
+    }
     etl = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--follow", "-q"], cwd=ROOT, env=env)
     sent: dict[str, float] = {}
     seen: dict[str, float] = {}

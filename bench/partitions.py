@@ -84,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="0,10,50", help="table sizes in millions of rows (0,10,50)")
     parser.add_argument("--rows-per-day-m", type=float, default=2.0, help="preloaded millions of rows per day (2)")
     parser.add_argument("--batches", type=int, default=30, help="timed 10,000-row COPYs per size (30)")
-    parser.add_argument("--queries-from-m", type=float, default=10.0,
-                        help="time the analysts' queries at sizes from this many million rows (10)")
+    parser.add_argument(
+        "--queries-from-m",
+        type=float,
+        default=10.0,
+        help="time the analysts' queries at sizes from this many million rows (10)",
+    )
     parser.add_argument("--skip-queries", action="store_true")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"some of {','.join(LAYOUTS)} (all)")
     args = parser.parse_args(argv)
@@ -94,14 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     admin = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     started = time.monotonic()
     print(f"user_logins scale benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"machine: nproc {len(os.sched_getaffinity(0))}, {platform.system()} {platform.release()}; "
-          f"Python {platform.python_version()}; load average {_load()}")
+    print(
+        f"machine: nproc {len(os.sched_getaffinity(0))}, {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}; load average {_load()}"
+    )
     with _connect(admin) as conn, conn.cursor() as cur:
         cur.execute("SELECT version(), current_setting('shared_buffers'), current_setting('work_mem')")
         version, shared_buffers, work_mem = _one(cur)
     print(f"PostgreSQL: {version.split(',')[0]}; shared_buffers {shared_buffers}, work_mem {work_mem}")
-    print(f"sizes (rows preloaded): {', '.join(f'{s:,}' for s in sizes)}; {args.batches} COPYs of "
-          f"{BATCH_ROWS:,} rows dated today per size; preload {args.rows_per_day_m}M rows per past day\n")
+    print(
+        f"sizes (rows preloaded): {', '.join(f'{s:,}' for s in sizes)}; {args.batches} COPYs of "
+        f"{BATCH_ROWS:,} rows dated today per size; preload {args.rows_per_day_m}M rows per past day\n"
+    )
     results: dict[str, list[tuple[int, float, list[float]]]] = {layout: [] for layout in layouts}
     space: dict[str, tuple[int, int, int]] = {}
     timings: list[tuple[int, str, str, float]] = []
@@ -124,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             for layout in databases:
                 r = rates[layout]
                 results[layout].append((size, preload[layout], r))
-                print(f"{layout:<12} at {size / 1e6:>5.1f}M rows: COPY median {statistics.median(r):>9,.0f} rows/s "
-                      f"(min {min(r):,.0f}, max {max(r):,.0f}); preload took {preload[layout]:.0f} s", flush=True)
+                print(
+                    f"{layout:<12} at {size / 1e6:>5.1f}M rows: COPY median {statistics.median(r):>9,.0f} rows/s "
+                    f"(min {min(r):,.0f}, max {max(r):,.0f}); preload took {preload[layout]:.0f} s",
+                    flush=True,
+                )
             if size >= args.queries_from_m * 1_000_000 and not args.skip_queries:
                 for layout, (dsn, _drop) in databases.items():
                     for name, seconds in _queries(dsn):
@@ -148,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\ndisk per million rows (heap + indexes, after the run)")
     for layout, (heap, indexes, rows) in space.items():
         per = 1_000_000 / max(rows, 1)
-        print(f"  {layout:<12} {heap * per / 2**20:>7.1f} MB heap + {indexes * per / 2**20:>6.1f} MB indexes "
-              f"= {(heap + indexes) * per / 2**20:>7.1f} MB  ({rows:,} rows)")
+        print(
+            f"  {layout:<12} {heap * per / 2**20:>7.1f} MB heap + {indexes * per / 2**20:>6.1f} MB indexes "
+            f"= {(heap + indexes) * per / 2**20:>7.1f} MB  ({rows:,} rows)"
+        )
     if timings:
         print("\nanalysts' queries (one run each, right after the COPYs)")
         for size, layout, name, seconds in timings:
@@ -193,8 +206,10 @@ def _create(dsn: str, layout: str) -> None:
         writer = PostgresWriter(dsn)  # the schema exactly as the ETL creates it
         writer.connect()
         writer.close()
-        dropped = {"partitioned": list(partitions.TOKEN_INDEXES),  # schema 3: without the token indexes
-                   "device-indexed": ["user_logins_ip_user_day"]}.get(layout)  # the write cost of one index
+        dropped = {
+            "partitioned": list(partitions.TOKEN_INDEXES),  # schema 3: without the token indexes
+            "device-indexed": ["user_logins_ip_user_day"],
+        }.get(layout)  # the write cost of one index
         if dropped:
             with _connect(dsn) as conn, conn.cursor() as cur:
                 cur.execute(f"DROP INDEX {', '.join(dropped)}")
@@ -234,12 +249,22 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
                         cur.execute(f"DROP INDEX IF EXISTS {target}_message_id_create_date_key")
                     else:
                         cur.execute(f"CREATE TABLE {target} (LIKE user_logins)")
-                cur.execute(_PRELOAD.replace("INSERT INTO user_logins", f"INSERT INTO {target}"),
-                            {"users": max(size // 8, 1), "pool": max(size // 4, 1), "last_day": last_day,
-                             "per_day": per_day, "first": first, "last": last})
+                cur.execute(
+                    _PRELOAD.replace("INSERT INTO user_logins", f"INSERT INTO {target}"),
+                    {
+                        "users": max(size // 8, 1),
+                        "pool": max(size // 4, 1),
+                        "last_day": last_day,
+                        "per_day": per_day,
+                        "first": first,
+                        "last": last,
+                    },
+                )
                 if layout != "plain":
-                    cur.execute(f"ALTER TABLE user_logins ATTACH PARTITION {target} FOR VALUES FROM (%s) TO (%s)",
-                                (day, day + timedelta(days=1)))
+                    cur.execute(
+                        f"ALTER TABLE user_logins ATTACH PARTITION {target} FOR VALUES FROM (%s) TO (%s)",
+                        (day, day + timedelta(days=1)),
+                    )
             if layout == "plain":
                 cur.execute("ALTER TABLE user_logins ADD CONSTRAINT user_logins_message_id_key UNIQUE (message_id)")
             cur.execute("VACUUM ANALYZE user_logins")
@@ -252,9 +277,19 @@ def _copy_rate(dsn: str, size: int, batch: int) -> float:
     """Rows/s of one 10,000-row COPY dated today, in its own transaction (a new connection each time,
     as cheap as the sink's reused one: the connection is made before the clock starts)."""
     today: date = datetime.now(timezone.utc).date()
-    rows = [MaskedLogin(str(uuid.uuid4()), str(uuid.uuid4()), "ios", f"v1.ip{size}-{batch}-{i:05d}" + "x" * 30,
-                        f"v1.dev{size}-{batch}-{i:05d}" + "y" * 24, None, "2.3.0", today)
-            for i in range(BATCH_ROWS)]
+    rows = [
+        MaskedLogin(
+            str(uuid.uuid4()),
+            str(uuid.uuid4()),
+            "ios",
+            f"v1.ip{size}-{batch}-{i:05d}" + "x" * 30,
+            f"v1.dev{size}-{batch}-{i:05d}" + "y" * 24,
+            None,
+            "2.3.0",
+            today,
+        )
+        for i in range(BATCH_ROWS)
+    ]
     text = _copy_text(rows)
     conn = _connect(dsn)
     try:
@@ -266,8 +301,16 @@ def _copy_rate(dsn: str, size: int, batch: int) -> float:
         conn.close()
 
 
-_COPY_COLUMNS = ("message_id", "user_id", "device_type", "masked_ip", "masked_device_id", "app_version",
-                 "create_date", "locale")
+_COPY_COLUMNS = (
+    "message_id",
+    "user_id",
+    "device_type",
+    "masked_ip",
+    "masked_device_id",
+    "app_version",
+    "create_date",
+    "locale",
+)
 
 
 class _Reader:

@@ -45,16 +45,23 @@ def run(services: Services, bodies: list[str], replicas: int) -> dict[str, float
     try:
         send(bodies, url, services.endpoint_url)
         with fresh_database(services) as dsn:
-            env = dict(os.environ, SQS_QUEUE_URL=via(url, services.endpoint_url),
-                       AWS_ENDPOINT_URL=services.endpoint_url, AWS_ENDPOINT_URL_SQS=services.endpoint_url,
-                       DATABASE_URL=dsn, MASKING_KEY=services.masking_key, AWS_DEFAULT_REGION=services.region)
+            env = dict(
+                os.environ,
+                SQS_QUEUE_URL=via(url, services.endpoint_url),
+                AWS_ENDPOINT_URL=services.endpoint_url,
+                AWS_ENDPOINT_URL_SQS=services.endpoint_url,
+                DATABASE_URL=dsn,
+                MASKING_KEY=services.masking_key,
+                AWS_DEFAULT_REGION=services.region,
+            )
             peaks = {"in_flight": 0, "rss_kb": 0}
             done = threading.Event()
 
             def sample(pids: list[int]) -> None:
                 while not done.wait(0.25):
                     attributes = sqs.get_queue_attributes(
-                        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+                        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"]
+                    )["Attributes"]
                     in_flight = int(attributes["ApproximateNumberOfMessagesNotVisible"])
                     peaks["in_flight"] = max(peaks["in_flight"], in_flight)
                     for pid in pids:
@@ -69,8 +76,16 @@ def run(services: Services, bodies: list[str], replicas: int) -> dict[str, float
             cpu_before = os.times()
             began = time.perf_counter()
             with tempfile.TemporaryFile() as err:
-                procs = [subprocess.Popen([sys.executable, str(ROOT / "main.py")], cwd=ROOT, env=env,
-                                          stdout=subprocess.DEVNULL, stderr=err) for _ in range(replicas)]
+                procs = [
+                    subprocess.Popen(
+                        [sys.executable, str(ROOT / "main.py")],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                    )
+                    for _ in range(replicas)
+                ]
                 sampler = threading.Thread(target=sample, args=([p.pid for p in procs],), daemon=True)
                 sampler.start()
                 codes = [p.wait(timeout=900) for p in procs]
@@ -82,16 +97,22 @@ def run(services: Services, bodies: list[str], replicas: int) -> dict[str, float
                     raise RuntimeError(f"exit codes {codes}: {err.read().decode()[-800:]}")
             cpu_after = os.times()
             cpu = (cpu_after.children_user - cpu_before.children_user) + (
-                cpu_after.children_system - cpu_before.children_system)
+                cpu_after.children_system - cpu_before.children_system
+            )
             loaded, rejected = _stored_counts(dsn)
         names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
         left = sum(int(v) for v in sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"].values())
     finally:
         sqs.delete_queue(QueueUrl=url)
     verdict = "OK" if loaded + rejected == len(bodies) and left == 0 else "MISMATCH"
-    return {"rate": len(bodies) / seconds, "seconds": seconds, "cpu_per_replica": cpu / replicas / seconds,
-            "rss_mb": peaks["rss_kb"] / 1024, "in_flight": peaks["in_flight"],
-            "check": f"{verdict}: {loaded} + {rejected} rejected of {len(bodies)}, {left} left"}
+    return {
+        "rate": len(bodies) / seconds,
+        "seconds": seconds,
+        "cpu_per_replica": cpu / replicas / seconds,
+        "rss_mb": peaks["rss_kb"] / 1024,
+        "in_flight": peaks["in_flight"],
+        "check": f"{verdict}: {loaded} + {rejected} rejected of {len(bodies)}, {left} left",
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,17 +121,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args(argv)
-    services = Services(endpoint_url=os.environ.get("TEST_SQS_ENDPOINT", "http://localhost:4566"),
-                        region="us-east-1", masking_key=generate_key(),
-                        admin_dsn=os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    services = Services(
+        endpoint_url=os.environ.get("TEST_SQS_ENDPOINT", "http://localhost:4566"),
+        region="us-east-1",
+        masking_key=generate_key(),
+        admin_dsn=os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    )
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
     bodies = list(generate(args.count, seed=SEED))
     started = datetime.now(timezone.utc)
-    print(f"login-etl replicas benchmark, {started:%Y-%m-%d %H:%M} UTC; nproc {os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.2f}; {args.count:,} messages per run, {args.runs} runs (medians)")
-    print(f"{'replicas':>8}  {'msgs/s':>7}  {'each run':<16} {'wall s':>6}  {'cores/replica':>13}  "
-          f"{'peak RSS MB':>11}  {'peak in flight':>14}")
+    print(
+        f"login-etl replicas benchmark, {started:%Y-%m-%d %H:%M} UTC; nproc {os.cpu_count()}, "
+        f"load average {os.getloadavg()[0]:.2f}; {args.count:,} messages per run, {args.runs} runs (medians)"
+    )
+    print(
+        f"{'replicas':>8}  {'msgs/s':>7}  {'each run':<16} {'wall s':>6}  {'cores/replica':>13}  "
+        f"{'peak RSS MB':>11}  {'peak in flight':>14}"
+    )
     mismatch = False
     for replicas in args.replicas:
         results = [run(services, bodies, replicas) for _ in range(args.runs)]
@@ -122,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         each = " ".join(f"{float(r['rate']):,.0f}" for r in results)
         rss = max(float(r["rss_mb"]) for r in results)
         in_flight = max(int(r["in_flight"]) for r in results)
-        print(f"{replicas:>8}  {med('rate'):>7,.0f}  {each:<16} {med('seconds'):>6.2f}  "
-              f"{med('cpu_per_replica'):>13.2f}  {rss:>11.0f}  {in_flight:>14,}")
+        print(
+            f"{replicas:>8}  {med('rate'):>7,.0f}  {each:<16} {med('seconds'):>6.2f}  "
+            f"{med('cpu_per_replica'):>13.2f}  {rss:>11.0f}  {in_flight:>14,}"
+        )
         for r in results:
             print(f"          {r['check']}")
     print(f"load average after {os.getloadavg()[0]:.2f}")

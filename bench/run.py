@@ -82,8 +82,12 @@ def etl_defaults() -> tuple[int, int, int, float]:
         from main import _build_parser  # the CLI is what the benchmark runs
 
         parser = _build_parser()
-        return (parser.get_default("receivers"), parser.get_default("deleters"),
-                parser.get_default("batch_size"), parser.get_default("flush_seconds"))
+        return (
+            parser.get_default("receivers"),
+            parser.get_default("deleters"),
+            parser.get_default("batch_size"),
+            parser.get_default("flush_seconds"),
+        )
     except (ImportError, AttributeError):
         from config import PipelineOptions
 
@@ -94,11 +98,18 @@ def etl_defaults() -> tuple[int, int, int, float]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print its report; return the exit code."""
     args = _parser().parse_args(argv)
-    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         os.environ.setdefault(name, value)
-    services = Services(endpoint_url=args.endpoint_url, region=os.environ["AWS_DEFAULT_REGION"],
-                        admin_dsn=args.database_url, masking_key=generate_key())
+    services = Services(
+        endpoint_url=args.endpoint_url,
+        region=os.environ["AWS_DEFAULT_REGION"],
+        admin_dsn=args.database_url,
+        masking_key=generate_key(),
+    )
     receivers, deleters, batch_size, flush_seconds = etl_defaults()
     limit_threads = receivers + deleters  # the SQS calls the ETL may have in flight
     started = datetime.now(timezone.utc)
@@ -114,9 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def record(key: str, label: str, measure: Callable[[], Measurement]) -> None:
         result = measure()
         results.setdefault(key, []).append(result)
-        _progress(f"  {label}: {result.items:,} in {result.seconds:.2f} s = {result.rate:,.0f}/s"
-                  + (f", peak RSS {result.rss_kb / 1024:.0f} MB" if result.rss_kb else "")
-                  + (f"; {result.check}" if result.check else ""))
+        _progress(
+            f"  {label}: {result.items:,} in {result.seconds:.2f} s = {result.rate:,.0f}/s"
+            + (f", peak RSS {result.rss_kb / 1024:.0f} MB" if result.rss_kb else "")
+            + (f"; {result.check}" if result.check else "")
+        )
 
     with ExitStack() as stack:
         proxy = None if args.skip_latency else stack.enter_context(latency_proxy(args.endpoint_url, args.latency_ms))
@@ -132,26 +145,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             if proxy is not None:
                 record("limit_lat", "limit +latency", lambda: _drain(services, bodies, limit_threads, proxy))
                 record("ours_lat", "ours +latency", lambda: _ours(services, bodies, proxy))
-                record("naive_lat", f"naive +latency ({naive_count:,}-message subset)",
-                       lambda: _naive(services, bodies[:naive_count], proxy))
-                record("naive_lat_full", f"  extrapolated to {args.count:,}",
-                       lambda: results["naive_lat"][-1].extrapolated(args.count))
+                record(
+                    "naive_lat",
+                    f"naive +latency ({naive_count:,}-message subset)",
+                    lambda: _naive(services, bodies[:naive_count], proxy),
+                )
+                record(
+                    "naive_lat_full",
+                    f"  extrapolated to {args.count:,}",
+                    lambda: results["naive_lat"][-1].extrapolated(args.count),
+                )
         if args.rss:
             _progress(f"rss: ours draining {args.rss_count:,}")
             record("rss", "ours (rss)", lambda: _ours(services, list(generate(args.rss_count, SEED))))
     code_after = _code_fingerprint()
-    footer = [] if code_after == code_before else [
-        f"WARNING: the ETL's code changed during the run ({code_before} -> {code_after}); figures may mix versions"]
-    footer += [f"finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC after "
-              f"{(datetime.now(timezone.utc) - started).total_seconds() / 60:.1f} min; load average "
-              f"before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 cores shared with other work)"]
+    footer = (
+        []
+        if code_after == code_before
+        else [
+            f"WARNING: the ETL's code changed during the run ({code_before} -> {code_after}); figures may mix versions"
+        ]
+    )
+    footer += [
+        f"finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC after "
+        f"{(datetime.now(timezone.utc) - started).total_seconds() / 60:.1f} min; load average "
+        f"before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 cores shared with other work)"
+    ]
     report = [*header, "", *_report(results, args, limit_threads, naive_count), "", *footer]
     print("\n".join(report))
     if args.markdown:
         _write_markdown(Path(args.markdown), report, argv)
     checks = [m.check for key in ("ours", "ours_lat", "rss", "sink") for m in results.get(key, [])]
     return EXIT_MISMATCH if any(c and not c.startswith("OK") for c in checks) else EXIT_OK
-
 
 
 def _drain(services: Services, bodies: list[str], threads: int, proxy: str | None = None) -> Measurement:
@@ -174,8 +199,9 @@ def _measured(result: Measurement) -> Callable[[], Measurement]:
     return lambda: result
 
 
-def _sink(services: Services, bodies: list[str], receivers: int, batch_size: int,
-          flush_seconds: float) -> tuple[Measurement, Measurement, Measurement]:
+def _sink(
+    services: Services, bodies: list[str], receivers: int, batch_size: int, flush_seconds: float
+) -> tuple[Measurement, Measurement, Measurement]:
     with fresh_database(services) as dsn:
         return sink(services, bodies, dsn, receivers, batch_size, flush_seconds)
 
@@ -183,8 +209,9 @@ def _sink(services: Services, bodies: list[str], receivers: int, batch_size: int
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _environment(services: Services, receivers: int, deleters: int, batch_size: int, flush_seconds: float,
-                 args: argparse.Namespace) -> list[str]:
+def _environment(
+    services: Services, receivers: int, deleters: int, batch_size: int, flush_seconds: float, args: argparse.Namespace
+) -> list[str]:
     cpu = _first_value("/proc/cpuinfo", "model name") or platform.processor() or "unknown CPU"
     memory_kb = _first_value("/proc/meminfo", "MemTotal")
     memory = f", {int(memory_kb.split()[0]) / 1024 / 1024:.1f} GiB RAM" if memory_kb else ""
@@ -208,8 +235,10 @@ def _environment(services: Services, receivers: int, deleters: int, batch_size: 
 def _code_fingerprint() -> str:
     """A short hash of the ETL's modules, to tell whether the code under test changed mid-run."""
     digest = hashlib.sha256()
-    files = [ROOT / name for name in ("main.py", "config.py", "models.py", "pipeline.py", "retry.py", "transform.py",
-                                      "observability.py")]
+    files = [
+        ROOT / name
+        for name in ("main.py", "config.py", "models.py", "pipeline.py", "retry.py", "transform.py", "observability.py")
+    ]
     for package in ("aws", "database", "pii"):
         files += sorted((ROOT / package).glob("*.py"))
     for path in files:
@@ -219,8 +248,12 @@ def _code_fingerprint() -> str:
 
 def _git_head() -> str:
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "--no-optional-locks", "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "--no-optional-locks", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         head = ""
     return head or "unknown"
@@ -268,8 +301,9 @@ def _first_value(path: str, key: str) -> str | None:
     return None
 
 
-def _report(results: dict[str, list[Measurement]], args: argparse.Namespace, limit_threads: int,
-            naive_count: int) -> list[str]:
+def _report(
+    results: dict[str, list[Measurement]], args: argparse.Namespace, limit_threads: int, naive_count: int
+) -> list[str]:
     lat = f"+{args.latency_ms:g} ms"
     rows = [
         ("limit", f"1 limit: bare drain, {limit_threads} threads", "msgs/s"),
@@ -291,21 +325,34 @@ def _report(results: dict[str, list[Measurement]], args: argparse.Namespace, lim
             continue
         each = " ".join(f"{m.rate:,.0f}" for m in runs)
         rss = _median([m.rss_kb for m in runs if m.rss_kb])
-        lines.append(f"{label:<38} {_median([m.rate for m in runs]):>9,.0f} {unit:<7} {each:<26} "
-                     f"{_median([m.seconds for m in runs]):>7.2f} {f'{rss / 1024:.0f} MB' if rss else '-':>9}")
+        lines.append(
+            f"{label:<38} {_median([m.rate for m in runs]):>9,.0f} {unit:<7} {each:<26} "
+            f"{_median([m.seconds for m in runs]):>7.2f} {f'{rss / 1024:.0f} MB' if rss else '-':>9}"
+        )
         inner = [m.inner_rate for m in runs if m.inner_rate]
         if inner:
-            lines.append(f"{'  same, by its own timer':<38} {_median(inner):>9,.0f} {unit:<7} "
-                         + " ".join(f"{r:,.0f}" for r in inner))
+            lines.append(
+                f"{'  same, by its own timer':<38} {_median(inner):>9,.0f} {unit:<7} "
+                + " ".join(f"{r:,.0f}" for r in inner)
+            )
     if "naive_lat" in results:
-        lines.append(f"  naive {lat} ran on a subset of {naive_count:,} of {args.count:,} messages; its time for all "
-                     f"{args.count:,} is extrapolated (busy time scaled, the final empty 1 s poll counted once)")
-    lines.append(f"  the bare COPYs load the sink's rows {COPY_REPEAT} times over (one {args.count:,}-row COPY "
-                 "is too short to time well)")
-    lines.append("  every drain ends with one empty 1 s long poll (as the ETL's drain mode does); wall time "
-                 "includes it, and for ours also the interpreter start")
-    checks = [f"  {key} run {i}: {m.check}" for key in ("ours", "ours_lat", "rss")
-              for i, m in enumerate(results.get(key, []), start=1)]
+        lines.append(
+            f"  naive {lat} ran on a subset of {naive_count:,} of {args.count:,} messages; its time for all "
+            f"{args.count:,} is extrapolated (busy time scaled, the final empty 1 s poll counted once)"
+        )
+    lines.append(
+        f"  the bare COPYs load the sink's rows {COPY_REPEAT} times over (one {args.count:,}-row COPY "
+        "is too short to time well)"
+    )
+    lines.append(
+        "  every drain ends with one empty 1 s long poll (as the ETL's drain mode does); wall time "
+        "includes it, and for ours also the interpreter start"
+    )
+    checks = [
+        f"  {key} run {i}: {m.check}"
+        for key in ("ours", "ours_lat", "rss")
+        for i, m in enumerate(results.get(key, []), start=1)
+    ]
     lines += ["", "correctness (rows + rejected == sent, queue empty):", *checks]
     lines += ["", *_targets(results, lat, args)]
     return lines
@@ -331,8 +378,9 @@ def _targets(results: dict[str, list[Measurement]], lat: str, args: argparse.Nam
                 values.append(mine / y.rate)
         return "  (per run: " + " ".join(f"{v:.2f}" for v in values) + ")" if len(values) > 1 else ""
 
-    def row(label: str, value: float | None, target: float, fmt: str, lower_is_better: bool = False,
-            note: str = "") -> str:
+    def row(
+        label: str, value: float | None, target: float, fmt: str, lower_is_better: bool = False, note: str = ""
+    ) -> str:
         sign = "<=" if lower_is_better else ">="
         if value is None:
             return f"{label:<44} {'n/a':>10}   target {sign} {target:{fmt}}   not run"
@@ -343,19 +391,43 @@ def _targets(results: dict[str, list[Measurement]], lat: str, args: argparse.Nam
     rss_big = _median([m.rss_kb / 1024 for m in results.get("rss", []) if m.rss_kb])
     lines = [
         "targets (issue 7)                             measured",
-        row("ours / limit (wall time)", ratio(rate("ours"), rate("limit")), TARGET_OURS_VS_LIMIT, ".2f",
-            note=paired("ours", "limit")),
-        row("ours / limit (ours by its own timer)", ratio(rate("ours", True), rate("limit")),
-            TARGET_OURS_VS_LIMIT, ".2f", note=paired("ours", "limit", inner=True)),
+        row(
+            "ours / limit (wall time)",
+            ratio(rate("ours"), rate("limit")),
+            TARGET_OURS_VS_LIMIT,
+            ".2f",
+            note=paired("ours", "limit"),
+        ),
+        row(
+            "ours / limit (ours by its own timer)",
+            ratio(rate("ours", True), rate("limit")),
+            TARGET_OURS_VS_LIMIT,
+            ".2f",
+            note=paired("ours", "limit", inner=True),
+        ),
         row("sink rows/s", rate("sink"), TARGET_SINK_ROWS_PER_SECOND, ",.0f"),
         row("sink / bare COPY, pre-formatted", ratio(rate("sink"), rate("copy")), TARGET_SINK_VS_COPY, ".2f"),
         row(f"ours {lat} msgs/s (wall)", rate("ours_lat"), TARGET_LATENCY_OURS_MSGS_PER_SECOND, ",.0f"),
-        row(f"ours {lat} / naive {lat} (extrapolated)", ratio(rate("ours_lat"), rate("naive_lat_full")),
-            TARGET_LATENCY_OURS_VS_NAIVE, ".1f"),
-        row(f"peak RSS MB, ours draining {args.count:,}", rss_20k or None, TARGET_PEAK_RSS_MB, ".0f",
-            lower_is_better=True),
-        row(f"peak RSS MB, ours draining {args.rss_count:,} (--rss)", rss_big or None, TARGET_PEAK_RSS_MB, ".0f",
-            lower_is_better=True),
+        row(
+            f"ours {lat} / naive {lat} (extrapolated)",
+            ratio(rate("ours_lat"), rate("naive_lat_full")),
+            TARGET_LATENCY_OURS_VS_NAIVE,
+            ".1f",
+        ),
+        row(
+            f"peak RSS MB, ours draining {args.count:,}",
+            rss_20k or None,
+            TARGET_PEAK_RSS_MB,
+            ".0f",
+            lower_is_better=True,
+        ),
+        row(
+            f"peak RSS MB, ours draining {args.rss_count:,} (--rss)",
+            rss_big or None,
+            TARGET_PEAK_RSS_MB,
+            ".0f",
+            lower_is_better=True,
+        ),
         "",
         "other ratios",
         f"  ours / naive                            {_fmt(ratio(rate('ours'), rate('naive')))}",
@@ -364,8 +436,9 @@ def _targets(results: dict[str, list[Measurement]], lat: str, args: argparse.Nam
         f"  limit {lat} / limit                    {_fmt(ratio(rate('limit_lat'), rate('limit')))}",
     ]
     if rss_20k and rss_big:
-        lines.append(f"  peak RSS {rss_big:.0f} MB for the large drain vs {rss_20k:.0f} MB for --count: "
-                     f"x{rss_big / rss_20k:.2f}")
+        lines.append(
+            f"  peak RSS {rss_big:.0f} MB for the large drain vs {rss_20k:.0f} MB for --count: x{rss_big / rss_20k:.2f}"
+        )
     return lines
 
 
@@ -415,15 +488,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=3, help="runs of every scenario; medians are reported (3)")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="delay added to every SQS request (20)")
     parser.add_argument("--skip-latency", action="store_true", help="leave out the latency scenarios")
-    parser.add_argument("--naive-latency-count", type=int, default=None,
-                        help="messages for the naive loop under latency (a tenth of --count)")
+    parser.add_argument(
+        "--naive-latency-count",
+        type=int,
+        default=None,
+        help="messages for the naive loop under latency (a tenth of --count)",
+    )
     parser.add_argument("--rss", action="store_true", help="also drain --rss-count messages with ours once")
     parser.add_argument("--rss-count", type=int, default=100_000, help="messages for --rss (100000)")
-    parser.add_argument("--markdown", metavar="PATH", default=None,
-                        help="also write the report as a dated Markdown page (docs/benchmarks.md)")
+    parser.add_argument(
+        "--markdown",
+        metavar="PATH",
+        default=None,
+        help="also write the report as a dated Markdown page (docs/benchmarks.md)",
+    )
     parser.add_argument("--endpoint-url", default="http://localhost:4566", help="the SQS emulator")
-    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
-                        help="server to create the bench_<uuid> databases on (its own data is not touched)")
+    parser.add_argument(
+        "--database-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="server to create the bench_<uuid> databases on (its own data is not touched)",
+    )
     return parser
 
 

@@ -42,8 +42,16 @@ ROOT = Path(__file__).resolve().parent.parent
 RECEIVE_MAX_MESSAGES = 10  # ReceiveMessage / DeleteMessageBatch limit
 COPY_REPEAT = 5  # the bare COPYs load the rows this many times: a 20,000-row COPY is over in ~50 ms
 DRAIN_WAIT_SECONDS = 1  # the ETL's drain-mode long poll; every drain stops at its first empty poll
-LOGIN_COLUMNS = ("message_id", "user_id", "device_type", "masked_ip", "masked_device_id", "locale",
-                 "app_version", "create_date")
+LOGIN_COLUMNS = (
+    "message_id",
+    "user_id",
+    "device_type",
+    "masked_ip",
+    "masked_device_id",
+    "locale",
+    "app_version",
+    "create_date",
+)
 # The sink runs the pipeline in this process. It logs a warning per rejected message: the records
 # are still made, their output is dropped (with no handler Python would print each one to stderr).
 logging.getLogger("pipeline").addHandler(logging.NullHandler())
@@ -86,8 +94,9 @@ class Measurement:
     def extrapolated(self, items: int) -> Measurement:
         """The time `items` would take at this run's pace (the final empty poll counted once)."""
         busy = self.seconds - self.tail_seconds
-        return Measurement(items=items, seconds=busy * items / self.items + self.tail_seconds,
-                           tail_seconds=self.tail_seconds)
+        return Measurement(
+            items=items, seconds=busy * items / self.items + self.tail_seconds, tail_seconds=self.tail_seconds
+        )
 
     @property
     def inner_rate(self) -> float | None:
@@ -145,8 +154,14 @@ def latency_proxy(endpoint_url: str, latency_ms: float) -> Iterator[str]:
     """Run bench/latency_proxy.py in its own process; yield its endpoint URL."""
     upstream = urlsplit(endpoint_url)
     host = "127.0.0.1" if upstream.hostname in (None, "localhost") else upstream.hostname
-    command = [sys.executable, str(ROOT / "bench" / "latency_proxy.py"), "--latency-ms", str(latency_ms),
-               "--upstream", f"{host}:{upstream.port or 80}"]
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "latency_proxy.py"),
+        "--latency-ms",
+        str(latency_ms),
+        "--upstream",
+        f"{host}:{upstream.port or 80}",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
@@ -180,8 +195,9 @@ def bare_drain(services: Services, queue_url: str, threads: int, endpoint_url: s
         sqs = clients[index]
         start.wait()
         while True:
-            messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=RECEIVE_MAX_MESSAGES,
-                                           WaitTimeSeconds=DRAIN_WAIT_SECONDS).get("Messages", [])
+            messages = sqs.receive_message(
+                QueueUrl=queue_url, MaxNumberOfMessages=RECEIVE_MAX_MESSAGES, WaitTimeSeconds=DRAIN_WAIT_SECONDS
+            ).get("Messages", [])
             if not messages:
                 return
             entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
@@ -201,8 +217,14 @@ def bare_drain(services: Services, queue_url: str, threads: int, endpoint_url: s
 # -- 2. ours: python main.py ----------------------------------------------------------------------
 
 
-def run_etl(services: Services, queue_url: str, dsn: str, sent: int, endpoint_url: str | None = None,
-            timeout_seconds: float = 900.0) -> Measurement:
+def run_etl(
+    services: Services,
+    queue_url: str,
+    dsn: str,
+    sent: int,
+    endpoint_url: str | None = None,
+    timeout_seconds: float = 900.0,
+) -> Measurement:
     """Run `python main.py` (drain mode, CLI defaults) as a child; time it, take its peak RSS, verify."""
     endpoint = endpoint_url or services.endpoint_url
     env = dict(os.environ)
@@ -235,8 +257,9 @@ def run_etl(services: Services, queue_url: str, dsn: str, sent: int, endpoint_ur
     left = queue_depth(services.client(), queue_url)
     verdict = "OK" if loaded + rejected == sent and left == 0 else "MISMATCH"
     check = f"{verdict}: {loaded} rows + {rejected} rejected = {loaded + rejected} of {sent} sent, {left} left in queue"
-    return Measurement(items=sent, seconds=seconds, rss_kb=peak_kb,
-                       inner_seconds=float(match.group(1)) if match else None, check=check)
+    return Measurement(
+        items=sent, seconds=seconds, rss_kb=peak_kb, inner_seconds=float(match.group(1)) if match else None, check=check
+    )
 
 
 def _peak_rss_kb(proc: subprocess.Popen[bytes]) -> int:
@@ -287,9 +310,12 @@ def naive_loop(services: Services, queue_url: str, dsn: str, endpoint_url: str |
         began = time.perf_counter()
         while True:
             polled = time.perf_counter()
-            messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=RECEIVE_MAX_MESSAGES,
-                                           WaitTimeSeconds=DRAIN_WAIT_SECONDS,
-                                           MessageSystemAttributeNames=["SentTimestamp"]).get("Messages", [])
+            messages = sqs.receive_message(
+                QueueUrl=queue_url,
+                MaxNumberOfMessages=RECEIVE_MAX_MESSAGES,
+                WaitTimeSeconds=DRAIN_WAIT_SECONDS,
+                MessageSystemAttributeNames=["SentTimestamp"],
+            ).get("Messages", [])
             if not messages:
                 break
             for message in messages:
@@ -299,9 +325,16 @@ def naive_loop(services: Services, queue_url: str, dsn: str, endpoint_url: str |
                     pass  # the typical loop logs and drops it
                 else:
                     sent_ms = int(message.get("Attributes", {}).get("SentTimestamp", time.time() * 1000))
-                    row = (message["MessageId"], event.user_id, event.device_type, masker.mask("ip", event.ip),
-                           masker.mask("device_id", event.device_id), event.locale, event.app_version,
-                           datetime.fromtimestamp(sent_ms / 1000, tz=timezone.utc).date())
+                    row = (
+                        message["MessageId"],
+                        event.user_id,
+                        event.device_type,
+                        masker.mask("ip", event.ip),
+                        masker.mask("device_id", event.device_id),
+                        event.locale,
+                        event.app_version,
+                        datetime.fromtimestamp(sent_ms / 1000, tz=timezone.utc).date(),
+                    )
                     with conn.cursor() as cur:
                         cur.execute(insert, row)
                     conn.commit()
@@ -316,16 +349,19 @@ def naive_loop(services: Services, queue_url: str, dsn: str, endpoint_url: str |
 # -- 4. the sink alone, and the database's own COPY limit -----------------------------------------
 
 
-def sink(services: Services, bodies: Sequence[str], dsn: str, receivers: int,
-         batch_size: int, flush_seconds: float) -> tuple[Measurement, Measurement, Measurement]:
+def sink(
+    services: Services, bodies: Sequence[str], dsn: str, receivers: int, batch_size: int, flush_seconds: float
+) -> tuple[Measurement, Measurement, Measurement]:
     """Time the ETL's Pipeline (parse, validate, mask, COPY, commit) over in-memory messages, then bare COPYs.
 
     Returns (sink, bare COPY of pre-formatted text, bare COPY including the formatting of rows).
     """
     masker = Masker(decode_key(services.masking_key))
     sent_ms = int(time.time() * 1000)
-    messages = [ReceivedMessage(message_id=str(uuid.uuid4()), receipt_handle=str(n), body=body,
-                                sent_timestamp_ms=sent_ms) for n, body in enumerate(bodies)]
+    messages = [
+        ReceivedMessage(message_id=str(uuid.uuid4()), receipt_handle=str(n), body=body, sent_timestamp_ms=sent_ms)
+        for n, body in enumerate(bodies)
+    ]
     source = MemoryQueue(messages)
     writer = PostgresWriter(dsn)
     writer.connect()
@@ -337,13 +373,16 @@ def sink(services: Services, bodies: Sequence[str], dsn: str, receivers: int,
     finally:
         writer.close()
     stored = _stored_logins(dsn)
-    check = (f"OK {stats.loaded:,} loaded + {stats.rejected:,} rejected, {source.deleted:,} deleted"
-             if stats.loaded + stats.rejected == len(messages) == source.deleted
-             else f"MISMATCH {stats.loaded + stats.rejected:,} stored, {source.deleted:,} deleted "
-                  f"of {len(messages):,}")
-    return (Measurement(items=len(messages), seconds=sink_seconds, check=check),
-            bare_copy(dsn, stored, batch_size, preformatted=True),
-            bare_copy(dsn, stored, batch_size, preformatted=False))
+    check = (
+        f"OK {stats.loaded:,} loaded + {stats.rejected:,} rejected, {source.deleted:,} deleted"
+        if stats.loaded + stats.rejected == len(messages) == source.deleted
+        else f"MISMATCH {stats.loaded + stats.rejected:,} stored, {source.deleted:,} deleted of {len(messages):,}"
+    )
+    return (
+        Measurement(items=len(messages), seconds=sink_seconds, check=check),
+        bare_copy(dsn, stored, batch_size, preformatted=True),
+        bare_copy(dsn, stored, batch_size, preformatted=False),
+    )
 
 
 def _stored_logins(dsn: str) -> list[MaskedLogin]:
@@ -352,15 +391,26 @@ def _stored_logins(dsn: str) -> list[MaskedLogin]:
     try:
         with conn.cursor() as cur:
             cur.execute(f"SELECT {', '.join(LOGIN_COLUMNS)} FROM user_logins")
-            return [MaskedLogin(message_id=r[0], user_id=r[1], device_type=r[2], masked_ip=r[3],
-                                masked_device_id=r[4], locale=r[5], app_version=r[6], create_date=r[7])
-                    for r in cur.fetchall()]
+            return [
+                MaskedLogin(
+                    message_id=r[0],
+                    user_id=r[1],
+                    device_type=r[2],
+                    masked_ip=r[3],
+                    masked_device_id=r[4],
+                    locale=r[5],
+                    app_version=r[6],
+                    create_date=r[7],
+                )
+                for r in cur.fetchall()
+            ]
     finally:
         conn.close()
 
 
-def bare_copy(dsn: str, rows: Sequence[MaskedLogin], batch_size: int, *, preformatted: bool,
-              repeat: int = COPY_REPEAT) -> Measurement:
+def bare_copy(
+    dsn: str, rows: Sequence[MaskedLogin], batch_size: int, *, preformatted: bool, repeat: int = COPY_REPEAT
+) -> Measurement:
     """COPY the rows `repeat` times into a plain copy of user_logins (no keys), one commit per batch.
 
     With `preformatted` the COPY text is built before the clock starts (the database's own

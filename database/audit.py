@@ -40,8 +40,9 @@ class AuditLog:
     def record(self, entry: UnmaskAudit) -> None:
         """Commit `entry`; raise AuditUnavailable if it is not committed."""
         try:
-            conn = psycopg2.connect(self._dsn, connect_timeout=self._connect_timeout,
-                                    application_name="login-etl-unmask")
+            conn = psycopg2.connect(
+                self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-unmask"
+            )
         except psycopg2.OperationalError as exc:
             raise AuditUnavailable(f"PostgreSQL unreachable: {first_line(exc)}") from None
         try:
@@ -55,8 +56,7 @@ class AuditLog:
                     """INSERT INTO pii_unmask_audit
                            (requested_by, reason, token_count, failed_count, token_fingerprints)
                        VALUES (%s, %s, %s, %s, %s)""",
-                    (entry.requested_by, entry.reason, len(entry.fingerprints), entry.failed,
-                     list(entry.fingerprints)),
+                    (entry.requested_by, entry.reason, len(entry.fingerprints), entry.failed, list(entry.fingerprints)),
                 )
         except psycopg2.Error as exc:
             code = exc.pgcode or type(exc).__name__
@@ -64,4 +64,3 @@ class AuditLog:
         finally:
             conn.close()
         logger.info("unmask audited: %d token(s) for %s", len(entry.fingerprints), entry.requested_by)
-

@@ -50,8 +50,16 @@ COLUMNS_DDL = """
     app_version      varchar(32),
     create_date      date,
     message_id       varchar(128)"""
-COLUMNS = ("user_id", "device_type", "masked_ip", "masked_device_id", "locale", "app_version", "create_date",
-           "message_id")
+COLUMNS = (
+    "user_id",
+    "device_type",
+    "masked_ip",
+    "masked_device_id",
+    "locale",
+    "app_version",
+    "create_date",
+    "message_id",
+)
 
 
 def partition_name(day: date) -> str:
@@ -84,20 +92,25 @@ def partition_days(cur: Cursor) -> set[date]:
     """The days that have a partition (lock-free: the catalog only)."""
     cur.execute(
         """SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-            WHERE i.inhparent = to_regclass(%s)""", (TABLE,))
+            WHERE i.inhparent = to_regclass(%s)""",
+        (TABLE,),
+    )
     return {day for (name,) in cur.fetchall() if (day := day_of(name)) is not None}
 
 
 def create_partitioned(cur: Cursor) -> None:
     """The partitioned table and its default partition (a new database, or the first migration step)."""
-    cur.execute(f"CREATE TABLE {TABLE} ({COLUMNS_DDL},\n    CONSTRAINT {UNIQUE_KEY} UNIQUE (message_id, create_date)"
-                "\n) PARTITION BY RANGE (create_date)")
+    cur.execute(
+        f"CREATE TABLE {TABLE} ({COLUMNS_DDL},\n    CONSTRAINT {UNIQUE_KEY} UNIQUE (message_id, create_date)"
+        "\n) PARTITION BY RANGE (create_date)"
+    )
     cur.execute(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT")
     for index, (_suffix, columns) in TOKEN_INDEXES.items():
         cur.execute(f"CREATE INDEX {index} ON {TABLE} {columns}")
 
 
 # -- the token indexes of schema 4 on an existing table ------------------------------------------
+
 
 def start_token_indexes(cur: Cursor) -> None:
     """Define the token indexes on the parent only (invalid until each partition has its own).
@@ -118,7 +131,9 @@ def missing_token_indexes(cur: Cursor) -> list[tuple[str, str]]:
             WHERE to_regclass(p.idx) IS NOT NULL AND NOT EXISTS (
                   SELECT 1 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid
                    WHERE i.inhparent = to_regclass(p.idx) AND x.indrelid = t.relid)
-            ORDER BY c.relname, p.idx""", (list(TOKEN_INDEXES), TABLE))
+            ORDER BY c.relname, p.idx""",
+        (list(TOKEN_INDEXES), TABLE),
+    )
     return [(str(index), str(leaf)) for index, leaf in cur.fetchall()]
 
 
@@ -142,12 +157,15 @@ def ensure_days(cur: Cursor, days: list[date]) -> list[date]:
         cur.execute(f"SELECT EXISTS (SELECT 1 FROM {DEFAULT_PARTITION} WHERE create_date = %s)", (day,))
         stranded = bool(cur.fetchone()[0])  # type: ignore[index]
         if stranded:
-            cur.execute(f"CREATE TEMP TABLE stranded ON COMMIT DROP AS WITH moved AS ("
-                        f"DELETE FROM {DEFAULT_PARTITION} WHERE create_date = %s RETURNING *) SELECT * FROM moved",
-                        (day,))
+            cur.execute(
+                f"CREATE TEMP TABLE stranded ON COMMIT DROP AS WITH moved AS ("
+                f"DELETE FROM {DEFAULT_PARTITION} WHERE create_date = %s RETURNING *) SELECT * FROM moved",
+                (day,),
+            )
             logger.info("moving %d rows dated %s from %s into %s", cur.rowcount, day, DEFAULT_PARTITION, name)
-        cur.execute(f"CREATE TABLE {name} PARTITION OF {TABLE} FOR VALUES FROM (%s) TO (%s)",
-                    (day, day + timedelta(days=1)))
+        cur.execute(
+            f"CREATE TABLE {name} PARTITION OF {TABLE} FOR VALUES FROM (%s) TO (%s)", (day, day + timedelta(days=1))
+        )
         if stranded:
             cur.execute(f"INSERT INTO {TABLE} SELECT * FROM stranded")
             cur.execute("DROP TABLE stranded")
@@ -159,13 +177,16 @@ def ensure_days(cur: Cursor, days: list[date]) -> list[date]:
 
 # -- the move of an unpartitioned table --------------------------------------------------------
 
+
 def dependent_views(cur: Cursor, table: str) -> list[tuple[str, str]]:
     """(name, definition) of the views that read `table`, other than our duplicates view."""
     cur.execute(
         """SELECT DISTINCT v.oid::regclass::text, pg_get_viewdef(v.oid)
              FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
             WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = to_regclass(%s) AND v.oid <> d.refobjid
-              AND v.relname <> 'user_login_duplicates'""", (table,))
+              AND v.relname <> 'user_login_duplicates'""",
+        (table,),
+    )
     return [(str(name), str(definition)) for name, definition in cur.fetchall()]
 
 
@@ -180,7 +201,9 @@ def start_legacy_move(cur: Cursor) -> None:
     cur.execute(
         """SELECT pg_get_userbyid(c.relowner), a.grantee, a.privilege_type, a.is_grantable
              FROM pg_class c LEFT JOIN LATERAL aclexplode(c.relacl) a ON true
-            WHERE c.oid = to_regclass(%s)""", (TABLE,))
+            WHERE c.oid = to_regclass(%s)""",
+        (TABLE,),
+    )
     acl = cur.fetchall()
     cur.execute("DROP VIEW IF EXISTS user_login_duplicates")
     cur.execute(f"ALTER TABLE {TABLE} RENAME TO {LEGACY_TABLE}")
@@ -195,15 +218,24 @@ def start_legacy_move(cur: Cursor) -> None:
     for _owner, grantee, privilege, grantable in acl:
         if grantee is None:
             continue
-        cur.execute("SELECT CASE WHEN %s::oid = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(%s)) END",
-                    (grantee, grantee))
+        cur.execute(
+            "SELECT CASE WHEN %s::oid = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(%s)) END", (grantee, grantee)
+        )
         role = cur.fetchone()[0]  # type: ignore[index]
-        _try(cur, f"GRANT {privilege} ON {TABLE} TO {role}{' WITH GRANT OPTION' if grantable else ''}",
-             f"grant {privilege} to {role}")
+        _try(
+            cur,
+            f"GRANT {privilege} ON {TABLE} TO {role}{' WITH GRANT OPTION' if grantable else ''}",
+            f"grant {privilege} to {role}",
+        )
     for name, definition in views:
         if not _try(cur, f"CREATE OR REPLACE VIEW {name} AS {definition}", f"re-point the view {name}"):
-            logger.warning("the view %s still reads %s: run database/roles.sql again (it re-creates it); "
-                           "%s is dropped once nothing reads it", name, LEGACY_TABLE, LEGACY_TABLE)
+            logger.warning(
+                "the view %s still reads %s: run database/roles.sql again (it re-creates it); "
+                "%s is dropped once nothing reads it",
+                name,
+                LEGACY_TABLE,
+                LEGACY_TABLE,
+            )
     logger.info("%s is now partitioned by day; moving its %d day(s) of rows from %s", TABLE, len(days), LEGACY_TABLE)
 
 
@@ -221,8 +253,9 @@ def _try(cur: Cursor, sql: str, what: str) -> bool:
 
 def legacy_pages(cur: Cursor) -> int:
     """Pages of the legacy table (0 if gone)."""
-    cur.execute("SELECT coalesce(pg_relation_size(to_regclass(%s)), 0) / current_setting('block_size')::int",
-                (LEGACY_TABLE,))
+    cur.execute(
+        "SELECT coalesce(pg_relation_size(to_regclass(%s)), 0) / current_setting('block_size')::int", (LEGACY_TABLE,)
+    )
     return int(cur.fetchone()[0])  # type: ignore[index]
 
 
@@ -235,14 +268,19 @@ def move_legacy_batch(cur: Cursor, first_page: int, pages: int) -> int:
     """
     cur.execute(
         """SELECT column_name FROM information_schema.columns
-            WHERE table_schema = current_schema() AND table_name = %s""", (LEGACY_TABLE,))
+            WHERE table_schema = current_schema() AND table_name = %s""",
+        (LEGACY_TABLE,),
+    )
     present = {row[0] for row in cur.fetchall()}
-    values = ", ".join(("app_version::text AS app_version" if c == "app_version" else c)
-                       if c in present else f"NULL AS {c}" for c in COLUMNS)
+    values = ", ".join(
+        ("app_version::text AS app_version" if c == "app_version" else c) if c in present else f"NULL AS {c}"
+        for c in COLUMNS
+    )
     cur.execute(
         f"""WITH moved AS (DELETE FROM {LEGACY_TABLE} WHERE ctid >= %s::tid AND ctid < %s::tid RETURNING {values})
-            INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM moved""",
-        (f"({first_page},0)", f"({first_page + pages},0)"))
+            INSERT INTO {TABLE} ({", ".join(COLUMNS)}) SELECT {", ".join(COLUMNS)} FROM moved""",
+        (f"({first_page},0)", f"({first_page + pages},0)"),
+    )
     return int(cur.rowcount)
 
 
@@ -253,8 +291,11 @@ def finish_legacy_move(cur: Cursor) -> bool:
         return False
     readers = dependent_views(cur, LEGACY_TABLE)
     if readers:
-        logger.warning("%s is empty but still read by %s: run database/roles.sql again, then restart; "
-                       "it is dropped then", LEGACY_TABLE, ", ".join(name for name, _ in readers))
+        logger.warning(
+            "%s is empty but still read by %s: run database/roles.sql again, then restart; it is dropped then",
+            LEGACY_TABLE,
+            ", ".join(name for name, _ in readers),
+        )
         return False
     cur.execute(f"DROP TABLE {LEGACY_TABLE}")
     logger.info("migration to daily partitions done: %s dropped", LEGACY_TABLE)

@@ -61,8 +61,10 @@ class RekeyResult:
 
     def summary(self, version: int) -> str:
         tables = ", ".join(f"{table} {count}" for table, count in self.rows.items()) or "none"
-        return (f"rekeyed {self.tokens} tokens to version {version} (rows rewritten: {tables}); "
-                f"{self.remaining} tokens of other versions left")
+        return (
+            f"rekeyed {self.tokens} tokens to version {version} (rows rewritten: {tables}); "
+            f"{self.remaining} tokens of other versions left"
+        )
 
 
 class Rekeyer:
@@ -72,8 +74,15 @@ class Rekeyer:
     safe reason (never the value) when it cannot.
     """
 
-    def __init__(self, dsn: str, retoken: Callable[[str], str], *, current_prefixes: tuple[str, ...],
-                 batch_rows: int = 500, connect_timeout_seconds: int = 5) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        retoken: Callable[[str], str],
+        *,
+        current_prefixes: tuple[str, ...],
+        batch_rows: int = 500,
+        connect_timeout_seconds: int = 5,
+    ) -> None:
         lengths = {len(prefix) for prefix in current_prefixes}
         if len(lengths) != 1:
             raise ValueError("current_prefixes must be non-empty and of one length")
@@ -91,8 +100,9 @@ class Rekeyer:
         """Rewrite every table; raise DatabaseUnavailable (at start), RekeyInterrupted (lost mid-run) or
         DatabaseError (refused, e.g. no UPDATE right)."""
         try:
-            conn = psycopg2.connect(self._dsn, connect_timeout=self._connect_timeout,
-                                    application_name="login-etl-rekey")
+            conn = psycopg2.connect(
+                self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-rekey"
+            )
         except psycopg2.OperationalError as exc:
             raise DatabaseUnavailable(first_line(exc)) from None
         result = RekeyResult()
@@ -108,16 +118,16 @@ class Rekeyer:
             conn.close()
         return result
 
-    def _table(self, conn: Connection, table: str, columns: tuple[str, ...], result: RekeyResult,
-               label: str) -> int:
+    def _table(self, conn: Connection, table: str, columns: tuple[str, ...], result: RekeyResult, label: str) -> int:
         """Pass over a table until nothing rewritable is left; return the tokens of other versions left."""
         result.rows[label] += 0  # listed in the summary even when nothing needed rewriting
         for attempt in range(1, MAX_PASSES + 1):
             failures: Counter[str] = Counter()
             rewritten = self._pass(conn, table, columns, result, failures, label)
             left = self._count_old(conn, table, columns)
-            logger.info("rekey %s: pass %d rewrote %d rows; %d tokens of other versions left",
-                        table, attempt, rewritten, left)
+            logger.info(
+                "rekey %s: pass %d rewrote %d rows; %d tokens of other versions left", table, attempt, rewritten, left
+            )
             if left <= sum(failures.values()) or attempt == MAX_PASSES:
                 break  # done, or only tokens that cannot be rewritten are left
             if rewritten == 0:
@@ -125,20 +135,35 @@ class Rekeyer:
         result.failures.update(failures)
         return left
 
-    def _pass(self, conn: Connection, table: str, columns: tuple[str, ...], result: RekeyResult,
-              failures: Counter[str], label: str) -> int:
+    def _pass(
+        self,
+        conn: Connection,
+        table: str,
+        columns: tuple[str, ...],
+        result: RekeyResult,
+        failures: Counter[str],
+        label: str,
+    ) -> int:
         pages, rows = self._size(conn, table)
         step = max(1, self._batch_rows * max(pages, 1) // max(rows, 1))  # pages holding ~batch_rows rows
         needs = " OR ".join(f"({c} IS NOT NULL AND left({c}, %(n)s) <> ALL(%(prefixes)s))" for c in columns)
-        select = (f"SELECT ctid::text, {', '.join(columns)} FROM {table} "
-                  f"WHERE ctid >= %(start)s::tid AND ctid < %(end)s::tid AND ({needs}) FOR UPDATE SKIP LOCKED")
+        select = (
+            f"SELECT ctid::text, {', '.join(columns)} FROM {table} "
+            f"WHERE ctid >= %(start)s::tid AND ctid < %(end)s::tid AND ({needs}) FOR UPDATE SKIP LOCKED"
+        )
         sets = ", ".join(f"{c} = v.{c}" for c in columns)
-        update = (f"UPDATE {table} AS t SET {sets} FROM (VALUES %s) AS v(row_ctid, {', '.join(columns)}) "
-                  "WHERE t.ctid = v.row_ctid::tid")
+        update = (
+            f"UPDATE {table} AS t SET {sets} FROM (VALUES %s) AS v(row_ctid, {', '.join(columns)}) "
+            "WHERE t.ctid = v.row_ctid::tid"
+        )
         start, rewritten, last_log = 0, 0, time.monotonic()
         while start < pages:
-            params = {"start": f"({start},0)", "end": f"({start + step},0)", "n": self._prefix_chars,
-                      "prefixes": list(self._prefixes)}
+            params = {
+                "start": f"({start},0)",
+                "end": f"({start + step},0)",
+                "n": self._prefix_chars,
+                "prefixes": list(self._prefixes),
+            }
             with conn, conn.cursor() as cur:  # one transaction per range of pages
                 cur.execute(select, params)
                 changed = []
@@ -179,8 +204,9 @@ class Rekeyer:
         return pages, rows
 
     def _count_old(self, conn: Connection, table: str, columns: tuple[str, ...]) -> int:
-        terms = " + ".join(f"count(*) FILTER (WHERE {c} IS NOT NULL AND left({c}, %(n)s) <> ALL(%(prefixes)s))"
-                           for c in columns)
+        terms = " + ".join(
+            f"count(*) FILTER (WHERE {c} IS NOT NULL AND left({c}, %(n)s) <> ALL(%(prefixes)s))" for c in columns
+        )
         with conn, conn.cursor() as cur:
             cur.execute(f"SELECT {terms} FROM {table}", {"n": self._prefix_chars, "prefixes": list(self._prefixes)})
             return int(one_row(cur)[0])
@@ -194,9 +220,11 @@ def _leaves(conn: Connection, table: str) -> list[str]:
     with conn, conn.cursor() as cur:
         for name in names:
             # pg_partition_tree() has no rows for a plain table: it is its own leaf then.
-            cur.execute("""SELECT relid::regclass::text FROM pg_partition_tree(to_regclass(%(t)s)) WHERE isleaf
+            cur.execute(
+                """SELECT relid::regclass::text FROM pg_partition_tree(to_regclass(%(t)s)) WHERE isleaf
                            UNION SELECT %(t)s WHERE (SELECT relkind FROM pg_class WHERE oid = to_regclass(%(t)s)) = 'r'
-                           ORDER BY 1""", {"t": name})
+                           ORDER BY 1""",
+                {"t": name},
+            )
             leaves.extend(row[0] for row in cur.fetchall())
     return leaves
-

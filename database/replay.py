@@ -83,8 +83,11 @@ class ReplayResult:
 
     def lines(self, dry_run: bool) -> list[str]:
         """The report printed by `replay`: counts by outcome, then by reason."""
-        head = (f"dry run: {self.examined} quarantined messages examined, nothing changed (audit id {self.audit_id})"
-                if dry_run else f"replay: {self.examined} quarantined messages examined (audit id {self.audit_id})")
+        head = (
+            f"dry run: {self.examined} quarantined messages examined, nothing changed (audit id {self.audit_id})"
+            if dry_run
+            else f"replay: {self.examined} quarantined messages examined (audit id {self.audit_id})"
+        )
         lines = [head]
         if dry_run:
             lines.append(f"  would load into user_logins: {self.to_load}")
@@ -116,22 +119,29 @@ class Replayer:
         """Look, audit, then (unless a dry run) move. Raises DatabaseUnavailable (nothing done),
         ReplayNotAudited (nothing changed), ReplayInterrupted (lost after the audit) or DatabaseError."""
         try:
-            conn = psycopg2.connect(self._dsn, connect_timeout=self._connect_timeout,
-                                    application_name="login-etl-replay")
+            conn = psycopg2.connect(
+                self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-replay"
+            )
         except psycopg2.OperationalError as exc:
             raise DatabaseUnavailable(first_line(exc)) from None
         try:
             result = ReplayResult()
             to_load, examined = self._look(conn, request, result)
             result.audit_id = self._audit(conn, request, result, to_load, examined)
-            logger.info("replay audited (id %d): %d messages examined, %d to load", result.audit_id,
-                        result.examined, result.to_load, extra={"count": result.examined})
+            logger.info(
+                "replay audited (id %d): %d messages examined, %d to load",
+                result.audit_id,
+                result.examined,
+                result.to_load,
+                extra={"count": result.examined},
+            )
             if not request.dry_run:
                 try:
                     self._move(conn, result, examined)
                 except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-                    raise ReplayInterrupted(f"replay stopped ({exc.pgcode or type(exc).__name__}: "
-                                            f"{first_line(exc)})") from None
+                    raise ReplayInterrupted(
+                        f"replay stopped ({exc.pgcode or type(exc).__name__}: {first_line(exc)})"
+                    ) from None
             return result
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             raise DatabaseUnavailable(first_line(exc)) from None
@@ -169,11 +179,13 @@ class Replayer:
                       AND (%(pattern)s::text IS NULL OR reason ILIKE %(pattern)s)
                       AND (%(since)s::timestamptz IS NULL OR received_at >= %(since)s)
                     ORDER BY received_at, message_id""",
-                {"pattern": request.where_reason, "since": request.since})
+                {"pattern": request.where_reason, "since": request.since},
+            )
             yield from cur
 
-    def _classify(self, message_id: str, body: str, sent_at: datetime | None,
-                  result: ReplayResult) -> MaskedLogin | str | None:
+    def _classify(
+        self, message_id: str, body: str, sent_at: datetime | None, result: ReplayResult
+    ) -> MaskedLogin | str | None:
         """The row to load, today's reason, or None (not decryptable; counted)."""
         try:
             outcome = self._retry(message_id, body, sent_at)
@@ -186,8 +198,14 @@ class Replayer:
 
     # -- 2. audit -------------------------------------------------------------------------------
 
-    def _audit(self, conn: Connection, request: ReplayRequest, result: ReplayResult, to_load: Sequence[str],
-               examined: Sequence[str]) -> int:
+    def _audit(
+        self,
+        conn: Connection,
+        request: ReplayRequest,
+        result: ReplayResult,
+        to_load: Sequence[str],
+        examined: Sequence[str],
+    ) -> int:
         try:
             with conn, conn.cursor() as cur:
                 cur.execute("SELECT to_regclass('etl_replay_audit') IS NULL")
@@ -200,9 +218,20 @@ class Replayer:
                            (requested_by, reason, dry_run, where_reason, since, examined_count, to_load_count,
                             still_failing_count, undecryptable_count, message_ids, to_load_ids)
                        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
-                    (request.requested_by, request.reason, request.dry_run, request.where_reason, request.since,
-                     result.examined, len(to_load), sum(result.still_failing.values()),
-                     sum(result.undecryptable.values()), list(examined), list(to_load)))
+                    (
+                        request.requested_by,
+                        request.reason,
+                        request.dry_run,
+                        request.where_reason,
+                        request.since,
+                        result.examined,
+                        len(to_load),
+                        sum(result.still_failing.values()),
+                        sum(result.undecryptable.values()),
+                        list(examined),
+                        list(to_load),
+                    ),
+                )
                 return int(one_row(cur)[0])
         except psycopg2.Error as exc:
             code = exc.pgcode or type(exc).__name__
@@ -219,7 +248,8 @@ class Replayer:
                 cur.execute(
                     """SELECT message_id, encrypted_body, sent_at FROM user_logins_rejected
                         WHERE message_id = ANY(%s) AND replayed_at IS NULL ORDER BY message_id FOR UPDATE""",
-                    (list(chunk),))
+                    (list(chunk),),
+                )
                 rows = cur.fetchall()
                 result.skipped += len(chunk) - len(rows)
                 logins: list[MaskedLogin] = []
@@ -233,23 +263,48 @@ class Replayer:
                 if logins:
                     self._load(cur, logins, result)
                 if reasons:
-                    execute_values(cur, """UPDATE user_logins_rejected AS r SET reason = v.reason
+                    execute_values(
+                        cur,
+                        """UPDATE user_logins_rejected AS r SET reason = v.reason
                                              FROM (VALUES %s) AS v (message_id, reason)
                                             WHERE r.message_id = v.message_id AND r.reason <> v.reason""",
-                                   reasons, page_size=len(reasons))
-            logger.info("replay: %d of %d audited messages done, %d loaded", min(start + len(chunk), len(audited)),
-                        len(audited), result.loaded, extra={"count": result.loaded})
+                        reasons,
+                        page_size=len(reasons),
+                    )
+            logger.info(
+                "replay: %d of %d audited messages done, %d loaded",
+                min(start + len(chunk), len(audited)),
+                len(audited),
+                result.loaded,
+                extra={"count": result.loaded},
+            )
 
     def _load(self, cur: Any, logins: Sequence[MaskedLogin], result: ReplayResult) -> None:
         inserted = execute_values(
             cur,
             f"INSERT INTO user_logins ({_COLUMN_LIST}) VALUES %s ON CONFLICT (message_id, create_date) DO NOTHING "
             "RETURNING message_id",
-            [(r.message_id, r.user_id, r.device_type, r.masked_ip, r.masked_device_id, r.app_version, r.create_date,
-              r.locale) for r in logins],
-            page_size=len(logins), fetch=True)
+            [
+                (
+                    r.message_id,
+                    r.user_id,
+                    r.device_type,
+                    r.masked_ip,
+                    r.masked_device_id,
+                    r.app_version,
+                    r.create_date,
+                    r.locale,
+                )
+                for r in logins
+            ],
+            page_size=len(logins),
+            fetch=True,
+        )
         result.loaded += len(inserted)
         result.already_loaded += len(logins) - len(inserted)
         # Loaded now or before: either way the message is in user_logins; its quarantine row is history.
-        cur.execute("""UPDATE user_logins_rejected SET replayed_at = now(), replay_audit_id = %s
-                        WHERE message_id = ANY(%s)""", (result.audit_id, [r.message_id for r in logins]))
+        cur.execute(
+            """UPDATE user_logins_rejected SET replayed_at = now(), replay_audit_id = %s
+                        WHERE message_id = ANY(%s)""",
+            (result.audit_id, [r.message_id for r in logins]),
+        )

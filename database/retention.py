@@ -46,17 +46,27 @@ class RetentionResult:
         verb = "would drop" if self.dry_run else "dropped"
         rows = sum(n for _, n in self.partitions)
         names = ", ".join(name for name, _ in self.partitions) or "none"
-        return (f"retention (rows before {self.cutoff}): {verb} {len(self.partitions)} partition(s) of user_logins "
-                f"({rows} rows: {names}); {'would delete' if self.dry_run else 'deleted'} "
-                f"{self.default_rows} rows of {partitions.DEFAULT_PARTITION} and {self.rejected_rows} of "
-                "user_logins_rejected")
+        return (
+            f"retention (rows before {self.cutoff}): {verb} {len(self.partitions)} partition(s) of user_logins "
+            f"({rows} rows: {names}); {'would delete' if self.dry_run else 'deleted'} "
+            f"{self.default_rows} rows of {partitions.DEFAULT_PARTITION} and {self.rejected_rows} of "
+            "user_logins_rejected"
+        )
 
 
 class Retention:
     """Drops what is older than `keep_days` full days before today (UTC)."""
 
-    def __init__(self, dsn: str, *, keep_days: int, requested_by: str, today: date | None = None,
-                 lock_timeout_seconds: float = 5.0, connect_timeout_seconds: int = 5) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        keep_days: int,
+        requested_by: str,
+        today: date | None = None,
+        lock_timeout_seconds: float = 5.0,
+        connect_timeout_seconds: int = 5,
+    ) -> None:
         if keep_days < 1:
             raise ValueError("keep_days must be >= 1: today and yesterday are never dropped")
         self._dsn = dsn
@@ -77,25 +87,29 @@ class Retention:
     def run(self, *, dry_run: bool) -> RetentionResult:
         """Drop (or, in a dry run, list) what is older than the cutoff; raise DatabaseError."""
         try:
-            conn = psycopg2.connect(self._dsn, connect_timeout=self._connect_timeout,
-                                    application_name="login-etl-retention")
+            conn = psycopg2.connect(
+                self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-retention"
+            )
         except psycopg2.OperationalError as exc:
             raise DatabaseUnavailable(first_line(exc)) from None
         result = RetentionResult(self.cutoff, dry_run)
         try:
             with conn, conn.cursor() as cur:
                 if partitions.relkind(cur, partitions.TABLE) != "p":
-                    raise DatabaseError("user_logins is not partitioned yet: start the ETL once (it migrates the "
-                                        "table), then run retention")
+                    raise DatabaseError(
+                        "user_logins is not partitioned yet: start the ETL once (it migrates the "
+                        "table), then run retention"
+                    )
                 old = sorted((day, name) for name, day in _daily(cur) if day < self.cutoff)
             for _day, name in old:
                 result.partitions.append((name, self._drop(conn, name, dry_run)))
             result.default_rows = self._delete(conn, partitions.DEFAULT_PARTITION, "create_date", dry_run)
             result.rejected_rows = self._delete(conn, "user_logins_rejected", "received_at", dry_run)
         except psycopg2.errors.LockNotAvailable:
-            raise RetentionBusy(f"a drop waited {self._lock_timeout_ms} ms for a lock on user_logins (a long query "
-                                "or open transaction holds it); what was dropped so far is audited, rerun later") \
-                from None
+            raise RetentionBusy(
+                f"a drop waited {self._lock_timeout_ms} ms for a lock on user_logins (a long query "
+                "or open transaction holds it); what was dropped so far is audited, rerun later"
+            ) from None
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             raise DatabaseUnavailable(first_line(exc)) from None
         except psycopg2.Error as exc:
@@ -118,8 +132,9 @@ class Retention:
 
     def _delete(self, conn: psycopg2.extensions.connection, table: str, column: str, dry_run: bool) -> int:
         """Delete rows of `table` older than the cutoff in batches, each audited; return how many."""
-        limit = self.cutoff if column == "create_date" else datetime.combine(self.cutoff, datetime.min.time(),
-                                                                             timezone.utc)
+        limit = (
+            self.cutoff if column == "create_date" else datetime.combine(self.cutoff, datetime.min.time(), timezone.utc)
+        )
         total = 0
         while True:
             with conn, conn.cursor() as cur:
@@ -127,9 +142,11 @@ class Retention:
                     cur.execute(f"SELECT count(*) FROM {table} WHERE {column} < %s", (limit,))
                     return int(one_row(cur)[0])
                 cur.execute(f"SET LOCAL lock_timeout = {self._lock_timeout_ms}")
-                cur.execute(f"""DELETE FROM {table} WHERE ctid = ANY (ARRAY(
+                cur.execute(
+                    f"""DELETE FROM {table} WHERE ctid = ANY (ARRAY(
                                    SELECT ctid FROM {table} WHERE {column} < %s LIMIT %s))""",
-                            (limit, DELETE_BATCH_ROWS))
+                    (limit, DELETE_BATCH_ROWS),
+                )
                 deleted = cur.rowcount
                 if deleted:
                     self._audit(cur, "delete rows", table, deleted)
@@ -143,10 +160,14 @@ class Retention:
         cur.execute(
             """INSERT INTO etl_retention_audit (requested_by, keep_days, cutoff, action, object, rows)
                VALUES (%s, %s, %s, %s, %s, %s)""",
-            (self._requested_by, self._keep_days, self.cutoff, action, what, rows))
+            (self._requested_by, self._keep_days, self.cutoff, action, what, rows),
+        )
 
 
 def _daily(cur: Cursor) -> list[tuple[str, date]]:
-    cur.execute("""SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                    WHERE i.inhparent = to_regclass(%s)""", (partitions.TABLE,))
+    cur.execute(
+        """SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                    WHERE i.inhparent = to_regclass(%s)""",
+        (partitions.TABLE,),
+    )
     return [(name, day) for (name,) in cur.fetchall() if (day := partitions.day_of(name)) is not None]

@@ -126,9 +126,15 @@ class DatabaseRejectedRows(DatabaseError):
 class PostgresWriter:
     """Owns one connection; writes batches in single transactions."""
 
-    def __init__(self, dsn: str, *, connect_timeout_seconds: int = 5, application_name: str = "login-etl",
-                 lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
-                 migrate_batch_pages: int = MIGRATE_BATCH_PAGES) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        connect_timeout_seconds: int = 5,
+        application_name: str = "login-etl",
+        lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
+        migrate_batch_pages: int = MIGRATE_BATCH_PAGES,
+    ) -> None:
         self._dsn = dsn
         self._migrate_batch_pages = max(1, migrate_batch_pages)
         self._partition_days: set[date] = set()
@@ -160,8 +166,10 @@ class PostgresWriter:
         self.close()
         try:
             self._conn = psycopg2.connect(
-                self._dsn, connect_timeout=timeout_seconds or self._connect_timeout,
-                application_name=self._application_name)
+                self._dsn,
+                connect_timeout=timeout_seconds or self._connect_timeout,
+                application_name=self._application_name,
+            )
         except psycopg2.OperationalError as exc:
             raise DatabaseUnavailable(first_line(exc)) from None
         if not migrate:
@@ -172,8 +180,9 @@ class PostgresWriter:
                 # A newer release migrated this database (a rolling update in progress, or a
                 # rollback): its additive schema serves this release too, and migrating "back"
                 # would replace its views with ours.
-                logger.warning("schema version %d is newer than this release's %d: not migrating", version,
-                               SCHEMA_VERSION)
+                logger.warning(
+                    "schema version %d is newer than this release's %d: not migrating", version, SCHEMA_VERSION
+                )
             elif self.schema_problem() is not None:
                 self._migrate()
             self._ensure_partitions(_utc_today())
@@ -181,11 +190,13 @@ class PostgresWriter:
         except psycopg2.errors.LockNotAvailable:
             holders = self._run(_lock_holders, commit=False)
             self.close()
-            raise SchemaBusy(f"schema set-up waited {self._lock_timeout_ms} ms for a lock {holders}; "
-                             "it will try again") from None
+            raise SchemaBusy(
+                f"schema set-up waited {self._lock_timeout_ms} ms for a lock {holders}; it will try again"
+            ) from None
 
     def schema_version(self) -> int | None:
         """The schema's version, or None if its tables are not there yet (changes nothing)."""
+
         def inspect(cur: Cursor) -> int | None:
             cur.execute("SELECT to_regclass('etl_schema_version')")
             if one_row(cur)[0] is None:
@@ -198,9 +209,12 @@ class PostgresWriter:
 
     def schema_problem(self) -> str | None:
         """Without changing anything: None if the schema is current, else what is wrong."""
+
         def inspect(cur: Cursor) -> str | None:
-            cur.execute("SELECT to_regclass('user_logins'), to_regclass('user_logins_rejected'), "
-                        "to_regclass('etl_schema_version')")
+            cur.execute(
+                "SELECT to_regclass('user_logins'), to_regclass('user_logins_rejected'), "
+                "to_regclass('etl_schema_version')"
+            )
             if None in one_row(cur):
                 return "tables missing"
             cur.execute("SELECT max(version) FROM etl_schema_version")
@@ -246,8 +260,9 @@ class PostgresWriter:
             self._run(self._migrate_views)
         finally:
             if self.connected:
-                self._run(lambda cur: cur.execute("SELECT pg_advisory_unlock(%s); RESET lock_timeout",
-                                                  (_SCHEMA_LOCK_ID,)))
+                self._run(
+                    lambda cur: cur.execute("SELECT pg_advisory_unlock(%s); RESET lock_timeout", (_SCHEMA_LOCK_ID,))
+                )
 
     def _migrate_tables(self, cur: Cursor) -> None:
         cur.execute(_CREATE_REJECTED)
@@ -273,12 +288,16 @@ class PostgresWriter:
             return
         page, moved, logged = 0, 0, time.monotonic()
         while page < pages:
-            moved += self._run(partial(partitions.move_legacy_batch, first_page=page,
-                                       pages=self._migrate_batch_pages))
+            moved += self._run(partial(partitions.move_legacy_batch, first_page=page, pages=self._migrate_batch_pages))
             page += self._migrate_batch_pages
             if time.monotonic() - logged >= 5:
-                logger.info("moving %s into daily partitions: page %d of %d, %d rows moved",
-                            partitions.LEGACY_TABLE, min(page, pages), pages, moved)
+                logger.info(
+                    "moving %s into daily partitions: page %d of %d, %d rows moved",
+                    partitions.LEGACY_TABLE,
+                    min(page, pages),
+                    pages,
+                    moved,
+                )
                 logged = time.monotonic()
         logger.info("moved %d rows from %s into daily partitions", moved, partitions.LEGACY_TABLE)
         self._run(partitions.finish_legacy_move)
@@ -311,10 +330,12 @@ class PostgresWriter:
         days = partitions.window(today)
         have = self._run(partitions.partition_days, commit=False)
         if not have.issuperset(days):
+
             def create(cur: Cursor) -> None:
                 cur.execute(f"SET LOCAL lock_timeout = {self._lock_timeout_ms}")
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
                 partitions.ensure_days(cur, days)
+
             self._run(create)
             have = self._run(partitions.partition_days, commit=False)
         self._partition_days = have
@@ -331,8 +352,12 @@ class PostgresWriter:
         except psycopg2.errors.LockNotAvailable:
             holders = self._run(_lock_holders, commit=False)
             self._partitions_retry_at = time.monotonic() + PARTITION_RETRY_SECONDS
-            logger.warning("creating the coming days' partitions waited %d ms for a lock %s; trying again in %.0f s",
-                           self._lock_timeout_ms, holders, PARTITION_RETRY_SECONDS)
+            logger.warning(
+                "creating the coming days' partitions waited %d ms for a lock %s; trying again in %.0f s",
+                self._lock_timeout_ms,
+                holders,
+                PARTITION_RETRY_SECONDS,
+            )
 
     def _create_stage(self, cur: Cursor) -> None:
         # Staging table for COPY: private to this session, emptied at each commit.
@@ -360,9 +385,13 @@ class PostgresWriter:
         if logins and self._partition_days:
             outside = sum(1 for row in logins if row.create_date not in self._partition_days)
             if outside:
-                logger.warning("%d row(s) of this batch are dated outside the daily partitions (a SentTimestamp "
-                               "far off, or none); stored in %s", outside, partitions.DEFAULT_PARTITION,
-                               extra={"count": outside})
+                logger.warning(
+                    "%d row(s) of this batch are dated outside the daily partitions (a SentTimestamp "
+                    "far off, or none); stored in %s",
+                    outside,
+                    partitions.DEFAULT_PARTITION,
+                    extra={"count": outside},
+                )
         try:
             return self._run(lambda cur: self._write(cur, logins, rejections, staged=redelivered))
         except _ROW_ERRORS as exc:
@@ -392,8 +421,7 @@ class PostgresWriter:
             stored += _insert_rejections(cur, undated, "l.message_id = v.message_id")
         rejected = len(stored)
         duplicates = len(logins) + len(rejections) - inserted - rejected
-        return WriteResult(inserted=inserted, rejected=rejected, duplicates=duplicates,
-                           rejected_ids=frozenset(stored))
+        return WriteResult(inserted=inserted, rejected=rejected, duplicates=duplicates, rejected_ids=frozenset(stored))
 
     def _insert_logins(self, cur: Cursor, logins: Sequence[MaskedLogin], staged: bool = False) -> int:
         """Insert the rows that are new; return how many.
@@ -518,8 +546,15 @@ def _copy_text(logins: Sequence[MaskedLogin]) -> str:
         day = dates.get(row.create_date)
         if day is None:
             day = dates[row.create_date] = row.create_date.isoformat()
-        fields = (row.message_id, row.user_id, row.device_type, row.masked_ip, row.masked_device_id,
-                  row.app_version, day)
+        fields = (
+            row.message_id,
+            row.user_id,
+            row.device_type,
+            row.masked_ip,
+            row.masked_device_id,
+            row.app_version,
+            day,
+        )
         head = "\t".join(fields)
         if head.count("\t") != 6 or "\\" in head or "\n" in head or "\r" in head:
             head = "\t".join(f.translate(_COPY_ESCAPES) for f in fields)
@@ -543,7 +578,9 @@ def _lock_holders(cur: Cursor) -> str:
                                        'user_logins_legacy')
                          OR c.relname LIKE 'user\\_logins\\_p%%'))
                    OR (l.locktype = 'advisory' AND l.objid = %s))
-            ORDER BY 1 LIMIT 5""", (_SCHEMA_LOCK_ID & 0xFFFFFFFF,))
+            ORDER BY 1 LIMIT 5""",
+        (_SCHEMA_LOCK_ID & 0xFFFFFFFF,),
+    )
     held = [f"pid {pid} ({app}, {state} since {since} UTC) on {rel}" for pid, app, state, since, rel in cur.fetchall()]
     return "held by " + "; ".join(held) if held else "(its holder has gone)"
 

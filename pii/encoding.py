@@ -43,8 +43,12 @@ def pad(data: bytes) -> bytes:
 def unpad(data: bytes) -> bytes:
     """Undo `pad`; raise EncodingError if `data` is not padded so."""
     stripped = data.rstrip(b"\x00")
-    if not data or len(data) % PAD_BLOCK_BYTES or not stripped.endswith(b"\x80") \
-            or len(data) - len(stripped) >= PAD_BLOCK_BYTES:
+    if (
+        not data
+        or len(data) % PAD_BLOCK_BYTES
+        or not stripped.endswith(b"\x80")
+        or len(data) - len(stripped) >= PAD_BLOCK_BYTES
+    ):
         raise EncodingError("plaintext is not in the padded form")
     return stripped[:-1]
 
@@ -70,7 +74,7 @@ def decode_ip(data: bytes) -> str:
     """The canonical text of an `encode_ip` plaintext; raise EncodingError if it is not one."""
     if len(data) == IP_BYTES:
         if data.startswith(_IPV4_MAPPED):
-            return str(ipaddress.IPv4Address(data[IP_BYTES - 4:]))
+            return str(ipaddress.IPv4Address(data[IP_BYTES - 4 :]))
         return str(ipaddress.IPv6Address(data))
     return _text(unpad(data))
 

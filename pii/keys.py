@@ -36,8 +36,14 @@ KMS_HINT = "make a new one with `python main.py keygen --kms-key-id ID`"
 MAX_KEY_FILE_BYTES = 64 * 1024  # a keyring of hundreds of versions; anything larger is the wrong file
 _PAIR = re.compile(r"^([1-9][0-9]{0,5}):(.+)$")
 # KMS error codes that mean "try again later", not "this key or blob is wrong".
-_KMS_TRANSIENT = {"ThrottlingException", "KMSInternalException", "DependencyTimeoutException",
-                  "InternalFailure", "ServiceUnavailable", "InternalError"}
+_KMS_TRANSIENT = {
+    "ThrottlingException",
+    "KMSInternalException",
+    "DependencyTimeoutException",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "InternalError",
+}
 _KMS_HINTS = {
     "InvalidCiphertextException": "the blob was not made by this KMS (other account or region), "
     "was made for another purpose, or is damaged",
@@ -181,11 +187,15 @@ def key_file_problem(path: str, mode: int, owner: int, euid: int) -> str | None:
         return None
     if owner == 0:
         if permissions & (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO):
-            return (f"is owned by root and writable by its group or accessible by others (mode {permissions:04o}): "
-                    f"run `chmod 440 {path}`")
+            return (
+                f"is owned by root and writable by its group or accessible by others (mode {permissions:04o}): "
+                f"run `chmod 440 {path}`"
+            )
         return None
-    return (f"is owned by uid {owner}, neither this process's uid {euid} nor root: run `chown {euid} {path}` "
-            "(README: Where the key comes from)")
+    return (
+        f"is owned by uid {owner}, neither this process's uid {euid} nor root: run `chown {euid} {path}` "
+        "(README: Where the key comes from)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,9 +257,12 @@ def generate_wrapped_key(
 ) -> str:
     """A new 64-byte data key wrapped by KMS key `key_id`: the base64 CiphertextBlob (no plaintext)."""
     kms = client or kms_client(endpoint_url, region)
-    response = _call_kms(f"KMS key {key_id}", "generate a data key", lambda: kms.generate_data_key(
-        KeyId=key_id, NumberOfBytes=KEY_BYTES, EncryptionContext=KMS_ENCRYPTION_CONTEXT),
-        todo="check the key id or alias, the region, and kms:GenerateDataKey on the key")
+    response = _call_kms(
+        f"KMS key {key_id}",
+        "generate a data key",
+        lambda: kms.generate_data_key(KeyId=key_id, NumberOfBytes=KEY_BYTES, EncryptionContext=KMS_ENCRYPTION_CONTEXT),
+        todo="check the key id or alias, the region, and kms:GenerateDataKey on the key",
+    )
     return base64.b64encode(response["CiphertextBlob"]).decode("ascii")
 
 
@@ -284,8 +297,10 @@ def _call_kms(what: str, action: str, call: Callable[[], _T], todo: str = KMS_HI
         hint = _KMS_HINTS.get(code, error.get("Message") or "see the KMS documentation")
         raise KeySourceError(f"{what}: KMS refused to {action} ({code}: {hint}); {todo}") from None
     except (NoCredentialsError, PartialCredentialsError):
-        raise KeySourceError(f"{what}: no AWS credentials for KMS (set AWS_ACCESS_KEY_ID and "
-                             "AWS_SECRET_ACCESS_KEY, or a profile or role)") from None
+        raise KeySourceError(
+            f"{what}: no AWS credentials for KMS (set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or a profile or role)"
+        ) from None
     except ParamValidationError as exc:
         raise KeySourceError(f"{what}: invalid KMS request ({exc})") from None
     except BotoCoreError as exc:

@@ -42,8 +42,9 @@ def parse_keyset(text: str, *, key_bytes: int) -> tuple[dict[int, bytes], int]:
     if not isinstance(document, dict) or not isinstance(document.get("key"), list):
         raise KeysetError("not a Tink keyset (expected an object with a 'key' list)")
     if "encryptedKeyset" in document:
-        raise KeysetError("an encrypted keyset: give the cleartext keyset (a KMS-wrapped key goes in "
-                          "MASKING_KEY_KMS_CIPHERTEXT)")
+        raise KeysetError(
+            "an encrypted keyset: give the cleartext keyset (a KMS-wrapped key goes in MASKING_KEY_KMS_CIPHERTEXT)"
+        )
     primary = document.get("primaryKeyId")
     if not _is_key_id(primary):
         raise KeysetError("primaryKeyId is missing or not a 32-bit unsigned integer")
@@ -69,13 +70,18 @@ def keyset_json(keys: Mapping[int, bytes], primary: int) -> str:
     entries = []
     for key_id, key in sorted(keys.items()):
         value = b"\x12" + _varint(len(key)) + key  # AesSivKey{version: 0 (omitted), key_value: key}
-        entries.append({
-            "keyData": {"typeUrl": AES_SIV_TYPE_URL, "value": base64.b64encode(value).decode("ascii"),
-                        "keyMaterialType": "SYMMETRIC"},
-            "status": "ENABLED",
-            "keyId": key_id,
-            "outputPrefixType": "TINK",
-        })
+        entries.append(
+            {
+                "keyData": {
+                    "typeUrl": AES_SIV_TYPE_URL,
+                    "value": base64.b64encode(value).decode("ascii"),
+                    "keyMaterialType": "SYMMETRIC",
+                },
+                "status": "ENABLED",
+                "keyId": key_id,
+                "outputPrefixType": "TINK",
+            }
+        )
     return json.dumps({"primaryKeyId": primary, "key": entries}, indent=2)
 
 
@@ -96,8 +102,10 @@ def _key_of(entry: dict[str, Any], key_id: int, key_bytes: int) -> bytes:
     if not isinstance(data, dict) or data.get("typeUrl") != AES_SIV_TYPE_URL:
         raise KeysetError(f"key id {key_id}: not an AES-SIV key (typeUrl must be {AES_SIV_TYPE_URL})")
     if entry.get("outputPrefixType") != "TINK":
-        raise KeysetError(f"key id {key_id}: output prefix {entry.get('outputPrefixType')!r} is not supported, "
-                          "only TINK (tokens carry the key id)")
+        raise KeysetError(
+            f"key id {key_id}: output prefix {entry.get('outputPrefixType')!r} is not supported, "
+            "only TINK (tokens carry the key id)"
+        )
     try:
         value = base64.b64decode(str(data.get("value", "")), validate=True)
     except (binascii.Error, ValueError):
@@ -123,7 +131,7 @@ def _aes_siv_key_value(proto: bytes) -> bytes | None:
             length, position = _read_varint(proto, position)
             if length is None or position + length > len(proto):
                 return None
-            key, position = proto[position:position + length], position + length
+            key, position = proto[position : position + length], position + length
         else:
             return None
     return key

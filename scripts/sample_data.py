@@ -125,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=1000, help="messages to generate (1000)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (42)")
     parser.add_argument("--send", action="store_true", help="send to SQS_QUEUE_URL instead of printing")
-    parser.add_argument("--batches", action="store_true",
-                        help="print one SendMessageBatch Entries JSON list (10 messages) per line; needs no boto3")
+    parser.add_argument(
+        "--batches",
+        action="store_true",
+        help="print one SendMessageBatch Entries JSON list (10 messages) per line; needs no boto3",
+    )
     parser.add_argument(
         "--queue-url",
         default=os.environ.get("SQS_QUEUE_URL", "http://localhost:4566/000000000000/login-queue"),

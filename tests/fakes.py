@@ -44,8 +44,13 @@ GOOD_LOGIN = {
 
 def login(n: int, **changes: object) -> str:
     """A good body whose ip and device_id are unique to n."""
-    data = {**GOOD_LOGIN, "user_id": f"user-{n}", "ip": f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}",
-            "device_id": f"{100 + n % 900}-{n // 900 % 90 + 10}-{n % 9000 + 1000}", **changes}
+    data = {
+        **GOOD_LOGIN,
+        "user_id": f"user-{n}",
+        "ip": f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}",
+        "device_id": f"{100 + n % 900}-{n // 900 % 90 + 10}-{n % 9000 + 1000}",
+        **changes,
+    }
     return json.dumps(data)
 
 
@@ -132,8 +137,12 @@ class FakeQueue:
     is recorded in `early_deletes` (the invariant "no delete before its commit").
     """
 
-    def __init__(self, bodies: Sequence[tuple[str, str]], faults: Faults | None = None,
-                 stored: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        bodies: Sequence[tuple[str, str]],
+        faults: Faults | None = None,
+        stored: Callable[[str], bool] | None = None,
+    ) -> None:
         self.bodies = dict(bodies)
         self.faults = faults or Faults()
         self.stored = stored or (lambda message_id: True)
@@ -171,8 +180,13 @@ class FakeQueue:
         receipt = f"{message_id}#{next(self._receipts)}"
         self._latest[message_id] = receipt
         self._receives[message_id] += 1
-        return ReceivedMessage(message_id=message_id, receipt_handle=receipt, body=self.bodies[message_id],
-                               sent_timestamp_ms=1_700_000_000_000, receive_count=self._receives[message_id])
+        return ReceivedMessage(
+            message_id=message_id,
+            receipt_handle=receipt,
+            body=self.bodies[message_id],
+            sent_timestamp_ms=1_700_000_000_000,
+            receive_count=self._receives[message_id],
+        )
 
     def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
         self.faults.maybe_slow()
@@ -221,8 +235,14 @@ class FakeSink:
     """PostgresWriter's contract in memory: one atomic write per batch, idempotent on message id,
     a message in one table only, rows it refuses alone (`refuse_logins`, `refuse_rejections`)."""
 
-    def __init__(self, faults: Faults | None = None, *, refuse_logins: set[str] | None = None,
-                 refuse_rejections: set[str] | None = None, refuse_minimal: bool = False) -> None:
+    def __init__(
+        self,
+        faults: Faults | None = None,
+        *,
+        refuse_logins: set[str] | None = None,
+        refuse_rejections: set[str] | None = None,
+        refuse_minimal: bool = False,
+    ) -> None:
         self.faults = faults or Faults()
         self.refuse_logins = refuse_logins or set()
         self.refuse_rejections = refuse_rejections or set()
@@ -245,19 +265,23 @@ class FakeSink:
         with self._lock:
             return message_id in self.logins or message_id in self.rejections
 
-    def write(self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *,
-              redelivered: bool = False) -> WriteResult:
+    def write(
+        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False
+    ) -> WriteResult:
         if not self.connected:
             raise DatabaseUnavailable("not connected")
         self.faults.maybe_slow()
         if self.faults.hit(self.faults.write_error):
             self.connected = False
             raise DatabaseUnavailable("fake outage")
-        bad_logins = [(row, "refused by PostgreSQL: 22001 fake") for row in logins
-                      if row.message_id in self.refuse_logins]
-        bad_rejections = [(row, "refused by PostgreSQL: 23514 fake") for row in rejections
-                          if row.message_id in self.refuse_rejections
-                          and (row.sent_at is not None or self.refuse_minimal)]
+        bad_logins = [
+            (row, "refused by PostgreSQL: 22001 fake") for row in logins if row.message_id in self.refuse_logins
+        ]
+        bad_rejections = [
+            (row, "refused by PostgreSQL: 23514 fake")
+            for row in rejections
+            if row.message_id in self.refuse_rejections and (row.sent_at is not None or self.refuse_minimal)
+        ]
         if bad_logins or bad_rejections:
             raise DatabaseRejectedRows(bad_logins, bad_rejections)
         with self._lock:
@@ -284,9 +308,12 @@ class FakeSink:
             self.ambiguous_commits += 1
             raise DatabaseUnavailable("fake: connection lost after COMMIT was sent")
         self.returned.update(inserted=inserted, rejected=rejected)
-        return WriteResult(inserted=inserted, rejected=rejected,
-                           duplicates=len(logins) + len(rejections) - inserted - rejected,
-                           rejected_ids=frozenset(stored_rejections))
+        return WriteResult(
+            inserted=inserted,
+            rejected=rejected,
+            duplicates=len(logins) + len(rejections) - inserted - rejected,
+            rejected_ids=frozenset(stored_rejections),
+        )
 
 
 def run_in_thread(pipeline: Any) -> tuple[threading.Thread, list[object]]:

@@ -47,16 +47,24 @@ def docker_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(command: list[str], *, timeout: float, check: bool = True, env: dict[str, str] | None = None,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    command: list[str],
+    *,
+    timeout: float,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     try:
-        result = subprocess.run(command, env=env or docker_env(), capture_output=True, text=True, timeout=timeout,
-                                input=input)
+        result = subprocess.run(
+            command, env=env or docker_env(), capture_output=True, text=True, timeout=timeout, input=input
+        )
     except subprocess.TimeoutExpired:
         raise DockerError(f"{' '.join(command[:4])} ... timed out after {timeout} s") from None
     if check and result.returncode != 0:
-        raise DockerError(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}"
-                          f"\n{result.stderr[-3000:]}")
+        raise DockerError(
+            f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -68,15 +76,22 @@ def engine_version() -> str:
     """The engine's version; skip (locally) or fail (CI=true) when there is no engine."""
     where = os.environ.get("DOCKER_HOST", "the default socket")
     try:
-        result = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], env=docker_env(),
-                                capture_output=True, text=True, timeout=20)
+        result = subprocess.run(
+            ["docker", "version", "--format", "{{.Server.Version}}"],
+            env=docker_env(),
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except FileNotFoundError:
         unavailable("the docker CLI (apt-get install docker.io; ../shared/tools/docker-standin.sh installs it)")
     except subprocess.TimeoutExpired:
         unavailable(f"a Docker engine at {where} (no answer in 20 s)")
     if result.returncode != 0:
-        unavailable(f"a Docker engine at {where} ({result.stderr.strip()[-200:]}); "
-                    "here: eval \"$(../shared/tools/docker-standin.sh --all | tail -1)\"")
+        unavailable(
+            f"a Docker engine at {where} ({result.stderr.strip()[-200:]}); "
+            'here: eval "$(../shared/tools/docker-standin.sh --all | tail -1)"'
+        )
     return result.stdout.strip()
 
 
@@ -100,4 +115,3 @@ def build_image(tag: str = ETL_IMAGE) -> str:
     if previous and previous != image_id:
         docker("image", "rm", previous, timeout=120, check=False)
     return image_id
-

@@ -37,25 +37,51 @@ QUERIES = {
     "view": "SELECT * FROM user_login_duplicates ORDER BY field, masked_value",
 }
 _INDEX_ONLY = "SET enable_seqscan = off; SET enable_bitmapscan = off; SET enable_indexscan = on"
-_PLAIN_SCAN = "SET enable_seqscan = on; SET enable_indexscan = off; SET enable_indexonlyscan = off; " \
-              "SET enable_bitmapscan = off"
+_PLAIN_SCAN = (
+    "SET enable_seqscan = on; SET enable_indexscan = off; SET enable_indexonlyscan = off; SET enable_bitmapscan = off"
+)
 
 
 def _logins() -> list[MaskedLogin]:
     """Logins over four days and the default partition: devices and IPs shared by users."""
-    return [MaskedLogin(f"m-{n}", f"user-{n % 7}", "ios", f"v1.ip{n % 5}", f"v1.dev{n % 9}", None, "2.3.0",
-                        (TODAY, TODAY - timedelta(days=1), OLD_DAY, FAR_DAY)[n % 4]) for n in range(60)]
+    return [
+        MaskedLogin(
+            f"m-{n}",
+            f"user-{n % 7}",
+            "ios",
+            f"v1.ip{n % 5}",
+            f"v1.dev{n % 9}",
+            None,
+            "2.3.0",
+            (TODAY, TODAY - timedelta(days=1), OLD_DAY, FAR_DAY)[n % 4],
+        )
+        for n in range(60)
+    ]
 
 
 # Rows of the original exercise's table, moved in by the migration: no message id, NULL tokens.
-LEGACY = [MaskedLogin(None, f"user-{n}", "ios", None if n % 2 else "v1.ip1", None if n < 2 else "v1.dev1",  # type: ignore[arg-type]
-                      None, "1", TODAY) for n in range(4)]
+LEGACY = [
+    MaskedLogin(
+        None,  # type: ignore[arg-type]
+        f"user-{n}",
+        "ios",
+        None if n % 2 else "v1.ip1",  # type: ignore[arg-type]
+        None if n < 2 else "v1.dev1",  # type: ignore[arg-type]
+        None,
+        "1",
+        TODAY,
+    )
+    for n in range(4)
+]
 
 
 def _insert_legacy(database_url: str) -> None:
     for r in LEGACY:
-        query(database_url, "INSERT INTO user_logins (user_id, masked_ip, masked_device_id, create_date) "
-                            "VALUES (%s, %s, %s, %s)", (r.user_id, r.masked_ip, r.masked_device_id, r.create_date))
+        query(
+            database_url,
+            "INSERT INTO user_logins (user_id, masked_ip, masked_device_id, create_date) VALUES (%s, %s, %s, %s)",
+            (r.user_id, r.masked_ip, r.masked_device_id, r.create_date),
+        )
 
 
 def _add_day(database_url: str, day: date) -> None:
@@ -100,9 +126,18 @@ def _by_hand(rows: list[MaskedLogin]) -> list[tuple[Any, ...]]:
         for field, token in (("device_id", row.masked_device_id), ("ip", row.masked_ip)):
             if token is not None:
                 seen[field, token].append(row)
-    return sorted((field, token, len(group), len({r.user_id for r in group}), min(r.create_date for r in group),
-                   max(r.create_date for r in group))
-                  for (field, token), group in seen.items() if len(group) > 1)
+    return sorted(
+        (
+            field,
+            token,
+            len(group),
+            len({r.user_id for r in group}),
+            min(r.create_date for r in group),
+            max(r.create_date for r in group),
+        )
+        for (field, token), group in seen.items()
+        if len(group) > 1
+    )
 
 
 def _assert_index_answers_as_plain_scan(database_url: str, stored: list[MaskedLogin]) -> None:
@@ -138,16 +173,27 @@ def test_the_analysts_queries_are_answered_from_the_token_indexes_as_a_plain_sca
         return "k2." + token[::-1]
 
     Rekeyer(database_url, retoken, current_prefixes=("k2.",)).run()
-    rekeyed = [MaskedLogin(r.message_id, r.user_id, r.device_type, r.masked_ip and retoken(r.masked_ip),
-                           r.masked_device_id and retoken(r.masked_device_id), r.locale, r.app_version,
-                           r.create_date) for r in logins]
+    rekeyed = [
+        MaskedLogin(
+            r.message_id,
+            r.user_id,
+            r.device_type,
+            r.masked_ip and retoken(r.masked_ip),
+            r.masked_device_id and retoken(r.masked_device_id),
+            r.locale,
+            r.app_version,
+            r.create_date,
+        )
+        for r in logins
+    ]
     # THEN the answers follow the new tokens
     _assert_index_answers_as_plain_scan(database_url, rekeyed)
     assert not any(token.startswith("v1.") for (_f, token, *_rest) in _answers(database_url, _INDEX_ONLY)["view"])
 
     # WHEN retention keeps 3 days (OLD_DAY's partition dropped, FAR_DAY kept: it is not older)
     assert Retention(database_url, keep_days=3, requested_by="test").run(dry_run=False).partitions == [
-        (partitions.partition_name(OLD_DAY), 15)]
+        (partitions.partition_name(OLD_DAY), 15)
+    ]
     # THEN the dropped day no longer counts, in either plan
     _assert_index_answers_as_plain_scan(database_url, [r for r in rekeyed if r.create_date != OLD_DAY])
 
@@ -157,8 +203,11 @@ def _token_indexes_complete(database_url: str) -> bool:
     try:
         with conn, conn.cursor() as cur:
             missing = partitions.missing_token_indexes(cur)
-            cur.execute("SELECT count(*) FILTER (WHERE x.indisvalid) FROM unnest(%s::text[]) AS i(name) "
-                        "JOIN pg_index x ON x.indexrelid = to_regclass(i.name)", (list(partitions.TOKEN_INDEXES),))
+            cur.execute(
+                "SELECT count(*) FILTER (WHERE x.indisvalid) FROM unnest(%s::text[]) AS i(name) "
+                "JOIN pg_index x ON x.indexrelid = to_regclass(i.name)",
+                (list(partitions.TOKEN_INDEXES),),
+            )
             valid = cur.fetchone()[0]  # type: ignore[index]
         return missing == [] and valid == len(partitions.TOKEN_INDEXES)
     finally:

@@ -123,8 +123,14 @@ class Driver:
             port = free.getsockname()[1]
         args = [a if not a.startswith("--metrics-port") else f"--metrics-port={port}" for a in self.command]
         with open(log, "w") as out:
-            process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=self.workdir,
-                                       env=self.env, stdout=out, stderr=subprocess.STDOUT, text=True)
+            process = subprocess.Popen(
+                [sys.executable, str(ROOT / "main.py"), *args],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         self.running.append(Replica(process, log, time.monotonic()))
 
     def stop_all(self) -> None:
@@ -147,13 +153,16 @@ class Driver:
 
 
 def test_replicas_scaled_between_0_and_n_under_churn_store_every_message_exactly_once(
-    etl_env, sqs_client, tmp_path,
+    etl_env,
+    sqs_client,
+    tmp_path,
 ) -> None:
     began = time.monotonic()
     docs = kustomize(DEPLOY / "overlays" / "example")
     deployment = one(docs, "Deployment")
-    words = expanded_args(container(deployment), resolved_env(docs, deployment, {
-        ("login-etl-database", "url"): etl_env["DATABASE_URL"]}))
+    words = expanded_args(
+        container(deployment), resolved_env(docs, deployment, {("login-etl-database", "url"): etl_env["DATABASE_URL"]})
+    )
     assert _build_parser().parse_args(words).follow
     grace = float(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
     driver = Driver(words, dict(os.environ), tmp_path, grace, etl_env["SQS_QUEUE_URL"], sqs_client)
@@ -175,8 +184,12 @@ def test_replicas_scaled_between_0_and_n_under_churn_store_every_message_exactly
         parts: list[list[str]] = [[] for _ in range(4)]
         chunks = [wave[i::4] for i in range(4)]
         with driver.wave:
-            threads = [threading.Thread(target=lambda n=n: parts[n].extend(
-                send(sqs_client, etl_env["SQS_QUEUE_URL"], chunks[n]))) for n in range(4)]
+            threads = [
+                threading.Thread(
+                    target=lambda n=n: parts[n].extend(send(sqs_client, etl_env["SQS_QUEUE_URL"], chunks[n]))
+                )
+                for n in range(4)
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -191,14 +204,16 @@ def test_replicas_scaled_between_0_and_n_under_churn_store_every_message_exactly
             send_wave(bodies[:first])
             # Wave 2 once the driver has scaled in under the first wave: replicas were stopped
             # while messages were still in flight.
-            wait_for(lambda: any(r.depth_at_sigterm > 0 for r in driver.terminating + driver.finished),
-                     "a scale-in with messages in flight")
+            wait_for(
+                lambda: any(r.depth_at_sigterm > 0 for r in driver.terminating + driver.finished),
+                "a scale-in with messages in flight",
+            )
             phase[0] = "wave 2"
-            send_wave(bodies[first:first + second])
+            send_wave(bodies[first : first + second])
             # Wave 3 only once everything is drained and the deployment is at zero: a wake from zero.
             wait_for(lambda: driver.replicas_seen[-1:] == [0], "scale to zero")
             phase[0] = "wave 3"
-            send_wave(bodies[first + second:])
+            send_wave(bodies[first + second :])
             phase[0] = "sent"
         except BaseException as exc:  # noqa: BLE001 - reported by the test thread
             producer_error.append(exc)
@@ -231,6 +246,8 @@ def test_replicas_scaled_between_0_and_n_under_churn_store_every_message_exactly
     assert max(driver.replicas_seen) == MAX_REPLICAS and driver.woke_from_zero >= 2
     assert sum(1 for r in replicas if r.depth_at_sigterm > 0) >= 1
     assert len(replicas) >= 6, len(replicas)
-    print(f"churn: {len(replicas)} replicas started and stopped, {driver.woke_from_zero} wakes from zero, "
-          f"{sum(1 for r in replicas if r.depth_at_sigterm > 0)} stopped with messages in flight, "
-          f"{time.monotonic() - began:.0f} s")
+    print(
+        f"churn: {len(replicas)} replicas started and stopped, {driver.woke_from_zero} wakes from zero, "
+        f"{sum(1 for r in replicas if r.depth_at_sigterm > 0)} stopped with messages in flight, "
+        f"{time.monotonic() - began:.0f} s"
+    )

@@ -44,14 +44,20 @@ DUMMY_KEY = "not-a-real-key-only-interpolated"
 
 # Every variable the etl container must get, and those config.py also reads but may leave unset
 # because another one covers them.
-REQUIRED_ETL_ENV = {"SQS_QUEUE_URL", "DATABASE_URL", "MASKING_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+REQUIRED_ETL_ENV = {
+    "SQS_QUEUE_URL",
+    "DATABASE_URL",
+    "MASKING_KEY",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+}
 COVERED_BY = {"AWS_ENDPOINT_URL_SQS": "AWS_ENDPOINT_URL", "AWS_REGION": "AWS_DEFAULT_REGION"}
 KEY_SOURCES = ("MASKING_KEY", "MASKING_KEYS", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT")
 KMS_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://localhost:4599")
 KEY_A, KEY_B = generate_key(), generate_key()
 DOCKERFILE_INSTALL = ["pip", "install", "--no-cache-dir", "--require-hashes", "-r", "requirements.lock"]
-
 
 
 def tool(name: str) -> str:
@@ -61,16 +67,24 @@ def tool(name: str) -> str:
     return found
 
 
-def run_compose(env_file: Path, *args: str, masking_key: str | None = DUMMY_KEY,
-                variables: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_compose(
+    env_file: Path, *args: str, masking_key: str | None = DUMMY_KEY, variables: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """docker-compose on our file, blind to the repo's .env and to the caller's key sources."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MASKING_KEY", "COMPOSE_", "AWS_ENDPOINT_URL_KMS"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASKING_KEY", "COMPOSE_", "AWS_ENDPOINT_URL_KMS"))}
     if masking_key is not None:
         env["MASKING_KEY"] = masking_key
     env.update(variables or {})
-    command = [str(compose_binary()), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
-               "--env-file", str(env_file), *args]
+    command = [
+        str(compose_binary()),
+        "--project-directory",
+        str(ROOT),
+        "-f",
+        str(COMPOSE_FILE),
+        "--env-file",
+        str(env_file),
+        *args,
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -102,15 +116,18 @@ def host_path(svc: dict[str, Any], container_path: str) -> Path | None:
     for mount in sorted(bind_mounts(svc), key=lambda m: -len(m["target"])):
         target = mount["target"]
         if container_path == target or container_path.startswith(target + "/"):
-            return Path(mount["source"] + container_path[len(target):])
+            return Path(mount["source"] + container_path[len(target) :])
     return None
 
 
 # --- docker-compose.yml -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "etl"], ["--profile", "monitoring"]],
-                         ids=["default", "etl-profile", "monitoring-profile"])
+@pytest.mark.parametrize(
+    "profile",
+    [[], ["--profile", "etl"], ["--profile", "monitoring"]],
+    ids=["default", "etl-profile", "monitoring-profile"],
+)
 def test_compose_file_passes_docker_compose_config(empty_env_file: Path, profile: list[str]) -> None:
     result = run_compose(empty_env_file, *profile, "config", "-q")
     assert result.returncode == 0, result.stderr
@@ -138,8 +155,10 @@ def etl_config_check(variables: dict[str, str], tmp_path: Path) -> tuple[dict[st
     assert result.returncode == 0 and result.stderr == "", result.stderr
     model = json.loads(result.stdout)
     env = {name: value or "" for name, value in model["services"]["etl"]["environment"].items()}
-    mounted = {f"/run/secrets/{s.get('target') or s['source']}": model["secrets"][s["source"]]["file"]
-               for s in model["services"]["etl"].get("secrets", [])}
+    mounted = {
+        f"/run/secrets/{s.get('target') or s['source']}": model["secrets"][s["source"]]["file"]
+        for s in model["services"]["etl"].get("secrets", [])
+    }
     if env.get("MASKING_KEY_FILE"):
         env["MASKING_KEY_FILE"] = mounted[env["MASKING_KEY_FILE"]]
     if env.get("MASKING_KEY_KMS_CIPHERTEXT"):
@@ -159,8 +178,13 @@ def kms_blob() -> str:
     from botocore.exceptions import BotoCoreError
 
     try:
-        kms = boto3.client("kms", endpoint_url=KMS_ENDPOINT, region_name="us-east-1",
-                           aws_access_key_id="test", aws_secret_access_key="test")
+        kms = boto3.client(
+            "kms",
+            endpoint_url=KMS_ENDPOINT,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
         key_id = kms.create_key()["KeyMetadata"]["KeyId"]
     except BotoCoreError:
         unavailable(f"KMS at {KMS_ENDPOINT}")
@@ -181,7 +205,9 @@ def _sources(tmp_path: Path, kms_blob: str) -> dict[str, dict[str, str]]:
 
 @pytest.mark.parametrize("source", KEY_SOURCES)
 def test_each_key_source_alone_passes_compose_and_the_etl_configuration_check(
-    source: str, tmp_path: Path, kms_blob: str,
+    source: str,
+    tmp_path: Path,
+    kms_blob: str,
 ) -> None:
     env, outcome = etl_config_check(_sources(tmp_path, kms_blob)[source], tmp_path)
     assert outcome == "ok"
@@ -192,8 +218,7 @@ def test_under_compose_a_key_file_is_a_secret_mounted_at_run_secrets(tmp_path: P
     variables = _sources(tmp_path, kms_blob)["MASKING_KEY_FILE"]
     env_file = tmp_path / "compose.env"
     env_file.write_text(f"MASKING_KEY_FILE={variables['MASKING_KEY_FILE']}\n")
-    model = json.loads(run_compose(env_file, "--profile", "etl", "config", "--format", "json",
-                                   masking_key=None).stdout)
+    model = json.loads(run_compose(env_file, "--profile", "etl", "config", "--format", "json", masking_key=None).stdout)
     assert model["services"]["etl"]["environment"]["MASKING_KEY_FILE"] == "/run/secrets/masking_key"
     assert model["secrets"]["masking_key"]["file"] == variables["MASKING_KEY_FILE"]
 
@@ -264,8 +289,13 @@ def _names_read_by_settings() -> set[str]:
     """Every NAME in `env.get("NAME")` or `env["NAME"]` in config.py."""
     names: set[str] = set()
     for node in ast.walk(ast.parse((ROOT / "config.py").read_text())):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
-                and node.args and isinstance(node.args[0], ast.Constant)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             key = node.args[0].value
         elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
             key = node.slice.value
@@ -306,7 +336,9 @@ def test_localstack_and_postgres_have_healthchecks_and_etl_waits_until_both_are_
     assert "pg_isready" in service(compose, "postgres")["healthcheck"]["test"]
     depends = service(compose, "etl")["depends_on"]
     assert {name: d["condition"] for name, d in depends.items()} == {
-        "localstack": "service_healthy", "postgres": "service_healthy"}
+        "localstack": "service_healthy",
+        "postgres": "service_healthy",
+    }
 
 
 def test_every_image_is_pinned_and_localstack_is_a_tag_that_needs_no_account(compose: dict[str, Any]) -> None:
@@ -326,7 +358,10 @@ def test_every_image_is_pinned_and_localstack_is_a_tag_that_needs_no_account(com
 def test_postgres_uses_the_exercise_credentials_and_a_named_volume(compose: dict[str, Any]) -> None:
     pg = service(compose, "postgres")
     assert {k: pg["environment"][k] for k in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB")} == {
-        "POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "postgres", "POSTGRES_DB": "postgres"}
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_PASSWORD": "postgres",
+        "POSTGRES_DB": "postgres",
+    }
     [volume] = [v for v in pg["volumes"] if v["target"] == "/var/lib/postgresql/data"]
     assert volume["type"] == "volume" and volume["source"] in compose["volumes"]
 
@@ -390,13 +425,15 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
     text = "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#"))
     joined = re.sub(r"\\\n\s*", " ", text)
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
-            for line in joined.splitlines() if line.strip()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in joined.splitlines() if line.strip()
+    ]
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    result = subprocess.run([tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""
 
@@ -410,8 +447,9 @@ def test_dockerfile_installs_requirements_in_a_layer_before_the_app_is_copied() 
     steps = dockerfile_instructions()
     copy_requirements = steps.index(("COPY", "requirements.lock ."))
     install = steps.index(("RUN", " ".join(DOCKERFILE_INSTALL)))
-    first_app_copy = min(i for i, (instruction, args) in enumerate(steps)
-                         if instruction == "COPY" and "requirements.lock" not in args)
+    first_app_copy = min(
+        i for i, (instruction, args) in enumerate(steps) if instruction == "COPY" and "requirements.lock" not in args
+    )
     assert copy_requirements < install < first_app_copy
 
 
@@ -443,23 +481,33 @@ def test_image_gets_every_first_party_module_main_imports_and_nothing_else() -> 
     while pending:
         source = pending.pop()
         for node in ast.walk(ast.parse(source.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
-                     else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                else []
+            )
             for name in names:
                 first = name.split(".")[0]
                 if first in top_level and first not in needed:
                     needed.add(first)
-                    pending += [ROOT / f"{first}.py"] if (ROOT / f"{first}.py").exists() \
+                    pending += (
+                        [ROOT / f"{first}.py"]
+                        if (ROOT / f"{first}.py").exists()
                         else list((ROOT / first).rglob("*.py"))
+                    )
     copied_names = {path.stem if path.suffix == ".py" else path.name for path in copied}
     assert needed <= copied_names, f"the image lacks {needed - copied_names}"
     assert not {"tests", "scripts", "bench"} & copied_names
 
 
 def test_dockerignore_keeps_secrets_environments_and_tests_out_of_the_context() -> None:
-    patterns = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")}
+    patterns = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".env", ".venv", ".stack", ".git", "tests", "bench", "**/__pycache__"} <= patterns
 
 
@@ -481,18 +529,25 @@ def hook_queue(sqs_client: Any) -> Iterator[str]:
 def run_hook(**variables: str) -> subprocess.CompletedProcess[str]:
     """Execute the hook as LocalStack does (the file itself), awslocal pointed at the test emulator."""
     tool("awslocal")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AWS_ENDPOINT_URL", "LOGIN_ETL_", "SAMPLE_", "QUEUE_NAME"))}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", LOCALSTACK_HOST=urlsplit(SQS_ENDPOINT).netloc,
-               **variables)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_ENDPOINT_URL", "LOGIN_ETL_", "SAMPLE_", "QUEUE_NAME"))
+    }
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", LOCALSTACK_HOST=urlsplit(SQS_ENDPOINT).netloc, **variables
+    )
     return subprocess.run([str(HOOK)], env=env, capture_output=True, text=True, timeout=300)
 
 
 def queue_state(sqs: Any, name: str) -> dict[str, Any]:
     url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
     dlq_url = sqs.get_queue_url(QueueName=f"{name}-dlq")["QueueUrl"]
-    return {"url": url, "attributes": sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"],
-            "dlq": sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["All"])["Attributes"]}
+    return {
+        "url": url,
+        "attributes": sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"],
+        "dlq": sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["All"])["Attributes"],
+    }
 
 
 def receive_all(sqs: Any, url: str, expected: int) -> list[str]:
@@ -506,11 +561,17 @@ def receive_all(sqs: Any, url: str, expected: int) -> list[str]:
 
 @pytest.mark.parametrize("sender", ["boto3", "awslocal"])
 def test_init_hook_creates_queue_dlq_and_redrive_loads_samples_once_and_a_rerun_changes_nothing(
-    sqs_client: Any, hook_queue: str, sender: str,
+    sqs_client: Any,
+    hook_queue: str,
+    sender: str,
 ) -> None:
     count, seed = (30, 7) if sender == "boto3" else (25, 8)
-    variables = {"QUEUE_NAME": hook_queue, "SAMPLE_COUNT": str(count), "SAMPLE_SEED": str(seed),
-                 "SAMPLE_SENDER": sender}
+    variables = {
+        "QUEUE_NAME": hook_queue,
+        "SAMPLE_COUNT": str(count),
+        "SAMPLE_SEED": str(seed),
+        "SAMPLE_SENDER": sender,
+    }
 
     first = run_hook(**variables)
     assert first.returncode == 0, first.stderr
@@ -546,8 +607,10 @@ def localstack_python() -> Path:
     """The LocalStack that scripts/stack.sh installs on the host (same version, same cache)."""
     version = re.search(r"^LOCALSTACK_VERSION=(\S+)$", (ROOT / "scripts" / "stack.sh").read_text(), re.M)
     assert version is not None
-    cache = Path(os.environ.get("LOGIN_ETL_CACHE")
-                 or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "login-etl")
+    cache = Path(
+        os.environ.get("LOGIN_ETL_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "login-etl"
+    )
     python = cache / f"localstack-{version.group(1)}" / "bin" / "python"
     if not python.exists():
         unavailable(f"LocalStack from scripts/stack.sh ({python})")
@@ -562,7 +625,8 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_localstack_runs_the_mounted_hook_itself_and_then_passes_the_compose_healthcheck(
-    compose: dict[str, Any], tmp_path: Path,
+    compose: dict[str, Any],
+    tmp_path: Path,
 ) -> None:
     """A second LocalStack on the host, its init directory laid out as the compose mounts lay it."""
     import boto3
@@ -581,8 +645,13 @@ def test_localstack_runs_the_mounted_hook_itself_and_then_passes_the_compose_hea
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # awslocal, as in the image
         LOGIN_ETL_SCRIPTS=str(host_path(localstack, localstack["environment"]["LOGIN_ETL_SCRIPTS"])),
-        LOCALSTACK_HOST=f"localhost:{port}", GATEWAY_LISTEN=f"127.0.0.1:{port}", FILESYSTEM_ROOT=str(root),
-        EAGER_SERVICE_LOADING="1", DNS_ADDRESS="0", DISABLE_EVENTS="1", SKIP_SSL_CERT_DOWNLOAD="1",
+        LOCALSTACK_HOST=f"localhost:{port}",
+        GATEWAY_LISTEN=f"127.0.0.1:{port}",
+        FILESYSTEM_ROOT=str(root),
+        EAGER_SERVICE_LOADING="1",
+        DNS_ADDRESS="0",
+        DISABLE_EVENTS="1",
+        SKIP_SSL_CERT_DOWNLOAD="1",
         # Where /.dockerenv exists LocalStack reads hooks from /etc/localstack/init whatever
         # FILESYSTEM_ROOT says; this keeps it to the tmp root.
         OVERRIDE_IN_DOCKER="0",
@@ -591,8 +660,14 @@ def test_localstack_runs_the_mounted_hook_itself_and_then_passes_the_compose_hea
     assert healthcheck[0] == "CMD-SHELL"
     check = healthcheck[1].replace("localhost:4566", f"localhost:{port}")
     log = (tmp_path / "localstack.log").open("w")
-    process = subprocess.Popen([str(python), "-m", "localstack.runtime.main"], cwd=root, env=env, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [str(python), "-m", "localstack.runtime.main"],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         healthy = False
         deadline = time.monotonic() + 120
@@ -601,8 +676,13 @@ def test_localstack_runs_the_mounted_hook_itself_and_then_passes_the_compose_hea
             time.sleep(0 if healthy else 1)
         assert healthy, (tmp_path / "localstack.log").read_text()[-3000:]
 
-        sqs = boto3.client("sqs", endpoint_url=f"http://localhost:{port}", region_name="us-east-1",
-                           aws_access_key_id="test", aws_secret_access_key="test")
+        sqs = boto3.client(
+            "sqs",
+            endpoint_url=f"http://localhost:{port}",
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
         state = queue_state(sqs, localstack["environment"].get("QUEUE_NAME", "login-queue"))
         assert state["url"] == f"http://localhost:{port}/000000000000/login-queue"
         assert json.loads(state["attributes"]["RedrivePolicy"])["deadLetterTargetArn"] == state["dlq"]["QueueArn"]
@@ -623,6 +703,7 @@ def test_the_lock_pins_exactly_the_requirements_with_hashes() -> None:
     lock = (ROOT / "requirements.lock").read_text()
     locked = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\", lock, re.M))
     assert {name.lower(): version for name, version in wanted.items()} == {
-        name.lower(): version for name, version in locked.items() if name.lower() in {n.lower() for n in wanted}}
+        name.lower(): version for name, version in locked.items() if name.lower() in {n.lower() for n in wanted}
+    }
     entries = re.split(r"\n(?=[A-Za-z0-9_.-]+==)", lock.split("\n\n", 1)[-1])
     assert all("--hash=sha256:" in entry for entry in entries if "==" in entry)

@@ -55,9 +55,11 @@ SUMMARY = re.compile(r"loaded (\d+), rejected (\d+), duplicates skipped (\d+)")
 KMS_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://localhost:4599")
 # Key files as each kind of mount shows them to uid 10001 (the Compose secret itself is the real
 # /run/secrets/masking_key, prepared as docs/keys-and-privacy.md says: 10001:10001, 0400).
-KEY_FILES = {"kubernetes": (0, ETL_UID, 0o440),  # a Secret with fsGroup 10001: root-owned, group-readable
-             "left_as_is": (1000, 1000, 0o644),  # the host user's file, not prepared
-             "root_only": (0, 0, 0o400)}  # a Secret without fsGroup
+KEY_FILES = {
+    "kubernetes": (0, ETL_UID, 0o440),  # a Secret with fsGroup 10001: root-owned, group-readable
+    "left_as_is": (1000, 1000, 0o644),  # the host user's file, not prepared
+    "root_only": (0, 0, 0o400),
+}  # a Secret without fsGroup
 TEST_KEYS_DIR = "/run/test-keys"  # where the override mounts them (docker-compose.test.yml)
 
 
@@ -99,9 +101,14 @@ def sqs_at(port: int) -> Any:
     import boto3
     from botocore.config import Config
 
-    return boto3.client("sqs", endpoint_url=f"http://localhost:{port}", region_name="us-east-1",
-                        aws_access_key_id="test", aws_secret_access_key="test",
-                        config=Config(retries={"max_attempts": 2}))
+    return boto3.client(
+        "sqs",
+        endpoint_url=f"http://localhost:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=Config(retries={"max_attempts": 2}),
+    )
 
 
 def docker_time(text: str) -> float:
@@ -118,8 +125,17 @@ class Compose:
 
     def __init__(self, project: str, env_file: Path, **variables: str) -> None:
         self.project = project
-        self.base = [str(compose_binary()), "-p", project, "-f", str(COMPOSE_FILE), "-f", str(TEST_OVERRIDE),
-                     "--env-file", str(env_file)]
+        self.base = [
+            str(compose_binary()),
+            "-p",
+            project,
+            "-f",
+            str(COMPOSE_FILE),
+            "-f",
+            str(TEST_OVERRIDE),
+            "--env-file",
+            str(env_file),
+        ]
         self.env = docker_env(**variables)
 
     def __call__(self, *args: str, timeout: float = 120) -> str:
@@ -136,9 +152,11 @@ class Compose:
 
     def leftovers(self) -> dict[str, list[str]]:
         label = f"label=com.docker.compose.project={self.project}"
-        return {"containers": self.containers(),
-                "volumes": docker("volume", "ls", "-q", "--filter", label, timeout=30).stdout.split(),
-                "networks": docker("network", "ls", "-q", "--filter", label, timeout=30).stdout.split()}
+        return {
+            "containers": self.containers(),
+            "volumes": docker("volume", "ls", "-q", "--filter", label, timeout=30).stdout.split(),
+            "networks": docker("network", "ls", "-q", "--filter", label, timeout=30).stdout.split(),
+        }
 
 
 @dataclass
@@ -202,10 +220,15 @@ def drain_on_the_host(sqs_port: int, pg_port: int, key: str, workdir: Path) -> i
     """`python main.py` on the host, the README's first workflow: in-process, through the published ports."""
     import main
 
-    env = {"AWS_ENDPOINT_URL": f"http://localhost:{sqs_port}", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "SQS_QUEUE_URL": f"http://localhost:{sqs_port}/000000000000/login-queue",
-           "DATABASE_URL": f"postgresql://postgres:postgres@127.0.0.1:{pg_port}/postgres", "MASKING_KEY": key}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://localhost:{sqs_port}",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "SQS_QUEUE_URL": f"http://localhost:{sqs_port}/000000000000/login-queue",
+        "DATABASE_URL": f"postgresql://postgres:postgres@127.0.0.1:{pg_port}/postgres",
+        "MASKING_KEY": key,
+    }
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)  # no .env
         for name in list(os.environ):
@@ -267,29 +290,59 @@ def key_sources(key: str, kms_endpoint: str | None) -> dict[str, dict[str, str]]
     if kms_endpoint:
         import boto3
 
-        kms = boto3.client("kms", endpoint_url=KMS_ENDPOINT, region_name="us-east-1", aws_access_key_id="test",
-                           aws_secret_access_key="test")
-        blob = generate_wrapped_key(kms.create_key()["KeyMetadata"]["KeyId"], region="us-east-1",
-                                    endpoint_url=KMS_ENDPOINT)
-        sources["MASKING_KEY_KMS_CIPHERTEXT"] = {"MASKING_KEY_KMS_CIPHERTEXT": blob,
-                                                 "AWS_ENDPOINT_URL_KMS": kms_endpoint}
+        kms = boto3.client(
+            "kms",
+            endpoint_url=KMS_ENDPOINT,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
+        blob = generate_wrapped_key(
+            kms.create_key()["KeyMetadata"]["KeyId"], region="us-east-1", endpoint_url=KMS_ENDPOINT
+        )
+        sources["MASKING_KEY_KMS_CIPHERTEXT"] = {
+            "MASKING_KEY_KMS_CIPHERTEXT": blob,
+            "AWS_ENDPOINT_URL_KMS": kms_endpoint,
+        }
     return sources
 
 
 def look_inside(consumer: str, seen: UserPath, network: str) -> None:
     """Our image's facts, from inside a running consumer: the process, the filesystem, the keys."""
-    def sh(*args: str, stdin: str | None = None) -> Any:
-        return run(["docker", "exec", *(["-i"] if stdin else []), consumer, *args], timeout=120, check=False,
-                   input=stdin)
 
-    seen.inside["status"] = dict(line.split(":\t", 1) for line in sh("cat", "/proc/1/status").stdout.splitlines()
-                                 if ":\t" in line)
+    def sh(*args: str, stdin: str | None = None) -> Any:
+        return run(
+            ["docker", "exec", *(["-i"] if stdin else []), consumer, *args], timeout=120, check=False, input=stdin
+        )
+
+    seen.inside["status"] = dict(
+        line.split(":\t", 1) for line in sh("cat", "/proc/1/status").stdout.splitlines() if ":\t" in line
+    )
     seen.inside["cmdline"] = sh("cat", "/proc/1/cmdline").stdout.split("\0")
-    seen.inside["writes"] = {path: sh("python", "-c", f"open({path!r}, 'a')").stderr.strip().splitlines()[-1:]
-                             for path in ("/app/main.py", "/app/new.py", "/tmp/x")}
+    seen.inside["writes"] = {
+        path: sh("python", "-c", f"open({path!r}, 'a')").stderr.strip().splitlines()[-1:]
+        for path in ("/app/main.py", "/app/new.py", "/tmp/x")
+    }
     seen.inside["app"] = sh("find", "/app", "-mindepth", "1", "-printf", "%P %u %m\n").stdout.splitlines()
-    seen.inside["stray"] = sh("find", "/", "-xdev", "(", "-name", ".env", "-o", "-name", ".env.*", "-o", "-path",
-                              "/root/.cache", "-o", "-path", "/tmp/*", ")", "-print").stdout.split()
+    seen.inside["stray"] = sh(
+        "find",
+        "/",
+        "-xdev",
+        "(",
+        "-name",
+        ".env",
+        "-o",
+        "-name",
+        ".env.*",
+        "-o",
+        "-path",
+        "/root/.cache",
+        "-o",
+        "-path",
+        "/tmp/*",
+        ")",
+        "-print",
+    ).stdout.split()
 
     # The KMS emulator listens on the host's 127.0.0.1 only: relay it to the Compose network's gateway.
     gateway = inspect("network", network)["IPAM"]["Config"][0]["Gateway"]
@@ -346,10 +399,12 @@ def user_path(etl_image: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         seen.queue_after_restart = queue_counts(sqs, queue_url)
 
         with clock("--profile etl up --scale etl=3 --wait"):
-            compose("--profile", "etl", "up", "-d", "--scale", "etl=3", "--wait", "--wait-timeout", "150",
-                    timeout=200)
-        seen.consumers = [Consumer(name, state["State"], state["HostConfig"])
-                          for name in compose.containers("etl") for state in [inspect("container", name)]]
+            compose("--profile", "etl", "up", "-d", "--scale", "etl=3", "--wait", "--wait-timeout", "150", timeout=200)
+        seen.consumers = [
+            Consumer(name, state["State"], state["HostConfig"])
+            for name in compose.containers("etl")
+            for state in [inspect("container", name)]
+        ]
         with clock("checks inside a consumer"):
             look_inside(seen.consumers[0].name, seen, f"{seen.project}_default")
 
@@ -470,7 +525,8 @@ def test_compose_down_v_leaves_no_container_volume_or_network_behind(user_path: 
 
 
 def test_the_image_runs_python_as_pid_1_as_uid_10001_without_capabilities_or_new_privileges(
-    user_path: UserPath, etl_image: str,
+    user_path: UserPath,
+    etl_image: str,
 ) -> None:
     assert inspect("image", etl_image)["Config"]["User"] == f"{ETL_UID}:{ETL_UID}"
     assert user_path.inside["cmdline"][:3] == ["python", "main.py", "--follow"]
@@ -513,12 +569,15 @@ def test_each_key_source_works_inside_the_hardened_container(user_path: UserPath
         assert user_path.key not in text
 
 
-@pytest.mark.parametrize(("name", "refusal"), [
-    ("left_as_is", "is owned by uid 1000, neither this process's uid 10001 nor root: run `chown 10001"),
-    ("root_only", f"cannot read {TEST_KEYS_DIR}/root_only: Permission denied"),
-], ids=["host-user-0644", "root-0400-without-fsgroup"])
-def test_a_key_file_mounted_the_wrong_way_is_refused_with_the_fix(user_path: UserPath, name: str,
-                                                                   refusal: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "refusal"),
+    [
+        ("left_as_is", "is owned by uid 1000, neither this process's uid 10001 nor root: run `chown 10001"),
+        ("root_only", f"cannot read {TEST_KEYS_DIR}/root_only: Permission denied"),
+    ],
+    ids=["host-user-0644", "root-0400-without-fsgroup"],
+)
+def test_a_key_file_mounted_the_wrong_way_is_refused_with_the_fix(user_path: UserPath, name: str, refusal: str) -> None:
     code, text = user_path.key_checks[f"MASKING_KEY_FILE {name}"]
     assert code == 2, text
     assert refusal in text and user_path.key not in text

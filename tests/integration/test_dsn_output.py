@@ -14,11 +14,13 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("command", [[], ["check"], ["rekey"], ["--log-format", "json", "-v"],
-                                     ["unmask", "--reason", "r", "v1.abc"]])
+@pytest.mark.parametrize(
+    "command", [[], ["check"], ["rekey"], ["--log-format", "json", "-v"], ["unmask", "--reason", "r", "v1.abc"]]
+)
 @pytest.mark.parametrize("dsn", SHAPES.values(), ids=SHAPES.keys())
-def test_no_command_shows_the_password_of_an_unreachable_database(etl_env, monkeypatch, capsys, dsn: str,
-                                                                   command: list[str]) -> None:
+def test_no_command_shows_the_password_of_an_unreachable_database(
+    etl_env, monkeypatch, capsys, dsn: str, command: list[str]
+) -> None:
     monkeypatch.setenv("DATABASE_URL", dsn)
     assert main(command) == EXIT_UNREACHABLE
     captured = capsys.readouterr()

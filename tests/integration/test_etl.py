@@ -39,8 +39,10 @@ def test_drain_loads_every_message_and_empties_the_queue(etl_env, sqs_client, ca
 def test_rows_keep_app_version_text_and_are_dated_by_the_sent_time(etl_env, sqs_client) -> None:
     send(sqs_client, etl_env["SQS_QUEUE_URL"], [login(1, app_version="2.3.0"), login(2, app_version="0.96")])
     assert main([]) == EXIT_OK
-    rows = query(etl_env["DATABASE_URL"],
-                 "SELECT app_version, create_date = (now() AT TIME ZONE 'UTC')::date FROM user_logins ORDER BY 1")
+    rows = query(
+        etl_env["DATABASE_URL"],
+        "SELECT app_version, create_date = (now() AT TIME ZONE 'UTC')::date FROM user_logins ORDER BY 1",
+    )
     assert rows == [("0.96", True), ("2.3.0", True)]
 
 
@@ -69,26 +71,46 @@ def test_a_message_redelivered_after_its_commit_is_stored_once(etl_env, sqs_clie
     masker = Masker(decode_key(etl_env["MASKING_KEY"]))
     writer = PostgresWriter(etl_env["DATABASE_URL"])
     writer.connect()
-    first = writer.write([MaskedLogin(message_id, "user-7", "android", masker.mask("ip", "10.0.0.7"),
-                                      masker.mask("device_id", "107-10-1007"), None, "1.0",
-                                      __import__("datetime").date.today())], [])
+    first = writer.write(
+        [
+            MaskedLogin(
+                message_id,
+                "user-7",
+                "android",
+                masker.mask("ip", "10.0.0.7"),
+                masker.mask("device_id", "107-10-1007"),
+                None,
+                "1.0",
+                __import__("datetime").date.today(),
+            )
+        ],
+        [],
+    )
     writer.close()
     assert first.inserted == 1
     # WHEN the message comes back and the ETL runs
     assert main([]) == EXIT_OK
     # THEN it is stored once and deleted
-    assert query(etl_env["DATABASE_URL"], "SELECT count(*) FROM user_logins WHERE message_id = %s",
-                 (message_id,)) == [(1,)]
+    assert query(etl_env["DATABASE_URL"], "SELECT count(*) FROM user_logins WHERE message_id = %s", (message_id,)) == [
+        (1,)
+    ]
     assert queue_counts(sqs_client, etl_env["SQS_QUEUE_URL"]) == (0, 0)
 
 
 def _row(n: int, masker: Masker) -> MaskedLogin:
-    return MaskedLogin(f"message-{n}", f"user-{n}", "ios", masker.mask("ip", f"10.0.0.{n % 250}"),
-                       masker.mask("device_id", f"{n:03d}-00-0000"), None, "2.3.0", date(2024, 1, 2))
+    return MaskedLogin(
+        f"message-{n}",
+        f"user-{n}",
+        "ios",
+        masker.mask("ip", f"10.0.0.{n % 250}"),
+        masker.mask("device_id", f"{n:03d}-00-0000"),
+        None,
+        "2.3.0",
+        date(2024, 1, 2),
+    )
 
 
-def test_a_batch_holding_stored_messages_falls_back_to_on_conflict_and_later_batches_copy_again(
-        database_url) -> None:
+def test_a_batch_holding_stored_messages_falls_back_to_on_conflict_and_later_batches_copy_again(database_url) -> None:
     # GIVEN a writer that stored rows 0-4 with a straight COPY
     masker = Masker(decode_key(generate_key()))
     writer = PostgresWriter(database_url)
@@ -110,19 +132,26 @@ def test_a_batch_holding_stored_messages_falls_back_to_on_conflict_and_later_bat
 
 
 def test_the_original_exercise_table_is_migrated_in_place_keeping_its_rows(etl_env, sqs_client) -> None:
-    query(etl_env["DATABASE_URL"], """
+    query(
+        etl_env["DATABASE_URL"],
+        """
         CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
             masked_device_id varchar(256), locale varchar(32), app_version integer, create_date date);
-        INSERT INTO user_logins VALUES ('old', 'ios', 'x', 'y', NULL, 2, '2020-01-01')""")
+        INSERT INTO user_logins VALUES ('old', 'ios', 'x', 'y', NULL, 2, '2020-01-01')""",
+    )
     send(sqs_client, etl_env["SQS_QUEUE_URL"], [login(1, app_version="2.3.0")])
 
     assert main([]) == EXIT_OK
 
-    assert query(etl_env["DATABASE_URL"], "SELECT user_id, app_version, message_id IS NULL FROM user_logins "
-                 "ORDER BY user_id") == [("old", "2", True), ("user-1", "2.3.0", False)]
-    [(data_type,)] = query(etl_env["DATABASE_URL"], "SELECT data_type FROM information_schema.columns WHERE "
-                           "table_schema = current_schema() AND table_name = 'user_logins' "
-                           "AND column_name = 'app_version'")
+    assert query(
+        etl_env["DATABASE_URL"], "SELECT user_id, app_version, message_id IS NULL FROM user_logins ORDER BY user_id"
+    ) == [("old", "2", True), ("user-1", "2.3.0", False)]
+    [(data_type,)] = query(
+        etl_env["DATABASE_URL"],
+        "SELECT data_type FROM information_schema.columns WHERE "
+        "table_schema = current_schema() AND table_name = 'user_logins' "
+        "AND column_name = 'app_version'",
+    )
     assert data_type == "character varying"
 
 
@@ -152,8 +181,9 @@ def test_two_processes_setting_up_the_schema_at_once_both_succeed(database_url) 
 def test_unmask_round_trips_a_stored_token(etl_env, sqs_client, capsys) -> None:
     send(sqs_client, etl_env["SQS_QUEUE_URL"], [login(0, ip="198.51.100.23", device_id="321-54-9876")])
     assert main([]) == EXIT_OK
-    [(masked_ip, masked_device_id)] = query(etl_env["DATABASE_URL"],
-                                            "SELECT masked_ip, masked_device_id FROM user_logins")
+    [(masked_ip, masked_device_id)] = query(
+        etl_env["DATABASE_URL"], "SELECT masked_ip, masked_device_id FROM user_logins"
+    )
     capsys.readouterr()
     assert main(["unmask", "--reason", "round trip test", masked_device_id, masked_ip]) == EXIT_OK
     assert capsys.readouterr().out.splitlines() == ["321-54-9876", "198.51.100.23"]
@@ -196,13 +226,23 @@ def test_no_raw_ip_or_device_id_reaches_the_database_or_the_output(etl_env, sqs_
     send(sqs_client, etl_env["SQS_QUEUE_URL"], bodies)
     secrets = {"203.0.113.77", "555-66-7777", "203.0.113.78", "555-66-7778"} | pii_values(bodies)
     # WHEN the ETL runs as users run it, with debug logging
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "-v"], capture_output=True, text=True,
-                            cwd=tmp_path, env={**os.environ}, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "-v"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ},
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     # THEN neither its output nor a dump of its tables holds a raw value or the key
     schema = query(etl_env["DATABASE_URL"], "SELECT current_schema()")[0][0]
-    dump = subprocess.run(["pg_dump", "--data-only", "-n", schema, etl_env["DATABASE_URL"].split("?")[0]],
-                          capture_output=True, text=True, check=True).stdout
+    dump = subprocess.run(
+        ["pg_dump", "--data-only", "-n", schema, etl_env["DATABASE_URL"].split("?")[0]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert query(etl_env["DATABASE_URL"], "SELECT count(*) FROM user_logins")[0][0] > 150
     assert "\tAQAAAA" in dump  # the dump really holds the tokens (Tink's prefix, key id 1)
     for text in (result.stdout, result.stderr, dump):

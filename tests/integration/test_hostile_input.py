@@ -30,10 +30,29 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(sqs_text, inner, max_size=5),
     max_leaves=25,
 )
-nasty_strings = st.sampled_from([
-    "", " ", "\u0000", "\ud800", "\udfff", "'; DROP TABLE user_logins; --", "\\N", "\t\n\r\\", "x" * 100_000,
-    "\u202e\u0301", "😀" * 40, "NULL", "null", "${jndi:ldap://x}", "%s%s%n", "<script>",
-]) | sqs_text
+nasty_strings = (
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "\u0000",
+            "\ud800",
+            "\udfff",
+            "'; DROP TABLE user_logins; --",
+            "\\N",
+            "\t\n\r\\",
+            "x" * 100_000,
+            "\u202e\u0301",
+            "😀" * 40,
+            "NULL",
+            "null",
+            "${jndi:ldap://x}",
+            "%s%s%n",
+            "<script>",
+        ]
+    )
+    | sqs_text
+)
 
 
 @st.composite
@@ -69,9 +88,16 @@ bodies = st.one_of(
 ).filter(lambda body: 0 < len(body.encode("utf-8", "surrogatepass")) <= 200_000)
 
 
-@settings(max_examples=6, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large, HealthCheck.large_base_example])
+@settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
+)
 @given(batch=st.lists(bodies, min_size=20, max_size=60))
 def test_any_body_is_loaded_or_quarantined_and_no_pii_leaks(etl_env, sqs_client, tmp_path, batch) -> None:
     queue_url = etl_env["SQS_QUEUE_URL"]
@@ -80,8 +106,13 @@ def test_any_body_is_loaded_or_quarantined_and_no_pii_leaks(etl_env, sqs_client,
     writer = PostgresWriter(etl_env["DATABASE_URL"])
     writer.connect()  # the tables exist from the first example on (idempotent)
     writer.close()
-    previous = {r[0] for r in query(etl_env["DATABASE_URL"], "SELECT message_id FROM user_logins "
-                                    "UNION ALL SELECT message_id FROM user_logins_rejected")}
+    previous = {
+        r[0]
+        for r in query(
+            etl_env["DATABASE_URL"],
+            "SELECT message_id FROM user_logins UNION ALL SELECT message_id FROM user_logins_rejected",
+        )
+    }
 
     process = start_etl(tmp_path, "-v")
     assert process.wait(timeout=120) == 0, output(tmp_path)[-3000:]
@@ -89,8 +120,12 @@ def test_any_body_is_loaded_or_quarantined_and_no_pii_leaks(etl_env, sqs_client,
     assert queue_counts(sqs_client, queue_url) == (0, 0)
     assert_exactly_once(etl_env["DATABASE_URL"], [*previous, *ids])
     schema = query(etl_env["DATABASE_URL"], "SELECT current_schema()")[0][0]
-    dump = subprocess.run(["pg_dump", "--data-only", "-n", schema, etl_env["DATABASE_URL"].split("?")[0]],
-                          capture_output=True, text=True, check=True).stdout
+    dump = subprocess.run(
+        ["pg_dump", "--data-only", "-n", schema, etl_env["DATABASE_URL"].split("?")[0]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     logs = output(tmp_path)
     assert [m for m in markers if m in dump or m in logs] == []
 

@@ -33,17 +33,23 @@ def test_an_unmask_is_recorded_with_who_why_and_fingerprints_before_values_are_s
     ip, device = tokens()
     assert main(["unmask", "--reason", "fraud case 42", "--requested-by", "alice", ip, device]) == EXIT_OK
     assert capsys.readouterr().out.splitlines() == [VALUES["ip"], VALUES["device_id"]]
-    rows = query(unmask_env, f"SELECT {AUDIT_COLUMNS}, requested_at > now() - interval '1 minute' "
-                 "FROM pii_unmask_audit")
-    assert rows == [("alice", "fraud case 42", 2, 0, [token_fingerprint(ip), token_fingerprint(device)],
-                     "postgres", True)]
+    rows = query(
+        unmask_env, f"SELECT {AUDIT_COLUMNS}, requested_at > now() - interval '1 minute' FROM pii_unmask_audit"
+    )
+    assert rows == [
+        ("alice", "fraud case 42", 2, 0, [token_fingerprint(ip), token_fingerprint(device)], "postgres", True)
+    ]
 
 
 def test_the_audit_holds_neither_values_nor_tokens(unmask_env, capsys) -> None:
     assert main(["unmask", "--reason", "dump check", *tokens()]) == EXIT_OK
     schema = query(unmask_env, "SELECT current_schema()")[0][0]
-    dump = subprocess.run(["pg_dump", "--data-only", "-t", f"{schema}.pii_unmask_audit", unmask_env.split("?")[0]],
-                          capture_output=True, text=True, check=True).stdout
+    dump = subprocess.run(
+        ["pg_dump", "--data-only", "-t", f"{schema}.pii_unmask_audit", unmask_env.split("?")[0]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "dump check" in dump  # the dump really holds the row
     for secret in [*VALUES.values(), *tokens(), KEY]:
         assert secret not in dump

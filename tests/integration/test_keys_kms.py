@@ -24,8 +24,14 @@ def kms_for(region: str):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("kms", endpoint_url=TEST_KMS_ENDPOINT, region_name=region, aws_access_key_id="test",
-                        aws_secret_access_key="test", config=Config(connect_timeout=2, retries={"max_attempts": 1}))
+    return boto3.client(
+        "kms",
+        endpoint_url=TEST_KMS_ENDPOINT,
+        region_name=region,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=Config(connect_timeout=2, retries={"max_attempts": 1}),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +69,9 @@ def test_keygen_prints_a_wrapped_data_key_that_only_kms_opens(kms_env, kms, kms_
     assert len(plain) == 64 and plain not in blob
 
 
-def test_the_etl_starts_with_a_kms_wrapped_key_and_its_tokens_unmask(kms_env, kms, kms_key, sqs_client,
-                                                                      monkeypatch, capsys) -> None:
+def test_the_etl_starts_with_a_kms_wrapped_key_and_its_tokens_unmask(
+    kms_env, kms, kms_key, sqs_client, monkeypatch, capsys
+) -> None:
     # GIVEN a KMS-wrapped key as the only key source
     wrapped = keygen(capsys, kms_key)
     monkeypatch.setenv("MASKING_KEY_KMS_CIPHERTEXT", wrapped)
@@ -80,27 +87,34 @@ def test_the_etl_starts_with_a_kms_wrapped_key_and_its_tokens_unmask(kms_env, km
     assert capsys.readouterr().out.strip() == "198.51.100.7"
 
 
-def test_a_keyring_of_two_wrapped_keys_masks_with_the_active_one(kms_env, kms_key, sqs_client, monkeypatch,
-                                                                 capsys) -> None:
+def test_a_keyring_of_two_wrapped_keys_masks_with_the_active_one(
+    kms_env, kms_key, sqs_client, monkeypatch, capsys
+) -> None:
     first, second = keygen(capsys, kms_key), keygen(capsys, kms_key)
     monkeypatch.setenv("MASKING_KEY_KMS_CIPHERTEXT", f"1:{first},2:{second}")
     monkeypatch.setenv("MASKING_KEY_VERSION", "2")
     send(sqs_client, kms_env["SQS_QUEUE_URL"], [login(2)])
     assert main([]) == EXIT_OK
-    [(masked_ip, masked_device_id)] = query(kms_env["DATABASE_URL"], "SELECT masked_ip, masked_device_id "
-                                            "FROM user_logins")
+    [(masked_ip, masked_device_id)] = query(
+        kms_env["DATABASE_URL"], "SELECT masked_ip, masked_device_id FROM user_logins"
+    )
     assert (token_version(masked_ip), token_version(masked_device_id)) == (2, 2)
 
 
 @pytest.mark.parametrize("case", ["another region", "damaged blob", "another pinned key"])
-def test_a_wrapped_key_kms_refuses_is_a_clear_error_and_nothing_is_consumed(kms_env, kms, kms_key, sqs_client,
-                                                                             monkeypatch, capsys, case) -> None:
+def test_a_wrapped_key_kms_refuses_is_a_clear_error_and_nothing_is_consumed(
+    kms_env, kms, kms_key, sqs_client, monkeypatch, capsys, case
+) -> None:
     # GIVEN a wrapped key that this KMS will not open
     if case == "another region":  # its KMS key does not exist where we look for it
         other = kms_for("eu-west-1")
-        wrapped = base64.b64encode(other.generate_data_key(
-            KeyId=other.create_key()["KeyMetadata"]["KeyId"], NumberOfBytes=64,
-            EncryptionContext=KMS_ENCRYPTION_CONTEXT)["CiphertextBlob"]).decode()
+        wrapped = base64.b64encode(
+            other.generate_data_key(
+                KeyId=other.create_key()["KeyMetadata"]["KeyId"],
+                NumberOfBytes=64,
+                EncryptionContext=KMS_ENCRYPTION_CONTEXT,
+            )["CiphertextBlob"]
+        ).decode()
     elif case == "damaged blob":
         wrapped = base64.b64encode(os.urandom(150)).decode()
     else:
@@ -119,7 +133,11 @@ def test_a_wrapped_key_kms_refuses_is_a_clear_error_and_nothing_is_consumed(kms_
 
 
 def test_check_exits_2_when_kms_refuses_the_wrapped_key_and_3_when_kms_is_out_of_reach(
-    kms_env, kms, kms_key, monkeypatch, capsys,
+    kms_env,
+    kms,
+    kms_key,
+    monkeypatch,
+    capsys,
 ) -> None:
     # A refusal is a configuration error (exit 2, as for the ETL itself); an outage is a service's.
     monkeypatch.setenv("MASKING_KEY_KMS_CIPHERTEXT", keygen(capsys, kms_key))

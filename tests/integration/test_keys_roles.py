@@ -40,8 +40,12 @@ def apply_roles_sql(admin_dsn: str, roles: dict[str, str]) -> str:
             pytest.fail("psql is required under CI=true")
         pytest.skip("psql is not available")
     options = [arg for group, role in roles.items() for arg in ("-v", f"{group}_role={role}")]
-    result = subprocess.run([psql, admin_dsn, "-X", "-q", "-v", "ON_ERROR_STOP=1", *options,
-                             "-f", str(ROOT / "database" / "roles.sql")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [psql, admin_dsn, "-X", "-q", "-v", "ON_ERROR_STOP=1", *options, "-f", str(ROOT / "database" / "roles.sql")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -55,8 +59,11 @@ def logins(database_url):
     users = {group: f"{role}_user" for group, role in roles.items()}
     for group, user in users.items():
         query(database_url, f"CREATE ROLE {user} LOGIN PASSWORD 'pw-{user}' IN ROLE {roles[group]}")
-    yield {"roles": roles, "first_run": first_run, **{group: as_user(database_url, user)
-                                                      for group, user in users.items()}}
+    yield {
+        "roles": roles,
+        "first_run": first_run,
+        **{group: as_user(database_url, user) for group, user in users.items()},
+    }
     everyone = ", ".join([*users.values(), *roles.values()])
     query(database_url, f"DROP OWNED BY {everyone} CASCADE; DROP ROLE {everyone}")
 
@@ -76,8 +83,21 @@ def test_the_least_privilege_set_up_works_as_documented(logins, database_url, mo
     # WHEN the ETL starts as its role (creating its tables) and writes, and roles.sql runs again
     writer = PostgresWriter(logins["etl"])
     writer.connect()
-    writer.write([MaskedLogin("m-1", "u1", "ios", MASKER.mask("ip", "10.0.0.1"), MASKER.mask("device_id", "d-1"),
-                              None, "1.0", date(2024, 1, 1))], [])
+    writer.write(
+        [
+            MaskedLogin(
+                "m-1",
+                "u1",
+                "ios",
+                MASKER.mask("ip", "10.0.0.1"),
+                MASKER.mask("device_id", "d-1"),
+                None,
+                "1.0",
+                date(2024, 1, 1),
+            )
+        ],
+        [],
+    )
     writer.close()
     assert "run this file again" not in apply_roles_sql(database_url, logins["roles"])
     # THEN the ETL role can restart (migrations), insert and update, but cannot read the audit
@@ -91,10 +111,17 @@ def test_the_least_privilege_set_up_works_as_documented(logins, database_url, mo
     assert query(analyst, "SELECT user_id FROM user_logins") == [("u1",)]
     if query(database_url, "SELECT to_regclass('user_login_duplicates') IS NOT NULL")[0][0]:
         assert query(analyst, "SELECT count(*) FROM user_login_duplicates") == [(0,)]
-    for sql in ("INSERT INTO user_logins (user_id) VALUES ('x')", "UPDATE user_logins SET user_id = 'x'",
-                "DELETE FROM user_logins", "TRUNCATE user_logins", "SELECT * FROM user_logins_rejected",
-                "SELECT * FROM pii_unmask_audit", "INSERT INTO pii_unmask_audit (requested_by, reason, token_count, "
-                "token_fingerprints) VALUES ('a', 'b', 1, '{x}')", "CREATE TABLE mine (a int)"):
+    for sql in (
+        "INSERT INTO user_logins (user_id) VALUES ('x')",
+        "UPDATE user_logins SET user_id = 'x'",
+        "DELETE FROM user_logins",
+        "TRUNCATE user_logins",
+        "SELECT * FROM user_logins_rejected",
+        "SELECT * FROM pii_unmask_audit",
+        "INSERT INTO pii_unmask_audit (requested_by, reason, token_count, "
+        "token_fingerprints) VALUES ('a', 'b', 1, '{x}')",
+        "CREATE TABLE mine (a int)",
+    ):
         assert refused(analyst, sql), sql
 
     # WHEN an unmasker unmasks (with the key, which no database right gives)
@@ -109,7 +136,8 @@ def test_the_least_privilege_set_up_works_as_documented(logins, database_url, mo
     assert refused(logins["unmask"], "DELETE FROM pii_unmask_audit")
     assert refused(logins["auditor"], "DELETE FROM pii_unmask_audit")
     assert query(logins["auditor"], "SELECT requested_by, reason, database_user FROM pii_unmask_audit") == [
-        ("carol", "roles test", f"{logins['roles']['unmask']}_user")]
+        ("carol", "roles test", f"{logins['roles']['unmask']}_user")
+    ]
     # AND an analyst holding the key still cannot unmask (the audit row cannot be written) nor rekey
     monkeypatch.setenv("DATABASE_URL", analyst)
     assert main(["unmask", "--reason", "not allowed", token]) == EXIT_UNREACHABLE
@@ -132,13 +160,18 @@ def test_tables_an_administrator_created_first_are_handed_to_the_etl_role(logins
 
 
 def test_replay_runs_as_the_etl_role_its_audit_is_append_only_and_analysts_see_what_it_loaded(
-    logins, database_url, monkeypatch, tmp_path,
+    logins,
+    database_url,
+    monkeypatch,
+    tmp_path,
 ) -> None:
     # GIVEN a quarantined message, stored by the ETL as its role, and roles.sql run again
     writer = PostgresWriter(logins["etl"])
     writer.connect()
-    body = MASKER.mask("rejected_body", '{"user_id": "u1", "device_type": "ios", "ip": "10.0.0.9", '
-                       '"device_id": "d-9", "app_version": "1.0"}')
+    body = MASKER.mask(
+        "rejected_body",
+        '{"user_id": "u1", "device_type": "ios", "ip": "10.0.0.9", "device_id": "d-9", "app_version": "1.0"}',
+    )
     writer.write([], [Rejection("m-9", "processing failed 5 times: KeyError", body, None, 5)])
     writer.close()
     apply_roles_sql(database_url, logins["roles"])
@@ -150,11 +183,16 @@ def test_replay_runs_as_the_etl_role_its_audit_is_append_only_and_analysts_see_w
     # THEN it is loaded, the audit row names the ETL's login, and the ETL role cannot change the audit
     assert query(logins["analyst"], "SELECT user_id FROM user_logins") == [("u1",)]
     assert query(logins["analyst"], "SELECT message_id, quarantine_reason FROM user_logins_replayed") == [
-        ("m-9", "processing failed 5 times: KeyError")]
+        ("m-9", "processing failed 5 times: KeyError")
+    ]
     assert query(logins["auditor"], "SELECT requested_by, database_user, to_load_ids FROM etl_replay_audit") == [
-        ("dave", f"{logins['roles']['etl']}_user", ["m-9"])]
-    for sql in ("SELECT reason FROM etl_replay_audit", "UPDATE etl_replay_audit SET reason = 'x'",
-                "DELETE FROM etl_replay_audit"):
+        ("dave", f"{logins['roles']['etl']}_user", ["m-9"])
+    ]
+    for sql in (
+        "SELECT reason FROM etl_replay_audit",
+        "UPDATE etl_replay_audit SET reason = 'x'",
+        "DELETE FROM etl_replay_audit",
+    ):
         assert refused(logins["etl"], sql), sql
     assert refused(logins["analyst"], "SELECT * FROM etl_replay_audit")
 
@@ -162,38 +200,58 @@ def test_replay_runs_as_the_etl_role_its_audit_is_append_only_and_analysts_see_w
 def readme_auditor_query() -> str:
     """The SQL the docs give auditors (the block after "finds the rows behind an entry")."""
     text = (ROOT / "docs" / "keys-and-privacy.md").read_text(encoding="utf-8")
-    after = text[text.index("finds the rows behind an entry"):]
-    return after[after.index("```sql") + len("```sql"):after.index("```", after.index("```sql") + 6)].strip()
+    after = text[text.index("finds the rows behind an entry") :]
+    return after[after.index("```sql") + len("```sql") : after.index("```", after.index("```sql") + 6)].strip()
 
 
 def test_the_unmasker_cannot_forge_who_when_or_from_where_in_an_audit_row(logins, database_url) -> None:
     # GIVEN the unmasker role, which must be able to add audit rows
     unmasker = logins["unmask"]
-    forged = {"database_user": "'postgres'", "requested_at": "'2001-01-01'", "client_addr": "'10.6.6.6'",
-              "id": "1"}
+    forged = {"database_user": "'postgres'", "requested_at": "'2001-01-01'", "client_addr": "'10.6.6.6'", "id": "1"}
     for column, value in forged.items():
         # WHEN it tries to set a column the server must fill THEN it is refused
         override = " OVERRIDING SYSTEM VALUE" if column == "id" else ""
-        sql = (f"INSERT INTO pii_unmask_audit (requested_by, reason, token_count, token_fingerprints, {column})"
-               f"{override} VALUES ('mallory', 'forged', 1, '{{x}}', {value})")
+        sql = (
+            f"INSERT INTO pii_unmask_audit (requested_by, reason, token_count, token_fingerprints, {column})"
+            f"{override} VALUES ('mallory', 'forged', 1, '{{x}}', {value})"
+        )
         assert refused(unmasker, sql), column
     # AND even a role that may insert every column (here the table's owner) gets the server's values
-    query(database_url, "INSERT INTO pii_unmask_audit (requested_by, reason, token_count, token_fingerprints, "
-          "database_user, requested_at, client_addr) VALUES ('mallory', 'owner', 1, '{x}', 'alice', "
-          "'2001-01-01', '10.6.6.6')")
-    assert query(database_url, "SELECT database_user, requested_at > now() - interval '1 minute', "
-                 "client_addr IS DISTINCT FROM '10.6.6.6' FROM pii_unmask_audit WHERE reason = 'owner'") == [
-        ("postgres", True, True)]
+    query(
+        database_url,
+        "INSERT INTO pii_unmask_audit (requested_by, reason, token_count, token_fingerprints, "
+        "database_user, requested_at, client_addr) VALUES ('mallory', 'owner', 1, '{x}', 'alice', "
+        "'2001-01-01', '10.6.6.6')",
+    )
+    assert query(
+        database_url,
+        "SELECT database_user, requested_at > now() - interval '1 minute', "
+        "client_addr IS DISTINCT FROM '10.6.6.6' FROM pii_unmask_audit WHERE reason = 'owner'",
+    ) == [("postgres", True, True)]
 
 
 def test_an_auditor_finds_the_rows_behind_an_unmask_with_the_readme_query_as_the_auditor_role(
-    logins, database_url, monkeypatch, tmp_path,
+    logins,
+    database_url,
+    monkeypatch,
+    tmp_path,
 ) -> None:
     # GIVEN stored logins and a rejected body, the roles set up after the ETL's first start
     writer = PostgresWriter(logins["etl"])
     writer.connect()
-    rows = [MaskedLogin(f"m-{n}", f"u{n}", "ios", MASKER.mask("ip", f"10.0.0.{n}"),
-                        MASKER.mask("device_id", f"d-{n}"), None, "1.0", date(2024, 1, 1)) for n in (1, 2)]
+    rows = [
+        MaskedLogin(
+            f"m-{n}",
+            f"u{n}",
+            "ios",
+            MASKER.mask("ip", f"10.0.0.{n}"),
+            MASKER.mask("device_id", f"d-{n}"),
+            None,
+            "1.0",
+            date(2024, 1, 1),
+        )
+        for n in (1, 2)
+    ]
     writer.write(rows, [])
     writer.close()
     apply_roles_sql(database_url, logins["roles"])

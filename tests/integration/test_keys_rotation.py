@@ -99,21 +99,41 @@ def insert_v1_rows(database_url: str, count: int, legacy: int) -> None:
     """`count` ETL rows and `legacy` rows of the original exercise (NULL message_id), all under v1."""
     writer = PostgresWriter(database_url)
     writer.connect()
-    rows = [MaskedLogin(f"m-{n}", f"user-{n}", "ios", v1("ip", f"10.1.{n % 97 // 256}.{n % 97}"),
-                        v1("device_id", f"device-{n % 50}"), None, "1.0", date(2024, 1, 1)) for n in range(count)]
+    rows = [
+        MaskedLogin(
+            f"m-{n}",
+            f"user-{n}",
+            "ios",
+            v1("ip", f"10.1.{n % 97 // 256}.{n % 97}"),
+            v1("device_id", f"device-{n % 50}"),
+            None,
+            "1.0",
+            date(2024, 1, 1),
+        )
+        for n in range(count)
+    ]
     writer.write(rows, [])
     writer.close()
     if not legacy:
         return
-    values = ", ".join(f"('legacy-{n}', 'android', '{v1('ip', f'192.0.2.{n}')}', "
-                       f"'{v1('device_id', f'legacy-device-{n}')}', '0.96', '2020-01-01')" for n in range(legacy))
-    query(database_url, "INSERT INTO user_logins (user_id, device_type, masked_ip, masked_device_id, app_version, "
-          f"create_date) VALUES {values}")
+    values = ", ".join(
+        f"('legacy-{n}', 'android', '{v1('ip', f'192.0.2.{n}')}', "
+        f"'{v1('device_id', f'legacy-device-{n}')}', '0.96', '2020-01-01')"
+        for n in range(legacy)
+    )
+    query(
+        database_url,
+        "INSERT INTO user_logins (user_id, device_type, masked_ip, masked_device_id, app_version, "
+        f"create_date) VALUES {values}",
+    )
 
 
 def count_v2(database_url: str) -> int:
-    return query(database_url, f"SELECT count(*) FROM user_logins WHERE {IS_V2.format('masked_ip')}",
-                 (list(V2.current_prefixes),))[0][0]
+    return query(
+        database_url,
+        f"SELECT count(*) FROM user_logins WHERE {IS_V2.format('masked_ip')}",
+        (list(V2.current_prefixes),),
+    )[0][0]
 
 
 def duplicates(database_url: str) -> list[tuple[str, int, int]]:
@@ -127,15 +147,24 @@ def test_a_rekey_killed_with_sigkill_keeps_its_committed_batches_and_a_rerun_fin
     insert_v1_rows(database_url, 600, legacy=5)
     before = duplicates(database_url)
     assert len(before) == 50 + 97
-    query(database_url, """
+    query(
+        database_url,
+        """
         CREATE FUNCTION slow_down() RETURNS trigger LANGUAGE plpgsql AS
             'BEGIN PERFORM pg_sleep(0.005); RETURN NEW; END';
-        CREATE TRIGGER slow_down BEFORE UPDATE ON user_logins FOR EACH ROW EXECUTE FUNCTION slow_down()""")
+        CREATE TRIGGER slow_down BEFORE UPDATE ON user_logins FOR EACH ROW EXECUTE FUNCTION slow_down()""",
+    )
     env = {name: value for name, value in os.environ.items() if not name.startswith("MASKING_KEY")}
     env.update(DATABASE_URL=database_url, MASKING_KEYS=f"1:{K1},2:{K2}", MASKING_KEY_VERSION="2")
     # WHEN rekey runs in batches of ~20 rows and is SIGKILLed after a few batches committed
-    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "rekey", "--batch-size", "20"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "rekey", "--batch-size", "20"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while count_v2(database_url) < 60 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.02)
@@ -144,12 +173,21 @@ def test_a_rekey_killed_with_sigkill_keeps_its_committed_batches_and_a_rerun_fin
     # THEN the committed batches are kept, the open one is rolled back whole
     done = count_v2(database_url)
     assert process.returncode == -signal.SIGKILL and 60 <= done < 605
-    assert query(database_url, f"SELECT count(*) FROM user_logins WHERE ({IS_V2.format('masked_ip')}) <> "
-                 f"({IS_V2.format('masked_device_id')})", (list(V2.current_prefixes),) * 2) == [(0,)]
+    assert query(
+        database_url,
+        f"SELECT count(*) FROM user_logins WHERE ({IS_V2.format('masked_ip')}) <> ({IS_V2.format('masked_device_id')})",
+        (list(V2.current_prefixes),) * 2,
+    ) == [(0,)]
     # WHEN it is run again
     query(database_url, "DROP TRIGGER slow_down ON user_logins")
-    rerun = subprocess.run([sys.executable, str(ROOT / "main.py"), "rekey"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "rekey"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     # THEN it finishes the rest, legacy rows included, and every value is intact
     assert rerun.returncode == EXIT_OK, rerun.stderr
     assert f"rekeyed {2 * (605 - done)} tokens to version 2" in rerun.stdout
@@ -180,8 +218,21 @@ def test_rekey_beside_a_writing_etl_leaves_no_old_token(db_env, monkeypatch) -> 
         writer.connect()
         while not stop.is_set():
             n = 10_000 + len(written)
-            writer.write([MaskedLogin(f"m-{n}", "u", "android", V2.mask("ip", str(n)),
-                                      V2.mask("device_id", str(n)), None, "1", date(2024, 1, 2))], [])
+            writer.write(
+                [
+                    MaskedLogin(
+                        f"m-{n}",
+                        "u",
+                        "android",
+                        V2.mask("ip", str(n)),
+                        V2.mask("device_id", str(n)),
+                        None,
+                        "1",
+                        date(2024, 1, 2),
+                    )
+                ],
+                [],
+            )
             written.append(n)
         writer.close()
 
@@ -199,8 +250,12 @@ def test_rekey_beside_a_writing_etl_leaves_no_old_token(db_env, monkeypatch) -> 
         thread.join()
     # THEN the ETL kept writing, no token of v1 is left and nothing was lost
     assert during > 10
-    assert query(database_url, f"SELECT count(*) FROM user_logins WHERE NOT {IS_V2.format('masked_ip')} "
-                 f"OR NOT {IS_V2.format('masked_device_id')}", (list(V2.current_prefixes),) * 2) == [(0,)]
+    assert query(
+        database_url,
+        f"SELECT count(*) FROM user_logins WHERE NOT {IS_V2.format('masked_ip')} "
+        f"OR NOT {IS_V2.format('masked_device_id')}",
+        (list(V2.current_prefixes),) * 2,
+    ) == [(0,)]
     assert query(database_url, "SELECT count(*) FROM user_logins") == [(2000 + len(written),)]
 
 
@@ -209,8 +264,11 @@ def test_rekey_leaves_and_reports_what_it_cannot_rewrite(db_env, monkeypatch, ca
     # GIVEN a v1 row, a row of the original exercise holding no token, and a row of an unknown v7
     insert_v1_rows(database_url, 1, legacy=0)
     v7 = Masker(decode_key(generate_key()), version=7)
-    query(database_url, "INSERT INTO user_logins (user_id, masked_ip, masked_device_id) VALUES "
-          f"('old', 'x', 'y'), ('v7', '{v7.mask('ip', '1.1.1.1')}', '{v7.mask('device_id', 'd')}')")
+    query(
+        database_url,
+        "INSERT INTO user_logins (user_id, masked_ip, masked_device_id) VALUES "
+        f"('old', 'x', 'y'), ('v7', '{v7.mask('ip', '1.1.1.1')}', '{v7.mask('device_id', 'd')}')",
+    )
     use_keyring(monkeypatch, f"1:{K1},2:{K2}", "2")
     # WHEN rekey runs
     assert main(["rekey"]) == EXIT_UNMASK_FAILED

@@ -53,9 +53,13 @@ MEASURED_PEAK_RSS_MB = 67
 PROBE_PATHS = {"/livez", "/readyz"}
 # The SQS and KMS operations the ETL's code calls, as IAM actions (batch calls share the action).
 # boto3 client method -> the IAM action it needs (batch calls need the single-message action).
-IAM_ACTION_OF = {"get_queue_attributes": "sqs:GetQueueAttributes", "receive_message": "sqs:ReceiveMessage",
-                 "delete_message_batch": "sqs:DeleteMessage",
-                 "change_message_visibility_batch": "sqs:ChangeMessageVisibility", "decrypt": "kms:Decrypt"}
+IAM_ACTION_OF = {
+    "get_queue_attributes": "sqs:GetQueueAttributes",
+    "receive_message": "sqs:ReceiveMessage",
+    "delete_message_batch": "sqs:DeleteMessage",
+    "change_message_visibility_batch": "sqs:ChangeMessageVisibility",
+    "decrypt": "kms:Decrypt",
+}
 
 
 def tool(name: str) -> str:
@@ -67,8 +71,7 @@ def tool(name: str) -> str:
 
 def kustomize(directory: Path) -> list[dict[str, Any]]:
     """`kubectl kustomize DIR`, parsed."""
-    result = subprocess.run([tool("kubectl"), "kustomize", str(directory)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([tool("kubectl"), "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -91,8 +94,12 @@ def with_components(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, 
     overlay = copy / "overlays" / "example" / "kustomization.yaml"
     text = overlay.read_text()
     assert "# components:\n#   - ../../components/key-file\n" in text
-    overlay.write_text(text.replace("# components:\n#   - ../../components/key-file\n",
-                                    "components:\n  - ../../components/rekey-job\n  - ../../components/key-file\n"))
+    overlay.write_text(
+        text.replace(
+            "# components:\n#   - ../../components/key-file\n",
+            "components:\n  - ../../components/rekey-job\n  - ../../components/key-file\n",
+        )
+    )
     return kustomize(copy / "overlays" / "example")
 
 
@@ -101,8 +108,9 @@ def container(doc: dict[str, Any]) -> dict[str, Any]:
     return etl
 
 
-def resolved_env(docs: list[dict[str, Any]], workload: dict[str, Any],
-                 secrets: dict[tuple[str, str], str]) -> dict[str, str]:
+def resolved_env(
+    docs: list[dict[str, Any]], workload: dict[str, Any], secrets: dict[tuple[str, str], str]
+) -> dict[str, str]:
     """The environment the kubelet would give the container: envFrom, then env (which wins)."""
     config_maps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
     etl = container(workload)
@@ -133,13 +141,29 @@ def expanded_args(etl: dict[str, Any], env: dict[str, str]) -> list[str]:
 
 def test_the_base_the_overlay_and_the_components_render(example, with_components) -> None:
     base = kustomize(DEPLOY / "base")
-    kinds = ["ConfigMap", "ConfigMap", "Deployment", "PodDisruptionBudget", "ScaledObject", "ServiceAccount",
-             "TriggerAuthentication"]
+    kinds = [
+        "ConfigMap",
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "ServiceAccount",
+        "TriggerAuthentication",
+    ]
     assert sorted(d["kind"] for d in base) == kinds
     assert sorted(d["kind"] for d in example) == sorted([*kinds, "Namespace"])
     assert sorted(d["kind"] for d in with_components) == sorted(
-        ["ConfigMap", "Deployment", "Job", "Namespace", "PodDisruptionBudget", "ScaledObject", "ServiceAccount",
-         "TriggerAuthentication"])  # the wrapped-key ConfigMap is gone with the key file
+        [
+            "ConfigMap",
+            "Deployment",
+            "Job",
+            "Namespace",
+            "PodDisruptionBudget",
+            "ScaledObject",
+            "ServiceAccount",
+            "TriggerAuthentication",
+        ]
+    )  # the wrapped-key ConfigMap is gone with the key file
     assert {d["metadata"].get("namespace") for d in example if d["kind"] != "Namespace"} == {"login-etl"}
 
 
@@ -149,8 +173,14 @@ def test_every_core_object_is_valid_for_each_supported_kubernetes_version(exampl
 
     unique = {json.dumps(d, sort_keys=True): d for d in example + with_components}  # once each
     objects = [d for d in unique.values() if not d["apiVersion"].startswith("keda.sh/")]
-    assert {d["kind"] for d in objects} == {"Namespace", "ServiceAccount", "ConfigMap", "Deployment",
-                                            "PodDisruptionBudget", "Job"}
+    assert {d["kind"] for d in objects} == {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Job",
+    }
     for doc in objects:
         kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError with the path
 
@@ -172,15 +202,23 @@ def test_keda_objects_match_kedas_crd_schemas_and_a_bad_one_does_not(example, wi
         for n, doc in enumerate([one(example, kind), one(with_components, kind)]):
             files.append(tmp_path / f"{schema}-{n}.json")
             files[-1].write_text(json.dumps(doc))
-        result = subprocess.run([checker, "--schemafile", str(SCHEMAS / f"{schema}.schema.json"), *map(str, files)],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [checker, "--schemafile", str(SCHEMAS / f"{schema}.schema.json"), *map(str, files)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     bad = json.loads(json.dumps(one(example, "ScaledObject")))
     bad["spec"]["maxReplicas"] = 4  # not a field of ScaledObjectSpec (maxReplicaCount is)
     bad["spec"]["triggers"][0]["metadata"]["queueLength"] = 5000  # metadata values are strings
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    result = subprocess.run([checker, "--schemafile", str(SCHEMAS / "scaledobject.schema.json"),
-                             str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [checker, "--schemafile", str(SCHEMAS / "scaledobject.schema.json"), str(tmp_path / "bad.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1 and "maxReplicas" in result.stdout and "queueLength" in result.stdout
 
 
@@ -236,8 +274,11 @@ def test_queue_length_exceeds_what_one_busy_replica_holds_in_flight(example) -> 
 def test_the_grace_period_outlasts_the_stop_timeout(example, with_components) -> None:
     for docs in (example, with_components):
         deployment = one(docs, "Deployment")
-        env = resolved_env(docs, deployment, {("login-etl-database", "url"): DATABASE_URL,
-                                              ("login-etl-masking-key-file", "masking_key"): ""})
+        env = resolved_env(
+            docs,
+            deployment,
+            {("login-etl-database", "url"): DATABASE_URL, ("login-etl-masking-key-file", "masking_key"): ""},
+        )
         args = _build_parser().parse_args(expanded_args(container(deployment), env))
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         # After the stop timeout the process still closes its connection and exits; the receivers'
@@ -275,8 +316,12 @@ def test_the_pod_runs_locked_down_as_the_images_user(example, with_components) -
             assert context["fsGroup"] == context["runAsGroup"]
             assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "login-etl"
             etl = container(workload)
-            assert etl["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                              "privileged": False, "capabilities": {"drop": ["ALL"]}}
+            assert etl["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "privileged": False,
+                "capabilities": {"drop": ["ALL"]},
+            }
             memory = etl["resources"]["limits"]["memory"]
             assert memory.endswith("Mi") and int(memory[:-2]) >= 2 * MEASURED_PEAK_RSS_MB
             assert etl["resources"]["requests"]["cpu"] and etl["resources"]["requests"]["memory"]
@@ -356,7 +401,7 @@ def test_the_key_file_variant_loads_the_key_from_the_mounted_secret(with_compone
         assert "MASKING_KEY_KMS_CIPHERTEXT" not in env
         path = env["MASKING_KEY_FILE"]
         assert path.startswith(mount["mountPath"] + "/")
-        env["MASKING_KEY_FILE"] = str(mounted / path[len(mount["mountPath"]) + 1:])
+        env["MASKING_KEY_FILE"] = str(mounted / path[len(mount["mountPath"]) + 1 :])
         settings = Settings.from_env(env)
         masker = Masker.from_keys(settings.key_source.load(), active=settings.key_version)
         assert masker.unmask(masker.mask("ip", "203.0.113.5")) == "203.0.113.5"
@@ -377,7 +422,9 @@ def _get(port: int, path: str) -> tuple[int, str, float]:
 
 
 def test_the_probes_stay_up_through_a_database_outage_and_readiness_drops_on_sigterm(
-    etl_env, sqs_client, tmp_path,
+    etl_env,
+    sqs_client,
+    tmp_path,
 ) -> None:
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
@@ -386,9 +433,22 @@ def test_the_probes_stay_up_through_a_database_outage_and_readiness_drops_on_sig
     database = urlsplit(etl_env["DATABASE_URL"])
     env = {**os.environ, "DATABASE_URL": database._replace(netloc=f"{database.hostname}:{proxy.port}").geturl()}
     with open(tmp_path / "etl.err", "w") as err:
-        process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--follow", "--wait-seconds", "1",
-                                    f"--metrics-port={port}", "--stop-timeout=6", "--backoff-cap-seconds=1"],
-                                   cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "main.py"),
+                "--follow",
+                "--wait-seconds",
+                "1",
+                f"--metrics-port={port}",
+                "--stop-timeout=6",
+                "--backoff-cap-seconds=1",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -37,8 +37,9 @@ QUEUE_ARN = "arn:aws:sqs:us-east-2:123456789012:login-queue"
 SENT_MS = int(time.time() * 1000) - 5_000  # sent a few seconds ago: today's partition
 
 
-def sqs_record(body: str, *, message_id: str | None = None, receive_count: int = 1,
-               sent_ms: int = SENT_MS) -> dict[str, Any]:
+def sqs_record(
+    body: str, *, message_id: str | None = None, receive_count: int = 1, sent_ms: int = SENT_MS
+) -> dict[str, Any]:
     """One record as the event source mapping delivers it (AWS's sample SQS event, field for field)."""
     return {
         "messageId": message_id or str(uuid.uuid4()),
@@ -111,8 +112,9 @@ def make_handler(database_url: str, masking_key: str) -> Iterator[Any]:
     """Build an SqsBatchHandler on this test's schema with a given masker (and DSN); closed afterwards."""
     made: list[SqsBatchHandler] = []
 
-    def make(masker: Masker | None = None, dsn: str = database_url, writer: PostgresWriter | None = None,
-             **options: Any) -> SqsBatchHandler:
+    def make(
+        masker: Masker | None = None, dsn: str = database_url, writer: PostgresWriter | None = None, **options: Any
+    ) -> SqsBatchHandler:
         handler = SqsBatchHandler(writer or PostgresWriter(dsn), masker or Masker(decode_key(masking_key)), **options)
         made.append(handler)
         return handler
@@ -123,7 +125,8 @@ def make_handler(database_url: str, masking_key: str) -> Iterator[Any]:
 
 
 def test_a_batch_with_malformed_bodies_quarantines_them_and_reports_no_record_for_retry(
-        lambda_env: dict[str, str], masking_key: str) -> None:
+    lambda_env: dict[str, str], masking_key: str
+) -> None:
     good = [sqs_record(login(n)) for n in range(3)]
     bad = [sqs_record("not json {"), sqs_record(json.dumps({"user_id": "u"})), sqs_record('["a list"]')]
     response = lambda_handler.handler(sqs_event(*good[:2], *bad, good[2]), FakeContext())
@@ -133,16 +136,23 @@ def test_a_batch_with_malformed_bodies_quarantines_them_and_reports_no_record_fo
     assert rejected == sorted(r["messageId"] for r in bad)
     # The same core as the poller: tokens of the same cipher, unmasked by the same key.
     masker = Masker(decode_key(masking_key))
-    token, = query(lambda_env["DATABASE_URL"], "SELECT masked_ip FROM user_logins WHERE message_id = %s",
-                   (good[0]["messageId"],))[0]
+    (token,) = query(
+        lambda_env["DATABASE_URL"], "SELECT masked_ip FROM user_logins WHERE message_id = %s", (good[0]["messageId"],)
+    )[0]
     assert masker.unmask(token) == json.loads(good[0]["body"])["ip"]
 
 
 def test_the_same_event_delivered_twice_is_stored_once(lambda_env: dict[str, str]) -> None:
     records = [sqs_record(login(n)) for n in range(4)] + [sqs_record("{broken")]
     assert failures(lambda_handler.handler(sqs_event(*records), FakeContext())) == []
-    again = [{**r, "receiptHandle": f"AQEB{uuid.uuid4().hex}",
-              "attributes": {**r["attributes"], "ApproximateReceiveCount": "2"}} for r in records]
+    again = [
+        {
+            **r,
+            "receiptHandle": f"AQEB{uuid.uuid4().hex}",
+            "attributes": {**r["attributes"], "ApproximateReceiveCount": "2"},
+        }
+        for r in records
+    ]
     assert failures(lambda_handler.handler(sqs_event(*again), FakeContext())) == []
     logins, rejected = stored(lambda_env["DATABASE_URL"])
     assert logins == sorted(r["messageId"] for r in records[:4])
@@ -150,7 +160,8 @@ def test_the_same_event_delivered_twice_is_stored_once(lambda_env: dict[str, str
 
 
 def test_postgresql_unreachable_reports_every_record_and_stores_nothing_until_it_is_back(
-        database_url: str, make_handler: Any) -> None:
+    database_url: str, make_handler: Any
+) -> None:
     proxy = TcpProxy("127.0.0.1", urlsplit(database_url).port or 5432)
     try:
         handler = make_handler(dsn=with_port(database_url, proxy.port))
@@ -163,8 +174,10 @@ def test_postgresql_unreachable_reports_every_record_and_stores_nothing_until_it
         assert stored(database_url) == ([first["messageId"]], [])
         proxy.restore()  # AWS delivers the batch again: the connection is opened anew
         assert failures(handler.handle(sqs_event(*records), FakeContext())) == []
-        assert stored(database_url) == (sorted([first["messageId"], *(r["messageId"] for r in records[:3])]),
-                                        [records[3]["messageId"]])
+        assert stored(database_url) == (
+            sorted([first["messageId"], *(r["messageId"] for r in records[:3])]),
+            [records[3]["messageId"]],
+        )
     finally:
         proxy.close()
 
@@ -184,21 +197,24 @@ def test_a_cold_start_with_postgresql_unreachable_reports_every_record(database_
 
 
 def test_a_connection_broken_between_invocations_is_opened_again_without_failing_the_batch(
-        database_url: str, pg_admin_url: str, make_handler: Any) -> None:
+    database_url: str, pg_admin_url: str, make_handler: Any
+) -> None:
     name = f"lambda-test-{uuid.uuid4().hex[:12]}"  # only this test's session is ended, no one else's
     handler = make_handler(writer=PostgresWriter(database_url, application_name=name))
     assert failures(handler.handle(sqs_event(sqs_record(login(0))), FakeContext())) == []
     # While the environment is frozen, PostgreSQL ends the session (a restart, a failover, an idle timeout).
-    terminated = query(pg_admin_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                       "WHERE application_name = %s", (name,))
+    terminated = query(
+        pg_admin_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (name,)
+    )
     assert terminated == [(True,)]
     records = [sqs_record(login(n)) for n in range(1, 3)]
     assert failures(handler.handle(sqs_event(*records), FakeContext())) == []
     assert len(stored(database_url)[0]) == 3
 
 
-def test_only_the_record_whose_processing_raised_is_reported(masking_key: str, database_url: str,
-                                                            make_handler: Any) -> None:
+def test_only_the_record_whose_processing_raised_is_reported(
+    masking_key: str, database_url: str, make_handler: Any
+) -> None:
     handler = make_handler(FirstCallFails(decode_key(masking_key)))  # masking the first record raises
     records = [sqs_record(login(n)) for n in range(4)]
     response = handler.handle(sqs_event(*records), FakeContext())
@@ -207,18 +223,21 @@ def test_only_the_record_whose_processing_raised_is_reported(masking_key: str, d
 
 
 def test_a_record_that_raised_on_its_last_receive_before_the_dlq_is_quarantined_not_reported(
-        masking_key: str, database_url: str, make_handler: Any) -> None:
+    masking_key: str, database_url: str, make_handler: Any
+) -> None:
     handler = make_handler(FirstCallFails(decode_key(masking_key)), max_receive_count=5)
     looping = sqs_record(login(0), receive_count=4)  # the DLQ would take it after its 5th receive
     response = handler.handle(sqs_event(looping, sqs_record(login(1))), FakeContext())
     assert failures(response) == []
-    reason, = query(database_url, "SELECT reason FROM user_logins_rejected WHERE message_id = %s",
-                    (looping["messageId"],))[0]
+    (reason,) = query(
+        database_url, "SELECT reason FROM user_logins_rejected WHERE message_id = %s", (looping["messageId"],)
+    )[0]
     assert reason == "processing failed 4 times: RuntimeError"
 
 
-def test_no_raw_pii_reaches_the_database_or_the_logs(lambda_env: dict[str, str],
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_no_raw_pii_reaches_the_database_or_the_logs(
+    lambda_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     bodies = [login(n) for n in range(5)] + [
         login(5, user_id=7),  # wrong type: quarantined, its body holds an ip and a device_id
         json.dumps({"ip": "203.0.113.77", "device_id": "leak-me-1234"}) + "x",  # not JSON at all
@@ -236,8 +255,11 @@ def test_no_raw_pii_reaches_the_database_or_the_logs(lambda_env: dict[str, str],
         logging.getLogger().removeHandler(json_lines)
     assert failures(response) == []
     secrets = pii_values(bodies) | {"203.0.113.77", "leak-me-1234", lambda_env["MASKING_KEY"]}
-    dump = "\n".join(str(row) for table in ("user_logins", "user_logins_rejected")
-                     for row in query(lambda_env["DATABASE_URL"], f"SELECT * FROM {table}"))
+    dump = "\n".join(
+        str(row)
+        for table in ("user_logins", "user_logins_rejected")
+        for row in query(lambda_env["DATABASE_URL"], f"SELECT * FROM {table}")
+    )
     assert len(dump.splitlines()) == 7  # every message was stored, as tokens or encrypted
     logs = caplog.text + lines.getvalue()
     assert "quarantined" in logs or "rejected" in logs
@@ -249,7 +271,8 @@ def test_no_raw_pii_reaches_the_database_or_the_logs(lambda_env: dict[str, str],
 
 
 def test_keys_are_loaded_once_per_cold_start_and_one_connection_serves_every_invocation(
-        lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     loads: list[int] = []
     real_load = Settings.load_masker
 
@@ -271,7 +294,8 @@ def test_keys_are_loaded_once_per_cold_start_and_one_connection_serves_every_inv
 
 
 def test_a_failed_cold_start_raises_and_the_next_invocation_tries_again(
-        lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("MASKING_KEY", "too-short")
     with pytest.raises(Exception, match="MASKING_KEY is malformed"):
         lambda_handler.handler(sqs_event(sqs_record(login(0))), FakeContext())
@@ -282,28 +306,42 @@ def test_a_failed_cold_start_raises_and_the_next_invocation_tries_again(
 
 
 def test_a_cold_start_as_deployed_reads_the_dsn_from_secrets_manager_and_unwraps_the_key_with_kms(
-        lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """The template's configuration: DATABASE_SECRET_ARN (RDS credentials JSON) over a password-less
     DATABASE_URL, and a KMS-wrapped key; Secrets Manager and KMS are the moto emulator."""
     import boto3
     from botocore.config import Config
 
-    clients = {name: boto3.client(name, endpoint_url=MOTO_ENDPOINT, region_name="us-east-1", aws_access_key_id="test",
-                                  aws_secret_access_key="test", config=Config(connect_timeout=2,
-                                                                              retries={"max_attempts": 1}))
-               for name in ("kms", "secretsmanager")}
+    clients = {
+        name: boto3.client(
+            name,
+            endpoint_url=MOTO_ENDPOINT,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            config=Config(connect_timeout=2, retries={"max_attempts": 1}),
+        )
+        for name in ("kms", "secretsmanager")
+    }
     try:
         key_id = clients["kms"].create_key(Description="login-etl lambda test")["KeyMetadata"]["Arn"]
     except Exception as exc:  # noqa: BLE001 - any failure means: no emulator
         unavailable(f"the KMS / Secrets Manager emulator at {MOTO_ENDPOINT} ({type(exc).__name__})")
     password = f"pw-{uuid.uuid4().hex}"  # trust auth ignores it; it must never be shown
     secret = clients["secretsmanager"].create_secret(
-        Name=f"login-etl-{uuid.uuid4().hex}", SecretString=json.dumps({"username": "postgres", "password": password}))
-    for name, value in {"AWS_ENDPOINT_URL_KMS": MOTO_ENDPOINT, "AWS_ENDPOINT_URL_SECRETS_MANAGER": MOTO_ENDPOINT,
-                        "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                        "DATABASE_SECRET_ARN": secret["ARN"], "MASKING_KEY_KMS_KEY_ID": key_id,
-                        "MASKING_KEY_KMS_CIPHERTEXT": generate_wrapped_key(key_id, region="us-east-1",
-                                                                           client=clients["kms"])}.items():
+        Name=f"login-etl-{uuid.uuid4().hex}", SecretString=json.dumps({"username": "postgres", "password": password})
+    )
+    for name, value in {
+        "AWS_ENDPOINT_URL_KMS": MOTO_ENDPOINT,
+        "AWS_ENDPOINT_URL_SECRETS_MANAGER": MOTO_ENDPOINT,
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "DATABASE_SECRET_ARN": secret["ARN"],
+        "MASKING_KEY_KMS_KEY_ID": key_id,
+        "MASKING_KEY_KMS_CIPHERTEXT": generate_wrapped_key(key_id, region="us-east-1", client=clients["kms"]),
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("MASKING_KEY")
     caplog.set_level(logging.DEBUG)

@@ -30,8 +30,14 @@ TEMPLATE = ROOT / "deploy" / "lambda" / "template.yaml"
 VISIBILITY_FACTOR = 6
 MAX_VISIBILITY_TIMEOUT_SECONDS = 43_200  # SQS's limit: 12 hours
 # The EC2 actions Lambda needs to place a function in a VPC; they take no resource-level permission.
-ENI_ACTIONS = {"ec2:CreateNetworkInterface", "ec2:DescribeNetworkInterfaces", "ec2:DescribeSubnets",
-               "ec2:DeleteNetworkInterface", "ec2:AssignPrivateIpAddresses", "ec2:UnassignPrivateIpAddresses"}
+ENI_ACTIONS = {
+    "ec2:CreateNetworkInterface",
+    "ec2:DescribeNetworkInterfaces",
+    "ec2:DescribeSubnets",
+    "ec2:DeleteNetworkInterface",
+    "ec2:AssignPrivateIpAddresses",
+    "ec2:UnassignPrivateIpAddresses",
+}
 QUEUE_ACTIONS = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes"}
 
 
@@ -97,11 +103,15 @@ def test_the_template_is_plain_cloudformation_without_the_sam_transform(template
 
 
 def test_the_queue_visibility_timeout_is_at_least_six_function_timeouts_plus_the_batching_window(
-        template: dict[str, Any]) -> None:
+    template: dict[str, Any],
+) -> None:
     function = resource(template, "AWS::Lambda::Function")
     timeout = parameter(template, function["Timeout"])
-    queue = next(r["Properties"] for r in template["Resources"].values()
-                 if r["Type"] == "AWS::SQS::Queue" and "RedrivePolicy" in r["Properties"])
+    queue = next(
+        r["Properties"]
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::SQS::Queue" and "RedrivePolicy" in r["Properties"]
+    )
     mapping, key, attribute = queue["VisibilityTimeout"]["Fn::FindInMap"]
     assert key == function["Timeout"], "the visibility must follow the function's timeout parameter"
     mapping_entries = template["Mappings"][mapping]
@@ -109,13 +119,15 @@ def test_the_queue_visibility_timeout_is_at_least_six_function_timeouts_plus_the
     window = parameter(template, mapping_properties["MaximumBatchingWindowInSeconds"])
     for seconds in allowed(timeout):
         visibility = int(mapping_entries[str(seconds)][attribute])
-        assert VISIBILITY_FACTOR * seconds + int(window["MaxValue"]) <= visibility <= MAX_VISIBILITY_TIMEOUT_SECONDS, \
+        assert VISIBILITY_FACTOR * seconds + int(window["MaxValue"]) <= visibility <= MAX_VISIBILITY_TIMEOUT_SECONDS, (
             f"a {seconds} s function timeout gets a {visibility} s visibility timeout"
+        )
     assert int(timeout["Default"]) in allowed(timeout)
 
 
 def test_the_concurrency_cap_times_connections_per_invocation_stays_within_the_connection_budget(
-        template: dict[str, Any]) -> None:
+    template: dict[str, Any],
+) -> None:
     cap = resource(template, "AWS::Lambda::EventSourceMapping")["ScalingConfig"]["MaximumConcurrency"]
     budget = template["Parameters"]["DatabaseConnectionBudget"]
     # Whatever the budget is set to, the cap never exceeds it: the cap is the budget itself, or a
@@ -131,7 +143,8 @@ def test_the_concurrency_cap_times_connections_per_invocation_stays_within_the_c
 
 
 def test_the_event_source_mapping_reports_partial_batch_failures_and_batches_by_size_and_window(
-        template: dict[str, Any]) -> None:
+    template: dict[str, Any],
+) -> None:
     mapping = resource(template, "AWS::Lambda::EventSourceMapping")
     assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert mapping["EventSourceArn"] == {"Fn::GetAtt": ["LoginQueue", "Arn"]}
@@ -172,12 +185,17 @@ def test_the_role_has_least_privilege(template: dict[str, Any]) -> None:
     assert by_sid["ReadTheDatabaseSecret"]["Resource"] == {"Ref": "DatabaseSecretArn"}
     assert by_sid["WriteItsOwnLogs"]["Resource"] == {"Fn::GetAtt": ["LogGroup", "Arn"]}
     granted = {a for s in found for a in as_list(s["Action"])}
-    assert granted == QUEUE_ACTIONS | ENI_ACTIONS | {"kms:Decrypt", "secretsmanager:GetSecretValue",
-                                                     "logs:CreateLogStream", "logs:PutLogEvents"}
+    assert granted == QUEUE_ACTIONS | ENI_ACTIONS | {
+        "kms:Decrypt",
+        "secretsmanager:GetSecretValue",
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+    }
 
 
 def test_the_function_runs_lambda_handler_on_a_python_runtime_with_the_variables_it_reads(
-        template: dict[str, Any]) -> None:
+    template: dict[str, Any],
+) -> None:
     function = resource(template, "AWS::Lambda::Function")
     module, name = function["Handler"].split(".")
     assert module == "lambda_handler" and callable(getattr(lambda_handler, name))
@@ -215,8 +233,13 @@ def first_party_imports(start: Path) -> set[str]:
     pending = [start]
     while pending:
         for node in ast.walk(ast.parse(pending.pop().read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                else []
+            )
             for first in {name.split(".")[0] for name in names} & top_level - needed:
                 needed.add(first)
                 module = ROOT / f"{first}.py"

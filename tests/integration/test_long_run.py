@@ -172,13 +172,17 @@ def test_a_quarantine_row_postgresql_refuses_is_stored_in_a_minimal_form_and_the
     """Point 8: only logins were probed; a refused rejection row failed its batch for ever."""
     PostgresWriter(etl_env["DATABASE_URL"]).connect()
     # An operator's constraint (any row-level refusal would do) that the reason of a bad body breaks
-    query(etl_env["DATABASE_URL"], "ALTER TABLE user_logins_rejected ADD CONSTRAINT no_json_reasons "
-          "CHECK (reason NOT LIKE 'body is not valid JSON%%')")
+    query(
+        etl_env["DATABASE_URL"],
+        "ALTER TABLE user_logins_rejected ADD CONSTRAINT no_json_reasons "
+        "CHECK (reason NOT LIKE 'body is not valid JSON%%')",
+    )
     ids = send(sqs_client, etl_env["SQS_QUEUE_URL"], [login(n) for n in range(10)] + ["not json"])
     process = start_etl(tmp_path, "--retry-budget-seconds", "5")
     assert process.wait(timeout=60) == EXIT_OK, output(tmp_path)
-    [(reason, sent_at)] = query(etl_env["DATABASE_URL"], "SELECT reason, sent_at FROM user_logins_rejected "
-                                "WHERE message_id = %s", (ids[-1],))
+    [(reason, sent_at)] = query(
+        etl_env["DATABASE_URL"], "SELECT reason, sent_at FROM user_logins_rejected WHERE message_id = %s", (ids[-1],)
+    )
     assert reason.startswith("quarantine row refused by PostgreSQL: 23514") and sent_at is None
     assert queue_counts(sqs_client, etl_env["SQS_QUEUE_URL"]) == (0, 0)
     assert_exactly_once(etl_env["DATABASE_URL"], ids)
@@ -210,8 +214,9 @@ def test_a_message_is_never_stored_in_both_tables(database_url) -> None:
         assert writer.write([loaded_later], [], redelivered=True) == WriteResult(0, 0, 1)
     finally:
         writer.close()
-    assert query(database_url, "SELECT count(*) FROM user_logins l JOIN user_logins_rejected r USING (message_id)") \
-        == [(0,)]
+    assert query(database_url, "SELECT count(*) FROM user_logins l JOIN user_logins_rejected r USING (message_id)") == [
+        (0,)
+    ]
 
 
 def test_a_queue_deleted_mid_run_exits_6_saying_so(etl_env, sqs_client, tmp_path) -> None:

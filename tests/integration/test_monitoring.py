@@ -51,6 +51,7 @@ def alert_rules() -> list[dict[str, Any]]:
 
 def dashboard_exprs() -> list[tuple[str, str]]:
     """(panel title, expr) of every target of every panel, rows included."""
+
     def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for panel in items:
             yield panel
@@ -64,15 +65,21 @@ def dashboard_exprs() -> list[tuple[str, str]]:
 
 
 def test_the_alert_rules_pass_promtool_check_rules() -> None:
-    result = subprocess.run([tool("promtool"), "check", "rules", str(ALERTS)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [tool("promtool"), "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
 
 def test_the_alert_rules_pass_their_promtool_unit_tests() -> None:
-    result = subprocess.run([tool("promtool"), "test", "rules", "alerts_test.yml"], cwd=MONITORING,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool("promtool"), "test", "rules", "alerts_test.yml"],
+        cwd=MONITORING,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -84,8 +91,13 @@ def test_every_alert_has_a_case_that_fires_it_and_one_that_does_not() -> None:
         for check in case.get("alert_rule_test", []):
             (fired if check.get("exp_alerts") else silent).add(check["alertname"])
     names = {rule["alert"] for rule in alert_rules()}
-    assert names >= {"LoginEtlAbsent", "LoginEtlBacklogGrowingNothingCommitted", "LoginEtlFreshnessObjectiveMissed",
-                     "LoginEtlRejectionRatioHigh", "LoginEtlServiceErrors"}
+    assert names >= {
+        "LoginEtlAbsent",
+        "LoginEtlBacklogGrowingNothingCommitted",
+        "LoginEtlFreshnessObjectiveMissed",
+        "LoginEtlRejectionRatioHigh",
+        "LoginEtlServiceErrors",
+    }
     assert fired == names and silent == names
 
 
@@ -97,8 +109,12 @@ def test_every_alert_has_a_severity_a_summary_and_a_description_that_says_what_t
 
 
 def test_the_monitoring_profile_s_prometheus_config_is_valid_and_loads_the_rules() -> None:
-    result = subprocess.run([tool("promtool"), "check", "config", str(MONITORING / "prometheus.yml")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool("promtool"), "check", "config", str(MONITORING / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 rule files found" in result.stdout
     [job] = yaml.safe_load((MONITORING / "prometheus.yml").read_text())["scrape_configs"]
@@ -111,8 +127,15 @@ def test_the_dashboard_uses_the_provisioned_datasource_and_covers_what_operators
     uid = datasource["datasources"][0]["uid"]
     assert all(p["datasource"]["uid"] == uid for p in board["panels"])
     titles = " ".join(p["title"].lower() for p in board["panels"])
-    for topic in ("throughput", "freshness", "backlog", "rejections by reason", "commit latency",
-                  "errors by service", "replicas"):
+    for topic in (
+        "throughput",
+        "freshness",
+        "backlog",
+        "rejections by reason",
+        "commit latency",
+        "errors by service",
+        "replicas",
+    ):
         assert topic in titles
     provider = yaml.safe_load((MONITORING / "grafana/provisioning/dashboards/login-etl.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
@@ -160,27 +183,61 @@ def etl_and_prometheus(etl_env, sqs_client, tmp_path: Path) -> Iterator[tuple[Pr
     metrics_port, prom_port = free_port(), free_port()
     queue_url = etl_env["SQS_QUEUE_URL"]
     etl = subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), "--follow", "--metrics-port", str(metrics_port),
-         "--wait-seconds", "1", "--progress-seconds", "0.5", "--flush-seconds", "0.2"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+        [
+            sys.executable,
+            str(ROOT / "main.py"),
+            "--follow",
+            "--metrics-port",
+            str(metrics_port),
+            "--wait-seconds",
+            "1",
+            "--progress-seconds",
+            "0.5",
+            "--flush-seconds",
+            "0.2",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(ALERTS)],
-        "scrape_configs": [{"job_name": "login-etl", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(ALERTS)],
+                "scrape_configs": [
+                    {"job_name": "login-etl", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+                ],
+            }
+        )
+    )
     server = subprocess.Popen(
-        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))  # noqa: SIM115
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "w"),
+    )  # noqa: SIM115
     sent = {"loaded": 0, "not_json": 0, "missing_field": 0, "wrong_type": 0, "too_long": 0, "not_storable": 0}
     stop = threading.Event()
 
     def feed() -> None:
         n = 0
         while not stop.wait(0.4):
-            bad = ["not json", login(n, ip=None), login(n, app_version=2), login(n, device_type="x" * 40),
-                   login(n, user_id="nul\u0000")]
+            bad = [
+                "not json",
+                login(n, ip=None),
+                login(n, app_version=2),
+                login(n, device_type="x" * 40),
+                login(n, user_id="nul\u0000"),
+            ]
             send(sqs_client, queue_url, [login(n + i) for i in range(15)] + bad)
             sent["loaded"] += 15
             for kind in ("not_json", "missing_field", "wrong_type", "too_long", "not_storable"):
@@ -248,8 +305,10 @@ def test_every_panel_and_every_alert_returns_series_from_a_real_prometheus(etl_a
             assert api.query(selector), f"{rule['alert']}: {selector} returns no series"
 
     # And the numbers are right: every kind of rejection sent is counted under its own reason.
-    by_reason = {r["metric"]["reason"]: float(r["value"][1])
-                 for r in api.query("sum by (reason) (login_etl_messages_rejected_total)")}
+    by_reason = {
+        r["metric"]["reason"]: float(r["value"][1])
+        for r in api.query("sum by (reason) (login_etl_messages_rejected_total)")
+    }
     for kind in ("not_json", "missing_field", "wrong_type", "too_long", "not_storable"):
         assert by_reason[kind] == sent[kind], (kind, by_reason, sent)
     assert by_reason["processing_failed"] == 0 and by_reason["other"] == 0

@@ -24,8 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_etl(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
-                          cwd=tmp_path, env=env or os.environ.copy(), timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env or os.environ.copy(),
+        timeout=120,
+    )
 
 
 def test_json_logs_are_one_object_per_line_with_fields_and_no_pii(etl_env, sqs_client, tmp_path) -> None:
@@ -53,9 +59,13 @@ def test_the_metrics_endpoint_serves_the_counters_in_follow_mode(etl_env, sqs_cl
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     send(sqs_client, etl_env["SQS_QUEUE_URL"], [login(n) for n in range(40)] + ["not json"])
-    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--follow", "--metrics-port", str(port),
-                                "--wait-seconds", "1"], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--follow", "--metrics-port", str(port), "--wait-seconds", "1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         text = ""
@@ -108,8 +118,10 @@ def test_check_fails_on_an_unreachable_sqs(etl_env, monkeypatch, capsys) -> None
 
 def test_check_fails_on_a_missing_dead_letter_queue(etl_env, sqs_client, monkeypatch, capsys) -> None:
     arn = "arn:aws:sqs:us-east-1:000000000000:no-such-dlq-" + os.urandom(4).hex()
-    sqs_client.set_queue_attributes(QueueUrl=etl_env["SQS_QUEUE_URL"], Attributes={
-        "RedrivePolicy": json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "5"})})
+    sqs_client.set_queue_attributes(
+        QueueUrl=etl_env["SQS_QUEUE_URL"],
+        Attributes={"RedrivePolicy": json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "5"})},
+    )
     assert main(["check"]) == EXIT_UNREACHABLE
     assert "✗ dead-letter queue" in capsys.readouterr().out
 
@@ -123,7 +135,8 @@ def test_check_fails_on_an_unreachable_database_without_showing_its_password(etl
 
 
 def test_check_on_a_fresh_database_says_the_schema_comes_at_first_run_exits_0_and_changes_nothing(
-    etl_env, capsys,
+    etl_env,
+    capsys,
 ) -> None:
     assert main(["check"]) == EXIT_OK
     out = capsys.readouterr().out
@@ -171,8 +184,14 @@ def test_an_etl_older_than_the_schema_runs_without_migrating_it_back(etl_env, sq
     assert main([]) == EXIT_OK
     # THEN it stored the messages and left the newer view as it was
     assert query(db, "SELECT count(*) FROM user_logins")[0][0] == len(ids)
-    assert query(db, "SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() "
-                     "AND table_name = 'user_login_duplicates' AND column_name = 'next_release'")[0][0] == 1
+    assert (
+        query(
+            db,
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = 'user_login_duplicates' AND column_name = 'next_release'",
+        )[0][0]
+        == 1
+    )
 
 
 def test_check_says_where_the_keys_come_from_in_words_not_a_python_repr(etl_env, capsys) -> None:
@@ -183,7 +202,9 @@ def test_check_says_where_the_keys_come_from_in_words_not_a_python_repr(etl_env,
 
 
 def test_check_exits_2_on_a_key_configuration_error_found_while_loading_the_keys(
-    etl_env, monkeypatch, capsys,
+    etl_env,
+    monkeypatch,
+    capsys,
 ) -> None:
     # One key under two versions is only found once the keys are loaded (as a KMS refusal is).
     key = etl_env["MASKING_KEY"]
@@ -217,16 +238,22 @@ def test_the_duplicates_view_groups_repeated_devices_and_ips(database_url) -> No
     def row(n: int, user: str, ip: str, device: str, day: int) -> MaskedLogin:
         return MaskedLogin(f"m{n}", user, "ios", ip, device, None, "1.0", date(2026, 1, day))
 
-    writer.write([
-        row(1, "alice", "ip-A", "dev-X", 1),
-        row(2, "bob", "ip-A", "dev-X", 3),
-        row(3, "alice", "ip-B", "dev-X", 2),
-        row(4, "carol", "ip-C", "dev-Y", 5),
-        row(5, "carol", "ip-C", "dev-Z", 6),
-    ], [])
+    writer.write(
+        [
+            row(1, "alice", "ip-A", "dev-X", 1),
+            row(2, "bob", "ip-A", "dev-X", 3),
+            row(3, "alice", "ip-B", "dev-X", 2),
+            row(4, "carol", "ip-C", "dev-Y", 5),
+            row(5, "carol", "ip-C", "dev-Z", 6),
+        ],
+        [],
+    )
     writer.close()
-    assert query(database_url, "SELECT field, masked_value, logins, users, first_seen, last_seen "
-                 "FROM user_login_duplicates ORDER BY field, masked_value") == [
+    assert query(
+        database_url,
+        "SELECT field, masked_value, logins, users, first_seen, last_seen "
+        "FROM user_login_duplicates ORDER BY field, masked_value",
+    ) == [
         ("device_id", "dev-X", 3, 2, date(2026, 1, 1), date(2026, 1, 3)),
         ("ip", "ip-A", 2, 2, date(2026, 1, 1), date(2026, 1, 3)),
         ("ip", "ip-C", 2, 1, date(2026, 1, 5), date(2026, 1, 6)),

@@ -45,8 +45,11 @@ def _row(message: ReceivedMessage) -> MaskedLogin:
 
 
 def _partition_of(database_url: str, message_id: str) -> list[tuple[str, date]]:
-    return query(database_url, "SELECT tableoid::regclass::text, create_date FROM user_logins WHERE message_id = %s",
-                 (message_id,))
+    return query(
+        database_url,
+        "SELECT tableoid::regclass::text, create_date FROM user_logins WHERE message_id = %s",
+        (message_id,),
+    )
 
 
 def test_a_message_redelivered_after_midnight_is_stored_once_in_the_partition_of_its_sent_day(database_url) -> None:
@@ -128,8 +131,14 @@ def test_two_etls_creating_the_same_new_partitions_at_once_both_start(database_u
         thread.join(timeout=60)
     # THEN all start, and each day has its one partition
     assert errors == []
-    names = {name for (name,) in query(database_url, "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON "
-                                                     "c.oid = i.inhrelid WHERE i.inhparent = 'user_logins'::regclass")}
+    names = {
+        name
+        for (name,) in query(
+            database_url,
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON "
+            "c.oid = i.inhrelid WHERE i.inhparent = 'user_logins'::regclass",
+        )
+    }
     assert {partitions.partition_name(d) for d in partitions.window(TODAY)} <= names
 
 
@@ -170,8 +179,10 @@ def _fingerprint(database_url: str, table: str, message_id: str) -> tuple[int, s
 def test_todays_table_is_moved_into_daily_partitions_keeping_rows_grants_and_views(database_url) -> None:
     # GIVEN a schema-2 table with its rows over five days, a grant, and a view an administrator made
     query(database_url, _V2_LAYOUT % {"rows": 5000})
-    query(database_url, "GRANT SELECT ON user_logins TO PUBLIC; "
-                        "CREATE VIEW admins_view AS SELECT count(*) AS n FROM user_logins")
+    query(
+        database_url,
+        "GRANT SELECT ON user_logins TO PUBLIC; CREATE VIEW admins_view AS SELECT count(*) AS n FROM user_logins",
+    )
     before = _fingerprint(database_url, "user_logins", "message_id")
     # WHEN the ETL starts
     writer = PostgresWriter(database_url, migrate_batch_pages=7)
@@ -179,8 +190,11 @@ def test_todays_table_is_moved_into_daily_partitions_keeping_rows_grants_and_vie
     try:
         assert writer.schema_problem() is None
         # THEN a message loaded before the migration is still refused when it comes back
-        old = query(database_url, "SELECT user_id, device_type, masked_ip, masked_device_id, locale, app_version, "
-                                  "create_date, message_id FROM user_logins WHERE message_id = 'msg-42'")[0]
+        old = query(
+            database_url,
+            "SELECT user_id, device_type, masked_ip, masked_device_id, locale, app_version, "
+            "create_date, message_id FROM user_logins WHERE message_id = 'msg-42'",
+        )[0]
         again = MaskedLogin(old[7], old[0], old[1], old[2], old[3], old[4], old[5], old[6])
         assert writer.write([again], []) == WriteResult(0, 0, 1)
     finally:
@@ -188,16 +202,23 @@ def test_todays_table_is_moved_into_daily_partitions_keeping_rows_grants_and_vie
     # AND every row is there, in the partition of its day, the grant and the views carried over
     assert _fingerprint(database_url, "user_logins", "message_id") == before
     assert query(database_url, "SELECT count(*) FROM ONLY user_logins_default") == [(0,)]
-    assert query(database_url, "SELECT count(*) FROM user_logins WHERE tableoid::regclass::text <> "
-                               "'user_logins_p' || to_char(create_date, 'YYYYMMDD')") == [(0,)]
-    assert query(database_url, "SELECT relkind, relacl::text LIKE '%%=r/%%' FROM pg_class "
-                               "WHERE oid = 'user_logins'::regclass") == [("p", True)]
+    assert query(
+        database_url,
+        "SELECT count(*) FROM user_logins WHERE tableoid::regclass::text <> "
+        "'user_logins_p' || to_char(create_date, 'YYYYMMDD')",
+    ) == [(0,)]
+    assert query(
+        database_url, "SELECT relkind, relacl::text LIKE '%%=r/%%' FROM pg_class WHERE oid = 'user_logins'::regclass"
+    ) == [("p", True)]
     assert query(database_url, "SELECT n FROM admins_view") == [(5000,)]
     assert query(database_url, "SELECT to_regclass('user_logins_legacy')") == [(None,)]
     assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)]
     # AND the analysts' token indexes (schema 4) are on every partition, valid
-    assert query(database_url, "SELECT count(*) FROM pg_index WHERE indexrelid = ANY(%s::regclass[]) AND indisvalid",
-                 (list(partitions.TOKEN_INDEXES),)) == [(2,)]
+    assert query(
+        database_url,
+        "SELECT count(*) FROM pg_index WHERE indexrelid = ANY(%s::regclass[]) AND indisvalid",
+        (list(partitions.TOKEN_INDEXES),),
+    ) == [(2,)]
     conn = psycopg2.connect(database_url)
     with conn, conn.cursor() as cur:
         assert partitions.missing_token_indexes(cur) == []
@@ -217,22 +238,28 @@ def test_a_migration_killed_mid_move_resumes_and_keeps_every_row(database_url) -
     # GIVEN a schema-2 table large enough that moving it a page at a time takes a while
     query(database_url, _V2_LAYOUT % {"rows": 60000})
     before = _fingerprint(database_url, "user_logins", "message_id")
-    code = ("import sys; from database.sqs_postgres import PostgresWriter; "
-            "PostgresWriter(sys.argv[1], migrate_batch_pages=1).connect()")
+    code = (
+        "import sys; from database.sqs_postgres import PostgresWriter; "
+        "PostgresWriter(sys.argv[1], migrate_batch_pages=1).connect()"
+    )
     # WHEN the migrating process is SIGKILLed once some rows have moved
-    process = subprocess.Popen([sys.executable, "-c", code, database_url], cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, database_url], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
-        if query(database_url, "SELECT to_regclass('user_logins_legacy') IS NOT NULL")[0][0] and \
-                query(database_url, "SELECT count(*) FROM user_logins")[0][0] > 5000:
+        if (
+            query(database_url, "SELECT to_regclass('user_logins_legacy') IS NOT NULL")[0][0]
+            and query(database_url, "SELECT count(*) FROM user_logins")[0][0] > 5000
+        ):
             break
         time.sleep(0.05)
     assert process.poll() is None, "the migration finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=10)
-    moved, left = query(database_url, "SELECT (SELECT count(*) FROM user_logins), "
-                                      "(SELECT count(*) FROM user_logins_legacy)")[0]
+    moved, left = query(
+        database_url, "SELECT (SELECT count(*) FROM user_logins), (SELECT count(*) FROM user_logins_legacy)"
+    )[0]
     assert moved > 0 and left > 0 and moved + left == 60000  # nothing lost or doubled by the kill
     # THEN a rerun finishes the move with every row intact
     PostgresWriter(database_url, migrate_batch_pages=500).connect()
@@ -245,8 +272,10 @@ def _seed_days(database_url: str, days: list[date]) -> None:
     with conn, conn.cursor() as cur:
         partitions.ensure_days(cur, days)
         for n, day in enumerate(days):
-            cur.execute("INSERT INTO user_logins (user_id, create_date, message_id) VALUES (%s, %s, %s)",
-                        (f"user-{n}", day, f"m-{day}"))
+            cur.execute(
+                "INSERT INTO user_logins (user_id, create_date, message_id) VALUES (%s, %s, %s)",
+                (f"user-{n}", day, f"m-{day}"),
+            )
     conn.close()
 
 
@@ -257,8 +286,11 @@ def test_retention_drops_only_what_is_older_than_keep_days_and_nothing_in_a_dry_
     days = [TODAY - timedelta(days=n) for n in range(10, -3, -1)]
     _seed_days(db_env, days)
     query(db_env, "INSERT INTO user_logins (user_id, create_date, message_id) VALUES ('old', '2001-01-01', 'm-old')")
-    query(db_env, "INSERT INTO user_logins_rejected (message_id, reason, received_at, encrypted_body) VALUES "
-                  "('r-old', 'x', now() - interval '20 days', 'v1.x'), ('r-new', 'x', now(), 'v1.y')")
+    query(
+        db_env,
+        "INSERT INTO user_logins_rejected (message_id, reason, received_at, encrypted_body) VALUES "
+        "('r-old', 'x', now() - interval '20 days', 'v1.x'), ('r-new', 'x', now(), 'v1.y')",
+    )
     everything = query(db_env, "SELECT tableoid::regclass::text, message_id FROM user_logins ORDER BY 2")
 
     # WHEN a dry run keeps 3 days
@@ -278,8 +310,10 @@ def test_retention_drops_only_what_is_older_than_keep_days_and_nothing_in_a_dry_
     assert query(db_env, "SELECT message_id FROM user_logins_rejected") == [("r-new",)]
     audit = query(db_env, "SELECT requested_by, keep_days, action, object, rows FROM etl_retention_audit ORDER BY id")
     assert len(audit) == 9 and {a[:2] for a in audit} == {("dpo", 3)}
-    assert [a[2:] for a in audit[-2:]] == [("delete rows", "user_logins_default", 1),
-                                           ("delete rows", "user_logins_rejected", 1)]
+    assert [a[2:] for a in audit[-2:]] == [
+        ("delete rows", "user_logins_default", 1),
+        ("delete rows", "user_logins_rejected", 1),
+    ]
     assert ("drop partition", partitions.partition_name(TODAY - timedelta(days=10)), 1) in [a[2:] for a in audit]
     # AND the ETL still writes to today's partition
     writer = PostgresWriter(db_env)

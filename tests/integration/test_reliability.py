@@ -36,8 +36,14 @@ def start_etl(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> 
     n = len(list(tmp_path.glob("etl-*.out")))
     out = open(tmp_path / f"etl-{n}.out", "w")  # noqa: SIM115 - closed by the OS when the test ends
     err = open(tmp_path / f"etl-{n}.err", "w")  # noqa: SIM115
-    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=tmp_path, stdout=out,
-                            stderr=err, text=True, env=env or os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        cwd=tmp_path,
+        stdout=out,
+        stderr=err,
+        text=True,
+        env=env or os.environ.copy(),
+    )
 
 
 def output(tmp_path: Path) -> str:
@@ -49,8 +55,11 @@ def set_visibility(sqs, queue_url: str, seconds: int, **extra: str) -> None:
 
 
 def stored_ids(database_url: str) -> Counter[str]:
-    rows = query(database_url, "SELECT message_id FROM user_logins WHERE message_id IS NOT NULL "
-                 "UNION ALL SELECT message_id FROM user_logins_rejected")
+    rows = query(
+        database_url,
+        "SELECT message_id FROM user_logins WHERE message_id IS NOT NULL "
+        "UNION ALL SELECT message_id FROM user_logins_rejected",
+    )
     return Counter(r[0] for r in rows)
 
 
@@ -169,9 +178,7 @@ def test_an_sqs_outage_mid_run_is_retried_and_nothing_is_lost(etl_env, sqs_clien
     assert_exactly_once(etl_env["DATABASE_URL"], ids)
 
 
-def test_a_slow_batch_has_its_visibility_extended_instead_of_being_redelivered(
-    etl_env, sqs_client, tmp_path
-) -> None:
+def test_a_slow_batch_has_its_visibility_extended_instead_of_being_redelivered(etl_env, sqs_client, tmp_path) -> None:
     queue_url = etl_env["SQS_QUEUE_URL"]
     # 8 s and 100 messages, not less: the extender acts at half the timeout and extends 10
     # messages per SQS call. On 2 starved cores (load average 6-9 in CI, with the suite on two
@@ -216,8 +223,11 @@ def test_a_looping_failure_is_quarantined_after_max_receives_not_looped_forever(
         if queue_counts(sqs_client, queue_url) == (0, 0):
             break
         time.sleep(1.1)
-    [(reason, receive_count)] = query(etl_env["DATABASE_URL"], "SELECT reason, receive_count FROM "
-                                      "user_logins_rejected WHERE message_id = %s", (ids[-1],))
+    [(reason, receive_count)] = query(
+        etl_env["DATABASE_URL"],
+        "SELECT reason, receive_count FROM user_logins_rejected WHERE message_id = %s",
+        (ids[-1],),
+    )
     assert (reason, receive_count) == ("processing failed 3 times: RuntimeError", 3)
     assert_exactly_once(etl_env["DATABASE_URL"], ids)
 
@@ -232,8 +242,9 @@ def test_with_a_redrive_policy_a_looping_message_is_quarantined_before_it_is_dea
     dlq = sqs_client.create_queue(QueueName=queue_url.rsplit("/", 1)[1] + "-dlq")["QueueUrl"]
     try:
         arn = sqs_client.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        set_visibility(sqs_client, queue_url, 1,
-                       RedrivePolicy=f'{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"3"}}')
+        set_visibility(
+            sqs_client, queue_url, 1, RedrivePolicy=f'{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"3"}}'
+        )
         ids = send(sqs_client, queue_url, [login(1, user_id="poison")])
         monkeypatch.setattr(transform, "transform", lambda message, masker: 1 / 0)
         for _ in range(20):
@@ -241,17 +252,16 @@ def test_with_a_redrive_policy_a_looping_message_is_quarantined_before_it_is_dea
             if queue_counts(sqs_client, queue_url) == (0, 0):
                 break
             time.sleep(1.1)
-        assert query(etl_env["DATABASE_URL"], "SELECT reason FROM user_logins_rejected WHERE message_id = %s",
-                     (ids[0],)) == [("processing failed 2 times: ZeroDivisionError",)]
+        assert query(
+            etl_env["DATABASE_URL"], "SELECT reason FROM user_logins_rejected WHERE message_id = %s", (ids[0],)
+        ) == [("processing failed 2 times: ZeroDivisionError",)]
         assert queue_counts(sqs_client, dlq) == (0, 0)
     finally:
         sqs_client.delete_queue(QueueUrl=dlq)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_in_follow_mode_finishes_the_batch_in_hand_and_exits_0(
-    etl_env, sqs_client, tmp_path, signum
-) -> None:
+def test_a_signal_in_follow_mode_finishes_the_batch_in_hand_and_exits_0(etl_env, sqs_client, tmp_path, signum) -> None:
     queue_url = etl_env["SQS_QUEUE_URL"]
     ids = send(sqs_client, queue_url, list(generate(3000, seed=10)))
     process = start_etl(tmp_path, "--follow")
@@ -342,22 +352,31 @@ def _wait_for_etl_connection(database_url: str, timeout: float = 30) -> None:
             time.sleep(0.05)
             continue
         partitions = query(database_url, "SELECT count(*) FROM pg_inherits WHERE inhparent = 'user_logins'::regclass")
-        if partitions[0][0] and query(database_url, "SELECT count(*) FROM pg_stat_activity "
-                                      "WHERE application_name = 'login-etl' AND state = 'idle'")[0][0]:
+        if (
+            partitions[0][0]
+            and query(
+                database_url,
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'login-etl' AND state = 'idle'",
+            )[0][0]
+        ):
             return
         time.sleep(0.05)
     raise AssertionError("the ETL did not connect")
 
 
 def _wait_for_rows(database_url: str, timeout: float = 30, count: int = 1) -> None:
-    _wait_until(lambda: _count(database_url, "SELECT count(*) FROM user_logins") >= count,
-                f"{count} rows in user_logins", timeout)
+    _wait_until(
+        lambda: _count(database_url, "SELECT count(*) FROM user_logins") >= count,
+        f"{count} rows in user_logins",
+        timeout,
+    )
 
 
 def _stored_count(database_url: str) -> int:
     """Messages stored so far, loaded or quarantined (0 before the tables exist)."""
-    return _count(database_url, "SELECT (SELECT count(*) FROM user_logins) + "
-                                "(SELECT count(*) FROM user_logins_rejected)")
+    return _count(
+        database_url, "SELECT (SELECT count(*) FROM user_logins) + (SELECT count(*) FROM user_logins_rejected)"
+    )
 
 
 def _stored_more_than(database_url: str, before: int) -> bool:

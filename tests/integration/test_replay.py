@@ -34,8 +34,9 @@ def quarantine(env: dict[str, str], rows: list[tuple[str, str, str]]) -> None:
     writer = PostgresWriter(env["DATABASE_URL"])
     writer.connect()
     sent = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
-    writer.write([], [Rejection(message_id, reason, masker.mask(BODY_FIELD, body), sent, 1)
-                      for message_id, reason, body in rows])
+    writer.write(
+        [], [Rejection(message_id, reason, masker.mask(BODY_FIELD, body), sent, 1) for message_id, reason, body in rows]
+    )
     writer.close()
 
 
@@ -50,9 +51,12 @@ def loaded(database_url: str) -> list[str]:
 
 
 def audits(database_url: str) -> list[tuple]:
-    return query(database_url, """SELECT requested_by, reason, dry_run, examined_count, to_load_count,
+    return query(
+        database_url,
+        """SELECT requested_by, reason, dry_run, examined_count, to_load_count,
                                          still_failing_count, message_ids, to_load_ids, database_user
-                                    FROM etl_replay_audit ORDER BY id""")
+                                    FROM etl_replay_audit ORDER BY id""",
+    )
 
 
 def test_a_poison_loop_quarantine_is_replayed_once_its_cause_is_gone(etl_env, sqs_client, monkeypatch, capsys):
@@ -88,16 +92,24 @@ def test_a_poison_loop_quarantine_is_replayed_once_its_cause_is_gone(etl_env, sq
     assert second[:8] == ("alice", "INC-42 fixed", False, 1, 1, 0, [ids[-1]], [ids[-1]])
     assert second[8] == query(db, "SELECT session_user")[0][0]  # from the server
     # Analysts (who cannot read the quarantine) see which rows a replay loaded, and under which audit.
-    assert query(db, "SELECT r.message_id, r.replay_audit_id = a.id FROM user_logins_replayed r "
-                 "JOIN etl_replay_audit a ON a.reason = 'INC-42 fixed'") == [(ids[-1], True)]
+    assert query(
+        db,
+        "SELECT r.message_id, r.replay_audit_id = a.id FROM user_logins_replayed r "
+        "JOIN etl_replay_audit a ON a.reason = 'INC-42 fixed'",
+    ) == [(ids[-1], True)]
 
 
 def test_replaying_twice_stores_once_and_a_dry_run_changes_nothing(etl_env, capsys) -> None:
     db = etl_env["DATABASE_URL"]
-    quarantine(etl_env, [("fixed-1", "processing failed 5 times: KeyError", login(1)),
-                         ("fixed-2", "processing failed 5 times: KeyError", login(2)),
-                         ("bad-1", "an older wording", login(3, ip=None)),
-                         ("bad-2", "body is not valid JSON (at character 0)", "not json")])
+    quarantine(
+        etl_env,
+        [
+            ("fixed-1", "processing failed 5 times: KeyError", login(1)),
+            ("fixed-2", "processing failed 5 times: KeyError", login(2)),
+            ("bad-1", "an older wording", login(3, ip=None)),
+            ("bad-2", "body is not valid JSON (at character 0)", "not json"),
+        ],
+    )
 
     assert main(["replay", "--reason", "look first", "--dry-run"]) == EXIT_OK
     out = capsys.readouterr().out
@@ -111,21 +123,27 @@ def test_replaying_twice_stores_once_and_a_dry_run_changes_nothing(etl_env, caps
     assert main(["replay", "--reason", "again, by mistake"]) == EXIT_OK
     out = capsys.readouterr().out
     assert loaded(db) == ["fixed-1", "fixed-2"]
-    assert quarantined(db) == {"fixed-1": ("processing failed 5 times: KeyError", True),
-                               "fixed-2": ("processing failed 5 times: KeyError", True),
-                               "bad-1": ("missing required field 'ip'", False),
-                               "bad-2": ("body is not valid JSON (at character 0)", False)}
+    assert quarantined(db) == {
+        "fixed-1": ("processing failed 5 times: KeyError", True),
+        "fixed-2": ("processing failed 5 times: KeyError", True),
+        "bad-1": ("missing required field 'ip'", False),
+        "bad-2": ("body is not valid JSON (at character 0)", False),
+    }
     assert "replay: 2 quarantined messages examined" in out
     assert [a[3:6] for a in audits(db)[1:]] == [(4, 2, 2), (2, 0, 2)]  # the second saw only bad-1, bad-2
 
 
 def test_where_reason_and_since_choose_the_rows(etl_env) -> None:
     db = etl_env["DATABASE_URL"]
-    quarantine(etl_env, [("old-poison", "processing failed 5 times: KeyError", login(1)),
-                         ("new-poison", "processing failed 5 times: KeyError", login(2)),
-                         ("new-other", "refused by PostgreSQL: 23514 check", login(3))])
-    query(db, "UPDATE user_logins_rejected SET received_at = now() - interval '3 days' "
-              "WHERE message_id = 'old-poison'")
+    quarantine(
+        etl_env,
+        [
+            ("old-poison", "processing failed 5 times: KeyError", login(1)),
+            ("new-poison", "processing failed 5 times: KeyError", login(2)),
+            ("new-other", "refused by PostgreSQL: 23514 check", login(3)),
+        ],
+    )
+    query(db, "UPDATE user_logins_rejected SET received_at = now() - interval '3 days' WHERE message_id = 'old-poison'")
     assert main(["replay", "--reason", "r", "--where-reason", "processing failed%", "--since", "1d"]) == EXIT_OK
     assert loaded(db) == ["new-poison"]
     since = (datetime.now(timezone.utc) - timedelta(days=7)).date().isoformat()
@@ -137,9 +155,12 @@ def test_without_an_audit_row_nothing_moves_and_the_exit_code_is_3(etl_env, caps
     db = etl_env["DATABASE_URL"]
     quarantine(etl_env, [("fixed-1", "processing failed 5 times: KeyError", login(1))])
     assert main(["replay", "--reason", "creates the audit table", "--dry-run"]) == EXIT_OK
-    query(db, """CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+    query(
+        db,
+        """CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
                  $$ BEGIN RAISE EXCEPTION 'audit store full'; END $$;
-                 CREATE TRIGGER refuse BEFORE INSERT ON etl_replay_audit FOR EACH ROW EXECUTE FUNCTION refuse()""")
+                 CREATE TRIGGER refuse BEFORE INSERT ON etl_replay_audit FOR EACH ROW EXECUTE FUNCTION refuse()""",
+    )
     capsys.readouterr()
     assert main(["replay", "--reason", "should not move"]) == EXIT_UNREACHABLE
     err = capsys.readouterr().err
@@ -155,10 +176,14 @@ def test_replay_beside_a_running_drain_and_another_replay_stores_every_message_o
     quarantine(etl_env, poisoned)
     ids = send(sqs_client, etl_env["SQS_QUEUE_URL"], [login(n) for n in range(400)])
     # One receiver, batches of 10: a drain of ~40 commits, which the replays run in the middle of.
-    drain = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--wait-seconds", "1", "--receivers", "1",
-                              "--batch-size", "10"],
-                             cwd=tmp_path, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    drain = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--wait-seconds", "1", "--receivers", "1", "--batch-size", "10"],
+        cwd=tmp_path,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not query(db, "SELECT 1 FROM user_logins LIMIT 1"):  # the drain is committing
         assert time.monotonic() < deadline and drain.poll() is None
@@ -187,31 +212,53 @@ def test_replay_beside_a_running_drain_and_another_replay_stores_every_message_o
     assert len(stored) == len(set(stored)) == 800
     assert set(stored) == set(ids) | {m for m, _, _ in poisoned}
     # One table per message: in user_logins, or quarantined and not replayed; never both.
-    assert query(db, """SELECT count(*) FROM user_logins l JOIN user_logins_rejected r USING (message_id)
-                         WHERE r.replayed_at IS NULL""") == [(0,)]
+    assert query(
+        db,
+        """SELECT count(*) FROM user_logins l JOIN user_logins_rejected r USING (message_id)
+                         WHERE r.replayed_at IS NULL""",
+    ) == [(0,)]
     assert query(db, "SELECT count(*) FROM user_logins_rejected WHERE replayed_at IS NOT NULL") == [(400,)]
 
 
 def test_nothing_of_a_body_reaches_the_output_the_logs_or_the_audit(etl_env, tmp_path) -> None:
     db = etl_env["DATABASE_URL"]
     secret_ip, secret_device, marker = "203.0.113.77", "777-66-5555", "TOP-SECRET-MARKER"
-    quarantine(etl_env, [
-        ("fixed", "processing failed 5 times: KeyError", login(1, ip=secret_ip, device_id=secret_device)),
-        ("still-bad", "old", json.dumps({"ip": secret_ip, "device_id": secret_device, "note": marker})),
-        ("not-json", "old", f"{marker} {secret_ip}"),
-    ])
+    quarantine(
+        etl_env,
+        [
+            ("fixed", "processing failed 5 times: KeyError", login(1, ip=secret_ip, device_id=secret_device)),
+            ("still-bad", "old", json.dumps({"ip": secret_ip, "device_id": secret_device, "note": marker})),
+            ("not-json", "old", f"{marker} {secret_ip}"),
+        ],
+    )
     outputs = []
     for extra in (["--dry-run"], []):
-        result = subprocess.run([sys.executable, str(ROOT / "main.py"), "-v", "--log-format", "json", "replay",
-                                 "--reason", "check leaks", *extra], cwd=tmp_path, env=os.environ.copy(),
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "main.py"),
+                "-v",
+                "--log-format",
+                "json",
+                "replay",
+                "--reason",
+                "check leaks",
+                *extra,
+            ],
+            cwd=tmp_path,
+            env=os.environ.copy(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         outputs.append(result.stdout + result.stderr)
     assert "replay audited" in outputs[1]
     for secret in (secret_ip, secret_device, marker, etl_env["MASKING_KEY"]):
         assert all(secret not in text for text in outputs)
-        assert query(db, "SELECT count(*) FROM etl_replay_audit WHERE row(etl_replay_audit.*)::text LIKE %s",
-                     (f"%{secret}%",)) == [(0,)]
+        assert query(
+            db, "SELECT count(*) FROM etl_replay_audit WHERE row(etl_replay_audit.*)::text LIKE %s", (f"%{secret}%",)
+        ) == [(0,)]
         assert query(db, "SELECT count(*) FROM user_logins_rejected WHERE reason LIKE %s", (f"%{secret}%",)) == [(0,)]
     assert loaded(db) == ["fixed"]
 
@@ -235,5 +282,8 @@ def test_a_replay_overtaken_between_its_audit_and_its_move_skips_what_the_other_
     assert (alice.bob.loaded, result.to_load, result.loaded) == (30, 30, 0)
     assert (result.already_loaded, result.skipped) == (0, 30)
     assert len(loaded(db)) == 30
-    assert query(db, "SELECT a.requested_by, count(*) FROM user_logins_rejected r "
-                     "JOIN etl_replay_audit a ON a.id = r.replay_audit_id GROUP BY 1") == [("bob", 30)]
+    assert query(
+        db,
+        "SELECT a.requested_by, count(*) FROM user_logins_rejected r "
+        "JOIN etl_replay_audit a ON a.id = r.replay_audit_id GROUP BY 1",
+    ) == [("bob", 30)]

@@ -42,19 +42,24 @@ def test_a_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == EXIT_CONFIG
 
 
-@pytest.mark.parametrize(("argv", "says"), [
-    (["--progress-seconds", "0"], "--progress-seconds: must be > 0"),
-    (["--progress-seconds", "nan"], "--progress-seconds: must be > 0"),
-    (["--retry-budget-seconds", "-1"], "--retry-budget-seconds: must be >= 0"),
-    (["--flush-seconds", "-0.5"], "--flush-seconds: must be >= 0"),
-    (["--metrics-port", "0"], "--metrics-port: must be a port number, 1..65535"),
-    (["--metrics-port", "70000"], "--metrics-port: must be a port number, 1..65535"),
-    (["replay", "--reason", " "], "--reason: must not be blank"),
-    (["replay", "--dry-run"], "the following arguments are required: --reason"),
-    (["replay", "--reason", "r", "--since", "yesterday"], "--since: expected an ISO date or date-time"),
-])
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--progress-seconds", "0"], "--progress-seconds: must be > 0"),
+        (["--progress-seconds", "nan"], "--progress-seconds: must be > 0"),
+        (["--retry-budget-seconds", "-1"], "--retry-budget-seconds: must be >= 0"),
+        (["--flush-seconds", "-0.5"], "--flush-seconds: must be >= 0"),
+        (["--metrics-port", "0"], "--metrics-port: must be a port number, 1..65535"),
+        (["--metrics-port", "70000"], "--metrics-port: must be a port number, 1..65535"),
+        (["replay", "--reason", " "], "--reason: must not be blank"),
+        (["replay", "--dry-run"], "the following arguments are required: --reason"),
+        (["replay", "--reason", "r", "--since", "yesterday"], "--since: expected an ISO date or date-time"),
+    ],
+)
 def test_bad_numbers_are_refused_by_the_parser_with_exit_2_and_one_line(
-    argv: list[str], says: str, capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    says: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -74,7 +79,8 @@ HOSTILE = "\x1b]0;pwned\x07\x1b[2J10.0.0.1\u202e\r\nnext\\x1b\x9b"
 
 
 def test_unmask_escapes_control_characters_so_a_value_cannot_drive_the_terminal(
-    key: str, capsys: pytest.CaptureFixture[str],
+    key: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     masker = Masker(decode_key(key))
     assert main(["unmask", "--reason", "test", masker.mask("ip", HOSTILE), masker.mask("ip", "10.1.2.3")]) == EXIT_OK

@@ -67,8 +67,16 @@ def message(body: str, sent_ms: int | None = 1_700_000_000_000) -> ReceivedMessa
 
 def test_a_good_message_becomes_a_masked_row_dated_by_its_utc_sent_time() -> None:
     # 2023-11-14T23:59:59.999Z: the UTC date, whatever the local time zone says.
-    body = json.dumps({"user_id": "u", "device_type": "ios", "ip": "1.2.3.4", "device_id": "123-45-6789",
-                       "locale": None, "app_version": "0.96"})
+    body = json.dumps(
+        {
+            "user_id": "u",
+            "device_type": "ios",
+            "ip": "1.2.3.4",
+            "device_id": "123-45-6789",
+            "locale": None,
+            "app_version": "0.96",
+        }
+    )
     row = transform(message(body, sent_ms=1_700_006_399_999), masker)
     assert isinstance(row, MaskedLogin)
     assert row.create_date == date(2023, 11, 14)
@@ -90,8 +98,9 @@ def test_a_message_without_a_sent_time_gets_the_same_create_date_on_every_delive
     (another partition) and was stored twice. Now the date is a function of the message alone."""
     import datetime as real_datetime
 
-    body = json.dumps({"user_id": "u", "device_type": "ios", "ip": "1.2.3.4", "device_id": "123-45-6789",
-                       "app_version": "1"})
+    body = json.dumps(
+        {"user_id": "u", "device_type": "ios", "ip": "1.2.3.4", "device_id": "123-45-6789", "app_version": "1"}
+    )
     first = transform(message(body, sent_ms=None), masker)
 
     class Tomorrow(real_datetime.datetime):
@@ -100,6 +109,7 @@ def test_a_message_without_a_sent_time_gets_the_same_create_date_on_every_delive
             return real_datetime.datetime.now(tz) + real_datetime.timedelta(days=1)
 
     import transform as transform_module
+
     monkeypatch.setattr(transform_module, "datetime", Tomorrow, raising=False)
     again = transform(message(body, sent_ms=None), masker)
     assert isinstance(first, MaskedLogin) and isinstance(again, MaskedLogin)

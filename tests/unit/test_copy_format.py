@@ -39,10 +39,20 @@ text = st.text(alphabet=st.characters(exclude_characters="\x00", categories=NOT_
 
 @given(st.lists(st.tuples(text, text, text, st.none() | text), min_size=1, max_size=5))
 def test_every_row_decodes_back_to_its_values(rows: list[tuple[str, str, str, str | None]]) -> None:
-    logins = [MaskedLogin(f"m{i}", user, device, "v1.a", "v1.b", locale, version, date(2026, 1, 2))
-              for i, (user, device, version, locale) in enumerate(rows)]
+    logins = [
+        MaskedLogin(f"m{i}", user, device, "v1.a", "v1.b", locale, version, date(2026, 1, 2))
+        for i, (user, device, version, locale) in enumerate(rows)
+    ]
     lines = _copy_text(logins).split("\n")
     assert lines[-1] == "" and len(lines) == len(logins) + 1
     for login, line in zip(logins, lines, strict=False):
-        assert decode(line) == [login.message_id, login.user_id, login.device_type, "v1.a", "v1.b",
-                                login.app_version, "2026-01-02", login.locale]
+        assert decode(line) == [
+            login.message_id,
+            login.user_id,
+            login.device_type,
+            "v1.a",
+            "v1.b",
+            login.app_version,
+            "2026-01-02",
+            login.locale,
+        ]

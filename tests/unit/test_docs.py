@@ -42,8 +42,12 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def flags(parser: argparse.ArgumentParser) -> set[str]:
-    return {option for action in parser._actions for option in action.option_strings
-            if option.startswith("--") and option != "--help"}
+    return {
+        option
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
 
 
 def names_read_from_env(modules: tuple[str, ...] = ("config.py", "main.py")) -> set[str]:
@@ -52,8 +56,13 @@ def names_read_from_env(modules: tuple[str, ...] = ("config.py", "main.py")) -> 
     for path in [ROOT / module for module in modules]:
         for node in ast.walk(ast.parse(path.read_text())):
             key = None
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
-                    and node.args and isinstance(node.args[0], ast.Constant)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "get"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
                 key = node.args[0].value
             elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
                 key = node.slice.value
@@ -85,8 +94,12 @@ def test_every_flag_the_commands_section_names_exists() -> None:
 def test_every_environment_variable_read_is_in_the_configuration_table_and_back() -> None:
     table = section(ROOT / "README.md", "Configuration")
     documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)`", table, re.M))
-    documented |= set(re.findall(r"`([A-Z][A-Z0-9_]+)`", "\n".join(
-        line.split("|")[1] for line in table.splitlines() if line.startswith("| `"))))
+    documented |= set(
+        re.findall(
+            r"`([A-Z][A-Z0-9_]+)`",
+            "\n".join(line.split("|")[1] for line in table.splitlines() if line.startswith("| `")),
+        )
+    )
     read = names_read_from_env()
     assert read - documented == set(), "variables the code reads but the README's table does not list"
     assert documented - read - READ_BY_BOTO3 == set(), "variables the table lists but nothing reads"
@@ -110,8 +123,12 @@ def test_the_readme_stays_short() -> None:
 
 def test_every_variable_the_lambda_handler_reads_is_in_its_configuration_table_and_back() -> None:
     table = section(ROOT / "docs" / "lambda.md", "Configuration")
-    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", "\n".join(
-        line.split("|")[1] for line in table.splitlines() if line.startswith("| `"))))
+    documented = set(
+        re.findall(
+            r"`([A-Z][A-Z0-9_]+)`",
+            "\n".join(line.split("|")[1] for line in table.splitlines() if line.startswith("| `")),
+        )
+    )
     assert names_read_from_env(("lambda_handler.py",)) - documented == set(), "read but not in docs/lambda.md"
     assert documented - names_read_from_env(("lambda_handler.py", "config.py")) == set(), "listed but nothing reads"
 
@@ -120,8 +137,9 @@ def test_the_documented_compose_up_for_a_drain_on_the_host_waits_until_the_servi
     # `python main.py` exits 3 at once while LocalStack is starting or its init hook has not yet
     # created login-queue; `up -d` returns before that, `up -d --wait` only once both are healthy
     # (tests/integration/test_docker_runtime.py runs this path).
-    compose_comments = "\n".join(line for line in (ROOT / "docker-compose.yml").read_text().splitlines()
-                                 if line.startswith("#"))
+    compose_comments = "\n".join(
+        line for line in (ROOT / "docker-compose.yml").read_text().splitlines() if line.startswith("#")
+    )
     for text in (all_docs(), compose_comments):
         for command in re.findall(r"docker compose (?!--profile)[^`#\n]*\bup\b[^`#\n]*", text):
             assert "--wait" in command, command

@@ -25,9 +25,18 @@ class ManualClock:
 def call(app: Any, path: str) -> tuple[str, str]:
     """GET `path` from a WSGI app: (status line, body)."""
     seen: list[str] = []
-    chunks = app({"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "wsgi.url_scheme": "http",
-                  "SERVER_NAME": "test", "SERVER_PORT": "9108", "SERVER_PROTOCOL": "HTTP/1.1"},
-                 lambda status, headers, exc_info=None: seen.append(status))
+    chunks = app(
+        {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": path,
+            "QUERY_STRING": "",
+            "wsgi.url_scheme": "http",
+            "SERVER_NAME": "test",
+            "SERVER_PORT": "9108",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+        },
+        lambda status, headers, exc_info=None: seen.append(status),
+    )
     return seen[0], b"".join(chunks).decode()
 
 
@@ -77,8 +86,9 @@ def test_an_idle_writer_keeps_the_process_live() -> None:
     clock = ManualClock()
     metrics = Metrics(Health(stall_seconds=300, clock=clock))
     sink = FakeSink()
-    pipeline = Pipeline(FakeQueue([], stored=sink.holds), sink, loop.MASKER, loop.options(follow=True),
-                        observer=metrics)
+    pipeline = Pipeline(
+        FakeQueue([], stored=sink.holds), sink, loop.MASKER, loop.options(follow=True), observer=metrics
+    )
     metrics.health.running(lambda: pipeline.stopping)
     thread, _outcome = loop.run_in_thread(pipeline)
     try:
@@ -115,16 +125,22 @@ def test_a_writer_stuck_in_one_call_is_not_live() -> None:
     entered, release = threading.Event(), threading.Event()
 
     class StuckSink(FakeSink):
-        def write(self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *,
-                  redelivered: bool = False) -> WriteResult:
+        def write(
+            self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False
+        ) -> WriteResult:
             entered.set()
             release.wait(10)  # a call that neither returns nor fails (a half-open connection)
             return super().write(logins, rejections, redelivered=redelivered)
 
     metrics = Metrics(Health(stall_seconds=300, clock=clock))
     sink = StuckSink()
-    pipeline = Pipeline(FakeQueue(loop.bodies(5), stored=sink.holds), sink, loop.MASKER,
-                        loop.options(follow=True, flush_seconds=0), observer=metrics)
+    pipeline = Pipeline(
+        FakeQueue(loop.bodies(5), stored=sink.holds),
+        sink,
+        loop.MASKER,
+        loop.options(follow=True, flush_seconds=0),
+        observer=metrics,
+    )
     metrics.health.running(lambda: pipeline.stopping)
     thread, _outcome = loop.run_in_thread(pipeline)
     try:

@@ -33,6 +33,7 @@ def key_file(tmp_path: Path, text: str, mode: int = 0o600) -> str:
 
 # -- choosing the source ------------------------------------------------------------------------
 
+
 def test_no_key_source_names_every_variable_and_how_to_make_a_key() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({})
@@ -62,8 +63,11 @@ def test_an_active_version_outside_the_keyring_is_refused(version: str) -> None:
         Settings.from_env({"MASKING_KEYS": f"1:{K1},2:{K2}", "MASKING_KEY_VERSION": version})
 
 
-@pytest.mark.parametrize("text", [f"1:{K1},1:{K2}", f"x:{K1}", f"1:{K1},2:c2VjcmV0", f"1:{K1};2:{K2}"],
-                         ids=["version-twice", "version-not-a-number", "key-too-short", "semicolon"])
+@pytest.mark.parametrize(
+    "text",
+    [f"1:{K1},1:{K2}", f"x:{K1}", f"1:{K1},2:c2VjcmV0", f"1:{K1};2:{K2}"],
+    ids=["version-twice", "version-not-a-number", "key-too-short", "semicolon"],
+)
 def test_a_malformed_keyring_is_refused_without_echoing_a_key(text: str) -> None:
     with pytest.raises(ConfigError, match="MASKING_KEYS is malformed") as info:
         Settings.from_env({"MASKING_KEYS": text})
@@ -76,10 +80,10 @@ def test_the_repr_of_settings_names_the_source_and_versions_but_no_key() -> None
 
 
 def test_a_key_file_of_mode_600_is_read_in_either_form(tmp_path: Path) -> None:
-    assert Settings.from_env({"MASKING_KEY_FILE": key_file(tmp_path, K1 + "\n")}).key_source.load()[1] == \
-        decode_key(K1)
-    settings = Settings.from_env({"MASKING_KEY_FILE": key_file(tmp_path, f"1:{K1}\n2:{K2}\n"),
-                                  "MASKING_KEY_VERSION": "2"})
+    assert Settings.from_env({"MASKING_KEY_FILE": key_file(tmp_path, K1 + "\n")}).key_source.load()[1] == decode_key(K1)
+    settings = Settings.from_env(
+        {"MASKING_KEY_FILE": key_file(tmp_path, f"1:{K1}\n2:{K2}\n"), "MASKING_KEY_VERSION": "2"}
+    )
     assert settings.key_source.versions == (1, 2)
 
 
@@ -100,7 +104,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown f
 
 
 def test_key_file_checks_are_made_on_the_opened_descriptor_not_on_the_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # GIVEN a good key file, and any look-up by path other than the one open refused
     path = key_file(tmp_path, K1)
@@ -159,7 +164,8 @@ def test_a_key_file_owned_by_another_user_is_refused_even_at_mode_600(tmp_path: 
 
 @needs_root
 def test_a_compose_secret_owned_by_the_image_user_at_mode_400_is_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Compose (without Swarm) bind-mounts the host file as it is: owner and mode come from the host.
     path = key_file(tmp_path, K1, 0o400)
@@ -170,7 +176,9 @@ def test_a_compose_secret_owned_by_the_image_user_at_mode_400_is_read(
 
 @pytest.mark.parametrize("mode", [0o440, 0o640, 0o400])
 def test_a_kubernetes_secret_owned_by_root_and_readable_by_the_fs_group_is_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: int,
 ) -> None:
     # GIVEN the layout of a Kubernetes secret volume: symlinks into a timestamped directory, files
     # owned by root; with defaultMode 0400 and an fsGroup the kubelet makes them 0440 root:fsGroup
@@ -190,7 +198,9 @@ def test_a_kubernetes_secret_owned_by_root_and_readable_by_the_fs_group_is_read(
 
 @pytest.mark.parametrize("mode", [0o460, 0o444, 0o404, 0o450])
 def test_a_root_owned_key_file_writable_by_its_group_or_open_to_others_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: int,
 ) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root-owned files")
@@ -202,18 +212,28 @@ def test_a_root_owned_key_file_writable_by_its_group_or_open_to_others_is_refuse
 
 def test_a_kms_ciphertext_is_only_decoded_at_configuration_and_kms_endpoints_have_their_own_variable() -> None:
     blob = base64.b64encode(b"wrapped" * 20).decode()
-    settings = Settings.from_env({"MASKING_KEY_KMS_CIPHERTEXT": blob, "AWS_ENDPOINT_URL": "http://sqs:4566",
-                                  "AWS_ENDPOINT_URL_KMS": "http://kms:4599", "MASKING_KEY_KMS_KEY_ID": "alias/x"})
+    settings = Settings.from_env(
+        {
+            "MASKING_KEY_KMS_CIPHERTEXT": blob,
+            "AWS_ENDPOINT_URL": "http://sqs:4566",
+            "AWS_ENDPOINT_URL_KMS": "http://kms:4599",
+            "MASKING_KEY_KMS_KEY_ID": "alias/x",
+        }
+    )
     source = settings.key_source
     assert isinstance(source, KmsWrappedKeys) and source.ciphertexts == {1: b"wrapped" * 20}
-    assert (source.endpoint_url, source.key_id, settings.endpoint_url) == ("http://kms:4599", "alias/x",
-                                                                           "http://sqs:4566")
+    assert (source.endpoint_url, source.key_id, settings.endpoint_url) == (
+        "http://kms:4599",
+        "alias/x",
+        "http://sqs:4566",
+    )
     assert KmsSettings.from_env({"AWS_ENDPOINT_URL": "http://e:1"}).endpoint_url == "http://e:1"
     with pytest.raises(ConfigError, match="MASKING_KEY_KMS_CIPHERTEXT is malformed"):
         Settings.from_env({"MASKING_KEY_KMS_CIPHERTEXT": "1:not base64!"})
 
 
 # -- the keyring --------------------------------------------------------------------------------
+
 
 def test_new_tokens_use_the_active_version_and_tokens_of_every_held_version_unmask() -> None:
     old = Masker(decode_key(K1)).mask("ip", "10.0.0.1")
@@ -271,6 +291,7 @@ def test_any_legacy_v1_token_unmasks_and_rekeys_to_the_token_of_today(field: str
 
 # -- the audit entry ----------------------------------------------------------------------------
 
+
 def test_an_audit_entry_holds_fingerprints_of_the_tokens_and_nothing_else_of_them() -> None:
     token = KEYRING.mask("ip", "10.0.0.1")
     entry = UnmaskAudit.of("alice", "case 7", [token, token])
@@ -280,11 +301,17 @@ def test_an_audit_entry_holds_fingerprints_of_the_tokens_and_nothing_else_of_the
     assert token not in repr(entry) and "10.0.0.1" not in repr(entry)
 
 
-@pytest.mark.parametrize(("argv", "option"), [(["rekey", "--help"], "--batch-size"),
-                                              (["keygen", "--help"], "--kms-key-id"),
-                                              (["unmask", "--help"], "--requested-by")])
-def test_the_key_commands_document_their_options(argv: list[str], option: str,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["rekey", "--help"], "--batch-size"),
+        (["keygen", "--help"], "--kms-key-id"),
+        (["unmask", "--help"], "--requested-by"),
+    ],
+)
+def test_the_key_commands_document_their_options(
+    argv: list[str], option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from main import main
 
     with pytest.raises(SystemExit) as info:

@@ -44,12 +44,17 @@ class FakeKms:
 
 
 def client_error(code: str, status: int = 400) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                       "Decrypt")
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Decrypt"
+    )
 
 
-SOURCE = KmsWrappedKeys("MASKING_KEY_KMS_CIPHERTEXT", {1: bytes(range(64)), 2: bytes(range(64, 128))},
-                        region="us-east-1", key_id="alias/etl")
+SOURCE = KmsWrappedKeys(
+    "MASKING_KEY_KMS_CIPHERTEXT",
+    {1: bytes(range(64)), 2: bytes(range(64, 128))},
+    region="us-east-1",
+    key_id="alias/etl",
+)
 
 
 def test_every_wrapped_key_is_decrypted_once_with_the_purpose_and_the_pinned_key() -> None:
@@ -59,21 +64,31 @@ def test_every_wrapped_key_is_decrypted_once_with_the_purpose_and_the_pinned_key
     assert {call["KeyId"] for call in fake.calls} == {"alias/etl"}
 
 
-@pytest.mark.parametrize(("code", "hint"), [
-    ("InvalidCiphertextException", "not made by this KMS"),
-    ("AccessDeniedException", "may not use the KMS key"),
-    ("NotFoundException", "does not exist"),
-    ("KMSInvalidStateException", "pending deletion"),
-])
+@pytest.mark.parametrize(
+    ("code", "hint"),
+    [
+        ("InvalidCiphertextException", "not made by this KMS"),
+        ("AccessDeniedException", "may not use the KMS key"),
+        ("NotFoundException", "does not exist"),
+        ("KMSInvalidStateException", "pending deletion"),
+    ],
+)
 def test_a_kms_refusal_names_the_variable_the_version_and_what_to_do(code: str, hint: str) -> None:
-    with pytest.raises(KeySourceError, match=f"MASKING_KEY_KMS_CIPHERTEXT version 1: KMS refused.*{code}.*{hint}"
-                       ".*keygen --kms-key-id") as info:
+    with pytest.raises(
+        KeySourceError, match=f"MASKING_KEY_KMS_CIPHERTEXT version 1: KMS refused.*{code}.*{hint}.*keygen --kms-key-id"
+    ) as info:
         SOURCE.load(FakeKms(client_error(code)).client)
     assert not isinstance(info.value, KmsUnavailable)
 
 
-@pytest.mark.parametrize("error", [EndpointConnectionError(endpoint_url="http://kms:1"),
-                                   client_error("KMSInternalException", 500), client_error("Oops", 503)])
+@pytest.mark.parametrize(
+    "error",
+    [
+        EndpointConnectionError(endpoint_url="http://kms:1"),
+        client_error("KMSInternalException", 500),
+        client_error("Oops", 503),
+    ],
+)
 def test_kms_out_of_reach_or_failing_is_told_apart_from_a_refusal(error: Exception) -> None:
     with pytest.raises(KmsUnavailable):
         SOURCE.load(FakeKms(error).client)

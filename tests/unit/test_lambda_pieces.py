@@ -17,8 +17,14 @@ from pii.masking import Masker, decode_key, generate_key
 
 
 def record(**changes: object) -> dict[str, object]:
-    return {"messageId": "m-1", "receiptHandle": "AQEB1", "body": "{}", "eventSource": "aws:sqs",
-            "attributes": {"ApproximateReceiveCount": "3", "SentTimestamp": "1545082649183"}, **changes}
+    return {
+        "messageId": "m-1",
+        "receiptHandle": "AQEB1",
+        "body": "{}",
+        "eventSource": "aws:sqs",
+        "attributes": {"ApproximateReceiveCount": "3", "SentTimestamp": "1545082649183"},
+        **changes,
+    }
 
 
 class Context:
@@ -30,18 +36,26 @@ class Context:
 
 
 def test_an_sqs_record_becomes_a_received_message_with_its_sent_time_and_receive_count() -> None:
-    message, = messages_of({"Records": [record()]})
+    (message,) = messages_of({"Records": [record()]})
     assert (message.message_id, message.receipt_handle, message.body) == ("m-1", "AQEB1", "{}")
     assert (message.sent_timestamp_ms, message.receive_count) == (1545082649183, 3)
 
 
 def test_a_record_without_attributes_counts_as_a_first_undated_delivery() -> None:
-    message, = messages_of({"Records": [record(attributes={"SentTimestamp": "soon"})]})
+    (message,) = messages_of({"Records": [record(attributes={"SentTimestamp": "soon"})]})
     assert (message.sent_timestamp_ms, message.receive_count) == (None, 1)
 
 
-@pytest.mark.parametrize("event", [{}, {"Records": "x"}, {"Records": [record(eventSource="aws:kinesis")]},
-                                   {"Records": [record(messageId=None)]}, {"Records": [record(body=7)]}])
+@pytest.mark.parametrize(
+    "event",
+    [
+        {},
+        {"Records": "x"},
+        {"Records": [record(eventSource="aws:kinesis")]},
+        {"Records": [record(messageId=None)]},
+        {"Records": [record(body=7)]},
+    ],
+)
 def test_an_event_that_is_not_an_sqs_batch_is_refused_whole(event: dict[str, object]) -> None:
     with pytest.raises(EventError):
         messages_of(event)
@@ -52,8 +66,10 @@ def test_the_batch_response_names_each_failed_message_once_in_order() -> None:
     assert batch_response([]) == {"batchItemFailures": []}
 
 
-@pytest.mark.parametrize(("remaining_ms", "expected"), [
-    (900_000, MAX_CONNECT_TIMEOUT_SECONDS), (9_000, 3), (1_000, MIN_CONNECT_TIMEOUT_SECONDS)])
+@pytest.mark.parametrize(
+    ("remaining_ms", "expected"),
+    [(900_000, MAX_CONNECT_TIMEOUT_SECONDS), (9_000, 3), (1_000, MIN_CONNECT_TIMEOUT_SECONDS)],
+)
 def test_the_connect_timeout_is_a_third_of_the_time_left_within_bounds(remaining_ms: int, expected: int) -> None:
     handler = SqsBatchHandler(PostgresWriter("postgresql://h/db"), Masker(decode_key(generate_key())))
     assert handler.connect_timeout(Context(remaining_ms)) == expected
@@ -63,19 +79,31 @@ def test_the_connect_timeout_is_a_third_of_the_time_left_within_bounds(remaining
 def test_an_rds_credentials_secret_supplies_user_and_password_over_database_url() -> None:
     secret = json.dumps({"username": "etl", "password": "p'w \\x", "engine": "postgres"})
     dsn = database_url_with_secret("host=db.internal dbname=logins sslmode=verify-full", secret)
-    assert parse_connection_string(dsn) == {"host": "db.internal", "dbname": "logins", "sslmode": "verify-full",
-                                            "user": "etl", "password": "p'w \\x"}
+    assert parse_connection_string(dsn) == {
+        "host": "db.internal",
+        "dbname": "logins",
+        "sslmode": "verify-full",
+        "user": "etl",
+        "password": "p'w \\x",
+    }
 
 
 def test_an_rds_secret_with_host_needs_no_database_url_and_a_dsn_secret_is_used_as_it_is() -> None:
     secret = json.dumps({"username": "etl", "password": "pw", "host": "h", "port": 5433, "dbname": "d"})
     assert parse_connection_string(database_url_with_secret(None, secret)) == {
-        "user": "etl", "password": "pw", "host": "h", "port": "5433", "dbname": "d"}
+        "user": "etl",
+        "password": "pw",
+        "host": "h",
+        "port": "5433",
+        "dbname": "d",
+    }
     assert database_url_with_secret("host=ignored", "postgresql://u:pw@h/d") == "postgresql://u:pw@h/d"
 
 
-@pytest.mark.parametrize("secret", ['{"username": "etl", "password": "hunter2"', '{"password": "hunter2"}',
-                                    "postgresql://u:hunter2@h:notaport%zz/d"])
+@pytest.mark.parametrize(
+    "secret",
+    ['{"username": "etl", "password": "hunter2"', '{"password": "hunter2"}', "postgresql://u:hunter2@h:notaport%zz/d"],
+)
 def test_a_bad_secret_is_a_config_error_that_never_quotes_it(secret: str) -> None:
     with pytest.raises(ConfigError) as raised:
         database_url_with_secret(None, secret)
@@ -89,7 +117,7 @@ def test_use_json_lines_makes_every_handler_write_one_json_object_per_line() -> 
     target.addHandler(logging.StreamHandler(stream))
     use_json_lines(target, "debug")
     target.debug("loaded %d", 3, extra={"count": 3, "aws_request_id": "r-1", "body": "never shown"})
-    line, = stream.getvalue().splitlines()
+    (line,) = stream.getvalue().splitlines()
     data = json.loads(line)
     assert (data["level"], data["message"], data["count"], data["aws_request_id"]) == ("DEBUG", "loaded 3", 3, "r-1")
     assert "body" not in data and target.level == logging.DEBUG

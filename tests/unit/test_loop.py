@@ -22,8 +22,17 @@ MASKER = Masker(bytes(64))
 
 
 def body(n: int, **changes: object) -> str:
-    return json.dumps({"user_id": f"user-{n}", "device_type": "ios", "ip": f"10.0.{n // 256}.{n % 256}",
-                       "device_id": f"dev-{n}", "app_version": "2.3.0", "locale": None, **changes})
+    return json.dumps(
+        {
+            "user_id": f"user-{n}",
+            "device_type": "ios",
+            "ip": f"10.0.{n // 256}.{n % 256}",
+            "device_id": f"dev-{n}",
+            "app_version": "2.3.0",
+            "locale": None,
+            **changes,
+        }
+    )
 
 
 def bodies(count: int) -> list[tuple[str, str]]:
@@ -59,8 +68,9 @@ class FailingSink(FakeSink):
         self.failures = failures
         self.attempts = 0
 
-    def write(self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *,
-              redelivered: bool = False) -> WriteResult:
+    def write(
+        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False
+    ) -> WriteResult:
         self.attempts += 1
         if self.attempts <= self.failures:
             raise DatabaseUnavailable("connection refused (fake)")
@@ -68,6 +78,7 @@ class FailingSink(FakeSink):
 
 
 # -- ordering and batching -----------------------------------------------------------------------
+
 
 def test_every_message_is_stored_once_and_deleted_only_after_its_commit() -> None:
     sink = FakeSink()
@@ -86,8 +97,9 @@ def test_a_drain_ends_at_the_first_empty_receive() -> None:
 
 def test_a_full_batch_is_committed_without_waiting_for_its_age() -> None:
     sink = FakeSink()
-    pipeline = Pipeline(FakeQueue(bodies(30)), sink, MASKER,
-                        options(follow=True, receivers=1, batch_size=10, flush_seconds=3600))
+    pipeline = Pipeline(
+        FakeQueue(bodies(30)), sink, MASKER, options(follow=True, receivers=1, batch_size=10, flush_seconds=3600)
+    )
     thread, _ = run_in_thread(pipeline)
     wait_until(lambda: len(sink.logins) == 30)
     assert sink.commits == 3
@@ -116,6 +128,7 @@ def test_counters_equal_what_the_sink_stored() -> None:
 
 # -- poison messages ----------------------------------------------------------------------------
 
+
 def test_a_message_whose_processing_fails_is_left_for_redelivery_below_max_receives() -> None:
     sink = FakeSink()
     queue = FakeQueue([*bodies(3), ("p", body(9, device_id="poison-1"))], stored=sink.holds)
@@ -139,6 +152,7 @@ def test_a_message_received_twice_in_one_batch_with_one_copy_failing_is_deleted_
     """Point 5: one copy transformed, the other raised: stored, both receipts deleted, none held."""
     message = ReceivedMessage("dup", "r1", body(1), 1_700_000_000_000, 1)
     again = ReceivedMessage("dup", "r2", body(1), 1_700_000_000_000, 2)
+
     class Source(MemoryQueue):
         def __init__(self) -> None:
             super().__init__([message, again])
@@ -158,6 +172,7 @@ def test_a_message_received_twice_in_one_batch_with_one_copy_failing_is_deleted_
 
 
 # -- rows PostgreSQL refuses ----------------------------------------------------------------------
+
 
 def test_a_login_the_database_refuses_is_quarantined_alone() -> None:
     sink = FakeSink(refuse_logins={"m00002"})
@@ -186,6 +201,7 @@ def test_a_message_neither_table_accepts_is_left_for_redelivery_and_the_rest_is_
 
 
 # -- retries, outages and stopping ---------------------------------------------------------------
+
 
 def test_drain_mode_gives_up_after_the_retry_budget_without_deleting_anything() -> None:
     clock = FakeClock()
@@ -275,6 +291,7 @@ def test_a_first_delivery_arriving_after_its_quarantined_copy_is_not_also_loaded
     other copy (receive 1, no redelivery flag of its own) transformed fine in a later batch."""
     second = ReceivedMessage("dup", "r2", body(1), 1_700_000_000_000, 2)
     first = ReceivedMessage("dup", "r1", body(1), 1_700_000_000_000, 1)
+
     class OneAtATime(MemoryQueue):
         def receive(self) -> list[ReceivedMessage]:
             with self._lock:
@@ -282,6 +299,7 @@ def test_a_first_delivery_arriving_after_its_quarantined_copy_is_not_also_loaded
                 return batch
 
     sink = FakeSink()
-    Pipeline(OneAtATime([second, first]), sink, FirstCallFails(bytes(64)),
-             options(receivers=1, batch_size=1, max_receives=2)).run()
+    Pipeline(
+        OneAtATime([second, first]), sink, FirstCallFails(bytes(64)), options(receivers=1, batch_size=1, max_receives=2)
+    ).run()
     assert "dup" in sink.rejections and sink.stored_twice == [] and "dup" not in sink.logins

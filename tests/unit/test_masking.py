@@ -59,8 +59,21 @@ def test_every_tampered_character_is_detected() -> None:
         assert value == "10.0.0.1" and position == len(token) - 1
 
 
-@pytest.mark.parametrize("token", ["", "hello", "v1.", "v1.!!!", "v0.abcd", "1.abcd", "v1.abc.def", "AQAAAAE=",
-                                   "AgAAAAEAAAAAAAAAAAAAAAAAAAAA", "AQAAAAEAAAAAAAAAAAAAAAAAAAAA!"])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "hello",
+        "v1.",
+        "v1.!!!",
+        "v0.abcd",
+        "1.abcd",
+        "v1.abc.def",
+        "AQAAAAE=",
+        "AgAAAAEAAAAAAAAAAAAAAAAAAAAA",
+        "AQAAAAEAAAAAAAAAAAAAAAAAAAAA!",
+    ],
+)
 def test_a_malformed_token_is_refused_with_a_clear_error(token: str) -> None:
     with pytest.raises(UnmaskError):
         masker.unmask(token)

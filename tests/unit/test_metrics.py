@@ -29,20 +29,23 @@ def reason_of(text: str) -> str:
     return str(info.value)
 
 
-@pytest.mark.parametrize(("text", "kind"), [
-    ("foo=bar", "not_json"),
-    ("[1, 2]", "not_json"),
-    ("[" * 100_000 + "]" * 100_000, "not_json"),
-    (body(ip=...), "missing_field"),
-    (body(ip=None), "missing_field"),
-    (body(user_id="  "), "missing_field"),
-    (body(app_version=230), "wrong_type"),
-    (body(locale=7), "wrong_type"),
-    (body(device_type="x" * 33), "too_long"),
-    (body(ip="1" * 200), "too_long"),
-    (body(user_id="a\x00b"), "not_storable"),
-    (body(user_id="a\ud800b"), "not_storable"),
-])
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("foo=bar", "not_json"),
+        ("[1, 2]", "not_json"),
+        ("[" * 100_000 + "]" * 100_000, "not_json"),
+        (body(ip=...), "missing_field"),
+        (body(ip=None), "missing_field"),
+        (body(user_id="  "), "missing_field"),
+        (body(app_version=230), "wrong_type"),
+        (body(locale=7), "wrong_type"),
+        (body(device_type="x" * 33), "too_long"),
+        (body(ip="1" * 200), "too_long"),
+        (body(user_id="a\x00b"), "not_storable"),
+        (body(user_id="a\ud800b"), "not_storable"),
+    ],
+)
 def test_every_parsing_reason_has_its_kind(text: str, kind: str) -> None:
     assert reason_kind(reason_of(text)) == kind
 
@@ -52,11 +55,20 @@ def test_the_loop_s_own_reasons_have_their_kinds() -> None:
     poisoned = poison_rule(message, RuntimeError("boom"), MASKER, max_receives=3)
     assert poisoned is not None and reason_kind(poisoned.reason) == "processing_failed"
     assert reason_kind("refused by PostgreSQL: 22001 value too long") == "refused_by_database"
-    assert reason_kind("quarantine row refused by PostgreSQL: 23514 x; original reason dropped") == \
-        "refused_by_database"
+    assert (
+        reason_kind("quarantine row refused by PostgreSQL: 23514 x; original reason dropped") == "refused_by_database"
+    )
     assert reason_kind("something nobody wrote yet") == "other"
-    assert set(REASON_LABELS) == {"not_json", "missing_field", "wrong_type", "too_long", "not_storable",
-                                  "processing_failed", "refused_by_database", "other"}
+    assert set(REASON_LABELS) == {
+        "not_json",
+        "missing_field",
+        "wrong_type",
+        "too_long",
+        "not_storable",
+        "processing_failed",
+        "refused_by_database",
+        "other",
+    }
 
 
 def scrape(metrics: Metrics) -> str:
@@ -104,8 +116,10 @@ def test_a_replayed_body_is_validated_as_today() -> None:
     row = retry_quarantined("m1", MASKER.mask("rejected_body", body()), sent, MASKER)
     assert not isinstance(row, str) and row.create_date.isoformat() == "2026-11-20"
     assert MASKER.unmask(row.masked_ip) == GOOD_LOGIN["ip"]
-    assert retry_quarantined("m2", MASKER.mask("rejected_body", body(ip=...)), sent, MASKER) == \
-        "missing required field 'ip'"
+    assert (
+        retry_quarantined("m2", MASKER.mask("rejected_body", body(ip=...)), sent, MASKER)
+        == "missing required field 'ip'"
+    )
 
 
 def test_the_batch_histogram_exposes_what_prometheus_client_s_histogram_would() -> None:
@@ -125,8 +139,12 @@ def test_the_batch_histogram_exposes_what_prometheus_client_s_histogram_would() 
     batched.observe_many([])
 
     def samples(registry: CollectorRegistry) -> dict[str, float]:
-        return {s.name + str(sorted(s.labels.items())): s.value for metric in registry.collect()
-                for s in metric.samples if not s.name.endswith("_created")}
+        return {
+            s.name + str(sorted(s.labels.items())): s.value
+            for metric in registry.collect()
+            for s in metric.samples
+            if not s.name.endswith("_created")
+        }
 
     expected, got = samples(reference), samples(ours)
     assert got.keys() == expected.keys()

@@ -27,7 +27,11 @@ def test_a_valid_body_parses_with_app_version_kept_as_text() -> None:
     event = LoginEvent.from_body(body(app_version="2.00"))
     assert event.app_version == "2.00"
     assert (event.user_id, event.device_type, event.ip, event.device_id, event.locale) == (
-        GOOD["user_id"], "android", "199.172.111.135", "593-47-5928", "RU"
+        GOOD["user_id"],
+        "android",
+        "199.172.111.135",
+        "593-47-5928",
+        "RU",
     )
 
 

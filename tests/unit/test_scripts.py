@@ -43,9 +43,14 @@ def test_setup_creates_env_with_a_new_key_that_no_command_line_shows(tmp_path: P
         spy.write_text(f'#!/bin/sh\nprintf "%s\\n" "{name} $*" >> "{log}"\nexec {target} "$@"\n')
         spy.chmod(0o755)
     # WHEN the step runs
-    result = subprocess.run(["bash", "-c", "set -euo pipefail\n" + env_creation_step()], cwd=work,
-                            env={**os.environ, "PATH": f"{spies}{os.pathsep}{path}"},
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + env_creation_step()],
+        cwd=work,
+        env={**os.environ, "PATH": f"{spies}{os.pathsep}{path}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     # THEN .env is private and holds a valid key, which no spied command line carried
     env = work / ".env"

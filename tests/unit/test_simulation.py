@@ -61,8 +61,16 @@ def draw_bodies(rng: random.Random) -> list[tuple[str, str]]:
             body = rng.choice(["not json", "[]", '{"user_id": 1}', "{}"])
         else:
             device = f"poison-{n}" if kind == "poison" else f"dev-{n}"
-            body = json.dumps({"user_id": f"u{n}", "device_type": "ios", "ip": f"10.0.0.{n}", "device_id": device,
-                               "app_version": "1.0", "locale": None})
+            body = json.dumps(
+                {
+                    "user_id": f"u{n}",
+                    "device_type": "ios",
+                    "ip": f"10.0.0.{n}",
+                    "device_id": device,
+                    "app_version": "1.0",
+                    "locale": None,
+                }
+            )
         bodies.append((f"m{n:03d}", body))
     return bodies
 
@@ -73,9 +81,21 @@ def draw_faults(seed: int, rng: random.Random) -> Faults:
     def p() -> float:
         return rng.choice([0.0, level])
 
-    return Faults(seed=seed, receive_error=p(), receive_permanent=p() / 10, duplicate=p(), lapse=p() / 2,
-                  delete_error=p(), delete_error_after=p(), delete_refused=p(), extend_error=p(),
-                  write_error=p(), write_error_after_commit=p(), connect_error=p(), slow=p())
+    return Faults(
+        seed=seed,
+        receive_error=p(),
+        receive_permanent=p() / 10,
+        duplicate=p(),
+        lapse=p() / 2,
+        delete_error=p(),
+        delete_error_after=p(),
+        delete_refused=p(),
+        extend_error=p(),
+        write_error=p(),
+        write_error_after_commit=p(),
+        connect_error=p(),
+        slow=p(),
+    )
 
 
 def run(pipeline: Pipeline, queue: FakeQueue, follow: bool, stop_after: float | None) -> tuple[object, bool]:
@@ -102,15 +122,23 @@ def simulate(seed: int) -> list[str]:
     faults = draw_faults(seed, rng)
     refuse_logins = {i for i in ids if rng.random() < 0.05}
     refuse_rejections = {i for i in ids if rng.random() < 0.1}
-    sink = FakeSink(faults, refuse_logins=refuse_logins, refuse_rejections=refuse_rejections,
-                    refuse_minimal=rng.random() < 0.3)
+    sink = FakeSink(
+        faults, refuse_logins=refuse_logins, refuse_rejections=refuse_rejections, refuse_minimal=rng.random() < 0.3
+    )
     queue = FakeQueue(bodies, faults, stored=sink.holds)
     follow = rng.random() < 0.5
     options = PipelineOptions(
-        follow=follow, receivers=rng.randint(1, 3), deleters=rng.randint(1, 3),
-        batch_size=rng.choice([1, 5, 20, 100]), flush_seconds=rng.choice([0.0, 0.001, 0.005]),
-        retry_budget_seconds=rng.choice([5.0, 60.0]), stop_timeout_seconds=rng.choice([0.0, 1.0, 20.0]),
-        max_receives=rng.randint(1, 4), backoff_base_seconds=0.2, backoff_cap_seconds=10.0)
+        follow=follow,
+        receivers=rng.randint(1, 3),
+        deleters=rng.randint(1, 3),
+        batch_size=rng.choice([1, 5, 20, 100]),
+        flush_seconds=rng.choice([0.0, 0.001, 0.005]),
+        retry_budget_seconds=rng.choice([5.0, 60.0]),
+        stop_timeout_seconds=rng.choice([0.0, 1.0, 20.0]),
+        max_receives=rng.randint(1, 4),
+        backoff_base_seconds=0.2,
+        backoff_cap_seconds=10.0,
+    )
     stop_after = rng.choice([None, None, 0.0, 0.001, 0.005])
     problems: list[str] = []
 
@@ -129,8 +157,9 @@ def simulate(seed: int) -> list[str]:
     sink.faults = queue.faults = Faults()
     for _ in range(6):
         queue.expire_all()
-        drain = Pipeline(queue, sink, MASKER, PipelineOptions(receivers=2, deleters=2, flush_seconds=0.0),
-                         clock=FakeClock())
+        drain = Pipeline(
+            queue, sink, MASKER, PipelineOptions(receivers=2, deleters=2, flush_seconds=0.0), clock=FakeClock()
+        )
         before = sink.returned.copy()
         stats = drain.run()
         problems += counter_problems(stats, sink, before)
@@ -176,6 +205,7 @@ def test_the_loop_keeps_its_invariants_under_random_faults_and_stops() -> None:
         with ProcessPoolExecutor(max_workers=3, mp_context=get_context("spawn")) as pool:
             results = list(zip(seeds, pool.map(simulate, seeds, chunksize=50), strict=True))
     failures = [f"seed {seed}: {'; '.join(problems)}" for seed, problems in results if problems]
-    assert not failures, ("\n".join(failures[:5])
-                          + f"\nreplay: SIM_SEED={failures[0].split(':')[0].split()[1]} "
-                          "./scripts/test.sh tests/unit/test_simulation.py")
+    assert not failures, (
+        "\n".join(failures[:5]) + f"\nreplay: SIM_SEED={failures[0].split(':')[0].split()[1]} "
+        "./scripts/test.sh tests/unit/test_simulation.py"
+    )

@@ -43,6 +43,7 @@ TINK = tink_primitive(KEYSET)
 
 # -- Tink as the oracle -------------------------------------------------------------------------
 
+
 @settings(max_examples=200)
 @given(st.sampled_from(sorted(PLAINTEXT)), values)
 def test_tink_decrypts_our_tokens_with_the_exported_keyset_to_the_documented_plaintext(field: str, value: str) -> None:
@@ -59,15 +60,17 @@ def test_we_unmask_what_tink_encrypts_with_a_keyset_tink_made(field: str, value:
     exported = tink.json_proto_keyset_format.serialize(handle, secret_key_access.TOKEN)
     keys, primary = parse_keyset(exported, key_bytes=KEY_BYTES)
     ours = Masker.from_keys(keys, active=primary)
-    sealed = handle.primitive(daead.DeterministicAead).encrypt_deterministically(PLAINTEXT[field](value),
-                                                                                  field.encode())
+    sealed = handle.primitive(daead.DeterministicAead).encrypt_deterministically(
+        PLAINTEXT[field](value), field.encode()
+    )
     token = base64.b64encode(sealed).decode()
     assert ours.unmask(token) == canonical(field, value)
     assert ours.mask(field, value) == token
 
 
-def test_the_keyset_keygen_prints_is_one_tink_accepts_and_rotate_makes_a_new_primary(monkeypatch, capsys,
-                                                                                      tmp_path) -> None:
+def test_the_keyset_keygen_prints_is_one_tink_accepts_and_rotate_makes_a_new_primary(
+    monkeypatch, capsys, tmp_path
+) -> None:
     monkeypatch.chdir(tmp_path)  # no .env
     # GIVEN a keyset from `keygen --format tink`
     assert main(["keygen", "--format", "tink"]) == EXIT_OK
@@ -90,12 +93,14 @@ def test_the_keyset_keygen_prints_is_one_tink_accepts_and_rotate_makes_a_new_pri
     old_token = Masker.from_keys(old_keys, active=old_primary).mask("ip", "10.1.2.3")
     settings_now = Settings.from_env({"MASKING_KEYSET": second})
     assert settings_now.key_version == primary
-    assert tink_primitive(second).decrypt_deterministically(base64.b64decode(old_token), b"ip") == \
-        encoding.encode_ip("10.1.2.3")
+    assert tink_primitive(second).decrypt_deterministically(base64.b64decode(old_token), b"ip") == encoding.encode_ip(
+        "10.1.2.3"
+    )
 
 
 def test_export_of_a_base64_keyring_keeps_its_versions_as_key_ids_so_legacy_tokens_still_open(
-        monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch, capsys, tmp_path
+) -> None:
     monkeypatch.chdir(tmp_path)  # no .env
     for name in [n for n in os.environ if n.startswith("MASKING_KEY")]:
         monkeypatch.delenv(name)
@@ -107,8 +112,14 @@ def test_export_of_a_base64_keyring_keeps_its_versions_as_key_ids_so_legacy_toke
     assert ours.unmask(legacy_token(K1, 1, "device_id", "593-47-5928")) == "593-47-5928"
 
 
-@pytest.mark.parametrize("argv", [["keygen", "--export"], ["keygen", "--format", "tink", "--kms-key-id", "k"],
-                                  ["keygen", "--format", "tink", "--export", "--rotate"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["keygen", "--export"],
+        ["keygen", "--format", "tink", "--kms-key-id", "k"],
+        ["keygen", "--format", "tink", "--export", "--rotate"],
+    ],
+)
 def test_keygen_refuses_options_that_do_not_go_together(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -117,13 +128,18 @@ def test_keygen_refuses_options_that_do_not_go_together(argv: list[str]) -> None
 
 # -- the plaintext forms ------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("one", "other", "shown"), [
-    ("1.2.3.4", "::ffff:1.2.3.4", "1.2.3.4"),
-    ("2001:DB8::1", "2001:db8:0:0:0:0:0:1", "2001:db8::1"),
-    ("::FFFF:10.0.0.1", "10.0.0.1", "10.0.0.1"),
-])
-def test_one_address_written_two_ways_gives_one_token_and_unmasks_to_the_canonical_text(one: str, other: str,
-                                                                                        shown: str) -> None:
+
+@pytest.mark.parametrize(
+    ("one", "other", "shown"),
+    [
+        ("1.2.3.4", "::ffff:1.2.3.4", "1.2.3.4"),
+        ("2001:DB8::1", "2001:db8:0:0:0:0:0:1", "2001:db8::1"),
+        ("::FFFF:10.0.0.1", "10.0.0.1", "10.0.0.1"),
+    ],
+)
+def test_one_address_written_two_ways_gives_one_token_and_unmasks_to_the_canonical_text(
+    one: str, other: str, shown: str
+) -> None:
     assert KEYRING.mask("ip", one) == KEYRING.mask("ip", other)
     assert KEYRING.unmask(KEYRING.mask("ip", one)) == shown
 
@@ -178,11 +194,15 @@ def test_an_authentic_token_of_a_foreign_plaintext_form_is_a_clear_unmask_error(
 
 # -- keysets as a key source ---------------------------------------------------------------------
 
+
 def entry(key_id: int, key: bytes, **changes: object) -> dict[str, object]:
     value = base64.b64encode(b"\x12\x40" + key).decode()
-    base: dict[str, object] = {"keyData": {"typeUrl": AES_SIV_TYPE_URL, "value": value,
-                                           "keyMaterialType": "SYMMETRIC"},
-                               "status": "ENABLED", "keyId": key_id, "outputPrefixType": "TINK"}
+    base: dict[str, object] = {
+        "keyData": {"typeUrl": AES_SIV_TYPE_URL, "value": value, "keyMaterialType": "SYMMETRIC"},
+        "status": "ENABLED",
+        "keyId": key_id,
+        "outputPrefixType": "TINK",
+    }
     return {**base, **changes}
 
 
@@ -191,18 +211,23 @@ def test_a_keyset_loads_its_enabled_keys_and_its_primary() -> None:
     assert parse_keyset(text, key_bytes=KEY_BYTES) == ({7: K1}, 7)
 
 
-@pytest.mark.parametrize(("keyset", "error"), [
-    ("not json", "not valid JSON"),
-    ({"primaryKeyId": 1}, "not a Tink keyset"),
-    ({"encryptedKeyset": "x", "key": []}, "an encrypted keyset"),
-    ({"primaryKeyId": 9, "key": [entry(1, K1)]}, "primary key id 9 is not an enabled key"),
-    ({"primaryKeyId": 1, "key": [entry(1, K1, status="DISABLED")]}, "primary key id 1 is not an enabled key"),
-    ({"primaryKeyId": 1, "key": [entry(1, K1, outputPrefixType="RAW")]}, "only TINK"),
-    ({"primaryKeyId": 1, "key": [entry(1, K1), entry(1, K2)]}, "key id 1 appears twice"),
-    ({"primaryKeyId": 1, "key": [entry(1, K1[:32])]}, "not an AesSivKey of 64 bytes"),
-    ({"primaryKeyId": 1, "key": [entry(1, K1, keyData={"typeUrl": "x.AesGcmKey", "value": ""})]},
-     "not an AES-SIV key"),
-])
+@pytest.mark.parametrize(
+    ("keyset", "error"),
+    [
+        ("not json", "not valid JSON"),
+        ({"primaryKeyId": 1}, "not a Tink keyset"),
+        ({"encryptedKeyset": "x", "key": []}, "an encrypted keyset"),
+        ({"primaryKeyId": 9, "key": [entry(1, K1)]}, "primary key id 9 is not an enabled key"),
+        ({"primaryKeyId": 1, "key": [entry(1, K1, status="DISABLED")]}, "primary key id 1 is not an enabled key"),
+        ({"primaryKeyId": 1, "key": [entry(1, K1, outputPrefixType="RAW")]}, "only TINK"),
+        ({"primaryKeyId": 1, "key": [entry(1, K1), entry(1, K2)]}, "key id 1 appears twice"),
+        ({"primaryKeyId": 1, "key": [entry(1, K1[:32])]}, "not an AesSivKey of 64 bytes"),
+        (
+            {"primaryKeyId": 1, "key": [entry(1, K1, keyData={"typeUrl": "x.AesGcmKey", "value": ""})]},
+            "not an AES-SIV key",
+        ),
+    ],
+)
 def test_a_keyset_we_cannot_use_is_refused_saying_why_and_never_showing_a_key(keyset: object, error: str) -> None:
     text = keyset if isinstance(keyset, str) else json.dumps(keyset)
     with pytest.raises(KeysetError, match=error) as info:

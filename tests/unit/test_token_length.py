@@ -19,15 +19,19 @@ short_text = st.text(max_size=31).filter(lambda text: len(text.encode("utf-8", "
 
 
 @given(st.ip_addresses(), st.ip_addresses())
-def test_every_ip_address_v4_or_v6_gives_a_token_of_one_length(first: ipaddress._BaseAddress,
-                                                                 second: ipaddress._BaseAddress) -> None:
+def test_every_ip_address_v4_or_v6_gives_a_token_of_one_length(
+    first: ipaddress._BaseAddress, second: ipaddress._BaseAddress
+) -> None:
     assert len(masker.mask("ip", str(first))) == len(masker.mask("ip", str(second)))
 
 
 def test_short_and_long_ipv4_addresses_give_tokens_of_one_length() -> None:
     # The example of issue 15: visibly different lengths under the legacy format.
-    assert len(masker.mask("ip", "1.2.3.4")) == len(masker.mask("ip", "203.113.250.101")) \
+    assert (
+        len(masker.mask("ip", "1.2.3.4"))
+        == len(masker.mask("ip", "203.113.250.101"))
         == len(masker.mask("ip", "2001:db8:85a3::8a2e:370:7334"))
+    )
 
 
 @given(short_text, short_text)

@@ -30,8 +30,9 @@ def messages(count: int) -> list[ReceivedMessage]:
 class Extender:
     """Records calls; fails the calls whose numbers are in `fail`, refuses the ids in `refuse`."""
 
-    def __init__(self, fail: set[int] | None = None, refuse: set[str] | None = None,
-                 error: type[Exception] = SqsUnavailable) -> None:
+    def __init__(
+        self, fail: set[int] | None = None, refuse: set[str] | None = None, error: type[Exception] = SqsUnavailable
+    ) -> None:
         self.calls: list[list[str]] = []
         self.fail = fail or set()
         self.refuse = refuse or set()
@@ -105,6 +106,7 @@ def test_an_unexpected_error_does_not_end_the_extender_thread() -> None:
 
 
 # -- backoff and retries --------------------------------------------------------------------------
+
 
 def test_the_backoff_ceiling_doubles_then_stays_at_the_cap_for_any_attempt() -> None:
     backoff = Backoff(0.2, 10.0)

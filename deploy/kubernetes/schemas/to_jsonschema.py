@@ -30,8 +30,11 @@ def convert(node: Any) -> Any:
         return [convert(item) for item in node]
     if not isinstance(node, dict):
         return node
-    out = {key: convert(value) for key, value in node.items()
-           if not key.startswith("x-kubernetes-") and not (key == "format" and value == "int32")}
+    out = {
+        key: convert(value)
+        for key, value in node.items()
+        if not key.startswith("x-kubernetes-") and not (key == "format" and value == "int32")
+    }
     if "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
@@ -43,8 +46,11 @@ def schema_of(source: Path) -> dict[str, Any]:
     schema["properties"]["apiVersion"] = {"type": "string", "const": API_VERSION}
     schema["properties"]["kind"] = {"type": "string", "const": kind}
     schema["required"] = ["apiVersion", "kind", "metadata", *schema.get("required", [])]
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "title": f"{kind} ({API_VERSION}), from KEDA's CRD: see README.md beside this file", **schema}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"{kind} ({API_VERSION}), from KEDA's CRD: see README.md beside this file",
+        **schema,
+    }
 
 
 def render(source: Path) -> str:
