@@ -10,11 +10,13 @@ help:  ## list the targets
 venv:  ## the virtual environment with the dev requirements (no service started)
 	SETUP_SERVICES=0 bash -c 'source scripts/setup.sh requirements-dev.txt'
 
-format: venv  ## apply ruff's safe fixes (imports sorted)
+format: venv  ## ruff's safe fixes (imports sorted), then ruff format
 	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
-lint: venv  ## ruff, as CI runs it
+lint: venv  ## ruff check and ruff format --check, as CI runs them
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 typecheck: venv  ## mypy over the files listed in pyproject.toml
 	$(PY) -m mypy

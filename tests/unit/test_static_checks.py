@@ -18,6 +18,11 @@ def test_ruff_finds_nothing_to_fix() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ruff_format_has_nothing_to_change() -> None:
+    result = _run("ruff", "format", "--check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_mypy_finds_no_type_errors_in_the_app_its_tests_benchmarks_and_scripts() -> None:
     result = _run("mypy")  # files and options from pyproject.toml
     assert result.returncode == 0, result.stdout + result.stderr
