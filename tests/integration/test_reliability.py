@@ -349,7 +349,13 @@ def _wait_for_etl_connection(database_url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            query(database_url, "SELECT 1 FROM etl_schema_version")
+            # The version row is written last, after the partitions and their indexes (schema 4
+            # builds them partition by partition, idle in between).
+            from database.sqs_postgres import SCHEMA_VERSION
+
+            if query(database_url, "SELECT max(version) FROM etl_schema_version")[0][0] != SCHEMA_VERSION:
+                time.sleep(0.05)
+                continue
         except psycopg2.errors.UndefinedTable:
             time.sleep(0.05)
             continue
