@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT)]
 import psycopg2  # noqa: E402
 
 from database import partitions  # noqa: E402
-from database.sqs_postgres import _CREATE_DUPLICATES_VIEW, PostgresWriter, _copy_text  # noqa: E402
+from database.sqs_postgres import _CREATE_DUPLICATES_VIEW, _LOGIN_COLUMNS, PostgresWriter, _copy_text  # noqa: E402
 from models import MaskedLogin  # noqa: E402
 
 LAYOUTS = ("plain", "partitioned", "device-indexed", "indexed")
@@ -301,16 +301,7 @@ def _copy_rate(dsn: str, size: int, batch: int) -> float:
         conn.close()
 
 
-_COPY_COLUMNS = (
-    "message_id",
-    "user_id",
-    "device_type",
-    "masked_ip",
-    "masked_device_id",
-    "app_version",
-    "create_date",
-    "locale",
-)
+_COPY_COLUMNS = _LOGIN_COLUMNS  # the writer's own COPY order
 
 
 class _Reader:
