@@ -27,7 +27,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "bench")]
 from scenarios import Services, fresh_database, queue_depth  # noqa: E402
 
 from models import InvalidMessage, LoginEvent  # noqa: E402
-from pii.masking import generate_key  # noqa: E402
 
 from sample_data import generate  # noqa: E402
 
@@ -41,18 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint-url", default="http://localhost:4566")
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args(argv)
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        os.environ.setdefault(name, value)
-    services = Services(
-        endpoint_url=args.endpoint_url,
-        region=os.environ["AWS_DEFAULT_REGION"],
-        admin_dsn=args.database_url,
-        masking_key=generate_key(),
-    )
+    services = Services.for_emulator(args.endpoint_url, args.database_url)
     sqs = services.client()
     queue_url = sqs.create_queue(QueueName=f"bench-follow-{os.urandom(6).hex()}")["QueueUrl"]
     try:

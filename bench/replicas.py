@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from bench.scenarios import Services, _stored_counts, fresh_database, via  # noqa: E402
-from pii.masking import generate_key  # noqa: E402
 
 from sample_data import generate, send  # noqa: E402
 
@@ -121,14 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args(argv)
-    services = Services(
-        endpoint_url=os.environ.get("TEST_SQS_ENDPOINT", "http://localhost:4566"),
-        region="us-east-1",
-        masking_key=generate_key(),
-        admin_dsn=os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    services = Services.for_emulator(
+        os.environ.get("TEST_SQS_ENDPOINT", "http://localhost:4566"),
+        os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
     )
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
     bodies = list(generate(args.count, seed=SEED))
     started = datetime.now(timezone.utc)
     print(

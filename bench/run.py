@@ -59,7 +59,6 @@ from bench.scenarios import (  # noqa: E402
     sink,
     via,
 )
-from pii.masking import generate_key  # noqa: E402
 
 from sample_data import generate  # noqa: E402
 
@@ -98,18 +97,7 @@ def etl_defaults() -> tuple[int, int, int, float]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print its report; return the exit code."""
     args = _parser().parse_args(argv)
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        os.environ.setdefault(name, value)
-    services = Services(
-        endpoint_url=args.endpoint_url,
-        region=os.environ["AWS_DEFAULT_REGION"],
-        admin_dsn=args.database_url,
-        masking_key=generate_key(),
-    )
+    services = Services.for_emulator(args.endpoint_url, args.database_url)
     receivers, deleters, batch_size, flush_seconds = etl_defaults()
     limit_threads = receivers + deleters  # the SQS calls the ETL may have in flight
     started = datetime.now(timezone.utc)

@@ -30,9 +30,10 @@ import psycopg2
 from botocore.config import Config
 
 from config import PipelineOptions
+from database import partitions
 from database.sqs_postgres import PostgresWriter
 from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage
-from pii.masking import Masker, decode_key
+from pii.masking import Masker, decode_key, generate_key
 from pipeline import Pipeline
 from tests.fakes import MemoryQueue
 
@@ -42,16 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECEIVE_MAX_MESSAGES = 10  # ReceiveMessage / DeleteMessageBatch limit
 COPY_REPEAT = 5  # the bare COPYs load the rows this many times: a 20,000-row COPY is over in ~50 ms
 DRAIN_WAIT_SECONDS = 1  # the ETL's drain-mode long poll; every drain stops at its first empty poll
-LOGIN_COLUMNS = (
-    "message_id",
-    "user_id",
-    "device_type",
-    "masked_ip",
-    "masked_device_id",
-    "locale",
-    "app_version",
-    "create_date",
-)
+LOGIN_COLUMNS = partitions.COLUMNS  # the table's columns, as the writer creates them
 # The sink runs the pipeline in this process. It logs a warning per rejected message: the records
 # are still made, their output is dropped (with no handler Python would print each one to stderr).
 logging.getLogger("pipeline").addHandler(logging.NullHandler())
@@ -67,6 +59,18 @@ class Services:
     region: str
     admin_dsn: str  # a database to run CREATE/DROP DATABASE from; its data is never touched
     masking_key: str
+
+    @classmethod
+    def for_emulator(cls, endpoint_url: str, admin_dsn: str) -> Services:
+        """The emulator's dummy credentials and region (set in the environment, for the ETL processes
+        too, unless already set), and a new masking key."""
+        for name, value in (
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+        ):
+            os.environ.setdefault(name, value)
+        return cls(endpoint_url, os.environ["AWS_DEFAULT_REGION"], admin_dsn, generate_key())
 
     def client(self, endpoint_url: str | None = None) -> Any:
         """A fresh SQS client; `endpoint_url` defaults to the emulator itself."""

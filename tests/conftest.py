@@ -16,10 +16,9 @@ from urllib.parse import quote
 import pytest
 from hypothesis import settings
 
-from helpers import unavailable
+from helpers import TEST_SQS_ENDPOINT, emulator_client, unavailable
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-TEST_SQS_ENDPOINT = os.environ.get("TEST_SQS_ENDPOINT", "http://localhost:4566")
 
 # Hypothesis profiles: "dev" (the default: 100 examples, random) and "ci" (CI=true: 500 examples,
 # derandomized, so a CI failure reproduces). They set the pure properties (parsing, masking); the
@@ -66,17 +65,7 @@ def database_url(pg_admin_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def sqs_client():
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.client(
-        "sqs",
-        endpoint_url=TEST_SQS_ENDPOINT,
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        config=Config(connect_timeout=2, retries={"max_attempts": 1}),
-    )
+    client = emulator_client("sqs", TEST_SQS_ENDPOINT)
     try:
         client.list_queues()
     except Exception as exc:  # noqa: BLE001 - any failure means: no emulator

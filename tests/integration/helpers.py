@@ -12,6 +12,27 @@ import pytest
 from tests.fakes import GOOD_LOGIN, login  # noqa: F401 - the samples, shared with the unit tests
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+TEST_SQS_ENDPOINT = os.environ.get("TEST_SQS_ENDPOINT", "http://localhost:4566")
+# moto, for KMS and Secrets Manager (LocalStack's KMS does not run on Python 3.11)
+TEST_KMS_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://127.0.0.1:4599")
+
+
+def emulator_client(
+    service: str, endpoint_url: str, region: str = "us-east-1", *, attempts: int = 1, connect_timeout: float = 2
+) -> Any:
+    """A boto3 client for one of the test emulators, with their dummy credentials; one attempt by
+    default, so that a missing emulator shows at once."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        service,
+        endpoint_url=endpoint_url,
+        region_name=region,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=Config(connect_timeout=connect_timeout, retries={"max_attempts": attempts}),
+    )
 
 
 def unavailable(what: str) -> NoReturn:
@@ -64,3 +85,32 @@ def query(database_url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tup
             return cur.fetchall() if cur.description else []
     finally:
         conn.close()
+
+
+def connect_at_once(database_url: str, processes: int = 4) -> list[BaseException]:
+    """Start `processes` writers at the same moment (each sets up the schema as an ETL's start does);
+    returns what they raised."""
+    import threading
+
+    from database.sqs_postgres import PostgresWriter
+
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(processes)
+
+    def start() -> None:
+        writer = PostgresWriter(database_url)
+        barrier.wait()
+        try:
+            writer.connect()
+        except BaseException as exc:  # noqa: BLE001 - collected for the test to show
+            errors.append(exc)
+        finally:
+            writer.close()
+
+    threads = [threading.Thread(target=start) for _ in range(processes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a writer's start still waits after 60 s"
+    return errors

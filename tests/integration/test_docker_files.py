@@ -31,7 +31,7 @@ from pii.keys import generate_wrapped_key
 from pii.masking import Masker, MaskingError, generate_key
 
 from docker_engine import compose_binary
-from helpers import unavailable
+from helpers import TEST_KMS_ENDPOINT, emulator_client, unavailable
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +55,6 @@ REQUIRED_ETL_ENV = {
 }
 COVERED_BY = {"AWS_ENDPOINT_URL_SQS": "AWS_ENDPOINT_URL", "AWS_REGION": "AWS_DEFAULT_REGION"}
 KEY_SOURCES = ("MASKING_KEY", "MASKING_KEYS", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT")
-KMS_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://localhost:4599")
 KEY_A, KEY_B = generate_key(), generate_key()
 DOCKERFILE_INSTALL = ["pip", "install", "--no-cache-dir", "--require-hashes", "-r", "requirements.lock"]
 
@@ -162,7 +161,7 @@ def etl_config_check(variables: dict[str, str], tmp_path: Path) -> tuple[dict[st
     if env.get("MASKING_KEY_FILE"):
         env["MASKING_KEY_FILE"] = mounted[env["MASKING_KEY_FILE"]]
     if env.get("MASKING_KEY_KMS_CIPHERTEXT"):
-        env["AWS_ENDPOINT_URL_KMS"] = KMS_ENDPOINT  # the test's moto stands in for localstack:4566
+        env["AWS_ENDPOINT_URL_KMS"] = TEST_KMS_ENDPOINT  # the test's moto stands in for localstack:4566
     try:
         settings = Settings.from_env(env)
         Masker.from_keys(settings.key_source.load(), active=settings.key_version)
@@ -174,21 +173,13 @@ def etl_config_check(variables: dict[str, str], tmp_path: Path) -> tuple[dict[st
 @pytest.fixture(scope="module")
 def kms_blob() -> str:
     """A data key wrapped by a new key of the test KMS (moto)."""
-    import boto3
     from botocore.exceptions import BotoCoreError
 
     try:
-        kms = boto3.client(
-            "kms",
-            endpoint_url=KMS_ENDPOINT,
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-        )
-        key_id = kms.create_key()["KeyMetadata"]["KeyId"]
+        key_id = emulator_client("kms", TEST_KMS_ENDPOINT).create_key()["KeyMetadata"]["KeyId"]
     except BotoCoreError:
-        unavailable(f"KMS at {KMS_ENDPOINT}")
-    return generate_wrapped_key(key_id, region="us-east-1", endpoint_url=KMS_ENDPOINT)
+        unavailable(f"KMS at {TEST_KMS_ENDPOINT}")
+    return generate_wrapped_key(key_id, region="us-east-1", endpoint_url=TEST_KMS_ENDPOINT)
 
 
 def _sources(tmp_path: Path, kms_blob: str) -> dict[str, dict[str, str]]:
@@ -629,7 +620,6 @@ def test_localstack_runs_the_mounted_hook_itself_and_then_passes_the_compose_hea
     tmp_path: Path,
 ) -> None:
     """A second LocalStack on the host, its init directory laid out as the compose mounts lay it."""
-    import boto3
 
     python = localstack_python()
     tool("curl")
@@ -676,13 +666,7 @@ def test_localstack_runs_the_mounted_hook_itself_and_then_passes_the_compose_hea
             time.sleep(0 if healthy else 1)
         assert healthy, (tmp_path / "localstack.log").read_text()[-3000:]
 
-        sqs = boto3.client(
-            "sqs",
-            endpoint_url=f"http://localhost:{port}",
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-        )
+        sqs = emulator_client("sqs", f"http://localhost:{port}", attempts=5, connect_timeout=60)
         state = queue_state(sqs, localstack["environment"].get("QUEUE_NAME", "login-queue"))
         assert state["url"] == f"http://localhost:{port}/000000000000/login-queue"
         assert json.loads(state["attributes"]["RedrivePolicy"])["deadLetterTargetArn"] == state["dlq"]["QueueArn"]

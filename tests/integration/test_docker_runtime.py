@@ -35,7 +35,7 @@ from pii.masking import generate_key
 from pii.tink_keyset import keyset_json, new_key_id
 
 from docker_engine import ROOT, compose_binary, docker, docker_env, inspect, run
-from helpers import pii_values, query, queue_counts, send, unavailable
+from helpers import TEST_KMS_ENDPOINT, emulator_client, pii_values, query, queue_counts, send, unavailable
 from proxy import TcpProxy
 from sample_data import generate
 
@@ -52,7 +52,6 @@ EXTRA, EXTRA_SEED = 3000, 17  # sent steadily (~7 s) while three consumers compe
 STOP_AFTER = 600  # `docker compose stop etl` once this many of those are stored; the host drains the rest
 TOTAL = 2 * SAMPLES + EXTRA
 SUMMARY = re.compile(r"loaded (\d+), rejected (\d+), duplicates skipped (\d+)")
-KMS_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://localhost:4599")
 # Key files as each kind of mount shows them to uid 10001 (the Compose secret itself is the real
 # /run/secrets/masking_key, prepared as docs/keys-and-privacy.md says: 10001:10001, 0400).
 KEY_FILES = {
@@ -98,17 +97,7 @@ def counts(dsn: str) -> tuple[int, int, int]:
 
 
 def sqs_at(port: int) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "sqs",
-        endpoint_url=f"http://localhost:{port}",
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        config=Config(retries={"max_attempts": 2}),
-    )
+    return emulator_client("sqs", f"http://localhost:{port}", attempts=2, connect_timeout=60)
 
 
 def docker_time(text: str) -> float:
@@ -288,17 +277,9 @@ def key_sources(key: str, kms_endpoint: str | None) -> dict[str, dict[str, str]]
     for name in KEY_FILES:
         sources[f"MASKING_KEY_FILE {name}"] = {"MASKING_KEY_FILE": f"{TEST_KEYS_DIR}/{name}"}
     if kms_endpoint:
-        import boto3
-
-        kms = boto3.client(
-            "kms",
-            endpoint_url=KMS_ENDPOINT,
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-        )
+        kms = emulator_client("kms", TEST_KMS_ENDPOINT)
         blob = generate_wrapped_key(
-            kms.create_key()["KeyMetadata"]["KeyId"], region="us-east-1", endpoint_url=KMS_ENDPOINT
+            kms.create_key()["KeyMetadata"]["KeyId"], region="us-east-1", endpoint_url=TEST_KMS_ENDPOINT
         )
         sources["MASKING_KEY_KMS_CIPHERTEXT"] = {
             "MASKING_KEY_KMS_CIPHERTEXT": blob,
@@ -348,11 +329,11 @@ def look_inside(consumer: str, seen: UserPath, network: str) -> None:
     gateway = inspect("network", network)["IPAM"]["Config"][0]["Gateway"]
     relay = None
     try:
-        target = urlsplit(KMS_ENDPOINT)
+        target = urlsplit(TEST_KMS_ENDPOINT)
         relay = TcpProxy(target.hostname or "localhost", target.port or 80, listen_host=gateway)
         sources = key_sources(seen.key, f"http://{gateway}:{relay.port}")
     except Exception as exc:  # noqa: BLE001 - any failure means: no KMS emulator to wrap a key with
-        seen.kms_missing = f"KMS at {KMS_ENDPOINT} ({type(exc).__name__})"
+        seen.kms_missing = f"KMS at {TEST_KMS_ENDPOINT} ({type(exc).__name__})"
         sources = key_sources(seen.key, None)
     try:
         result = sh("python", "-c", CHECK_EACH_SOURCE, stdin=json.dumps(sources))

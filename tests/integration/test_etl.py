@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from datetime import date
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin, WriteResult
 from pii.masking import Masker, decode_key, generate_key
 
-from helpers import GOOD_LOGIN, login, pii_values, query, queue_counts, send
+from helpers import GOOD_LOGIN, connect_at_once, login, pii_values, query, queue_counts, send
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,25 +155,7 @@ def test_the_original_exercise_table_is_migrated_in_place_keeping_its_rows(etl_e
 
 
 def test_two_processes_setting_up_the_schema_at_once_both_succeed(database_url) -> None:
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
-
-    def start() -> None:
-        writer = PostgresWriter(database_url)
-        barrier.wait()
-        try:
-            writer.connect()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-        finally:
-            writer.close()
-
-    threads = [threading.Thread(target=start) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert connect_at_once(database_url) == []
     assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)]
 
 

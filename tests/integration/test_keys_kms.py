@@ -15,23 +15,11 @@ from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from pii.keys import KMS_ENCRYPTION_CONTEXT
 from pii.masking import Masker, generate_key, token_version
 
-from helpers import login, query, queue_counts, send, unavailable
-
-TEST_KMS_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://127.0.0.1:4599")
+from helpers import TEST_KMS_ENDPOINT, emulator_client, login, query, queue_counts, send, unavailable
 
 
 def kms_for(region: str):
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "kms",
-        endpoint_url=TEST_KMS_ENDPOINT,
-        region_name=region,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        config=Config(connect_timeout=2, retries={"max_attempts": 1}),
-    )
+    return emulator_client("kms", TEST_KMS_ENDPOINT, region)
 
 
 @pytest.fixture(scope="module")

@@ -29,10 +29,9 @@ from pii.keys import generate_wrapped_key
 from pii.masking import Masker, decode_key
 from tests.fakes import FirstCallFails
 
-from helpers import login, pii_values, query, unavailable
+from helpers import TEST_KMS_ENDPOINT, emulator_client, login, pii_values, query, unavailable
 from proxy import TcpProxy
 
-MOTO_ENDPOINT = os.environ.get("TEST_KMS_ENDPOINT", "http://127.0.0.1:4599")  # KMS and Secrets Manager
 QUEUE_ARN = "arn:aws:sqs:us-east-2:123456789012:login-queue"
 SENT_MS = int(time.time() * 1000) - 5_000  # sent a few seconds ago: today's partition
 
@@ -310,31 +309,18 @@ def test_a_cold_start_as_deployed_reads_the_dsn_from_secrets_manager_and_unwraps
 ) -> None:
     """The template's configuration: DATABASE_SECRET_ARN (RDS credentials JSON) over a password-less
     DATABASE_URL, and a KMS-wrapped key; Secrets Manager and KMS are the moto emulator."""
-    import boto3
-    from botocore.config import Config
-
-    clients = {
-        name: boto3.client(
-            name,
-            endpoint_url=MOTO_ENDPOINT,
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            config=Config(connect_timeout=2, retries={"max_attempts": 1}),
-        )
-        for name in ("kms", "secretsmanager")
-    }
+    clients = {name: emulator_client(name, TEST_KMS_ENDPOINT) for name in ("kms", "secretsmanager")}
     try:
         key_id = clients["kms"].create_key(Description="login-etl lambda test")["KeyMetadata"]["Arn"]
     except Exception as exc:  # noqa: BLE001 - any failure means: no emulator
-        unavailable(f"the KMS / Secrets Manager emulator at {MOTO_ENDPOINT} ({type(exc).__name__})")
+        unavailable(f"the KMS / Secrets Manager emulator at {TEST_KMS_ENDPOINT} ({type(exc).__name__})")
     password = f"pw-{uuid.uuid4().hex}"  # trust auth ignores it; it must never be shown
     secret = clients["secretsmanager"].create_secret(
         Name=f"login-etl-{uuid.uuid4().hex}", SecretString=json.dumps({"username": "postgres", "password": password})
     )
     for name, value in {
-        "AWS_ENDPOINT_URL_KMS": MOTO_ENDPOINT,
-        "AWS_ENDPOINT_URL_SECRETS_MANAGER": MOTO_ENDPOINT,
+        "AWS_ENDPOINT_URL_KMS": TEST_KMS_ENDPOINT,
+        "AWS_ENDPOINT_URL_SECRETS_MANAGER": TEST_KMS_ENDPOINT,
         "AWS_REGION": "us-east-1",
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -23,7 +22,7 @@ from models import MaskedLogin, ReceivedMessage, WriteResult
 from pii.masking import Masker
 from transform import transform
 
-from helpers import login, query
+from helpers import connect_at_once, login, query
 
 ROOT = Path(__file__).resolve().parents[2]
 masker = Masker(bytes(64))
@@ -110,25 +109,8 @@ def test_two_etls_creating_the_same_new_partitions_at_once_both_start(database_u
     PostgresWriter(database_url).connect()
     for day in partitions.window(TODAY):
         query(database_url, f"DROP TABLE {partitions.partition_name(day)}")
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
-
-    def start() -> None:
-        writer = PostgresWriter(database_url)
-        barrier.wait()
-        try:
-            writer.connect()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-        finally:
-            writer.close()
-
     # WHEN four ETLs start at once
-    threads = [threading.Thread(target=start) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    errors = connect_at_once(database_url)
     # THEN all start, and each day has its one partition
     assert errors == []
     names = {
