@@ -16,6 +16,19 @@ checked by tests/unit/test_docs.py).
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":
+    # An orchestrator may stop a replica while it is still starting (importing boto3 takes half a
+    # second): until the pipeline's own handlers are in place nothing has been received, so a
+    # SIGTERM ends the start cleanly, exit 0, instead of killing the process by the signal.
+    def _stopped_while_starting(signum: int, frame: object) -> None:
+        sys.stderr.write(f"{signal.Signals(signum).name} received while starting: nothing received yet, exiting\n")
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stopped_while_starting)
+
 import argparse
 import getpass
 import json
@@ -24,8 +37,6 @@ import math
 import os
 import re
 import secrets
-import signal
-import sys
 import unicodedata
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone

@@ -236,7 +236,11 @@ def test_replicas_scaled_between_0_and_n_under_churn_store_every_message_exactly
     replicas = driver.finished
     logs = {r.log.name: r.log.read_text() for r in replicas}
     assert [r.log.name for r in replicas if r.killed] == [], "a replica needed SIGKILL after the grace period"
-    assert {r.log.name: r.process.returncode for r in replicas if r.process.returncode != 0} == {}, logs
+    # Exit 0 for every stop, also one during start-up (main.py's first handler); only a SIGTERM that
+    # lands while the interpreter itself starts, before main.py's first line, kills by the signal,
+    # and such a replica has written nothing.
+    failed = {r.log.name: r.process.returncode for r in replicas if r.process.returncode != 0}
+    assert {name: code for name, code in failed.items() if code != -signal.SIGTERM or logs[name]} == {}, logs
     assert [name for name, text in logs.items() if "Traceback" in text] == []
     assert queue_counts(sqs_client, etl_env["SQS_QUEUE_URL"]) == (0, 0)
     assert len(ids) == MESSAGES

@@ -309,7 +309,17 @@ def test_a_second_signal_exits_at_once_and_the_messages_come_back(etl_env, sqs_c
     assert_exactly_once(etl_env["DATABASE_URL"], ids)
 
 
-def test_ctrl_c_while_connecting_at_start_exits_130_with_one_line_and_no_traceback(etl_env, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code", "line"),
+    [
+        (signal.SIGINT, 128 + signal.SIGINT, "error: interrupted"),  # a user's Ctrl-C
+        (signal.SIGTERM, 0, "SIGTERM received while starting: nothing received yet, exiting"),  # a scale-in
+    ],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_a_signal_while_connecting_at_start_exits_with_one_line_and_no_traceback(
+    etl_env, tmp_path, signum, code, line
+) -> None:
     # GIVEN an SQS endpoint that accepts connections and never answers
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -319,12 +329,12 @@ def test_ctrl_c_while_connecting_at_start_exits_130_with_one_line_and_no_traceba
         env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "SQS_QUEUE_URL": f"{endpoint}/000000000000/login-queue"}
         process = start_etl(tmp_path, env=env)
         connection, _ = silent.accept()  # the ETL is waiting for the queue's attributes
-        # WHEN the user presses Ctrl-C before the pipeline has started
-        process.send_signal(signal.SIGINT)
-        # THEN it stops at once with one error line
-        assert process.wait(timeout=5) == 128 + signal.SIGINT
+        # WHEN the signal comes before the pipeline has started
+        process.send_signal(signum)
+        # THEN it stops at once with one line
+        assert process.wait(timeout=5) == code
         connection.close()
-    assert "error: interrupted" in output(tmp_path) and "Traceback" not in output(tmp_path)
+    assert line in output(tmp_path) and "Traceback" not in output(tmp_path)
 
 
 @contextmanager
