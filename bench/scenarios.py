@@ -308,7 +308,7 @@ def naive_loop(services: Services, queue_url: str, dsn: str, endpoint_url: str |
     masker = Masker(decode_key(services.masking_key))
     sqs = services.client(endpoint_url)
     conn = psycopg2.connect(dsn)
-    insert = f"INSERT INTO user_logins ({', '.join(LOGIN_COLUMNS)}) VALUES ({', '.join(['%s'] * 8)})"
+    insert = f"INSERT INTO user_logins ({', '.join(LOGIN_COLUMNS)}) VALUES ({', '.join(['%s'] * len(LOGIN_COLUMNS))})"
     handled = 0
     try:
         began = time.perf_counter()
@@ -329,18 +329,18 @@ def naive_loop(services: Services, queue_url: str, dsn: str, endpoint_url: str |
                     pass  # the typical loop logs and drops it
                 else:
                     sent_ms = int(message.get("Attributes", {}).get("SentTimestamp", time.time() * 1000))
-                    row = (
-                        message["MessageId"],
-                        event.user_id,
-                        event.device_type,
-                        masker.mask("ip", event.ip),
-                        masker.mask("device_id", event.device_id),
-                        event.locale,
-                        event.app_version,
-                        datetime.fromtimestamp(sent_ms / 1000, tz=timezone.utc).date(),
+                    row = MaskedLogin(
+                        message_id=message["MessageId"],
+                        user_id=event.user_id,
+                        device_type=event.device_type,
+                        masked_ip=masker.mask("ip", event.ip),
+                        masked_device_id=masker.mask("device_id", event.device_id),
+                        locale=event.locale,
+                        app_version=event.app_version,
+                        create_date=datetime.fromtimestamp(sent_ms / 1000, tz=timezone.utc).date(),
                     )
                     with conn.cursor() as cur:
-                        cur.execute(insert, row)
+                        cur.execute(insert, [getattr(row, name) for name in LOGIN_COLUMNS])
                     conn.commit()
                 sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
                 handled += 1
@@ -395,19 +395,7 @@ def _stored_logins(dsn: str) -> list[MaskedLogin]:
     try:
         with conn.cursor() as cur:
             cur.execute(f"SELECT {', '.join(LOGIN_COLUMNS)} FROM user_logins")
-            return [
-                MaskedLogin(
-                    message_id=r[0],
-                    user_id=r[1],
-                    device_type=r[2],
-                    masked_ip=r[3],
-                    masked_device_id=r[4],
-                    locale=r[5],
-                    app_version=r[6],
-                    create_date=r[7],
-                )
-                for r in cur.fetchall()
-            ]
+            return [MaskedLogin(**dict(zip(LOGIN_COLUMNS, r, strict=True))) for r in cur.fetchall()]
     finally:
         conn.close()
 
