@@ -276,7 +276,7 @@ def test_retention_drops_only_what_is_older_than_keep_days_and_nothing_in_a_dry_
     everything = query(db_env, "SELECT tableoid::regclass::text, message_id FROM user_logins ORDER BY 2")
 
     # WHEN a dry run keeps 3 days
-    assert main(["retention", "--keep-days", "3", "--dry-run"]) == EXIT_OK
+    assert main(["retention", "--keep-days", "3", "--allow-redelivered-days", "--dry-run"]) == EXIT_OK
     # THEN it says what it would drop and changes nothing
     out = capsys.readouterr().out
     assert "would drop 7 partition(s) of user_logins (7 rows" in out
@@ -285,7 +285,7 @@ def test_retention_drops_only_what_is_older_than_keep_days_and_nothing_in_a_dry_
     assert query(db_env, "SELECT count(*) FROM etl_retention_audit") == [(0,)]
 
     # WHEN it runs for real
-    assert main(["retention", "--keep-days", "3", "--requested-by", "dpo"]) == EXIT_OK
+    assert main(["retention", "--keep-days", "3", "--allow-redelivered-days", "--requested-by", "dpo"]) == EXIT_OK
     # THEN days before today-3 are gone, the rest (today, yesterday, those ahead) untouched, and audited
     kept = {d for (d,) in query(db_env, "SELECT create_date FROM user_logins")}
     assert kept == {d for d in days if d >= TODAY - timedelta(days=3)}
@@ -306,5 +306,33 @@ def test_retention_drops_only_what_is_older_than_keep_days_and_nothing_in_a_dry_
         writer.close()
     # AND a second run finds nothing more to drop
     capsys.readouterr()
-    assert main(["retention", "--keep-days", "3"]) == EXIT_OK
+    assert main(["retention", "--keep-days", "3", "--allow-redelivered-days"]) == EXIT_OK
     assert "dropped 0 partition(s)" in capsys.readouterr().out
+
+
+def test_retention_keeps_an_undated_message_and_says_so_even_in_a_dry_run(db_env, capsys) -> None:
+    # GIVEN a message without SentTimestamp (dated 1970-01-01: it may have been sent a minute ago)
+    # and a row sent long ago, both in the default partition
+    writer = PostgresWriter(db_env)
+    writer.connect()
+    try:
+        assert writer.write([_row(_received("m-undated", None))], []).inserted == 1
+    finally:
+        writer.close()
+    query(db_env, "INSERT INTO user_logins (user_id, create_date, message_id) VALUES ('old', '2001-01-01', 'm-old')")
+    # WHEN a dry run, then a real run, keep the days SQS may still redeliver
+    assert main(["retention", "--keep-days", "15", "--dry-run"]) == EXIT_OK
+    # THEN the dry run would delete only the dated old row and reports the undated one as kept
+    out = capsys.readouterr().out
+    assert "would delete 1 rows of user_logins_default" in out
+    assert "kept 1 undated rows (no SentTimestamp: their age is unknown)" in out
+    assert main(["retention", "--keep-days", "15"]) == EXIT_OK
+    assert "kept 1 undated rows" in capsys.readouterr().out
+    # AND the undated message is still stored, and still refused when it comes back
+    assert _partition_of(db_env, "m-undated") == [(partitions.DEFAULT_PARTITION, date(1970, 1, 1))]
+    assert query(db_env, "SELECT count(*) FROM user_logins WHERE message_id = 'm-old'") == [(0,)]
+    writer.connect()
+    try:
+        assert writer.write([_row(_received("m-undated", None))], [], redelivered=True) == WriteResult(0, 0, 1)
+    finally:
+        writer.close()
