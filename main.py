@@ -63,7 +63,7 @@ from config import (
 from database.audit import AuditLog, AuditUnavailable
 from database.rekey import Rekeyer, RekeyInterrupted
 from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
-from database.retention import Retention
+from database.retention import MIN_KEEP_DAYS, Retention
 from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
 from health import Failure, checklist
 from models import UnmaskAudit
@@ -380,7 +380,12 @@ def _retention(args: argparse.Namespace, context: dict[str, str]) -> int:
     """Drop what is older than --keep-days (no key needed); exit 0, 2 (configuration) or 3 (PostgreSQL)."""
     dsn = database_url_from_env(os.environ)
     context["dsn"] = redact_dsn(dsn)
-    retention = Retention(dsn, keep_days=args.keep_days, requested_by=args.requested_by or _os_user())
+    retention = Retention(
+        dsn,
+        keep_days=args.keep_days,
+        requested_by=args.requested_by or _os_user(),
+        allow_redelivered_days=args.allow_redelivered_days,
+    )  # refuses a --keep-days SQS could still redeliver into (RetentionTooShort: exit 2)
     print(retention.run(dry_run=args.dry_run).summary())  # its errors end in ERRORS
     return EXIT_OK
 
@@ -686,13 +691,20 @@ def _build_parser() -> argparse.ArgumentParser:
         "--keep-days (today and yesterday are never touched), and delete older rows of "
         "user_logins_default and (by received_at) user_logins_rejected. Each drop or delete "
         "commits with its row in etl_retention_audit. Needs DATABASE_URL only (no key). "
-        "Exit 0 done, 2 configuration (or a table not yet migrated), 3 PostgreSQL "
-        "unreachable or a lock held too long (rerun).",
+        "Undated rows (no SentTimestamp) are kept and counted. "
+        "Exit 0 done, 2 configuration (a --keep-days below the SQS window without its override, "
+        "or a table not yet migrated), 3 PostgreSQL unreachable or a lock held too long (rerun).",
     )
     retention.add_argument(
         "--keep-days", type=_positive_int, required=True, metavar="N", help="keep today and the N full days before it"
     )
     retention.add_argument("--dry-run", action="store_true", help="print what would be dropped; change nothing")
+    retention.add_argument(
+        "--allow-redelivered-days",
+        action="store_true",
+        help=f"allow --keep-days below {MIN_KEEP_DAYS}, which may drop a day SQS can still redeliver "
+        "(such a message would be stored again); only if no queue keeps messages that long",
+    )
     retention.add_argument(
         "--requested-by",
         type=_audit_text(128),

@@ -21,8 +21,9 @@
 --                   requested_at, database_user and client_addr come from the server (audit.sql).
 --                   Unmasking itself needs the masking key, which no database right gives.
 --   login_auditor   SELECT on pii_unmask_audit, and on the view pii_unmask_audit_rows (which stored
---                   rows each audit entry revealed), and on etl_replay_audit, without any right on the
---                   ETL's tables.
+--                   rows each audit entry revealed; EXECUTE on the function behind it, which returns
+--                   only the rows of the fingerprints it is given), and on etl_replay_audit, without
+--                   any right on the ETL's tables.
 -- Nobody but the administrator may UPDATE or DELETE audit rows.
 
 \if :{?schema}
@@ -93,22 +94,48 @@ SELECT to_regclass('user_logins') IS NULL OR to_regclass('user_logins_rejected')
 -- For auditors: the stored rows behind each audit entry, matched by token fingerprint. A view runs
 -- with its owner's rights (whoever runs this file), so the auditor needs none on the ETL's tables,
 -- and sees which message and user a value was revealed for, never a token or a value.
-CREATE OR REPLACE VIEW pii_unmask_audit_rows AS
+-- The rows are found by a function that names its tables at each call: a view over the tables would
+-- stay bound to the table it was made on, and the ETL's migration to daily partitions renames
+-- user_logins to user_logins_legacy and moves its rows out batch by batch (docs/partitions.md), so
+-- such a view would see one side only until this file ran again. The function reads user_logins
+-- and, while that migration runs, user_logins_legacy (either layout: the original one has no
+-- message_id), and returns only the rows of the fingerprints it is given.
+CREATE OR REPLACE FUNCTION pii_unmask_fingerprint_rows(fingerprints text[])
+    RETURNS TABLE (fingerprint text, source_table text, message_id text, user_id text, field text)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, :"schema" AS $$
+#variable_conflict use_column
+DECLARE
+    login_table text;
+BEGIN
+    FOREACH login_table IN ARRAY ARRAY['user_logins', 'user_logins_legacy'] LOOP
+        CONTINUE WHEN to_regclass(login_table) IS NULL;
+        RETURN QUERY EXECUTE format(
+            $q$SELECT m.fingerprint, 'user_logins'::text, m.message_id, m.user_id, m.field
+                 FROM (SELECT left(encode(sha256(convert_to(v.token, 'UTF8')), 'hex'), 16) AS fingerprint,
+                              to_jsonb(l) ->> 'message_id' AS message_id, l.user_id::text AS user_id, v.field
+                         FROM %I l CROSS JOIN LATERAL (VALUES ('ip'::text, l.masked_ip::text),
+                                                             ('device_id', l.masked_device_id::text)) AS v(field, token)
+                        WHERE v.token IS NOT NULL) m
+                WHERE m.fingerprint = ANY ($1)$q$,
+            login_table) USING fingerprints;
+    END LOOP;
+    RETURN QUERY
+    SELECT r.fingerprint, 'user_logins_rejected'::text, r.message_id::text, NULL::text, 'encrypted_body'::text
+      FROM (SELECT left(encode(sha256(convert_to(j.encrypted_body, 'UTF8')), 'hex'), 16) AS fingerprint, j.message_id
+              FROM user_logins_rejected j) r
+     WHERE r.fingerprint = ANY (fingerprints);
+END $$;
+REVOKE ALL ON FUNCTION pii_unmask_fingerprint_rows(text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pii_unmask_fingerprint_rows(text[]) TO :"auditor_role";
+-- Dropped and made again: an older definition (over the tables) had other column types.
+DROP VIEW IF EXISTS pii_unmask_audit_rows;
+CREATE VIEW pii_unmask_audit_rows AS
 SELECT a.id AS audit_id, a.requested_at, a.requested_by, a.database_user, a.reason, f.fingerprint,
        m.source_table, m.message_id, m.user_id, m.field
   FROM pii_unmask_audit a
  CROSS JOIN LATERAL unnest(a.token_fingerprints) AS f(fingerprint)
-  JOIN (SELECT 'user_logins'::text AS source_table, message_id, user_id, 'ip'::text AS field,
-               left(encode(sha256(convert_to(masked_ip, 'UTF8')), 'hex'), 16) AS fingerprint
-          FROM user_logins WHERE masked_ip IS NOT NULL
-        UNION ALL
-        SELECT 'user_logins', message_id, user_id, 'device_id',
-               left(encode(sha256(convert_to(masked_device_id, 'UTF8')), 'hex'), 16)
-          FROM user_logins WHERE masked_device_id IS NOT NULL
-        UNION ALL
-        SELECT 'user_logins_rejected', message_id, NULL, 'encrypted_body',
-               left(encode(sha256(convert_to(encrypted_body, 'UTF8')), 'hex'), 16)
-          FROM user_logins_rejected) AS m ON m.fingerprint = f.fingerprint;
+  JOIN pii_unmask_fingerprint_rows(ARRAY(SELECT DISTINCT unnest(token_fingerprints) FROM pii_unmask_audit)) AS m
+    ON m.fingerprint = f.fingerprint;
 REVOKE ALL ON pii_unmask_audit_rows FROM PUBLIC;
 GRANT SELECT ON pii_unmask_audit_rows TO :"auditor_role";
 \endif

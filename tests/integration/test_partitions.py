@@ -14,17 +14,22 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import psycopg2
+import pytest
+import test_keys_roles
+from test_keys_roles import apply_roles_sql, readme_auditor_query
 
 from database import partitions
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
 from main import EXIT_OK, main
 from models import MaskedLogin, ReceivedMessage, WriteResult
-from pii.masking import Masker
+from pii.masking import Masker, decode_key, generate_key
+from tests.legacy_tokens import legacy_token
 from transform import transform
 
 from helpers import connect_at_once, login, query
 
 ROOT = Path(__file__).resolve().parents[2]
+logins = test_keys_roles.logins  # fixture: the roles of database/roles.sql, a login in each
 masker = Masker(bytes(64))
 TODAY = datetime.now(timezone.utc).date()
 
@@ -216,17 +221,14 @@ def test_the_original_exercise_table_is_moved_into_partitions_converted_and_comp
     assert query(database_url, "SELECT count(*), count(message_id) FROM user_logins_p20200102") == [(900, 0)]
 
 
-def test_a_migration_killed_mid_move_resumes_and_keeps_every_row(database_url) -> None:
-    # GIVEN a schema-2 table large enough that moving it a page at a time takes a while
-    query(database_url, _V2_LAYOUT % {"rows": 60000})
-    before = _fingerprint(database_url, "user_logins", "message_id")
+def _kill_the_migration_mid_move(database_url: str, dsn: str | None = None) -> None:
+    """Start the ETL's migration in a child process and SIGKILL it once some rows have moved."""
     code = (
         "import sys; from database.sqs_postgres import PostgresWriter; "
         "PostgresWriter(sys.argv[1], migrate_batch_pages=1).connect()"
     )
-    # WHEN the migrating process is SIGKILLed once some rows have moved
     process = subprocess.Popen(
-        [sys.executable, "-c", code, database_url], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        [sys.executable, "-c", code, dsn or database_url], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
@@ -239,14 +241,115 @@ def test_a_migration_killed_mid_move_resumes_and_keeps_every_row(database_url) -
     assert process.poll() is None, "the migration finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("layout", "message_id"), [(_V2_LAYOUT, "message_id"), (_ORIGINAL_LAYOUT, "NULL")], ids=["schema-2", "original"]
+)
+def test_a_migration_killed_mid_move_resumes_and_keeps_every_row(database_url, layout: str, message_id: str) -> None:
+    # GIVEN a legacy table (today's, or the original exercise's: no message_id, integer app_version)
+    # large enough that moving it a page at a time takes a while
+    query(database_url, layout % {"rows": 60000})
+    before = _fingerprint(database_url, "user_logins", message_id)
+    # WHEN the migrating process is SIGKILLed once some rows have moved
+    _kill_the_migration_mid_move(database_url)
     moved, left = query(
         database_url, "SELECT (SELECT count(*) FROM user_logins), (SELECT count(*) FROM user_logins_legacy)"
     )[0]
     assert moved > 0 and left > 0 and moved + left == 60000  # nothing lost or doubled by the kill
-    # THEN a rerun finishes the move with every row intact
+    # THEN a rerun finishes the move with every row intact: same count, same values, none doubled
     PostgresWriter(database_url, migrate_batch_pages=500).connect()
     assert _fingerprint(database_url, "user_logins", "message_id") == before
     assert query(database_url, "SELECT to_regclass('user_logins_legacy')") == [(None,)]
+    assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)]
+
+
+def _v2_table_with_tokens(database_url: str, key: str, rows: int, audited: list[str]) -> None:
+    """A schema-2 table: `rows` rows holding legacy `v1.` tokens (rekey rewrites them), between a first
+    and a last row whose device tokens are of today's format (rekey leaves them: `audited`)."""
+    legacy = decode_key(key)
+    ips = [legacy_token(legacy, 1, "ip", f"10.0.{n}.1") for n in range(97)]
+    devices = [legacy_token(legacy, 1, "device_id", f"device-{n}") for n in range(89)]
+    first, last = audited
+    query(
+        database_url,
+        """CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
+               masked_device_id varchar(256), locale varchar(32), app_version varchar(32), create_date date,
+               message_id varchar(128), CONSTRAINT user_logins_message_id_key UNIQUE (message_id));
+           CREATE TABLE user_logins_rejected (message_id varchar(128) PRIMARY KEY, reason text NOT NULL,
+               received_at timestamptz NOT NULL DEFAULT now(), sent_at timestamptz,
+               receive_count integer NOT NULL DEFAULT 1, encrypted_body text NOT NULL);
+           CREATE TABLE etl_schema_version (version integer PRIMARY KEY,
+               applied_at timestamptz NOT NULL DEFAULT now());
+           INSERT INTO etl_schema_version VALUES (1), (2);
+           INSERT INTO user_logins VALUES ('audit-first', 'ios', NULL, %(first)s, NULL, '1.0', current_date, 'm-first');
+           INSERT INTO user_logins
+           SELECT 'user-' || n, 'ios', (%(ips)s::text[])[1 + mod(n, 97)], (%(devices)s::text[])[1 + mod(n, 89)],
+                  NULL, '1.0', current_date - mod(n, 5), 'msg-' || n
+             FROM generate_series(1, %(rows)s) AS n;
+           INSERT INTO user_logins
+           VALUES ('audit-last', 'ios', NULL, %(last)s, NULL, '1.0', current_date, 'm-last');""",
+        {"first": first, "last": last, "ips": ips, "devices": devices, "rows": rows},  # type: ignore[arg-type]
+    )
+
+
+def _tokens_unmask_to_their_values(database_url: str, keyed: Masker) -> int:
+    """Every token, wherever its row is (partitions or the legacy table), unmasks to its value; how many."""
+    tables = ["user_logins"] + (
+        ["user_logins_legacy"] if query(database_url, "SELECT to_regclass('user_logins_legacy')")[0][0] else []
+    )
+    checked = 0
+    for table in tables:
+        for user_id, masked_ip, masked_device_id in query(
+            database_url, f"SELECT user_id, masked_ip, masked_device_id FROM {table} WHERE user_id LIKE 'user-%%'"
+        ):
+            n = int(user_id.split("-")[1])
+            assert masked_ip.startswith(keyed.current_prefixes) and masked_device_id.startswith(keyed.current_prefixes)
+            assert keyed.unmask(masked_ip) == f"10.0.{n % 97}.1"
+            assert keyed.unmask(masked_device_id) == f"device-{n % 89}"
+            checked += 1
+    return checked
+
+
+def test_rekey_and_the_auditors_view_work_on_a_half_migrated_database(
+    logins, database_url, monkeypatch, tmp_path, capsys
+) -> None:
+    # GIVEN a schema-2 table of legacy tokens, the roles of database/roles.sql (run after the tables
+    # exist), and an unmask of the first and the last row's device, audited before the migration
+    key = generate_key()
+    keyed = Masker(decode_key(key))
+    audited = [keyed.mask("device_id", "audited-first"), keyed.mask("device_id", "audited-last")]
+    _v2_table_with_tokens(database_url, key, 60000, audited)
+    apply_roles_sql(database_url, logins["roles"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MASKING_KEY", key)
+    monkeypatch.setenv("DATABASE_URL", logins["unmask"])
+    assert main(["unmask", "--reason", "case 18", "--requested-by", "carol", *audited]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines() == ["audited-first", "audited-last"]
+    expected = [
+        ("carol", "case 18", ("user_logins", "m-first", "audit-first", "device_id")),
+        ("carol", "case 18", ("user_logins", "m-last", "audit-last", "device_id")),
+    ]
+    assert [(r[1], r[2], r[-4:]) for r in query(logins["auditor"], readme_auditor_query())] == expected
+
+    # WHEN the ETL (as its role) is SIGKILLed mid-move, and rekey runs (as the CLI does) meanwhile
+    _kill_the_migration_mid_move(database_url, dsn=logins["etl"])
+    monkeypatch.setenv("DATABASE_URL", logins["etl"])
+    assert main(["rekey", "--batch-size", "700"]) == EXIT_OK
+    # THEN every token, moved or not yet, unmasks to its value (rekeyed to today's format)
+    assert query(database_url, "SELECT to_regclass('user_logins_legacy') IS NOT NULL") == [(True,)]
+    assert _tokens_unmask_to_their_values(database_url, keyed) == 60000
+    # AND the auditor still finds both rows of the unmask audited before the migration
+    assert [(r[1], r[2], r[-4:]) for r in query(logins["auditor"], readme_auditor_query())] == expected
+
+    # WHEN the migration is rerun and finishes, and roles.sql is run again (docs/partitions.md)
+    PostgresWriter(logins["etl"]).connect()
+    apply_roles_sql(database_url, logins["roles"])
+    PostgresWriter(logins["etl"]).connect()
+    # THEN the same holds, on the partitioned table alone
+    assert query(database_url, "SELECT to_regclass('user_logins_legacy')") == [(None,)]
+    assert _tokens_unmask_to_their_values(database_url, keyed) == 60000
+    assert [(r[1], r[2], r[-4:]) for r in query(logins["auditor"], readme_auditor_query())] == expected
 
 
 def _seed_days(database_url: str, days: list[date]) -> None:
@@ -276,7 +379,7 @@ def test_retention_drops_only_what_is_older_than_keep_days_and_nothing_in_a_dry_
     everything = query(db_env, "SELECT tableoid::regclass::text, message_id FROM user_logins ORDER BY 2")
 
     # WHEN a dry run keeps 3 days
-    assert main(["retention", "--keep-days", "3", "--dry-run"]) == EXIT_OK
+    assert main(["retention", "--keep-days", "3", "--allow-redelivered-days", "--dry-run"]) == EXIT_OK
     # THEN it says what it would drop and changes nothing
     out = capsys.readouterr().out
     assert "would drop 7 partition(s) of user_logins (7 rows" in out
@@ -285,7 +388,7 @@ def test_retention_drops_only_what_is_older_than_keep_days_and_nothing_in_a_dry_
     assert query(db_env, "SELECT count(*) FROM etl_retention_audit") == [(0,)]
 
     # WHEN it runs for real
-    assert main(["retention", "--keep-days", "3", "--requested-by", "dpo"]) == EXIT_OK
+    assert main(["retention", "--keep-days", "3", "--allow-redelivered-days", "--requested-by", "dpo"]) == EXIT_OK
     # THEN days before today-3 are gone, the rest (today, yesterday, those ahead) untouched, and audited
     kept = {d for (d,) in query(db_env, "SELECT create_date FROM user_logins")}
     assert kept == {d for d in days if d >= TODAY - timedelta(days=3)}
@@ -306,5 +409,33 @@ def test_retention_drops_only_what_is_older_than_keep_days_and_nothing_in_a_dry_
         writer.close()
     # AND a second run finds nothing more to drop
     capsys.readouterr()
-    assert main(["retention", "--keep-days", "3"]) == EXIT_OK
+    assert main(["retention", "--keep-days", "3", "--allow-redelivered-days"]) == EXIT_OK
     assert "dropped 0 partition(s)" in capsys.readouterr().out
+
+
+def test_retention_keeps_an_undated_message_and_says_so_even_in_a_dry_run(db_env, capsys) -> None:
+    # GIVEN a message without SentTimestamp (dated 1970-01-01: it may have been sent a minute ago)
+    # and a row sent long ago, both in the default partition
+    writer = PostgresWriter(db_env)
+    writer.connect()
+    try:
+        assert writer.write([_row(_received("m-undated", None))], []).inserted == 1
+    finally:
+        writer.close()
+    query(db_env, "INSERT INTO user_logins (user_id, create_date, message_id) VALUES ('old', '2001-01-01', 'm-old')")
+    # WHEN a dry run, then a real run, keep the days SQS may still redeliver
+    assert main(["retention", "--keep-days", "15", "--dry-run"]) == EXIT_OK
+    # THEN the dry run would delete only the dated old row and reports the undated one as kept
+    out = capsys.readouterr().out
+    assert "would delete 1 rows of user_logins_default" in out
+    assert "kept 1 undated rows (no SentTimestamp: their age is unknown)" in out
+    assert main(["retention", "--keep-days", "15"]) == EXIT_OK
+    assert "kept 1 undated rows" in capsys.readouterr().out
+    # AND the undated message is still stored, and still refused when it comes back
+    assert _partition_of(db_env, "m-undated") == [(partitions.DEFAULT_PARTITION, date(1970, 1, 1))]
+    assert query(db_env, "SELECT count(*) FROM user_logins WHERE message_id = 'm-old'") == [(0,)]
+    writer.connect()
+    try:
+        assert writer.write([_row(_received("m-undated", None))], [], redelivered=True) == WriteResult(0, 0, 1)
+    finally:
+        writer.close()

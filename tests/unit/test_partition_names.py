@@ -41,3 +41,28 @@ def test_retention_refuses_a_keep_days_below_one_before_connecting(capsys) -> No
         main(["retention", "--keep-days", "0"])
     assert info.value.code == EXIT_CONFIG
     assert "--keep-days: must be >= 1" in capsys.readouterr().err
+
+
+def test_retention_refuses_a_keep_days_sqs_may_still_redeliver_into_with_one_line_and_exit_2(
+    monkeypatch, capsys
+) -> None:
+    import pytest
+
+    from main import EXIT_CONFIG, main
+
+    # GIVEN SQS keeps messages up to 14 days (1,209,600 s): a message of 14 days ago may come back today
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    for keep_days in ("1", "14"):
+        # WHEN retention is asked to keep fewer days THEN it refuses before connecting (no network here)
+        assert main(["retention", "--keep-days", keep_days, "--dry-run"]) == EXIT_CONFIG
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: --keep-days {keep_days} could drop a day SQS")
+        assert "--allow-redelivered-days" in err
+    # AND 15 days, or fewer with the explicit override, are accepted
+    from database.retention import MIN_KEEP_DAYS, Retention, RetentionTooShort
+
+    assert MIN_KEEP_DAYS == 15
+    Retention("postgresql://nobody@127.0.0.1:1/none", keep_days=15, requested_by="t")
+    Retention("postgresql://nobody@127.0.0.1:1/none", keep_days=1, requested_by="t", allow_redelivered_days=True)
+    with pytest.raises(RetentionTooShort):
+        Retention("postgresql://nobody@127.0.0.1:1/none", keep_days=14, requested_by="t")
