@@ -17,7 +17,10 @@ once (the unique messageId per day).
 
 Per execution environment, at the first invocation (a cold start): the Settings, the keyring (a
 KMS-wrapped key is decrypted once; its plaintext stays in memory) and one PostgreSQL connection,
-reused by every later invocation and opened again when it broke meanwhile. A cold start that fails
+reused by every later invocation and opened again when it broke meanwhile. Every wait on PostgreSQL
+ends inside the invocation: a connect within a third of the time left (at most 5 s), a statement
+within a quarter of the time left at connect (statement_timeout), a call over a connection the
+network silently dropped within ~8 s (TCP keepalives and tcp_user_timeout). A cold start that fails
 (configuration, KMS, Secrets Manager) raises: the whole batch comes back after the visibility
 timeout, and the next invocation tries the cold start again.
 
@@ -45,8 +48,9 @@ from transform import Batch, RecentQuarantine, prepare
 
 logger = logging.getLogger("login_etl.lambda")
 
-# Each invocation holds one PostgreSQL connection (the environment's): the event source mapping's
-# MaximumConcurrency is the number of connections the function may hold (deploy/lambda/template.yaml).
+# Each execution environment holds one PostgreSQL connection, kept between invocations: the
+# function's reserved concurrency (environments running at once) is the number of connections it
+# may hold, the database role's CONNECTION LIMIT (deploy/lambda/template.yaml, docs/lambda.md).
 CONNECTIONS_PER_INVOCATION = 1
 # The queue's RedrivePolicy maxReceiveCount, unless DLQ_MAX_RECEIVE_COUNT says otherwise.
 DEFAULT_MAX_RECEIVE_COUNT = 5
@@ -54,6 +58,12 @@ DEFAULT_MAX_RECEIVE_COUNT = 5
 # of the time the invocation has left, so that a refused batch is still reported in time.
 MAX_CONNECT_TIMEOUT_SECONDS = 5
 MIN_CONNECT_TIMEOUT_SECONDS = 2
+# PostgreSQL's statement_timeout for the connection: a quarter of the time the invocation had left
+# when it connected (at least 1 s), so that a statement waiting on a lock is cancelled and the batch
+# reported for retry before the function times out, even after one reconnect and a second attempt.
+# The network side is bounded by the TCP settings every connection gets (database/sqs_postgres.py).
+STATEMENT_TIMEOUT_SHARE = 0.25
+MIN_STATEMENT_TIMEOUT_SECONDS = 1.0
 
 
 class SqsBatchHandler:
@@ -112,7 +122,7 @@ class SqsBatchHandler:
     def _write(self, batch: Batch, context: Any) -> WriteResult:
         reused = self.writer.connected
         if not reused:
-            self.writer.connect(timeout_seconds=self.connect_timeout(context))
+            self._connect(context)
         try:
             return write_batch(self.writer, batch, self._quarantined)
         except DatabaseUnavailable as exc:
@@ -125,8 +135,13 @@ class SqsBatchHandler:
                 exc,
                 extra={"service": "postgres", "error": type(exc).__name__},
             )
-            self.writer.connect(timeout_seconds=self.connect_timeout(context))
+            self._connect(context)
             return write_batch(self.writer, batch, self._quarantined)
+
+    def _connect(self, context: Any) -> None:
+        self.writer.connect(
+            timeout_seconds=self.connect_timeout(context), statement_timeout_seconds=self.statement_timeout(context)
+        )
 
     def connect_timeout(self, context: Any) -> int:
         """Seconds a connect may take: a third of the time left (context.get_remaining_time_in_millis)."""
@@ -135,6 +150,13 @@ class SqsBatchHandler:
             return self._max_connect_timeout
         third = int(remaining() / 1000 / 3)
         return max(MIN_CONNECT_TIMEOUT_SECONDS, min(self._max_connect_timeout, third))
+
+    def statement_timeout(self, context: Any) -> float | None:
+        """Seconds one statement of the connection may run: a quarter of the time left; None without a context."""
+        remaining = getattr(context, "get_remaining_time_in_millis", None)
+        if remaining is None:
+            return None
+        return max(MIN_STATEMENT_TIMEOUT_SECONDS, remaining() / 1000 * STATEMENT_TIMEOUT_SHARE)
 
 
 def cold_start(env: Mapping[str, str]) -> SqsBatchHandler:

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import psycopg2
 import psycopg2.errors
 from psycopg2.extensions import cursor as Cursor
+from psycopg2.extensions import make_dsn, parse_dsn
 from psycopg2.extras import execute_values
 
 from database import partitions
@@ -56,6 +57,20 @@ DEFAULT_LOCK_TIMEOUT_SECONDS = 2.0
 MIGRATE_BATCH_PAGES = 1000
 # After a failed attempt to create the coming days' partitions (a lock held), wait this long.
 PARTITION_RETRY_SECONDS = 60.0
+
+# libpq's TCP settings for every connection, each unless DATABASE_URL sets it (a libpq keyword:
+# `?tcp_user_timeout=20000&keepalives_idle=30`). Without them a call over a half-open connection (a
+# black-holed server, a NAT or firewall that forgot the connection, a failover) waits for the
+# kernel's retransmissions, ~15 minutes (tcp_retries2), or for ever on an idle wait. With them it
+# fails within ~8 s (DatabaseUnavailable) and is retried on a new connection.
+# tcp_user_timeout: data unacknowledged (or keepalive probes unanswered) this long ends the
+# connection; 8 s keeps a stop (--stop-timeout 20 s) plus one hung call inside the 30 s grace of
+# Compose and Kubernetes. It can also end a COPY the server stopped reading for that long (a lock
+# waited for mid-COPY): the batch is then retried. libpq 12 or later (older ones refuse the keyword).
+TCP_USER_TIMEOUT_MS = 8_000
+# A connection waiting for an answer with nothing unacknowledged is probed after 5 s of silence,
+# every second: a vanished server is noticed within ~8 s, without tcp_user_timeout too (5 + 3 x 1).
+TCP_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "1", "keepalives_count": "3"}
 
 _CREATE_REJECTED = """
 CREATE TABLE IF NOT EXISTS user_logins_rejected (
@@ -151,11 +166,19 @@ class PostgresWriter:
 
     # -- connection ---------------------------------------------------------------------------
 
-    def connect(self, *, migrate: bool = True, timeout_seconds: int | None = None) -> None:
+    def connect(
+        self,
+        *,
+        migrate: bool = True,
+        timeout_seconds: int | None = None,
+        statement_timeout_seconds: float | None = None,
+    ) -> None:
         """Open the connection and (unless told not to) bring the schema up to date.
 
-        `timeout_seconds` bounds this connect instead of the constructor's connect timeout (the
-        Lambda handler derives it from the time its invocation has left).
+        `timeout_seconds` bounds this connect instead of the constructor's connect timeout, and
+        `statement_timeout_seconds` (PostgreSQL's statement_timeout) each statement of the session
+        (the Lambda handler derives both from the time its invocation has left). Every connection
+        gets the TCP settings of connection_parameters().
 
         The schema is looked at first, without taking a lock; only a schema that is behind is
         migrated. Every lock a migration (or the session's staging table) waits for is bounded by
@@ -164,9 +187,10 @@ class PostgresWriter:
         next queries queue behind it.
         """
         self.close()
+        extra = connection_parameters(self._dsn, statement_timeout_seconds=statement_timeout_seconds)
         try:
             self._conn = psycopg2.connect(
-                self._dsn,
+                make_dsn(self._dsn, **extra),
                 connect_timeout=timeout_seconds or self._connect_timeout,
                 application_name=self._application_name,
             )
@@ -500,6 +524,27 @@ class PostgresWriter:
             # which re-runs the migrations, and retry the batch.
             self.close()
             raise DatabaseUnavailable(f"{exc.pgcode or type(exc).__name__}: {first_line(exc)}") from None
+
+
+def connection_parameters(dsn: str, *, statement_timeout_seconds: float | None = None) -> dict[str, str]:
+    """What psycopg2.connect gets beside `dsn`: the TCP keepalives and tcp_user_timeout the DSN does
+    not set, and a statement_timeout added to the DSN's `options` unless they already set one.
+
+    Never a value the DSN gives (an explicit keyword would override it).
+    """
+    try:
+        given = parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return {}  # psycopg2.connect says what is wrong with it
+    defaults = dict(TCP_KEEPALIVES)
+    if psycopg2.__libpq_version__ >= 120000:
+        defaults["tcp_user_timeout"] = str(TCP_USER_TIMEOUT_MS)
+    extra = {name: value for name, value in defaults.items() if name not in given}
+    options = given.get("options", "")
+    if statement_timeout_seconds is not None and "statement_timeout" not in options:
+        milliseconds = max(1, int(statement_timeout_seconds * 1000))
+        extra["options"] = f"{options} -c statement_timeout={milliseconds}".strip()
+    return extra
 
 
 def _insert_rejections(cur: Cursor, rejections: Sequence[Rejection], loaded: str) -> list[str]:

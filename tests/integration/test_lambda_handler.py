@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,7 +31,8 @@ from pii.masking import Masker, decode_key
 from tests.fakes import FirstCallFails
 
 from helpers import TEST_KMS_ENDPOINT, emulator_client, login, pii_values, query, unavailable
-from proxy import TcpProxy
+from proxy import TcpProxy, blackhole_unavailable
+from test_reliability import locked_logins
 
 QUEUE_ARN = "arn:aws:sqs:us-east-2:123456789012:login-queue"
 SENT_MS = int(time.time() * 1000) - 5_000  # sent a few seconds ago: today's partition
@@ -73,6 +75,34 @@ class FakeContext:
 
     def get_remaining_time_in_millis(self) -> int:
         return self._remaining_ms
+
+
+class RunningContext(FakeContext):
+    """A context whose remaining time runs down with the clock, as the Lambda runtime's does."""
+
+    def __init__(self, timeout_ms: int) -> None:
+        super().__init__(timeout_ms)
+        self._deadline = time.monotonic() + timeout_ms / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def invoke_before_the_timeout(handler: SqsBatchHandler, event: dict[str, Any], context: RunningContext) -> Any:
+    """handler.handle(event, context) as the runtime runs it; fail if it is still running when the
+    context's time is up (the runtime would end the invocation there). Returns the response and the
+    milliseconds left when it returned."""
+    done: dict[str, Any] = {}
+
+    def invoke() -> None:
+        done["response"] = handler.handle(event, context)
+        done["left_ms"] = context.get_remaining_time_in_millis()
+
+    thread = threading.Thread(target=invoke, daemon=True)
+    thread.start()
+    thread.join(timeout=context.get_remaining_time_in_millis() / 1000 + 2)
+    assert not thread.is_alive(), "the invocation was still running when its function timeout came"
+    return done["response"], done["left_ms"]
 
 
 def failures(response: dict[str, Any]) -> list[str]:
@@ -193,6 +223,52 @@ def test_a_cold_start_with_postgresql_unreachable_reports_every_record(database_
     finally:
         proxy.close()
     assert query(database_url, "SELECT to_regclass('user_logins')") == [(None,)]  # nothing was written
+
+
+# The template's shortest function timeout (FunctionTimeoutSeconds); "in time" leaves this much of it.
+FUNCTION_TIMEOUT_MS = 30_000
+TIME_TO_SPARE_MS = 5_000
+
+
+def test_postgresql_black_holed_reports_every_record_well_within_the_function_timeout(
+    database_url: str, make_handler: Any
+) -> None:
+    reason = blackhole_unavailable()
+    if reason is not None:
+        unavailable(f"a network black hole needs {reason}")
+    proxy = TcpProxy.private("127.0.0.1", urlsplit(database_url).port or 5432)
+    try:
+        # GIVEN an environment whose kept connection crosses a network that then drops every packet
+        handler = make_handler(dsn=proxy.dsn(database_url))
+        first = sqs_record(login(0))
+        assert failures(handler.handle(sqs_event(first), FakeContext())) == []
+        proxy.blackhole()
+        # WHEN the next batch comes
+        records = [sqs_record(login(n)) for n in range(1, 4)]
+        response, left_ms = invoke_before_the_timeout(handler, sqs_event(*records), RunningContext(FUNCTION_TIMEOUT_MS))
+    finally:
+        proxy.close()
+    # THEN every record is reported for retry, with time to spare, and nothing more is stored
+    assert failures(response) == [r["messageId"] for r in records]
+    assert left_ms >= TIME_TO_SPARE_MS
+    assert stored(database_url) == ([first["messageId"]], [])
+
+
+def test_a_write_waiting_on_a_lock_is_cancelled_and_reported_well_within_the_function_timeout(
+    database_url: str, make_handler: Any
+) -> None:
+    # GIVEN an environment with its connection kept, and an analyst holding a lock on user_logins
+    handler = make_handler()
+    first = sqs_record(login(0))
+    assert failures(handler.handle(sqs_event(first), RunningContext(FUNCTION_TIMEOUT_MS))) == []
+    records = [sqs_record(login(n)) for n in range(1, 4)]
+    with locked_logins(database_url):
+        # WHEN the next batch comes, its write waits for the lock
+        response, left_ms = invoke_before_the_timeout(handler, sqs_event(*records), RunningContext(FUNCTION_TIMEOUT_MS))
+    # THEN statement_timeout cancels the wait: every record reported, with time to spare, none stored
+    assert failures(response) == [r["messageId"] for r in records]
+    assert left_ms >= TIME_TO_SPARE_MS
+    assert stored(database_url) == ([first["messageId"]], [])
 
 
 def test_a_connection_broken_between_invocations_is_opened_again_without_failing_the_batch(

@@ -1,6 +1,6 @@
 """deploy/lambda/template.yaml, checked offline: cfn-lint (AWS's resource schemas and rules), then what
-cfn-lint cannot know: AWS's 6x visibility rule, the concurrency cap against the connection budget,
-least privilege, and the wiring to lambda_handler.py. Nothing is deployed.
+cfn-lint cannot know: AWS's 6x visibility rule, what can hold connections against the connection
+budget, least privilege, and the wiring to lambda_handler.py. Nothing is deployed.
 
 Locally a missing cfn-lint skips the lint test; under CI=true it fails it.
 """
@@ -8,7 +8,9 @@ Locally a missing cfn-lint skips the lint test; under CI=true it fails it.
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
+import itertools
 import os
 import shutil
 import subprocess
@@ -38,6 +40,8 @@ ENI_ACTIONS = {
     "ec2:AssignPrivateIpAddresses",
     "ec2:UnassignPrivateIpAddresses",
 }
+# The template parameter stating how many PostgreSQL connections the function may hold.
+BUDGET = "DatabaseConnectionBudget"
 QUEUE_ACTIONS = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes"}
 
 
@@ -125,21 +129,89 @@ def test_the_queue_visibility_timeout_is_at_least_six_function_timeouts_plus_the
     assert int(timeout["Default"]) in allowed(timeout)
 
 
-def test_the_concurrency_cap_times_connections_per_invocation_stays_within_the_connection_budget(
+def refs(value: Any) -> set[str]:
+    """The names every {"Ref": name} inside `value` refers to."""
+    if isinstance(value, dict):
+        found = {value["Ref"]} if set(value) == {"Ref"} else set()
+        return found.union(*(refs(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(refs(v) for v in value))
+    return set()
+
+
+def evaluate(value: Any, parameters: dict[str, int]) -> int:
+    """An integer property as CloudFormation resolves it for these parameter values."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, dict) and set(value) == {"Ref"} and value["Ref"] in parameters:
+        return parameters[value["Ref"]]
+    raise AssertionError(f"cannot evaluate {value!r}: extend evaluate() rather than drop the budget check")
+
+
+def connection_budget_violations(template: dict[str, Any]) -> list[str]:
+    """Where what can hold PostgreSQL connections exceeds DatabaseConnectionBudget, for any allowed value.
+
+    What holds connections: every execution environment running, one each
+    (lambda_handler.CONNECTIONS_PER_INVOCATION), whether the event source mapping or a direct
+    invocation started it; the function's ReservedConcurrentExecutions caps them all. The mapping's
+    MaximumConcurrency caps its own invocations only, and must not exceed the reserved concurrency.
+    Every parameter involved takes its smallest and largest allowed values, in every combination.
+    """
+    function = resource(template, "AWS::Lambda::Function")
+    if "ReservedConcurrentExecutions" not in function:
+        return ["the function has no ReservedConcurrentExecutions: nothing caps its environments at the budget"]
+    reserved = function["ReservedConcurrentExecutions"]
+    cap = resource(template, "AWS::Lambda::EventSourceMapping")["ScalingConfig"]["MaximumConcurrency"]
+    names = sorted({BUDGET} | refs(reserved) | refs(cap))
+    found = []
+    for values in itertools.product(*(allowed(template["Parameters"][name]) for name in names)):
+        parameters = dict(zip(names, values, strict=True))
+        budget, environments, concurrency = (
+            parameters[BUDGET],
+            evaluate(reserved, parameters),
+            evaluate(cap, parameters),
+        )
+        if not 2 <= concurrency <= 1000:
+            found.append(f"{parameters}: MaximumConcurrency {concurrency} outside 2-1000")
+        if concurrency > environments:
+            found.append(f"{parameters}: MaximumConcurrency {concurrency} > reserved concurrency {environments}")
+        if environments * lambda_handler.CONNECTIONS_PER_INVOCATION > budget:
+            found.append(f"{parameters}: {environments} environments hold more than the {budget} connections budgeted")
+    return found
+
+
+def test_the_environments_that_can_hold_connections_stay_within_the_connection_budget(
     template: dict[str, Any],
 ) -> None:
-    cap = resource(template, "AWS::Lambda::EventSourceMapping")["ScalingConfig"]["MaximumConcurrency"]
-    budget = template["Parameters"]["DatabaseConnectionBudget"]
-    # Whatever the budget is set to, the cap never exceeds it: the cap is the budget itself, or a
-    # value no larger than the smallest budget allowed.
-    if cap == {"Ref": "DatabaseConnectionBudget"}:
-        worst = [(value, value) for value in allowed(budget)]
+    budget = template["Parameters"][BUDGET]
+    assert budget["Type"] == "Number" and min(allowed(budget)) >= 2
+    assert "CONNECTION LIMIT" in budget["Description"]  # the role's limit is set to the budget too
+    assert connection_budget_violations(template) == []
+
+
+@pytest.mark.parametrize(
+    ("resource_type", "path", "value"),
+    [
+        ("AWS::Lambda::EventSourceMapping", ("ScalingConfig", "MaximumConcurrency"), 1000),
+        ("AWS::Lambda::Function", ("ReservedConcurrentExecutions",), 1000),
+        ("AWS::Lambda::Function", ("ReservedConcurrentExecutions",), {"Ref": "MaxReceiveCount"}),
+        ("AWS::Lambda::Function", ("ReservedConcurrentExecutions",), None),  # removed
+    ],
+)
+def test_the_budget_check_catches_concurrency_raised_past_the_budget(
+    template: dict[str, Any], resource_type: str, path: tuple[str, ...], value: Any
+) -> None:
+    changed = copy.deepcopy(template)
+    properties = resource(changed, resource_type)
+    for key in path[:-1]:
+        properties = properties[key]
+    if value is None:
+        del properties[path[-1]]
     else:
-        most = max(allowed(parameter(template, cap))) if isinstance(cap, dict) else int(cap)
-        worst = [(most, min(allowed(budget)))]
-    for concurrency, connections in worst:
-        assert 2 <= concurrency <= 1000, "MaximumConcurrency must be within 2-1000"
-        assert concurrency * lambda_handler.CONNECTIONS_PER_INVOCATION <= connections
+        properties[path[-1]] = value
+    assert connection_budget_violations(changed) != []
 
 
 def test_the_event_source_mapping_reports_partial_batch_failures_and_batches_by_size_and_window(
