@@ -22,16 +22,19 @@ if [ ! -f "$stamp" ]; then
 fi
 export PATH=$ROOT/.venv/bin:$PATH
 
-# Tests only (test.sh sets SETUP_FOR_TESTS=1): Prometheus and promtool from Debian's `prometheus` package, for the alert-rule tests and
-# the real Prometheus of tests/integration/test_monitoring.py (each test starts its own server on a
-# free port with a temporary config and data directory; no system service is used).
-if [ "${SETUP_SERVICES:-1}" = 1 ] && [ "${SETUP_FOR_TESTS:-0}" = 1 ] && ! { command -v promtool && command -v prometheus; } >/dev/null; then
-  echo "setup: installing Debian's prometheus package (prometheus, promtool) for the monitoring tests" >&2
+# Tests only (test.sh sets SETUP_FOR_TESTS=1), from Debian's packages: `prometheus` (prometheus,
+# promtool) for the alert-rule tests and the real Prometheus of tests/integration/test_monitoring.py
+# (each test starts its own server on a free port with a temporary config and data directory; no
+# system service is used), and `nftables` (nft) for the half-open connection tests, which drop a
+# test proxy's packets in the kernel (tests/integration/proxy.py; needs root).
+if [ "${SETUP_SERVICES:-1}" = 1 ] && [ "${SETUP_FOR_TESTS:-0}" = 1 ] \
+  && ! { command -v promtool && command -v prometheus && command -v nft; } >/dev/null; then
+  echo "setup: installing Debian's prometheus and nftables packages for the monitoring and half-open tests" >&2
   mkdir -p .stack/logs
-  apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+  apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus nftables; }
   apt_install >>.stack/logs/apt.log 2>&1 \
     || { apt-get update -q >>.stack/logs/apt.log 2>&1 && apt_install >>.stack/logs/apt.log 2>&1; } \
-    || echo "setup: could not install prometheus (see .stack/logs/apt.log); the monitoring tests will fail" >&2
+    || echo "setup: could not install prometheus/nftables (see .stack/logs/apt.log); their tests will fail" >&2
 fi
 
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test}
