@@ -64,7 +64,7 @@ from database.audit import AuditLog, AuditUnavailable
 from database.rekey import Rekeyer, RekeyInterrupted
 from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
 from database.retention import MIN_KEEP_DAYS, Retention
-from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
+from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
 from health import Failure, checklist
 from models import UnmaskAudit
 from observability import Metrics, Progress, configure_logging
@@ -368,7 +368,22 @@ def _replay(settings: Settings, masker: Masker, args: argparse.Namespace) -> int
     request = ReplayRequest(args.requested_by or _os_user(), args.reason, args.where_reason, args.since, args.dry_run)
     writer = PostgresWriter(settings.database_url)  # the schema must be current (replayed_at)
     try:
-        _connect(writer, args)
+        if not args.dry_run:
+            _connect(writer, args)  # brings the schema up to date, as the ETL does at start
+        else:
+            # A dry run changes nothing, the schema included: it looks, and stops if it is behind.
+            writer.connect(migrate=False)
+            version = writer.schema_version()
+            if version is None or version < SCHEMA_VERSION:
+                found = (
+                    "not created" if version is None else f"at version {version}, this release's is {SCHEMA_VERSION}"
+                )
+                return _fail(
+                    f"replay --dry-run: the schema at {redact_dsn(settings.database_url)} is {found}; a dry run "
+                    "does not migrate it. Nothing was changed. Run `python main.py replay` without --dry-run "
+                    "(it migrates first) or start the ETL once, then dry-run again",
+                    EXIT_CONFIG,
+                )
     finally:
         writer.close()
     result = replayer.run(request)  # its errors end in ERRORS

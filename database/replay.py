@@ -10,7 +10,8 @@ Order (the guarantee "no unaudited replay"):
    value), committed. If it cannot be committed, nothing else happens.
 3. Move (not with --dry-run), in transactions of `batch_rows`: the audited rows still not replayed
    are locked (`FOR UPDATE`) and validated again (a row may have been rekeyed or replayed since);
-   those that pass are inserted into `user_logins` with ``ON CONFLICT (message_id, create_date) DO NOTHING`` and
+   those that pass are inserted into `user_logins` unless their message_id is there already (under
+   any day; ``ON CONFLICT (message_id, create_date) DO NOTHING`` settles a load at the same moment) and
    their quarantine rows get `replayed_at` and `replay_audit_id`; those that still fail get today's
    reason. Only audited message ids move.
 
@@ -280,10 +281,15 @@ class Replayer:
             )
 
     def _load(self, cur: Any, logins: Sequence[MaskedLogin], result: ReplayResult) -> None:
+        # Not for a message already stored under any day: a quarantine row without a sent time
+        # (the minimal form) would give the login the undated day, beside its real one. Between
+        # two loads at once, the unique key decides: the second waits, then inserts nothing.
         inserted = execute_values(
             cur,
-            f"INSERT INTO user_logins ({_COLUMN_LIST}) VALUES %s ON CONFLICT (message_id, create_date) DO NOTHING "
-            "RETURNING message_id",
+            f"""INSERT INTO user_logins ({_COLUMN_LIST})
+                SELECT {_COLUMN_LIST} FROM (VALUES %s) AS v ({_COLUMN_LIST})
+                 WHERE NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = v.message_id)
+                ON CONFLICT (message_id, create_date) DO NOTHING RETURNING message_id""",
             [
                 (
                     r.message_id,
@@ -297,6 +303,7 @@ class Replayer:
                 )
                 for r in logins
             ],
+            template="(%s, %s, %s, %s, %s, %s, %s::date, %s::text)",
             page_size=len(logins),
             fetch=True,
         )

@@ -9,13 +9,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
+
+import psycopg2
 
 from database.replay import Replayer, ReplayRequest, ReplayResult
-from database.sqs_postgres import PostgresWriter
-from main import EXIT_OK, EXIT_UNREACHABLE, main
-from models import Rejection
+from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
+from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
+from models import MaskedLogin, Rejection
 from pii.masking import BODY_FIELD, Masker, decode_key
 from transform import retry_quarantined
 
@@ -131,6 +135,39 @@ def test_replaying_twice_stores_once_and_a_dry_run_changes_nothing(etl_env, caps
     }
     assert "replay: 2 quarantined messages examined" in out
     assert [a[3:6] for a in audits(db)[1:]] == [(4, 2, 2), (2, 0, 2)]  # the second saw only bad-1, bad-2
+
+
+def test_a_dry_run_on_a_schema_behind_leaves_it_behind_and_says_so(etl_env, capsys) -> None:
+    # GIVEN a quarantined message on a schema one version behind this release's
+    db = etl_env["DATABASE_URL"]
+    quarantine(etl_env, [("fixed-1", "processing failed 5 times: KeyError", login(1))])
+    behind = SCHEMA_VERSION - 1
+    query(
+        db,
+        "INSERT INTO etl_schema_version (version) VALUES (%s); DELETE FROM etl_schema_version WHERE version = %s",
+        (behind, SCHEMA_VERSION),
+    )
+    # WHEN an operator looks first
+    code = main(["replay", "--reason", "look first", "--dry-run"])
+    # THEN nothing changed, the schema included, and the one line says why and what to do
+    assert query(db, "SELECT max(version) FROM etl_schema_version") == [(behind,)]
+    assert code == EXIT_CONFIG
+    assert query(db, "SELECT to_regclass('etl_replay_audit') IS NULL") == [(True,)]
+    assert loaded(db) == [] and quarantined(db) == {"fixed-1": ("processing failed 5 times: KeyError", False)}
+    err = capsys.readouterr().err
+    assert f"at version {behind}" in err and "does not migrate" in err and "Nothing was changed" in err
+    # A replay (not a dry run) brings it up to date first, as the ETL does at start.
+    assert main(["replay", "--reason", "load it"]) == EXIT_OK
+    assert query(db, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)]
+    assert loaded(db) == ["fixed-1"]
+
+
+def test_a_dry_run_on_a_database_never_migrated_creates_nothing(etl_env, capsys) -> None:
+    assert main(["replay", "--reason", "look first", "--dry-run"]) == EXIT_CONFIG
+    assert "is not created" in capsys.readouterr().err
+    assert query(etl_env["DATABASE_URL"], "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()") == [
+        (0,)
+    ]
 
 
 def test_where_reason_and_since_choose_the_rows(etl_env) -> None:
@@ -287,3 +324,185 @@ def test_a_replay_overtaken_between_its_audit_and_its_move_skips_what_the_other_
         "SELECT a.requested_by, count(*) FROM user_logins_rejected r "
         "JOIN etl_replay_audit a ON a.id = r.replay_audit_id GROUP BY 1",
     ) == [("bob", 30)]
+
+
+# --- replay and the same message_id stored by someone else -------------------------------------------
+
+
+def test_a_quarantined_message_already_in_user_logins_is_stored_once_and_reported_as_already_there(
+    etl_env, capsys
+) -> None:
+    # GIVEN quarantined messages whose logins are already stored: one was stored by a redelivery
+    # (same day), the other's quarantine row is the minimal form without a sent time, while its
+    # login was stored under its real day (a row of the default partition would be a second copy).
+    db = etl_env["DATABASE_URL"]
+    masker = masker_of(etl_env)
+    sent = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+    writer = PostgresWriter(db)
+    writer.connect()
+    bodies = {"dated": login(1), "undated": login(2)}
+    writer.write(
+        [],
+        [
+            Rejection(
+                "dated", "processing failed 5 times: KeyError", masker.mask(BODY_FIELD, bodies["dated"]), sent, 5
+            ),
+            Rejection("undated", "quarantine row refused", masker.mask(BODY_FIELD, bodies["undated"]), None, 1),
+        ],
+    )
+    # Their logins as the ETL stored them, dated by their SentTimestamp (a COPY: no quarantine check).
+    stored = [retry_quarantined(m, masker.mask(BODY_FIELD, body), sent, masker) for m, body in bodies.items()]
+    writer.write([row for row in stored if isinstance(row, MaskedLogin)], [])
+    writer.close()
+
+    # WHEN they are replayed
+    assert main(["replay", "--reason", "INC-7"]) == EXIT_OK
+
+    # THEN each is in user_logins once, counted as already there, and its quarantine row is history
+    assert "loaded into user_logins: 0 (already there: 2)" in capsys.readouterr().out
+    assert query(db, "SELECT message_id, create_date FROM user_logins ORDER BY 1") == [
+        ("dated", sent.date()),
+        ("undated", sent.date()),
+    ]
+    assert quarantined(db) == {
+        "dated": ("processing failed 5 times: KeyError", True),
+        "undated": ("quarantine row refused", True),
+    }
+
+
+class PausedReplayer(Replayer):
+    """A replay that tells its backend's pid, and can hold its first chunk's transaction open
+    after the insert into user_logins (before its commit)."""
+
+    def __init__(self, *args: Any, hold: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hold = hold
+        self.pid = 0
+        self.inserted = threading.Event()
+        self.release = threading.Event()
+
+    def _move(self, conn: Any, result: ReplayResult, audited: Any) -> None:
+        self.pid = conn.get_backend_pid()
+        super()._move(conn, result, audited)
+
+    def _load(self, cur: Any, logins: Any, result: ReplayResult) -> None:
+        super()._load(cur, logins, result)
+        self.inserted.set()
+        if self.hold:
+            assert self.release.wait(60), "the test never released the replay"
+
+
+def start_drain(tmp_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--wait-seconds", "1", "--receivers", "1", "--flush-seconds", "1"],
+        cwd=tmp_path,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until_blocked_by(db: str, blocker: int) -> int:
+    """Wait until a backend waits for a lock that backend `blocker` holds; return its pid."""
+    deadline = time.monotonic() + 30
+    while True:
+        rows = query(db, "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (blocker,))
+        if rows:
+            return int(rows[0][0])
+        assert time.monotonic() < deadline, f"nothing waited for backend {blocker}"
+        time.sleep(0.05)
+
+
+def run_in_thread(work: Callable[[], ReplayResult]) -> tuple[threading.Thread, list[ReplayResult | BaseException]]:
+    out: list[ReplayResult | BaseException] = []
+
+    def target() -> None:
+        try:
+            out.append(work())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_replay_and_a_drain_storing_the_same_message_at_once_store_it_once_replay_first(
+    etl_env, sqs_client, tmp_path
+) -> None:
+    # GIVEN a quarantined message whose message_id the queue delivers to a drain
+    db = etl_env["DATABASE_URL"]
+    body = login(1)
+    [message_id] = send(sqs_client, etl_env["SQS_QUEUE_URL"], [body])
+    masker = masker_of(etl_env)
+    writer = PostgresWriter(db)
+    writer.connect()
+    sent = datetime.now(timezone.utc)  # the same day as SQS's SentTimestamp: the same partition
+    writer.write(
+        [], [Rejection(message_id, "processing failed 5 times: KeyError", masker.mask(BODY_FIELD, body), sent, 5)]
+    )
+    writer.close()
+    # WHEN the replay has inserted it, uncommitted, and the drain's COPY of it waits for that
+    replayer = PausedReplayer(db, lambda m, b, s: retry_quarantined(m, b, s, masker), hold=True)
+    thread, results = run_in_thread(lambda: replayer.run(ReplayRequest("alice", "race")))
+    assert replayer.inserted.wait(30), results
+    drain = start_drain(tmp_path)
+    try:
+        wait_until_blocked_by(db, replayer.pid)
+    finally:
+        replayer.release.set()
+    thread.join(timeout=60)
+    out, err = drain.communicate(timeout=60)
+    # THEN the message is stored once: the replay's row; the drain counted a duplicate
+    assert drain.returncode == 0, err
+    [result] = results
+    assert isinstance(result, ReplayResult) and (result.loaded, result.already_loaded) == (1, 0)
+    assert loaded(db) == [message_id]
+    assert quarantined(db) == {message_id: ("processing failed 5 times: KeyError", True)}
+    assert "Traceback" not in err
+
+
+def test_a_replay_and_a_drain_storing_the_same_message_at_once_store_it_once_drain_first(
+    etl_env, sqs_client, tmp_path
+) -> None:
+    # GIVEN a quarantined message M whose message_id the queue delivers to a drain, with a bad
+    # message R in the same receive (its quarantine row is how the test holds the drain's batch open)
+    db = etl_env["DATABASE_URL"]
+    body = login(1)
+    message_id, bad_id = send(sqs_client, etl_env["SQS_QUEUE_URL"], [body, "not json"])
+    masker = masker_of(etl_env)
+    writer = PostgresWriter(db)
+    writer.connect()
+    sent = datetime.now(timezone.utc)
+    writer.write(
+        [], [Rejection(message_id, "processing failed 5 times: KeyError", masker.mask(BODY_FIELD, body), sent, 5)]
+    )
+    writer.close()
+    holder = psycopg2.connect(db)
+    try:
+        with holder.cursor() as cur:  # an uncommitted quarantine row for R: the drain's insert of R waits
+            cur.execute(
+                "INSERT INTO user_logins_rejected (message_id, reason, receive_count, encrypted_body) "
+                "VALUES (%s, 'held by the test', 1, 'x')",
+                (bad_id,),
+            )
+        # WHEN the drain has copied M into user_logins (uncommitted, waiting on R) and the replay's
+        # insert of M waits for the drain
+        drain = start_drain(tmp_path)
+        drain_pid = wait_until_blocked_by(db, holder.get_backend_pid())
+        replayer = PausedReplayer(db, lambda m, b, s: retry_quarantined(m, b, s, masker))
+        thread, results = run_in_thread(lambda: replayer.run(ReplayRequest("alice", "race")))
+        assert wait_until_blocked_by(db, drain_pid) == replayer.pid, results
+    finally:
+        holder.rollback()  # R goes in, the drain commits
+        holder.close()
+    thread.join(timeout=60)
+    out, err = drain.communicate(timeout=60)
+    # THEN M is stored once, by the drain; the replay counts it as already there and marks it
+    assert drain.returncode == 0, err
+    [result] = results
+    assert isinstance(result, ReplayResult) and (result.loaded, result.already_loaded) == (0, 1)
+    assert loaded(db) == [message_id]
+    assert quarantined(db)[message_id] == ("processing failed 5 times: KeyError", True)
+    assert quarantined(db)[bad_id][1] is False
