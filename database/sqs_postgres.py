@@ -26,7 +26,7 @@ from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import execute_values
 
 from database import partitions
-from models import MaskedLogin, Rejection, WriteResult
+from models import Backoff, MaskedLogin, Rejection, WriteResult
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,8 +54,10 @@ STAGED_BATCHES_AFTER_CONFLICT = 10
 DEFAULT_LOCK_TIMEOUT_SECONDS = 2.0
 # Pages of the legacy table moved per transaction by the migration to partitions (~40,000 rows).
 MIGRATE_BATCH_PAGES = 1000
-# After a failed attempt to create the coming days' partitions (a lock held), wait this long.
-PARTITION_RETRY_SECONDS = 60.0
+# After a failed attempt to create the coming days' partitions (a lock held), the next one waits
+# as the backoff policy says, but with its cap raised to at least this: each attempt queues the
+# analysts' queries on user_logins for up to the lock timeout, and the days are made 7 days ahead.
+PARTITION_RETRY_CAP_SECONDS = 60.0
 
 _CREATE_REJECTED = """
 CREATE TABLE IF NOT EXISTS user_logins_rejected (
@@ -134,8 +136,12 @@ class PostgresWriter:
         application_name: str = "login-etl",
         lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
         migrate_batch_pages: int = MIGRATE_BATCH_PAGES,
+        backoff: Backoff | None = None,
     ) -> None:
         self._dsn = dsn
+        policy = backoff or Backoff()
+        self._partitions_backoff = Backoff(policy.base_seconds, max(policy.cap_seconds, PARTITION_RETRY_CAP_SECONDS))
+        self._partitions_failures = 0
         self._migrate_batch_pages = max(1, migrate_batch_pages)
         self._partition_days: set[date] = set()
         self._partitions_checked_on: date | None = None
@@ -351,13 +357,17 @@ class PostgresWriter:
             self._ensure_partitions(today)
         except psycopg2.errors.LockNotAvailable:
             holders = self._run(_lock_holders, commit=False)
-            self._partitions_retry_at = time.monotonic() + PARTITION_RETRY_SECONDS
+            self._partitions_failures += 1
+            delay = self._partitions_backoff.delay(self._partitions_failures)
+            self._partitions_retry_at = time.monotonic() + delay
             logger.warning(
                 "creating the coming days' partitions waited %d ms for a lock %s; trying again in %.0f s",
                 self._lock_timeout_ms,
                 holders,
-                PARTITION_RETRY_SECONDS,
+                delay,
             )
+        else:
+            self._partitions_failures = 0
 
     def _create_stage(self, cur: Cursor) -> None:
         # Staging table for COPY: private to this session, emptied at each commit.
