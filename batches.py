@@ -157,6 +157,7 @@ class Deleters:
         self._threads = [threading.Thread(target=self._loop, name=f"deleter-{n}", daemon=True) for n in range(threads)]
 
     def start(self) -> None:
+        """Start the delete threads."""
         for thread in self._threads:
             thread.start()
 
