@@ -38,12 +38,12 @@ from typing import Any
 
 from aws.lambda_event import batch_response, messages_of
 from aws.secrets import read_secret
+from batches import store, write_batch
 from config import DEFAULT_REGION, Settings, database_url_with_secret
 from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter
 from models import WriteResult
 from observability import JsonFormatter
 from pii.masking import Masker
-from pipeline import store, write_batch
 from transform import Batch, RecentQuarantine, prepare
 
 logger = logging.getLogger("login_etl.lambda")

@@ -171,7 +171,7 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
     if args.command == "unmask":
         return _unmask(settings, masker, args)
     if args.command == "rekey":
-        return _rekey(settings, masker, args.rekey_batch_size)
+        return _rekey(settings, masker, args.rekey_batch_size, _backoff(args))
     if args.command == "replay":
         return _replay(settings, masker, args)
     return _run(settings, masker, args)
@@ -208,11 +208,16 @@ def _keygen_tink(*, export: bool, rotate: bool) -> int:
     return EXIT_OK
 
 
+def _backoff(args: argparse.Namespace) -> Backoff:
+    """The one retry policy of the process (--backoff-base-seconds, --backoff-cap-seconds): the loop
+    builds the same from PipelineOptions; the database classes get it passed in."""
+    return Backoff(args.backoff_base_seconds, args.backoff_cap_seconds)
+
+
 def _connect(writer: PostgresWriter, args: argparse.Namespace) -> None:
     """Connect and set up the schema; a schema lock held by someone else is waited out with backoff
     (for the retry budget in drain mode, for ever with --follow); PostgreSQL unreachable is not."""
-    backoff = Backoff(args.backoff_base_seconds, args.backoff_cap_seconds)
-    retrier = Retrier(backoff, StopState(), budget_seconds=None if args.follow else args.retry_budget_seconds)
+    retrier = Retrier(_backoff(args), StopState(), budget_seconds=None if args.follow else args.retry_budget_seconds)
     retrier.call("PostgreSQL", "schema set-up", writer.connect, SchemaBusy)
 
 
@@ -236,11 +241,18 @@ def _serve_metrics(port: int | None) -> Metrics | None:
 
 def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     metrics = _serve_metrics(args.metrics_port)
-    writer = PostgresWriter(settings.database_url)
+    writer = PostgresWriter(settings.database_url, backoff=_backoff(args))
+    close = True
     try:
         return _consume(writer, settings, masker, args, metrics)
+    except Stopped as exc:
+        # A write still hangs inside the connection (a half-open socket): closing it would wait
+        # for that call. The process exits instead, and the OS drops the socket.
+        close = not exc.hung
+        raise
     finally:
-        writer.close()
+        if close:
+            writer.close()
 
 
 def _consume(
@@ -345,9 +357,13 @@ def escape_controls(value: str) -> str:
     return "".join(shown)
 
 
-def _rekey(settings: Settings, masker: Masker, batch_rows: int) -> int:
+def _rekey(settings: Settings, masker: Masker, batch_rows: int, backoff: Backoff) -> int:
     rekeyer = Rekeyer(
-        settings.database_url, masker.rekey, current_prefixes=masker.current_prefixes, batch_rows=batch_rows
+        settings.database_url,
+        masker.rekey,
+        current_prefixes=masker.current_prefixes,
+        batch_rows=batch_rows,
+        backoff=backoff,
     )
     try:
         result = rekeyer.run()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import math
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any, Protocol
@@ -155,11 +157,42 @@ class WriteResult:
     rejected_ids: frozenset[str] = field(default=frozenset(), compare=False)
 
 
+# The one retry policy of the process (retry.py applies it; main.py configures it with
+# --backoff-base-seconds / --backoff-cap-seconds). It lives here, not in retry.py, because it
+# crosses into `database/` (the schema set-up, the daily partitions, rekey), which never imports
+# a top-level module but this one.
+DEFAULT_BASE_SECONDS = 0.2
+DEFAULT_CAP_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base * 2**n))."""
+
+    base_seconds: float = DEFAULT_BASE_SECONDS
+    cap_seconds: float = DEFAULT_CAP_SECONDS
+
+    def __post_init__(self) -> None:
+        if not 0 < self.base_seconds <= self.cap_seconds:
+            raise ValueError(f"need 0 < base ({self.base_seconds}) <= cap ({self.cap_seconds})")
+
+    def ceiling(self, attempt: int) -> float:
+        """The longest wait after the `attempt`-th failure; never overflows, however long the outage."""
+        # Past this exponent the cap rules anyway; 2**attempt itself would overflow a float at ~1,024.
+        exponent = min(max(attempt, 0), math.ceil(math.log2(self.cap_seconds / self.base_seconds)) + 1)
+        return min(self.cap_seconds, self.base_seconds * 2.0**exponent)
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """A wait drawn uniformly from [0, ceiling(attempt)) (full jitter)."""
+        return rng() * self.ceiling(attempt)
+
+
 class MessageSource(Protocol):
     """Where the consume loop gets messages (aws.sqs.SqsReader; a fake in tests)."""
 
     def receive(self) -> list[ReceivedMessage]: ...
     def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]: ...
+    # -> the receipt handles refused (not message ids: two copies of one message may be in one call)
     def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]: ...
 
 

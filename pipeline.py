@@ -3,18 +3,20 @@
 Ordering (the promise "no message lost, none stored twice"):
 
 1. Receiver threads long-poll the source, parse and mask what they received (transform.py), and
-   hand it to a bounded inbox (back-pressure: when the database is slower than the queue,
-   receivers wait instead of buffering without limit).
-2. The writer gathers received messages into a batch, flushed by size or by the age of its
-   oldest message; writes logins and rejections in ONE transaction; and only after the commit
-   hands the batch to the deleters.
+   hand it to a bounded inbox (back-pressure: receivers wait when the database is slower).
+2. The writer takes batches from the inbox (batches.Batcher: cut by size or age), writes logins
+   and rejections in ONE transaction (batches.Committer), and only after the commit hands the
+   batch to the deleters (batches.Deleters).
 3. Deletes of batch k run while batch k+1 is received and written. A crash anywhere before a
    delete leaves the message in the queue; it comes back and is not stored again (the unique
    `message_id`; see database/sqs_postgres.py).
 
 Stopping: receivers stop at once; the batch in hand is still committed and deleted, retried for at
-most the stop timeout (then `Stopped`: nothing uncommitted was deleted). Every retry goes through
-one `Retrier` (retry.py); the in-hand visibility through one `VisibilityKeeper` (aws/visibility.py).
+most the stop timeout (then `Stopped`: nothing uncommitted was deleted). A hard bound, also when a
+call hangs instead of failing: `run` waits no longer than the stop timeout plus STOP_MARGIN_SECONDS
+(retry.py), then ends, abandoning the calls in flight on their daemon threads (a commit landing
+later is harmless: its messages were not deleted, come back, and are not stored twice). Every retry
+goes through one `Retrier`; the in-hand visibility through one `VisibilityKeeper` (aws/visibility.py).
 """
 
 from __future__ import annotations
@@ -25,26 +27,16 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from aws.sqs import QueueUnusable, SqsUnavailable
 from aws.visibility import MAX_ENTRIES_PER_CALL, ExtendResult, VisibilityKeeper
+from batches import Batcher, Committer, Deleters
 from config import PipelineOptions
-from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable
-from models import BatchSink, MessageSource, ReceivedMessage, WriteResult
+from models import Backoff, BatchSink, MessageSource, ReceivedMessage
 from observability import Observer, Stats
 from pii.masking import Masker
-from retry import (
-    Abandoned,
-    Backoff,
-    BudgetExhausted,
-    Clock,
-    Retrier,
-    RetryError,
-    StopDeadlinePassed,
-    StopState,
-)
-from transform import Batch, Prepared, RecentQuarantine, prepare
+from retry import STOP_MARGIN_SECONDS, Abandoned, BudgetExhausted, Clock, Retrier, StopDeadlinePassed, StopState
+from transform import Prepared, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -56,41 +48,20 @@ class ServiceLost(Exception):
 
 
 class Stopped(Exception):
-    """Raised when a stop's timeout passed before the batch in hand could be committed."""
+    """Raised when a stop's timeout passed before the batch in hand could be committed.
 
-    def __init__(self, uncommitted: int, reason: str) -> None:
+    `hung`: a call was still in flight (the writer's thread is inside it); the caller must not
+    wait for that thread, nor for anything it holds (its database connection).
+    """
+
+    def __init__(self, uncommitted: int, reason: str, *, hung: bool = False) -> None:
         super().__init__(f"{uncommitted} messages left uncommitted ({reason})")
         self.uncommitted = uncommitted
+        self.hung = hung
 
 
 class QueueLost(Exception):
     """Raised when the queue became unusable mid-run (deleted, access denied): not retried."""
-
-
-def write_batch(sink: BatchSink, batch: Batch, quarantined: RecentQuarantine) -> WriteResult:
-    """Write a batch's rows and rejections in one transaction (the sink's `write`), with the
-    one-table check whenever a message of it may have been seen before."""
-    return sink.write(
-        list(batch.rows.values()),
-        list(batch.rejections.values()),
-        redelivered=batch.redelivered > 0 or quarantined.holds_any(batch.rows),
-    )
-
-
-def store(batch: Batch, masker: Masker, write: Callable[[], WriteResult]) -> WriteResult:
-    """Commit `batch` with `write` (one transaction); rows PostgreSQL refuses alone are quarantined
-    and the rest written again, so a batch never fails because of one row.
-
-    The one path from a prepared batch to the database, for the consume loop and for the Lambda
-    handler (lambda_handler.py). Raises what `write` raises other than DatabaseRejectedRows.
-    """
-    while True:
-        try:
-            return write()
-        except DatabaseRejectedRows as exc:
-            # Rare: validation let through something PostgreSQL refuses. Quarantine those rows
-            # alone and write the rest; the batch around them must not fail.
-            batch.quarantine_refused(exc.bad_logins, exc.bad_rejections, masker)
 
 
 class Pipeline:
@@ -106,13 +77,13 @@ class Pipeline:
         *,
         clock: Clock | None = None,
         rng: Callable[[], float] = random.random,
+        stop_margin_seconds: float = STOP_MARGIN_SECONDS,
     ) -> None:
         self._source = source
-        self._sink = sink
         self._masker = masker
         self._options = options
         self._observer = observer or Observer()
-        self._stop = StopState(clock or Clock(), options.stop_timeout_seconds)
+        self._stop = StopState(clock or Clock(), options.stop_timeout_seconds, stop_margin_seconds)
         self._retrier = Retrier(
             Backoff(options.backoff_base_seconds, options.backoff_cap_seconds),
             self._stop,
@@ -120,12 +91,20 @@ class Pipeline:
             on_error=lambda service, operation: self._observer.on_error(_METRIC_SERVICE[service], operation),
             rng=rng,
         )
+        self._committer = Committer(sink, masker, self._retrier)
         self.keeper = VisibilityKeeper(
             source.change_visibility, options.visibility_timeout_seconds, on_pass=self._extended
         )
         self._inbox: queue.Queue[Prepared | None] = queue.Queue(maxsize=max(4, 2 * options.batch_size // 10))
+        self._batcher = Batcher(self._inbox, options, on_turn=self._observer.on_writer_turn)
+        # At most two batches' worth of delete calls outstanding: memory stays bounded, and the
+        # writer goes on with the next batch while the last calls of the previous one finish.
+        max_calls = max(2, 2 * options.batch_size // MAX_ENTRIES_PER_CALL)
+        self._deleters = Deleters(self._delete, self._deleted, threads=options.deleters, max_calls=max_calls)
         self._fatal: BaseException | None = None
-        self._quarantined = RecentQuarantine()
+        self._lock = threading.Lock()
+        self._uncommitted = 0  # received and not yet committed (nor given up as failed)
+        self._committing = False
         self.stats = Stats()
 
     @property
@@ -142,37 +121,32 @@ class Pipeline:
 
         Raises ServiceLost (drain mode, a service gone beyond the retry budget), Stopped (the stop
         timeout passed with messages uncommitted) or QueueLost. The work runs in other threads; the
-        calling (main) thread only waits, so that signal handlers run at once even while a commit
-        blocks inside libpq.
+        calling (main) thread only waits, in short steps, so that signal handlers run at once even
+        while a commit blocks inside libpq, and so that it can stop waiting for a call that hangs.
         """
-        worker = threading.Thread(target=self._work, name="writer", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(0.2)
+        self.keeper.start()
+        self._deleters.start()
+        for n in range(self._options.receivers):
+            threading.Thread(target=self._receive_loop, name=f"receiver-{n}", daemon=True).start()
+        writer = threading.Thread(target=self._write_loop, name="writer", daemon=True)
+        writer.start()
+        while writer.is_alive() and not self._stop.past_give_up():
+            give_up_at = self._stop.give_up_at
+            writer.join(0.2 if give_up_at is None else min(0.2, max(0.01, give_up_at - time.monotonic())))
+        self._stop.stop()  # the writer's end stopped it already, unless a receiver failed first
+        assert self._stop.give_up_at is not None
+        self._deleters.close(self._stop.give_up_at)
+        self.keeper.stop(wait_seconds=max(0.0, self._stop.give_up_at - time.monotonic()))
+        bound = f"{self._stop.timeout_seconds + self._stop.margin_seconds:g} s after the stop"
+        if writer.is_alive() and self._uncommitted:
+            what = "a PostgreSQL call" if self._committing else "a call"
+            cause = f"; after {self._fatal}" if self._fatal is not None else ""
+            raise Stopped(self._uncommitted, f"{what} had not returned {bound}{cause}", hung=self._committing)
         if isinstance(self._fatal, BudgetExhausted):
             raise ServiceLost(str(self._fatal)) from None
         if self._fatal is not None:
             raise self._fatal
         return self.stats
-
-    def _work(self) -> None:
-        try:
-            receivers = [
-                threading.Thread(target=self._receive_loop, name=f"receiver-{i}", daemon=True)
-                for i in range(self._options.receivers)
-            ]
-            for thread in receivers:
-                thread.start()
-            self.keeper.start()
-            deleters = ThreadPoolExecutor(max_workers=self._options.deleters, thread_name_prefix="deleter")
-            try:
-                self._write_loop(deleters)
-            finally:
-                self._stop.stop()  # deletes still running are now bounded by the stop deadline
-                deleters.shutdown(wait=True)
-                self.keeper.stop()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-            self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
         self._fatal = self._fatal or exc
@@ -188,6 +162,8 @@ class Pipeline:
                     redelivered = sum(1 for m in messages if m.receive_count > 1)
                     self.stats.add(received=len(messages), redelivered=redelivered)
                     self._observer.on_received(len(messages), redelivered)
+                    with self._lock:
+                        self._uncommitted += len(messages)
                     # Blocks while the writer is behind. Never dropped, even when stopping: these
                     # messages are part of the batch that will be committed and deleted.
                     self.keeper.track(messages)
@@ -198,7 +174,7 @@ class Pipeline:
             return  # stopped while SQS was unreachable
         except QueueUnusable as exc:
             self._fail(QueueLost(str(exc)))
-        except BaseException as exc:  # noqa: BLE001 - handed to the writer thread, re-raised there
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run() in the calling thread
             self._fail(exc)
         finally:
             self._inbox.put(None)  # this receiver is done
@@ -208,64 +184,32 @@ class Pipeline:
 
     # -- writing --------------------------------------------------------------------------------
 
-    def _write_loop(self, deleters: ThreadPoolExecutor) -> None:
-        # At most two batches' worth of delete calls outstanding: memory stays bounded, and the
-        # writer goes on with the next batch while the last calls of the previous one finish.
-        slots = threading.BoundedSemaphore(max(2, 2 * self._options.batch_size // MAX_ENTRIES_PER_CALL))
-        live = self._options.receivers
-        parts: list[Prepared] = []
-        size = 0
-        oldest = 0.0
-        while live:
-            self._observer.on_writer_turn()
-            timeout = max(0.0, oldest + self._options.flush_seconds - time.monotonic()) if parts else 0.5
-            try:
-                item = self._inbox.get(timeout=timeout)
-            except queue.Empty:
-                pass  # the oldest message's age may have come due
-            else:
-                if item is None:
-                    live -= 1
-                else:
-                    if not parts:
-                        oldest = time.monotonic()
-                    parts.append(item)
-                    size += len(item.messages)
-            if not parts:
-                continue
-            if size < self._options.batch_size and time.monotonic() - oldest < self._options.flush_seconds and live:
-                continue
-            if self._fatal is not None:
-                return  # a receiver failed for good: what is in hand comes back after its timeout
-            try:
+    def _write_loop(self) -> None:
+        try:
+            while (parts := self._batcher.take()) is not None:
+                if self._fatal is not None:
+                    return  # a receiver failed for good: what is in hand comes back after its timeout
                 committed = self._commit(parts)
-            except StopDeadlinePassed as exc:
-                raise Stopped(size + self._drain_inbox(), str(exc)) from None
-            parts, size = [], 0
-            # Only now, after the commit: one task per DeleteMessageBatch call, side by side.
-            for start in range(0, len(committed), MAX_ENTRIES_PER_CALL):
-                slots.acquire()
-                deleters.submit(self._delete, committed[start : start + MAX_ENTRIES_PER_CALL], slots)
-
-    def _drain_inbox(self) -> int:
-        count = 0
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return count
-            count += len(item.messages) if item is not None else 0
+                # Only now, after the commit: one DeleteMessageBatch call per 10, side by side.
+                for start in range(0, len(committed), MAX_ENTRIES_PER_CALL):
+                    self._deleters.submit(committed[start : start + MAX_ENTRIES_PER_CALL], self._stop.past_give_up)
+        except StopDeadlinePassed as exc:
+            self._fail(Stopped(self._uncommitted, str(exc)))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run() in the calling thread
+            self._fail(exc)
+        finally:
+            self._stop.stop()  # deletes still running are now bounded by the stop deadline
 
     def _commit(self, parts: Sequence[Prepared]) -> list[ReceivedMessage]:
         """Store a batch in one transaction; return the messages that may now be deleted."""
         started = time.monotonic()
-        batch = Batch(parts)
-        written = store(
-            batch,
-            self._masker,
-            lambda: self._retrier.call("PostgreSQL", "write", lambda: self._write_once(batch), DatabaseUnavailable),
-        )
-        self._quarantined.remember(written.rejected_ids)
+        self._committing = True
+        try:
+            batch, written = self._committer.commit(parts)
+        finally:
+            self._committing = False
+        with self._lock:
+            self._uncommitted -= len(batch.messages)
         failed = batch.failed
         self.stats.add(
             loaded=written.inserted, rejected=written.rejected, duplicates=written.duplicates, failed=len(failed)
@@ -282,19 +226,22 @@ class Pipeline:
         )
         return batch.deletable()
 
-    def _write_once(self, batch: Batch) -> WriteResult:
-        if not self._sink.connected:
-            self._sink.connect()  # after an outage: reconnect (the schema is checked, not relocked)
-        return write_batch(self._sink, batch, self._quarantined)
+    # -- deleting (on the deleters' threads) ----------------------------------------------------
 
-    def _delete(self, chunk: Sequence[ReceivedMessage], slots: threading.BoundedSemaphore) -> None:
+    def _delete(self, chunk: Sequence[ReceivedMessage]) -> int:
+        """Delete one chunk of committed messages; return how many were not deleted."""
         try:
-            refused = self._retrier.call("SQS", "delete", lambda: self._source.delete(chunk), SqsUnavailable)
-            self.stats.add(delete_failures=len(refused))
-        except (RetryError, Exception) as exc:  # noqa: BLE001 - a task's error would otherwise vanish
+            return len(self._retrier.call("SQS", "delete", lambda: self._source.delete(chunk), SqsUnavailable))
+        except QueueUnusable as exc:
+            # Deletes refused for good (the queue deleted, DeleteMessage denied): running on would
+            # receive the same messages again and again. Stop, like a receive would.
+            self._fail(QueueLost(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - given up (RetryError) or unexpected: must not end the thread
             # Committed but not deleted: the messages come back and their inserts do nothing.
             logger.warning("could not delete %d committed messages (%s); they will be redelivered", len(chunk), exc)
-            self.stats.add(delete_failures=len(chunk))
-        finally:
-            self.keeper.untrack(chunk)
-            slots.release()
+        return len(chunk)
+
+    def _deleted(self, chunk: Sequence[ReceivedMessage], not_deleted: int) -> None:
+        if not_deleted:
+            self.stats.add(delete_failures=not_deleted)
+        self.keeper.untrack(chunk)

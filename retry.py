@@ -1,9 +1,10 @@
 """How every retry in the process waits and when it gives up.
 
-`Backoff` is the policy (capped exponential delay, full jitter). `Retrier` applies it to one call
-against one service: it counts attempts, reports each failure, and decides between trying again,
-giving up after the retry budget (drain mode), and giving up because the process is stopping.
-The clock and the sleep are injected, so that a test can fail a call 100,000 times in a second.
+`Backoff` is the policy (capped exponential delay, full jitter; defined in models.py, because
+`database/` uses it too). `Retrier` applies it to one call against one service: it counts attempts,
+reports each failure, and decides between trying again, giving up after the retry budget (drain
+mode), and giving up because the process is stopping. The clock and the sleep are injected, so that
+a test can fail a call 100,000 times in a second. `StopState` holds the stop's two deadlines.
 """
 
 from __future__ import annotations
@@ -17,11 +18,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff
+
+__all__ = [
+    "DEFAULT_BASE_SECONDS",
+    "DEFAULT_CAP_SECONDS",
+    "STOP_MARGIN_SECONDS",
+    "Abandoned",
+    "Backoff",
+    "BudgetExhausted",
+    "Clock",
+    "Retrier",
+    "RetryError",
+    "StopDeadlinePassed",
+    "StopState",
+]
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_BASE_SECONDS = 0.2
-DEFAULT_CAP_SECONDS = 10.0
+# How long past the stop timeout a call still in flight may take to return before it is abandoned
+# (a half-open connection that drops packets, a boto call inside its read timeout): the stop is then
+# over, whatever the threads still do. So the process ends within the stop timeout plus this margin.
+STOP_MARGIN_SECONDS = 2.0
 # Log the first failure of a call and then every tenth: a long outage must not flood the log.
 LOG_EVERY = 10
 
@@ -42,28 +61,6 @@ class Abandoned(RetryError):
     """Raised when the process is stopping and the call is one not worth finishing (a receive)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Capped exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base * 2**n))."""
-
-    base_seconds: float = DEFAULT_BASE_SECONDS
-    cap_seconds: float = DEFAULT_CAP_SECONDS
-
-    def __post_init__(self) -> None:
-        if not 0 < self.base_seconds <= self.cap_seconds:
-            raise ValueError(f"need 0 < base ({self.base_seconds}) <= cap ({self.cap_seconds})")
-
-    def ceiling(self, attempt: int) -> float:
-        """The longest wait after the `attempt`-th failure; never overflows, however long the outage."""
-        # Past this exponent the cap rules anyway; 2**attempt itself would overflow a float at ~1,024.
-        exponent = min(max(attempt, 0), math.ceil(math.log2(self.cap_seconds / self.base_seconds)) + 1)
-        return min(self.cap_seconds, self.base_seconds * 2.0**exponent)
-
-    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        """A wait drawn uniformly from [0, ceiling(attempt)) (full jitter)."""
-        return rng() * self.ceiling(attempt)
-
-
 class Clock:
     """Monotonic time and an interruptible sleep; tests pass a fake that never really sleeps."""
 
@@ -77,18 +74,33 @@ class Clock:
 
 @dataclass
 class StopState:
-    """Whether the process is stopping, and until when a batch in hand may still be retried."""
+    """Whether the process is stopping; until when a batch in hand may still be retried (`deadline`,
+    on the clock); and when calls that have not returned are abandoned (`give_up_at`).
+
+    `give_up_at` is `time.monotonic()` time, whatever the clock: a call that hangs does not move a
+    test's fake clock, and a hang is what it bounds.
+    """
 
     clock: Clock = field(default_factory=Clock)
     timeout_seconds: float = 20.0
+    margin_seconds: float = STOP_MARGIN_SECONDS
     event: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None
+    give_up_at: float | None = None
+    # Reentrant: a signal handler calls stop() on the main thread, which may be inside stop() already.
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def stop(self) -> None:
-        """Start stopping now (later calls keep the first deadline)."""
-        if self.deadline is None:
-            self.deadline = self.clock.now() + self.timeout_seconds
+        """Start stopping now (later calls keep the first deadlines)."""
+        with self._lock:
+            if self.deadline is None:
+                self.deadline = self.clock.now() + self.timeout_seconds
+                self.give_up_at = time.monotonic() + self.timeout_seconds + self.margin_seconds
         self.event.set()
+
+    def past_give_up(self) -> bool:
+        """True once stopping and `give_up_at` has passed."""
+        return self.give_up_at is not None and time.monotonic() >= self.give_up_at
 
     @property
     def stopping(self) -> bool:

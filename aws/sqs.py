@@ -69,7 +69,7 @@ class SqsReader:
         endpoint_url: str | None = None,
         region: str = "us-east-1",
         wait_time_seconds: int = MAX_WAIT_TIME_SECONDS,
-        max_attempts: int = 3,
+        max_attempts: int = 1,
         connect_timeout_seconds: float = 5.0,
         max_connections: int = 32,
     ) -> None:
@@ -82,7 +82,10 @@ class SqsReader:
         self._config = Config(
             connect_timeout=connect_timeout_seconds,
             read_timeout=wait_time_seconds + 10,  # a long poll must not look like a hang
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            # Attempts per call, the first included (botocore's `max_attempts` would count retries
+            # only). One by default: our Retrier (retry.py) alone decides when to try again, so no
+            # botocore retries run underneath its backoff, budget and stop deadline.
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
             max_pool_connections=max_connections,  # one client serves every thread
         )
         self._lock = threading.Lock()
@@ -145,7 +148,8 @@ class SqsReader:
         return failed
 
     def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]:
-        """Hide messages for `timeout_seconds` more (from now); return the ids SQS refused."""
+        """Hide messages for `timeout_seconds` more (from now); return the receipt handles SQS refused
+        (not message ids: two copies of one message may be in one call, and only one be stale)."""
         if not 0 <= timeout_seconds <= MAX_VISIBILITY_TIMEOUT_SECONDS:
             raise ValueError(f"timeout_seconds must be within 0..{MAX_VISIBILITY_TIMEOUT_SECONDS}")
         failed: list[str] = []
@@ -157,7 +161,7 @@ class SqsReader:
             ]
             with self._errors("ChangeMessageVisibilityBatch"):
                 response = self.client.change_message_visibility_batch(QueueUrl=self.queue_url, Entries=entries)
-            failed.extend(chunk[int(entry["Id"])].message_id for entry in response.get("Failed", []))
+            failed.extend(chunk[int(entry["Id"])].receipt_handle for entry in response.get("Failed", []))
         return failed
 
     @contextmanager

@@ -7,7 +7,8 @@ hand at half the timeout has its visibility extended. The rules, each a past bug
 - a deadline moves only when SQS accepted the extension; after a failure the next tick tries again
   (it does not wait for the message to reappear);
 - an entry SQS refuses (its receipt handle is stale: the message reappeared or was deleted) is no
-  longer tracked and is not counted as extended;
+  longer tracked and is not counted as extended; refusals are matched by receipt handle, since two
+  copies of one message (SQS delivers at least once) may be in one call, and only one is stale;
 - each call covers at most 10 entries, and one failing call does not skip the others;
 - no error ends the extender thread.
 """
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 MAX_ENTRIES_PER_CALL = 10  # ChangeMessageVisibilityBatch limit
 
-# extend(messages, timeout_seconds) -> ids SQS refused; raises on a failed call.
+# extend(messages, timeout_seconds) -> the receipt handles SQS refused; raises on a failed call.
 Extend = Callable[[Sequence[ReceivedMessage], int], list[str]]
 
 
@@ -104,7 +105,7 @@ class VisibilityKeeper:
             chunk = due[start : start + MAX_ENTRIES_PER_CALL]
             called_at = self._clock()  # SQS counts the new timeout from the call
             try:
-                refused_ids = set(self._extend(chunk, self.timeout))
+                refused_handles = set(self._extend(chunk, self.timeout))
             except Exception as exc:  # noqa: BLE001 - any failure: try again at the next tick
                 failed += len(chunk)
                 logger.warning("could not extend the visibility of %d messages: %s", len(chunk), _short(exc))
@@ -113,16 +114,16 @@ class VisibilityKeeper:
                 for message in chunk:
                     if message.receipt_handle not in self._deadlines:
                         continue  # deleted meanwhile
-                    if message.message_id in refused_ids:
+                    if message.receipt_handle in refused_handles:
                         del self._deadlines[message.receipt_handle]
                         refused += 1
                     else:
                         self._deadlines[message.receipt_handle] = (message, called_at + self.timeout)
                         extended += 1
-            if refused_ids:
+            if refused_handles:
                 logger.warning(
                     "SQS refused to extend %d of %d messages (stale receipt: they reappear and are stored once)",
-                    len(refused_ids),
+                    len(refused_handles),
                     len(chunk),
                 )
         if extended:
@@ -136,11 +137,11 @@ class VisibilityKeeper:
         self._thread = threading.Thread(target=self._loop, name="visibility", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the extender thread and wait for it."""
+    def stop(self, wait_seconds: float = 5.0) -> None:
+        """Stop the extender thread and wait for it, at most `wait_seconds` (a call may hang)."""
         self._done.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=wait_seconds)
 
     def _loop(self) -> None:
         tick = min(1.0, self.timeout / 4)

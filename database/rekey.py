@@ -34,6 +34,7 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
 from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, one_row
+from models import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ class Rekeyer:
     """Rewrites old-version tokens in `user_logins` and `user_logins_rejected`.
 
     `retoken(token)` returns the token re-made under the active key, or raises ValueError with a
-    safe reason (never the value) when it cannot.
+    safe reason (never the value) when it cannot. `backoff` paces the passes that find only rows
+    locked by others (the process's one policy, passed in by main.py); `sleep` is injectable.
     """
 
     def __init__(
@@ -82,6 +84,8 @@ class Rekeyer:
         current_prefixes: tuple[str, ...],
         batch_rows: int = 500,
         connect_timeout_seconds: int = 5,
+        backoff: Backoff | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         lengths = {len(prefix) for prefix in current_prefixes}
         if len(lengths) != 1:
@@ -92,6 +96,8 @@ class Rekeyer:
         self._prefix_chars = lengths.pop()
         self._batch_rows = max(1, batch_rows)
         self._connect_timeout = connect_timeout_seconds
+        self._backoff = backoff or Backoff()
+        self._sleep = sleep
 
     def __repr__(self) -> str:
         return f"Rekeyer(prefixes={self._prefixes!r})"  # the DSN may hold a password
@@ -131,7 +137,8 @@ class Rekeyer:
             if left <= sum(failures.values()) or attempt == MAX_PASSES:
                 break  # done, or only tokens that cannot be rewritten are left
             if rewritten == 0:
-                time.sleep(1.0)  # rows locked by another transaction (or new old-version rows): retry
+                # Rows locked by another transaction (or new old-version rows): wait, then retry.
+                self._sleep(self._backoff.delay(attempt))
         result.failures.update(failures)
         return left
 

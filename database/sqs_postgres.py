@@ -27,7 +27,7 @@ from psycopg2.extensions import make_dsn, parse_dsn
 from psycopg2.extras import execute_values
 
 from database import partitions
-from models import MaskedLogin, Rejection, WriteResult
+from models import Backoff, MaskedLogin, Rejection, WriteResult
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,8 +55,10 @@ STAGED_BATCHES_AFTER_CONFLICT = 10
 DEFAULT_LOCK_TIMEOUT_SECONDS = 2.0
 # Pages of the legacy table moved per transaction by the migration to partitions (~40,000 rows).
 MIGRATE_BATCH_PAGES = 1000
-# After a failed attempt to create the coming days' partitions (a lock held), wait this long.
-PARTITION_RETRY_SECONDS = 60.0
+# After a failed attempt to create the coming days' partitions (a lock held), the next one waits
+# as the backoff policy says, but with its cap raised to at least this: each attempt queues the
+# analysts' queries on user_logins for up to the lock timeout, and the days are made 7 days ahead.
+PARTITION_RETRY_CAP_SECONDS = 60.0
 
 # libpq's TCP settings for every connection, each unless DATABASE_URL sets it (a libpq keyword:
 # `?tcp_user_timeout=20000&keepalives_idle=30`). Without them a call over a half-open connection (a
@@ -149,8 +151,12 @@ class PostgresWriter:
         application_name: str = "login-etl",
         lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
         migrate_batch_pages: int = MIGRATE_BATCH_PAGES,
+        backoff: Backoff | None = None,
     ) -> None:
         self._dsn = dsn
+        policy = backoff or Backoff()
+        self._partitions_backoff = Backoff(policy.base_seconds, max(policy.cap_seconds, PARTITION_RETRY_CAP_SECONDS))
+        self._partitions_failures = 0
         self._migrate_batch_pages = max(1, migrate_batch_pages)
         self._partition_days: set[date] = set()
         self._partitions_checked_on: date | None = None
@@ -375,13 +381,17 @@ class PostgresWriter:
             self._ensure_partitions(today)
         except psycopg2.errors.LockNotAvailable:
             holders = self._run(_lock_holders, commit=False)
-            self._partitions_retry_at = time.monotonic() + PARTITION_RETRY_SECONDS
+            self._partitions_failures += 1
+            delay = self._partitions_backoff.delay(self._partitions_failures)
+            self._partitions_retry_at = time.monotonic() + delay
             logger.warning(
                 "creating the coming days' partitions waited %d ms for a lock %s; trying again in %.0f s",
                 self._lock_timeout_ms,
                 holders,
-                PARTITION_RETRY_SECONDS,
+                delay,
             )
+        else:
+            self._partitions_failures = 0
 
     def _create_stage(self, cur: Cursor) -> None:
         # Staging table for COPY: private to this session, emptied at each commit.

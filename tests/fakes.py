@@ -108,15 +108,32 @@ class Faults:
     delete_error: float = 0.0  # SqsUnavailable, the deletes not applied
     delete_error_after: float = 0.0  # SqsUnavailable, the deletes applied (the answer was lost)
     delete_refused: float = 0.0  # an entry refused (counted in Failed)
+    delete_permanent: float = 0.0  # QueueUnusable from DeleteMessageBatch (DeleteMessage denied)
     extend_error: float = 0.0
     write_error: float = 0.0  # DatabaseUnavailable, nothing committed
     write_error_after_commit: float = 0.0  # committed, but the client saw the connection break
+    write_permanent: float = 0.0  # the database gone for good: this and every later connect and write fail
     connect_error: float = 0.0  # DatabaseUnavailable or SchemaBusy from connect()
     slow: float = 0.0  # a call takes a little real time
+    # Stop: `on_stop()` is called at the start of the `stop_at_call`-th call to a fake (0: the
+    # first), whichever thread makes it; None: never. Calls, not seconds: a stop lands anywhere in
+    # a run, and a seed replays it at the same point (thread interleavings aside).
+    stop_at_call: int | None = None
+    on_stop: Callable[[], None] = lambda: None
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
+        self.calls = 0
+        self.broken = False  # a permanent fault was injected
+
+    def tick(self) -> None:
+        """Count one call to a fake; stop the run when its call comes."""
+        with self._lock:
+            due = self.calls == self.stop_at_call
+            self.calls += 1
+        if due:
+            self.on_stop()
 
     def hit(self, probability: float) -> bool:
         if probability <= 0:
@@ -157,11 +174,13 @@ class FakeQueue:
         self.empty_wait_seconds = 0.002
 
     def receive(self) -> list[ReceivedMessage]:
+        self.faults.tick()
         self.faults.maybe_slow()
         if self.faults.hit(self.faults.receive_error):
             raise SqsUnavailable("ReceiveMessage failed: fake outage")
         if self.faults.hit(self.faults.receive_permanent):
             self.permanent_failures += 1
+            self.faults.broken = True
             raise QueueUnusable("ReceiveMessage failed: AWS.SimpleQueueService.NonExistentQueue (fake)")
         with self._lock:
             if self.faults.hit(self.faults.lapse):
@@ -189,9 +208,14 @@ class FakeQueue:
         )
 
     def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+        self.faults.tick()
         self.faults.maybe_slow()
         if self.faults.hit(self.faults.delete_error):
             raise SqsUnavailable("DeleteMessageBatch failed: fake outage")
+        if self.faults.hit(self.faults.delete_permanent):
+            self.permanent_failures += 1
+            self.faults.broken = True
+            raise QueueUnusable("DeleteMessageBatch failed: AccessDenied (fake)")
         refused: list[str] = []
         with self._lock:
             for message in messages:
@@ -208,10 +232,12 @@ class FakeQueue:
         return refused
 
     def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]:
+        """Like SqsReader: the receipt handles refused (stale: not the message's latest)."""
+        self.faults.tick()
         if self.faults.hit(self.faults.extend_error):
             raise SqsUnavailable("ChangeMessageVisibilityBatch failed: fake outage")
         with self._lock:
-            return [m.message_id for m in messages if self._latest.get(m.message_id) != m.receipt_handle]
+            return [m.receipt_handle for m in messages if self._latest.get(m.message_id) != m.receipt_handle]
 
     def expire_all(self) -> None:
         """Every message in flight becomes visible again (its visibility timeout passed)."""
@@ -233,7 +259,11 @@ class FakeQueue:
 
 class FakeSink:
     """PostgresWriter's contract in memory: one atomic write per batch, idempotent on message id,
-    a message in one table only, rows it refuses alone (`refuse_logins`, `refuse_rejections`)."""
+    a message in one table only, rows it refuses alone (`refuse_logins`, `refuse_rejections`).
+
+    It keeps what a check of the counters needs: `offered`, the rows of every committed write; and
+    `ambiguous`, what the commits that reported a failure (the connection lost after COMMIT) stored
+    and were offered, which the loop cannot have counted."""
 
     def __init__(
         self,
@@ -250,13 +280,18 @@ class FakeSink:
         self.logins: dict[str, MaskedLogin] = {}
         self.rejections: dict[str, Rejection] = {}
         self.connected = False
+        self.down = False  # gone for good (Faults.write_permanent), until a test sets it back
         self.commits = 0
         self.ambiguous_commits = 0
-        self.returned = Counter[str]()  # what successful writes reported: inserted, rejected
+        self.offered = 0
+        self.ambiguous = Counter[str]()  # logins, rejections, offered: of commits that reported failure
         self.stored_twice: list[str] = []
         self._lock = threading.Lock()
 
     def connect(self) -> None:
+        self.faults.tick()
+        if self.down:
+            raise DatabaseUnavailable("fake: gone for good")
         if self.faults.hit(self.faults.connect_error):
             raise SchemaBusy("fake lock wait") if self.faults.hit(0.5) else DatabaseUnavailable("fake refused")
         self.connected = True
@@ -268,9 +303,13 @@ class FakeSink:
     def write(
         self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False
     ) -> WriteResult:
+        self.faults.tick()
         if not self.connected:
             raise DatabaseUnavailable("not connected")
         self.faults.maybe_slow()
+        if self.down or self.faults.hit(self.faults.write_permanent):
+            self.down, self.connected, self.faults.broken = True, False, True
+            raise DatabaseUnavailable("fake: gone for good")
         if self.faults.hit(self.faults.write_error):
             self.connected = False
             raise DatabaseUnavailable("fake outage")
@@ -303,11 +342,12 @@ class FakeSink:
                 stored_rejections.add(rejection.message_id)
                 rejected += 1
             self.commits += 1
+            self.offered += len(logins) + len(rejections)
         if self.faults.hit(self.faults.write_error_after_commit):
             self.connected = False
             self.ambiguous_commits += 1
+            self.ambiguous.update(logins=inserted, rejections=rejected, offered=len(logins) + len(rejections))
             raise DatabaseUnavailable("fake: connection lost after COMMIT was sent")
-        self.returned.update(inserted=inserted, rejected=rejected)
         return WriteResult(
             inserted=inserted,
             rejected=rejected,

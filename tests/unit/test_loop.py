@@ -303,3 +303,91 @@ def test_a_first_delivery_arriving_after_its_quarantined_copy_is_not_also_loaded
         OneAtATime([second, first]), sink, FirstCallFails(bytes(64)), options(receivers=1, batch_size=1, max_receives=2)
     ).run()
     assert "dup" in sink.rejections and sink.stored_twice == [] and "dup" not in sink.logins
+
+
+# -- a call that hangs: the stop timeout is a hard bound ---------------------------------------------
+
+STOP_TIMEOUT = 0.5
+MARGIN = 0.5
+
+
+def exit_of(error: Exception) -> tuple[int, str]:
+    """The exit code and the one `error:` line main() makes of an error (its ERRORS table)."""
+    from main import ERRORS
+
+    code, template = next((code, template) for kind, code, template in ERRORS if isinstance(error, kind))
+    return code, template.format(exc=error, dsn="PostgreSQL", queue="q", stop_timeout=f"{STOP_TIMEOUT:g}")
+
+
+def test_stop_while_a_write_never_returns_ends_within_the_stop_timeout_and_exits_5_deleting_nothing() -> None:
+    """A half-open connection: the commit neither fails nor returns, so no retry ever sees the stop
+    deadline. run() used to wait for the writer thread for ever (then SIGKILL after the grace)."""
+    entered, release = threading.Event(), threading.Event()
+
+    class HangingSink(FakeSink):
+        def write(self, logins, rejections, *, redelivered=False):
+            entered.set()
+            release.wait()
+            return super().write(logins, rejections, redelivered=redelivered)
+
+    sink = HangingSink()
+    queue = FakeQueue(bodies(30), stored=sink.holds)
+    pipeline = Pipeline(
+        queue,
+        sink,
+        MASKER,
+        options(follow=True, receivers=1, stop_timeout_seconds=STOP_TIMEOUT),
+        stop_margin_seconds=MARGIN,
+    )
+    try:
+        thread, outcome = run_in_thread(pipeline)
+        assert entered.wait(10)
+        stopped_at = time.monotonic()
+        pipeline.stop()
+        thread.join(STOP_TIMEOUT + MARGIN + 5)
+        ended_after = time.monotonic() - stopped_at
+        assert not thread.is_alive(), "run() still waits for a write that never returns"
+        [error] = outcome
+        assert isinstance(error, Stopped) and error.hung
+        assert error.uncommitted == pipeline.stats.received > 0 and queue.deleted == set()
+        assert STOP_TIMEOUT + MARGIN - 0.05 <= ended_after < STOP_TIMEOUT + MARGIN + 2  # the bound, not a speed
+        code, line = exit_of(error)
+        assert code == 5 and f"{pipeline.stats.received} messages left uncommitted" in line
+    finally:
+        release.set()  # let the abandoned thread end
+
+
+def test_stop_while_a_delete_never_returns_abandons_it_within_the_stop_timeout_and_exits_0() -> None:
+    """The batch is committed; a DeleteMessageBatch call hangs. The deleters used to be waited for
+    (ThreadPoolExecutor.shutdown(wait=True)), for ever."""
+    entered, release = threading.Event(), threading.Event()
+
+    class HangingDeletes(FakeQueue):
+        def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+            entered.set()
+            release.wait()
+            return super().delete(messages)
+
+    sink = FakeSink()
+    queue = HangingDeletes(bodies(30), stored=sink.holds)
+    pipeline = Pipeline(
+        queue,
+        sink,
+        MASKER,
+        options(follow=True, stop_timeout_seconds=STOP_TIMEOUT, batch_size=1000, flush_seconds=0),
+        stop_margin_seconds=MARGIN,
+    )
+    try:
+        thread, outcome = run_in_thread(pipeline)
+        wait_until(lambda: len(sink.logins) == 30 and entered.is_set())
+        stopped_at = time.monotonic()
+        pipeline.stop()
+        thread.join(STOP_TIMEOUT + MARGIN + 5)
+        ended_after = time.monotonic() - stopped_at
+        assert not thread.is_alive(), "run() still waits for a delete that never returns"
+        [stats] = outcome
+        assert not isinstance(stats, Exception), stats  # everything was committed: exit 0
+        assert pipeline.stats.delete_failures == 30 and len(pipeline.keeper) == 0 and queue.deleted == set()
+        assert ended_after < STOP_TIMEOUT + MARGIN + 2  # the bound, not a speed
+    finally:
+        release.set()

@@ -1,14 +1,17 @@
-"""The visibility keeper (point 4 of issue 11: each gap it had) and the backoff policy (point 1)."""
+"""The visibility keeper (point 4 of issue 11: each gap it had), the backoff policy (point 1), and
+SqsReader's part in both (botocore stubbed: no network)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
+from botocore.awsrequest import AWSPreparedRequest, AWSResponse
+from botocore.stub import Stubber
 
-from aws.sqs import SqsUnavailable
+from aws.sqs import SqsReader, SqsUnavailable
 from aws.visibility import VisibilityKeeper
 from models import ReceivedMessage
 from retry import Abandoned, Backoff, BudgetExhausted, Retrier, StopDeadlinePassed, StopState
@@ -28,7 +31,8 @@ def messages(count: int) -> list[ReceivedMessage]:
 
 
 class Extender:
-    """Records calls; fails the calls whose numbers are in `fail`, refuses the ids in `refuse`."""
+    """Records calls; fails the calls whose numbers are in `fail`, refuses the messages whose ids are
+    in `refuse` (returning their receipt handles)."""
 
     def __init__(
         self, fail: set[int] | None = None, refuse: set[str] | None = None, error: type[Exception] = SqsUnavailable
@@ -42,7 +46,7 @@ class Extender:
         self.calls.append([m.message_id for m in chunk])
         if len(self.calls) in self.fail:
             raise self.error("ChangeMessageVisibilityBatch failed")
-        return [m.message_id for m in chunk if m.message_id in self.refuse]
+        return [m.receipt_handle for m in chunk if m.message_id in self.refuse]  # as SqsReader does
 
 
 def test_a_message_is_due_at_half_its_timeout() -> None:
@@ -201,3 +205,57 @@ def test_the_messages_closest_to_reappearing_are_extended_first() -> None:
     keeper.track([second])  # tracked second, reappears at 30
     clock.now = 25
     assert [m.message_id for m in keeper.due()] == ["m1", "m0"]
+
+
+# -- SqsReader under the keeper and the Retrier -------------------------------------------------------
+
+QUEUE_URL = "http://localhost:4566/000000000000/login-queue"
+
+
+@pytest.fixture
+def reader(monkeypatch: pytest.MonkeyPatch) -> SqsReader:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    return SqsReader(QUEUE_URL, endpoint_url="http://localhost:4566")
+
+
+def test_a_refused_copy_of_a_message_does_not_untrack_its_other_copy(reader: SqsReader) -> None:
+    """SQS delivered m0 twice; both copies are in one ChangeMessageVisibilityBatch call and SQS
+    refuses the stale receipt only. Matched by message id, both copies stopped being tracked."""
+    stale = ReceivedMessage("m0", "receipt-stale", "{}")
+    latest = ReceivedMessage("m0", "receipt-latest", "{}", receive_count=2)
+    clock = Clock()
+    keeper = VisibilityKeeper(reader.change_visibility, 30, clock=clock)
+    keeper.track([stale, latest])
+    clock.now = 16
+    with Stubber(reader.client) as stub:
+        stub.add_response(
+            "change_message_visibility_batch",
+            {
+                "Successful": [{"Id": "1"}],
+                "Failed": [{"Id": "0", "Code": "ReceiptHandleIsInvalid", "SenderFault": True}],
+            },
+        )
+        result = keeper.extend_due()
+    assert (result.extended, result.refused) == (1, 1)
+    assert [m.receipt_handle for m in keeper.held()] == ["receipt-latest"]
+
+
+def test_botocore_does_not_retry_underneath_the_retrier(reader: SqsReader) -> None:
+    """One attempt per call: a transient error reaches our Retrier at once (its backoff, budget and
+    stop deadline decide), instead of botocore's own retries running first (max_attempts=3 was
+    four attempts: botocore's max_attempts counts retries)."""
+    sent: list[str] = []
+
+    class Body:
+        def stream(self, **_kwargs: object) -> Iterator[bytes]:
+            yield b'{"__type": "InternalError", "message": "fake"}'
+
+    def answer_500(request: AWSPreparedRequest, **_kwargs: object) -> AWSResponse:
+        sent.append(request.url)  # in place of the network: botocore's retries still apply
+        return AWSResponse(request.url, 500, {"Content-Type": "application/x-amz-json-1.0"}, Body())
+
+    reader.client.meta.events.register("before-send.sqs.ReceiveMessage", answer_500)
+    with pytest.raises(SqsUnavailable, match="InternalError"):
+        reader.receive()
+    assert len(sent) == 1
