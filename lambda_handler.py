@@ -3,7 +3,7 @@
     handler(event, context) -> {"batchItemFailures": [{"itemIdentifier": messageId}, ...]}
 
 Each invocation: the event's records are parsed and masked by transform.prepare (the poison rule
-included) and written by pipeline.store through PostgresWriter in ONE transaction (COPY, idempotent
+included) and written by batches.store through PostgresWriter in ONE transaction (COPY, idempotent
 on messageId, rejections to user_logins_rejected): the very code `python main.py` runs. The
 response lists only the records SQS must deliver again (the mapping's ReportBatchItemFailures):
 

@@ -320,7 +320,7 @@ def test_queue_length_exceeds_what_one_busy_replica_holds_in_flight(example) -> 
     env = resolved_env(example, deployment, {("login-etl-database", "url"): DATABASE_URL})
     args = _build_parser().parse_args(expanded_args(container(deployment), env))
     inbox_messages = max(4, 2 * args.batch_size // 10) * 10  # Pipeline._inbox, prepared receives of 10
-    deleting = max(2, 2 * args.batch_size // 10) * 10  # Pipeline._write_loop's delete slots
+    deleting = max(2, 2 * args.batch_size // 10) * 10  # Pipeline's delete slots (max_calls of its Deleters)
     receiving = args.receivers * 10
     ceiling = inbox_messages + args.batch_size + deleting + receiving
     queue_length = int(one(example, "ScaledObject")["spec"]["triggers"][0]["metadata"]["queueLength"])
