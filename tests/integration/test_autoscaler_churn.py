@@ -30,13 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_kubernetes import DEPLOY, container, expanded_args, kustomize, one, resolved_env
 
+from helpers import assert_exactly_once, queue_counts, send
 from main import _build_parser
-
-from helpers import queue_counts, send
 from sample_data import generate
-from test_reliability import assert_exactly_once
+from test_kubernetes import DEPLOY, container, expanded_args, kustomize, one, resolved_env
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

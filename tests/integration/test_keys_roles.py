@@ -15,11 +15,10 @@ import psycopg2.errors
 import pytest
 
 from database.sqs_postgres import PostgresWriter
+from helpers import query
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin, Rejection
 from pii.masking import Masker, decode_key, generate_key
-
-from helpers import query
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = generate_key()

@@ -33,10 +33,9 @@ import pytest
 import yaml
 
 from config import ConfigError, Settings
+from helpers import login, send, unavailable
 from main import _build_parser
 from pii.masking import Masker, generate_key
-
-from helpers import login, send, unavailable
 from proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
