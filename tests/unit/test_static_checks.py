@@ -18,7 +18,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.static  # seconds each: `make unit` leaves them to `make lint` / `make typecheck`
+@pytest.mark.static  # mypy takes ~8 s: `make unit` leaves these to `make lint` / `make typecheck`
 def test_ruff_finds_nothing_to_fix() -> None:
     result = _run("ruff", "check", ".")
     assert result.returncode == 0, result.stdout + result.stderr
