@@ -71,3 +71,20 @@ def test_no_unit_test_imports_an_integration_test_module() -> None:
         if name.split(".")[0] in integration or name == "tests.integration" or name.startswith("tests.integration.")
     ]
     assert offenders == [], "unit tests importing from tests/integration/ (use tests/fakes.py): " + str(offenders)
+
+
+# Still to move into tests/fakes.py / tests/integration/helpers.py; their files are being edited on
+# other branches. Remove an entry once its import is gone (the test below says when).
+_TEST_MODULE_IMPORTS_STILL_TO_MOVE = {
+    "tests/integration/test_autoscaler_churn.py": {"test_kubernetes"},
+    "tests/unit/test_health.py": {"tests.unit.test_loop"},
+}
+
+
+def test_no_test_module_imports_another() -> None:
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        for _line, name in _imported_modules(path):
+            if name.rsplit(".", 1)[-1].startswith("test_"):
+                found.setdefault(str(path.relative_to(ROOT)), set()).add(name)
+    assert found == _TEST_MODULE_IMPORTS_STILL_TO_MOVE, "share helpers through tests/fakes.py or helpers.py"
