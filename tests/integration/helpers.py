@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -177,6 +178,19 @@ def drain_until_empty(tmp_path: Path, sqs, queue_url: str, attempts: int = 10) -
             return
         time.sleep(1)
     raise AssertionError(f"queue not empty: {queue_counts(sqs, queue_url)}")
+
+
+@contextmanager
+def locked_logins(database_url: str) -> Iterator[None]:
+    """Hold an exclusive lock on user_logins: every insert into it waits until the block ends."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE")
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
 
 
 def with_port(url: str, port: int) -> str:

@@ -11,8 +11,6 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from urllib.parse import urlsplit
 
@@ -23,6 +21,7 @@ from helpers import (
     assert_exactly_once,
     count_of,
     drain_until_empty,
+    locked_logins,
     login,
     output,
     query,
@@ -280,19 +279,6 @@ def test_ctrl_c_while_connecting_at_start_exits_130_with_one_line_and_no_traceba
         assert process.wait(timeout=5) == 128 + signal.SIGINT
         connection.close()
     assert "error: interrupted" in output(tmp_path) and "Traceback" not in output(tmp_path)
-
-
-@contextmanager
-def locked_logins(database_url: str) -> Iterator[None]:
-    """Hold an exclusive lock on user_logins: every insert into it waits until the block ends."""
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE")
-        yield
-    finally:
-        conn.rollback()
-        conn.close()
 
 
 def _wait_for_etl_connection(database_url: str, timeout: float = 30) -> None:

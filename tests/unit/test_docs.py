@@ -261,7 +261,7 @@ _SEE = re.compile(r"\b[Ss]ee (?:the )?[\"“]([^\"”]{1,80})[\"”]|[\"“]([^\
 def section_pointers() -> Iterator[tuple[str, Path | None, str]]:
     """(where, the document pointed to or None for any, the section title or #anchor) for every pointer."""
     for path in text_files():
-        text = path.read_text(errors="replace")
+        text = re.sub(r"\b[a-z]+://\S+", "", path.read_text(errors="replace"))  # another site's anchors
         # a comment continued over lines: "# (README, "Least-privilege\n# database set-up")"
         joined = re.sub(r"\s*\n\s*(?:#+|//|--)?\s*", " ", text)
         where = str(path.relative_to(ROOT))
