@@ -24,7 +24,7 @@ typecheck: venv  ## mypy over the files listed in pyproject.toml
 # The quick loop: the simulation tries SIM_SEEDS seeds (CI and scripts/test.sh: 3,000), and the
 # tests that run ruff and mypy over the tree (marker `static`) are left to `make lint` / `make typecheck`.
 SIM_SEEDS ?= 300
-unit: venv  ## unit tests only: no service, no network, ~30 s (300 simulation seeds; ruff/mypy in lint/typecheck)
+unit: venv  ## unit tests only: no service, no network, ~12 s (300 simulation seeds; ruff/mypy in lint/typecheck)
 	SIM_SEEDS=$(SIM_SEEDS) PYTEST_ADDOPTS='-m "not static"' bash scripts/test.sh tests/unit -q
 
 test:  ## the whole suite with the embedded stack (what CI runs, without CI=true)
