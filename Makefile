@@ -21,8 +21,11 @@ lint: venv  ## ruff check and ruff format --check, as CI runs them
 typecheck: venv  ## mypy over the files listed in pyproject.toml
 	$(PY) -m mypy
 
-unit: venv  ## unit tests only: no service, no network, seconds
-	bash scripts/test.sh tests/unit -q
+# The quick loop: the simulation tries SIM_SEEDS seeds (CI and scripts/test.sh: 3,000), and the
+# tests that run ruff and mypy over the tree (marker `static`) are left to `make lint` / `make typecheck`.
+SIM_SEEDS ?= 300
+unit: venv  ## unit tests only: no service, no network, ~12 s (300 simulation seeds; ruff/mypy in lint/typecheck)
+	SIM_SEEDS=$(SIM_SEEDS) PYTEST_ADDOPTS='-m "not static"' bash scripts/test.sh tests/unit -q
 
 test:  ## the whole suite with the embedded stack (what CI runs, without CI=true)
 	bash scripts/test.sh -q
@@ -31,4 +34,4 @@ ci:  ## exactly what CI runs
 	bash .ci/run
 
 bench: venv  ## the throughput benchmark; writes docs/benchmarks.md
-	bash -c 'source scripts/setup.sh requirements-dev.txt && python bench/run.py --rss --markdown docs/benchmarks.md'
+	bash -c 'source scripts/setup.sh requirements-dev.txt && PYTHONPATH=scripts python -m bench.run --rss --markdown docs/benchmarks.md'

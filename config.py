@@ -28,7 +28,7 @@ DEFAULT_QUEUE_URL = "http://localhost:4566/000000000000/login-queue"
 DEFAULT_DATABASE_URL = "postgresql://postgres:postgres@localhost:5432/postgres"
 DEFAULT_REGION = "us-east-1"
 KEY_HELP = "create one with `python main.py keygen` and put it in .env as MASKING_KEY=<key>"
-# The key sources, exactly one of which must be set (see README "Keys, rotation and audited unmasking").
+# The key sources, exactly one of which must be set (docs/keys-and-privacy.md "Where the key comes from").
 KEY_SOURCES = ("MASKING_KEY", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT", "MASKING_KEYS", "MASKING_KEYSET")
 
 

@@ -6,12 +6,12 @@ Kept out of the CLI module: main.py only prints the lines and maps the outcome t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 from aws.sqs import QueueUnusable, SqsError, SqsReader
-from config import Settings, redact_dsn
+from config import ConfigError, Settings, redact_dsn
 from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, PostgresWriter
 from pii.keys import KmsUnavailable
 from pii.masking import MaskingError
@@ -34,7 +34,19 @@ class Item:
     failure: Failure = Failure.SERVICE
 
     def __str__(self) -> str:
-        return f"✓ {self.what}" if self.passed else f"✗ {self.what}\n    fix: {self.fix}"
+        if self.passed:
+            return f"✓ {self.what}"
+        return f"✗ {self.what}\n    fix: {self.fix}" if self.fix else f"✗ {self.what}"
+
+
+def checklist_from_env(env: Mapping[str, str]) -> Iterator[Item]:
+    """The configuration read from `env` (a failure is the only item then), then the checklist."""
+    try:
+        settings = Settings.from_env(env)
+    except ConfigError as exc:
+        yield Item(False, f"configuration: {exc}", failure=Failure.CONFIGURATION)
+        return
+    yield from checklist(settings)
 
 
 def checklist(settings: Settings) -> Iterator[Item]:

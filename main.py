@@ -65,7 +65,7 @@ from database.rekey import Rekeyer, RekeyInterrupted
 from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
 from database.retention import MIN_KEEP_DAYS, Retention
 from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
-from health import Failure, checklist
+from health import Failure, checklist_from_env
 from models import UnmaskAudit
 from observability import Metrics, Progress, configure_logging
 from pii.keys import KmsUnavailable, generate_wrapped_key
@@ -154,18 +154,12 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
         return _keygen(args.kms_key_id)
     if args.command == "retention":
         return _retention(args, context)
-    try:
-        settings = Settings.from_env(os.environ)
-    except ConfigError as exc:
-        if args.command != "check":
-            raise
-        print(f"✗ configuration: {exc}")
-        return EXIT_CONFIG
+    if args.command == "check":
+        return _check()
+    settings = Settings.from_env(os.environ)
     context.update(
         dsn=redact_dsn(settings.database_url), queue=settings.queue_url, stop_timeout=f"{args.stop_timeout:g}"
     )
-    if args.command == "check":
-        return _check(settings)
     masker = settings.load_masker()
     logger.debug("masking keys loaded: %r", masker)
     if args.command == "unmask":
@@ -192,15 +186,8 @@ def _keygen_tink(*, export: bool, rotate: bool) -> int:
         key_id = new_key_id()
         print(keyset_json({key_id: secrets.token_bytes(KEY_BYTES)}, key_id))
         return EXIT_OK
-    try:
-        settings = Settings.from_env(os.environ)
-        keys, primary = settings.key_source.load(), settings.key_version
-    except ConfigError as exc:
-        return _fail(str(exc), EXIT_CONFIG)
-    except KmsUnavailable as exc:
-        return _fail(str(exc), EXIT_UNREACHABLE)
-    except MaskingError as exc:
-        return _fail(str(exc), EXIT_CONFIG)
+    settings = Settings.from_env(os.environ)  # its errors, and the keys', end in ERRORS
+    keys, primary = settings.key_source.load(), settings.key_version
     if rotate:
         primary = new_key_id(set(keys))
         keys[primary] = secrets.token_bytes(KEY_BYTES)
@@ -298,10 +285,10 @@ def _consume(
     return EXIT_OK
 
 
-def _check(settings: Settings) -> int:
+def _check() -> int:
     """Print the checklist (health.py); exit 2 if the configuration failed, else 3 if a service did."""
     failures = set()
-    for item in checklist(settings):
+    for item in checklist_from_env(os.environ):
         print(item)
         if not item.passed:
             failures.add(item.failure)

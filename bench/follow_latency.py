@@ -1,6 +1,6 @@
 """End-to-end latency of `python main.py --follow` at a light load: send time -> row visible.
 
-    .venv/bin/python bench/follow_latency.py [--rate 20] [--seconds 30]
+    PYTHONPATH=scripts .venv/bin/python -m bench.follow_latency [--rate 20] [--seconds 30]
 
 Sends `rate` messages per second for `seconds` (one SendMessage each, timed), while a poller reads
 new message ids from user_logins every 20 ms and notes when each first became visible. Prints
@@ -21,15 +21,11 @@ from pathlib import Path
 
 import psycopg2
 
+from bench.scenarios import Services, fresh_database, queue_depth
+from models import InvalidMessage, LoginEvent
+from sample_data import generate
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "bench")]
-
-from scenarios import Services, fresh_database, queue_depth  # noqa: E402
-
-from models import InvalidMessage, LoginEvent  # noqa: E402
-
-from sample_data import generate  # noqa: E402
-
 TARGET_P99_SECONDS = 2.0
 
 

@@ -1,7 +1,7 @@
 """Scale benchmark of user_logins (issue 18): the write rate as the table grows, today's layout
 against the daily partitions, in the same run; the analysts' queries; disk per million rows.
 
-    .venv/bin/python bench/partitions.py [--sizes 0,10,50] [--rows-per-day-m 2] [--batches 30]
+    .venv/bin/python -m bench.partitions [--sizes 0,10,50] [--rows-per-day-m 2] [--batches 30]
                                          [--layouts plain,partitioned,device-indexed,indexed]
 
 For each layout (`plain`: schema 2, one table, UNIQUE (message_id); `partitioned`: schema 3, daily
@@ -26,17 +26,13 @@ import sys
 import time
 import uuid
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT)]
+import psycopg2
 
-import psycopg2  # noqa: E402
-
-from database import partitions  # noqa: E402
-from database.sqs_postgres import _CREATE_DUPLICATES_VIEW, _LOGIN_COLUMNS, PostgresWriter, _copy_text  # noqa: E402
-from models import MaskedLogin  # noqa: E402
+from database import partitions
+from database.sqs_postgres import _CREATE_DUPLICATES_VIEW, _LOGIN_COLUMNS, PostgresWriter, _copy_text
+from models import MaskedLogin
 
 LAYOUTS = ("plain", "partitioned", "device-indexed", "indexed")
 BATCH_ROWS = 10_000

@@ -1,6 +1,6 @@
 """Throughput of 1, 2 and 4 competing `python main.py` replicas on one queue (sizing KEDA's queueLength).
 
-    .venv/bin/python bench/replicas.py [--count 20000] [--runs 2] [--replicas 1 2 4]
+    PYTHONPATH=scripts .venv/bin/python -m bench.replicas [--count 20000] [--runs 2] [--replicas 1 2 4]
 
 Needs the stack of scripts/stack.sh. Each run fills a new uuid-named queue with --count sample
 messages (~1% malformed), creates a throw-away database, starts R drain-mode replicas at once (the
@@ -27,12 +27,10 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.scenarios import Services, _stored_counts, fresh_database, via
+from sample_data import generate, send
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-from bench.scenarios import Services, _stored_counts, fresh_database, via  # noqa: E402
-
-from sample_data import generate, send  # noqa: E402
 
 SEED = 13
 

@@ -1,7 +1,7 @@
 """Benchmark of the login ETL against the bare emulator, a naive loop and the database's COPY limit.
 
-    .venv/bin/python bench/run.py [--count 20000] [--runs 3] [--latency-ms 20] [--skip-latency]
-                                  [--rss [--rss-count 100000]]
+    PYTHONPATH=scripts .venv/bin/python -m bench.run [--count 20000] [--runs 3] [--latency-ms 20] [--skip-latency]
+                                                        [--rss [--rss-count 100000]]
 
 Needs the stack of scripts/stack.sh (an SQS emulator on :4566, PostgreSQL on :5432). Each scenario
 uses its own uuid-named queue and its own database ``bench_<uuid>``, dropped afterwards. Prints the
@@ -38,15 +38,12 @@ from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+import boto3
+import botocore
+import cryptography
+import psycopg2
 
-import boto3  # noqa: E402
-import botocore  # noqa: E402
-import cryptography  # noqa: E402
-import psycopg2  # noqa: E402
-
-from bench.scenarios import (  # noqa: E402
+from bench.scenarios import (
     COPY_REPEAT,
     Measurement,
     Services,
@@ -59,8 +56,9 @@ from bench.scenarios import (  # noqa: E402
     sink,
     via,
 )
+from sample_data import generate
 
-from sample_data import generate  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SEED = 42
 EXIT_OK = 0
@@ -165,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = [*header, "", *_report(results, args, limit_threads, naive_count), "", *footer]
     print("\n".join(report))
     if args.markdown:
-        command = " ".join([".venv/bin/python bench/run.py", *(argv if argv is not None else sys.argv[1:])])
+        command = " ".join(
+            ["PYTHONPATH=scripts .venv/bin/python -m bench.run", *(argv if argv is not None else sys.argv[1:])]
+        )
         _write_markdown(Path(args.markdown), report, command)
     checks = [m.check for key in ("ours", "ours_lat", "rss", "sink") for m in results.get(key, [])]
     return EXIT_MISMATCH if any(c and not c.startswith("OK") for c in checks) else EXIT_OK

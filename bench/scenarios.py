@@ -37,7 +37,13 @@ from pii.masking import Masker, decode_key, generate_key
 from pipeline import Pipeline
 from tests.fakes import MemoryQueue
 
-from sample_data import send  # scripts/ is put on sys.path by run.py
+try:
+    from sample_data import send
+except ModuleNotFoundError:  # scripts/ is an import root, as pytest's pythonpath has it (pyproject.toml)
+    raise SystemExit(
+        "bench: run it from the repository root with scripts/ on the path: "
+        "PYTHONPATH=scripts .venv/bin/python -m bench.run --help (docs/CONTRIBUTING.md)"
+    ) from None
 
 ROOT = Path(__file__).resolve().parent.parent
 RECEIVE_MAX_MESSAGES = 10  # ReceiveMessage / DeleteMessageBatch limit

@@ -1,16 +1,26 @@
-"""Helpers for integration tests: send, count and query against the real services."""
+"""Helpers for integration tests: send, count and query against the real services; start the ETL as
+users do and check that every message was stored exactly once."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
 
 from tests.fakes import GOOD_LOGIN, login  # noqa: F401 - the samples, shared with the unit tests
 
+ROOT = Path(__file__).resolve().parents[2]
 IN_CI = os.environ.get("CI", "").lower() == "true"
 TEST_SQS_ENDPOINT = os.environ.get("TEST_SQS_ENDPOINT", "http://localhost:4566")
 # moto, for KMS and Secrets Manager (LocalStack's KMS does not run on Python 3.11)
@@ -114,3 +124,103 @@ def connect_at_once(database_url: str, processes: int = 4) -> list[BaseException
         thread.join(timeout=60)
     assert not any(thread.is_alive() for thread in threads), "a writer's start still waits after 60 s"
     return errors
+
+
+def start_etl(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start `python main.py ARGS` as users run it; output goes to files in tmp_path."""
+    n = len(list(tmp_path.glob("etl-*.out")))
+    out = open(tmp_path / f"etl-{n}.out", "w")  # noqa: SIM115 - closed by the OS when the test ends
+    err = open(tmp_path / f"etl-{n}.err", "w")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        cwd=tmp_path,
+        stdout=out,
+        stderr=err,
+        text=True,
+        env=env or os.environ.copy(),
+    )
+
+
+def output(tmp_path: Path) -> str:
+    """Everything the ETL processes started by start_etl in tmp_path printed, stdout and stderr."""
+    return "".join(p.read_text() for p in sorted(tmp_path.glob("etl-*.*")))
+
+
+def set_visibility(sqs, queue_url: str, seconds: int, **extra: str) -> None:
+    """Set the queue's VisibilityTimeout (and any other attributes given)."""
+    sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"VisibilityTimeout": str(seconds), **extra})
+
+
+def stored_ids(database_url: str) -> Counter[str]:
+    """How many times each message id is stored, loaded or quarantined."""
+    rows = query(
+        database_url,
+        "SELECT message_id FROM user_logins WHERE message_id IS NOT NULL "
+        "UNION ALL SELECT message_id FROM user_logins_rejected",
+    )
+    return Counter(r[0] for r in rows)
+
+
+def assert_exactly_once(database_url: str, ids: list[str]) -> None:
+    """Every one of `ids`, and nothing else, is stored once: in user_logins or user_logins_rejected."""
+    stored = stored_ids(database_url)
+    assert not [i for i, n in stored.items() if n > 1], "a message was stored twice"
+    missing = set(ids) - set(stored)
+    assert not missing, f"{len(missing)} messages lost"
+    assert set(stored) == set(ids)
+
+
+def drain_until_empty(tmp_path: Path, sqs, queue_url: str, attempts: int = 10) -> None:
+    """Drain again until no message is visible or in flight (killed runs leave some in flight)."""
+    for _ in range(attempts):
+        assert start_etl(tmp_path).wait(timeout=120) == 0, output(tmp_path)
+        if queue_counts(sqs, queue_url) == (0, 0):
+            return
+        time.sleep(1)
+    raise AssertionError(f"queue not empty: {queue_counts(sqs, queue_url)}")
+
+
+@contextmanager
+def locked_logins(database_url: str) -> Iterator[None]:
+    """Hold an exclusive lock on user_logins: every insert into it waits until the block ends."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE")
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def with_port(url: str, port: int) -> str:
+    """`url` with its port replaced (to go through a proxy)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{parts.hostname}:{port}"))
+
+
+def wait_for_rows(database_url: str, timeout: float = 30, count: int = 1) -> None:
+    """Wait until user_logins holds at least `count` rows."""
+    wait_until(
+        lambda: count_of(database_url, "SELECT count(*) FROM user_logins") >= count,
+        f"{count} rows in user_logins",
+        timeout,
+    )
+
+
+def count_of(database_url: str, sql: str) -> int:
+    """The one number `sql` selects (0 before the tables exist)."""
+    try:
+        return int(query(database_url, sql)[0][0])
+    except psycopg2.errors.UndefinedTable:
+        return 0
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Poll `condition` every 20 ms; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"waited {timeout:.0f} s for {what}")

@@ -16,9 +16,8 @@ from database import partitions
 from database.rekey import Rekeyer
 from database.retention import Retention
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
-from models import MaskedLogin, Rejection, WriteResult
-
 from helpers import query
+from models import MaskedLogin, Rejection, WriteResult
 
 TODAY = datetime.now(timezone.utc).date()
 OLD_DAY = TODAY - timedelta(days=10)  # dropped by retention --keep-days 3

@@ -32,13 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_kubernetes import DEPLOY, container, expanded_args, kustomize, one, resolved_env
 
+from helpers import assert_exactly_once, query, queue_counts, send
+from kube import DEPLOY, container, expanded_args, kustomize, one, resolved_env
 from main import _build_parser
-
-from helpers import query, queue_counts, send
 from sample_data import generate
-from test_reliability import assert_exactly_once
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

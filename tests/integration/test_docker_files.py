@@ -26,12 +26,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from config import ConfigError, Settings
-from pii.keys import generate_wrapped_key
-from pii.masking import Masker, MaskingError, generate_key
-
+from config import KEY_SOURCES, ConfigError, Settings
 from docker_engine import compose_binary
 from helpers import TEST_KMS_ENDPOINT, emulator_client, unavailable
+from pii.keys import generate_wrapped_key
+from pii.masking import Masker, MaskingError, decode_key, generate_key
+from pii.tink_keyset import keyset_json
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +54,6 @@ REQUIRED_ETL_ENV = {
     "AWS_SECRET_ACCESS_KEY",
 }
 COVERED_BY = {"AWS_ENDPOINT_URL_SQS": "AWS_ENDPOINT_URL", "AWS_REGION": "AWS_DEFAULT_REGION"}
-KEY_SOURCES = ("MASKING_KEY", "MASKING_KEYS", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT")
 KEY_A, KEY_B = generate_key(), generate_key()
 DOCKERFILE_INSTALL = ["pip", "install", "--no-cache-dir", "--require-hashes", "-r", "requirements.lock"]
 
@@ -191,6 +190,8 @@ def _sources(tmp_path: Path, kms_blob: str) -> dict[str, dict[str, str]]:
         "MASKING_KEYS": {"MASKING_KEYS": f"1:{KEY_A},2:{KEY_B}", "MASKING_KEY_VERSION": "2"},
         "MASKING_KEY_FILE": {"MASKING_KEY_FILE": str(key_path)},
         "MASKING_KEY_KMS_CIPHERTEXT": {"MASKING_KEY_KMS_CIPHERTEXT": kms_blob},
+        # a keyset on one line, as it goes in .env (keygen --format tink prints it indented)
+        "MASKING_KEYSET": {"MASKING_KEYSET": json.dumps(json.loads(keyset_json({7: decode_key(KEY_A)}, 7)))},
     }
 
 

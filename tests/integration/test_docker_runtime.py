@@ -35,12 +35,11 @@ import psycopg2
 import pytest
 import yaml
 
+from docker_engine import ROOT, DockerError, Layer, compose_binary, docker, docker_env, image_layers, inspect, run
+from helpers import TEST_KMS_ENDPOINT, emulator_client, pii_values, query, queue_counts, send, unavailable
 from pii.keys import generate_wrapped_key
 from pii.masking import generate_key
 from pii.tink_keyset import keyset_json, new_key_id
-
-from docker_engine import ROOT, DockerError, Layer, compose_binary, docker, docker_env, image_layers, inspect, run
-from helpers import TEST_KMS_ENDPOINT, emulator_client, pii_values, query, queue_counts, send, unavailable
 from proxy import TcpProxy
 from sample_data import generate
 

@@ -15,7 +15,17 @@ SHAPES = {
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["check"], ["rekey"], ["--log-format", "json", "-v"], ["unmask", "--reason", "r", "v1.abc"]]
+    "command",
+    [
+        [],
+        ["check"],
+        ["rekey"],
+        ["--log-format", "json", "-v"],
+        ["unmask", "--reason", "r", "v1.abc"],
+        ["replay", "--reason", "r", "--dry-run"],
+        ["retention", "--keep-days", "3", "--dry-run"],
+        ["--log-format", "json", "-v", "retention", "--keep-days", "3"],
+    ],
 )
 @pytest.mark.parametrize("dsn", SHAPES.values(), ids=SHAPES.keys())
 def test_no_command_shows_the_password_of_an_unreachable_database(

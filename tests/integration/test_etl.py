@@ -10,11 +10,10 @@ from datetime import date
 from pathlib import Path
 
 from database.sqs_postgres import SCHEMA_VERSION, STAGED_BATCHES_AFTER_CONFLICT, PostgresWriter
+from helpers import GOOD_LOGIN, connect_at_once, login, pii_values, query, queue_counts, send
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin, WriteResult
 from pii.masking import Masker, decode_key, generate_key
-
-from helpers import GOOD_LOGIN, connect_at_once, login, pii_values, query, queue_counts, send
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parents[2]

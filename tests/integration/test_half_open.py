@@ -19,11 +19,20 @@ from urllib.parse import urlsplit
 import pytest
 
 from database.sqs_postgres import TCP_USER_TIMEOUT_MS, PostgresWriter
+from helpers import (
+    assert_exactly_once,
+    drain_until_empty,
+    login,
+    output,
+    query,
+    queue_counts,
+    send,
+    set_visibility,
+    start_etl,
+    unavailable,
+)
 from main import EXIT_STOPPED_UNCOMMITTED
-
-from helpers import login, query, queue_counts, send, unavailable
 from proxy import TcpProxy, blackhole_unavailable
-from test_reliability import assert_exactly_once, drain_until_empty, output, set_visibility, start_etl
 
 # The writer's connect timeout (PostgresWriter's default): a reconnect into the black hole takes this long.
 CONNECT_TIMEOUT_SECONDS = 5

@@ -1,91 +1,23 @@
-"""Hostile input through the real pipeline: every message loaded or quarantined, nothing leaks."""
+"""Hostile input through the real pipeline: every message loaded or quarantined, nothing leaks.
+
+The bodies are tests/strategies.py's; tests/unit/test_hostile_bodies.py runs the same strategy
+through parsing and masking alone, under the hypothesis profile (500 examples in CI). Here each
+example is a whole ETL run against the real services, so the count stays small and fixed.
+"""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import uuid
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from database.sqs_postgres import PostgresWriter
-from tests.fakes import NOT_SURROGATES
-
-from helpers import GOOD_LOGIN, query, queue_counts
-from test_reliability import assert_exactly_once, output, start_etl
+from helpers import assert_exactly_once, output, query, queue_counts, start_etl
+from tests.strategies import bodies, pii_markers
 
 pytestmark = pytest.mark.slow
-
-# SQS accepts only these characters in a body (#x9 #xA #xD #x20-#xD7FF #xE000-#xFFFD #x10000+);
-# NULs and lone surrogates still arrive, JSON-escaped ("\u0000", "\ud800").
-sqs_text = st.text(
-    alphabet=st.characters(min_codepoint=0x20, categories=NOT_SURROGATES, exclude_characters="\ufffe\uffff")
-    | st.sampled_from("\t\n\r"),
-    max_size=200,
-)
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | sqs_text,
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(sqs_text, inner, max_size=5),
-    max_leaves=25,
-)
-nasty_strings = (
-    st.sampled_from(
-        [
-            "",
-            " ",
-            "\u0000",
-            "\ud800",
-            "\udfff",
-            "'; DROP TABLE user_logins; --",
-            "\\N",
-            "\t\n\r\\",
-            "x" * 100_000,
-            "\u202e\u0301",
-            "😀" * 40,
-            "NULL",
-            "null",
-            "${jndi:ldap://x}",
-            "%s%s%n",
-            "<script>",
-        ]
-    )
-    | sqs_text
-)
-
-
-@st.composite
-def pii(draw) -> str:
-    """A PII value carrying a unique marker, so a leak can be searched for."""
-    return f"PII{uuid.uuid4().hex[:12]}{draw(st.sampled_from(['', '.1', '-22', ' ', chr(0x1F600)]))}"
-
-
-@st.composite
-def login_like(draw) -> str:
-    data: dict[str, object] = dict(GOOD_LOGIN)
-    data["ip"] = draw(pii())
-    data["device_id"] = draw(pii())
-    for name in draw(st.sets(st.sampled_from([*GOOD_LOGIN, "extra"]), max_size=3)):
-        data[name] = draw(nasty_strings | json_values)
-    if draw(st.booleans()):
-        data.pop(draw(st.sampled_from(sorted(data))), None)
-    text = json.dumps(data, ensure_ascii=draw(st.booleans()))
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a raw lone surrogate: SQS would refuse the body, so escape it
-        text = json.dumps(data)
-    return text
-
-
-bodies = st.one_of(
-    login_like(),
-    json_values.map(json.dumps),
-    sqs_text,
-    st.integers(100, 5000).map(lambda n: "[" * n + "]" * n),
-    st.integers(100, 5000).map(lambda n: '{"a":' * n + "1" + "}" * n),
-    nasty_strings.map(lambda s: json.dumps({**GOOD_LOGIN, "user_id": s})),
-).filter(lambda body: 0 < len(body.encode("utf-8", "surrogatepass")) <= 200_000)
 
 
 @settings(
@@ -102,7 +34,7 @@ bodies = st.one_of(
 def test_any_body_is_loaded_or_quarantined_and_no_pii_leaks(etl_env, sqs_client, tmp_path, batch) -> None:
     queue_url = etl_env["SQS_QUEUE_URL"]
     ids = [sqs_client.send_message(QueueUrl=queue_url, MessageBody=body)["MessageId"] for body in batch]
-    markers = {m for body in batch for m in _markers(body)}
+    markers = {m for body in batch for m in pii_markers(body)}
     writer = PostgresWriter(etl_env["DATABASE_URL"])
     writer.connect()  # the tables exist from the first example on (idempotent)
     writer.close()
@@ -128,11 +60,3 @@ def test_any_body_is_loaded_or_quarantined_and_no_pii_leaks(etl_env, sqs_client,
     ).stdout
     logs = output(tmp_path)
     assert [m for m in markers if m in dump or m in logs] == []
-
-
-def _markers(body: str) -> list[str]:
-    start, found = 0, []
-    while (at := body.find("PII", start)) != -1:
-        found.append(body[at : at + 15])
-        start = at + 3
-    return found

@@ -6,11 +6,10 @@ import subprocess
 
 import pytest
 
+from helpers import query
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNMASK_FAILED, EXIT_UNREACHABLE, main
 from models import token_fingerprint
 from pii.masking import Masker, decode_key, generate_key
-
-from helpers import query
 
 KEY = generate_key()
 MASKER = Masker(decode_key(KEY))

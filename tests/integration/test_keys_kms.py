@@ -11,11 +11,10 @@ import os
 
 import pytest
 
+from helpers import TEST_KMS_ENDPOINT, emulator_client, login, query, queue_counts, send, unavailable
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from pii.keys import KMS_ENCRYPTION_CONTEXT
 from pii.masking import Masker, generate_key, token_version
-
-from helpers import TEST_KMS_ENDPOINT, emulator_client, login, query, queue_counts, send, unavailable
 
 
 def kms_for(region: str):

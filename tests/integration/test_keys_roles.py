@@ -2,70 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import uuid
 from datetime import date
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import psycopg2.errors
-import pytest
 
 from database.sqs_postgres import PostgresWriter
+from helpers import query
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin, Rejection
 from pii.masking import Masker, decode_key, generate_key
-
-from helpers import query
+from roles import apply_roles_sql, readme_auditor_query
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = generate_key()
 MASKER = Masker(decode_key(KEY))
-GROUPS = ("etl", "analyst", "unmask", "auditor")
-
-
-def as_user(dsn: str, user: str) -> str:
-    parts = urlsplit(dsn)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{user}:pw-{user}@{host}"))
-
-
-def apply_roles_sql(admin_dsn: str, roles: dict[str, str]) -> str:
-    psql = shutil.which("psql")
-    if psql is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("psql is required under CI=true")
-        pytest.skip("psql is not available")
-    options = [arg for group, role in roles.items() for arg in ("-v", f"{group}_role={role}")]
-    result = subprocess.run(
-        [psql, admin_dsn, "-X", "-q", "-v", "ON_ERROR_STOP=1", *options, "-f", str(ROOT / "database" / "roles.sql")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-@pytest.fixture
-def logins(database_url):
-    """roles.sql applied with per-test group roles, and one login user in each; all dropped after."""
-    suffix = uuid.uuid4().hex[:8]
-    roles = {group: f"test_{group}_{suffix}" for group in GROUPS}
-    first_run = apply_roles_sql(database_url, roles)
-    users = {group: f"{role}_user" for group, role in roles.items()}
-    for group, user in users.items():
-        query(database_url, f"CREATE ROLE {user} LOGIN PASSWORD 'pw-{user}' IN ROLE {roles[group]}")
-    yield {
-        "roles": roles,
-        "first_run": first_run,
-        **{group: as_user(database_url, user) for group, user in users.items()},
-    }
-    everyone = ", ".join([*users.values(), *roles.values()])
-    query(database_url, f"DROP OWNED BY {everyone} CASCADE; DROP ROLE {everyone}")
 
 
 def refused(dsn: str, sql: str) -> bool:
@@ -195,13 +147,6 @@ def test_replay_runs_as_the_etl_role_its_audit_is_append_only_and_analysts_see_w
     ):
         assert refused(logins["etl"], sql), sql
     assert refused(logins["analyst"], "SELECT * FROM etl_replay_audit")
-
-
-def readme_auditor_query() -> str:
-    """The SQL the docs give auditors (the block after "finds the rows behind an entry")."""
-    text = (ROOT / "docs" / "keys-and-privacy.md").read_text(encoding="utf-8")
-    after = text[text.index("finds the rows behind an entry") :]
-    return after[after.index("```sql") + len("```sql") : after.index("```", after.index("```sql") + 6)].strip()
 
 
 def test_the_unmasker_cannot_forge_who_when_or_from_where_in_an_audit_row(logins, database_url) -> None:

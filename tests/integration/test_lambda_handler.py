@@ -24,15 +24,13 @@ import pytest
 import lambda_handler
 from config import Settings
 from database.sqs_postgres import PostgresWriter
+from helpers import TEST_KMS_ENDPOINT, emulator_client, locked_logins, login, pii_values, query, unavailable
 from lambda_handler import SqsBatchHandler
 from observability import JsonFormatter
 from pii.keys import generate_wrapped_key
 from pii.masking import Masker, decode_key
-from tests.fakes import FirstCallFails
-
-from helpers import TEST_KMS_ENDPOINT, emulator_client, login, pii_values, query, unavailable
 from proxy import TcpProxy, blackhole_unavailable
-from test_reliability import locked_logins
+from tests.fakes import FirstCallFails
 
 QUEUE_ARN = "arn:aws:sqs:us-east-2:123456789012:login-queue"
 SENT_MS = int(time.time() * 1000) - 5_000  # sent a few seconds ago: today's partition

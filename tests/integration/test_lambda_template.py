@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 
 import lambda_handler
-from pii.keys import KMS_ENCRYPTION_CONTEXT
-
 from helpers import unavailable
+from pii.keys import KMS_ENCRYPTION_CONTEXT
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "deploy" / "lambda" / "template.yaml"

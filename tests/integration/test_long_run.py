@@ -15,21 +15,23 @@ import psycopg2
 import pytest
 
 from database.sqs_postgres import DatabaseRejectedRows, PostgresWriter
-from main import EXIT_OK, EXIT_QUEUE_LOST, EXIT_STOPPED_UNCOMMITTED
-from models import MaskedLogin, Rejection, WriteResult
-
-from helpers import login, query, queue_counts, send
-from proxy import TcpProxy
-from test_reliability import (
-    _wait_for_rows,
-    _wait_until,
+from helpers import (
     assert_exactly_once,
     drain_until_empty,
+    login,
     output,
+    query,
+    queue_counts,
+    send,
     set_visibility,
     start_etl,
     with_port,
 )
+from helpers import wait_for_rows as _wait_for_rows
+from helpers import wait_until as _wait_until
+from main import EXIT_OK, EXIT_QUEUE_LOST, EXIT_STOPPED_UNCOMMITTED
+from models import MaskedLogin, Rejection, WriteResult
+from proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
 FAST_BACKOFF = ("--backoff-base-seconds", "0.001", "--backoff-cap-seconds", "0.002")

@@ -14,10 +14,9 @@ from datetime import date
 from pathlib import Path
 
 from database.sqs_postgres import PostgresWriter
+from helpers import login, pii_values, query, queue_counts, send
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin
-
-from helpers import login, pii_values, query, queue_counts, send
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,21 +15,18 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-import test_keys_roles
-from test_keys_roles import apply_roles_sql, readme_auditor_query
 
 from database import partitions
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
+from helpers import connect_at_once, login, query
 from main import EXIT_OK, main
 from models import MaskedLogin, ReceivedMessage, WriteResult
 from pii.masking import Masker, decode_key, generate_key
+from roles import apply_roles_sql, readme_auditor_query
 from tests.legacy_tokens import legacy_token
 from transform import transform
 
-from helpers import connect_at_once, login, query
-
 ROOT = Path(__file__).resolve().parents[2]
-logins = test_keys_roles.logins  # fixture: the roles of database/roles.sql, a login in each
 masker = Masker(bytes(64))
 TODAY = datetime.now(timezone.utc).date()
 

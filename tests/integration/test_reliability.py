@@ -10,80 +10,34 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
 
-from helpers import login, query, queue_counts, send
+from helpers import (
+    assert_exactly_once,
+    count_of,
+    drain_until_empty,
+    locked_logins,
+    login,
+    output,
+    query,
+    queue_counts,
+    send,
+    set_visibility,
+    start_etl,
+    stored_ids,
+    wait_for_rows,
+    wait_until,
+    with_port,
+)
 from proxy import TcpProxy
 from sample_data import generate
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def start_etl(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """Start `python main.py ARGS` as users run it; output goes to files in tmp_path."""
-    n = len(list(tmp_path.glob("etl-*.out")))
-    out = open(tmp_path / f"etl-{n}.out", "w")  # noqa: SIM115 - closed by the OS when the test ends
-    err = open(tmp_path / f"etl-{n}.err", "w")  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), *args],
-        cwd=tmp_path,
-        stdout=out,
-        stderr=err,
-        text=True,
-        env=env or os.environ.copy(),
-    )
-
-
-def output(tmp_path: Path) -> str:
-    return "".join(p.read_text() for p in sorted(tmp_path.glob("etl-*.*")))
-
-
-def set_visibility(sqs, queue_url: str, seconds: int, **extra: str) -> None:
-    sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"VisibilityTimeout": str(seconds), **extra})
-
-
-def stored_ids(database_url: str) -> Counter[str]:
-    rows = query(
-        database_url,
-        "SELECT message_id FROM user_logins WHERE message_id IS NOT NULL "
-        "UNION ALL SELECT message_id FROM user_logins_rejected",
-    )
-    return Counter(r[0] for r in rows)
-
-
-def assert_exactly_once(database_url: str, ids: list[str]) -> None:
-    stored = stored_ids(database_url)
-    assert not [i for i, n in stored.items() if n > 1], "a message was stored twice"
-    missing = set(ids) - set(stored)
-    assert not missing, f"{len(missing)} messages lost"
-    assert set(stored) == set(ids)
-
-
-def drain_until_empty(tmp_path: Path, sqs, queue_url: str, attempts: int = 10) -> None:
-    """Drain again until no message is visible or in flight (killed runs leave some in flight)."""
-    for _ in range(attempts):
-        assert start_etl(tmp_path).wait(timeout=120) == 0, output(tmp_path)
-        if queue_counts(sqs, queue_url) == (0, 0):
-            return
-        time.sleep(1)
-    raise AssertionError(f"queue not empty: {queue_counts(sqs, queue_url)}")
-
-
-def with_port(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=f"{parts.hostname}:{port}"))
 
 
 def test_sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice(etl_env, sqs_client, tmp_path) -> None:
@@ -97,7 +51,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice(etl_en
         process = start_etl(tmp_path, "--batch-size", "200")
         # Kill in the thick of it: once this run has committed, at a random moment of its
         # receive / commit / delete cycle (a batch of 200 takes ~0.1 s here).
-        _wait_until(partial(_stored_more_than, etl_env["DATABASE_URL"], stored), "this run's first commit")
+        wait_until(partial(_stored_more_than, etl_env["DATABASE_URL"], stored), "this run's first commit")
         time.sleep(rng.uniform(0, 0.6))
         if process.poll() is None:
             process.kill()
@@ -126,7 +80,7 @@ def test_a_database_outage_mid_run_is_retried_and_nothing_is_lost(etl_env, sqs_c
     proxy = TcpProxy("127.0.0.1", urlsplit(etl_env["DATABASE_URL"]).port or 5432)
     env = {**os.environ, "DATABASE_URL": with_port(etl_env["DATABASE_URL"], proxy.port)}
     process = start_etl(tmp_path, "--batch-size", "100", env=env)
-    _wait_for_rows(etl_env["DATABASE_URL"])
+    wait_for_rows(etl_env["DATABASE_URL"])
     proxy.cut()
     # During the outage nothing is deleted that is not committed: stored + still queued covers all.
     time.sleep(3)
@@ -147,7 +101,7 @@ def test_a_database_lost_beyond_the_budget_exits_4_and_a_rerun_resumes(etl_env, 
     proxy = TcpProxy("127.0.0.1", urlsplit(etl_env["DATABASE_URL"]).port or 5432)
     env = {**os.environ, "DATABASE_URL": with_port(etl_env["DATABASE_URL"], proxy.port)}
     process = start_etl(tmp_path, "--batch-size", "100", "--retry-budget-seconds", "3", env=env)
-    _wait_for_rows(etl_env["DATABASE_URL"])
+    wait_for_rows(etl_env["DATABASE_URL"])
     proxy.cut()
     assert process.wait(timeout=60) == 4
     assert "nothing uncommitted was deleted" in output(tmp_path) and "Traceback" not in output(tmp_path)
@@ -166,7 +120,7 @@ def test_an_sqs_outage_mid_run_is_retried_and_nothing_is_lost(etl_env, sqs_clien
     proxy = TcpProxy(endpoint.hostname or "127.0.0.1", endpoint.port or 4566)
     env = {**os.environ, "AWS_ENDPOINT_URL": with_port(etl_env["AWS_ENDPOINT_URL"], proxy.port)}
     process = start_etl(tmp_path, "--batch-size", "100", env=env)
-    _wait_for_rows(etl_env["DATABASE_URL"])
+    wait_for_rows(etl_env["DATABASE_URL"])
     proxy.cut()
     time.sleep(4)
     assert process.poll() is None, "the ETL must not crash while SQS is down"
@@ -194,7 +148,7 @@ def test_a_slow_batch_has_its_visibility_extended_instead_of_being_redelivered(e
     with locked_logins(etl_env["DATABASE_URL"]):
         ids = send(sqs_client, queue_url, [login(n) for n in range(100)])
         time.sleep(20)
-    _wait_for_rows(etl_env["DATABASE_URL"], count=100)
+    wait_for_rows(etl_env["DATABASE_URL"], count=100)
     process.send_signal(signal.SIGTERM)
     # THEN the batch in hand was extended, never redelivered, and stored once
     assert process.wait(timeout=30) == 0, output(tmp_path)
@@ -267,7 +221,7 @@ def test_a_signal_in_follow_mode_finishes_the_batch_in_hand_and_exits_0(etl_env,
     queue_url = etl_env["SQS_QUEUE_URL"]
     ids = send(sqs_client, queue_url, list(generate(3000, seed=10)))
     process = start_etl(tmp_path, "--follow")
-    _wait_for_rows(etl_env["DATABASE_URL"])
+    wait_for_rows(etl_env["DATABASE_URL"])
     process.send_signal(signum)
     started = time.monotonic()
     assert process.wait(timeout=15) == 0, output(tmp_path)
@@ -281,7 +235,7 @@ def test_a_signal_in_drain_mode_exits_0_after_committing(etl_env, sqs_client, tm
     queue_url = etl_env["SQS_QUEUE_URL"]
     ids = send(sqs_client, queue_url, list(generate(4000, seed=12)))
     process = start_etl(tmp_path)
-    _wait_for_rows(etl_env["DATABASE_URL"])
+    wait_for_rows(etl_env["DATABASE_URL"])
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=15) == 0, output(tmp_path)
     assert "SIGTERM received" in output(tmp_path)
@@ -337,19 +291,6 @@ def test_a_signal_while_connecting_at_start_exits_with_one_line_and_no_traceback
     assert line in output(tmp_path) and "Traceback" not in output(tmp_path)
 
 
-@contextmanager
-def locked_logins(database_url: str) -> Iterator[None]:
-    """Hold an exclusive lock on user_logins: every insert into it waits until the block ends."""
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE")
-        yield
-    finally:
-        conn.rollback()
-        conn.close()
-
-
 def _wait_for_etl_connection(database_url: str, timeout: float = 30) -> None:
     """Wait until an ETL process has connected and set up its schema, partitions included.
 
@@ -382,36 +323,12 @@ def _wait_for_etl_connection(database_url: str, timeout: float = 30) -> None:
     raise AssertionError("the ETL did not connect")
 
 
-def _wait_for_rows(database_url: str, timeout: float = 30, count: int = 1) -> None:
-    _wait_until(
-        lambda: _count(database_url, "SELECT count(*) FROM user_logins") >= count,
-        f"{count} rows in user_logins",
-        timeout,
-    )
-
-
 def _stored_count(database_url: str) -> int:
     """Messages stored so far, loaded or quarantined (0 before the tables exist)."""
-    return _count(
+    return count_of(
         database_url, "SELECT (SELECT count(*) FROM user_logins) + (SELECT count(*) FROM user_logins_rejected)"
     )
 
 
 def _stored_more_than(database_url: str, before: int) -> bool:
     return _stored_count(database_url) > before
-
-
-def _count(database_url: str, sql: str) -> int:
-    try:
-        return int(query(database_url, sql)[0][0])
-    except psycopg2.errors.UndefinedTable:
-        return 0
-
-
-def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"waited {timeout:.0f} s for {what}")

@@ -18,12 +18,11 @@ import psycopg2
 
 from database.replay import Replayer, ReplayRequest, ReplayResult
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
+from helpers import login, query, send
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin, Rejection
 from pii.masking import BODY_FIELD, Masker, decode_key
 from transform import retry_quarantined
-
-from helpers import login, query, send
 
 ROOT = Path(__file__).resolve().parents[2]
 

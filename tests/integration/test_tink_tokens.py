@@ -8,10 +8,9 @@ import json
 import tink
 from tink import daead, secret_key_access
 
+from helpers import GOOD_LOGIN, query, send
 from main import EXIT_OK, main
 from pii import encoding
-
-from helpers import GOOD_LOGIN, query, send
 
 daead.register()
 

@@ -47,7 +47,17 @@ def test_an_unparseable_dsn_is_named_not_shown(dsn: str) -> None:
     assert SECRET not in str(info.value) and "zz" not in str(info.value)
 
 
-@pytest.mark.parametrize("command", [[], ["check"], ["rekey"], ["unmask", "--reason", "r", "v1.abc"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["check"],
+        ["rekey"],
+        ["unmask", "--reason", "r", "v1.abc"],
+        ["replay", "--reason", "r", "--dry-run"],
+        ["retention", "--keep-days", "3", "--dry-run"],
+    ],
+)
 def test_a_malformed_dsn_exits_2_with_one_line_and_no_password(
     command: list[str],
     monkeypatch: pytest.MonkeyPatch,

@@ -10,8 +10,8 @@ from typing import Any
 from models import MaskedLogin, Rejection, WriteResult
 from observability import Health, Metrics
 from pipeline import Pipeline
+from tests import fakes
 from tests.fakes import FakeClock, FakeQueue, FakeSink
-from tests.unit import test_loop as loop
 
 
 class ManualClock:
@@ -87,14 +87,14 @@ def test_an_idle_writer_keeps_the_process_live() -> None:
     metrics = Metrics(Health(stall_seconds=300, clock=clock))
     sink = FakeSink()
     pipeline = Pipeline(
-        FakeQueue([], stored=sink.holds), sink, loop.MASKER, loop.options(follow=True), observer=metrics
+        FakeQueue([], stored=sink.holds), sink, fakes.MASKER, fakes.options(follow=True), observer=metrics
     )
     metrics.health.running(lambda: pipeline.stopping)
-    thread, _outcome = loop.run_in_thread(pipeline)
+    thread, _outcome = fakes.run_in_thread(pipeline)
     try:
         for _ in range(3):
             clock.now += 10_000
-            loop.wait_until(lambda: metrics.health.live()[0])
+            fakes.wait_until(lambda: metrics.health.live()[0])
     finally:
         pipeline.stop()
         thread.join(10)
@@ -104,11 +104,11 @@ def test_a_database_outage_of_hours_keeps_the_process_live() -> None:
     """The retries beat: a probe must not restart pods because PostgreSQL is away."""
     fake = FakeClock()
     metrics = Metrics(Health(stall_seconds=300, clock=fake.now))
-    sink = loop.FailingSink(failures=float("inf"))
-    queue = FakeQueue(loop.bodies(30), stored=sink.holds)
-    pipeline = Pipeline(queue, sink, loop.MASKER, loop.options(follow=True), observer=metrics, clock=fake)
+    sink = fakes.FailingSink(failures=float("inf"))
+    queue = FakeQueue(fakes.bodies(30), stored=sink.holds)
+    pipeline = Pipeline(queue, sink, fakes.MASKER, fakes.options(follow=True), observer=metrics, clock=fake)
     metrics.health.running(lambda: pipeline.stopping)
-    thread, _outcome = loop.run_in_thread(pipeline)
+    thread, _outcome = fakes.run_in_thread(pipeline)
     samples = []
     try:
         while sink.attempts < 5_000:
@@ -135,14 +135,14 @@ def test_a_writer_stuck_in_one_call_is_not_live() -> None:
     metrics = Metrics(Health(stall_seconds=300, clock=clock))
     sink = StuckSink()
     pipeline = Pipeline(
-        FakeQueue(loop.bodies(5), stored=sink.holds),
+        FakeQueue(fakes.bodies(5), stored=sink.holds),
         sink,
-        loop.MASKER,
-        loop.options(follow=True, flush_seconds=0),
+        fakes.MASKER,
+        fakes.options(follow=True, flush_seconds=0),
         observer=metrics,
     )
     metrics.health.running(lambda: pipeline.stopping)
-    thread, _outcome = loop.run_in_thread(pipeline)
+    thread, _outcome = fakes.run_in_thread(pipeline)
     try:
         assert entered.wait(10)
         clock.now += 301

@@ -3,40 +3,30 @@ through backoffs (a FakeClock), seconds in all."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import date
 
 import pytest
 
-from config import PipelineOptions
-from database.sqs_postgres import DatabaseUnavailable
-from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
+from models import MaskedLogin, ReceivedMessage
 from pii.masking import Masker
 from pipeline import Pipeline, ServiceLost, Stopped
-from tests.fakes import FakeClock, FakeQueue, FakeSink, FirstCallFails, MemoryQueue, run_in_thread
-
-MASKER = Masker(bytes(64))
-
-
-def body(n: int, **changes: object) -> str:
-    return json.dumps(
-        {
-            "user_id": f"user-{n}",
-            "device_type": "ios",
-            "ip": f"10.0.{n // 256}.{n % 256}",
-            "device_id": f"dev-{n}",
-            "app_version": "2.3.0",
-            "locale": None,
-            **changes,
-        }
-    )
-
-
-def bodies(count: int) -> list[tuple[str, str]]:
-    return [(f"m{n:05d}", body(n)) for n in range(count)]
+from tests.fakes import (
+    MASKER,
+    FailingSink,
+    FakeClock,
+    FakeQueue,
+    FakeSink,
+    FirstCallFails,
+    MemoryQueue,
+    bodies,
+    body,
+    options,
+    run_in_thread,
+    wait_until,
+)
 
 
 class PoisonMasker(Masker):
@@ -46,35 +36,6 @@ class PoisonMasker(Masker):
         if value.startswith("poison"):
             raise RuntimeError("boom")
         return super().mask(field, value)
-
-
-def options(**changes: object) -> PipelineOptions:
-    defaults: dict[str, object] = {"receivers": 2, "deleters": 2, "batch_size": 50, "flush_seconds": 0.01}
-    return PipelineOptions(**{**defaults, **changes})  # type: ignore[arg-type]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
-class FailingSink(FakeSink):
-    """A sink whose writes fail (DatabaseUnavailable) the first `failures` times."""
-
-    def __init__(self, failures: float) -> None:
-        super().__init__()
-        self.failures = failures
-        self.attempts = 0
-
-    def write(
-        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False
-    ) -> WriteResult:
-        self.attempts += 1
-        if self.attempts <= self.failures:
-            raise DatabaseUnavailable("connection refused (fake)")
-        return super().write(logins, rejections, redelivered=redelivered)
 
 
 # -- ordering and batching -----------------------------------------------------------------------

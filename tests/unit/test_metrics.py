@@ -11,9 +11,8 @@ from prometheus_client import generate_latest
 from models import InvalidMessage, LoginEvent, ReceivedMessage, WriteResult
 from observability import ERROR_KINDS, Metrics
 from pii.masking import Masker
+from tests.fakes import GOOD_LOGIN
 from transform import REASON_LABELS, Batch, poison_rule, prepare, reason_kind, retry_quarantined
-
-from helpers import GOOD_LOGIN
 
 MASKER = Masker(bytes(64))
 NOW = 1_800_000_000.0  # the fake clock's "now", in Unix seconds

@@ -1,10 +1,15 @@
-"""The linters the README promises, run as tests so that CI keeps the code clean."""
+"""The linters the README promises, run as tests so that CI keeps the code clean; and the import
+rules of the tests themselves."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -13,16 +18,19 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.static  # mypy takes ~8 s: `make unit` leaves these to `make lint` / `make typecheck`
 def test_ruff_finds_nothing_to_fix() -> None:
     result = _run("ruff", "check", ".")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.static
 def test_ruff_format_has_nothing_to_change() -> None:
     result = _run("ruff", "format", "--check", ".")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.static
 def test_mypy_finds_no_type_errors_in_the_app_its_tests_benchmarks_and_scripts() -> None:
     result = _run("mypy")  # files and options from pyproject.toml
     assert result.returncode == 0, result.stdout + result.stderr
@@ -40,3 +48,35 @@ def test_the_pre_commit_hooks_run_the_pinned_ruff_formatter_and_mypy_from_the_ve
         tool = hook["entry"].split()[0]
         assert tool.startswith(".venv/bin/") and f"{tool.removeprefix('.venv/bin/')}==" in pinned, hook
     assert hooks["ruff-format"]["entry"].split()[1] == "format" and hooks["mypy"]["pass_filenames"] is False
+
+
+def _imported_modules(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, dotted name) of every absolute import in a Python file; `from a import b` gives a.b too."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module
+            yield from ((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
+
+
+def test_no_unit_test_imports_an_integration_test_module() -> None:
+    # Shared samples and fakes live in tests/fakes.py (docs/CONTRIBUTING.md): a unit test that needs
+    # tests/integration/ on the path, or its helpers, is not a unit test.
+    integration = {path.stem for path in (ROOT / "tests" / "integration").glob("*.py")}
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for path in sorted((ROOT / "tests" / "unit").rglob("*.py"))
+        for line, name in _imported_modules(path)
+        if name.split(".")[0] in integration or name == "tests.integration" or name.startswith("tests.integration.")
+    ]
+    assert offenders == [], "unit tests importing from tests/integration/ (use tests/fakes.py): " + str(offenders)
+
+
+def test_no_test_module_imports_another() -> None:
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        for _line, name in _imported_modules(path):
+            if name.rsplit(".", 1)[-1].startswith("test_"):
+                found.setdefault(str(path.relative_to(ROOT)), set()).add(name)
+    assert found == {}, "share helpers through tests/fakes.py or tests/integration/helpers.py"
