@@ -23,8 +23,8 @@ SHAPES = {
         ["--log-format", "json", "-v"],
         ["unmask", "--reason", "r", "v1.abc"],
         ["replay", "--reason", "r", "--dry-run"],
-        ["retention", "--keep-days", "3", "--dry-run"],
-        ["--log-format", "json", "-v", "retention", "--keep-days", "3"],
+        ["retention", "--keep-days", "30", "--dry-run"],
+        ["--log-format", "json", "-v", "retention", "--keep-days", "30"],
     ],
 )
 @pytest.mark.parametrize("dsn", SHAPES.values(), ids=SHAPES.keys())

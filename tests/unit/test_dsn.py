@@ -55,7 +55,7 @@ def test_an_unparseable_dsn_is_named_not_shown(dsn: str) -> None:
         ["rekey"],
         ["unmask", "--reason", "r", "v1.abc"],
         ["replay", "--reason", "r", "--dry-run"],
-        ["retention", "--keep-days", "3", "--dry-run"],
+        ["retention", "--keep-days", "30", "--dry-run"],
     ],
 )
 def test_a_malformed_dsn_exits_2_with_one_line_and_no_password(
