@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -32,10 +31,11 @@ from botocore.config import Config
 from config import PipelineOptions
 from database import partitions
 from database.sqs_postgres import PostgresWriter
-from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage
+from models import MaskedLogin, ReceivedMessage
 from pii.masking import Masker, decode_key, generate_key
 from pipeline import Pipeline
 from tests.fakes import MemoryQueue
+from transform import transform
 
 try:
     from sample_data import send
@@ -329,22 +329,10 @@ def naive_loop(services: Services, queue_url: str, dsn: str, endpoint_url: str |
             if not messages:
                 break
             for message in messages:
-                try:
-                    event = LoginEvent.from_body(message["Body"])
-                except InvalidMessage:
-                    pass  # the typical loop logs and drops it
-                else:
-                    sent_ms = int(message.get("Attributes", {}).get("SentTimestamp", time.time() * 1000))
-                    row = MaskedLogin(
-                        message_id=message["MessageId"],
-                        user_id=event.user_id,
-                        device_type=event.device_type,
-                        masked_ip=masker.mask("ip", event.ip),
-                        masked_device_id=masker.mask("device_id", event.device_id),
-                        locale=event.locale,
-                        app_version=event.app_version,
-                        create_date=datetime.fromtimestamp(sent_ms / 1000, tz=timezone.utc).date(),
-                    )
+                sent_ms = int(message.get("Attributes", {}).get("SentTimestamp", time.time() * 1000))
+                received = ReceivedMessage(message["MessageId"], message["ReceiptHandle"], message["Body"], sent_ms)
+                row = transform(received, masker)
+                if isinstance(row, MaskedLogin):  # a rejection: the typical loop logs and drops it
                     with conn.cursor() as cur:
                         cur.execute(insert, [getattr(row, name) for name in LOGIN_COLUMNS])
                     conn.commit()
