@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg2
 
-from database.sqs_postgres import DatabaseError, first_line
+from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, open_connection
 from models import UnmaskAudit
 
 logger = logging.getLogger(__name__)
@@ -40,11 +40,11 @@ class AuditLog:
     def record(self, entry: UnmaskAudit) -> None:
         """Commit `entry`; raise AuditUnavailable if it is not committed."""
         try:
-            conn = psycopg2.connect(
+            conn = open_connection(
                 self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-unmask"
             )
-        except psycopg2.OperationalError as exc:
-            raise AuditUnavailable(f"PostgreSQL unreachable: {first_line(exc)}") from None
+        except DatabaseUnavailable as exc:
+            raise AuditUnavailable(f"PostgreSQL unreachable: {exc}") from None
         try:
             with conn, conn.cursor() as cur:
                 cur.execute("SELECT to_regclass('pii_unmask_audit') IS NULL")

@@ -33,7 +33,7 @@ import psycopg2
 from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
-from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, one_row
+from database.sqs_postgres import DatabaseError, first_line, one_row, open_connection
 from models import Backoff
 
 logger = logging.getLogger(__name__)
@@ -105,12 +105,7 @@ class Rekeyer:
     def run(self) -> RekeyResult:
         """Rewrite every table; raise DatabaseUnavailable (at start), RekeyInterrupted (lost mid-run) or
         DatabaseError (refused, e.g. no UPDATE right)."""
-        try:
-            conn = psycopg2.connect(
-                self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-rekey"
-            )
-        except psycopg2.OperationalError as exc:
-            raise DatabaseUnavailable(first_line(exc)) from None
+        conn = open_connection(self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-rekey")
         result = RekeyResult()
         try:
             for table, columns in MASKED_COLUMNS.items():

@@ -36,7 +36,7 @@ import psycopg2
 from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
-from database.sqs_postgres import _COLUMN_LIST, DatabaseError, DatabaseUnavailable, first_line, one_row
+from database.sqs_postgres import _COLUMN_LIST, DatabaseError, DatabaseUnavailable, first_line, one_row, open_connection
 from models import MaskedLogin
 
 logger = logging.getLogger(__name__)
@@ -119,12 +119,7 @@ class Replayer:
     def run(self, request: ReplayRequest) -> ReplayResult:
         """Look, audit, then (unless a dry run) move. Raises DatabaseUnavailable (nothing done),
         ReplayNotAudited (nothing changed), ReplayInterrupted (lost after the audit) or DatabaseError."""
-        try:
-            conn = psycopg2.connect(
-                self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-replay"
-            )
-        except psycopg2.OperationalError as exc:
-            raise DatabaseUnavailable(first_line(exc)) from None
+        conn = open_connection(self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-replay")
         try:
             result = ReplayResult()
             to_load, examined = self._look(conn, request, result)

@@ -28,7 +28,7 @@ import psycopg2
 from psycopg2.extensions import cursor as Cursor
 
 from database import partitions
-from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, one_row
+from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, one_row, open_connection
 from models import UNDATED_CREATE_DATE
 
 logger = logging.getLogger(__name__)
@@ -114,12 +114,7 @@ class Retention:
 
     def run(self, *, dry_run: bool) -> RetentionResult:
         """Drop (or, in a dry run, list) what is older than the cutoff; raise DatabaseError."""
-        try:
-            conn = psycopg2.connect(
-                self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-retention"
-            )
-        except psycopg2.OperationalError as exc:
-            raise DatabaseUnavailable(first_line(exc)) from None
+        conn = open_connection(self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-retention")
         result = RetentionResult(self.cutoff, dry_run)
         try:
             with conn, conn.cursor() as cur:

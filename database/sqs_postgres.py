@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.errors
+from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
 from psycopg2.extensions import make_dsn, parse_dsn
 from psycopg2.extras import execute_values
@@ -193,15 +194,12 @@ class PostgresWriter:
         next queries queue behind it.
         """
         self.close()
-        extra = connection_parameters(self._dsn, statement_timeout_seconds=statement_timeout_seconds)
-        try:
-            self._conn = psycopg2.connect(
-                make_dsn(self._dsn, **extra),
-                connect_timeout=timeout_seconds or self._connect_timeout,
-                application_name=self._application_name,
-            )
-        except psycopg2.OperationalError as exc:
-            raise DatabaseUnavailable(first_line(exc)) from None
+        self._conn = open_connection(
+            self._dsn,
+            connect_timeout=timeout_seconds or self._connect_timeout,
+            application_name=self._application_name,
+            statement_timeout_seconds=statement_timeout_seconds,
+        )
         if not migrate:
             return
         try:
@@ -534,6 +532,21 @@ class PostgresWriter:
             # which re-runs the migrations, and retry the batch.
             self.close()
             raise DatabaseUnavailable(f"{exc.pgcode or type(exc).__name__}: {first_line(exc)}") from None
+
+
+def open_connection(
+    dsn: str, *, connect_timeout: int, application_name: str, statement_timeout_seconds: float | None = None
+) -> Connection:
+    """The one way this package connects: every session (the ETL's, rekey's, replay's, retention's,
+    the unmask audit's) gets the TCP settings of connection_parameters(), so that none of them waits
+    ~15 minutes on a half-open connection. Raises DatabaseUnavailable."""
+    extra = connection_parameters(dsn, statement_timeout_seconds=statement_timeout_seconds)
+    try:
+        return psycopg2.connect(
+            make_dsn(dsn, **extra), connect_timeout=connect_timeout, application_name=application_name
+        )
+    except psycopg2.OperationalError as exc:
+        raise DatabaseUnavailable(first_line(exc)) from None
 
 
 def connection_parameters(dsn: str, *, statement_timeout_seconds: float | None = None) -> dict[str, str]:

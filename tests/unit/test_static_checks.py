@@ -80,3 +80,26 @@ def test_no_test_module_imports_another() -> None:
             if name.rsplit(".", 1)[-1].startswith("test_"):
                 found.setdefault(str(path.relative_to(ROOT)), set()).add(name)
     assert found == {}, "share helpers through tests/fakes.py or tests/integration/helpers.py"
+
+
+def test_the_app_connects_to_postgresql_only_through_open_connection() -> None:
+    """database.sqs_postgres.open_connection gives every session its TCP keepalives and
+    tcp_user_timeout (tests/integration/test_half_open.py); a psycopg2.connect elsewhere in the app
+    (rekey, replay, retention and the unmask audit had their own) would wait ~15 min on a half-open
+    connection."""
+    app = [*ROOT.glob("*.py"), *(p for package in ("aws", "database", "pii") for p in (ROOT / package).rglob("*.py"))]
+    calls = []
+    for path in sorted(app):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef):
+                for call in ast.walk(node):
+                    if (
+                        isinstance(call, ast.Call)
+                        and isinstance(call.func, ast.Attribute)
+                        and call.func.attr == "connect"
+                        and isinstance(call.func.value, ast.Name)
+                        and call.func.value.id == "psycopg2"
+                    ):
+                        calls.append(f"{path.relative_to(ROOT)}:{call.lineno} in {node.name}()")
+    assert [c for c in calls if not c.startswith("database/sqs_postgres.py:") or "open_connection" not in c] == []
+    assert len(calls) == 1, calls
