@@ -224,3 +224,12 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) ->
             return
         time.sleep(0.02)
     raise AssertionError(f"waited {timeout:.0f} s for {what}")
+
+
+def dump_schema(database_url: str) -> str:
+    """`pg_dump --data-only` of the test's schema (the search_path its URL's options set): every
+    value stored, as text, for checks that no raw value reached a table."""
+    schema = query(database_url, "SELECT current_schema()")[0][0]
+    return subprocess.run(
+        ["pg_dump", "--data-only", "-n", schema, database_url.split("?")[0]], capture_output=True, text=True, check=True
+    ).stdout

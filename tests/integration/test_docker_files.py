@@ -8,7 +8,6 @@ LocalStack's own init runner. Locally a missing tool or service skips a test; un
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from pii.keys import generate_wrapped_key
 from pii.masking import Masker, MaskingError, decode_key, generate_key
 from pii.tink_keyset import keyset_json
 from sample_data import generate
+from tests.source import first_party_imports, names_read_from_env
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -271,31 +271,10 @@ def test_the_monitoring_profile_runs_the_tested_prometheus_config_rules_and_dash
 def test_etl_gets_every_variable_the_app_reads(compose: dict[str, Any]) -> None:
     env = service(compose, "etl")["environment"]
     assert REQUIRED_ETL_ENV <= {name for name, value in env.items() if value}
-    read = _names_read_by_settings()
+    read = names_read_from_env(["config.py"])
     assert "MASKING_KEY" in read  # the scan still finds what config.py reads
     unknown = {name for name in read if name not in env and COVERED_BY.get(name) not in env}
     assert not unknown, f"config.py reads {unknown}: set them for etl in docker-compose.yml"
-
-
-def _names_read_by_settings() -> set[str]:
-    """Every NAME in `env.get("NAME")` or `env["NAME"]` in config.py."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse((ROOT / "config.py").read_text())):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "get"
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-        ):
-            key = node.args[0].value
-        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
-            key = node.slice.value
-        else:
-            continue
-        if isinstance(key, str) and re.fullmatch(r"[A-Z][A-Z0-9_]+", key):
-            names.add(key)
-    return names
 
 
 def test_etl_reaches_the_services_by_service_name_and_container_port(compose: dict[str, Any]) -> None:
@@ -467,28 +446,7 @@ def copied_app_paths() -> list[Path]:
 def test_image_gets_every_first_party_module_main_imports_and_nothing_else() -> None:
     copied = copied_app_paths()
     assert all(path.exists() for path in copied), copied
-    top_level = {p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/__init__.py")}
-    needed: set[str] = set()
-    pending = [ROOT / "main.py"]
-    while pending:
-        source = pending.pop()
-        for node in ast.walk(ast.parse(source.read_text())):
-            names = (
-                [a.name for a in node.names]
-                if isinstance(node, ast.Import)
-                else [node.module]
-                if isinstance(node, ast.ImportFrom) and node.module and not node.level
-                else []
-            )
-            for name in names:
-                first = name.split(".")[0]
-                if first in top_level and first not in needed:
-                    needed.add(first)
-                    pending += (
-                        [ROOT / f"{first}.py"]
-                        if (ROOT / f"{first}.py").exists()
-                        else list((ROOT / first).rglob("*.py"))
-                    )
+    needed = first_party_imports(ROOT / "main.py")
     copied_names = {path.stem if path.suffix == ".py" else path.name for path in copied}
     assert needed <= copied_names, f"the image lacks {needed - copied_names}"
     assert not {"tests", "scripts", "bench"} & copied_names

@@ -10,7 +10,7 @@ from datetime import date
 from pathlib import Path
 
 from database.sqs_postgres import SCHEMA_VERSION, STAGED_BATCHES_AFTER_CONFLICT, PostgresWriter
-from helpers import GOOD_LOGIN, connect_at_once, login, pii_values, query, queue_counts, send
+from helpers import GOOD_LOGIN, connect_at_once, dump_schema, login, pii_values, query, queue_counts, send
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin, WriteResult
 from pii.masking import Masker, decode_key, generate_key
@@ -216,13 +216,7 @@ def test_no_raw_ip_or_device_id_reaches_the_database_or_the_output(etl_env, sqs_
     )
     assert result.returncode == 0, result.stderr
     # THEN neither its output nor a dump of its tables holds a raw value or the key
-    schema = query(etl_env["DATABASE_URL"], "SELECT current_schema()")[0][0]
-    dump = subprocess.run(
-        ["pg_dump", "--data-only", "-n", schema, etl_env["DATABASE_URL"].split("?")[0]],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    dump = dump_schema(etl_env["DATABASE_URL"])
     assert query(etl_env["DATABASE_URL"], "SELECT count(*) FROM user_logins")[0][0] > 150
     assert "\tAQAAAA" in dump  # the dump really holds the tokens (Tink's prefix, key id 1)
     for text in (result.stdout, result.stderr, dump):

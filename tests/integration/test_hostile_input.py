@@ -7,14 +7,12 @@ example is a whole ETL run against the real services, so the count stays small a
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from database.sqs_postgres import PostgresWriter
-from helpers import assert_exactly_once, output, query, queue_counts, start_etl
+from helpers import assert_exactly_once, dump_schema, output, query, queue_counts, start_etl
 from tests.strategies import bodies, pii_markers
 
 pytestmark = pytest.mark.slow
@@ -51,12 +49,6 @@ def test_any_body_is_loaded_or_quarantined_and_no_pii_leaks(etl_env, sqs_client,
 
     assert queue_counts(sqs_client, queue_url) == (0, 0)
     assert_exactly_once(etl_env["DATABASE_URL"], [*previous, *ids])
-    schema = query(etl_env["DATABASE_URL"], "SELECT current_schema()")[0][0]
-    dump = subprocess.run(
-        ["pg_dump", "--data-only", "-n", schema, etl_env["DATABASE_URL"].split("?")[0]],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    dump = dump_schema(etl_env["DATABASE_URL"])
     logs = output(tmp_path)
     assert [m for m in markers if m in dump or m in logs] == []

@@ -7,7 +7,6 @@ Locally a missing cfn-lint skips the lint test; under CI=true it fails it.
 
 from __future__ import annotations
 
-import ast
 import copy
 import importlib.util
 import itertools
@@ -23,6 +22,7 @@ import pytest
 import lambda_handler
 from helpers import unavailable
 from pii.keys import KMS_ENCRYPTION_CONTEXT
+from tests.source import first_party_imports
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "deploy" / "lambda" / "template.yaml"
@@ -295,27 +295,6 @@ def dockerfile_copies() -> set[str]:
         if line.startswith("COPY ") and "requirements.lock" not in line:
             names |= {Path(part.rstrip("/")).stem for part in line.split()[1:-1]}
     return names
-
-
-def first_party_imports(start: Path) -> set[str]:
-    """Every top-level module or package of ours that `start` needs, followed through imports."""
-    top_level = {p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/__init__.py")}
-    needed: set[str] = {start.stem}
-    pending = [start]
-    while pending:
-        for node in ast.walk(ast.parse(pending.pop().read_text())):
-            names = (
-                [a.name for a in node.names]
-                if isinstance(node, ast.Import)
-                else [node.module]
-                if isinstance(node, ast.ImportFrom) and node.module and not node.level
-                else []
-            )
-            for first in {name.split(".")[0] for name in names} & top_level - needed:
-                needed.add(first)
-                module = ROOT / f"{first}.py"
-                pending += [module] if module.exists() else list((ROOT / first).rglob("*.py"))
-    return needed
 
 
 def test_the_lambda_image_gets_every_module_the_handler_imports_and_no_tests() -> None:

@@ -11,7 +11,6 @@ is history and is not checked."""
 from __future__ import annotations
 
 import argparse
-import ast
 import functools
 import os
 import re
@@ -22,6 +21,7 @@ import pytest
 
 import config
 import main
+from tests.source import names_read_from_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted(path for path in (ROOT / "docs").glob("*.md") if path.name != "CHANGELOG.md")]
@@ -59,27 +59,6 @@ def flags(parser: argparse.ArgumentParser) -> set[str]:
         for option in action.option_strings
         if option.startswith("--") and option != "--help"
     }
-
-
-def names_read_from_env(modules: tuple[str, ...] = ("config.py", "main.py")) -> set[str]:
-    """Every NAME in `env.get("NAME")` / `env["NAME"]` / `os.environ...("NAME")` in the app's modules."""
-    names: set[str] = set()
-    for path in [ROOT / module for module in modules]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            key = None
-            if (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Attribute)
-                and node.func.attr == "get"
-                and node.args
-                and isinstance(node.args[0], ast.Constant)
-            ):
-                key = node.args[0].value
-            elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
-                key = node.slice.value
-            if isinstance(key, str) and re.fullmatch(r"[A-Z][A-Z0-9_]+", key):
-                names.add(key)
-    return names
 
 
 def subcommands() -> set[str]:
