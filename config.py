@@ -11,6 +11,7 @@ from urllib.parse import quote, urlsplit
 from psycopg2 import ProgrammingError
 from psycopg2.extensions import make_dsn, parse_dsn
 
+from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS
 from pii.keys import (
     KeySource,
     KeySourceError,
@@ -22,7 +23,6 @@ from pii.keys import (
     read_key_file,
 )
 from pii.masking import InvalidKey, Masker, decode_key
-from retry import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS
 
 DEFAULT_QUEUE_URL = "http://localhost:4566/000000000000/login-queue"
 DEFAULT_DATABASE_URL = "postgresql://postgres:postgres@localhost:5432/postgres"

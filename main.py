@@ -66,13 +66,13 @@ from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, Repla
 from database.retention import MIN_KEEP_DAYS, Retention
 from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
 from health import Failure, checklist_from_env
-from models import UnmaskAudit
+from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, UnmaskAudit
 from observability import Metrics, Progress, configure_logging
 from pii.keys import KmsUnavailable, generate_wrapped_key
 from pii.masking import KEY_BYTES, Masker, MaskingError, generate_key
 from pii.tink_keyset import keyset_json, new_key_id
 from pipeline import Pipeline, QueueLost, ServiceLost, Stopped
-from retry import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, BudgetExhausted, Retrier, StopState
+from retry import BudgetExhausted, Retrier, StopState
 from transform import retry_quarantined
 
 EXIT_OK = 0

@@ -18,21 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff
-
-__all__ = [
-    "DEFAULT_BASE_SECONDS",
-    "DEFAULT_CAP_SECONDS",
-    "STOP_MARGIN_SECONDS",
-    "Abandoned",
-    "Backoff",
-    "BudgetExhausted",
-    "Clock",
-    "Retrier",
-    "RetryError",
-    "StopDeadlinePassed",
-    "StopState",
-]
+from models import Backoff
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
