@@ -8,14 +8,15 @@ its (field, logins DESC) or (field, users DESC) index. It is stale by up to the 
 last refresh, and only the refresh keeps it right (docs/partitions.md "Analysts at scale"): after
 `rekey` it shows the old tokens, after `retention` the dropped days, until the next one.
 
-- Schema 5 creates it WITH NO DATA (its SQL: `_CREATE_SNAPSHOT` in database/sqs_postgres.py) (instant on any table): reading it before the first refresh is
-  PostgreSQL's "has not been populated" error. The first refresh is a plain one (an unpopulated
-  view cannot be refreshed CONCURRENTLY), every later one CONCURRENTLY: analysts keep reading the
+- Schema 5 creates it WITH NO DATA, instant on any table (`_CREATE_SNAPSHOT`, database/sqs_postgres.py):
+  reading it before the first refresh is PostgreSQL's "has not been populated" error. The first
+  refresh is a plain one (an unpopulated view cannot be refreshed CONCURRENTLY), every later one
+  CONCURRENTLY: analysts keep reading the
   previous snapshot meanwhile; the new one replaces it when the refresh commits.
 - One refresh at a time: a session advisory lock keyed on the view itself (so schemas sharing a
   database do not exclude each other); a second refresh raises SnapshotBusy at once, it does not
-  queue. The refresh sets no statement_timeout of its own (it is meant to run for minutes) and
-  waits for locks no longer than the lock timeout.
+  queue. The refresh runs with statement_timeout 0, whatever the role's or the DSN's (it is meant to
+  run for minutes), and waits for any one lock no longer than the lock timeout.
 - REFRESH needs ownership of the view: it runs as the role that migrates the schema (the ETL role
   of database/roles.sql); analysts only SELECT it.
 """
@@ -30,14 +31,8 @@ from datetime import datetime
 import psycopg2
 import psycopg2.errors
 
-from database.sqs_postgres import (
-    SNAPSHOT_VIEW as VIEW,
-    DatabaseError,
-    DatabaseUnavailable,
-    first_line,
-    one_row,
-    open_connection,
-)
+from database.sqs_postgres import SNAPSHOT_VIEW as VIEW
+from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, one_row, open_connection
 
 logger = logging.getLogger(__name__)
 
