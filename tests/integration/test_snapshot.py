@@ -90,9 +90,7 @@ def test_after_each_refresh_the_snapshot_holds_exactly_the_live_views_rows(db_en
     assert_snapshot_is_the_view(database_url, [r for r in rekeyed if r.create_date != OLD_DAY])
 
 
-def test_while_a_refresh_runs_the_old_snapshot_stays_readable_and_a_second_refresh_exits_busy(
-    db_env, capsys
-) -> None:
+def test_while_a_refresh_runs_the_old_snapshot_stays_readable_and_a_second_refresh_exits_busy(db_env, capsys) -> None:
     database_url = db_env
     # GIVEN a populated snapshot, then more logins (a rekey changes every token)
     stored = load_logins(database_url)
@@ -196,9 +194,9 @@ def test_a_schema_4_database_gets_the_snapshot_at_start_and_a_rerun_changes_noth
     writer.close()
     # THEN schema 5 is recorded, the snapshot and its three indexes exist once, unpopulated
     assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)] == [(5,)]
-    assert query(
-        database_url, "SELECT relispopulated FROM pg_class WHERE oid = to_regclass(%s)", (SNAPSHOT,)
-    ) == [(False,)]
+    assert query(database_url, "SELECT relispopulated FROM pg_class WHERE oid = to_regclass(%s)", (SNAPSHOT,)) == [
+        (False,)
+    ]
     indexes = query(database_url, "SELECT indexname FROM pg_indexes WHERE tablename = %s ORDER BY 1", (SNAPSHOT,))
     assert indexes == [(f"{SNAPSHOT}_key",), (f"{SNAPSHOT}_logins",), (f"{SNAPSHOT}_users",)]
     # AND a refresh fills it with the view's rows
