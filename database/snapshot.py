@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 import psycopg2
 import psycopg2.errors
@@ -115,3 +115,26 @@ class SnapshotRefresher:
             conn.close()  # ends the session, and with it the advisory lock
         logger.info("refreshed %s: %d rows in %.1f s", VIEW, rows, seconds)
         return RefreshResult(populated, int(rows), seconds, refreshed_at)
+
+
+def describe(dsn: str, *, connect_timeout_seconds: int = 5) -> str:
+    """For `check`: the snapshot's age, or that it was never refreshed, or "" before schema 5 (reads only)."""
+    conn = open_connection(dsn, connect_timeout=connect_timeout_seconds, application_name="login-etl-check")
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT relispopulated FROM pg_class WHERE oid = to_regclass(%s)", (VIEW,))
+            row = cur.fetchone()
+            if row is None:
+                return ""
+            if not row[0]:
+                return "; analysts' snapshot never refreshed: run `python main.py snapshot`"
+            cur.execute(f"SELECT max(refreshed_at) FROM {VIEW}")
+            refreshed_at = one_row(cur)[0]
+    except psycopg2.Error as exc:
+        raise DatabaseUnavailable(first_line(exc)) from None
+    finally:
+        conn.close()
+    if refreshed_at is None:
+        return "; analysts' snapshot refreshed, empty (no token seen twice)"
+    hours = (datetime.now(timezone.utc) - refreshed_at).total_seconds() / 3600
+    return f"; analysts' snapshot refreshed {refreshed_at:%Y-%m-%d %H:%M} UTC ({hours:.1f} h ago)"
