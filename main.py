@@ -65,7 +65,7 @@ from database.audit import AuditLog, AuditUnavailable
 from database.rekey import Rekeyer, RekeyInterrupted
 from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
 from database.retention import MIN_KEEP_DAYS, Retention
-from database.snapshot import SnapshotBusy, SnapshotRefresher
+from database.snapshot import SnapshotBusy, SnapshotLockTimeout, SnapshotRefresher
 from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
 from health import Failure, checklist_from_env
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, UnmaskAudit
@@ -109,6 +109,7 @@ ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (ReplayNotAudited, EXIT_UNREACHABLE, "refusing to replay without an audit record at {dsn}: {exc}"),
     (ReplayInterrupted, EXIT_SERVICE_LOST, "{exc}; committed batches are kept, rerun to resume"),
     (SnapshotBusy, EXIT_BUSY, "{exc}"),
+    (SnapshotLockTimeout, EXIT_UNREACHABLE, "{exc}"),  # not "unreachable": a lock was held too long
     (DatabaseUnavailable, EXIT_UNREACHABLE, "PostgreSQL unreachable at {dsn}: {exc}"),
     (DatabaseError, EXIT_CONFIG, "{exc}"),
     (BudgetExhausted, EXIT_UNREACHABLE, "PostgreSQL at {dsn}: {exc}"),  # the schema set-up at start

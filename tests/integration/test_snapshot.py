@@ -20,7 +20,7 @@ from database.retention import Retention
 from database.snapshot import SnapshotRefresher
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
 from helpers import ROOT, locked_logins, query, wait_until
-from main import EXIT_BUSY, EXIT_CONFIG, EXIT_OK, main
+from main import EXIT_BUSY, EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from roles import apply_roles_sql
 
 SNAPSHOT = "user_login_duplicates_snapshot"
@@ -125,6 +125,20 @@ def test_while_a_refresh_runs_the_old_snapshot_stays_readable_and_a_second_refre
     thread.join(timeout=30)
     assert not thread.is_alive() and done and not isinstance(done[0], BaseException), done
     assert_snapshot_is_the_view(database_url, rekeyed)
+
+
+def test_a_refresh_kept_waiting_for_a_lock_past_the_lock_timeout_exits_3_and_keeps_the_snapshot(db_env, capsys) -> None:
+    database_url = db_env
+    # GIVEN a populated snapshot, and user_logins locked by someone else (a migration, a DROP)
+    stored = load_logins(database_url)
+    refresh(capsys)
+    with locked_logins(database_url):
+        # WHEN a refresh runs: it waits the lock timeout (5 s), then gives up
+        assert main(["snapshot"]) == EXIT_UNREACHABLE
+    # THEN one line says what waited and to rerun; the previous snapshot is intact and readable
+    err = capsys.readouterr().err
+    assert err.startswith("error: the refresh waited 5000 ms for a lock") and "rerun later" in err, err
+    assert_snapshot_is_the_view(database_url, stored)
 
 
 def _run_refresh(database_url: str) -> BaseException | object:
