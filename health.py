@@ -12,6 +12,7 @@ from enum import Enum
 
 from aws.sqs import QueueUnusable, SqsError, SqsReader
 from config import ConfigError, Settings, redact_dsn
+from database import snapshot
 from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, PostgresWriter
 from pii.keys import KmsUnavailable
 from pii.masking import MaskingError
@@ -133,9 +134,10 @@ def _database(settings: Settings) -> Iterator[Item]:
                 "this release runs on it without migrating",
             )
         else:
+            age = snapshot.describe(settings.database_url) if problem is None else ""
             yield Item(
                 problem is None,
-                f"schema: {'current' if problem is None else problem}",
+                f"schema: {'current' + age if problem is None else problem}",
                 "run `python main.py` once: it creates and migrates the schema at start",
             )
     except DatabaseError as exc:

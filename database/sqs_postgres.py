@@ -35,8 +35,9 @@ T = TypeVar("T")
 
 # Any constant: serialises schema set-up between processes starting at once.
 _SCHEMA_LOCK_ID = 7_412_350_191
-SCHEMA_VERSION = 4  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
-# replay columns and the user_logins_replayed view; 4: the token indexes for the analysts' queries
+SCHEMA_VERSION = 5  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
+# replay columns and the user_logins_replayed view; 4: the token indexes for the analysts' queries;
+# 5: the all-time snapshot of the duplicates view (database/snapshot.py refreshes it)
 
 # COPY order: `locale`, the only nullable value, last, so a row is built with one join.
 _LOGIN_COLUMNS = (
@@ -111,6 +112,22 @@ UNION ALL
 SELECT 'ip'::text, masked_ip, count(*), count(DISTINCT user_id), min(create_date), max(create_date)
   FROM user_logins WHERE masked_ip IS NOT NULL
  GROUP BY masked_ip HAVING count(*) > 1"""
+
+
+# For analysts' all-time top 20: the view's answer stored, refreshed by `python main.py snapshot`
+# (database/snapshot.py). Made WITH NO DATA (instant); each statement idempotent.
+SNAPSHOT_VIEW = "user_login_duplicates_snapshot"
+_CREATE_SNAPSHOT = (
+    f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {SNAPSHOT_VIEW} AS
+SELECT field, masked_value, logins, users, first_seen, last_seen, now() AS refreshed_at
+  FROM user_login_duplicates
+WITH NO DATA""",
+    # REFRESH … CONCURRENTLY needs a unique index on plain columns covering every row.
+    f"CREATE UNIQUE INDEX IF NOT EXISTS {SNAPSHOT_VIEW}_key ON {SNAPSHOT_VIEW} (field, masked_value)",
+    # The top 20 of one field by logins, or by users: the first 20 entries of one of these.
+    f"CREATE INDEX IF NOT EXISTS {SNAPSHOT_VIEW}_logins ON {SNAPSHOT_VIEW} (field, logins DESC)",
+    f"CREATE INDEX IF NOT EXISTS {SNAPSHOT_VIEW}_users ON {SNAPSHOT_VIEW} (field, users DESC)",
+)
 
 
 # For analysts (who cannot read the quarantine): which rows of user_logins were loaded by a replay.
@@ -347,6 +364,8 @@ class PostgresWriter:
         cur.execute("""ALTER TABLE user_logins_rejected ADD COLUMN IF NOT EXISTS replayed_at timestamptz,
                        ADD COLUMN IF NOT EXISTS replay_audit_id bigint""")
         cur.execute(_CREATE_REPLAYED_VIEW)
+        for sql in _CREATE_SNAPSHOT:  # schema 4 -> 5
+            cur.execute(sql)
         cur.execute("INSERT INTO etl_schema_version (version) VALUES (%s) ON CONFLICT DO NOTHING", (SCHEMA_VERSION,))
 
     def _ensure_partitions(self, today: date) -> None:
@@ -643,7 +662,7 @@ def _lock_holders(cur: Cursor) -> str:
               AND ((c.relnamespace = current_schema()::regnamespace
                     AND (c.relname IN ('user_logins', 'user_logins_rejected', 'user_login_duplicates',
                                        'user_logins_replayed', 'etl_schema_version', 'user_logins_default',
-                                       'user_logins_legacy')
+                                       'user_logins_legacy', 'user_login_duplicates_snapshot')
                          OR c.relname LIKE 'user\\_logins\\_p%%'))
                    OR (l.locktype = 'advisory' AND l.objid = %s))
             ORDER BY 1 LIMIT 5""",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -93,6 +94,20 @@ def test_check_passes_when_everything_is_in_place(etl_env, capsys) -> None:
     assert main(["check"]) == EXIT_OK
     out = capsys.readouterr().out
     assert out.count("✓") == 4 and "✗" not in out and "schema: current" in out
+    # AND it says how old the analysts' snapshot is, or that it was never refreshed
+    assert "schema: current; analysts' snapshot never refreshed: run `python main.py snapshot`" in out
+    writer = PostgresWriter(etl_env["DATABASE_URL"])
+    writer.connect()
+    today = date.today()
+    writer.write([MaskedLogin(f"m-{n}", f"u{n}", "ios", "v1.ip", "v1.dev", None, "1.0", today) for n in (1, 2)], [])
+    writer.close()
+    assert main(["snapshot"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["check"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert re.search(
+        r"✓ schema: current; analysts' snapshot refreshed \d{4}-\d\d-\d\d \d\d:\d\d UTC \(0\.0 h ago\)", out
+    ), out
 
 
 def test_check_fails_on_a_missing_key_with_the_fix(etl_env, monkeypatch, capsys) -> None:
