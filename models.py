@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any, Protocol
 
+import orjson
+
 # Column limits of `user_logins` (the original exercise's DDL). Values that do not fit are
 # rejected up front, so that a batch never fails inside PostgreSQL.
 MAX_USER_ID_CHARS = 128
@@ -27,6 +29,10 @@ MAX_PII_BYTES = 128
 
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _MS_PER_DAY = 86_400_000
+# The date objects of the days seen (days since the epoch -> date): a message's day is one dict
+# lookup instead of a new date. Messages are of a few days; bounded all the same.
+_DAYS: dict[int, date] = {}
+_MAX_DAYS_KEPT = 1024
 # The create_date of a message without a SentTimestamp (SQS always sends one when asked; another
 # source may not): the day of timestamp 0, a constant, so that every delivery of such a message
 # gets the same day, hence the same partition, and is stored once. It lands in the default partition.
@@ -49,7 +55,10 @@ class InvalidMessage(ValueError):
     """
 
 
-@dataclass(frozen=True, slots=True)
+# Built once per message on the ETL's hot path: not frozen (a frozen dataclass's __init__ sets each
+# field through object.__setattr__, ~1.2 µs more per object, and three are built per message).
+# Nothing mutates one after it is built.
+@dataclass(slots=True)
 class ReceivedMessage:
     """One SQS message as received: identity, receipt and the raw body."""
 
@@ -64,7 +73,13 @@ class ReceivedMessage:
         """The UTC day of sent_at (the row's create_date), without building a datetime: hot path."""
         if self.sent_timestamp_ms is None:
             return None
-        return date.fromordinal(_EPOCH_ORDINAL + self.sent_timestamp_ms // _MS_PER_DAY)
+        day = self.sent_timestamp_ms // _MS_PER_DAY
+        found = _DAYS.get(day)
+        if found is None:
+            if len(_DAYS) >= _MAX_DAYS_KEPT:
+                _DAYS.clear()
+            found = _DAYS[day] = date.fromordinal(_EPOCH_ORDINAL + day)
+        return found
 
     @property
     def create_date(self) -> date:
@@ -80,7 +95,7 @@ class ReceivedMessage:
         return datetime.fromtimestamp(self.sent_timestamp_ms / 1000, tz=timezone.utc)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see ReceivedMessage
 class LoginEvent:
     """A parsed, validated login event. Holds raw PII: it never leaves the process."""
 
@@ -123,7 +138,7 @@ class LoginEvent:
         return cls(**values)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see ReceivedMessage
 class MaskedLogin:
     """A row of `user_logins`: PII already replaced by tokens."""
 
@@ -243,16 +258,25 @@ class UnmaskAudit:
 
 def _load_json_object(body: str) -> dict[str, Any]:
     try:
-        data = json.loads(body)
+        data = orjson.loads(body)  # ~5x faster than the standard library: the ETL's hot path
+    except orjson.JSONDecodeError:
+        # The standard library decides: it accepts what orjson refuses (NaN, a lone surrogate
+        # escaped, an integer past 64 bits), and its error gives the position.
+        data = _load_json_slowly(body)
+    if not isinstance(data, dict):
+        raise InvalidMessage(f"body must be a JSON object, got {_json_type(data)}")
+    return data
+
+
+def _load_json_slowly(body: str) -> Any:
+    try:
+        return json.loads(body)
     except RecursionError:
         raise InvalidMessage("JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError
         # The decoder's message can quote the body; keep only its position.
         pos = getattr(exc, "pos", None)
         raise InvalidMessage(f"body is not valid JSON (at character {pos})") from None
-    if not isinstance(data, dict):
-        raise InvalidMessage(f"body must be a JSON object, got {_json_type(data)}")
-    return data
 
 
 def _ordinary_fields(data: dict[str, Any]) -> tuple[str, str, str, str, str | None, str] | None:

@@ -41,6 +41,8 @@ KEY_BYTES = 64  # AES-256-SIV: two 256-bit keys (RFC 5297 section 2.2)
 FIELDS = ("ip", "device_id")
 # Rejected messages are stored with their whole body encrypted under this associated data.
 BODY_FIELD = "rejected_body"
+# Tokens remembered per field by a Masker (see Masker.mask): ~4 MB each at most.
+RECENT_TOKENS = 16_384
 _LEGACY_TOKEN = re.compile(r"^v([1-9][0-9]{0,5})\.([A-Za-z0-9_-]+)$")
 TINK_PREFIX_BYTE = 0x01  # Tink's OutputPrefixType.TINK
 PREFIX_BYTES = 5  # the prefix byte and the 4-byte key id
@@ -114,6 +116,10 @@ class Masker:
         self._add(version, key)
         self.version = version
         self._cipher = self._ciphers[version]
+        # The tokens of the values of FIELDS masked lately, per field (tokens are deterministic, so
+        # a remembered one is the one encryption would give). The values are raw PII, kept only in
+        # this process's memory, as the messages being processed are; never the rejected bodies.
+        self._recent: dict[str, dict[str, str]] = {name: {} for name in FIELDS}
         self._prefix = token_prefix(version)
         self.current_prefixes = text_prefixes(version)
 
@@ -154,10 +160,21 @@ class Masker:
 
     def mask(self, field: str, value: str) -> str:
         """Return the token of `value` as `field` under the active key: same input and key, same token."""
-        # The hot path of the ETL (twice per message): one encode, one encrypt, one base64.
+        # The hot path of the ETL (twice per message): a value seen lately is one dict lookup (a
+        # device or an IP logs in again and again); otherwise one encode, one encrypt, one base64.
+        recent = self._recent.get(field)
+        if recent is not None:
+            token = recent.get(value)
+            if token is not None:
+                return token
         plain = _ENCODE.get(field, encoding.encode_text)(value)
         sealed = self._cipher.encrypt(plain, _associated_data(field))
-        return binascii.b2a_base64(self._prefix + sealed, newline=False).decode("ascii")
+        token = binascii.b2a_base64(self._prefix + sealed, newline=False).decode("ascii")
+        if recent is not None:
+            if len(recent) >= RECENT_TOKENS:
+                recent.clear()  # cheaper than an LRU, and as good for a stream's heavy hitters
+            recent[value] = token
+        return token
 
     def unmask(self, token: str, fields: tuple[str, ...] = (*FIELDS, BODY_FIELD)) -> str:
         """Return the original value of a token of any of `fields` (an IP in canonical text); raise UnmaskError."""

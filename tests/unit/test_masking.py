@@ -9,7 +9,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from models import MAX_PII_BYTES
-from pii.masking import KEY_BYTES, InvalidKey, Masker, UnmaskError, canonical, decode_key, generate_key
+from pii.masking import (
+    BODY_FIELD,
+    KEY_BYTES,
+    RECENT_TOKENS,
+    InvalidKey,
+    Masker,
+    UnmaskError,
+    canonical,
+    decode_key,
+    generate_key,
+)
 
 KEY = bytes(range(KEY_BYTES))
 masker = Masker(KEY)
@@ -112,3 +122,22 @@ def test_any_value_round_trips(field: str, value: str) -> None:
     assert masker.mask(field, value) == token
     assert masker.unmask(token) == canonical(field, value)
     assert canonical(field, value) == value or field == "ip"  # only an IP's spelling is canonicalised
+
+
+def test_a_remembered_token_is_the_one_a_fresh_masker_makes_and_the_memory_is_bounded() -> None:
+    used = Masker(KEY)
+    values = [f"10.0.{n // 256}.{n % 256}" for n in range(RECENT_TOKENS + 100)]
+    first = [used.mask("ip", v) for v in values]
+    again = [used.mask("ip", v) for v in reversed(values)]  # the last ones from memory, the first made anew
+    fresh = [Masker(KEY).mask("ip", v) for v in values]
+    assert first == fresh and again[::-1] == fresh
+    assert used.mask("device_id", values[-1]) == Masker(KEY).mask("device_id", values[-1]) != first[-1]
+    assert all(len(recent) <= RECENT_TOKENS for recent in used._recent.values())
+
+
+def test_rejected_bodies_are_not_remembered() -> None:
+    used = Masker(KEY)
+    used.mask(BODY_FIELD, '{"ip": "10.0.0.1"}')
+    used.mask("ip", "10.0.0.1")
+    assert set(used._recent) == {"ip", "device_id"}
+    assert [list(recent) for recent in used._recent.values()] == [["10.0.0.1"], []]
