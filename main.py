@@ -65,6 +65,7 @@ from database.rekey import Rekeyer, RekeyInterrupted
 from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
 from database.retention import MIN_KEEP_DAYS, Retention
 from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
+from database.token_indexes import TokenIndexer
 from health import Failure, checklist_from_env
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, UnmaskAudit
 from observability import Metrics, Progress, configure_logging
@@ -229,23 +230,34 @@ def _serve_metrics(port: int | None) -> Metrics | None:
 def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     metrics = _serve_metrics(args.metrics_port)
     writer = PostgresWriter(settings.database_url, backoff=_backoff(args))
+    # The analysts' token indexes on the closed days, built beside the writer (never in its path) on
+    # a connection of their own, from the schema set-up on; a stop cancels the build in flight and
+    # does not wait for it (its leftover is dropped and built again next time).
+    indexer = TokenIndexer(settings.database_url)
     close = True
     try:
-        return _consume(writer, settings, masker, args, metrics)
+        return _consume(writer, indexer, settings, masker, args, metrics)
     except Stopped as exc:
         # A write still hangs inside the connection (a half-open socket): closing it would wait
         # for that call. The process exits instead, and the OS drops the socket.
         close = not exc.hung
         raise
     finally:
+        indexer.stop()
         if close:
             writer.close()
 
 
 def _consume(
-    writer: PostgresWriter, settings: Settings, masker: Masker, args: argparse.Namespace, metrics: Metrics | None
+    writer: PostgresWriter,
+    indexer: TokenIndexer,
+    settings: Settings,
+    masker: Masker,
+    args: argparse.Namespace,
+    metrics: Metrics | None,
 ) -> int:
     _connect(writer, args)
+    indexer.start()  # after the schema set-up: a schema 4 is migrated first
     wait = args.wait_seconds if args.wait_seconds is not None else (5 if args.follow else 1)
     reader = SqsReader(
         settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region, wait_time_seconds=wait

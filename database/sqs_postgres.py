@@ -35,8 +35,9 @@ T = TypeVar("T")
 
 # Any constant: serialises schema set-up between processes starting at once.
 _SCHEMA_LOCK_ID = 7_412_350_191
-SCHEMA_VERSION = 4  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
-# replay columns and the user_logins_replayed view; 4: the token indexes for the analysts' queries
+SCHEMA_VERSION = 5  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
+# replay columns and the user_logins_replayed view; 4: the token indexes for the analysts' queries (on
+# the parent); 5: those indexes on the closed days only, built by database/token_indexes.py
 
 # COPY order: `locale`, the only nullable value, last, so a row is built with one join.
 _LOGIN_COLUMNS = (
@@ -255,6 +256,14 @@ class PostgresWriter:
 
         return self._run(inspect, commit=False)
 
+    def closed_partitions_unindexed(self) -> int:
+        """How many closed partitions (before today, UTC, or the default) lack a token index (changes nothing)."""
+
+        def inspect(cur: Cursor) -> int:
+            return len({leaf for leaf, _name in partitions.missing_token_indexes(cur, _utc_today())})
+
+        return self._run(inspect, commit=False)
+
     @property
     def connected(self) -> bool:
         """True while the connection is open (it may still fail on next use)."""
@@ -284,7 +293,6 @@ class PostgresWriter:
         try:
             self._run(self._migrate_tables)
             self._move_legacy()
-            self._build_token_indexes()
             self._run(self._migrate_views)
         finally:
             if self.connected:
@@ -307,7 +315,9 @@ class PostgresWriter:
             # Today's table (or the original exercise's: integer app_version, no message_id):
             # renamed, replaced by the partitioned one, its rows moved in batches afterwards.
             partitions.start_legacy_move(cur)
-        partitions.start_token_indexes(cur)  # schema 3 -> 4; before ensure_days: new days get theirs
+        # Schema 4 -> 5 (a schema 3 goes straight to 5): no token index on the parent, nor so on
+        # today's partition; token_indexes.py builds the closed days' own, CONCURRENTLY.
+        partitions.drop_parent_token_indexes(cur)
         partitions.ensure_days(cur, partitions.window(_utc_today()))
 
     def _move_legacy(self) -> None:
@@ -329,17 +339,6 @@ class PostgresWriter:
                 logged = time.monotonic()
         logger.info("moved %d rows from %s into daily partitions", moved, partitions.LEGACY_TABLE)
         self._run(partitions.finish_legacy_move)
-
-    def _build_token_indexes(self) -> None:
-        # Schema 3 -> 4: one partition's index per transaction, so a killed migration keeps what it
-        # built; each build waits for the partition's lock no longer than the lock timeout.
-        missing = self._run(partitions.missing_token_indexes, commit=False)
-        started = time.monotonic()
-        for n, (index, leaf) in enumerate(missing, 1):
-            self._run(partial(partitions.build_token_index, index=index, leaf=leaf))
-            logger.info("built the token index %s on %s (%d of %d)", index, leaf, n, len(missing))
-        if missing:
-            logger.info("%d token index(es) of partitions built in %.1f s", len(missing), time.monotonic() - started)
 
     def _migrate_views(self, cur: Cursor) -> None:
         cur.execute(_CREATE_DUPLICATES_VIEW)
