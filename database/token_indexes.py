@@ -10,7 +10,8 @@ partition. Two callers:
 - `TokenIndexer`: the ETL's daemon thread, on its own connection: a pass at start, then one each
   time the UTC day has changed (looked at every CHECK_SECONDS), or until a pass completes.
 
-A pass holds a session advisory lock (TOKEN_INDEX_LOCK_ID): another process indexing makes it skip.
+A pass holds a session advisory lock (TOKEN_INDEX_LOCK_ID and the schema): another process indexing
+makes it skip.
 `CREATE INDEX CONCURRENTLY` never blocks writes; killed or cancelled, it leaves an INVALID index,
 which the next pass drops (DROP INDEX CONCURRENTLY) and builds again. The caller may cancel a pass
 at any time (`connection.cancel()` from another thread): nothing is left half-done but that.
@@ -33,9 +34,12 @@ from database.sqs_postgres import DatabaseUnavailable, first_line, open_connecti
 
 logger = logging.getLogger(__name__)
 
-# Any constant, other than the schema lock's (sqs_postgres._SCHEMA_LOCK_ID = 7_412_350_191): one
-# process at a time builds token indexes; the others skip instead of waiting.
-TOKEN_INDEX_LOCK_ID = 7_412_350_195
+# The session advisory lock of a pass: (TOKEN_INDEX_LOCK_ID, hashtext(current_schema())), one per
+# schema (advisory locks are per database; a test database holds a schema per test). One process at
+# a time builds a schema's token indexes; the others skip instead of waiting. The two-key form lives
+# in its own key space, apart from the schema lock's one bigint (sqs_postgres._SCHEMA_LOCK_ID).
+TOKEN_INDEX_LOCK_ID = 741_235_019
+_LOCK_KEY = "%s, hashtext(current_schema())"
 # How often the ETL's indexer looks whether the UTC day has changed (or retries a pass that failed).
 CHECK_SECONDS = 300.0
 
@@ -64,7 +68,7 @@ def index_closed_days(
     connection.autocommit = True
     result = IndexPass()
     with connection.cursor() as cur:
-        cur.execute("SELECT pg_try_advisory_lock(%s)", (TOKEN_INDEX_LOCK_ID,))
+        cur.execute(f"SELECT pg_try_advisory_lock({_LOCK_KEY})", (TOKEN_INDEX_LOCK_ID,))
         row = cur.fetchone()
         if row is None or not row[0]:
             logger.info("token indexes: another session is building them; skipped")
@@ -95,7 +99,7 @@ def index_closed_days(
             if not connection.closed:
                 try:
                     cur.execute("RESET statement_timeout; RESET lock_timeout")
-                    cur.execute("SELECT pg_advisory_unlock(%s)", (TOKEN_INDEX_LOCK_ID,))
+                    cur.execute(f"SELECT pg_advisory_unlock({_LOCK_KEY})", (TOKEN_INDEX_LOCK_ID,))
                 except psycopg2.Error:
                     pass  # the session ends with the connection, and its lock with it
     return result
