@@ -130,7 +130,6 @@ class TokenIndexer:
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._thread: threading.Thread | None = None
-        self.passes = 0  # completed passes (for tests and logs)
 
     def __repr__(self) -> str:
         return "TokenIndexer()"  # the DSN may hold a password
@@ -177,7 +176,6 @@ class TokenIndexer:
             self._conn = conn
         try:
             result = index_closed_days(conn, today, should_stop=self._stopping.is_set)
-            self.passes += 1
             return not result.skipped and not self._stopping.is_set()
         except psycopg2.Error as exc:
             if not self._stopping.is_set():

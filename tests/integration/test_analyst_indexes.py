@@ -22,7 +22,7 @@ from database import partitions
 from database.rekey import Rekeyer
 from database.retention import Retention
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
-from database.token_indexes import TOKEN_INDEX_LOCK_ID, IndexPass, index_closed_days
+from database.token_indexes import TOKEN_INDEX_LOCK_ID, IndexPass, TokenIndexer, index_closed_days
 from helpers import login, output, query, send, start_etl, wait_for_rows, wait_until
 from models import MaskedLogin, Rejection, WriteResult
 
@@ -355,6 +355,27 @@ def test_a_schema_4_database_loses_the_parent_indexes_and_the_indexer_builds_the
     }
     assert not indexed[today]
     _assert_index_answers_as_plain_scan(database_url, _logins())
+
+
+def _has_both(database_url: str, day: date) -> bool:
+    return all(_token_indexes(database_url)[partitions.partition_name(day)].values())
+
+
+def test_the_etls_indexer_thread_indexes_at_start_and_again_once_the_utc_day_has_changed(database_url) -> None:
+    _written(database_url)
+    today = [TODAY]
+    indexer = TokenIndexer(database_url, check_seconds=0.05, today=lambda: today[0])
+    indexer.start()
+    try:
+        # at start: the closed days, not today's
+        wait_until(lambda: _has_both(database_url, YESTERDAY), "yesterday's partition indexed")
+        time.sleep(0.3)  # a few more checks: the same day, nothing more
+        assert not any(_token_indexes(database_url)[partitions.partition_name(TODAY)].values())
+        # WHEN the UTC day changes: today's partition is closed, and indexed
+        today[0] = TODAY + timedelta(days=1)
+        wait_until(lambda: _has_both(database_url, TODAY), "the day just closed indexed")
+    finally:
+        indexer.stop()
 
 
 def _waiting_builds(database_url: str, leaf: str) -> int:
