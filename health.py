@@ -12,6 +12,7 @@ from enum import Enum
 
 from aws.sqs import QueueUnusable, SqsError, SqsReader
 from config import ConfigError, Settings, redact_dsn
+from database import snapshot
 from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, PostgresWriter
 from pii.keys import KmsUnavailable
 from pii.masking import MaskingError
@@ -133,9 +134,10 @@ def _database(settings: Settings) -> Iterator[Item]:
                 "this release runs on it without migrating",
             )
         else:
+            age = snapshot.describe(settings.database_url) if problem is None else ""
             yield Item(
                 problem is None,
-                f"schema: {'current' if problem is None else problem}",
+                f"schema: {'current' + age if problem is None else problem}",
                 "run `python main.py` once: it creates and migrates the schema at start",
             )
         if problem is None:
@@ -157,7 +159,7 @@ def _token_indexes(unindexed: int) -> Item:
     return Item(
         True,
         f"token indexes: {unindexed} closed partition(s) not indexed yet; the running ETL builds them "
-        "in the background (CONCURRENTLY), as does the nightly maintenance job",
+        "in the background (CONCURRENTLY), as does the nightly `python main.py snapshot`",
     )
 
 

@@ -9,6 +9,8 @@
     python main.py replay --reason TEXT [--dry-run]  load quarantined messages that now pass (audited)
     python main.py check           check configuration and services, as a checklist
     python main.py retention --keep-days N [--dry-run]   drop daily partitions older than N days (audited)
+    python main.py snapshot        nightly: the closed days' token indexes, then refresh the analysts'
+                                   all-time snapshot user_login_duplicates_snapshot
 
 Exit codes: EXIT_CODES below (printed by --help; the table in docs/operations.md says the same,
 checked by tests/unit/test_docs.py).
@@ -64,8 +66,9 @@ from database.audit import AuditLog, AuditUnavailable
 from database.rekey import Rekeyer, RekeyInterrupted
 from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
 from database.retention import MIN_KEEP_DAYS, Retention
+from database.snapshot import SnapshotBusy, SnapshotLockTimeout, SnapshotRefresher
 from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
-from database.token_indexes import TokenIndexer
+from database.token_indexes import TokenIndexer, nightly_pass
 from health import Failure, checklist_from_env
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, UnmaskAudit
 from observability import Metrics, Progress, configure_logging
@@ -83,6 +86,7 @@ EXIT_UNREACHABLE = 3
 EXIT_SERVICE_LOST = 4
 EXIT_STOPPED_UNCOMMITTED = 5
 EXIT_QUEUE_LOST = 6
+EXIT_BUSY = 7
 EXIT_SIGNAL_BASE = 128  # + the signal's number
 # The one list of exit codes, in short; docs/operations.md explains each.
 EXIT_CODES = {
@@ -93,6 +97,7 @@ EXIT_CODES = {
     EXIT_SERVICE_LOST: "a service lost mid-run beyond the retry budget (nothing uncommitted deleted)",
     EXIT_STOPPED_UNCOMMITTED: "stopped with messages uncommitted after --stop-timeout (not deleted)",
     EXIT_QUEUE_LOST: "the queue became unusable mid-run",
+    EXIT_BUSY: "snapshot: another refresh is running (nothing done)",
 }
 
 # The one mapping from errors to exit codes and to the one `error:` line that says what happened;
@@ -105,6 +110,8 @@ ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (RekeyInterrupted, EXIT_SERVICE_LOST, "{exc}; committed batches are kept, rerun to resume"),
     (ReplayNotAudited, EXIT_UNREACHABLE, "refusing to replay without an audit record at {dsn}: {exc}"),
     (ReplayInterrupted, EXIT_SERVICE_LOST, "{exc}; committed batches are kept, rerun to resume"),
+    (SnapshotBusy, EXIT_BUSY, "{exc}"),
+    (SnapshotLockTimeout, EXIT_UNREACHABLE, "{exc}"),  # not "unreachable": a lock was held too long
     (DatabaseUnavailable, EXIT_UNREACHABLE, "PostgreSQL unreachable at {dsn}: {exc}"),
     (DatabaseError, EXIT_CONFIG, "{exc}"),
     (BudgetExhausted, EXIT_UNREACHABLE, "PostgreSQL at {dsn}: {exc}"),  # the schema set-up at start
@@ -157,6 +164,8 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
         return _retention(args, context)
     if args.command == "check":
         return _check()
+    if args.command == "snapshot":
+        return _snapshot(context)
     settings = Settings.from_env(os.environ)
     context.update(
         dsn=redact_dsn(settings.database_url), queue=settings.queue_url, stop_timeout=f"{args.stop_timeout:g}"
@@ -420,6 +429,17 @@ def _retention(args: argparse.Namespace, context: dict[str, str]) -> int:
     return EXIT_OK
 
 
+def _snapshot(context: dict[str, str]) -> int:
+    """The nightly job (no key needed): a pass of the closed days' token indexes, then the refresh of
+    the analysts' all-time snapshot; exit 0, 2 (not migrated, not the view's owner), 3 (PostgreSQL
+    unreachable, a lock held too long) or 7 (another refresh runs)."""
+    dsn = database_url_from_env(os.environ)
+    context["dsn"] = redact_dsn(dsn)
+    print(nightly_pass(dsn), flush=True)  # first: the refresh then reads the closed days from them
+    print(SnapshotRefresher(dsn).run().summary())  # its errors end in ERRORS
+    return EXIT_OK
+
+
 def _fail(message: str, exit_code: int) -> int:
     """Print one `error:` line on stderr and return the exit code to end with."""
     print(f"error: {message}", file=sys.stderr)
@@ -612,7 +632,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
-    sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen,rekey,replay,retention}")
+    sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen,rekey,replay,retention,snapshot}")
     sub.add_parser(
         "check",
         help="check configuration, SQS, the DLQ and PostgreSQL; print a checklist",
@@ -741,6 +761,23 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="who runs it, for the audit (default: the OS user)",
+    )
+    sub.add_parser(
+        "snapshot",
+        help="nightly: build the closed days' token indexes, then refresh the analysts' all-time snapshot",
+        description="First, one pass of the token indexes: the closed days' partitions (before today, "
+        "UTC, and the default one) that lack the analysts' two token indexes get them, built "
+        "CONCURRENTLY (writes go on), skipped if the ETL's indexer is building them or the schema "
+        "is not current (a line says what was built). Then refresh user_login_duplicates_snapshot, "
+        "the stored copy of the view "
+        "user_login_duplicates that the analysts' all-time top-20 queries read: the first time "
+        "plainly (it is created empty), afterwards CONCURRENTLY, so the previous snapshot stays "
+        "readable until the new one commits. Reads the closed days' token indexes and scans today's "
+        "partition (minutes at 100M rows): no statement timeout. Run it as the ETL role (it owns the "
+        "view and the partitions). Needs DATABASE_URL only (no "
+        "key). Prints the rows, the seconds and refreshed_at. Exit 0 done, 2 schema not yet "
+        "migrated to version 5 (start the ETL once) or refused (not the owner), 3 PostgreSQL "
+        "unreachable or a lock held too long (rerun), 7 another refresh is running.",
     )
     return parser
 

@@ -95,6 +95,15 @@ class LoginEvent:
     def from_body(cls, body: str) -> LoginEvent:
         """Parse and validate a message body; raise InvalidMessage with a safe reason."""
         data = _load_json_object(body)
+        ordinary = _ordinary_fields(data)
+        if ordinary is not None:
+            return cls(*ordinary)
+        return cls.validated(data)
+
+    @classmethod
+    def validated(cls, data: dict[str, Any]) -> LoginEvent:
+        """Validate a parsed body field by field: the LoginEvent, or InvalidMessage naming the first
+        thing wrong. What `from_body` falls back to when the body is not an ordinary one."""
         values: dict[str, Any] = {}
         for name in REQUIRED_FIELDS:
             value = data.get(name)
@@ -244,6 +253,50 @@ def _load_json_object(body: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidMessage(f"body must be a JSON object, got {_json_type(data)}")
     return data
+
+
+def _ordinary_fields(data: dict[str, Any]) -> tuple[str, str, str, str, str | None, str] | None:
+    """LoginEvent's fields, in order, if the body is an ordinary one, else None.
+
+    Ordinary: every required field a non-blank ASCII string without NUL within its limit, and the
+    locale absent, null or such a string. Almost every message is; checking that in a few C calls
+    on the joined values is the ETL's hot path. A body that is not ordinary may still be valid
+    (non-ASCII text): `LoginEvent.validated` decides, and names what is wrong. A unit property
+    test holds the two to the same answer.
+    """
+    try:
+        user_id, device_type = data["user_id"], data["device_type"]
+        ip, device_id, app_version = data["ip"], data["device_id"], data["app_version"]
+    except KeyError:
+        return None
+    locale = data.get("locale")
+    if not (
+        type(user_id) is str
+        and type(device_type) is str
+        and type(ip) is str
+        and type(device_id) is str
+        and type(app_version) is str
+        and (locale is None or type(locale) is str)
+    ):
+        return None
+    joined = "".join((user_id, device_type, ip, device_id, app_version, locale or ""))
+    if (
+        "\x00" in joined
+        or not joined.isascii()
+        or not 0 < len(user_id) <= MAX_USER_ID_CHARS
+        or not 0 < len(device_type) <= MAX_DEVICE_TYPE_CHARS
+        or not 0 < len(ip) <= MAX_PII_BYTES
+        or not 0 < len(device_id) <= MAX_PII_BYTES
+        or not 0 < len(app_version) <= MAX_APP_VERSION_CHARS
+        or (locale is not None and len(locale) > MAX_LOCALE_CHARS)
+        or user_id.isspace()
+        or device_type.isspace()
+        or ip.isspace()
+        or device_id.isspace()
+        or app_version.isspace()
+    ):
+        return None
+    return user_id, device_type, ip, device_id, locale, app_version
 
 
 def _check_storable(name: str, value: str) -> None:

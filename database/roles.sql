@@ -11,11 +11,13 @@
 --
 --   login_etl       owns the ETL's tables: it creates and migrates them at start (CREATE TABLE IF
 --                   NOT EXISTS, CREATE OR REPLACE VIEW need CREATE on the schema and ownership);
---                   inserts, and updates (rekey). No right on pii_unmask_audit. `replay` runs as this
+--                   inserts, and updates (rekey); owns and so refreshes the snapshot (`snapshot`).
+--                   No right on pii_unmask_audit. `replay` runs as this
 --                   role (it loads into its tables): INSERT on etl_replay_audit, only the columns the
 --                   client states; who, when and from where come from the server (replay_audit.sql).
---   login_analyst   SELECT on user_logins, user_login_duplicates and user_logins_replayed (which rows a
---                   replay loaded) only. Sees tokens, never values.
+--   login_analyst   SELECT on user_logins, user_login_duplicates, user_login_duplicates_snapshot (its
+--                   all-time copy) and user_logins_replayed (which rows a replay loaded) only. Sees
+--                   tokens, never values. Cannot refresh the snapshot (the owner, login_etl, does).
 --   login_unmasker  INSERT on pii_unmask_audit, and only on the columns the client states (who asks,
 --                   why, the token fingerprints and counts): `unmask` writes its audit row. The id,
 --                   requested_at, database_user and client_addr come from the server (audit.sql).
@@ -58,12 +60,16 @@ GRANT CREATE ON SCHEMA :"schema" TO :"etl_role";
 
 -- The ETL's objects, whoever created them, belong to the ETL role (its start-up migrations need it;
 -- so do the daily partitions it creates ahead and `retention` drops: docs/partitions.md).
-SELECT format('ALTER %s %I.%I OWNER TO %I', CASE c.relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END,
+-- The snapshot too: REFRESH MATERIALIZED VIEW needs ownership (PostgreSQL 15), so only the ETL role
+-- refreshes it (`python main.py snapshot`); analysts only read it.
+SELECT format('ALTER %s %I.%I OWNER TO %I',
+              CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'TABLE' END,
               n.nspname, c.relname, :'etl_role')
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE n.nspname = :'schema' AND c.relkind IN ('r', 'p', 'v')
+ WHERE n.nspname = :'schema' AND c.relkind IN ('r', 'p', 'v', 'm')
    AND (c.relname IN ('user_logins', 'user_logins_rejected', 'etl_schema_version', 'user_login_duplicates',
-                      'user_logins_replayed', 'etl_retention_audit', 'user_logins_default', 'user_logins_legacy')
+                      'user_logins_replayed', 'etl_retention_audit', 'user_logins_default', 'user_logins_legacy',
+                      'user_login_duplicates_snapshot')
         OR c.relname ~ '^user_logins_p[0-9]{8}$') \gexec
 
 -- The audit table: owned by whoever runs this file; append-only for everyone else.
@@ -82,10 +88,12 @@ GRANT INSERT (requested_by, reason, dry_run, where_reason, since, examined_count
 GRANT SELECT (id) ON etl_replay_audit TO :"etl_role";  -- INSERT … RETURNING id: the audit id, nothing else
 GRANT SELECT ON etl_replay_audit TO :"auditor_role";
 
--- Analysts: user_logins and the duplicates and replayed views, when they exist; nothing else.
+-- Analysts: user_logins, the duplicates and replayed views and the duplicates snapshot, when they
+-- exist; nothing else.
 SELECT format('GRANT SELECT ON %I.%I TO %I', n.nspname, c.relname, :'analyst_role')
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE n.nspname = :'schema' AND c.relname IN ('user_logins', 'user_login_duplicates', 'user_logins_replayed') \gexec
+ WHERE n.nspname = :'schema'
+   AND c.relname IN ('user_logins', 'user_login_duplicates', 'user_logins_replayed', 'user_login_duplicates_snapshot') \gexec
 
 SELECT to_regclass('user_logins') IS NULL OR to_regclass('user_logins_rejected') IS NULL AS etl_tables_missing \gset
 \if :etl_tables_missing

@@ -37,7 +37,8 @@ T = TypeVar("T")
 _SCHEMA_LOCK_ID = 7_412_350_191
 SCHEMA_VERSION = 5  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
 # replay columns and the user_logins_replayed view; 4: the token indexes for the analysts' queries (on
-# the parent); 5: those indexes on the closed days only, built by database/token_indexes.py
+# the parent); 5: the all-time snapshot of the duplicates view (database/snapshot.py refreshes it), and
+# the token indexes on closed days only (database/token_indexes.py builds them)
 
 # COPY order: `locale`, the only nullable value, last, so a row is built with one join.
 _LOGIN_COLUMNS = (
@@ -112,6 +113,22 @@ UNION ALL
 SELECT 'ip'::text, masked_ip, count(*), count(DISTINCT user_id), min(create_date), max(create_date)
   FROM user_logins WHERE masked_ip IS NOT NULL
  GROUP BY masked_ip HAVING count(*) > 1"""
+
+
+# For analysts' all-time top 20: the view's answer stored, refreshed by `python main.py snapshot`
+# (database/snapshot.py). Made WITH NO DATA (instant); each statement idempotent.
+SNAPSHOT_VIEW = "user_login_duplicates_snapshot"
+_CREATE_SNAPSHOT = (
+    f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {SNAPSHOT_VIEW} AS
+SELECT field, masked_value, logins, users, first_seen, last_seen, now() AS refreshed_at
+  FROM user_login_duplicates
+WITH NO DATA""",
+    # REFRESH … CONCURRENTLY needs a unique index on plain columns covering every row.
+    f"CREATE UNIQUE INDEX IF NOT EXISTS {SNAPSHOT_VIEW}_key ON {SNAPSHOT_VIEW} (field, masked_value)",
+    # The top 20 of one field by logins, or by users: the first 20 entries of one of these.
+    f"CREATE INDEX IF NOT EXISTS {SNAPSHOT_VIEW}_logins ON {SNAPSHOT_VIEW} (field, logins DESC)",
+    f"CREATE INDEX IF NOT EXISTS {SNAPSHOT_VIEW}_users ON {SNAPSHOT_VIEW} (field, users DESC)",
+)
 
 
 # For analysts (who cannot read the quarantine): which rows of user_logins were loaded by a replay.
@@ -238,23 +255,7 @@ class PostgresWriter:
 
     def schema_problem(self) -> str | None:
         """Without changing anything: None if the schema is current, else what is wrong."""
-
-        def inspect(cur: Cursor) -> str | None:
-            cur.execute(
-                "SELECT to_regclass('user_logins'), to_regclass('user_logins_rejected'), "
-                "to_regclass('etl_schema_version')"
-            )
-            if None in one_row(cur):
-                return "tables missing"
-            cur.execute("SELECT max(version) FROM etl_schema_version")
-            version = one_row(cur)[0]
-            if version != SCHEMA_VERSION:
-                return f"schema version {version}, expected {SCHEMA_VERSION}"
-            if partitions.relkind(cur, partitions.LEGACY_TABLE) is not None:
-                return f"{partitions.LEGACY_TABLE} is still being moved into the daily partitions"
-            return None
-
-        return self._run(inspect, commit=False)
+        return self._run(schema_problem, commit=False)
 
     def closed_partitions_unindexed(self) -> int:
         """How many closed partitions (before today, UTC, or the default) lack a token index (changes nothing)."""
@@ -346,6 +347,8 @@ class PostgresWriter:
         cur.execute("""ALTER TABLE user_logins_rejected ADD COLUMN IF NOT EXISTS replayed_at timestamptz,
                        ADD COLUMN IF NOT EXISTS replay_audit_id bigint""")
         cur.execute(_CREATE_REPLAYED_VIEW)
+        for sql in _CREATE_SNAPSHOT:  # schema 4 -> 5, with the parent token indexes dropped above
+            cur.execute(sql)
         cur.execute("INSERT INTO etl_schema_version (version) VALUES (%s) ON CONFLICT DO NOTHING", (SCHEMA_VERSION,))
 
     def _ensure_partitions(self, today: date) -> None:
@@ -642,7 +645,7 @@ def _lock_holders(cur: Cursor) -> str:
               AND ((c.relnamespace = current_schema()::regnamespace
                     AND (c.relname IN ('user_logins', 'user_logins_rejected', 'user_login_duplicates',
                                        'user_logins_replayed', 'etl_schema_version', 'user_logins_default',
-                                       'user_logins_legacy')
+                                       'user_logins_legacy', 'user_login_duplicates_snapshot')
                          OR c.relname LIKE 'user\\_logins\\_p%%'))
                    OR (l.locktype = 'advisory' AND l.objid = %s))
             ORDER BY 1 LIMIT 5""",
@@ -650,6 +653,22 @@ def _lock_holders(cur: Cursor) -> str:
     )
     held = [f"pid {pid} ({app}, {state} since {since} UTC) on {rel}" for pid, app, state, since, rel in cur.fetchall()]
     return "held by " + "; ".join(held) if held else "(its holder has gone)"
+
+
+def schema_problem(cur: Cursor) -> str | None:
+    """None if the schema is current, else what is wrong (reads only; raises psycopg2 errors)."""
+    cur.execute(
+        "SELECT to_regclass('user_logins'), to_regclass('user_logins_rejected'), to_regclass('etl_schema_version')"
+    )
+    if None in one_row(cur):
+        return "tables missing"
+    cur.execute("SELECT max(version) FROM etl_schema_version")
+    version = one_row(cur)[0]
+    if version != SCHEMA_VERSION:
+        return f"schema version {version}, expected {SCHEMA_VERSION}"
+    if partitions.relkind(cur, partitions.LEGACY_TABLE) is not None:
+        return f"{partitions.LEGACY_TABLE} is still being moved into the daily partitions"
+    return None
 
 
 def one_row(cur: Cursor) -> tuple[Any, ...]:

@@ -6,7 +6,9 @@ two token indexes would cost every row ~14 µs of PostgreSQL CPU. Once a day is 
 partition gets `<partition>_device_user_day` and `<partition>_ip_user_day`; so does the default
 partition. Two callers:
 
-- `index_closed_days(connection)`: one pass, for the nightly maintenance command;
+- `nightly_pass(dsn)`: one pass of `index_closed_days` on a connection of its own, on a current
+  schema only, for the nightly job (`python main.py snapshot`, before its refresh, which then reads
+  the closed days by index-only scans);
 - `TokenIndexer`: the ETL's daemon thread, on its own connection: a pass at start, then one each
   time the UTC day has changed (looked at every CHECK_SECONDS), or until a pass completes.
 
@@ -30,15 +32,17 @@ import psycopg2
 from psycopg2.extensions import connection as Connection
 
 from database import partitions
-from database.sqs_postgres import DatabaseUnavailable, first_line, open_connection
+from database.sqs_postgres import DatabaseUnavailable, first_line, open_connection, schema_problem
 
 logger = logging.getLogger(__name__)
 
 # The session advisory lock of a pass: (TOKEN_INDEX_LOCK_ID, hashtext(current_schema())), one per
 # schema (advisory locks are per database; a test database holds a schema per test). One process at
 # a time builds a schema's token indexes; the others skip instead of waiting. The two-key form lives
-# in its own key space, apart from the schema lock's one bigint (sqs_postgres._SCHEMA_LOCK_ID).
-TOKEN_INDEX_LOCK_ID = 741_235_019
+# in its own key space, apart from the schema lock's one bigint (sqs_postgres._SCHEMA_LOCK_ID); its
+# first key is not the snapshot refresh's (database/snapshot.py), whose second key, a view's oid,
+# could equal a schema's hash.
+TOKEN_INDEX_LOCK_ID = 741_235_020
 _LOCK_KEY = "%s, hashtext(current_schema())"
 # How often the ETL's indexer looks whether the UTC day has changed (or retries a pass that failed).
 CHECK_SECONDS = 300.0
@@ -51,6 +55,43 @@ class IndexPass:
     skipped: bool = False
     built: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+
+    def summary(self, seconds: float) -> str:
+        """One line for the nightly job's output."""
+        if self.skipped:
+            return "token indexes: skipped, another session (the ETL's indexer) is building them"
+        dropped = f"; dropped {len(self.dropped)} INVALID leftover(s)" if self.dropped else ""
+        if not self.built:
+            return f"token indexes: every closed partition has them{dropped}"
+        return f"token indexes: built {len(self.built)} in {seconds:.1f} s ({', '.join(self.built)}){dropped}"
+
+
+def nightly_pass(dsn: str, *, connect_timeout_seconds: int = 5) -> str:
+    """One pass for the nightly job, on a connection of its own; return one line saying what it did.
+
+    Skipped (said so) unless the schema is current: a schema 4 keeps its parent indexes until the
+    ETL migrates it, and a newer release's may index otherwise. What PostgreSQL refuses (a role
+    that does not own the tables) is said, not raised: the snapshot's refresh goes on (the ETL's
+    indexer or the next night builds them). Raises DatabaseUnavailable when PostgreSQL is
+    unreachable or the connection is lost.
+    """
+    conn = open_connection(dsn, connect_timeout=connect_timeout_seconds, application_name="login-etl-snapshot")
+    conn.autocommit = True  # no transaction left open before CONCURRENTLY
+    started = time.monotonic()
+    try:
+        with conn.cursor() as cur:
+            problem = schema_problem(cur)
+        if problem is not None:
+            return f"token indexes: skipped, the schema is not current ({problem})"
+        result = index_closed_days(conn)
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        raise DatabaseUnavailable(first_line(exc)) from None
+    except psycopg2.Error as exc:  # e.g. not the partitions' owner: the ETL role builds them
+        logger.warning("token indexes: the pass failed (%s)", first_line(exc))
+        return f"token indexes: not built, refused by PostgreSQL ({exc.pgcode}: {first_line(exc)})"
+    finally:
+        conn.close()
+    return result.summary(time.monotonic() - started)
 
 
 def index_closed_days(

@@ -58,8 +58,15 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return doc
 
 
+def pod_template(doc: dict[str, Any]) -> dict[str, Any]:
+    """The pod template of a Deployment or Job, or of a CronJob's jobs."""
+    spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
+    template: dict[str, Any] = spec["template"]
+    return template
+
+
 def container(doc: dict[str, Any]) -> dict[str, Any]:
-    [etl] = doc["spec"]["template"]["spec"]["containers"]
+    [etl] = pod_template(doc)["spec"]["containers"]
     return etl
 
 

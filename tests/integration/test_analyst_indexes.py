@@ -12,24 +12,20 @@ from __future__ import annotations
 import re
 import signal
 import time
-from collections import defaultdict
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, timedelta
 from typing import Any
 
 import psycopg2
 
+from analysts import OLD_DAY, TODAY, add_day, by_hand, load_logins, rekey_all, sample_logins
 from database import partitions
-from database.rekey import Rekeyer
 from database.retention import Retention
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
 from database.token_indexes import TOKEN_INDEX_LOCK_ID, IndexPass, TokenIndexer, index_closed_days
 from helpers import login, output, query, send, start_etl, wait_for_rows, wait_until
-from models import MaskedLogin, Rejection, WriteResult
+from models import MaskedLogin
 
-TODAY = datetime.now(timezone.utc).date()
 YESTERDAY = TODAY - timedelta(days=1)
-OLD_DAY = TODAY - timedelta(days=10)  # dropped by retention --keep-days 3
-FAR_DAY = date(2041, 5, 6)  # the default partition
 
 # The README's queries and the whole view, in an order without ties (fewer than 20 rows qualify,
 # so LIMIT cuts nothing and the two plans must return the same rows).
@@ -49,55 +45,6 @@ _INDEX_ONLY = "SET enable_seqscan = off; SET enable_bitmapscan = off; SET enable
 _PLAIN_SCAN = (
     "SET enable_seqscan = on; SET enable_indexscan = off; SET enable_indexonlyscan = off; SET enable_bitmapscan = off"
 )
-
-
-def _logins() -> list[MaskedLogin]:
-    """Logins over four days and the default partition: devices and IPs shared by users."""
-    return [
-        MaskedLogin(
-            f"m-{n}",
-            f"user-{n % 7}",
-            "ios",
-            f"v1.ip{n % 5}",
-            f"v1.dev{n % 9}",
-            None,
-            "2.3.0",
-            (TODAY, YESTERDAY, OLD_DAY, FAR_DAY)[n % 4],
-        )
-        for n in range(60)
-    ]
-
-
-# Rows of the original exercise's table, moved in by the migration: no message id, NULL tokens.
-LEGACY = [
-    MaskedLogin(
-        None,  # type: ignore[arg-type]
-        f"user-{n}",
-        "ios",
-        None if n % 2 else "v1.ip1",  # type: ignore[arg-type]
-        None if n < 2 else "v1.dev1",  # type: ignore[arg-type]
-        None,
-        "1",
-        TODAY,
-    )
-    for n in range(4)
-]
-
-
-def _insert_legacy(database_url: str) -> None:
-    for r in LEGACY:
-        query(
-            database_url,
-            "INSERT INTO user_logins (user_id, masked_ip, masked_device_id, create_date) VALUES (%s, %s, %s, %s)",
-            (r.user_id, r.masked_ip, r.masked_device_id, r.create_date),
-        )
-
-
-def _add_day(database_url: str, day: date) -> None:
-    conn = psycopg2.connect(database_url)
-    with conn, conn.cursor() as cur:
-        partitions.ensure_days(cur, [day])
-    conn.close()
 
 
 def _answers(database_url: str, settings: str) -> dict[str, list[tuple[Any, ...]]]:
@@ -126,27 +73,6 @@ def _plans(database_url: str) -> dict[str, str]:
             return plans
     finally:
         conn.close()
-
-
-def _by_hand(rows: list[MaskedLogin]) -> list[tuple[Any, ...]]:
-    """The view's rows counted in Python from the logins stored (field, token, logins, users, first, last)."""
-    seen: dict[tuple[str, str], list[MaskedLogin]] = defaultdict(list)
-    for row in rows:
-        for field, token in (("device_id", row.masked_device_id), ("ip", row.masked_ip)):
-            if token is not None:
-                seen[field, token].append(row)
-    return sorted(
-        (
-            field,
-            token,
-            len(group),
-            len({r.user_id for r in group}),
-            min(r.create_date for r in group),
-            max(r.create_date for r in group),
-        )
-        for (field, token), group in seen.items()
-        if len(group) > 1
-    )
 
 
 def _index_pass(database_url: str) -> IndexPass:
@@ -186,49 +112,20 @@ def _assert_index_answers_as_plain_scan(database_url: str, stored: list[MaskedLo
         assert f"Seq Scan on {partitions.partition_name(TODAY)}" in plan, f"{name}:\n{plan}"
     fast, plain = _answers(database_url, _INDEX_ONLY), _answers(database_url, _PLAIN_SCAN)
     assert fast == plain
-    assert sorted(fast["view"]) == _by_hand(stored)  # sorted in Python: not the collation's order
+    assert sorted(fast["view"]) == by_hand(stored)  # sorted in Python: not the collation's order
 
 
 def test_the_analysts_queries_are_answered_from_the_token_indexes_as_a_plain_scan_answers_them(database_url) -> None:
     # GIVEN logins written by the ETL's writer, one batch delivered again (straight and as a
     # redelivery), and quarantined messages (one of them a message already loaded)
-    logins = _logins()
-    writer = PostgresWriter(database_url)
-    writer.connect()
-    _add_day(database_url, OLD_DAY)
-    try:
-        assert writer.write(logins[:40], []) == WriteResult(40, 0, 0)
-        assert writer.write(logins, []) == WriteResult(20, 0, 40)
-        assert writer.write(logins[30:], [], redelivered=True) == WriteResult(0, 0, 30)
-        quarantined = [Rejection(f"r-{n}", "not JSON", "v1.body", None, 1) for n in range(3)]
-        assert writer.write([], [*quarantined, Rejection("m-1", "late", "v1.body", None, 2)]).rejected == 3
-    finally:
-        writer.close()
-    _insert_legacy(database_url)
-    logins += LEGACY
+    logins = load_logins(database_url)
     # AND the closed days indexed by a pass of the indexer (today's partition is not)
     assert _index_pass(database_url).built
     # THEN every answer from the indexes is the plain scan's, and the messages counted once each
     _assert_index_answers_as_plain_scan(database_url, logins)
 
     # WHEN every token is rewritten by a rekey (a new token per old one, as under a new key)
-    def retoken(token: str) -> str:
-        return "k2." + token[::-1]
-
-    Rekeyer(database_url, retoken, current_prefixes=("k2.",)).run()
-    rekeyed = [
-        MaskedLogin(
-            r.message_id,
-            r.user_id,
-            r.device_type,
-            r.masked_ip and retoken(r.masked_ip),
-            r.masked_device_id and retoken(r.masked_device_id),
-            r.locale,
-            r.app_version,
-            r.create_date,
-        )
-        for r in logins
-    ]
+    rekeyed = rekey_all(database_url, logins)
     # THEN the answers follow the new tokens
     _assert_index_answers_as_plain_scan(database_url, rekeyed)
     assert not any(token.startswith("v1.") for (_f, token, *_rest) in _answers(database_url, _INDEX_ONLY)["view"])
@@ -242,12 +139,12 @@ def test_the_analysts_queries_are_answered_from_the_token_indexes_as_a_plain_sca
 
 
 def _written(database_url: str) -> None:
-    """The schema as the ETL creates it, holding _logins() (today, yesterday, OLD_DAY, the default)."""
+    """The schema as the ETL creates it, holding sample_logins() (today, yesterday, OLD_DAY, the default)."""
     writer = PostgresWriter(database_url)
     writer.connect()
-    _add_day(database_url, OLD_DAY)
+    add_day(database_url, OLD_DAY)
     try:
-        writer.write(_logins(), [])
+        writer.write(sample_logins(), [])
     finally:
         writer.close()
 
@@ -330,6 +227,7 @@ def test_a_schema_4_database_loses_the_parent_indexes_and_the_indexer_builds_the
     query(database_url, "DELETE FROM etl_schema_version WHERE version > 4; INSERT INTO etl_schema_version VALUES (4)")
     today = partitions.partition_name(TODAY)
     assert query(database_url, "SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass", (today,)) == [(3,)]
+    query(database_url, "DROP MATERIALIZED VIEW user_login_duplicates_snapshot")  # schema 5's, not 4's
     before = query(database_url, "SELECT * FROM user_logins ORDER BY message_id")
     # WHEN the ETL starts (twice: the migration is idempotent)
     for _ in range(2):
@@ -347,6 +245,11 @@ def test_a_schema_4_database_loses_the_parent_indexes_and_the_indexer_builds_the
     ) == [(0,)]
     assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)] == [(5,)]
     assert query(database_url, "SELECT * FROM user_logins ORDER BY message_id") == before
+    # AND the analysts' snapshot is there (schema 5's other part), not yet refreshed
+    assert query(
+        database_url,
+        "SELECT relispopulated FROM pg_class WHERE oid = to_regclass('user_login_duplicates_snapshot')",
+    ) == [(False,)]
     # AND a pass of the indexer (the ETL's thread) gives the closed days theirs back
     _index_pass(database_url)
     indexed = _indexed(_token_indexes(database_url))
@@ -354,7 +257,7 @@ def test_a_schema_4_database_loses_the_parent_indexes_and_the_indexer_builds_the
         leaf for leaf in indexed if partitions.is_closed(leaf, TODAY)
     }
     assert not indexed[today]
-    _assert_index_answers_as_plain_scan(database_url, _logins())
+    _assert_index_answers_as_plain_scan(database_url, sample_logins())
 
 
 def _has_both(database_url: str, day: date) -> bool:

@@ -35,8 +35,8 @@ import pytest
 
 from config import ConfigError, Settings
 from helpers import login, send
-from kube import DEPLOY, container, expanded_args, kubectl, kustomize, one, resolved_env, tool
-from main import _build_parser
+from kube import DEPLOY, container, expanded_args, kubectl, kustomize, one, pod_template, resolved_env, tool
+from main import EXIT_BUSY, EXIT_CONFIG, _build_parser
 from pii.masking import Masker, generate_key
 from proxy import TcpProxy
 
@@ -106,11 +106,10 @@ def with_components(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, 
     shutil.copytree(DEPLOY, copy)
     overlay = copy / "overlays" / "example" / "kustomization.yaml"
     text = overlay.read_text()
-    assert "# components:\n#   - ../../components/key-file\n" in text
+    assert "  # - ../../components/key-file\n" in text
     overlay.write_text(
         text.replace(
-            "# components:\n#   - ../../components/key-file\n",
-            "components:\n  - ../../components/rekey-job\n  - ../../components/key-file\n",
+            "  # - ../../components/key-file\n", "  - ../../components/rekey-job\n  - ../../components/key-file\n"
         )
     )
     return kustomize(copy / "overlays" / "example")
@@ -133,10 +132,11 @@ def test_the_base_the_overlay_and_the_components_render(example, with_components
         "TriggerAuthentication",
     ]
     assert sorted(d["kind"] for d in base) == kinds
-    assert sorted(d["kind"] for d in example) == sorted([*kinds, "Namespace"])
+    assert sorted(d["kind"] for d in example) == sorted([*kinds, "Namespace", "CronJob"])
     assert sorted(d["kind"] for d in with_components) == sorted(
         [
             "ConfigMap",
+            "CronJob",
             "Deployment",
             "Job",
             "Namespace",
@@ -162,6 +162,7 @@ def test_every_core_object_is_valid_for_each_supported_kubernetes_version(exampl
         "Deployment",
         "PodDisruptionBudget",
         "Job",
+        "CronJob",
     }
     for doc in objects:
         kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError with the path
@@ -290,8 +291,8 @@ def test_the_pod_runs_locked_down_as_the_images_user(example, with_components) -
     uid = re.search(r"^USER (\d+):(\d+)$", (ROOT / "Dockerfile").read_text(), re.M)
     assert uid is not None
     for docs in (example, with_components):
-        for workload in [d for d in docs if d["kind"] in ("Deployment", "Job")]:
-            pod = workload["spec"]["template"]["spec"]
+        for workload in [d for d in docs if d["kind"] in ("Deployment", "Job", "CronJob")]:
+            pod = pod_template(workload)["spec"]
             context = pod["securityContext"]
             assert context["runAsNonRoot"] is True and context["seccompProfile"]["type"] == "RuntimeDefault"
             assert (context["runAsUser"], context["runAsGroup"]) == (int(uid.group(1)), int(uid.group(2)))
@@ -389,6 +390,28 @@ def test_the_key_file_variant_loads_the_key_from_the_mounted_secret(with_compone
         assert masker.unmask(masker.mask("ip", "203.0.113.5")) == "203.0.113.5"
     job = container(one(with_components, "Job"))
     assert job["command"][-1] == "rekey"
+
+
+def test_the_snapshot_cronjob_refreshes_nightly_one_at_a_time_with_the_database_url_only(
+    example, with_components
+) -> None:
+    deployment_image = container(one(example, "Deployment"))["image"]
+    for docs in (example, with_components):
+        cronjob = one(docs, "CronJob")
+        spec = cronjob["spec"]
+        assert spec["concurrencyPolicy"] == "Forbid" and spec["timeZone"] == "Etc/UTC"
+        minute, hour, *every_day = spec["schedule"].split()
+        assert every_day == ["*", "*", "*"] and minute.isdigit() and hour.isdigit()  # once a night
+        etl = container(cronjob)
+        assert etl["image"] == deployment_image  # the overlay's image reaches the CronJob too
+        env = resolved_env(docs, cronjob, {("login-etl-database", "url"): DATABASE_URL})
+        assert env == {"DATABASE_URL": DATABASE_URL}  # no masking key: the refresh needs none
+        args = _build_parser().parse_args(expanded_args(etl, env))
+        assert args.command == "snapshot"
+        job = spec["jobTemplate"]["spec"]
+        assert pod_template(cronjob)["spec"]["restartPolicy"] == "Never"
+        [rule] = job["podFailurePolicy"]["rules"]
+        assert rule["action"] == "FailJob" and set(rule["onExitCodes"]["values"]) == {EXIT_CONFIG, EXIT_BUSY}
 
 
 # -- the probes on a real process -----------------------------------------------------------------

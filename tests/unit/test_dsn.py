@@ -56,6 +56,7 @@ def test_an_unparseable_dsn_is_named_not_shown(dsn: str) -> None:
         ["unmask", "--reason", "r", "v1.abc"],
         ["replay", "--reason", "r", "--dry-run"],
         ["retention", "--keep-days", "30", "--dry-run"],
+        ["snapshot"],
     ],
 )
 def test_a_malformed_dsn_exits_2_with_one_line_and_no_password(

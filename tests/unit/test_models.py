@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models import MAX_PII_BYTES, InvalidMessage, LoginEvent, ReceivedMessage
+from tests import strategies
 from tests.fakes import GOOD_LOGIN as GOOD  # the exercise's sample message, shared with the integration tests
 
 
@@ -134,6 +135,56 @@ def test_any_json_object_either_parses_or_is_rejected_with_a_reason(data: dict[s
         assert str(exc)
     else:
         assert event.ip == data["ip"] and event.device_id == data["device_id"]
+
+
+def _field_by_field(text: str) -> LoginEvent | str:
+    try:
+        return LoginEvent.validated(json.loads(text))
+    except InvalidMessage as exc:
+        return str(exc)
+
+
+def _from_body(text: str) -> LoginEvent | str:
+    try:
+        return LoginEvent.from_body(text)
+    except InvalidMessage as exc:
+        return str(exc)
+
+
+@settings(max_examples=500)
+@given(
+    strategies.login_like()
+    | st.dictionaries(st.sampled_from([*GOOD, "other"]), strategies.nasty_strings | strategies.json_values).map(
+        json.dumps
+    )
+)
+def test_the_fast_path_gives_what_the_field_by_field_validation_gives(text: str) -> None:
+    """from_body takes a shortcut for ordinary bodies; it must never change an answer: the same
+    event, or the same reason."""
+    if not isinstance(json.loads(text), dict):
+        return
+    assert _from_body(text) == _field_by_field(text)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"locale": None},
+        {"locale": ""},
+        {"user_id": "x" * 128},
+        {"user_id": "x" * 129},
+        {"device_type": " "},
+        {"ip": "1" * MAX_PII_BYTES},
+        {"ip": "1" * (MAX_PII_BYTES + 1)},
+        {"device_id": "é"},
+        {"app_version": "2\x00"},
+        {"locale": 7},
+    ],
+)
+def test_the_fast_path_agrees_at_each_limit(changes: dict[str, object]) -> None:
+    text = body(**changes)
+    assert _from_body(text) == _field_by_field(text)
 
 
 @given(st.integers(min_value=-(10**13), max_value=10**14))

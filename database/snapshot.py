@@ -1,0 +1,140 @@
+"""The all-time duplicates snapshot: a materialized copy of `user_login_duplicates`, refreshed by
+`python main.py snapshot` (nightly: a CronJob, or cron), for the analysts' all-time top 20.
+
+The live view counts over every day kept, so it reads one token-index entry per login (minutes at
+100M rows). The snapshot holds its answer, one row per token seen more than once, with
+`refreshed_at` (when the refresh that made it started): the top-20 queries read a few entries of
+its (field, logins DESC) or (field, users DESC) index. It is stale by up to the time since the
+last refresh, and only the refresh keeps it right (docs/partitions.md "Analysts at scale"): after
+`rekey` it shows the old tokens, after `retention` the dropped days, until the next one.
+
+- Schema 5 creates it WITH NO DATA, instant on any table (`_CREATE_SNAPSHOT`, database/sqs_postgres.py):
+  reading it before the first refresh is PostgreSQL's "has not been populated" error. The first
+  refresh is a plain one (an unpopulated view cannot be refreshed CONCURRENTLY), every later one
+  CONCURRENTLY: analysts keep reading the
+  previous snapshot meanwhile; the new one replaces it when the refresh commits.
+- One refresh at a time: a session advisory lock keyed on the view itself (so schemas sharing a
+  database do not exclude each other); a second refresh raises SnapshotBusy at once, it does not
+  queue. The refresh runs with statement_timeout 0, whatever the role's or the DSN's (it is meant to
+  run for minutes), and waits for any one lock no longer than the lock timeout.
+- REFRESH needs ownership of the view: it runs as the role that migrates the schema (the ETL role
+  of database/roles.sql); analysts only SELECT it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import psycopg2
+import psycopg2.errors
+
+from database.sqs_postgres import SNAPSHOT_VIEW as VIEW
+from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, one_row, open_connection
+
+logger = logging.getLogger(__name__)
+
+# The first key of the refresh's advisory lock (the second is the view's oid): any constant.
+_REFRESH_LOCK_CLASS = 741_235_019
+
+
+class SnapshotBusy(DatabaseError):
+    """Raised when another refresh of the snapshot is running; nothing was done (it refreshes it)."""
+
+
+class SnapshotLockTimeout(DatabaseUnavailable):
+    """Raised when the refresh waited longer than the lock timeout for a table (DDL holds it); rerun later."""
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshResult:
+    """What a refresh did: how (concurrently or, the first time, plainly), rows, seconds, refreshed_at."""
+
+    concurrently: bool
+    rows: int
+    seconds: float
+    refreshed_at: datetime | None
+
+    def summary(self) -> str:
+        how = "concurrently" if self.concurrently else "for the first time"
+        when = self.refreshed_at.isoformat() if self.refreshed_at else "never (no token seen twice)"
+        return f"snapshot {VIEW} refreshed {how}: {self.rows} rows in {self.seconds:.1f} s; refreshed_at {when}"
+
+
+class SnapshotRefresher:
+    """Refreshes the snapshot: plainly the first time, CONCURRENTLY afterwards; one at a time."""
+
+    def __init__(self, dsn: str, *, lock_timeout_seconds: float = 5.0, connect_timeout_seconds: int = 5) -> None:
+        self._dsn = dsn
+        self._lock_timeout_ms = max(1, int(lock_timeout_seconds * 1000))
+        self._connect_timeout = connect_timeout_seconds
+
+    def __repr__(self) -> str:
+        return "SnapshotRefresher()"  # the DSN may hold a password
+
+    def run(self) -> RefreshResult:
+        """Refresh; raise DatabaseError (not migrated), SnapshotBusy, SnapshotLockTimeout or DatabaseUnavailable."""
+        conn = open_connection(self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-snapshot")
+        conn.autocommit = True  # the lock is the session's; each statement commits alone
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT to_regclass(%s)::oid::int", (VIEW,))
+                oid = one_row(cur)[0]
+                if oid is None:
+                    raise DatabaseError(
+                        f"{VIEW} does not exist yet (schema 5): start the ETL once (it migrates the schema), "
+                        "then run snapshot"
+                    )
+                cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (_REFRESH_LOCK_CLASS, oid))
+                if not one_row(cur)[0]:
+                    raise SnapshotBusy(
+                        f"another refresh of {VIEW} is running (it holds the refresh lock): nothing done, "
+                        "it refreshes the snapshot"
+                    )
+                # No statement timeout: a refresh reads one index entry per login kept (minutes at 100M).
+                cur.execute(f"SET statement_timeout = 0; SET lock_timeout = {self._lock_timeout_ms}")
+                cur.execute("SELECT relispopulated FROM pg_class WHERE oid = %s", (oid,))
+                populated = bool(one_row(cur)[0])
+                started = time.monotonic()
+                cur.execute(f"REFRESH MATERIALIZED VIEW {'CONCURRENTLY ' if populated else ''}{VIEW}")
+                seconds = time.monotonic() - started
+                cur.execute(f"SELECT count(*), max(refreshed_at) FROM {VIEW}")
+                rows, refreshed_at = one_row(cur)
+        except psycopg2.errors.LockNotAvailable:
+            raise SnapshotLockTimeout(
+                f"the refresh waited {self._lock_timeout_ms} ms for a lock (a migration, retention or another "
+                "open transaction holds one); the previous snapshot is kept, rerun later"
+            ) from None
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            raise DatabaseUnavailable(first_line(exc)) from None
+        except psycopg2.Error as exc:  # e.g. not the view's owner: only the ETL role may refresh it
+            raise DatabaseError(f"snapshot refresh refused by PostgreSQL ({exc.pgcode}: {first_line(exc)})") from None
+        finally:
+            conn.close()  # ends the session, and with it the advisory lock
+        logger.info("refreshed %s: %d rows in %.1f s", VIEW, rows, seconds)
+        return RefreshResult(populated, int(rows), seconds, refreshed_at)
+
+
+def describe(dsn: str, *, connect_timeout_seconds: int = 5) -> str:
+    """For `check`: the snapshot's age, or that it was never refreshed, or "" before schema 5 (reads only)."""
+    conn = open_connection(dsn, connect_timeout=connect_timeout_seconds, application_name="login-etl-check")
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT relispopulated FROM pg_class WHERE oid = to_regclass(%s)", (VIEW,))
+            row = cur.fetchone()
+            if row is None:
+                return ""
+            if not row[0]:
+                return "; analysts' snapshot never refreshed: run `python main.py snapshot`"
+            cur.execute(f"SELECT max(refreshed_at) FROM {VIEW}")
+            refreshed_at = one_row(cur)[0]
+    except psycopg2.Error as exc:
+        raise DatabaseUnavailable(first_line(exc)) from None
+    finally:
+        conn.close()
+    if refreshed_at is None:
+        return "; analysts' snapshot refreshed, empty (no token seen twice)"
+    hours = (datetime.now(timezone.utc) - refreshed_at).total_seconds() / 3600
+    return f"; analysts' snapshot refreshed {refreshed_at:%Y-%m-%d %H:%M} UTC ({hours:.1f} h ago)"
