@@ -9,7 +9,8 @@
     python main.py replay --reason TEXT [--dry-run]  load quarantined messages that now pass (audited)
     python main.py check           check configuration and services, as a checklist
     python main.py retention --keep-days N [--dry-run]   drop daily partitions older than N days (audited)
-    python main.py snapshot        refresh the analysts' all-time snapshot user_login_duplicates_snapshot
+    python main.py snapshot        nightly: the closed days' token indexes, then refresh the analysts'
+                                   all-time snapshot user_login_duplicates_snapshot
 
 Exit codes: EXIT_CODES below (printed by --help; the table in docs/operations.md says the same,
 checked by tests/unit/test_docs.py).
@@ -67,6 +68,7 @@ from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, Repla
 from database.retention import MIN_KEEP_DAYS, Retention
 from database.snapshot import SnapshotBusy, SnapshotLockTimeout, SnapshotRefresher
 from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
+from database.token_indexes import TokenIndexer, nightly_pass
 from health import Failure, checklist_from_env
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, UnmaskAudit
 from observability import Metrics, Progress, configure_logging
@@ -237,23 +239,34 @@ def _serve_metrics(port: int | None) -> Metrics | None:
 def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     metrics = _serve_metrics(args.metrics_port)
     writer = PostgresWriter(settings.database_url, backoff=_backoff(args))
+    # The analysts' token indexes on the closed days, built beside the writer (never in its path) on
+    # a connection of their own, from the schema set-up on; a stop cancels the build in flight and
+    # does not wait for it (its leftover is dropped and built again next time).
+    indexer = TokenIndexer(settings.database_url)
     close = True
     try:
-        return _consume(writer, settings, masker, args, metrics)
+        return _consume(writer, indexer, settings, masker, args, metrics)
     except Stopped as exc:
         # A write still hangs inside the connection (a half-open socket): closing it would wait
         # for that call. The process exits instead, and the OS drops the socket.
         close = not exc.hung
         raise
     finally:
+        indexer.stop()
         if close:
             writer.close()
 
 
 def _consume(
-    writer: PostgresWriter, settings: Settings, masker: Masker, args: argparse.Namespace, metrics: Metrics | None
+    writer: PostgresWriter,
+    indexer: TokenIndexer,
+    settings: Settings,
+    masker: Masker,
+    args: argparse.Namespace,
+    metrics: Metrics | None,
 ) -> int:
     _connect(writer, args)
+    indexer.start()  # after the schema set-up: a schema 4 is migrated first
     wait = args.wait_seconds if args.wait_seconds is not None else (5 if args.follow else 1)
     reader = SqsReader(
         settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region, wait_time_seconds=wait
@@ -417,10 +430,12 @@ def _retention(args: argparse.Namespace, context: dict[str, str]) -> int:
 
 
 def _snapshot(context: dict[str, str]) -> int:
-    """Refresh the analysts' all-time snapshot (no key needed); exit 0, 2 (not migrated, not the
-    view's owner), 3 (PostgreSQL unreachable, a lock held too long) or 7 (another refresh runs)."""
+    """The nightly job (no key needed): a pass of the closed days' token indexes, then the refresh of
+    the analysts' all-time snapshot; exit 0, 2 (not migrated, not the view's owner), 3 (PostgreSQL
+    unreachable, a lock held too long) or 7 (another refresh runs)."""
     dsn = database_url_from_env(os.environ)
     context["dsn"] = redact_dsn(dsn)
+    print(nightly_pass(dsn), flush=True)  # first: the refresh then reads the closed days from them
     print(SnapshotRefresher(dsn).run().summary())  # its errors end in ERRORS
     return EXIT_OK
 
@@ -749,12 +764,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser(
         "snapshot",
-        help="refresh the analysts' all-time snapshot of user_login_duplicates (nightly)",
-        description="Refresh user_login_duplicates_snapshot, the stored copy of the view "
+        help="nightly: build the closed days' token indexes, then refresh the analysts' all-time snapshot",
+        description="First, one pass of the token indexes: the closed days' partitions (before today, "
+        "UTC, and the default one) that lack the analysts' two token indexes get them, built "
+        "CONCURRENTLY (writes go on), skipped if the ETL's indexer is building them or the schema "
+        "is not current (a line says what was built). Then refresh user_login_duplicates_snapshot, "
+        "the stored copy of the view "
         "user_login_duplicates that the analysts' all-time top-20 queries read: the first time "
         "plainly (it is created empty), afterwards CONCURRENTLY, so the previous snapshot stays "
-        "readable until the new one commits. Reads the token indexes (minutes at 100M rows): no "
-        "statement timeout. Run it as the view's owner, the ETL role. Needs DATABASE_URL only (no "
+        "readable until the new one commits. Reads the closed days' token indexes and scans today's "
+        "partition (minutes at 100M rows): no statement timeout. Run it as the ETL role (it owns the "
+        "view and the partitions). Needs DATABASE_URL only (no "
         "key). Prints the rows, the seconds and refreshed_at. Exit 0 done, 2 schema not yet "
         "migrated to version 5 (start the ETL once) or refused (not the owner), 3 PostgreSQL "
         "unreachable or a lock held too long (rerun), 7 another refresh is running.",

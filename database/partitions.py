@@ -10,11 +10,15 @@ inside the caller's transaction; the caller holds the schema advisory lock and h
   message without one: 1970-01-01, the original exercise's NULL dates). It never fails a batch.
 - Creating a day whose rows already sit in the default partition moves them in the same
   transaction (PostgreSQL would otherwise refuse the new partition).
-- Two token indexes (schema 4), defined on the parent and so on every partition:
-  (masked_device_id, user_id, create_date) and (masked_ip, user_id, create_date). They hold every
-  column the duplicates view and the analysts' queries read, so those run as index-only scans merged
-  in token order, without sorting the table (docs/analysts.md). Kept by PostgreSQL itself: every
-  writer (COPY, ON CONFLICT, rekey's UPDATE, the legacy move, retention's DROP) keeps them exact.
+- Two token indexes (schema 5) on each CLOSED partition only (a day before today, UTC, and the
+  default partition): `<partition>_device_user_day` on (masked_device_id, user_id, create_date) and
+  `<partition>_ip_user_day` on (masked_ip, user_id, create_date). They hold every column the
+  duplicates view and the analysts' queries read, so the history is read by index-only scans merged
+  in token order (docs/analysts.md); today's partition, the one being written, carries the unique
+  index only, so the writer pays for no token index (they cost ~14 µs of CPU per row). No index on
+  the parent: PostgreSQL would clone it onto every new partition. database/token_indexes.py builds
+  them CONCURRENTLY once a day is closed; once built, PostgreSQL keeps them exact (late rows, rekey's
+  UPDATE, retention's DROP).
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ UNIQUE_KEY = "user_logins_message_id_create_date_key"
 DAYS_AHEAD = 7
 DAYS_BEHIND = 1
 _DAY_NAME = re.compile(r"^user_logins_p(\d{8})$")
-# Index on the parent -> (name suffix of each partition's index, key columns).
+# Token index of a closed partition: name suffix -> key columns (`<partition>_<suffix>`).
 TOKEN_INDEXES = {
-    "user_logins_device_user_day": ("device_user_day", "(masked_device_id, user_id, create_date)"),
-    "user_logins_ip_user_day": ("ip_user_day", "(masked_ip, user_id, create_date)"),
+    "device_user_day": "(masked_device_id, user_id, create_date)",
+    "ip_user_day": "(masked_ip, user_id, create_date)",
 }
+# Schema 4 defined them on the parent (so on every partition, today's too); the migration to 5 drops these.
+PARENT_TOKEN_INDEXES = ("user_logins_device_user_day", "user_logins_ip_user_day")
 
 COLUMNS_DDL = """
     user_id          varchar(128),
@@ -105,44 +111,63 @@ def create_partitioned(cur: Cursor) -> None:
         "\n) PARTITION BY RANGE (create_date)"
     )
     cur.execute(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT")
-    for index, (_suffix, columns) in TOKEN_INDEXES.items():
-        cur.execute(f"CREATE INDEX {index} ON {TABLE} {columns}")
 
 
-# -- the token indexes of schema 4 on an existing table ------------------------------------------
+# -- the token indexes of closed partitions (schema 5) -------------------------------------------
 
 
-def start_token_indexes(cur: Cursor) -> None:
-    """Define the token indexes on the parent only (invalid until each partition has its own).
+def drop_parent_token_indexes(cur: Cursor) -> None:
+    """Schema 4 -> 5: drop the parent's token indexes, and with them every partition's attached one.
 
-    Partitions created from now on get theirs at creation; `missing_token_indexes` lists the rest.
+    The closed days get theirs back, one partition at a time and CONCURRENTLY, from
+    database/token_indexes.py while the ETL runs.
     """
-    for index, (_suffix, columns) in TOKEN_INDEXES.items():
-        cur.execute(f"CREATE INDEX IF NOT EXISTS {index} ON ONLY {TABLE} {columns}")
+    cur.execute(f"DROP INDEX IF EXISTS {', '.join(PARENT_TOKEN_INDEXES)}")
 
 
-def missing_token_indexes(cur: Cursor) -> list[tuple[str, str]]:
-    """(parent index, partition) for each partition that has no index attached to a token index."""
+def is_closed(leaf: str, today: date) -> bool:
+    """True for a partition no longer written in bulk: a day before `today`, or the default partition."""
+    if leaf == DEFAULT_PARTITION:
+        return True
+    day = day_of(leaf)
+    return day is not None and day < today
+
+
+def token_index_names(leaf: str) -> dict[str, str]:
+    """A partition's token indexes: name -> key columns."""
+    return {f"{leaf}_{suffix}": columns for suffix, columns in TOKEN_INDEXES.items()}
+
+
+def token_index_state(cur: Cursor) -> dict[str, dict[str, bool | None]]:
+    """For every partition: each of its token index names -> True valid, False INVALID, None absent.
+
+    Catalog only, no lock on the tables.
+    """
     cur.execute(
-        """SELECT p.idx, c.relname
-             FROM unnest(%s::text[]) AS p(idx)
-             JOIN pg_partition_tree(to_regclass(%s)) t ON t.isleaf
-             JOIN pg_class c ON c.oid = t.relid
-            WHERE to_regclass(p.idx) IS NOT NULL AND NOT EXISTS (
-                  SELECT 1 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid
-                   WHERE i.inhparent = to_regclass(p.idx) AND x.indrelid = t.relid)
-            ORDER BY c.relname, p.idx""",
-        (list(TOKEN_INDEXES), TABLE),
+        """SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = to_regclass(%s) ORDER BY c.relname""",
+        (TABLE,),
     )
-    return [(str(index), str(leaf)) for index, leaf in cur.fetchall()]
+    leaves = [str(name) for (name,) in cur.fetchall()]
+    names = [name for leaf in leaves for name in token_index_names(leaf)]
+    cur.execute(
+        """SELECT n.name, x.indisvalid FROM unnest(%s::text[]) AS n(name)
+             JOIN pg_index x ON x.indexrelid = to_regclass(n.name)""",
+        (names,),
+    )
+    found = {str(name): bool(valid) for name, valid in cur.fetchall()}
+    return {leaf: {name: found.get(name) for name in token_index_names(leaf)} for leaf in leaves}
 
 
-def build_token_index(cur: Cursor, index: str, leaf: str) -> None:
-    """Build one partition's token index and attach it to the parent's (one transaction: resumable)."""
-    suffix, columns = TOKEN_INDEXES[index]
-    name = f"{leaf}_{suffix}"
-    cur.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {leaf} {columns}")
-    cur.execute(f"ALTER INDEX {index} ATTACH PARTITION {name}")
+def missing_token_indexes(cur: Cursor, today: date) -> list[tuple[str, str]]:
+    """(partition, index name) of each token index a closed partition lacks (absent or INVALID)."""
+    return [
+        (leaf, name)
+        for leaf, indexes in token_index_state(cur).items()
+        if is_closed(leaf, today)
+        for name, valid in indexes.items()
+        if not valid
+    ]
 
 
 def ensure_days(cur: Cursor, days: list[date]) -> list[date]:

@@ -36,8 +36,9 @@ T = TypeVar("T")
 # Any constant: serialises schema set-up between processes starting at once.
 _SCHEMA_LOCK_ID = 7_412_350_191
 SCHEMA_VERSION = 5  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
-# replay columns and the user_logins_replayed view; 4: the token indexes for the analysts' queries;
-# 5: the all-time snapshot of the duplicates view (database/snapshot.py refreshes it)
+# replay columns and the user_logins_replayed view; 4: the token indexes for the analysts' queries (on
+# the parent); 5: the all-time snapshot of the duplicates view (database/snapshot.py refreshes it), and
+# the token indexes on closed days only (database/token_indexes.py builds them)
 
 # COPY order: `locale`, the only nullable value, last, so a row is built with one join.
 _LOGIN_COLUMNS = (
@@ -254,21 +255,13 @@ class PostgresWriter:
 
     def schema_problem(self) -> str | None:
         """Without changing anything: None if the schema is current, else what is wrong."""
+        return self._run(schema_problem, commit=False)
 
-        def inspect(cur: Cursor) -> str | None:
-            cur.execute(
-                "SELECT to_regclass('user_logins'), to_regclass('user_logins_rejected'), "
-                "to_regclass('etl_schema_version')"
-            )
-            if None in one_row(cur):
-                return "tables missing"
-            cur.execute("SELECT max(version) FROM etl_schema_version")
-            version = one_row(cur)[0]
-            if version != SCHEMA_VERSION:
-                return f"schema version {version}, expected {SCHEMA_VERSION}"
-            if partitions.relkind(cur, partitions.LEGACY_TABLE) is not None:
-                return f"{partitions.LEGACY_TABLE} is still being moved into the daily partitions"
-            return None
+    def closed_partitions_unindexed(self) -> int:
+        """How many closed partitions (before today, UTC, or the default) lack a token index (changes nothing)."""
+
+        def inspect(cur: Cursor) -> int:
+            return len({leaf for leaf, _name in partitions.missing_token_indexes(cur, _utc_today())})
 
         return self._run(inspect, commit=False)
 
@@ -301,7 +294,6 @@ class PostgresWriter:
         try:
             self._run(self._migrate_tables)
             self._move_legacy()
-            self._build_token_indexes()
             self._run(self._migrate_views)
         finally:
             if self.connected:
@@ -324,7 +316,9 @@ class PostgresWriter:
             # Today's table (or the original exercise's: integer app_version, no message_id):
             # renamed, replaced by the partitioned one, its rows moved in batches afterwards.
             partitions.start_legacy_move(cur)
-        partitions.start_token_indexes(cur)  # schema 3 -> 4; before ensure_days: new days get theirs
+        # Schema 4 -> 5 (a schema 3 goes straight to 5): no token index on the parent, nor so on
+        # today's partition; token_indexes.py builds the closed days' own, CONCURRENTLY.
+        partitions.drop_parent_token_indexes(cur)
         partitions.ensure_days(cur, partitions.window(_utc_today()))
 
     def _move_legacy(self) -> None:
@@ -347,24 +341,13 @@ class PostgresWriter:
         logger.info("moved %d rows from %s into daily partitions", moved, partitions.LEGACY_TABLE)
         self._run(partitions.finish_legacy_move)
 
-    def _build_token_indexes(self) -> None:
-        # Schema 3 -> 4: one partition's index per transaction, so a killed migration keeps what it
-        # built; each build waits for the partition's lock no longer than the lock timeout.
-        missing = self._run(partitions.missing_token_indexes, commit=False)
-        started = time.monotonic()
-        for n, (index, leaf) in enumerate(missing, 1):
-            self._run(partial(partitions.build_token_index, index=index, leaf=leaf))
-            logger.info("built the token index %s on %s (%d of %d)", index, leaf, n, len(missing))
-        if missing:
-            logger.info("%d token index(es) of partitions built in %.1f s", len(missing), time.monotonic() - started)
-
     def _migrate_views(self, cur: Cursor) -> None:
         cur.execute(_CREATE_DUPLICATES_VIEW)
         # `python main.py replay` (database/replay.py) marks the quarantine rows it loaded.
         cur.execute("""ALTER TABLE user_logins_rejected ADD COLUMN IF NOT EXISTS replayed_at timestamptz,
                        ADD COLUMN IF NOT EXISTS replay_audit_id bigint""")
         cur.execute(_CREATE_REPLAYED_VIEW)
-        for sql in _CREATE_SNAPSHOT:  # schema 4 -> 5
+        for sql in _CREATE_SNAPSHOT:  # schema 4 -> 5, with the parent token indexes dropped above
             cur.execute(sql)
         cur.execute("INSERT INTO etl_schema_version (version) VALUES (%s) ON CONFLICT DO NOTHING", (SCHEMA_VERSION,))
 
@@ -670,6 +653,22 @@ def _lock_holders(cur: Cursor) -> str:
     )
     held = [f"pid {pid} ({app}, {state} since {since} UTC) on {rel}" for pid, app, state, since, rel in cur.fetchall()]
     return "held by " + "; ".join(held) if held else "(its holder has gone)"
+
+
+def schema_problem(cur: Cursor) -> str | None:
+    """None if the schema is current, else what is wrong (reads only; raises psycopg2 errors)."""
+    cur.execute(
+        "SELECT to_regclass('user_logins'), to_regclass('user_logins_rejected'), to_regclass('etl_schema_version')"
+    )
+    if None in one_row(cur):
+        return "tables missing"
+    cur.execute("SELECT max(version) FROM etl_schema_version")
+    version = one_row(cur)[0]
+    if version != SCHEMA_VERSION:
+        return f"schema version {version}, expected {SCHEMA_VERSION}"
+    if partitions.relkind(cur, partitions.LEGACY_TABLE) is not None:
+        return f"{partitions.LEGACY_TABLE} is still being moved into the daily partitions"
+    return None
 
 
 def one_row(cur: Cursor) -> tuple[Any, ...]:

@@ -93,21 +93,25 @@ def test_check_passes_when_everything_is_in_place(etl_env, capsys) -> None:
     PostgresWriter(etl_env["DATABASE_URL"]).connect()
     assert main(["check"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.count("✓") == 4 and "✗" not in out and "schema: current" in out
+    assert out.count("✓") == 5 and "✗" not in out and "schema: current" in out
     # AND it says how old the analysts' snapshot is, or that it was never refreshed
     assert "schema: current; analysts' snapshot never refreshed: run `python main.py snapshot`" in out
+    # AND yesterday's partition and the default one, which no indexer has indexed yet: said, not failed
+    assert "✓ token indexes: 2 closed partition(s) not indexed yet" in out
     writer = PostgresWriter(etl_env["DATABASE_URL"])
     writer.connect()
     today = date.today()
     writer.write([MaskedLogin(f"m-{n}", f"u{n}", "ios", "v1.ip", "v1.dev", None, "1.0", today) for n in (1, 2)], [])
     writer.close()
-    assert main(["snapshot"]) == EXIT_OK
+    assert main(["snapshot"]) == EXIT_OK  # the nightly job: the closed days' token indexes, then the refresh
     capsys.readouterr()
     assert main(["check"]) == EXIT_OK
     out = capsys.readouterr().out
+    assert out.count("✓") == 5 and "✗" not in out
     assert re.search(
         r"✓ schema: current; analysts' snapshot refreshed \d{4}-\d\d-\d\d \d\d:\d\d UTC \(0\.0 h ago\)", out
     ), out
+    assert "✓ token indexes: every closed partition has them" in out
 
 
 def test_check_fails_on_a_missing_key_with_the_fix(etl_env, monkeypatch, capsys) -> None:

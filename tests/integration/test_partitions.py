@@ -18,6 +18,7 @@ import pytest
 
 from database import partitions
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
+from database.token_indexes import index_closed_days
 from helpers import connect_at_once, login, query
 from main import EXIT_OK, main
 from models import MaskedLogin, ReceivedMessage, WriteResult
@@ -197,16 +198,20 @@ def test_todays_table_is_moved_into_daily_partitions_keeping_rows_grants_and_vie
     assert query(database_url, "SELECT n FROM admins_view") == [(5000,)]
     assert query(database_url, "SELECT to_regclass('user_logins_legacy')") == [(None,)]
     assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)]
-    # AND the analysts' token indexes (schema 4) are on every partition, valid
-    assert query(
-        database_url,
-        "SELECT count(*) FROM pg_index WHERE indexrelid = ANY(%s::regclass[]) AND indisvalid",
-        (list(partitions.TOKEN_INDEXES),),
-    ) == [(2,)]
+    # AND no token index on the parent (schema 5): the closed days, listed as missing, get theirs
+    # from the indexer (the five past days of the rows, and the default partition)
+    assert query(database_url, "SELECT to_regclass(%s), to_regclass(%s)", partitions.PARENT_TOKEN_INDEXES) == [
+        (None, None)
+    ]
     conn = psycopg2.connect(database_url)
-    with conn, conn.cursor() as cur:
-        assert partitions.missing_token_indexes(cur) == []
-    conn.close()
+    try:
+        with conn, conn.cursor() as cur:
+            assert len({leaf for leaf, _name in partitions.missing_token_indexes(cur, TODAY)}) == 5
+        assert len(index_closed_days(conn, TODAY).built) == 10
+        with conn, conn.cursor() as cur:
+            assert partitions.missing_token_indexes(cur, TODAY) == []
+    finally:
+        conn.close()
 
 
 def test_the_original_exercise_table_is_moved_into_partitions_converted_and_complete(database_url) -> None:

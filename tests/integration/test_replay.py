@@ -406,7 +406,13 @@ def wait_until_blocked_by(db: str, blocker: int) -> int:
     """Wait until a backend waits for a lock that backend `blocker` holds; return its pid."""
     deadline = time.monotonic() + 30
     while True:
-        rows = query(db, "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (blocker,))
+        # (not the drain's token indexer: its CREATE INDEX CONCURRENTLY waits for older snapshots too)
+        rows = query(
+            db,
+            "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid)) "
+            "AND application_name <> 'login-etl-token-indexer'",
+            (blocker,),
+        )
         if rows:
             return int(rows[0][0])
         assert time.monotonic() < deadline, f"nothing waited for backend {blocker}"

@@ -2,23 +2,26 @@
 `python main.py snapshot` it holds exactly the live view's rows (after a redelivered batch,
 quarantined messages, a rekey and a retention run); a concurrent refresh leaves the previous
 snapshot readable; one refresh at a time; refused on a schema not yet migrated; read by the
-analyst role only; its top-20 queries read its indexes; a schema 4 database gets it at start."""
+analyst role only; its top-20 queries read its indexes; a schema 4 database gets it at start. The
+command first gives the closed days their missing token indexes (database/token_indexes.py), or
+says why it skipped (the ETL's indexer at work, a schema not current)."""
 
 from __future__ import annotations
 
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg2
 import psycopg2.errors
 import pytest
 
-from analysts import OLD_DAY, by_hand, load_logins, rekey_all
+from analysts import OLD_DAY, TODAY, by_hand, load_logins, rekey_all
 from database import partitions
 from database.retention import Retention
 from database.snapshot import SnapshotRefresher
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
+from database.token_indexes import TOKEN_INDEX_LOCK_ID
 from helpers import ROOT, locked_logins, query, wait_until
 from main import EXIT_BUSY, EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from roles import apply_roles_sql
@@ -88,6 +91,52 @@ def test_after_each_refresh_the_snapshot_holds_exactly_the_live_views_rows(db_en
     refresh(capsys)
     # THEN the dropped day no longer counts in it
     assert_snapshot_is_the_view(database_url, [r for r in rekeyed if r.create_date != OLD_DAY])
+
+
+def _unindexed_closed(database_url: str) -> set[str]:
+    """The closed partitions lacking a token index (absent or INVALID)."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            return {leaf for leaf, _name in partitions.missing_token_indexes(cur, TODAY)}
+    finally:
+        conn.close()
+
+
+def test_the_nightly_snapshot_first_builds_the_closed_days_missing_token_indexes(db_env, capsys) -> None:
+    database_url = db_env
+    # GIVEN logins over closed days and today, which no indexer has seen: no closed day has its indexes
+    stored = load_logins(database_url)
+    yesterday = partitions.partition_name(TODAY - timedelta(days=1))
+    closed = _unindexed_closed(database_url)
+    assert {yesterday, partitions.partition_name(OLD_DAY), partitions.DEFAULT_PARTITION} <= closed
+    # AND the ETL's indexer at work (it holds the indexer lock of this schema)
+    holder = psycopg2.connect(database_url)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s, hashtext(current_schema()))", (TOKEN_INDEX_LOCK_ID,))
+        # WHEN the nightly job runs: its pass skips, saying so, and the refresh goes on
+        lines = refresh(capsys).splitlines()
+        assert lines[0] == "token indexes: skipped, another session (the ETL's indexer) is building them", lines
+        assert "refreshed for the first time" in lines[1] and _unindexed_closed(database_url) == closed
+    finally:
+        holder.close()
+    # WHEN it runs again, alone
+    lines = refresh(capsys).splitlines()
+    # THEN it first builds every closed day's two token indexes, printing them, then refreshes
+    built = lines[0].removeprefix("token indexes: built ")
+    assert built.startswith(f"{2 * len(closed)} in "), lines
+    assert f"{yesterday}_device_user_day" in built and f"{yesterday}_ip_user_day" in built
+    assert "refreshed concurrently" in lines[1], lines
+    assert _unindexed_closed(database_url) == set()
+    # AND today's partition, being written, still has none
+    [(today_indexes,)] = query(
+        database_url, "SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass", (partitions.partition_name(TODAY),)
+    )
+    assert today_indexes == 1
+    assert_snapshot_is_the_view(database_url, stored)
+    # AND the next night finds nothing to build
+    assert refresh(capsys).splitlines()[0] == "token indexes: every closed partition has them"
 
 
 def test_while_a_refresh_runs_the_old_snapshot_stays_readable_and_a_second_refresh_exits_busy(db_env, capsys) -> None:
@@ -185,7 +234,9 @@ def test_an_unmigrated_schema_is_refused_with_exit_2(db_env, capsys) -> None:
     database_url = db_env
     # GIVEN an empty schema: nothing is created
     assert main(["snapshot"]) == EXIT_CONFIG
-    assert "start the ETL once" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "start the ETL once" in err
+    assert out == "token indexes: skipped, the schema is not current (tables missing)\n"
     assert query(database_url, "SELECT to_regclass('etl_schema_version')") == [(None,)]
     # AND a schema 4 database (no snapshot yet)
     writer = PostgresWriter(database_url)
@@ -193,7 +244,9 @@ def test_an_unmigrated_schema_is_refused_with_exit_2(db_env, capsys) -> None:
     writer.close()
     query(database_url, f"DROP MATERIALIZED VIEW {SNAPSHOT}; DELETE FROM etl_schema_version WHERE version > 4")
     assert main(["snapshot"]) == EXIT_CONFIG
-    assert f"{SNAPSHOT} does not exist yet" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert f"{SNAPSHOT} does not exist yet" in err
+    assert out.startswith("token indexes: skipped, the schema is not current (schema version "), out
 
 
 def test_a_schema_4_database_gets_the_snapshot_at_start_and_a_rerun_changes_nothing(db_env, capsys) -> None:
@@ -215,7 +268,11 @@ def test_a_schema_4_database_gets_the_snapshot_at_start_and_a_rerun_changes_noth
     assert query(database_url, "SELECT relispopulated FROM pg_class WHERE oid = to_regclass(%s)", (SNAPSHOT,)) == [
         (False,)
     ]
-    indexes = query(database_url, "SELECT indexname FROM pg_indexes WHERE tablename = %s ORDER BY 1", (SNAPSHOT,))
+    indexes = query(
+        database_url,
+        "SELECT indexname FROM pg_indexes WHERE tablename = %s AND schemaname = current_schema() ORDER BY 1",
+        (SNAPSHOT,),
+    )
     assert indexes == [(f"{SNAPSHOT}_key",), (f"{SNAPSHOT}_logins",), (f"{SNAPSHOT}_users",)]
     # AND a refresh fills it with the view's rows
     refresh(capsys)
@@ -235,7 +292,10 @@ def test_the_analyst_reads_the_snapshot_and_only_the_etl_role_refreshes_it(
     # WHEN the analyst tries to refresh: refused (exit 2), the snapshot is still unpopulated
     monkeypatch.setenv("DATABASE_URL", logins["analyst"])
     assert main(["snapshot"]) == EXIT_CONFIG
-    assert "must be owner" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "must be owner" in err
+    # (its token-index pass refused too, said on a line: the ETL role builds them)
+    assert out.startswith("token indexes: not built, refused by PostgreSQL (42501: "), out
     # WHEN the ETL role refreshes it
     monkeypatch.setenv("DATABASE_URL", logins["etl"])
     assert main(["snapshot"]) == EXIT_OK

@@ -121,3 +121,20 @@ def test_use_json_lines_makes_every_handler_write_one_json_object_per_line() -> 
     data = json.loads(line)
     assert (data["level"], data["message"], data["count"], data["aws_request_id"]) == ("DEBUG", "loaded 3", 3, "r-1")
     assert "body" not in data and target.level == logging.DEBUG
+
+
+def test_the_lambda_function_never_builds_token_indexes() -> None:
+    # An invocation has seconds and one connection; the ETL replicas or the nightly job build the
+    # analysts' token indexes (docs/lambda.md): loading the handler must not load the indexer.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, lambda_handler; print('database.token_indexes' in sys.modules)"],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert loaded == "False"

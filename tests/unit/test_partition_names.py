@@ -21,6 +21,21 @@ def test_the_window_is_yesterday_today_and_the_days_ahead() -> None:
     assert len(days) == partitions.DAYS_BEHIND + 1 + partitions.DAYS_AHEAD
 
 
+def test_closed_partitions_are_the_days_before_today_and_the_default_one() -> None:
+    today = date(2026, 3, 1)
+    assert partitions.is_closed("user_logins_p20260228", today) and partitions.is_closed("user_logins_default", today)
+    assert not partitions.is_closed("user_logins_p20260301", today)  # today's: being written
+    assert not partitions.is_closed("user_logins_p20260302", today)  # created ahead
+    assert not partitions.is_closed("user_logins_legacy", today)  # not a partition of ours
+
+
+def test_a_partitions_token_indexes_are_named_after_it() -> None:
+    assert partitions.token_index_names("user_logins_p20260228") == {
+        "user_logins_p20260228_device_user_day": "(masked_device_id, user_id, create_date)",
+        "user_logins_p20260228_ip_user_day": "(masked_ip, user_id, create_date)",
+    }
+
+
 def test_a_rejection_is_dated_like_the_login_row_of_its_message() -> None:
     sent_ms = 1_700_006_399_999  # 2023-11-14T23:59:59.999Z
     message = ReceivedMessage("m", "r", "{}", sent_timestamp_ms=sent_ms)
