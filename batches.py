@@ -72,7 +72,10 @@ class Committer:
             self._masker,
             lambda: self._retrier.call("PostgreSQL", "write", lambda: self._write_once(batch), DatabaseUnavailable),
         )
-        self._quarantined.remember(written.rejected_ids)
+        # Every id the committed batch quarantined, not only the rows this write added: when an
+        # earlier attempt committed and reported a failure, the retry adds nothing, and a later
+        # first-delivery copy of the message must still take the one-table check.
+        self._quarantined.remember(batch.rejections)
         return batch, written
 
     def _write_once(self, batch: Batch) -> WriteResult:

@@ -104,7 +104,7 @@ class SqsBatchHandler:
                 extra={"count": len(messages), "service": "postgres", "error": type(exc).__name__},
             )
             return batch_response(m.message_id for m in messages)
-        self._quarantined.remember(written.rejected_ids)
+        self._quarantined.remember(batch.rejections)  # all of them: see batches.Committer.commit
         failed = [m.message_id for m in batch.failed]
         milliseconds = round((time.monotonic() - started) * 1000, 1)
         logger.info(

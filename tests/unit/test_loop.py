@@ -10,7 +10,8 @@ from datetime import date
 
 import pytest
 
-from models import MaskedLogin, ReceivedMessage
+from database.sqs_postgres import DatabaseUnavailable
+from models import MaskedLogin, ReceivedMessage, Rejection
 from pii.masking import Masker
 from pipeline import Pipeline, ServiceLost, Stopped
 from tests.fakes import (
@@ -262,6 +263,37 @@ def test_a_first_delivery_arriving_after_its_quarantined_copy_is_not_also_loaded
     sink = FakeSink()
     Pipeline(
         OneAtATime([second, first]), sink, FirstCallFails(bytes(64)), options(receivers=1, batch_size=1, max_receives=2)
+    ).run()
+    assert "dup" in sink.rejections and sink.stored_twice == [] and "dup" not in sink.logins
+
+
+def test_a_quarantine_whose_commit_reported_a_failure_still_guards_a_later_first_delivery() -> None:
+    """As above, but the commit of the quarantine row succeeded and reported a failure (the
+    connection lost after COMMIT): its retry stores nothing new, so the loop never hears the id
+    was quarantined, and the other copy must still not be loaded beside it (simulation seed 1684)."""
+    second = ReceivedMessage("dup", "r2", body(1), 1_700_000_000_000, 2)
+    first = ReceivedMessage("dup", "r1", body(1), 1_700_000_000_000, 1)
+
+    class OneAtATime(MemoryQueue):
+        def receive(self) -> list[ReceivedMessage]:
+            with self._lock:
+                batch, self._messages = self._messages[:1], self._messages[1:]
+                return batch
+
+    class FirstCommitReportsFailure(FakeSink):
+        def write(self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False):
+            written = super().write(logins, rejections, redelivered=redelivered)
+            if self.commits == 1:
+                self.connected = False
+                raise DatabaseUnavailable("connection lost after COMMIT was sent")
+            return written
+
+    sink = FirstCommitReportsFailure()
+    Pipeline(
+        OneAtATime([second, first]),
+        sink,
+        FirstCallFails(bytes(64)),
+        options(receivers=1, batch_size=1, max_receives=2, backoff_base_seconds=0.001, backoff_cap_seconds=0.001),
     ).run()
     assert "dup" in sink.rejections and sink.stored_twice == [] and "dup" not in sink.logins
 
