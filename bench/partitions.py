@@ -1,19 +1,22 @@
 """Scale benchmark of user_logins (issue 18): the write rate as the table grows, today's layout
-against the daily partitions, in the same run; the analysts' queries; disk per million rows.
+against the daily partitions, in the same run; the analysts' queries and the snapshot; disk per
+million rows.
 
-    .venv/bin/python -m bench.partitions [--sizes 0,10,50] [--rows-per-day-m 2] [--batches 30]
-                                         [--layouts plain,partitioned,device-indexed,indexed]
+    PYTHONPATH=scripts .venv/bin/python -m bench.partitions [--sizes 0,10,50] [--rows-per-day-m 2]
+        [--batches 30] [--layouts plain,partitioned] [--query-layouts partitioned] [--queries-from-m 10]
 
-For each layout (`plain`: schema 2, one table, UNIQUE (message_id); `partitioned`: schema 3, daily
-partitions without the token indexes; `indexed`: schema 4, as the ETL creates it, with the two token
-indexes on every partition; `device-indexed`: schema 4 without the IP one, the write cost of one
-index) in its own throw-away database `bench_part_<uuid>`, the table is preloaded with SQL up to
-each size (millions of rows, random UUID message ids, dated over past days, --rows-per-day-m million
-a day), then --batches COPYs of 10,000 rows dated today are timed, each in its own transaction, with
-the ETL's own COPY text (`_copy_text`), as the sink does; the layouts' batches alternate. At each
-size from 10M up (--queries-from-m), the README's three queries, the whole duplicates view and a
-one-day query are timed on each layout. Prints everything; asserts nothing. Needs PostgreSQL on
-DATABASE_URL (default: the embedded stack's).
+For each layout (`plain`: schema 2, one table, UNIQUE (message_id), the layout before the daily
+partitions; `partitioned`: schema 5, exactly as the ETL creates it: daily partitions, today's with
+the unique index only, every closed day with the two token indexes, built by the ETL's own indexer,
+`database.token_indexes.index_closed_days`) in its own throw-away database `bench_part_<uuid>`, the
+table is preloaded with SQL up to each size (millions of rows, random UUID message ids, dated over
+past days, --rows-per-day-m million a day; the layouts side by side), then --batches COPYs of
+10,000 rows dated today are timed, each in its own transaction, with the ETL's own COPY text
+(`_copy_text`), as the sink does; the layouts' batches alternate. At each size from
+--queries-from-m up, on the --query-layouts: the README's three queries, the whole duplicates view,
+one-day and one-device queries, then (schema 5) the snapshot's first and concurrent refreshes and
+its three top-20 queries. Prints everything; asserts nothing. Needs PostgreSQL on DATABASE_URL
+(default: the embedded stack's).
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from typing import Any
 import psycopg2
 
 from database import partitions
+from database.snapshot import SnapshotRefresher
 from database.sqs_postgres import _CREATE_DUPLICATES_VIEW, _LOGIN_COLUMNS, PostgresWriter, _copy_text
+from database.token_indexes import index_closed_days
 from models import MaskedLogin
 
-LAYOUTS = ("plain", "partitioned", "device-indexed", "indexed")
+LAYOUTS = ("plain", "partitioned")
 BATCH_ROWS = 10_000
 PRELOAD_CHUNK = 1_000_000
 QUERIES = {
@@ -91,9 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-queries", action="store_true")
     parser.add_argument(
+        "--concurrent-refresh-up-to-m",
+        type=float,
+        default=10.0,
+        help="time the snapshot's concurrent refresh at sizes up to this many million rows (10)",
+    )
+    parser.add_argument(
         "--query-layouts",
-        default=",".join(LAYOUTS),
-        help="time the queries on these layouts only (all); `plain` has no token index: minutes at 50M",
+        default="partitioned",
+        help="time the queries on these layouts only (partitioned); `plain` has no token index: minutes at 50M",
     )
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"some of {','.join(LAYOUTS)} (all)")
     args = parser.parse_args(argv)
@@ -155,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                 for layout, (dsn, _drop) in databases.items():
                     if layout not in query_layouts:
                         continue
-                    for name, seconds in _queries(dsn):
+                    refreshes = 2 if size <= args.concurrent_refresh_up_to_m * 1_000_000 else 1
+                    timed = _queries(dsn) + (_snapshot(dsn, refreshes) if layout == "partitioned" else [])
+                    for name, seconds in timed:
                         timings.append((size, layout, name, seconds))
                         print(f"    {layout:<12} {name:<34} {seconds:>7.2f} s", flush=True)
         for layout, (dsn, _drop) in databases.items():
@@ -218,17 +231,10 @@ def _database(admin: str):
 
 
 def _create(dsn: str, layout: str) -> None:
-    if layout != "plain":
+    if layout == "partitioned":
         writer = PostgresWriter(dsn)  # the schema exactly as the ETL creates it
         writer.connect()
         writer.close()
-        dropped = {
-            "partitioned": list(partitions.TOKEN_INDEXES),  # schema 3: without the token indexes
-            "device-indexed": ["user_logins_ip_user_day"],
-        }.get(layout)  # the write cost of one index
-        if dropped:
-            with _connect(dsn) as conn, conn.cursor() as cur:
-                cur.execute(f"DROP INDEX {', '.join(dropped)}")
         return
     with _connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(_PLAIN_DDL)
@@ -244,8 +250,9 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
     """Grow the table from `loaded` to `size` rows, dated over the days before yesterday.
 
     Fast, and the same end state as rows written one by one: the unique index is built once per
-    step, by sorting (plain: dropped and added again; partitioned and indexed: each past day is
-    filled as a table of its own, then attached, which builds its indexes).
+    step, by sorting (plain: dropped and added again; partitioned: each past day is filled as a
+    table of its own, then attached, which builds its unique index; then the ETL's indexer builds
+    the closed days' token indexes, CONCURRENTLY, as it does in production).
     """
     last_day = datetime.now(timezone.utc).date() - timedelta(days=2)
     if size <= loaded:
@@ -268,6 +275,7 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
                     if attached:
                         cur.execute(f"ALTER TABLE user_logins DETACH PARTITION {target}")
                         cur.execute(f"DROP INDEX IF EXISTS {target}_message_id_create_date_key")
+                        cur.execute(f"DROP INDEX IF EXISTS {', '.join(partitions.token_index_names(target))}")
                     else:
                         cur.execute(f"CREATE TABLE {target} (LIKE user_logins)")
                 cur.execute(
@@ -282,6 +290,10 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
                     },
                 )
                 if layout != "plain":
+                    # A closed day: its token indexes, built by sorting (the indexer would build the
+                    # same ones CONCURRENTLY, two scans each: the end state is the same, in half the time).
+                    for name, columns in partitions.token_index_names(target).items():
+                        cur.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {target} {columns}")
                     cur.execute(
                         f"ALTER TABLE user_logins ATTACH PARTITION {target} FOR VALUES FROM (%s) TO (%s)",
                         (day, day + timedelta(days=1)),
@@ -289,6 +301,8 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
             if layout == "plain":
                 cur.execute("ALTER TABLE user_logins ADD CONSTRAINT user_logins_message_id_key UNIQUE (message_id)")
             cur.execute("VACUUM ANALYZE user_logins")
+        if layout == "partitioned":  # whatever closed partition still lacks them, by the ETL's own indexer
+            index_closed_days(conn)
     finally:
         conn.close()
     return size
@@ -353,6 +367,42 @@ def _queries(dsn: str) -> list[tuple[str, float]]:
             t0 = time.monotonic()
             with conn, conn.cursor() as cur:
                 cur.execute("SET LOCAL statement_timeout = '600s'")
+                cur.execute(sql)
+                cur.fetchall()
+            timed.append((name, time.monotonic() - t0))
+    finally:
+        conn.close()
+    return timed
+
+
+SNAPSHOT_QUERIES = {
+    "snapshot: devices seen most often": """SELECT masked_value, logins, users, first_seen, last_seen
+        FROM user_login_duplicates_snapshot WHERE field = 'device_id' ORDER BY logins DESC LIMIT 20""",
+    "snapshot: IPs seen most often": """SELECT masked_value, logins, users, first_seen, last_seen
+        FROM user_login_duplicates_snapshot WHERE field = 'ip' ORDER BY logins DESC LIMIT 20""",
+    "snapshot: devices with most users": """SELECT masked_value, users, logins
+        FROM user_login_duplicates_snapshot WHERE field = 'device_id' ORDER BY users DESC LIMIT 20""",
+}
+
+
+def _snapshot(dsn: str, refreshes: int) -> list[tuple[str, float]]:
+    """The nightly job's refresh, as `python main.py snapshot` runs it: plainly when the snapshot is
+    not populated yet, then (`refreshes` 2) concurrently; then its top-20 queries."""
+    refresher = SnapshotRefresher(dsn)
+    timed = []
+    for _ in range(refreshes):
+        result = refresher.run()
+        timed.append(
+            (
+                f"snapshot refresh ({'concurrent' if result.concurrently else 'first'}, {result.rows:,} rows)",
+                result.seconds,
+            )
+        )
+    conn = _connect(dsn)
+    try:
+        for name, sql in SNAPSHOT_QUERIES.items():
+            t0 = time.monotonic()
+            with conn, conn.cursor() as cur:
                 cur.execute(sql)
                 cur.fetchall()
             timed.append((name, time.monotonic() - t0))
