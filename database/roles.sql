@@ -16,7 +16,8 @@
 --                   role (it loads into its tables): INSERT on etl_replay_audit, only the columns the
 --                   client states; who, when and from where come from the server (replay_audit.sql).
 --   login_analyst   SELECT on user_logins, user_login_duplicates, user_login_duplicates_snapshot (its
---                   all-time copy) and user_logins_replayed (which rows a replay loaded) only. Sees
+--                   all-time copy), user_login_duplicates_snapshot_refreshed (when that was refreshed)
+--                   and user_logins_replayed (which rows a replay loaded) only. Sees
 --                   tokens, never values. Cannot refresh the snapshot (the owner, login_etl, does).
 --   login_unmasker  INSERT on pii_unmask_audit, and only on the columns the client states (who asks,
 --                   why, the token fingerprints and counts): `unmask` writes its audit row. The id,
@@ -61,7 +62,8 @@ GRANT CREATE ON SCHEMA :"schema" TO :"etl_role";
 -- The ETL's objects, whoever created them, belong to the ETL role (its start-up migrations need it;
 -- so do the daily partitions it creates ahead and `retention` drops: docs/partitions.md).
 -- The snapshot too: REFRESH MATERIALIZED VIEW needs ownership (PostgreSQL 15), so only the ETL role
--- refreshes it (`python main.py snapshot`); analysts only read it.
+-- refreshes it (`python main.py snapshot`), and records when in user_login_duplicates_snapshot_refreshed;
+-- analysts only read both.
 SELECT format('ALTER %s %I.%I OWNER TO %I',
               CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'TABLE' END,
               n.nspname, c.relname, :'etl_role')
@@ -69,7 +71,7 @@ SELECT format('ALTER %s %I.%I OWNER TO %I',
  WHERE n.nspname = :'schema' AND c.relkind IN ('r', 'p', 'v', 'm')
    AND (c.relname IN ('user_logins', 'user_logins_rejected', 'etl_schema_version', 'user_login_duplicates',
                       'user_logins_replayed', 'etl_retention_audit', 'user_logins_default', 'user_logins_legacy',
-                      'user_login_duplicates_snapshot')
+                      'user_login_duplicates_snapshot', 'user_login_duplicates_snapshot_refreshed')
         OR c.relname ~ '^user_logins_p[0-9]{8}$') \gexec
 
 -- The audit table: owned by whoever runs this file; append-only for everyone else.
@@ -88,12 +90,13 @@ GRANT INSERT (requested_by, reason, dry_run, where_reason, since, examined_count
 GRANT SELECT (id) ON etl_replay_audit TO :"etl_role";  -- INSERT … RETURNING id: the audit id, nothing else
 GRANT SELECT ON etl_replay_audit TO :"auditor_role";
 
--- Analysts: user_logins, the duplicates and replayed views and the duplicates snapshot, when they
--- exist; nothing else.
+-- Analysts: user_logins, the duplicates and replayed views, the duplicates snapshot and its refresh
+-- time, when they exist; nothing else.
 SELECT format('GRANT SELECT ON %I.%I TO %I', n.nspname, c.relname, :'analyst_role')
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = :'schema'
-   AND c.relname IN ('user_logins', 'user_login_duplicates', 'user_logins_replayed', 'user_login_duplicates_snapshot') \gexec
+   AND c.relname IN ('user_logins', 'user_login_duplicates', 'user_logins_replayed', 'user_login_duplicates_snapshot',
+                     'user_login_duplicates_snapshot_refreshed') \gexec
 
 SELECT to_regclass('user_logins') IS NULL OR to_regclass('user_logins_rejected') IS NULL AS etl_tables_missing \gset
 \if :etl_tables_missing

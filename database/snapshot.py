@@ -2,23 +2,28 @@
 `python main.py snapshot` (nightly: a CronJob, or cron), for the analysts' all-time top 20.
 
 The live view counts over every day kept, so it reads one token-index entry per login (minutes at
-100M rows). The snapshot holds its answer, one row per token seen more than once, with
-`refreshed_at` (when the refresh that made it started): the top-20 queries read a few entries of
-its (field, logins DESC) or (field, users DESC) index. It is stale by up to the time since the
-last refresh, and only the refresh keeps it right (docs/partitions.md "Analysts at scale"): after
-`rekey` it shows the old tokens, after `retention` the dropped days, until the next one.
+100M rows). The snapshot holds its answer, one row per token seen more than once: the top-20
+queries read a few entries of its (field, logins DESC) or (field, users DESC) index. When the
+refresh that made it started is the one row of `user_login_duplicates_snapshot_refreshed`. It is
+stale by up to the time since the last refresh, and only the refresh keeps it right
+(docs/partitions.md "Analysts at scale"): after `rekey` it shows the old tokens, after `retention`
+the dropped days, until the next one.
 
 - Schema 5 creates it WITH NO DATA, instant on any table (`_CREATE_SNAPSHOT`, database/sqs_postgres.py):
   reading it before the first refresh is PostgreSQL's "has not been populated" error. The first
   refresh is a plain one (an unpopulated view cannot be refreshed CONCURRENTLY), every later one
   CONCURRENTLY: analysts keep reading the
-  previous snapshot meanwhile; the new one replaces it when the refresh commits.
+  previous snapshot meanwhile; the new one replaces it when the refresh commits. A concurrent
+  refresh writes only the rows that changed: the rows hold nothing that changes at each refresh (the
+  refresh time was a column of every row once, and each refresh rewrote them all).
+- The refresh and its time commit in one transaction: a reader sees the new rows with the new time
+  or the previous rows with the previous time, never one with the other.
 - One refresh at a time: a session advisory lock keyed on the view itself (so schemas sharing a
   database do not exclude each other); a second refresh raises SnapshotBusy at once, it does not
   queue. The refresh runs with statement_timeout 0, whatever the role's or the DSN's (it is meant to
   run for minutes), and waits for any one lock no longer than the lock timeout.
 - REFRESH needs ownership of the view: it runs as the role that migrates the schema (the ETL role
-  of database/roles.sql); analysts only SELECT it.
+  of database/roles.sql), which owns the time's table too; analysts only SELECT both.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from datetime import datetime, timezone
 import psycopg2
 import psycopg2.errors
 
+from database.sqs_postgres import SNAPSHOT_REFRESHED as REFRESHED
 from database.sqs_postgres import SNAPSHOT_VIEW as VIEW
 from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, one_row, open_connection
 
@@ -55,11 +61,11 @@ class RefreshResult:
     concurrently: bool
     rows: int
     seconds: float
-    refreshed_at: datetime | None
+    refreshed_at: datetime  # when it started, as recorded in REFRESHED
 
     def summary(self) -> str:
         how = "concurrently" if self.concurrently else "for the first time"
-        when = self.refreshed_at.isoformat() if self.refreshed_at else "never (no token seen twice)"
+        when = self.refreshed_at.isoformat()
         return f"snapshot {VIEW} refreshed {how}: {self.rows} rows in {self.seconds:.1f} s; refreshed_at {when}"
 
 
@@ -80,9 +86,9 @@ class SnapshotRefresher:
         conn.autocommit = True  # the lock is the session's; each statement commits alone
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT to_regclass(%s)::oid::int", (VIEW,))
-                oid = one_row(cur)[0]
-                if oid is None:
+                cur.execute("SELECT to_regclass(%s)::oid::int, to_regclass(%s) IS NOT NULL", (VIEW, REFRESHED))
+                oid, recorded = one_row(cur)
+                if oid is None or not recorded:
                     raise DatabaseError(
                         f"{VIEW} does not exist yet (schema 5): start the ETL once (it migrates the schema), "
                         "then run snapshot"
@@ -98,10 +104,21 @@ class SnapshotRefresher:
                 cur.execute("SELECT relispopulated FROM pg_class WHERE oid = %s", (oid,))
                 populated = bool(one_row(cur)[0])
                 started = time.monotonic()
+                # One transaction, so the rows and their time are seen together; now() is its start,
+                # when the refresh began (the time its rows are as of). Readers of the one-row table
+                # do not wait for it (MVCC); only a refresh writes it, and refreshes take turns.
+                cur.execute("BEGIN")
                 cur.execute(f"REFRESH MATERIALIZED VIEW {'CONCURRENTLY ' if populated else ''}{VIEW}")
+                cur.execute(
+                    f"""INSERT INTO {REFRESHED} (refreshed_at) VALUES (now())
+                        ON CONFLICT (only_row) DO UPDATE SET refreshed_at = excluded.refreshed_at
+                        RETURNING refreshed_at"""
+                )
+                refreshed_at = one_row(cur)[0]
+                cur.execute("COMMIT")
                 seconds = time.monotonic() - started
-                cur.execute(f"SELECT count(*), max(refreshed_at) FROM {VIEW}")
-                rows, refreshed_at = one_row(cur)
+                cur.execute(f"SELECT count(*) FROM {VIEW}")
+                rows = one_row(cur)[0]
         except psycopg2.errors.LockNotAvailable:
             raise SnapshotLockTimeout(
                 f"the refresh waited {self._lock_timeout_ms} ms for a lock (a migration, retention or another "
@@ -122,19 +139,26 @@ def describe(dsn: str, *, connect_timeout_seconds: int = 5) -> str:
     conn = open_connection(dsn, connect_timeout=connect_timeout_seconds, application_name="login-etl-check")
     try:
         with conn, conn.cursor() as cur:
-            cur.execute("SELECT relispopulated FROM pg_class WHERE oid = to_regclass(%s)", (VIEW,))
+            cur.execute(
+                "SELECT relispopulated, to_regclass(%s) IS NOT NULL FROM pg_class WHERE oid = to_regclass(%s)",
+                (REFRESHED, VIEW),
+            )
             row = cur.fetchone()
             if row is None:
                 return ""
-            if not row[0]:
+            populated, recorded = row
+            if not recorded:  # unreleased schema 5's view, refreshed_at in its rows: remade at start
+                return "; analysts' snapshot of an older schema 5: start the ETL once, then `python main.py snapshot`"
+            if not populated:
                 return "; analysts' snapshot never refreshed: run `python main.py snapshot`"
-            cur.execute(f"SELECT max(refreshed_at) FROM {VIEW}")
-            refreshed_at = one_row(cur)[0]
+            cur.execute(f"SELECT refreshed_at FROM {REFRESHED}")
+            found = cur.fetchone()
     except psycopg2.Error as exc:
         raise DatabaseUnavailable(first_line(exc)) from None
     finally:
         conn.close()
-    if refreshed_at is None:
-        return "; analysts' snapshot refreshed, empty (no token seen twice)"
+    if found is None:  # a REFRESH run by hand, not by `snapshot`: its time was not recorded
+        return "; analysts' snapshot refreshed at an unknown time (not by `python main.py snapshot`)"
+    refreshed_at = found[0]
     hours = (datetime.now(timezone.utc) - refreshed_at).total_seconds() / 3600
     return f"; analysts' snapshot refreshed {refreshed_at:%Y-%m-%d %H:%M} UTC ({hours:.1f} h ago)"

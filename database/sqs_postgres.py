@@ -118,9 +118,13 @@ SELECT 'ip'::text, masked_ip, count(*), count(DISTINCT user_id), min(create_date
 # For analysts' all-time top 20: the view's answer stored, refreshed by `python main.py snapshot`
 # (database/snapshot.py). Made WITH NO DATA (instant); each statement idempotent.
 SNAPSHOT_VIEW = "user_login_duplicates_snapshot"
+# When it was refreshed: one row, written by the refresh in its own transaction. Not a column of the
+# view: a value new in every row at each refresh made REFRESH … CONCURRENTLY delete and insert every
+# row (tens of millions at 100M logins), not only the rows whose counts changed.
+SNAPSHOT_REFRESHED = "user_login_duplicates_snapshot_refreshed"
 _CREATE_SNAPSHOT = (
     f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {SNAPSHOT_VIEW} AS
-SELECT field, masked_value, logins, users, first_seen, last_seen, now() AS refreshed_at
+SELECT field, masked_value, logins, users, first_seen, last_seen
   FROM user_login_duplicates
 WITH NO DATA""",
     # REFRESH … CONCURRENTLY needs a unique index on plain columns covering every row.
@@ -128,7 +132,24 @@ WITH NO DATA""",
     # The top 20 of one field by logins, or by users: the first 20 entries of one of these.
     f"CREATE INDEX IF NOT EXISTS {SNAPSHOT_VIEW}_logins ON {SNAPSHOT_VIEW} (field, logins DESC)",
     f"CREATE INDEX IF NOT EXISTS {SNAPSHOT_VIEW}_users ON {SNAPSHOT_VIEW} (field, users DESC)",
+    # `only_row` (true, the key) keeps it to one row, which the refresh upserts.
+    f"""CREATE TABLE IF NOT EXISTS {SNAPSHOT_REFRESHED} (
+    only_row     boolean     PRIMARY KEY DEFAULT true CHECK (only_row),
+    refreshed_at timestamptz NOT NULL
+)""",
 )
+
+
+def _drop_snapshot_with_refreshed_at_column(cur: Cursor) -> None:
+    """Drop the snapshot if it has the per-row `refreshed_at` of unreleased schema 5 (dev and test
+    databases made before it moved to its own table): made again by _CREATE_SNAPSHOT WITH NO DATA,
+    instant (its next refresh is a plain one). Its indexes and grants go with it (roles.sql regrants)."""
+    cur.execute(
+        "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'refreshed_at' AND NOT attisdropped",
+        (SNAPSHOT_VIEW,),
+    )
+    if cur.fetchone() is not None:
+        cur.execute(f"DROP MATERIALIZED VIEW {SNAPSHOT_VIEW}")  # no CASCADE: an analyst's view on it stops us
 
 
 # For analysts (who cannot read the quarantine): which rows of user_logins were loaded by a replay.
@@ -347,6 +368,7 @@ class PostgresWriter:
         cur.execute("""ALTER TABLE user_logins_rejected ADD COLUMN IF NOT EXISTS replayed_at timestamptz,
                        ADD COLUMN IF NOT EXISTS replay_audit_id bigint""")
         cur.execute(_CREATE_REPLAYED_VIEW)
+        _drop_snapshot_with_refreshed_at_column(cur)
         for sql in _CREATE_SNAPSHOT:  # schema 4 -> 5, with the parent token indexes dropped above
             cur.execute(sql)
         cur.execute("INSERT INTO etl_schema_version (version) VALUES (%s) ON CONFLICT DO NOTHING", (SCHEMA_VERSION,))
@@ -645,7 +667,8 @@ def _lock_holders(cur: Cursor) -> str:
               AND ((c.relnamespace = current_schema()::regnamespace
                     AND (c.relname IN ('user_logins', 'user_logins_rejected', 'user_login_duplicates',
                                        'user_logins_replayed', 'etl_schema_version', 'user_logins_default',
-                                       'user_logins_legacy', 'user_login_duplicates_snapshot')
+                                       'user_logins_legacy', 'user_login_duplicates_snapshot',
+                                       'user_login_duplicates_snapshot_refreshed')
                          OR c.relname LIKE 'user\\_logins\\_p%%'))
                    OR (l.locktype = 'advisory' AND l.objid = %s))
             ORDER BY 1 LIMIT 5""",
@@ -668,6 +691,9 @@ def schema_problem(cur: Cursor) -> str | None:
         return f"schema version {version}, expected {SCHEMA_VERSION}"
     if partitions.relkind(cur, partitions.LEGACY_TABLE) is not None:
         return f"{partitions.LEGACY_TABLE} is still being moved into the daily partitions"
+    cur.execute("SELECT to_regclass(%s)", (SNAPSHOT_REFRESHED,))
+    if one_row(cur)[0] is None:  # unreleased schema 5 (refreshed_at in the snapshot's rows): remade at start
+        return f"{SNAPSHOT_REFRESHED} missing (an unreleased schema 5)"
     return None
 
 

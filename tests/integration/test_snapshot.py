@@ -1,10 +1,12 @@
 """The analysts' all-time snapshot of schema 5 (issue 18), against the real PostgreSQL: after each
 `python main.py snapshot` it holds exactly the live view's rows (after a redelivered batch,
 quarantined messages, a rekey and a retention run); a concurrent refresh leaves the previous
-snapshot readable; one refresh at a time; refused on a schema not yet migrated; read by the
-analyst role only; its top-20 queries read its indexes; a schema 4 database gets it at start. The
-command first gives the closed days their missing token indexes (database/token_indexes.py), or
-says why it skipped (the ETL's indexer at work, a schema not current)."""
+snapshot readable, and rewrites no row when nothing changed (its time is in a one-row table); a
+snapshot of unreleased schema 5 (refreshed_at in every row) is made again at start; one refresh at
+a time; refused on a schema not yet migrated; read by the analyst role only; its top-20 queries
+read its indexes; a schema 4 database gets it at start. The command first gives the closed days
+their missing token indexes (database/token_indexes.py), or says why it skipped (the ETL's indexer
+at work, a schema not current)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import pytest
 from analysts import OLD_DAY, TODAY, by_hand, load_logins, rekey_all
 from database import partitions
 from database.retention import Retention
-from database.snapshot import SnapshotRefresher
+from database.snapshot import SnapshotRefresher, describe
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
 from database.token_indexes import TOKEN_INDEX_LOCK_ID
 from helpers import ROOT, locked_logins, query, wait_until
@@ -27,6 +29,7 @@ from main import EXIT_BUSY, EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from roles import apply_roles_sql
 
 SNAPSHOT = "user_login_duplicates_snapshot"
+REFRESHED = "user_login_duplicates_snapshot_refreshed"
 VIEW_COLUMNS = "field, masked_value, logins, users, first_seen, last_seen"
 
 
@@ -57,7 +60,7 @@ def refresh(capsys: pytest.CaptureFixture[str]) -> str:
 def assert_snapshot_is_the_view(database_url: str, stored: list[Any]) -> None:
     rows = snapshot_rows(database_url)
     assert rows == view_rows(database_url) == by_hand(stored)
-    [(refreshed_at,)] = query(database_url, f"SELECT DISTINCT refreshed_at FROM {SNAPSHOT}")
+    [(refreshed_at,)] = query(database_url, f"SELECT refreshed_at FROM {REFRESHED}")
     assert isinstance(refreshed_at, datetime)
 
 
@@ -91,6 +94,33 @@ def test_after_each_refresh_the_snapshot_holds_exactly_the_live_views_rows(db_en
     refresh(capsys)
     # THEN the dropped day no longer counts in it
     assert_snapshot_is_the_view(database_url, [r for r in rekeyed if r.create_date != OLD_DAY])
+
+
+def test_a_concurrent_refresh_with_nothing_changed_rewrites_no_row_of_the_snapshot(db_env) -> None:
+    database_url = db_env
+    # GIVEN a snapshot refreshed once (plainly), then once concurrently: every row has settled
+    load_logins(database_url)
+    refresher = SnapshotRefresher(database_url)
+    refresher.run()
+    first = refresher.run()
+    assert first.concurrently and first.rows > 0
+    before = _row_places(database_url)
+    # WHEN it is refreshed concurrently again, no login having changed since
+    second = refresher.run()
+    # THEN its refresh time moved on, but no row was deleted and inserted again: each is where it
+    # was (a row rewritten by REFRESH … CONCURRENTLY gets a new ctid)
+    assert second.concurrently and second.rows == first.rows
+    assert first.refreshed_at is not None and second.refreshed_at is not None
+    assert second.refreshed_at > first.refreshed_at
+    after = _row_places(database_url)
+    moved = sorted(key for key in before if after.get(key) != before[key])
+    assert not moved, f"{len(moved)} of {len(before)} rows rewritten by a refresh that changed nothing"
+
+
+def _row_places(database_url: str) -> dict[tuple[str, str], str]:
+    """Each snapshot row's physical place (ctid), by its key."""
+    rows = query(database_url, f"SELECT field, masked_value, ctid::text FROM {SNAPSHOT}")
+    return {(field, token): ctid for field, token, ctid in rows}
 
 
 def _unindexed_closed(database_url: str) -> set[str]:
@@ -263,7 +293,8 @@ def test_a_schema_4_database_gets_the_snapshot_at_start_and_a_rerun_changes_noth
     writer = PostgresWriter(database_url)
     writer.connect()  # reruns every migration step on the existing snapshot
     writer.close()
-    # THEN schema 5 is recorded, the snapshot and its three indexes exist once, unpopulated
+    # THEN schema 5 is recorded, the snapshot and its three indexes exist once, unpopulated, with no
+    # refresh time recorded
     assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)] == [(5,)]
     assert query(database_url, "SELECT relispopulated FROM pg_class WHERE oid = to_regclass(%s)", (SNAPSHOT,)) == [
         (False,)
@@ -274,9 +305,52 @@ def test_a_schema_4_database_gets_the_snapshot_at_start_and_a_rerun_changes_noth
         (SNAPSHOT,),
     )
     assert indexes == [(f"{SNAPSHOT}_key",), (f"{SNAPSHOT}_logins",), (f"{SNAPSHOT}_users",)]
+    assert query(database_url, f"SELECT count(*) FROM {REFRESHED}") == [(0,)]
     # AND a refresh fills it with the view's rows
     refresh(capsys)
     assert_snapshot_is_the_view(database_url, stored)
+
+
+def test_a_snapshot_with_the_old_per_row_refreshed_at_is_made_again_empty_at_start(db_env, capsys) -> None:
+    database_url = db_env
+    # GIVEN a database of unreleased schema 5: the snapshot with refreshed_at in every row, populated,
+    # and no table of its refresh time
+    stored = load_logins(database_url)
+    query(
+        database_url,
+        f"""DROP MATERIALIZED VIEW {SNAPSHOT}; DROP TABLE {REFRESHED};
+            CREATE MATERIALIZED VIEW {SNAPSHOT} AS
+            SELECT field, masked_value, logins, users, first_seen, last_seen, now() AS refreshed_at
+              FROM user_login_duplicates;
+            CREATE UNIQUE INDEX {SNAPSHOT}_key ON {SNAPSHOT} (field, masked_value)""",
+    )
+    # (not current: `check` says so, and the ETL's start migrates it)
+    writer = PostgresWriter(database_url)
+    writer.connect(migrate=False)
+    assert writer.schema_problem() == f"{REFRESHED} missing (an unreleased schema 5)"
+    writer.close()
+    assert "older schema 5: start the ETL once" in describe(database_url)  # not an error
+    # WHEN the ETL starts
+    writer = PostgresWriter(database_url)
+    writer.connect()
+    writer.close()
+    # THEN the snapshot is made again without the column, empty, with its three indexes, and the table
+    columns = query(
+        database_url,
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 ORDER BY attnum",
+        (SNAPSHOT,),
+    )
+    assert [c for (c,) in columns] == VIEW_COLUMNS.split(", ")
+    assert query(database_url, "SELECT relispopulated FROM pg_class WHERE oid = to_regclass(%s)", (SNAPSHOT,)) == [
+        (False,)
+    ]
+    [(indexes,)] = query(database_url, "SELECT count(*) FROM pg_indexes WHERE tablename = %s", (SNAPSHOT,))
+    assert indexes == 3
+    assert describe(database_url) == "; analysts' snapshot never refreshed: run `python main.py snapshot`"
+    # AND the nightly job refreshes it (plainly, as the first time), and check gives its age
+    assert "refreshed for the first time" in refresh(capsys)
+    assert_snapshot_is_the_view(database_url, stored)
+    assert describe(database_url).startswith("; analysts' snapshot refreshed 20")
 
 
 def test_the_analyst_reads_the_snapshot_and_only_the_etl_role_refreshes_it(
@@ -301,6 +375,11 @@ def test_the_analyst_reads_the_snapshot_and_only_the_etl_role_refreshes_it(
     assert main(["snapshot"]) == EXIT_OK
     # THEN the analyst reads it, and cannot change it
     assert query(logins["analyst"], f"SELECT count(*) FROM {SNAPSHOT}") == [(0,)]
+    # (and when it was refreshed, which it cannot change either)
+    [(refreshed_at,)] = query(logins["analyst"], f"SELECT refreshed_at FROM {REFRESHED}")
+    assert isinstance(refreshed_at, datetime)
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+        query(logins["analyst"], f"UPDATE {REFRESHED} SET refreshed_at = now()")
     with pytest.raises(psycopg2.errors.InsufficientPrivilege):
         query(logins["analyst"], f"REFRESH MATERIALIZED VIEW {SNAPSHOT}")
     with pytest.raises(psycopg2.errors.InsufficientPrivilege):
