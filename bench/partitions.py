@@ -359,11 +359,11 @@ class _Reader:
         return text or ""
 
 
-def _queries(dsn: str) -> list[tuple[str, float]]:
+def _queries(dsn: str, queries: dict[str, str] = QUERIES) -> list[tuple[str, float]]:
     timed = []
     conn = _connect(dsn)
     try:
-        for name, sql in QUERIES.items():
+        for name, sql in queries.items():
             t0 = time.monotonic()
             with conn, conn.cursor() as cur:
                 cur.execute("SET LOCAL statement_timeout = '600s'")
@@ -398,17 +398,7 @@ def _snapshot(dsn: str, refreshes: int) -> list[tuple[str, float]]:
                 result.seconds,
             )
         )
-    conn = _connect(dsn)
-    try:
-        for name, sql in SNAPSHOT_QUERIES.items():
-            t0 = time.monotonic()
-            with conn, conn.cursor() as cur:
-                cur.execute(sql)
-                cur.fetchall()
-            timed.append((name, time.monotonic() - t0))
-    finally:
-        conn.close()
-    return timed
+    return timed + _queries(dsn, SNAPSHOT_QUERIES)
 
 
 def _space(dsn: str) -> tuple[int, int, int]:

@@ -248,21 +248,33 @@ def test_stop_while_deletes_fail_abandons_them_at_the_stop_timeout() -> None:
     assert pipeline.stats.delete_failures == 30 and len(pipeline.keeper) == 0
 
 
+class OneAtATime(MemoryQueue):
+    """Serves one message per receive."""
+
+    def receive(self) -> list[ReceivedMessage]:
+        with self._lock:
+            batch, self._messages = self._messages[:1], self._messages[1:]
+            return batch
+
+
+def _twice_delivered() -> list[ReceivedMessage]:
+    """One message delivered twice: the copy of receive 2 (the poison rule's), then that of receive 1."""
+    return [
+        ReceivedMessage("dup", "r2", body(1), 1_700_000_000_000, 2),
+        ReceivedMessage("dup", "r1", body(1), 1_700_000_000_000, 1),
+    ]
+
+
 def test_a_first_delivery_arriving_after_its_quarantined_copy_is_not_also_loaded() -> None:
     """SQS delivered a message twice; the poison rule quarantined one copy (receive 2), then the
     other copy (receive 1, no redelivery flag of its own) transformed fine in a later batch."""
-    second = ReceivedMessage("dup", "r2", body(1), 1_700_000_000_000, 2)
-    first = ReceivedMessage("dup", "r1", body(1), 1_700_000_000_000, 1)
-
-    class OneAtATime(MemoryQueue):
-        def receive(self) -> list[ReceivedMessage]:
-            with self._lock:
-                batch, self._messages = self._messages[:1], self._messages[1:]
-                return batch
 
     sink = FakeSink()
     Pipeline(
-        OneAtATime([second, first]), sink, FirstCallFails(bytes(64)), options(receivers=1, batch_size=1, max_receives=2)
+        OneAtATime(_twice_delivered()),
+        sink,
+        FirstCallFails(bytes(64)),
+        options(receivers=1, batch_size=1, max_receives=2),
     ).run()
     assert "dup" in sink.rejections and sink.stored_twice == [] and "dup" not in sink.logins
 
@@ -271,14 +283,6 @@ def test_a_quarantine_whose_commit_reported_a_failure_still_guards_a_later_first
     """As above, but the commit of the quarantine row succeeded and reported a failure (the
     connection lost after COMMIT): its retry stores nothing new, so the loop never hears the id
     was quarantined, and the other copy must still not be loaded beside it (simulation seed 1684)."""
-    second = ReceivedMessage("dup", "r2", body(1), 1_700_000_000_000, 2)
-    first = ReceivedMessage("dup", "r1", body(1), 1_700_000_000_000, 1)
-
-    class OneAtATime(MemoryQueue):
-        def receive(self) -> list[ReceivedMessage]:
-            with self._lock:
-                batch, self._messages = self._messages[:1], self._messages[1:]
-                return batch
 
     class FirstCommitReportsFailure(FakeSink):
         def write(self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False):
@@ -290,7 +294,7 @@ def test_a_quarantine_whose_commit_reported_a_failure_still_guards_a_later_first
 
     sink = FirstCommitReportsFailure()
     Pipeline(
-        OneAtATime([second, first]),
+        OneAtATime(_twice_delivered()),
         sink,
         FirstCallFails(bytes(64)),
         options(receivers=1, batch_size=1, max_receives=2, backoff_base_seconds=0.001, backoff_cap_seconds=0.001),
