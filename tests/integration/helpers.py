@@ -182,11 +182,25 @@ def drain_until_empty(tmp_path: Path, sqs, queue_url: str, attempts: int = 10) -
 
 @contextmanager
 def locked_logins(database_url: str) -> Iterator[None]:
-    """Hold an exclusive lock on user_logins: every insert into it waits until the block ends."""
+    """Hold an exclusive lock on user_logins: every insert into it waits until the block ends.
+
+    The ETL's token indexer may be building a closed day's index CONCURRENTLY as the lock is asked
+    for (a fresh ETL's first pass): that build waits for this transaction, this lock for the build,
+    and PostgreSQL breaks the deadlock by failing one of them. When it fails this one, ask again: the
+    build then ends (or, failed, leaves an INVALID index the indexer drops), and the lock is granted.
+    """
     conn = psycopg2.connect(database_url)
     try:
-        with conn.cursor() as cur:
-            cur.execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE")
+        for attempt in range(5):
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE")
+                break
+            except psycopg2.errors.DeadlockDetected:
+                conn.rollback()
+                if attempt == 4:
+                    raise
+                time.sleep(0.2)
         yield
     finally:
         conn.rollback()
