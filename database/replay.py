@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +37,14 @@ import psycopg2
 from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
-from database.sqs_postgres import _COLUMN_LIST, DatabaseError, DatabaseUnavailable, first_line, one_row, open_connection
+from database.sqs_postgres import (
+    _COLUMN_LIST,
+    DatabaseError,
+    command_errors,
+    first_line,
+    one_row,
+    open_connection,
+)
 from models import MaskedLogin
 
 logger = logging.getLogger(__name__)
@@ -120,7 +128,8 @@ class Replayer:
         """Look, audit, then (unless a dry run) move. Raises DatabaseUnavailable (nothing done),
         ReplayNotAudited (nothing changed), ReplayInterrupted (lost after the audit) or DatabaseError."""
         conn = open_connection(self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-replay")
-        try:
+        # Refused: e.g. no right on the tables, the schema behind.
+        with closing(conn), command_errors("replay"):
             result = ReplayResult()
             to_load, examined = self._look(conn, request, result)
             result.audit_id = self._audit(conn, request, result, to_load, examined)
@@ -139,12 +148,6 @@ class Replayer:
                         f"replay stopped ({exc.pgcode or type(exc).__name__}: {first_line(exc)})"
                     ) from None
             return result
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-            raise DatabaseUnavailable(first_line(exc)) from None
-        except psycopg2.Error as exc:  # not an outage: e.g. no right on the tables, the schema behind
-            raise DatabaseError(f"replay refused by PostgreSQL ({exc.pgcode}: {first_line(exc)})") from None
-        finally:
-            conn.close()
 
     # -- 1. look --------------------------------------------------------------------------------
 

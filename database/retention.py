@@ -21,6 +21,7 @@ what, how many rows): nothing is removed without its audit row. `dry_run` only r
 from __future__ import annotations
 
 import logging
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 
@@ -28,7 +29,7 @@ import psycopg2
 from psycopg2.extensions import cursor as Cursor
 
 from database import partitions
-from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, one_row, open_connection
+from database.sqs_postgres import DatabaseError, DatabaseUnavailable, command_errors, one_row, open_connection
 from models import UNDATED_CREATE_DATE
 
 logger = logging.getLogger(__name__)
@@ -112,11 +113,17 @@ class Retention:
         """The oldest day kept."""
         return self._today - timedelta(days=self._keep_days)
 
+    def _busy(self) -> RetentionBusy:
+        return RetentionBusy(
+            f"a drop waited {self._lock_timeout_ms} ms for a lock on user_logins (a long query "
+            "or open transaction holds it); what was dropped so far is audited, rerun later"
+        )
+
     def run(self, *, dry_run: bool) -> RetentionResult:
         """Drop (or, in a dry run, list) what is older than the cutoff; raise DatabaseError."""
         conn = open_connection(self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-retention")
         result = RetentionResult(self.cutoff, dry_run)
-        try:
+        with closing(conn), command_errors("retention", lock_timeout=self._busy):
             with conn, conn.cursor() as cur:
                 if partitions.relkind(cur, partitions.TABLE) != "p":
                     raise DatabaseError(
@@ -131,17 +138,6 @@ class Retention:
             result.default_rows = self._delete(conn, partitions.DEFAULT_PARTITION, "create_date", dry_run)
             result.rejected_rows = self._delete(conn, "user_logins_rejected", "received_at", dry_run)
             result.undated_rows = _undated(conn)
-        except psycopg2.errors.LockNotAvailable:
-            raise RetentionBusy(
-                f"a drop waited {self._lock_timeout_ms} ms for a lock on user_logins (a long query "
-                "or open transaction holds it); what was dropped so far is audited, rerun later"
-            ) from None
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-            raise DatabaseUnavailable(first_line(exc)) from None
-        except psycopg2.Error as exc:
-            raise DatabaseError(f"retention refused by PostgreSQL ({exc.pgcode}: {first_line(exc)})") from None
-        finally:
-            conn.close()
         return result
 
     def _drop(self, conn: psycopg2.extensions.connection, name: str, dry_run: bool) -> int:

@@ -30,15 +30,22 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import psycopg2
-import psycopg2.errors
 
 from database.sqs_postgres import SNAPSHOT_REFRESHED as REFRESHED
 from database.sqs_postgres import SNAPSHOT_VIEW as VIEW
-from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, one_row, open_connection
+from database.sqs_postgres import (
+    DatabaseError,
+    DatabaseUnavailable,
+    command_errors,
+    first_line,
+    one_row,
+    open_connection,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,56 +87,51 @@ class SnapshotRefresher:
     def __repr__(self) -> str:
         return "SnapshotRefresher()"  # the DSN may hold a password
 
+    def _lock_timeout(self) -> SnapshotLockTimeout:
+        return SnapshotLockTimeout(
+            f"the refresh waited {self._lock_timeout_ms} ms for a lock (a migration, retention or another "
+            "open transaction holds one); the previous snapshot is kept, rerun later"
+        )
+
     def run(self) -> RefreshResult:
         """Refresh; raise DatabaseError (not migrated), SnapshotBusy, SnapshotLockTimeout or DatabaseUnavailable."""
         conn = open_connection(self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-snapshot")
-        conn.autocommit = True  # the lock is the session's; each statement commits alone
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT to_regclass(%s)::oid::int, to_regclass(%s) IS NOT NULL", (VIEW, REFRESHED))
-                oid, recorded = one_row(cur)
-                if oid is None or not recorded:
-                    raise DatabaseError(
-                        f"{VIEW} does not exist yet (schema 5): start the ETL once (it migrates the schema), "
-                        "then run snapshot"
-                    )
-                cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (_REFRESH_LOCK_CLASS, oid))
-                if not one_row(cur)[0]:
-                    raise SnapshotBusy(
-                        f"another refresh of {VIEW} is running (it holds the refresh lock): nothing done, "
-                        "it refreshes the snapshot"
-                    )
-                # No statement timeout: a refresh reads one index entry per login kept (minutes at 100M).
-                cur.execute(f"SET statement_timeout = 0; SET lock_timeout = {self._lock_timeout_ms}")
-                cur.execute("SELECT relispopulated FROM pg_class WHERE oid = %s", (oid,))
-                populated = bool(one_row(cur)[0])
-                started = time.monotonic()
-                # One transaction, so the rows and their time are seen together; now() is its start,
-                # when the refresh began (the time its rows are as of). Readers of the one-row table
-                # do not wait for it (MVCC); only a refresh writes it, and refreshes take turns.
-                cur.execute("BEGIN")
-                cur.execute(f"REFRESH MATERIALIZED VIEW {'CONCURRENTLY ' if populated else ''}{VIEW}")
-                cur.execute(
-                    f"""INSERT INTO {REFRESHED} (refreshed_at) VALUES (now())
-                        ON CONFLICT (only_row) DO UPDATE SET refreshed_at = excluded.refreshed_at
-                        RETURNING refreshed_at"""
+        conn.autocommit = True  # the lock is the session's (closing ends it); each statement commits alone
+        # Refused: e.g. not the view's owner (only the ETL role may refresh it).
+        with closing(conn), command_errors("snapshot refresh", lock_timeout=self._lock_timeout), conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s)::oid::int, to_regclass(%s) IS NOT NULL", (VIEW, REFRESHED))
+            oid, recorded = one_row(cur)
+            if oid is None or not recorded:
+                raise DatabaseError(
+                    f"{VIEW} does not exist yet (schema 5): start the ETL once (it migrates the schema), "
+                    "then run snapshot"
                 )
-                refreshed_at = one_row(cur)[0]
-                cur.execute("COMMIT")
-                seconds = time.monotonic() - started
-                cur.execute(f"SELECT count(*) FROM {VIEW}")
-                rows = one_row(cur)[0]
-        except psycopg2.errors.LockNotAvailable:
-            raise SnapshotLockTimeout(
-                f"the refresh waited {self._lock_timeout_ms} ms for a lock (a migration, retention or another "
-                "open transaction holds one); the previous snapshot is kept, rerun later"
-            ) from None
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-            raise DatabaseUnavailable(first_line(exc)) from None
-        except psycopg2.Error as exc:  # e.g. not the view's owner: only the ETL role may refresh it
-            raise DatabaseError(f"snapshot refresh refused by PostgreSQL ({exc.pgcode}: {first_line(exc)})") from None
-        finally:
-            conn.close()  # ends the session, and with it the advisory lock
+            cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (_REFRESH_LOCK_CLASS, oid))
+            if not one_row(cur)[0]:
+                raise SnapshotBusy(
+                    f"another refresh of {VIEW} is running (it holds the refresh lock): nothing done, "
+                    "it refreshes the snapshot"
+                )
+            # No statement timeout: a refresh reads one index entry per login kept (minutes at 100M).
+            cur.execute(f"SET statement_timeout = 0; SET lock_timeout = {self._lock_timeout_ms}")
+            cur.execute("SELECT relispopulated FROM pg_class WHERE oid = %s", (oid,))
+            populated = bool(one_row(cur)[0])
+            started = time.monotonic()
+            # One transaction, so the rows and their time are seen together; now() is its start,
+            # when the refresh began (the time its rows are as of). Readers of the one-row table
+            # do not wait for it (MVCC); only a refresh writes it, and refreshes take turns.
+            cur.execute("BEGIN")
+            cur.execute(f"REFRESH MATERIALIZED VIEW {'CONCURRENTLY ' if populated else ''}{VIEW}")
+            cur.execute(
+                f"""INSERT INTO {REFRESHED} (refreshed_at) VALUES (now())
+                    ON CONFLICT (only_row) DO UPDATE SET refreshed_at = excluded.refreshed_at
+                    RETURNING refreshed_at"""
+            )
+            refreshed_at = one_row(cur)[0]
+            cur.execute("COMMIT")
+            seconds = time.monotonic() - started
+            cur.execute(f"SELECT count(*) FROM {VIEW}")
+            rows = one_row(cur)[0]
         logger.info("refreshed %s: %d rows in %.1f s", VIEW, rows, seconds)
         return RefreshResult(populated, int(rows), seconds, refreshed_at)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from functools import partial
 from typing import Any, TypeVar
@@ -571,6 +572,22 @@ def open_connection(
         )
     except psycopg2.OperationalError as exc:
         raise DatabaseUnavailable(first_line(exc)) from None
+
+
+@contextmanager
+def command_errors(command: str, *, lock_timeout: Callable[[], DatabaseError] | None = None) -> Iterator[None]:
+    """psycopg2's errors inside a one-shot command (replay, retention, snapshot) as this package's:
+    a lock waited for past lock_timeout -> `lock_timeout()` when given; a lost connection ->
+    DatabaseUnavailable; anything else PostgreSQL refused (a right missing, the schema behind) ->
+    DatabaseError naming `command`. Our own errors pass through."""
+    try:
+        yield
+    except psycopg2.Error as exc:
+        if lock_timeout is not None and isinstance(exc, psycopg2.errors.LockNotAvailable):
+            raise lock_timeout() from None
+        if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+            raise DatabaseUnavailable(first_line(exc)) from None
+        raise DatabaseError(f"{command} refused by PostgreSQL ({exc.pgcode}: {first_line(exc)})") from None
 
 
 def connection_parameters(dsn: str, *, statement_timeout_seconds: float | None = None) -> dict[str, str]:
