@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 from psycopg2.extensions import cursor as Cursor
 
@@ -80,6 +80,11 @@ def day_of(name: str) -> date | None:
         return None
     text = match.group(1)
     return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+
+
+def utc_today() -> date:
+    """Today, UTC: the day the partitions and their closing are reckoned in."""
+    return datetime.now(timezone.utc).date()
 
 
 def window(today: date) -> list[date]:

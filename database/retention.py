@@ -101,7 +101,7 @@ class Retention:
         self._dsn = dsn
         self._keep_days = keep_days
         self._requested_by = requested_by
-        self._today = today or datetime.now(timezone.utc).date()
+        self._today = today or partitions.utc_today()
         self._lock_timeout_ms = max(1, int(lock_timeout_seconds * 1000))
         self._connect_timeout = connect_timeout_seconds
 

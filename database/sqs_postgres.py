@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import date, datetime, timezone
+from datetime import date
 from functools import partial
 from typing import Any, TypeVar
 
@@ -253,7 +253,7 @@ class PostgresWriter:
                 )
             elif self.schema_problem() is not None:
                 self._migrate()
-            self._ensure_partitions(_utc_today())
+            self._ensure_partitions(partitions.utc_today())
             self._run(self._create_stage)
         except psycopg2.errors.LockNotAvailable:
             holders = self._run(_lock_holders, commit=False)
@@ -283,7 +283,7 @@ class PostgresWriter:
         """How many closed partitions (before today, UTC, or the default) lack a token index (changes nothing)."""
 
         def inspect(cur: Cursor) -> int:
-            return len({leaf for leaf, _name in partitions.missing_token_indexes(cur, _utc_today())})
+            return len({leaf for leaf, _name in partitions.missing_token_indexes(cur, partitions.utc_today())})
 
         return self._run(inspect, commit=False)
 
@@ -341,7 +341,7 @@ class PostgresWriter:
         # Schema 4 -> 5 (a schema 3 goes straight to 5): no token index on the parent, nor so on
         # today's partition; token_indexes.py builds the closed days' own, CONCURRENTLY.
         partitions.drop_parent_token_indexes(cur)
-        partitions.ensure_days(cur, partitions.window(_utc_today()))
+        partitions.ensure_days(cur, partitions.window(partitions.utc_today()))
 
     def _move_legacy(self) -> None:
         pages = self._run(partitions.legacy_pages, commit=False)
@@ -397,7 +397,7 @@ class PostgresWriter:
     def _ensure_partitions_daily(self) -> None:
         """Once per UTC day while running: the coming days' partitions. A lock held by someone
         else is not waited out: the default partition takes the rows meanwhile, retried later."""
-        today = _utc_today()
+        today = partitions.utc_today()
         if today == self._partitions_checked_on or time.monotonic() < self._partitions_retry_at:
             return
         try:
@@ -631,10 +631,6 @@ def _insert_rejections(cur: Cursor, rejections: Sequence[Rejection], loaded: str
         fetch=True,
     )
     return [row[0] for row in stored]
-
-
-def _utc_today() -> date:
-    return datetime.now(timezone.utc).date()
 
 
 # Errors caused by particular rows: those rows are quarantined, the rest of the batch is written.

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date
 
 import psycopg2
 from psycopg2.extensions import connection as Connection
@@ -105,7 +105,7 @@ def index_closed_days(
     `should_stop` is looked at between statements; to stop one mid-way, `connection.cancel()`.
     Raises psycopg2 errors (QueryCanceled when cancelled).
     """
-    today = today or _utc_today()
+    today = today or partitions.utc_today()
     connection.autocommit = True
     result = IndexPass()
     with connection.cursor() as cur:
@@ -166,7 +166,7 @@ class TokenIndexer:
         self._check_seconds = check_seconds
         self._connect_timeout = connect_timeout_seconds
         self._application_name = application_name
-        self._today = today or _utc_today
+        self._today = today or partitions.utc_today
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._conn: Connection | None = None
@@ -228,7 +228,3 @@ class TokenIndexer:
             with self._lock:
                 self._conn = None
             conn.close()
-
-
-def _utc_today() -> date:
-    return datetime.now(timezone.utc).date()
