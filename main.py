@@ -46,7 +46,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from dotenv import load_dotenv
+from dotenv import dotenv_values
 
 from aws.sqs import SqsError, SqsReader
 from config import (
@@ -56,6 +56,7 @@ from config import (
     DEFAULT_RECEIVERS,
     DEFAULT_STOP_TIMEOUT_SECONDS,
     ConfigError,
+    KEY_SOURCES,
     KmsSettings,
     PipelineOptions,
     Settings,
@@ -72,6 +73,7 @@ from database.token_indexes import TokenIndexer, nightly_pass
 from health import Failure, checklist_from_env
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, UnmaskAudit
 from observability import Metrics, Progress, configure_logging
+from pii.key_files import write_key_file
 from pii.keys import KmsUnavailable, generate_wrapped_key
 from pii.masking import KEY_BYTES, Masker, MaskingError, generate_key
 from pii.tink_keyset import keyset_json, new_key_id
@@ -151,15 +153,19 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
     if args.backoff_base_seconds > args.backoff_cap_seconds:
         parser.error("--backoff-base-seconds must not exceed --backoff-cap-seconds")
     configure_logging(args.verbose - args.quiet, args.log_format)
-    load_dotenv(Path.cwd() / ".env", override=False)  # the real environment wins
+    load_env_file(env_file())
     if args.command == "keygen":
         if args.kms_key_id is not None and args.key_format == "tink":
             parser.error("--kms-key-id makes a KMS-wrapped data key; it cannot be combined with --format tink")
         if (args.export or args.rotate) and args.key_format != "tink":
             parser.error("--export and --rotate print a Tink keyset: add --format tink")
+        if args.replace and args.output is None:
+            parser.error("--replace goes with --output FILE")
         if args.key_format == "tink":
-            return _keygen_tink(export=args.export, rotate=args.rotate)
-        return _keygen(args.kms_key_id)
+            text = _keygen_tink(export=args.export, rotate=args.rotate)
+        else:
+            text = _keygen(args.kms_key_id)
+        return _emit_key(text, args.output, replace=args.replace)
     if args.command == "retention":
         return _retention(args, context)
     if args.command == "check":
@@ -181,27 +187,67 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
     return _run(settings, masker, args)
 
 
-def _keygen(kms_key_id: str | None) -> int:
+def env_file() -> Path:
+    """The .env file main() reads: the one in the working directory (tests point it elsewhere)."""
+    return Path.cwd() / ".env"
+
+
+def load_env_file(path: Path) -> None:
+    """Load `path` into os.environ; the real environment wins, variable by variable.
+
+    A key source set in the environment (or on the command line: `MASKING_KEY_FILE=k.json python
+    main.py ...`) wins as a whole: the .env's key sources and its MASKING_KEY_VERSION, which belong
+    to the .env's keyring, are then ignored, and one line on stderr says so.
+    """
+    if not path.is_file():
+        return
+    chosen = [name for name in KEY_SOURCES if os.environ.get(name, "").strip()]
+    ignored = []
+    for name, value in dotenv_values(path).items():
+        if value is None or name in os.environ:
+            continue
+        if chosen and (name in KEY_SOURCES or name == "MASKING_KEY_VERSION"):
+            if value.strip():
+                ignored.append(name)
+            continue
+        os.environ[name] = value
+    if ignored:
+        print(
+            f"note: the key source in the environment ({', '.join(chosen)}) wins: {path.name}'s "
+            f"{', '.join(ignored)} ignored",
+            file=sys.stderr,
+        )
+
+
+def _keygen(kms_key_id: str | None) -> str:
     if kms_key_id is None:
-        print(generate_key())
-        return EXIT_OK
+        return generate_key()
     kms = KmsSettings.from_env(os.environ)
-    print(generate_wrapped_key(kms_key_id, region=kms.region, endpoint_url=kms.endpoint_url))
-    return EXIT_OK
+    return generate_wrapped_key(kms_key_id, region=kms.region, endpoint_url=kms.endpoint_url)
 
 
-def _keygen_tink(*, export: bool, rotate: bool) -> int:
+def _keygen_tink(*, export: bool, rotate: bool) -> str:
     """A new keyset of one key; or the configured keyring as a keyset (--export), plus a new primary (--rotate)."""
     if not (export or rotate):
         key_id = new_key_id()
-        print(keyset_json({key_id: secrets.token_bytes(KEY_BYTES)}, key_id))
-        return EXIT_OK
+        return keyset_json({key_id: secrets.token_bytes(KEY_BYTES)}, key_id)
     settings = Settings.from_env(os.environ)  # its errors, and the keys', end in ERRORS
     keys, primary = settings.key_source.load(), settings.key_version
     if rotate:
         primary = new_key_id(set(keys))
         keys[primary] = secrets.token_bytes(KEY_BYTES)
-    print(keyset_json(keys, primary))
+    return keyset_json(keys, primary)
+
+
+def _emit_key(text: str, output: str | None, *, replace: bool) -> int:
+    """Print the key (no --output), or write it whole to a file (pii.key_files) and say so on stderr."""
+    if output is None:
+        print(text)
+        return EXIT_OK
+    kept = write_key_file(output, text, replace=replace)  # KeyFileError ends in ERRORS (exit 2)
+    print(
+        f"wrote {output} (mode 0600)" + (f"; the file it replaced is kept as {kept}" if kept else ""), file=sys.stderr
+    )
     return EXIT_OK
 
 
@@ -679,6 +725,20 @@ def _build_parser() -> argparse.ArgumentParser:
         default="base64",
         help="base64 (default): one key for MASKING_KEY; tink: a Tink JSON keyset of one new "
         "AES-SIV key, for MASKING_KEYSET or MASKING_KEY_FILE (docs/tink-tokens.md)",
+    )
+    keygen.add_argument(
+        "--output",
+        metavar="FILE",
+        default=None,
+        help="write the key to FILE (mode 0600) instead of printing it: made whole in a temporary "
+        "file beside it, fsynced, then renamed, so FILE is never empty or partial; an existing FILE "
+        "is refused unless --replace",
+    )
+    keygen.add_argument(
+        "--replace",
+        action="store_true",
+        help="with --output: replace an existing FILE, keeping it first as FILE.previous "
+        "(or FILE.previous.<UTC time> when that is taken)",
     )
     what = keygen.add_mutually_exclusive_group()
     what.add_argument(
