@@ -12,10 +12,12 @@ from enum import Enum
 
 from aws.sqs import QueueUnusable, SqsError, SqsReader
 from config import ConfigError, Settings, redact_dsn
-from database import snapshot
+from database import key_checks, snapshot
 from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, PostgresWriter
 from pii.keys import KmsUnavailable
 from pii.masking import MaskingError
+
+KEY_CHECKS_SCHEMA = 6  # the schema version that records key check values (database/key_checks.py)
 
 
 class Failure(Enum):
@@ -52,25 +54,27 @@ def checklist_from_env(env: Mapping[str, str]) -> Iterator[Item]:
 
 def checklist(settings: Settings) -> Iterator[Item]:
     """Check the keys, the queue and its dead-letter queue, PostgreSQL and its schema, in that order."""
-    yield _keys(settings)
+    item, checks = _keys(settings)
+    yield item
     yield from _queue(settings)
-    yield from _database(settings)
+    yield from _database(settings, checks)
 
 
-def _keys(settings: Settings) -> Item:
+def _keys(settings: Settings) -> tuple[Item, dict[int, str] | None]:
+    """The keys' item, and their check values (None if they did not load)."""
     try:
         masker = settings.load_masker()
     except KmsUnavailable as exc:
-        return Item(False, f"masking keys: {exc}", "fix AWS_ENDPOINT_URL_KMS / the network, or retry later")
+        return Item(False, f"masking keys: {exc}", "fix AWS_ENDPOINT_URL_KMS / the network, or retry later"), None
     except MaskingError as exc:  # a KMS refusal, one key under two versions: configuration
         return Item(
             False, f"masking keys: {exc}", "fix the key source (docs/keys-and-privacy.md)", Failure.CONFIGURATION
-        )
+        ), None
     return Item(
         True,
         f"configuration valid; masking keys loaded from {settings.key_source.origin}: "
         f"{_versions(settings.key_source.versions)}, new tokens use version {masker.version}",
-    )
+    ), masker.check_values
 
 
 def _queue(settings: Settings) -> Iterator[Item]:
@@ -114,7 +118,7 @@ def _queue(settings: Settings) -> Iterator[Item]:
             )
 
 
-def _database(settings: Settings) -> Iterator[Item]:
+def _database(settings: Settings, checks: dict[int, str] | None) -> Iterator[Item]:
     writer = PostgresWriter(settings.database_url)
     dsn = redact_dsn(settings.database_url)
     try:
@@ -140,6 +144,8 @@ def _database(settings: Settings) -> Iterator[Item]:
                 f"schema: {'current' + age if problem is None else problem}",
                 "run `python main.py` once: it creates and migrates the schema at start",
             )
+        if checks is not None and version is not None and version >= KEY_CHECKS_SCHEMA:
+            yield _key_checks(checks, writer.recorded_key_checks())
         if problem is None:
             yield _token_indexes(writer.closed_partitions_unindexed())
     except DatabaseError as exc:
@@ -150,6 +156,22 @@ def _database(settings: Settings) -> Iterator[Item]:
         )
     finally:
         writer.close()
+
+
+def _key_checks(held: dict[int, str], recorded: dict[int, str]) -> Item:
+    """Whether each key version held is the key the database knows under that version (key_checks)."""
+    wrong = key_checks.mismatched(held, recorded)
+    if wrong:
+        return Item(
+            False,
+            f"keys: {key_checks.mismatch_message(wrong)}",
+            "see docs/keys-and-privacy.md#one-version-one-key",
+            Failure.CONFIGURATION,
+        )
+    known = sorted(set(held) & set(recorded))
+    if not known:
+        return Item(True, "keys: the database knows no key version of this keyring yet; the ETL records them")
+    return Item(True, f"keys: {_versions(known)} the same key{'s' if len(known) > 1 else ''} as the database's")
 
 
 def _token_indexes(unindexed: int) -> Item:

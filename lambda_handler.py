@@ -174,7 +174,7 @@ def cold_start(env: Mapping[str, str]) -> SqsBatchHandler:
     masker = settings.load_masker()
     max_receive_count = env.get("DLQ_MAX_RECEIVE_COUNT", "").strip()
     handler = SqsBatchHandler(
-        PostgresWriter(settings.database_url, application_name="login-etl-lambda"),
+        PostgresWriter(settings.database_url, application_name="login-etl-lambda", key_checks=masker.check_values),
         masker,
         max_receive_count=int(max_receive_count) if max_receive_count.isdigit() else DEFAULT_MAX_RECEIVE_COUNT,
     )

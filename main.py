@@ -63,6 +63,7 @@ from config import (
     database_url_from_env,
     redact_dsn,
 )
+from database import key_checks
 from database.audit import AuditLog, AuditUnavailable
 from database.rekey import Rekeyer, RekeyInterrupted
 from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
@@ -75,7 +76,7 @@ from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, UnmaskAud
 from observability import Metrics, Progress, configure_logging
 from pii.key_files import write_key_file
 from pii.keys import KmsUnavailable, generate_wrapped_key
-from pii.masking import KEY_BYTES, Masker, MaskingError, generate_key
+from pii.masking import KEY_BYTES, Masker, MaskingError, generate_key, token_version
 from pii.tink_keyset import keyset_json, new_key_id
 from pipeline import Pipeline, QueueLost, ServiceLost, Stopped
 from retry import BudgetExhausted, Retrier, StopState
@@ -181,7 +182,7 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
     if args.command == "unmask":
         return _unmask(settings, masker, args)
     if args.command == "rekey":
-        return _rekey(settings, masker, args.rekey_batch_size, _backoff(args))
+        return _rekey(settings, masker, args)
     if args.command == "replay":
         return _replay(settings, masker, args)
     return _run(settings, masker, args)
@@ -284,7 +285,7 @@ def _serve_metrics(port: int | None) -> Metrics | None:
 
 def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     metrics = _serve_metrics(args.metrics_port)
-    writer = PostgresWriter(settings.database_url, backoff=_backoff(args))
+    writer = PostgresWriter(settings.database_url, backoff=_backoff(args), key_checks=masker.check_values)
     # The analysts' token indexes on the closed days, built beside the writer (never in its path) on
     # a connection of their own, from the schema set-up on; a stop cancels the build in flight and
     # does not wait for it (its leftover is dropped and built again next time).
@@ -375,11 +376,22 @@ def _unmask(settings: Settings, masker: Masker, args: argparse.Namespace) -> int
     # Decrypt in memory, commit the audit row, and only then show anything: no unaudited unmask.
     values: list[str] = []
     errors: list[str] = []
+    foreign: set[int] | None = None  # versions the database records with another key; looked up once
     for position, token in enumerate(args.tokens, start=1):
         try:
             values.append(masker.unmask(token))
         except MaskingError as exc:
-            errors.append(f"error: token {position}: {exc}")
+            reason = str(exc)
+            version = token_version_or_none(token)
+            if version in masker.versions:
+                if foreign is None:
+                    foreign = set(key_mismatches(settings.database_url, masker.check_values))
+                if version in foreign:
+                    reason = (
+                        f"made by a different key with version {version}: the database records another key "
+                        f"under version {version} than the one this keyring holds; unmask it with that key"
+                    )
+            errors.append(f"error: token {position}: {reason}")
     AuditLog(settings.database_url).record(  # AuditUnavailable: nothing is shown (ERRORS)
         UnmaskAudit.of(args.requested_by or _os_user(), args.reason, args.tokens, failed=len(errors))
     )
@@ -389,6 +401,26 @@ def _unmask(settings: Settings, masker: Masker, args: argparse.Namespace) -> int
     for value in values:
         print(value if args.raw else escape_controls(value))
     return EXIT_OK
+
+
+def key_mismatches(dsn: str, held: dict[int, str]) -> list[int]:
+    """The versions held that the database records with another key (database/key_checks.py); [] if it
+    cannot tell (unreachable, before schema 6, or this role may not read the table)."""
+    writer = PostgresWriter(dsn)
+    try:
+        writer.connect(migrate=False)
+        return key_checks.mismatched(held, writer.recorded_key_checks())
+    except DatabaseError:
+        return []
+    finally:
+        writer.close()
+
+
+def token_version_or_none(token: str) -> int | None:
+    try:
+        return token_version(token)
+    except MaskingError:
+        return None
 
 
 # Characters a terminal may act on (C0/C1 controls, bidi and other format characters, line and
@@ -411,7 +443,17 @@ def escape_controls(value: str) -> str:
     return "".join(shown)
 
 
-def _rekey(settings: Settings, masker: Masker, batch_rows: int, backoff: Backoff) -> int:
+def _rekey(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
+    """Rewrite the tokens of other key versions under the active one; exit 0, or 1 if some are left."""
+    # Tokens are rewritten under the active key only if the database knows no other key under one of
+    # the keyring's versions (KeyMismatch: exit 2, nothing rewritten). Rekey does not migrate (its role
+    # need not own the schema); it records the versions the database does not know yet.
+    writer = PostgresWriter(settings.database_url, key_checks=masker.check_values)
+    try:
+        writer.connect(migrate=False, register_keys=True)
+    finally:
+        writer.close()
+    batch_rows, backoff = args.rekey_batch_size, _backoff(args)
     rekeyer = Rekeyer(
         settings.database_url,
         masker.rekey,
@@ -436,7 +478,8 @@ def _replay(settings: Settings, masker: Masker, args: argparse.Namespace) -> int
         settings.database_url, lambda message_id, body, sent_at: retry_quarantined(message_id, body, sent_at, masker)
     )
     request = ReplayRequest(args.requested_by or _os_user(), args.reason, args.where_reason, args.since, args.dry_run)
-    writer = PostgresWriter(settings.database_url)  # the schema must be current (replayed_at)
+    # The schema must be current (replayed_at), and the keyring the database's (key_checks).
+    writer = PostgresWriter(settings.database_url, key_checks=masker.check_values)
     try:
         if not args.dry_run:
             _connect(writer, args)  # brings the schema up to date, as the ETL does at start

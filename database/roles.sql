@@ -71,8 +71,15 @@ SELECT format('ALTER %s %I.%I OWNER TO %I',
  WHERE n.nspname = :'schema' AND c.relkind IN ('r', 'p', 'v', 'm')
    AND (c.relname IN ('user_logins', 'user_logins_rejected', 'etl_schema_version', 'user_login_duplicates',
                       'user_logins_replayed', 'etl_retention_audit', 'user_logins_default', 'user_logins_legacy',
-                      'user_login_duplicates_snapshot', 'user_login_duplicates_snapshot_refreshed')
+                      'user_login_duplicates_snapshot', 'user_login_duplicates_snapshot_refreshed',
+                      'etl_key_checks')
         OR c.relname ~ '^user_logins_p[0-9]{8}$') \gexec
+
+-- The key check values (never a key): `unmask` reads them to tell a token of another key from a
+-- tampered one (database/key_checks.py), when the table exists.
+SELECT format('GRANT SELECT ON %I.%I TO %I', n.nspname, c.relname, :'unmask_role')
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = :'schema' AND c.relname = 'etl_key_checks' \gexec
 
 -- The audit table: owned by whoever runs this file; append-only for everyone else.
 \ir audit.sql

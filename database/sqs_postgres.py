@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date
 from functools import partial
@@ -28,7 +28,7 @@ from psycopg2.extensions import cursor as Cursor
 from psycopg2.extensions import make_dsn, parse_dsn
 from psycopg2.extras import execute_values
 
-from database import partitions
+from database import key_checks, partitions
 from models import Backoff, MaskedLogin, Rejection, WriteResult
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,11 @@ T = TypeVar("T")
 
 # Any constant: serialises schema set-up between processes starting at once.
 _SCHEMA_LOCK_ID = 7_412_350_191
-SCHEMA_VERSION = 5  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
+SCHEMA_VERSION = 6  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
 # replay columns and the user_logins_replayed view; 4: the token indexes for the analysts' queries (on
 # the parent); 5: the all-time snapshot of the duplicates view (database/snapshot.py refreshes it), and
-# the token indexes on closed days only (database/token_indexes.py builds them)
+# the token indexes on closed days only (database/token_indexes.py builds them); 6: etl_key_checks, the
+# check value of each key version (database/key_checks.py)
 
 # COPY order: `locale`, the only nullable value, last, so a row is built with one join.
 _LOGIN_COLUMNS = (
@@ -172,6 +173,10 @@ class SchemaBusy(DatabaseUnavailable):
     """Raised when a schema migration gave up waiting for a lock (an open transaction holds it); retry later."""
 
 
+class KeyMismatch(DatabaseError):
+    """Raised when a key version of the keyring is recorded in the database with another key (key_checks)."""
+
+
 class DatabaseRejectedRows(DatabaseError):
     """Raised when PostgreSQL refused data in a batch: the rows it refuses alone, with the reason."""
 
@@ -193,8 +198,12 @@ class PostgresWriter:
         lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
         migrate_batch_pages: int = MIGRATE_BATCH_PAGES,
         backoff: Backoff | None = None,
+        key_checks: Mapping[int, str] | None = None,
     ) -> None:
         self._dsn = dsn
+        # {version: check value} of the keyring whose tokens this writer writes: compared with the
+        # database's at every connect, before anything is written (None: writes no tokens).
+        self._key_checks = dict(key_checks) if key_checks is not None else None
         policy = backoff or Backoff()
         self._partitions_backoff = Backoff(policy.base_seconds, max(policy.cap_seconds, PARTITION_RETRY_CAP_SECONDS))
         self._partitions_failures = 0
@@ -219,8 +228,11 @@ class PostgresWriter:
         migrate: bool = True,
         timeout_seconds: int | None = None,
         statement_timeout_seconds: float | None = None,
+        register_keys: bool | None = None,
     ) -> None:
-        """Open the connection and (unless told not to) bring the schema up to date.
+        """Open the connection and (unless told not to) bring the schema up to date; then compare the
+        keyring with the database's key check values (KeyMismatch), recording the versions it does
+        not know yet if `register_keys` (default: when migrating).
 
         `timeout_seconds` bounds this connect instead of the constructor's connect timeout, and
         `statement_timeout_seconds` (PostgreSQL's statement_timeout) each statement of the session
@@ -240,7 +252,9 @@ class PostgresWriter:
             application_name=self._application_name,
             statement_timeout_seconds=statement_timeout_seconds,
         )
+        register = migrate if register_keys is None else register_keys
         if not migrate:
+            self._verify_keys(register=register)
             return
         try:
             version = self.schema_version()
@@ -255,12 +269,38 @@ class PostgresWriter:
                 self._migrate()
             self._ensure_partitions(partitions.utc_today())
             self._run(self._create_stage)
+            self._verify_keys(register=register)
         except psycopg2.errors.LockNotAvailable:
             holders = self._run(_lock_holders, commit=False)
             self.close()
             raise SchemaBusy(
                 f"schema set-up waited {self._lock_timeout_ms} ms for a lock {holders}; it will try again"
             ) from None
+
+    def _verify_keys(self, *, register: bool) -> None:
+        """Refuse a keyring that holds a version the database records with another key (KeyMismatch,
+        the connection closed: the next connect checks again); record the versions not yet known."""
+        if self._key_checks is None:
+            return
+        held = self._key_checks
+
+        def verify(cur: Cursor) -> list[int] | str:
+            try:
+                return key_checks.verify(cur, held, register=register)
+            except psycopg2.errors.InsufficientPrivilege as exc:  # a role that may not write tokens either
+                return first_line(exc)
+
+        wrong = self._run(verify, commit=register)
+        if isinstance(wrong, str):
+            self.close()
+            raise DatabaseError(f"cannot compare the keyring with the database's key check values: {wrong}")
+        if wrong:
+            self.close()
+            raise KeyMismatch(key_checks.mismatch_message(wrong))
+
+    def recorded_key_checks(self) -> dict[int, str]:
+        """``{version: check value}`` as the database records them ({} before schema 6; changes nothing)."""
+        return self._run(key_checks.recorded, commit=False)
 
     def schema_version(self) -> int | None:
         """The schema's version, or None if its tables are not there yet (changes nothing)."""
@@ -327,6 +367,7 @@ class PostgresWriter:
         cur.execute(_CREATE_REJECTED)
         cur.execute("CREATE INDEX IF NOT EXISTS user_logins_rejected_received_at ON user_logins_rejected (received_at)")
         cur.execute(_CREATE_RETENTION_AUDIT)
+        cur.execute(key_checks.CREATE_TABLE)  # schema 5 -> 6
         cur.execute(
             """CREATE TABLE IF NOT EXISTS etl_schema_version (
                    version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"""
@@ -704,6 +745,9 @@ def schema_problem(cur: Cursor) -> str | None:
         return f"schema version {version}, expected {SCHEMA_VERSION}"
     if partitions.relkind(cur, partitions.LEGACY_TABLE) is not None:
         return f"{partitions.LEGACY_TABLE} is still being moved into the daily partitions"
+    cur.execute("SELECT to_regclass(%s)", (key_checks.TABLE,))
+    if one_row(cur)[0] is None:
+        return f"{key_checks.TABLE} missing"
     cur.execute("SELECT to_regclass(%s)", (SNAPSHOT_REFRESHED,))
     if one_row(cur)[0] is None:  # unreleased schema 5 (refreshed_at in the snapshot's rows): remade at start
         return f"{SNAPSHOT_REFRESHED} missing (an unreleased schema 5)"

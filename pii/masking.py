@@ -28,6 +28,8 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
+import hmac
 import re
 import secrets
 from collections.abc import Mapping
@@ -48,6 +50,13 @@ TINK_PREFIX_BYTE = 0x01  # Tink's OutputPrefixType.TINK
 PREFIX_BYTES = 5  # the prefix byte and the 4-byte key id
 MAX_KEY_ID = 2**32 - 1
 # How each field's value becomes the plaintext (and back); other fields are UTF-8 (pii.encoding).
+# The key check value: HMAC-SHA256 of a fixed constant under a key derived from the masking key for
+# this purpose alone. It tells two keys apart (the database keeps one per version) and reveals
+# nothing of the key, nor any token: neither the key nor the derived key encrypts anything else.
+_CHECK_DERIVATION_LABEL = b"login-etl key check value: derivation"
+_CHECK_CONSTANT = b"login-etl key check value: one version, one key"
+CHECK_VALUE_HEX_DIGITS = 32
+
 _ENCODE = {"ip": encoding.encode_ip, "device_id": encoding.encode_padded}
 _DECODE = {"ip": encoding.decode_ip, "device_id": encoding.decode_padded}
 
@@ -78,6 +87,12 @@ def decode_key(text: str) -> bytes:
     if len(key) != KEY_BYTES:
         raise InvalidKey(f"the key must be {KEY_BYTES} bytes, got {len(key)}")
     return key
+
+
+def key_check_value(key: bytes) -> str:
+    """The check value of a key (32 hex digits): equal for one key, different for two; never the key."""
+    derived = hmac.new(key, _CHECK_DERIVATION_LABEL, hashlib.sha256).digest()
+    return hmac.new(derived, _CHECK_CONSTANT, hashlib.sha256).hexdigest()[:CHECK_VALUE_HEX_DIGITS]
 
 
 def token_version(token: str) -> int:
@@ -113,6 +128,7 @@ class Masker:
 
     def __init__(self, key: bytes, *, version: int = 1) -> None:
         self._ciphers: dict[int, AESSIV] = {}
+        self._checks: dict[int, str] = {}
         self._add(version, key)
         self.version = version
         self._cipher = self._ciphers[version]
@@ -147,11 +163,17 @@ class Masker:
         if not 0 <= version <= MAX_KEY_ID:
             raise ValueError(f"a key id must be between 0 and {MAX_KEY_ID}")
         self._ciphers[version] = AESSIV(key)
+        self._checks[version] = key_check_value(key)
 
     @property
     def versions(self) -> tuple[int, ...]:
         """The key ids (versions) held, ascending."""
         return tuple(sorted(self._ciphers))
+
+    @property
+    def check_values(self) -> dict[int, str]:
+        """``{version: key check value}`` of every key held (what the database records per version)."""
+        return dict(self._checks)
 
     def __repr__(self) -> str:
         if len(self._ciphers) == 1:

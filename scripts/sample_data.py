@@ -86,28 +86,28 @@ def batch_entries(bodies: list[str]) -> Iterator[str]:
         yield json.dumps([{"Id": str(i), "MessageBody": body} for i, body in enumerate(chunk)])
 
 
-def send(bodies: list[str], queue_url: str, endpoint_url: str | None, threads: int = 4) -> int:
-    """Send bodies with SendMessageBatch (10 per call) from a few threads; return how many."""
+def send(bodies: list[str], queue_url: str, endpoint_url: str | None, threads: int = 4) -> list[str]:
+    """Send bodies with SendMessageBatch (10 per call) from a few threads; return their MessageIds."""
     import boto3  # imported here so that printing samples needs no AWS SDK
 
     region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
     chunks = [bodies[i : i + 10] for i in range(0, len(bodies), 10)]
 
-    def send_many(part: list[list[str]]) -> int:
+    def send_many(part: list[list[str]]) -> list[str]:
         # A Session per thread: boto3 Sessions are not thread-safe (the clients made from them are).
         client = boto3.session.Session(region_name=region).client("sqs", endpoint_url=endpoint_url)
-        sent = 0
+        sent: list[str] = []
         for chunk in part:
             entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(chunk)]
             response = client.send_message_batch(QueueUrl=queue_url, Entries=entries)
             if response.get("Failed"):
                 raise RuntimeError(f"SendMessageBatch refused {len(response['Failed'])} entries")
-            sent += len(chunk)
+            sent += [entry["MessageId"] for entry in response["Successful"]]
         return sent
 
     parts = [chunks[i::threads] for i in range(threads)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return sum(pool.map(send_many, parts))
+        return [message_id for ids in pool.map(send_many, parts) for message_id in ids]
 
 
 def _load_env() -> None:
@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("SQS_QUEUE_URL", "http://localhost:4566/000000000000/login-queue"),
     )
     parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL", "http://localhost:4566"))
+    parser.add_argument(
+        "--ids-file", type=Path, default=None, metavar="FILE", help="with --send: write the MessageIds sent, one a line"
+    )
     args = parser.parse_args(argv)
     bodies = list(generate(args.count, args.seed))
     if not args.send:
@@ -142,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
         return 0
     sent = send(bodies, args.queue_url, args.endpoint_url)
-    print(f"sent {sent} messages to {args.queue_url}", file=sys.stderr)
+    if args.ids_file is not None:
+        args.ids_file.write_text("".join(f"{message_id}\n" for message_id in sent))
+    print(f"sent {len(sent)} messages to {args.queue_url}", file=sys.stderr)
     return 0
 
 

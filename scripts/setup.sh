@@ -66,18 +66,51 @@ if [ "${SETUP_SERVICES:-1}" = 1 ]; then  # test.sh sets 0 for unit tests alone: 
   bash scripts/init-queue.sh >&2
 fi
 
+# A new .env gets a new key and a database of this checkout's own (login_etl_ + 8 hex digits of its
+# path): another checkout on this machine has another key 1, and one database never holds two keys
+# under one version (docs/keys-and-privacy.md "One version, one key").
 if [ ! -f .env ]; then
-  echo "setup: creating .env with a new MASKING_KEY (mode 0600)" >&2
+  echo "setup: creating .env with a new MASKING_KEY (mode 0600) and a database of this checkout's own" >&2
   # The key is made and written inside Python: never on a command line (visible in `ps`).
   python - <<'PY'
+import hashlib
 import os
 import re
 
 from pii.masking import generate_key
 
+database = "login_etl_" + hashlib.sha256(os.getcwd().encode()).hexdigest()[:8]
 text = open(".env.example", encoding="utf-8").read()
 text = re.sub(r"(?m)^MASKING_KEY=.*$", lambda _match: "MASKING_KEY=" + generate_key(), text, count=1)
+text = re.sub(r"(?m)^(DATABASE_URL=.*/)postgres$", lambda match: match.group(1) + database, text, count=1)
 with os.fdopen(os.open(".env", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as env:
     env.write(text)
+PY
+fi
+# The database .env names (unless the environment names another), created on the local server if missing.
+if [ "${SETUP_SERVICES:-1}" = 1 ]; then
+  python - <<'PY'
+import os
+
+import psycopg2
+from dotenv import dotenv_values
+from psycopg2 import sql
+from psycopg2.extensions import make_dsn, parse_dsn
+
+url = os.environ.get("DATABASE_URL") or dotenv_values(".env").get("DATABASE_URL") or ""
+try:
+    params = parse_dsn(url)
+except psycopg2.ProgrammingError:
+    params = {}
+name = params.get("dbname", "")
+if name and name != "postgres" and params.get("host", "localhost") in ("localhost", "127.0.0.1", "::1"):
+    conn = psycopg2.connect(make_dsn(url, dbname="postgres"), connect_timeout=5)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if cur.fetchone() is None:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            print(f"setup: created database {name} (DATABASE_URL in .env)", file=__import__("sys").stderr)
+    conn.close()
 PY
 fi

@@ -289,13 +289,13 @@ def test_a_schema_4_database_gets_the_snapshot_at_start_and_a_rerun_changes_noth
         writer = PostgresWriter(database_url)
         writer.connect()
         writer.close()
-    query(database_url, "DELETE FROM etl_schema_version WHERE version = 5")
+    query(database_url, "DELETE FROM etl_schema_version WHERE version >= 5")
     writer = PostgresWriter(database_url)
     writer.connect()  # reruns every migration step on the existing snapshot
     writer.close()
     # THEN schema 5 is recorded, the snapshot and its three indexes exist once, unpopulated, with no
     # refresh time recorded
-    assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)] == [(5,)]
+    assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)]
     assert query(database_url, "SELECT relispopulated FROM pg_class WHERE oid = to_regclass(%s)", (SNAPSHOT,)) == [
         (False,)
     ]

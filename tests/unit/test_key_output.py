@@ -64,7 +64,7 @@ def test_rotate_with_replace_keeps_the_previous_keyset_and_adds_a_primary(
     old_keys, old_primary = read_key_file(str(no_key / "keyset.json.previous"))
     assert (no_key / "keyset.json.previous").read_text() == first
     assert set(keys) == set(old_keys) | {primary} and primary != old_primary
-    assert keys[old_primary] == old_keys[old_primary]
+    assert old_primary is not None and keys[old_primary] == old_keys[old_primary]
     assert "keyset.json.previous" in capsys.readouterr().err
     # AND a second rotation keeps the first previous one too (never overwritten)
     assert main(["keygen", "--format", "tink", "--rotate", "--output", "keyset.json", "--replace"]) == EXIT_OK

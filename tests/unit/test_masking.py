@@ -141,3 +141,17 @@ def test_rejected_bodies_are_not_remembered() -> None:
     used.mask("ip", "10.0.0.1")
     assert set(used._recent) == {"ip", "device_id"}
     assert [list(recent) for recent in used._recent.values()] == [["10.0.0.1"], []]
+
+
+def test_the_key_check_value_tells_keys_apart_and_holds_nothing_of_the_key() -> None:
+    from pii.masking import key_check_value
+
+    one, two = decode_key(generate_key()), decode_key(generate_key())
+    masker = Masker.from_keys({1: one, 7: two}, active=7)
+    # THEN one key has one check value, two keys two, and the masker knows each version's
+    assert key_check_value(one) == key_check_value(bytes(one)) != key_check_value(two)
+    assert masker.check_values == {1: key_check_value(one), 7: key_check_value(two)}
+    assert all(len(value) == 32 and int(value, 16) >= 0 for value in masker.check_values.values())
+    # AND it is not a token, nor any part of the key
+    assert key_check_value(one) not in (one.hex(), two.hex()) and key_check_value(one) not in one.hex()
+    assert key_check_value(one) not in repr(masker)

@@ -32,8 +32,10 @@ class FakeClient:
 
     def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, str]]) -> dict[str, Any]:  # noqa: N803
         with FakeClient.lock:
+            first = FakeClient.sent
             FakeClient.sent += len(Entries)
-        return {"Successful": Entries}
+        # SQS's answer: each entry's Id and the MessageId given to it.
+        return {"Successful": [{"Id": e["Id"], "MessageId": f"m-{first + n}"} for n, e in enumerate(Entries)]}
 
 
 def test_send_never_uses_a_boto3_session_from_another_thread(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,7 +43,8 @@ def test_send_never_uses_a_boto3_session_from_another_thread(monkeypatch: pytest
     monkeypatch.setattr(boto3.session, "Session", FakeSession)
     FakeSession.made.clear()
     bodies = list(sample_data.generate(95, seed=3))
-    assert sample_data.send(bodies, "http://q", "http://e", threads=4) == 95
+    ids = sample_data.send(bodies, "http://q", "http://e", threads=4)
+    assert sorted(ids) == sorted(f"m-{n}" for n in range(95))
     assert FakeClient.sent == 95 and FakeSession.made
     for session in FakeSession.made:
         assert set(session.client_threads) <= {session.thread}

@@ -59,4 +59,9 @@ def test_setup_creates_env_with_a_new_key_that_no_command_line_shows(tmp_path: P
     assert len(decode_key(key)) == 64
     argv = log.read_text() if log.exists() else ""
     assert key not in argv
-    assert env.read_text().replace(key, "") == (ROOT / ".env.example").read_text()
+    # AND a database of this checkout's own: the example's, renamed after the checkout's path
+    [url] = [line.split("=", 1)[1] for line in env.read_text().splitlines() if line.startswith("DATABASE_URL=")]
+    database = url.rsplit("/", 1)[1]
+    assert re.fullmatch(r"login_etl_[0-9a-f]{8}", database)
+    expected = (ROOT / ".env.example").read_text().replace("5432/postgres\n", f"5432/{database}\n")
+    assert env.read_text().replace(key, "") == expected
