@@ -39,6 +39,7 @@ import math
 import os
 import re
 import secrets
+import textwrap
 import unicodedata
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
@@ -91,17 +92,31 @@ EXIT_STOPPED_UNCOMMITTED = 5
 EXIT_QUEUE_LOST = 6
 EXIT_BUSY = 7
 EXIT_SIGNAL_BASE = 128  # + the signal's number
-# The one list of exit codes, in short; docs/operations.md explains each.
+EXIT_PIPE_CLOSED = EXIT_SIGNAL_BASE + signal.SIGPIPE  # 141, as a shell reports a process SIGPIPE ended
+# The one list of exit codes: --help prints it, and docs/operations.md's table says exactly the same
+# (tests/unit/test_docs.py), with the 128+N row below.
 EXIT_CODES = {
     EXIT_OK: "ok",
-    EXIT_UNMASK_FAILED: "unmask failed, or rekey left tokens it cannot rewrite",
-    EXIT_CONFIG: "configuration or usage error (nothing consumed)",
-    EXIT_UNREACHABLE: "a service unreachable at start (nothing consumed), or the unmask audit not written",
-    EXIT_SERVICE_LOST: "a service lost mid-run beyond the retry budget (nothing uncommitted deleted)",
-    EXIT_STOPPED_UNCOMMITTED: "stopped with messages uncommitted after --stop-timeout (not deleted)",
-    EXIT_QUEUE_LOST: "the queue became unusable mid-run",
-    EXIT_BUSY: "snapshot: another refresh is running (nothing done)",
+    EXIT_UNMASK_FAILED: "`unmask` failed (a token that does not decrypt under the keys held, or made by a different "
+    "key with its version), or `rekey` left tokens it cannot rewrite",
+    EXIT_CONFIG: "configuration or usage error: no or several key sources, a key that does not load (a KMS refusal, "
+    "one key under two versions, a refused key file), a key version the database records with another key, a "
+    "`DATABASE_URL` libpq cannot parse, a flag value out of range or a busy `--metrics-port`, `unmask` without "
+    "`--reason`, `keygen --output` onto an existing file without `--replace`, `retention` or `snapshot` refused "
+    "by PostgreSQL (schema not migrated yet, not the owner); nothing is consumed",
+    EXIT_UNREACHABLE: "SQS, PostgreSQL or KMS unreachable at start (nothing is consumed), or `unmask` could not "
+    "write its audit row, or `retention` or `snapshot` waited too long for a lock another session holds (rerun)",
+    EXIT_SERVICE_LOST: "a service was lost mid-run beyond the retry budget (drain mode); nothing uncommitted was "
+    "deleted; rerun to resume",
+    EXIT_STOPPED_UNCOMMITTED: "stopped by SIGINT/SIGTERM while a service was down: `--stop-timeout` passed with "
+    "messages uncommitted (one log line says how many; they were not deleted, SQS redelivers them)",
+    EXIT_QUEUE_LOST: "the queue became unusable mid-run (deleted, access denied, credentials revoked); not retried",
+    EXIT_BUSY: "`snapshot`: another refresh of the snapshot is running; nothing was done (it refreshes it)",
 }
+EXIT_SIGNAL_MEANING = (
+    "a second signal N cut the run short, or Ctrl-C (130) came before the run started (nothing consumed); "
+    f"{EXIT_PIPE_CLOSED} (SIGPIPE): the program reading the output (`head`, say) closed it early; the rest was not printed"
+)
 
 # The one mapping from errors to exit codes and to the one `error:` line that says what happened;
 # the first match wins (subclasses before their roots). main() catches once and maps once.
@@ -609,6 +624,18 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _exit_code_list() -> str:
+    """--help's epilog: the exit-code table (EXIT_CODES), one code a paragraph."""
+    rows = [
+        *((str(code), meaning) for code, meaning in EXIT_CODES.items()),
+        (f"{EXIT_SIGNAL_BASE}+N", EXIT_SIGNAL_MEANING),
+    ]
+    lines = ["exit codes (docs/operations.md):"]
+    for code, meaning in rows:
+        lines.append(textwrap.fill(meaning, width=100, initial_indent=f"  {code:<6} ", subsequent_indent=" " * 9))
+    return "\n".join(lines)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), not the whole usage text."""
 
@@ -630,9 +657,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="main.py",
         description="Consume login events from SQS, mask ip/device_id, store them in PostgreSQL.",
-        epilog="Exit codes: "
-        + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
-        + f"; {EXIT_SIGNAL_BASE}+N a second signal N cut the run short. See docs/operations.md.",
+        epilog=_exit_code_list(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--follow", action="store_true", help="keep long-polling until SIGINT/SIGTERM")
     parser.add_argument(
@@ -885,5 +911,18 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_main() -> int:
+    """main(), but a reader that closed our stdout early (`| head`) ends it quietly: no traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()  # what is still buffered fails here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that this fails no more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run_main())

@@ -96,8 +96,8 @@ class SqsReader:
         """The SQS client, created on first use and shared by every thread.
 
         boto3's low-level clients are thread-safe; one client with a connection pool as large as
-        the threads using it costs far less memory than a client per thread (see the README's
-        benchmark for the peak RSS).
+        the threads using it costs far less memory than a client per thread (see the peak RSS in
+        docs/benchmarks.md).
         """
         client = self._client
         if client is None:

@@ -194,7 +194,7 @@ def key_file_problem(path: str, mode: int, owner: int, euid: int) -> str | None:
         return None
     return (
         f"is owned by uid {owner}, neither this process's uid {euid} nor root: run `chown {euid} {path}` "
-        "(README: Where the key comes from)"
+        '(docs/keys-and-privacy.md, "Key files and secret mounts")'
     )
 
 

@@ -128,3 +128,30 @@ def test_replay_since_takes_a_date_a_date_time_or_an_age() -> None:
     before = datetime.now(timezone.utc)
     assert abs(_since("12h") - (before - timedelta(hours=12))) < timedelta(seconds=5)
     assert abs(_since("7d") - (before - timedelta(days=7))) < timedelta(seconds=5)
+
+
+def test_a_closed_pipe_ends_quietly_with_141_and_no_traceback(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    # GIVEN `python main.py check | head -1` whose reader is gone before the output is written
+    root = Path(__file__).resolve().parents[2]
+    env = {n: v for n, v in os.environ.items() if not n.startswith("MASKING_KEY")}
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run(
+            [sys.executable, str(root / "main.py"), "check"],
+            cwd=tmp_path,
+            env=env,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(writer)
+    # THEN no traceback, and the code says the output was cut short
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+    assert result.returncode == 141

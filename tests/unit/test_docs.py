@@ -166,8 +166,21 @@ def test_the_readme_names_every_key_source_and_no_other() -> None:
 
 def test_the_exit_code_table_is_the_codes_main_has() -> None:
     table = section(ROOT / "docs" / "operations.md", "Exit codes")
-    documented = set(re.findall(r"^\| (\d+|128\+N) \|", table, re.M))
-    assert documented == {*(str(code) for code in main.EXIT_CODES), f"{main.EXIT_SIGNAL_BASE}+N"}
+    documented = dict(re.findall(r"^\| (\d+|128\+N) \| (.*) \|$", table, re.M))
+    assert documented == {
+        **{str(code): meaning for code, meaning in main.EXIT_CODES.items()},
+        f"{main.EXIT_SIGNAL_BASE}+N": main.EXIT_SIGNAL_MEANING,
+    }
+
+
+def test_help_lists_exactly_the_exit_code_table(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main.main(["--help"])
+    epilog = capsys.readouterr().out.split("exit codes (docs/operations.md):", 1)[1]
+    listed = dict(re.findall(r"^  (\d+|128\+N) +(.*?)(?=^  \S|\Z)", epilog, re.M | re.S))
+    table = section(ROOT / "docs" / "operations.md", "Exit codes")
+    documented = dict(re.findall(r"^\| (\d+|128\+N) \| (.*) \|$", table, re.M))
+    assert {code: " ".join(text.split()) for code, text in listed.items()} == documented
 
 
 def test_no_document_links_to_a_file_that_does_not_exist() -> None:
