@@ -115,7 +115,8 @@ EXIT_CODES = {
 }
 EXIT_SIGNAL_MEANING = (
     "a second signal N cut the run short, or Ctrl-C (130) came before the run started (nothing consumed); "
-    f"{EXIT_PIPE_CLOSED} (SIGPIPE): the program reading the output (`head`, say) closed it early; the rest was not printed"
+    f"{EXIT_PIPE_CLOSED} (SIGPIPE): the program reading the output (`head`, say) closed it early; "
+    "the rest was not printed"
 )
 
 # The one mapping from errors to exit codes and to the one `error:` line that says what happened;
