@@ -235,6 +235,47 @@ def test_the_queue_dead_letters_after_the_receives_the_handler_quarantines_befor
     assert min(allowed(parameter(template, receives))) >= 2
 
 
+def test_the_default_max_receive_count_rides_out_a_two_hour_database_outage(template: dict[str, Any]) -> None:
+    from aws.outage_backoff import REQUIRED_OUTAGE_SECONDS, outage_bound_seconds
+
+    receives = parameter(
+        template, template["Resources"]["LoginQueue"]["Properties"]["RedrivePolicy"]["maxReceiveCount"]
+    )
+    assert receives["Default"] == lambda_handler.DEFAULT_MAX_RECEIVE_COUNT
+    assert outage_bound_seconds(receives["Default"]) >= REQUIRED_OUTAGE_SECONDS
+    # and the bound the parameter's description states
+    hours = outage_bound_seconds(receives["Default"]) // 3600
+    assert f"outage of {hours} hours" in " ".join(receives["Description"].split())
+
+
+# alarm -> (namespace, metric, dimension, the resource whose name it watches)
+ALARMS = {
+    "QueueOldestMessageAlarm": ("AWS/SQS", "ApproximateAgeOfOldestMessage", "QueueName", "LoginQueue"),
+    "DeadLetterQueueAlarm": ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", "DeadLetterQueue"),
+    "FunctionErrorsAlarm": ("AWS/Lambda", "Errors", "FunctionName", "Function"),
+    "FunctionThrottlesAlarm": ("AWS/Lambda", "Throttles", "FunctionName", "Function"),
+}
+
+
+def test_an_alarm_watches_the_queue_s_age_the_dead_letter_queue_errors_and_throttles(template: dict[str, Any]) -> None:
+    alarms = {
+        name: r["Properties"] for name, r in template["Resources"].items() if r["Type"] == "AWS::CloudWatch::Alarm"
+    }
+    assert set(alarms) == set(ALARMS)
+    for name, (namespace, metric, dimension, watched) in ALARMS.items():
+        alarm = alarms[name]
+        assert (alarm["Namespace"], alarm["MetricName"]) == (namespace, metric), name
+        [dim] = alarm["Dimensions"]
+        expected = {"Fn::GetAtt": [watched, "QueueName"]} if namespace == "AWS/SQS" else {"Ref": watched}
+        assert dim == {"Name": dimension, "Value": expected}, name
+        assert alarm["ComparisonOperator"] == "GreaterThanThreshold" and alarm["TreatMissingData"] == "notBreaching"
+        # they page through the topic when one is given
+        for actions in ("AlarmActions", "OKActions"):
+            assert alarm[actions] == {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+    assert alarms["DeadLetterQueueAlarm"]["Threshold"] == 0  # one message is one too many
+    assert alarms["QueueOldestMessageAlarm"]["Threshold"] == {"Ref": "QueueAgeAlarmSeconds"}
+
+
 def test_the_role_has_least_privilege(template: dict[str, Any]) -> None:
     role = resource(template, "AWS::IAM::Role")
     assert "ManagedPolicyArns" not in role  # AWS's managed Lambda policies grant logs:* / ec2 on *

@@ -633,7 +633,9 @@ def test_the_cloudwatch_exporter_exports_what_the_outside_alerts_read_for_the_qu
         snake = re.sub(r"(?<!^)(?=[A-Z])", "_", metric["aws_metric_name"]).lower()
         for statistic in metric["aws_statistics"]:
             exported[f"aws_sqs_{snake}_{statistic.lower()}"] = set(metric["aws_dimension_select"]["QueueName"])
-    [job] = [j for j in yaml.safe_load(KUBERNETES_SCRAPE.read_text())["scrape_configs"] if j["job_name"] == "sqs-cloudwatch"]
+    [job] = [
+        j for j in yaml.safe_load(KUBERNETES_SCRAPE.read_text())["scrape_configs"] if j["job_name"] == "sqs-cloudwatch"
+    ]
     roles = {rule["replacement"]: rule["regex"] for rule in job["metric_relabel_configs"]}
     assert set(roles) == {"source", "dead-letter"}
     rules = {rule["alert"]: rule["expr"] for rule in alert_rules()}
@@ -672,16 +674,22 @@ def test_the_queue_alerts_fire_in_a_real_prometheus_on_what_cloudwatch_exporter_
     # GIVEN the sqs-cloudwatch scrape job of prometheus-kubernetes.yml pointed at a server that
     # answers as cloudwatch_exporter does for a stuck queue and a dead-letter queue with 3 messages,
     # and every rule of alerts.yml with the thresholds' `for` waived
+    age, visible = (
+        "aws_sqs_approximate_age_of_oldest_message_maximum",
+        "aws_sqs_approximate_number_of_messages_visible_maximum",
+    )
     exporter = _Exposition(
-        "# TYPE aws_sqs_approximate_age_of_oldest_message_maximum gauge\n"
-        'aws_sqs_approximate_age_of_oldest_message_maximum{job="aws_sqs",instance="",queue_name="login-queue",} 3600.0\n'
-        "# TYPE aws_sqs_approximate_number_of_messages_visible_maximum gauge\n"
-        'aws_sqs_approximate_number_of_messages_visible_maximum{job="aws_sqs",instance="",queue_name="login-queue",} 10.0\n'
-        'aws_sqs_approximate_number_of_messages_visible_maximum{job="aws_sqs",instance="",queue_name="login-queue-dlq",} 3.0\n'
-        'aws_sqs_approximate_number_of_messages_visible_maximum{job="aws_sqs",instance="",queue_name="other-dlq",} 9.0\n'
+        f"# TYPE {age} gauge\n"
+        f'{age}{{job="aws_sqs",instance="",queue_name="login-queue",}} 3600.0\n'
+        f"# TYPE {visible} gauge\n"
+        f'{visible}{{job="aws_sqs",instance="",queue_name="login-queue",}} 10.0\n'
+        f'{visible}{{job="aws_sqs",instance="",queue_name="login-queue-dlq",}} 3.0\n'
+        f'{visible}{{job="aws_sqs",instance="",queue_name="other-dlq",}} 9.0\n'
     )
     exporter.start()
-    [job] = [j for j in yaml.safe_load(KUBERNETES_SCRAPE.read_text())["scrape_configs"] if j["job_name"] == "sqs-cloudwatch"]
+    [job] = [
+        j for j in yaml.safe_load(KUBERNETES_SCRAPE.read_text())["scrape_configs"] if j["job_name"] == "sqs-cloudwatch"
+    ]
     job.update(scrape_interval="1s", scrape_timeout="1s", static_configs=[{"targets": [f"127.0.0.1:{exporter.port}"]}])
     rules = yaml.safe_load(ALERTS.read_text())
     for group in rules["groups"]:
@@ -689,13 +697,20 @@ def test_the_queue_alerts_fire_in_a_real_prometheus_on_what_cloudwatch_exporter_
         for rule in group["rules"]:
             rule.pop("for", None)
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
-    config = {"global": {"scrape_interval": "1s"}, "rule_files": [str(tmp_path / "alerts.yml")], "scrape_configs": [job]}
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "rule_files": [str(tmp_path / "alerts.yml")],
+        "scrape_configs": [job],
+    }
     server, api = start_prometheus(config, tmp_path)
     try:
         # WHEN Prometheus has scraped and evaluated them
         deadline = time.monotonic() + 30
         wanted = {"LoginEtlQueueOldestMessageTooOld", "LoginEtlDeadLetterQueueNotEmpty"}
-        while not wanted <= (firing := {a["labels"]["alertname"]: a for a in api.get("/api/v1/alerts")["data"]["alerts"]}).keys():
+        while (
+            not wanted
+            <= (firing := {a["labels"]["alertname"]: a for a in api.get("/api/v1/alerts")["data"]["alerts"]}).keys()
+        ):
             assert time.monotonic() < deadline, firing
             time.sleep(0.2)
         # THEN the queue-age and dead-letter alerts fire, on the right queues' values; nothing else
