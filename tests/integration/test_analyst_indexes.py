@@ -13,6 +13,7 @@ import re
 import signal
 import time
 from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -352,3 +353,49 @@ def test_a_build_kept_waiting_by_an_open_transaction_gives_up_in_bounded_steps_a
     assert all(
         valid for indexes in _token_indexes(database_url).values() for valid in indexes.values() if valid is not None
     )
+
+
+def _documented_query(doc: str) -> str:
+    """The ```sql block of docs/<doc> that counts our connections."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / doc).read_text()
+    found = re.search(r"```sql\n\s*(SELECT application_name.*?)\n\s*```", text, re.DOTALL)
+    assert found is not None, doc
+    return found.group(1)
+
+
+def test_the_documented_connection_query_finds_the_writer_and_the_token_indexer(database_url) -> None:
+    # GIVEN the writer's connection and the ETL's indexer thread, its build held up on yesterday's
+    # partition (so its connection is there to be seen)
+    _written(database_url)
+    writer = PostgresWriter(database_url)
+    writer.connect()
+    leaf = partitions.partition_name(YESTERDAY)
+    holder = psycopg2.connect(database_url)
+    indexer = TokenIndexer(database_url, today=lambda: TODAY)
+    try:
+        with holder.cursor() as cur:
+            cur.execute(f"LOCK TABLE {leaf} IN SHARE UPDATE EXCLUSIVE MODE")
+        indexer.start()
+        wait_until(lambda: _waiting_builds(database_url, leaf) == 1, "the indexer's build waiting")
+        [(indexer_pid,)] = query(
+            database_url, "SELECT pid FROM pg_locks WHERE relation = %s::regclass AND NOT granted", (leaf,)
+        )
+        with writer._conn.cursor() as cur:  # noqa: SLF001 - the writer's own session
+            cur.execute("SELECT pg_backend_pid()")
+            [(writer_pid,)] = cur.fetchall()
+        # WHEN the query of docs/kubernetes.md (and of docs/lambda.md) runs, restricted to these two
+        for doc in ("kubernetes.md", "lambda.md"):
+            sql = _documented_query(doc)
+            where = sql[sql.index("WHERE") + len("WHERE") : sql.index("GROUP BY")].replace("%", "%%")
+            found = query(
+                database_url,
+                f"SELECT pid, application_name FROM pg_stat_activity WHERE ({where}) AND pid IN (%s, %s)",
+                (writer_pid, indexer_pid),
+            )
+            # THEN it finds both, by their names (application_name = 'login-etl' found only the writer)
+            assert sorted(found) == sorted([(writer_pid, "login-etl"), (indexer_pid, "login-etl-token-indexer")]), doc
+            assert query(database_url, sql.replace("%", "%%")), doc  # and it runs as written
+    finally:
+        indexer.stop()
+        holder.close()
+        writer.close()
