@@ -380,9 +380,9 @@ def test_the_documented_connection_query_finds_the_writer_and_the_token_indexer(
         [(indexer_pid,)] = query(
             database_url, "SELECT pid FROM pg_locks WHERE relation = %s::regclass AND NOT granted", (leaf,)
         )
-        with writer._conn.cursor() as cur:  # noqa: SLF001 - the writer's own session
-            cur.execute("SELECT pg_backend_pid()")
-            [(writer_pid,)] = cur.fetchall()
+        session = writer._conn  # noqa: SLF001 - the writer's own session
+        assert session is not None
+        writer_pid = session.get_backend_pid()
         # WHEN the query of docs/kubernetes.md (and of docs/lambda.md) runs, restricted to these two
         for doc in ("kubernetes.md", "lambda.md"):
             sql = _documented_query(doc)
