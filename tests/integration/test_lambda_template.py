@@ -354,3 +354,42 @@ def test_the_lambda_dockerfile_passes_hadolint_and_runs_the_handler_through_the_
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
     text = dockerfile.read_text()
     assert 'ENTRYPOINT ["python", "-m", "awslambdaric"]' in text and 'CMD ["lambda_handler.handler"]' in text
+
+
+def test_the_zip_s_python_differs_from_the_images_only_as_documented_and_the_code_compiles_under_it(
+    template: dict[str, Any],
+) -> None:
+    # The images run 3.11; the zip's runtime is 3.12, for psycopg2-binary's arm64 wheels (glibc 2.28:
+    # Amazon Linux 2023); docs/lambda.md, "Package", says so.
+    runtime = resource(template, "AWS::Lambda::Function")["Runtime"]
+    assert runtime == "python3.12"
+    for dockerfile in (ROOT / "Dockerfile", ROOT / "deploy" / "lambda" / "Dockerfile"):
+        assert "FROM python:3.11." in dockerfile.read_text(), dockerfile
+    assert "glibc 2.28" in (ROOT / "docs" / "lambda.md").read_text()
+    interpreter = _python312()
+    if interpreter is None:
+        pytest.skip("no python3.12 here to compile the package's modules with")
+    modules = sorted({*first_party_imports(ROOT / "lambda_handler.py"), "lambda_handler"})
+    files = [str(p) for m in modules for p in _sources(m)]
+    result = subprocess.run(
+        [interpreter, "-W", "error", "-m", "py_compile", *files], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(files) >= 10
+
+
+def _sources(module: str) -> list[Path]:
+    path = ROOT / module.replace(".", "/")
+    return sorted(path.glob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+
+
+def _python312() -> str | None:
+    """A Python 3.12 that runs: on PATH, or one pyenv installed (its shim fails unless selected)."""
+    candidates = [shutil.which("python3.12"), *map(str, Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))]
+    for candidate in filter(None, candidates):
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+        )
+        if probe.returncode == 0 and probe.stdout.strip() == "(3, 12)":
+            return candidate
+    return None
