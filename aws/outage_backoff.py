@@ -25,6 +25,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import boto3
+from botocore.exceptions import BotoCoreError
 
 from aws.sqs import MAX_VISIBILITY_TIMEOUT_SECONDS, SqsError, SqsReader
 from models import ReceivedMessage
@@ -90,8 +91,10 @@ class OutageBackoff:
         a failure leaves them at the queue's visibility timeout (logged)."""
         try:
             queue_url_of(queue_arn, "")  # the ARN's shape, before any client is made
-            reader = self._readers.get(queue_arn) or self._readers.setdefault(queue_arn, self._make_reader(queue_arn))
-        except (ValueError, SqsError) as exc:
+            reader = self._readers.get(queue_arn)
+            if reader is None:
+                reader = self._readers[queue_arn] = self._make_reader(queue_arn)
+        except (ValueError, SqsError, BotoCoreError) as exc:
             logger.warning(
                 "outage backoff: no queue for %s (%s); records keep the queue's visibility timeout", queue_arn, exc
             )
