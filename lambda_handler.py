@@ -9,7 +9,10 @@ response lists only the records SQS must deliver again (the mapping's ReportBatc
 
 - a record whose processing raised, until it has been received DLQ_MAX_RECEIVE_COUNT - 1 times
   (then the poison rule quarantines it instead, before SQS would dead-letter it);
-- every record when the write failed: PostgreSQL unreachable, nothing committed.
+- every record when the write failed: PostgreSQL unreachable, nothing committed. Those records are
+  then hidden for a time growing with their receive count (aws/outage_backoff.py), so that an
+  outage of up to outage_bound_seconds(maxReceiveCount) (3 h with the template's defaults) sends
+  no valid message to the DLQ.
 
 A malformed body is quarantined and is not a failure: reported, it would only loop into the DLQ.
 Lambda deletes every record not listed once the function returns; a duplicate delivery is stored
@@ -36,7 +39,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from aws.lambda_event import batch_response, messages_of
+from aws.lambda_event import batch_response, messages_of, source_arn
+from aws.outage_backoff import OutageBackoff
 from aws.secrets import read_secret
 from batches import store, write_batch
 from config import DEFAULT_REGION, Settings, database_url_with_secret
@@ -52,8 +56,9 @@ logger = logging.getLogger("login_etl.lambda")
 # function's reserved concurrency (environments running at once) is the number of connections it
 # may hold, the database role's CONNECTION LIMIT (deploy/lambda/template.yaml, docs/lambda.md).
 CONNECTIONS_PER_INVOCATION = 1
-# The queue's RedrivePolicy maxReceiveCount, unless DLQ_MAX_RECEIVE_COUNT says otherwise.
-DEFAULT_MAX_RECEIVE_COUNT = 5
+# The queue's RedrivePolicy maxReceiveCount, unless DLQ_MAX_RECEIVE_COUNT says otherwise: with the
+# outage backoff's defaults, 16 receives ride out a database outage of 3 hours (docs/lambda.md).
+DEFAULT_MAX_RECEIVE_COUNT = 16
 # The connect timeout: at most this, at least libpq's floor (it treats 1 as 2), and at most a third
 # of the time the invocation has left, so that a refused batch is still reported in time.
 MAX_CONNECT_TIMEOUT_SECONDS = 5
@@ -76,6 +81,7 @@ class SqsBatchHandler:
         *,
         max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT,
         max_connect_timeout_seconds: int = MAX_CONNECT_TIMEOUT_SECONDS,
+        outage_backoff: OutageBackoff | None = None,
     ) -> None:
         if max_receive_count < 1:
             raise ValueError(f"max_receive_count must be at least 1, got {max_receive_count}")
@@ -85,9 +91,10 @@ class SqsBatchHandler:
         self._max_receives = max(1, max_receive_count - 1)
         self._max_connect_timeout = max(MIN_CONNECT_TIMEOUT_SECONDS, max_connect_timeout_seconds)
         self._quarantined = RecentQuarantine()
+        self._backoff = outage_backoff
 
     def __repr__(self) -> str:
-        return f"SqsBatchHandler(max_receives={self._max_receives})"
+        return f"SqsBatchHandler(max_receives={self._max_receives}, {self._backoff!r})"
 
     def handle(self, event: Mapping[str, Any], context: Any = None) -> dict[str, list[dict[str, str]]]:
         """One invocation: store what can be stored in one transaction; return the records to retry."""
@@ -97,10 +104,15 @@ class SqsBatchHandler:
         try:
             written = store(batch, self._masker, lambda: self._write(batch, context))
         except DatabaseError as exc:
+            # The database's fault, not the records': they wait longer at each receive (an outage
+            # must not use up their receives), unlike a record whose own processing raised.
+            arn = source_arn(event)
+            held = self._backoff.hold(messages, arn) if self._backoff is not None and arn else 0
             logger.error(
-                "PostgreSQL: %s; nothing committed, all %d records reported for retry",
+                "PostgreSQL: %s; nothing committed, all %d records reported for retry, %d delayed",
                 exc,
                 len(messages),
+                held,
                 extra={"count": len(messages), "service": "postgres", "error": type(exc).__name__},
             )
             return batch_response(m.message_id for m in messages)
@@ -165,9 +177,9 @@ def cold_start(env: Mapping[str, str]) -> SqsBatchHandler:
     DATABASE_SECRET_ARN, when set, supplies the DSN (or its user and password) from Secrets Manager.
     Raises ConfigError, SecretError, MaskingError or KmsUnavailable.
     """
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
     secret_arn = env.get("DATABASE_SECRET_ARN", "").strip()
     if secret_arn:
-        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
         dsn = database_url_with_secret(env.get("DATABASE_URL") or None, read_secret(secret_arn, region=region))
         env = {**env, "DATABASE_URL": dsn}
     settings = Settings.from_env(env)
@@ -177,6 +189,7 @@ def cold_start(env: Mapping[str, str]) -> SqsBatchHandler:
         PostgresWriter(settings.database_url, application_name="login-etl-lambda", key_checks=masker.check_values),
         masker,
         max_receive_count=int(max_receive_count) if max_receive_count.isdigit() else DEFAULT_MAX_RECEIVE_COUNT,
+        outage_backoff=OutageBackoff(region=region),
     )
     logger.info("cold start: keys loaded (%r), %r", masker, handler)
     return handler

@@ -48,6 +48,15 @@ def messages_of(event: Mapping[str, Any]) -> list[ReceivedMessage]:
     return messages
 
 
+def source_arn(event: Mapping[str, Any]) -> str | None:
+    """The queue's ARN (`eventSourceARN`) of the event's first record: one mapping, one queue."""
+    records = event.get("Records") if isinstance(event, Mapping) else None
+    if isinstance(records, list) and records and isinstance(records[0], Mapping):
+        arn = records[0].get("eventSourceARN")
+        return arn if isinstance(arn, str) and arn else None
+    return None
+
+
 def batch_response(message_ids: Iterable[str]) -> dict[str, list[dict[str, str]]]:
     """The partial batch response (`ReportBatchItemFailures`): the messages SQS must deliver again.
 

@@ -68,6 +68,11 @@ class RekeyResult:
         )
 
 
+# Each statement of a rekey (a page of UPDATEs, a count) ends within this, lock waits included (a
+# row an open transaction holds): the run stops with RekeyInterrupted and a rerun resumes.
+STATEMENT_TIMEOUT_SECONDS = 300.0
+
+
 class Rekeyer:
     """Rewrites old-version tokens in `user_logins` and `user_logins_rejected`.
 
@@ -105,7 +110,12 @@ class Rekeyer:
     def run(self) -> RekeyResult:
         """Rewrite every table; raise DatabaseUnavailable (at start), RekeyInterrupted (lost mid-run) or
         DatabaseError (refused, e.g. no UPDATE right)."""
-        conn = open_connection(self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-rekey")
+        conn = open_connection(
+            self._dsn,
+            connect_timeout=self._connect_timeout,
+            application_name="login-etl-rekey",
+            statement_timeout_seconds=STATEMENT_TIMEOUT_SECONDS,
+        )
         result = RekeyResult()
         try:
             for table, columns in MASKED_COLUMNS.items():

@@ -20,8 +20,10 @@ the dropped days, until the next one.
   or the previous rows with the previous time, never one with the other.
 - One refresh at a time: a session advisory lock keyed on the view itself (so schemas sharing a
   database do not exclude each other); a second refresh raises SnapshotBusy at once, it does not
-  queue. The refresh runs with statement_timeout 0, whatever the role's or the DSN's (it is meant to
-  run for minutes), and waits for any one lock no longer than the lock timeout.
+  queue. The refresh runs with its own statement_timeout, REFRESH_TIMEOUT_SECONDS, whatever the
+  role's or the DSN's (it is meant to run for minutes, never for ever), and waits for any one lock
+  no longer than the lock timeout; then SnapshotLockTimeout names the sessions holding locks on our
+  tables.
 - REFRESH needs ownership of the view: it runs as the role that migrates the schema (the ETL role
   of database/roles.sql), which owns the time's table too; analysts only SELECT both.
 """
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import psycopg2
+import psycopg2.errors
 
 from database.sqs_postgres import SNAPSHOT_REFRESHED as REFRESHED
 from database.sqs_postgres import SNAPSHOT_VIEW as VIEW
@@ -43,6 +46,7 @@ from database.sqs_postgres import (
     DatabaseUnavailable,
     command_errors,
     first_line,
+    lock_holders,
     one_row,
     open_connection,
 )
@@ -51,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 # The first key of the refresh's advisory lock (the second is the view's oid): any constant.
 _REFRESH_LOCK_CLASS = 741_235_019
+# The refresh's statement_timeout: minutes at 100M rows; past this something is wrong (the nightly
+# Job's activeDeadlineSeconds, deploy/kubernetes/components/snapshot-cronjob, is above it).
+REFRESH_TIMEOUT_SECONDS = 5400
 
 
 class SnapshotBusy(DatabaseError):
@@ -79,18 +86,27 @@ class RefreshResult:
 class SnapshotRefresher:
     """Refreshes the snapshot: plainly the first time, CONCURRENTLY afterwards; one at a time."""
 
-    def __init__(self, dsn: str, *, lock_timeout_seconds: float = 5.0, connect_timeout_seconds: int = 5) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        lock_timeout_seconds: float = 5.0,
+        connect_timeout_seconds: int = 5,
+        statement_timeout_seconds: float = REFRESH_TIMEOUT_SECONDS,
+    ) -> None:
         self._dsn = dsn
         self._lock_timeout_ms = max(1, int(lock_timeout_seconds * 1000))
+        self._statement_timeout_ms = max(1, int(statement_timeout_seconds * 1000))
         self._connect_timeout = connect_timeout_seconds
 
     def __repr__(self) -> str:
         return "SnapshotRefresher()"  # the DSN may hold a password
 
-    def _lock_timeout(self) -> SnapshotLockTimeout:
+    def _lock_timeout(self, holders: str = "") -> SnapshotLockTimeout:
+        held = f" ({holders})" if holders else ""
         return SnapshotLockTimeout(
             f"the refresh waited {self._lock_timeout_ms} ms for a lock (a migration, retention or another "
-            "open transaction holds one); the previous snapshot is kept, rerun later"
+            f"open transaction holds one){held}; the previous snapshot is kept, rerun later"
         )
 
     def run(self) -> RefreshResult:
@@ -112,8 +128,10 @@ class SnapshotRefresher:
                     f"another refresh of {VIEW} is running (it holds the refresh lock): nothing done, "
                     "it refreshes the snapshot"
                 )
-            # No statement timeout: a refresh reads one index entry per login kept (minutes at 100M).
-            cur.execute(f"SET statement_timeout = 0; SET lock_timeout = {self._lock_timeout_ms}")
+            # A refresh reads one index entry per login kept (minutes at 100M): a long timeout, not none.
+            cur.execute(
+                f"SET statement_timeout = {self._statement_timeout_ms}; SET lock_timeout = {self._lock_timeout_ms}"
+            )
             cur.execute("SELECT relispopulated FROM pg_class WHERE oid = %s", (oid,))
             populated = bool(one_row(cur)[0])
             started = time.monotonic()
@@ -121,7 +139,11 @@ class SnapshotRefresher:
             # when the refresh began (the time its rows are as of). Readers of the one-row table
             # do not wait for it (MVCC); only a refresh writes it, and refreshes take turns.
             cur.execute("BEGIN")
-            cur.execute(f"REFRESH MATERIALIZED VIEW {'CONCURRENTLY ' if populated else ''}{VIEW}")
+            try:
+                cur.execute(f"REFRESH MATERIALIZED VIEW {'CONCURRENTLY ' if populated else ''}{VIEW}")
+            except psycopg2.errors.LockNotAvailable:
+                cur.execute("ROLLBACK")
+                raise self._lock_timeout(lock_holders(cur)) from None
             cur.execute(
                 f"""INSERT INTO {REFRESHED} (refreshed_at) VALUES (now())
                     ON CONFLICT (only_row) DO UPDATE SET refreshed_at = excluded.refreshed_at

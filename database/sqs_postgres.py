@@ -271,7 +271,7 @@ class PostgresWriter:
             self._run(self._create_stage)
             self._verify_keys(register=register)
         except psycopg2.errors.LockNotAvailable:
-            holders = self._run(_lock_holders, commit=False)
+            holders = self._run(lock_holders, commit=False)
             self.close()
             raise SchemaBusy(
                 f"schema set-up waited {self._lock_timeout_ms} ms for a lock {holders}; it will try again"
@@ -444,7 +444,7 @@ class PostgresWriter:
         try:
             self._ensure_partitions(today)
         except psycopg2.errors.LockNotAvailable:
-            holders = self._run(_lock_holders, commit=False)
+            holders = self._run(lock_holders, commit=False)
             self._partitions_failures += 1
             delay = self._partitions_backoff.delay(self._partitions_failures)
             self._partitions_retry_at = time.monotonic() + delay
@@ -710,7 +710,7 @@ def _copy_text(logins: Sequence[MaskedLogin]) -> str:
     return "\n".join(lines)
 
 
-def _lock_holders(cur: Cursor) -> str:
+def lock_holders(cur: Cursor) -> str:
     """Who holds locks on our tables: pid, application, state and since when; never a query's text."""
     cur.execute(
         """SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, ''), '?'), coalesce(a.state, '?'),

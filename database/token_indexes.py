@@ -13,7 +13,11 @@ partition. Two callers:
   time the UTC day has changed (looked at every CHECK_SECONDS), or until a pass completes.
 
 A pass holds a session advisory lock (TOKEN_INDEX_LOCK_ID and the schema): another process indexing
-makes it skip.
+makes it skip. A build waits for every transaction older than it (an analyst's session left open),
+in bounded steps: each lock wait ends after LOCK_STEP_SECONDS, when the sessions it waited for are
+logged (pid, application, user, since when) and its INVALID leftover dropped, and the build tried
+again, until LOCK_WAIT_SECONDS in all; then the index is left for the next pass, the pass says who
+held it. A build runs at most BUILD_TIMEOUT_SECONDS (statement_timeout).
 `CREATE INDEX CONCURRENTLY` never blocks writes; killed or cancelled, it leaves an INVALID index,
 which the next pass drops (DROP INDEX CONCURRENTLY) and builds again. The caller may cancel a pass
 at any time (`connection.cancel()` from another thread): nothing is left half-done but that.
@@ -29,7 +33,9 @@ from dataclasses import dataclass, field
 from datetime import date
 
 import psycopg2
+import psycopg2.errors
 from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as Cursor
 
 from database import partitions
 from database.sqs_postgres import DatabaseUnavailable, first_line, open_connection, schema_problem
@@ -46,6 +52,10 @@ TOKEN_INDEX_LOCK_ID = 741_235_020
 _LOCK_KEY = "%s, hashtext(current_schema())"
 # How often the ETL's indexer looks whether the UTC day has changed (or retries a pass that failed).
 CHECK_SECONDS = 300.0
+# One lock wait of a build (lock_timeout), the waits of one index in all, one build (statement_timeout).
+LOCK_STEP_SECONDS = 60.0
+LOCK_WAIT_SECONDS = 1800.0
+BUILD_TIMEOUT_SECONDS = 3600.0
 
 
 @dataclass
@@ -55,18 +65,31 @@ class IndexPass:
     skipped: bool = False
     built: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    # index -> the sessions its build waited for, when it gave up (left for the next pass)
+    waited: dict[str, str] = field(default_factory=dict)
 
     def summary(self, seconds: float) -> str:
         """One line for the nightly job's output."""
         if self.skipped:
             return "token indexes: skipped, another session (the ETL's indexer) is building them"
         dropped = f"; dropped {len(self.dropped)} INVALID leftover(s)" if self.dropped else ""
+        if self.waited:
+            dropped += "; not built, waited too long for older transactions: " + "; ".join(
+                f"{name} ({holders})" for name, holders in self.waited.items()
+            )
         if not self.built:
-            return f"token indexes: every closed partition has them{dropped}"
+            done = "none built" if self.waited else "every closed partition has them"
+            return f"token indexes: {done}{dropped}"
         return f"token indexes: built {len(self.built)} in {seconds:.1f} s ({', '.join(self.built)}){dropped}"
 
 
-def nightly_pass(dsn: str, *, connect_timeout_seconds: int = 5) -> str:
+def nightly_pass(
+    dsn: str,
+    *,
+    connect_timeout_seconds: int = 5,
+    lock_step_seconds: float = LOCK_STEP_SECONDS,
+    lock_wait_seconds: float = LOCK_WAIT_SECONDS,
+) -> str:
     """One pass for the nightly job, on a connection of its own; return one line saying what it did.
 
     Skipped (said so) unless the schema is current: a schema 4 keeps its parent indexes until the
@@ -83,7 +106,7 @@ def nightly_pass(dsn: str, *, connect_timeout_seconds: int = 5) -> str:
             problem = schema_problem(cur)
         if problem is not None:
             return f"token indexes: skipped, the schema is not current ({problem})"
-        result = index_closed_days(conn)
+        result = index_closed_days(conn, lock_step_seconds=lock_step_seconds, lock_wait_seconds=lock_wait_seconds)
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         raise DatabaseUnavailable(first_line(exc)) from None
     except psycopg2.Error as exc:  # e.g. not the partitions' owner: the ETL role builds them
@@ -95,15 +118,22 @@ def nightly_pass(dsn: str, *, connect_timeout_seconds: int = 5) -> str:
 
 
 def index_closed_days(
-    connection: Connection, today: date | None = None, *, should_stop: Callable[[], bool] = lambda: False
+    connection: Connection,
+    today: date | None = None,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+    lock_step_seconds: float = LOCK_STEP_SECONDS,
+    lock_wait_seconds: float = LOCK_WAIT_SECONDS,
+    build_timeout_seconds: float = BUILD_TIMEOUT_SECONDS,
 ) -> IndexPass:
     """Build the token indexes the closed partitions lack, one CONCURRENTLY at a time; return what was done.
 
     `connection` must be in autocommit (CONCURRENTLY runs outside a transaction) and is left so.
-    Statement and lock timeouts are switched off for the session: a build waits for the
-    transactions older than it (an analyst's long query) rather than fail and start over.
+    A build waits for the transactions older than it (an analyst's long query) in steps of
+    `lock_step_seconds` (lock_timeout), naming them in the log at each step, up to
+    `lock_wait_seconds` per index; then that index is left (IndexPass.waited) and the pass goes on.
     `should_stop` is looked at between statements; to stop one mid-way, `connection.cancel()`.
-    Raises psycopg2 errors (QueryCanceled when cancelled).
+    Raises psycopg2 errors (QueryCanceled when cancelled or past `build_timeout_seconds`).
     """
     today = today or partitions.utc_today()
     connection.autocommit = True
@@ -116,7 +146,10 @@ def index_closed_days(
             result.skipped = True
             return result
         try:
-            cur.execute("SET statement_timeout = 0; SET lock_timeout = 0")
+            step_ms = max(1, int(lock_step_seconds * 1000))
+            cur.execute(
+                f"SET statement_timeout = {max(1, int(build_timeout_seconds * 1000))}; SET lock_timeout = {step_ms}"
+            )
             state = partitions.token_index_state(cur)
             for leaf, indexes in state.items():
                 for name, valid in indexes.items():
@@ -131,7 +164,10 @@ def index_closed_days(
                     break
                 columns = partitions.token_index_names(leaf)[name]
                 started = time.monotonic()
-                cur.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {leaf} {columns}")
+                holders = _build(cur, name, f"ON {leaf} {columns}", lock_wait_seconds, should_stop)
+                if holders is not None:
+                    result.waited[name] = holders
+                    continue
                 logger.info(
                     "token indexes: built %s in %.1f s (%d of %d)", name, time.monotonic() - started, n, len(missing)
                 )
@@ -144,6 +180,46 @@ def index_closed_days(
                 except psycopg2.Error:
                     pass  # the session ends with the connection, and its lock with it
     return result
+
+
+def _build(
+    cur: Cursor, name: str, target: str, lock_wait_seconds: float, should_stop: Callable[[], bool]
+) -> str | None:
+    """CREATE INDEX CONCURRENTLY, again after each lock timeout until `lock_wait_seconds` have gone;
+    None once built, else who it waited for (its INVALID leftover dropped when that can be done)."""
+    started = time.monotonic()
+    while True:
+        attempt = time.monotonic()
+        try:
+            cur.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} {target}")
+            return None
+        except psycopg2.errors.LockNotAvailable:
+            holders = _older_transactions(cur, time.monotonic() - attempt)
+        waited = time.monotonic() - started
+        logger.warning("token indexes: %s waited %.0f s so far for %s", name, waited, holders)
+        try:  # the cancelled build's INVALID leftover: IF NOT EXISTS would keep it as it is
+            cur.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+        except psycopg2.errors.LockNotAvailable:
+            return holders  # the next pass drops it
+        if waited >= lock_wait_seconds or should_stop():
+            logger.warning("token indexes: %s left for the next pass after %.0f s; %s", name, waited, holders)
+            return holders
+
+
+def _older_transactions(cur: Cursor, seconds: float) -> str:
+    """The sessions of this database whose transaction began before the build did (what it waits
+    for): pid, application, user, state and since when; never a query's text."""
+    cur.execute(
+        """SELECT pid, coalesce(nullif(application_name, ''), '?'), coalesce(usename, '?'), coalesce(state, '?'),
+                  to_char(xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')
+             FROM pg_stat_activity
+            WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+              AND xact_start < now() - make_interval(secs => %s)
+            ORDER BY xact_start LIMIT 5""",
+        (seconds,),
+    )
+    found = [f"pid {pid} ({app}, user {user}, {state} since {since} UTC)" for pid, app, user, state, since in cur]
+    return "held by " + "; ".join(found) if found else "(its holder has gone)"
 
 
 class TokenIndexer:
@@ -217,7 +293,7 @@ class TokenIndexer:
             self._conn = conn
         try:
             result = index_closed_days(conn, today, should_stop=self._stopping.is_set)
-            return not result.skipped and not self._stopping.is_set()
+            return not result.skipped and not result.waited and not self._stopping.is_set()
         except psycopg2.Error as exc:
             if not self._stopping.is_set():
                 logger.warning(

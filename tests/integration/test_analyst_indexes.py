@@ -13,6 +13,7 @@ import re
 import signal
 import time
 from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -21,7 +22,7 @@ from analysts import OLD_DAY, TODAY, add_day, by_hand, load_logins, rekey_all, s
 from database import partitions
 from database.retention import Retention
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
-from database.token_indexes import TOKEN_INDEX_LOCK_ID, IndexPass, TokenIndexer, index_closed_days
+from database.token_indexes import TOKEN_INDEX_LOCK_ID, IndexPass, TokenIndexer, index_closed_days, nightly_pass
 from helpers import login, output, query, send, start_etl, wait_for_rows, wait_until
 from models import MaskedLogin
 
@@ -316,3 +317,85 @@ def test_the_etls_indexer_thread_does_not_delay_a_sigterm_stop_and_its_build_is_
         wait_until(lambda: _waiting_builds(db, leaf) == 0, "the cancelled build to go", timeout=5)
     finally:
         holder.close()
+
+
+def test_a_build_kept_waiting_by_an_open_transaction_gives_up_in_bounded_steps_and_names_the_session(
+    database_url,
+) -> None:
+    # GIVEN the closed days without their indexes and an analyst's session left open in a
+    # transaction with a snapshot (every CREATE INDEX CONCURRENTLY waits for it)
+    _written(database_url)
+    analyst = psycopg2.connect(database_url, application_name="analyst-psql")
+    try:
+        analyst.set_session(isolation_level="REPEATABLE READ")
+        with analyst.cursor() as cur:
+            cur.execute("SELECT count(*) FROM user_logins")
+        # WHEN the nightly pass runs with lock waits of 0.5 s, at most 0.8 s per index
+        started = time.monotonic()
+        line = nightly_pass(database_url, lock_step_seconds=0.5, lock_wait_seconds=0.8)
+        took = time.monotonic() - started
+        # THEN it returns, every missing index left for the next pass with the session named;
+        # no index is valid (the cancelled builds' INVALID leftovers, which the session's lock on
+        # the partitions keeps from being dropped now, go at the next pass)
+        missing = 2 * 3  # yesterday's, OLD_DAY's and the default partition's two
+        assert took < missing * 2 + 5, took
+        assert line.startswith("token indexes: none built; not built, waited too long for older transactions: "), line
+        assert line.count("analyst-psql") == missing, line
+        pid = analyst.get_backend_pid()
+        assert f"pid {pid} (analyst-psql, user " in line and "idle in transaction since " in line
+        state = _token_indexes(database_url)
+        assert not any(valid for indexes in state.values() for valid in indexes.values()), state
+    finally:
+        analyst.close()
+    # AND once the session is gone the next pass drops the leftovers and builds them all
+    again = _index_pass(database_url)
+    assert len(again.built) == missing and not again.waited
+    assert all(
+        valid for indexes in _token_indexes(database_url).values() for valid in indexes.values() if valid is not None
+    )
+
+
+def _documented_query(doc: str) -> str:
+    """The ```sql block of docs/<doc> that counts our connections."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / doc).read_text()
+    found = re.search(r"```sql\n\s*(SELECT application_name.*?)\n\s*```", text, re.DOTALL)
+    assert found is not None, doc
+    return found.group(1)
+
+
+def test_the_documented_connection_query_finds_the_writer_and_the_token_indexer(database_url) -> None:
+    # GIVEN the writer's connection and the ETL's indexer thread, its build held up on yesterday's
+    # partition (so its connection is there to be seen)
+    _written(database_url)
+    writer = PostgresWriter(database_url)
+    writer.connect()
+    leaf = partitions.partition_name(YESTERDAY)
+    holder = psycopg2.connect(database_url)
+    indexer = TokenIndexer(database_url, today=lambda: TODAY)
+    try:
+        with holder.cursor() as cur:
+            cur.execute(f"LOCK TABLE {leaf} IN SHARE UPDATE EXCLUSIVE MODE")
+        indexer.start()
+        wait_until(lambda: _waiting_builds(database_url, leaf) == 1, "the indexer's build waiting")
+        [(indexer_pid,)] = query(
+            database_url, "SELECT pid FROM pg_locks WHERE relation = %s::regclass AND NOT granted", (leaf,)
+        )
+        session = writer._conn  # noqa: SLF001 - the writer's own session
+        assert session is not None
+        writer_pid = session.get_backend_pid()
+        # WHEN the query of docs/kubernetes.md (and of docs/lambda.md) runs, restricted to these two
+        for doc in ("kubernetes.md", "lambda.md"):
+            sql = _documented_query(doc)
+            where = sql[sql.index("WHERE") + len("WHERE") : sql.index("GROUP BY")].replace("%", "%%")
+            found = query(
+                database_url,
+                f"SELECT pid, application_name FROM pg_stat_activity WHERE ({where}) AND pid IN (%s, %s)",
+                (writer_pid, indexer_pid),
+            )
+            # THEN it finds both, by their names (application_name = 'login-etl' found only the writer)
+            assert sorted(found) == sorted([(writer_pid, "login-etl"), (indexer_pid, "login-etl-token-indexer")]), doc
+            assert query(database_url, sql.replace("%", "%%")), doc  # and it runs as written
+    finally:
+        indexer.stop()
+        holder.close()
+        writer.close()

@@ -132,7 +132,7 @@ def test_the_base_the_overlay_and_the_components_render(example, with_components
         "TriggerAuthentication",
     ]
     assert sorted(d["kind"] for d in base) == kinds
-    assert sorted(d["kind"] for d in example) == sorted([*kinds, "Namespace", "CronJob"])
+    assert sorted(d["kind"] for d in example) == sorted([*kinds, "Namespace", "CronJob", "ServiceAccount"])
     assert sorted(d["kind"] for d in with_components) == sorted(
         [
             "ConfigMap",
@@ -143,9 +143,10 @@ def test_the_base_the_overlay_and_the_components_render(example, with_components
             "PodDisruptionBudget",
             "ScaledObject",
             "ServiceAccount",
+            "ServiceAccount",
             "TriggerAuthentication",
         ]
-    )  # the wrapped-key ConfigMap is gone with the key file
+    )  # the wrapped-key ConfigMap is gone with the key file; the snapshot's own ServiceAccount
     assert {d["metadata"].get("namespace") for d in example if d["kind"] != "Namespace"} == {"login-etl"}
 
 
@@ -297,7 +298,8 @@ def test_the_pod_runs_locked_down_as_the_images_user(example, with_components) -
             assert context["runAsNonRoot"] is True and context["seccompProfile"]["type"] == "RuntimeDefault"
             assert (context["runAsUser"], context["runAsGroup"]) == (int(uid.group(1)), int(uid.group(2)))
             assert context["fsGroup"] == context["runAsGroup"]
-            assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "login-etl"
+            account = "login-etl-snapshot" if workload["kind"] == "CronJob" else "login-etl"
+            assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == account
             etl = container(workload)
             assert etl["securityContext"] == {
                 "allowPrivilegeEscalation": False,
@@ -315,7 +317,7 @@ def test_the_disruption_budget_covers_the_pods_and_the_service_account_has_a_rol
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["spec"]["maxUnavailable"] == 1
-    account = one(example, "ServiceAccount")
+    [account] = [d for d in example if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "login-etl"]
     assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
 
 
@@ -412,6 +414,49 @@ def test_the_snapshot_cronjob_refreshes_nightly_one_at_a_time_with_the_database_
         assert pod_template(cronjob)["spec"]["restartPolicy"] == "Never"
         [rule] = job["podFailurePolicy"]["rules"]
         assert rule["action"] == "FailJob" and set(rule["onExitCodes"]["values"]) == {EXIT_CONFIG, EXIT_BUSY}
+
+
+def test_every_job_and_cronjob_has_a_deadline_below_its_schedule(with_components) -> None:
+    jobs = {d["metadata"]["name"]: d for d in with_components if d["kind"] in ("Job", "CronJob")}
+    assert set(jobs) == {"login-etl-rekey", "login-etl-snapshot"}
+    for name, workload in jobs.items():
+        spec = workload["spec"]["jobTemplate"]["spec"] if workload["kind"] == "CronJob" else workload["spec"]
+        assert 0 < spec["activeDeadlineSeconds"], name
+    nightly = jobs["login-etl-snapshot"]["spec"]
+    # ended well before the next night, and above what its own timeouts allow (database/): 2 builds
+    # waiting 30 min each, the refresh's 90 min
+    from database.snapshot import REFRESH_TIMEOUT_SECONDS
+    from database.token_indexes import LOCK_WAIT_SECONDS
+
+    deadline = nightly["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+    assert 2 * LOCK_WAIT_SECONDS + REFRESH_TIMEOUT_SECONDS < deadline <= 6 * 3600
+
+
+def test_the_snapshot_job_runs_as_its_own_service_account_with_no_cloud_role(example) -> None:
+    accounts = {d["metadata"]["name"]: d for d in example if d["kind"] == "ServiceAccount"}
+    assert set(accounts) == {"login-etl", "login-etl-snapshot"}
+    snapshot = accounts["login-etl-snapshot"]
+    assert not snapshot["metadata"].get("annotations")  # no eks.amazonaws.com/role-arn: no AWS rights
+    assert snapshot["automountServiceAccountToken"] is False
+    assert "eks.amazonaws.com/role-arn" in accounts["login-etl"]["metadata"]["annotations"]  # the ETL's is unchanged
+    assert pod_template(one(example, "CronJob"))["spec"]["serviceAccountName"] == "login-etl-snapshot"
+
+
+def test_replicas_spread_over_zones_and_nodes_without_blocking_a_scale_up(example) -> None:
+    deployment = one(example, "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    spread = {c["topologyKey"]: c for c in deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]}
+    assert set(spread) == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    for constraint in spread.values():
+        assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()  # selects the ETL's pods
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway" and constraint["maxSkew"] == 1
+        assert constraint["matchLabelKeys"] == ["pod-template-hash"]  # this revision's pods only
+
+
+def test_the_example_overlay_pins_the_image_by_digest(example) -> None:
+    for workload in [d for d in example if d["kind"] in ("Deployment", "CronJob")]:
+        image = container(workload)["image"]
+        assert re.fullmatch(r"[a-z0-9.\-]+/login-etl@sha256:[0-9a-f]{64}", image), image
 
 
 # -- the probes on a real process -----------------------------------------------------------------

@@ -11,11 +11,15 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from io import StringIO
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,7 +28,17 @@ import pytest
 import lambda_handler
 from config import Settings
 from database.sqs_postgres import PostgresWriter
-from helpers import TEST_KMS_ENDPOINT, emulator_client, locked_logins, login, pii_values, query, unavailable
+from helpers import (
+    TEST_KMS_ENDPOINT,
+    TEST_SQS_ENDPOINT,
+    emulator_client,
+    locked_logins,
+    login,
+    pii_values,
+    query,
+    send,
+    unavailable,
+)
 from lambda_handler import SqsBatchHandler
 from observability import JsonFormatter
 from pii.keys import generate_wrapped_key
@@ -33,6 +47,7 @@ from proxy import TcpProxy, blackhole_unavailable
 from tests.fakes import FirstCallFails
 
 QUEUE_ARN = "arn:aws:sqs:us-east-2:123456789012:login-queue"
+ROOT = Path(__file__).resolve().parents[2]
 SENT_MS = int(time.time() * 1000) - 5_000  # sent a few seconds ago: today's partition
 
 
@@ -288,11 +303,21 @@ def test_a_connection_broken_between_invocations_is_opened_again_without_failing
 def test_only_the_record_whose_processing_raised_is_reported(
     masking_key: str, database_url: str, make_handler: Any
 ) -> None:
-    handler = make_handler(FirstCallFails(decode_key(masking_key)))  # masking the first record raises
+    held: list[Any] = []
+
+    class Spy:  # the outage backoff is for the database's failures, not a record's own
+        def hold(self, messages: Any, arn: str) -> int:
+            held.append(messages)
+            return 0
+
+    handler = make_handler(
+        FirstCallFails(decode_key(masking_key)), outage_backoff=Spy()
+    )  # masking the first record raises
     records = [sqs_record(login(n)) for n in range(4)]
     response = handler.handle(sqs_event(*records), FakeContext())
     assert failures(response) == [records[0]["messageId"]]
     assert stored(database_url) == (sorted(r["messageId"] for r in records[1:]), [])
+    assert held == []  # it comes back at the queue's visibility timeout, towards the poison rule
 
 
 def test_a_record_that_raised_on_its_last_receive_before_the_dlq_is_quarantined_not_reported(
@@ -411,3 +436,209 @@ def test_a_cold_start_as_deployed_reads_the_dsn_from_secrets_manager_and_unwraps
     assert failures(lambda_handler.handler(sqs_event(*records), FakeContext())) == []
     assert stored(lambda_env["DATABASE_URL"])[0] == sorted(r["messageId"] for r in records)
     assert password not in caplog.text
+
+
+# --- a database outage on Lambda: the redrive policy in force --------------------------------------
+
+
+def mapping_record(message: dict[str, Any], queue_arn: str) -> dict[str, Any]:
+    """A message as ReceiveMessage returned it, as the event source mapping hands it to the function."""
+    return {
+        "messageId": message["MessageId"],
+        "receiptHandle": message["ReceiptHandle"],
+        "body": message["Body"],
+        "attributes": dict(message.get("Attributes", {})),
+        "messageAttributes": {},
+        "md5OfBody": message["MD5OfBody"],
+        "eventSource": "aws:sqs",
+        "eventSourceARN": queue_arn,
+        "awsRegion": "us-east-1",
+    }
+
+
+@dataclass
+class MappingRun:
+    """What the emulated event source mapping saw: each message's receives, (monotonic time, count)."""
+
+    receives: dict[str, list[tuple[float, int]]]
+
+
+def run_mapping(
+    sqs: Any, queue_url: str, handler: SqsBatchHandler, *, until: Callable[[], bool], seconds: float
+) -> MappingRun:
+    """What an SQS event source mapping does, against the real queue: receive up to 10, invoke the
+    handler, delete the records it did not report; until `until()` or `seconds` have passed."""
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    receives: dict[str, list[tuple[float, int]]] = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not until():
+        messages = sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageSystemAttributeNames=["All"]
+        ).get("Messages", [])
+        if not messages:
+            continue
+        now = time.monotonic()
+        for m in messages:
+            receives.setdefault(m["MessageId"], []).append((now, int(m["Attributes"]["ApproximateReceiveCount"])))
+        response = handler.handle(sqs_event(*(mapping_record(m, queue_arn) for m in messages)), FakeContext())
+        reported = set(failures(response))
+        done = [m for m in messages if m["MessageId"] not in reported]
+        if done:
+            sqs.delete_message_batch(
+                QueueUrl=queue_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
+            )
+    return MappingRun(receives)
+
+
+@pytest.fixture
+def queue_with_dlq(sqs_client: Any) -> Iterator[tuple[str, str]]:
+    """A uuid-named queue (visibility timeout 1 s) whose RedrivePolicy dead-letters after 4 receives."""
+    name = f"test-{uuid.uuid4().hex}"
+    dlq = sqs_client.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+    dlq_arn = sqs_client.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(OUTAGE_MAX_RECEIVES)})
+    url = sqs_client.create_queue(QueueName=name, Attributes={"VisibilityTimeout": "1", "RedrivePolicy": redrive})[
+        "QueueUrl"
+    ]
+    yield url, dlq
+    sqs_client.delete_queue(QueueUrl=url)
+    sqs_client.delete_queue(QueueUrl=dlq)
+
+
+OUTAGE_MAX_RECEIVES = 4
+# Seconds for minutes: delays of 1, 2, 4 s after receives 1, 2, 3, so outage_bound_seconds(4) = 7 s.
+OUTAGE_BASE_SECONDS, OUTAGE_CAP_SECONDS = 1, 4
+
+
+def dead_letters(sqs: Any, dlq: str) -> int:
+    attributes = sqs.get_queue_attributes(
+        QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
+    return int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
+
+
+@pytest.mark.parametrize("backoff", [True, False], ids=["with the outage backoff", "without it (the control)"])
+def test_a_database_outage_shorter_than_the_bound_sends_no_valid_message_to_the_dlq(
+    backoff: bool,
+    database_url: str,
+    make_handler: Any,
+    sqs_client: Any,
+    queue_with_dlq: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aws.outage_backoff import OutageBackoff, outage_bound_seconds
+
+    # GIVEN a queue that dead-letters after 4 receives at a 1 s visibility timeout, 6 logins in it,
+    # and the handler behind a proxy to PostgreSQL, cut for 5 s (below the 7 s bound)
+    queue_url, dlq = queue_with_dlq
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    bound = outage_bound_seconds(OUTAGE_MAX_RECEIVES, base=OUTAGE_BASE_SECONDS, cap=OUTAGE_CAP_SECONDS)
+    outage = 5.0
+    assert bound == 7 and outage < bound
+    sent = send(sqs_client, queue_url, [login(n) for n in range(6)])
+    proxy = TcpProxy("127.0.0.1", urlsplit(database_url).port or 5432)
+    try:
+        handler = make_handler(
+            dsn=with_port(database_url, proxy.port),
+            max_receive_count=OUTAGE_MAX_RECEIVES,
+            outage_backoff=OutageBackoff(
+                region="us-east-1",
+                endpoint_url=TEST_SQS_ENDPOINT,
+                base_seconds=OUTAGE_BASE_SECONDS,
+                cap_seconds=OUTAGE_CAP_SECONDS,
+            )
+            if backoff
+            else None,
+        )
+        warm = sqs_record(login(99))  # a first invocation: the environment's connection, the schema
+        assert failures(handler.handle(sqs_event(warm), FakeContext())) == []
+        # WHEN the mapping runs through the outage, then until every message is stored or dead-lettered
+        proxy.cut()
+        during = run_mapping(sqs_client, queue_url, handler, until=lambda: False, seconds=outage)
+        proxy.restore()
+        after = run_mapping(
+            sqs_client,
+            queue_url,
+            handler,
+            until=lambda: len(stored(database_url)[0]) - 1 + dead_letters(sqs_client, dlq) >= len(sent),
+            seconds=20,
+        )
+    finally:
+        proxy.close()
+    counts = {m: [c for _, c in during.receives.get(m, []) + after.receives.get(m, [])] for m in sent}
+    if not backoff:
+        # THEN, without it, the receives run out within the outage and SQS dead-letters every message
+        assert dead_letters(sqs_client, dlq) == len(sent), counts
+        assert stored(database_url) == ([warm["messageId"]], [])
+        return
+    # THEN nothing reached the DLQ and every message is stored once, at its 4th receive at the latest
+    assert dead_letters(sqs_client, dlq) == 0, counts
+    assert stored(database_url) == (sorted([*sent, warm["messageId"]]), [])
+    for message_id, seen in counts.items():
+        assert seen == list(range(1, len(seen) + 1)) and len(seen) <= OUTAGE_MAX_RECEIVES, (message_id, seen)
+    # and each receive during the outage came no sooner than the delay its receive count earned
+    for message_id, times in during.receives.items():
+        for (t1, n), (t2, _) in zip(times, times[1:], strict=False):
+            assert t2 - t1 >= min(OUTAGE_CAP_SECONDS, OUTAGE_BASE_SECONDS * 2 ** (n - 1)) - 0.3, (message_id, times)
+    assert max(len(seen) for seen in counts.values()) >= 3  # the outage did cost receives
+
+
+def runbook_block(heading: str) -> str:
+    """The ```bash block under `heading` in docs/lambda.md."""
+    text = (ROOT / "docs" / "lambda.md").read_text()
+    section = text[text.index(heading) :]
+    start = section.index("```bash\n") + len("```bash\n")
+    return section[start : section.index("```", start)]
+
+
+def test_the_dead_letter_runbook_moves_every_message_back_and_the_function_then_stores_each_once(
+    database_url: str, make_handler: Any, sqs_client: Any, queue_with_dlq: tuple[str, str], tmp_path: Any
+) -> None:
+    aws = shutil.which("aws")
+    if aws is None:
+        unavailable("the aws CLI (awscli in requirements-dev.txt)")
+    # GIVEN three logins the redrive policy moved to the dead-letter queue (4 receives, none deleted)
+    queue_url, dlq = queue_with_dlq
+    sent = send(sqs_client, queue_url, [login(n) for n in range(3)])
+    deadline = time.monotonic() + 30
+    while dead_letters(sqs_client, dlq) < len(sent):
+        assert time.monotonic() < deadline, dead_letters(sqs_client, dlq)
+        sqs_client.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+    arn = {
+        name: sqs_client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        for name, url in (("QUEUE_ARN", queue_url), ("DLQ_ARN", dlq))
+    }
+    # WHEN the runbook's commands run, as written, with the CLI pointed at the emulator
+    script = f'aws() {{ "{aws}" --endpoint-url "{TEST_SQS_ENDPOINT}" "$@"; }}\nset -euo pipefail\n' + runbook_block(
+        "## Moving messages back from the dead-letter queue"
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "DLQ_URL": dlq,
+        **arn,
+    }
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "3"  # step 1: how many wait
+    deadline = time.monotonic() + 30
+    while (task := sqs_client.list_message_move_tasks(SourceArn=arn["DLQ_ARN"])["Results"][0])["Status"] != "COMPLETED":
+        assert time.monotonic() < deadline and task["Status"] == "RUNNING", task
+        time.sleep(0.5)
+    # THEN the dead-letter queue is empty, and the mapping stores every message once
+    assert dead_letters(sqs_client, dlq) == 0
+    handler = make_handler(max_receive_count=OUTAGE_MAX_RECEIVES)
+
+    def all_stored() -> bool:
+        return bool(query(database_url, "SELECT to_regclass('user_logins') IS NOT NULL")[0][0]) and len(
+            stored(database_url)[0]
+        ) >= len(sent)
+
+    run_mapping(sqs_client, queue_url, handler, until=all_stored, seconds=20)
+    assert stored(database_url) == (sorted(sent), [])
+    assert sqs_client.receive_message(QueueUrl=queue_url, WaitTimeSeconds=1).get("Messages", []) == []

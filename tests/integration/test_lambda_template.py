@@ -235,6 +235,47 @@ def test_the_queue_dead_letters_after_the_receives_the_handler_quarantines_befor
     assert min(allowed(parameter(template, receives))) >= 2
 
 
+def test_the_default_max_receive_count_rides_out_a_two_hour_database_outage(template: dict[str, Any]) -> None:
+    from aws.outage_backoff import REQUIRED_OUTAGE_SECONDS, outage_bound_seconds
+
+    receives = parameter(
+        template, template["Resources"]["LoginQueue"]["Properties"]["RedrivePolicy"]["maxReceiveCount"]
+    )
+    assert receives["Default"] == lambda_handler.DEFAULT_MAX_RECEIVE_COUNT
+    assert outage_bound_seconds(receives["Default"]) >= REQUIRED_OUTAGE_SECONDS
+    # and the bound the parameter's description states
+    hours = outage_bound_seconds(receives["Default"]) // 3600
+    assert f"outage of {hours} hours" in " ".join(receives["Description"].split())
+
+
+# alarm -> (namespace, metric, dimension, the resource whose name it watches)
+ALARMS = {
+    "QueueOldestMessageAlarm": ("AWS/SQS", "ApproximateAgeOfOldestMessage", "QueueName", "LoginQueue"),
+    "DeadLetterQueueAlarm": ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", "DeadLetterQueue"),
+    "FunctionErrorsAlarm": ("AWS/Lambda", "Errors", "FunctionName", "Function"),
+    "FunctionThrottlesAlarm": ("AWS/Lambda", "Throttles", "FunctionName", "Function"),
+}
+
+
+def test_an_alarm_watches_the_queue_s_age_the_dead_letter_queue_errors_and_throttles(template: dict[str, Any]) -> None:
+    alarms = {
+        name: r["Properties"] for name, r in template["Resources"].items() if r["Type"] == "AWS::CloudWatch::Alarm"
+    }
+    assert set(alarms) == set(ALARMS)
+    for name, (namespace, metric, dimension, watched) in ALARMS.items():
+        alarm = alarms[name]
+        assert (alarm["Namespace"], alarm["MetricName"]) == (namespace, metric), name
+        [dim] = alarm["Dimensions"]
+        expected = {"Fn::GetAtt": [watched, "QueueName"]} if namespace == "AWS/SQS" else {"Ref": watched}
+        assert dim == {"Name": dimension, "Value": expected}, name
+        assert alarm["ComparisonOperator"] == "GreaterThanThreshold" and alarm["TreatMissingData"] == "notBreaching"
+        # they page through the topic when one is given
+        for actions in ("AlarmActions", "OKActions"):
+            assert alarm[actions] == {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+    assert alarms["DeadLetterQueueAlarm"]["Threshold"] == 0  # one message is one too many
+    assert alarms["QueueOldestMessageAlarm"]["Threshold"] == {"Ref": "QueueAgeAlarmSeconds"}
+
+
 def test_the_role_has_least_privilege(template: dict[str, Any]) -> None:
     role = resource(template, "AWS::IAM::Role")
     assert "ManagedPolicyArns" not in role  # AWS's managed Lambda policies grant logs:* / ec2 on *
@@ -313,3 +354,42 @@ def test_the_lambda_dockerfile_passes_hadolint_and_runs_the_handler_through_the_
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
     text = dockerfile.read_text()
     assert 'ENTRYPOINT ["python", "-m", "awslambdaric"]' in text and 'CMD ["lambda_handler.handler"]' in text
+
+
+def test_the_zip_s_python_differs_from_the_images_only_as_documented_and_the_code_compiles_under_it(
+    template: dict[str, Any],
+) -> None:
+    # The images run 3.11; the zip's runtime is 3.12, for psycopg2-binary's arm64 wheels (glibc 2.28:
+    # Amazon Linux 2023); docs/lambda.md, "Package", says so.
+    runtime = resource(template, "AWS::Lambda::Function")["Runtime"]
+    assert runtime == "python3.12"
+    for dockerfile in (ROOT / "Dockerfile", ROOT / "deploy" / "lambda" / "Dockerfile"):
+        assert "FROM python:3.11." in dockerfile.read_text(), dockerfile
+    assert "glibc 2.28" in (ROOT / "docs" / "lambda.md").read_text()
+    interpreter = _python312()
+    if interpreter is None:
+        pytest.skip("no python3.12 here to compile the package's modules with")
+    modules = sorted({*first_party_imports(ROOT / "lambda_handler.py"), "lambda_handler"})
+    files = [str(p) for m in modules for p in _sources(m)]
+    result = subprocess.run(
+        [interpreter, "-W", "error", "-m", "py_compile", *files], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(files) >= 10
+
+
+def _sources(module: str) -> list[Path]:
+    path = ROOT / module.replace(".", "/")
+    return sorted(path.glob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+
+
+def _python312() -> str | None:
+    """A Python 3.12 that runs: on PATH, or one pyenv installed (its shim fails unless selected)."""
+    candidates = [shutil.which("python3.12"), *map(str, Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))]
+    for candidate in filter(None, candidates):
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+        )
+        if probe.returncode == 0 and probe.stdout.strip() == "(3, 12)":
+            return candidate
+    return None

@@ -103,6 +103,10 @@ def test_every_alert_has_a_case_that_fires_it_and_one_that_does_not() -> None:
         "LoginEtlFreshnessObjectiveMissed",
         "LoginEtlRejectionRatioHigh",
         "LoginEtlServiceErrors",
+        "LoginEtlKedaScalerErrors",
+        "LoginEtlQueueOldestMessageTooOld",
+        "LoginEtlDeadLetterQueueNotEmpty",
+        "LoginEtlSnapshotNotRefreshed",
     }
     assert fired == names and silent == names
 
@@ -154,7 +158,12 @@ def test_the_dashboard_uses_the_provisioned_datasource_and_covers_what_operators
 # Series an alert reads that neither the ETL nor Prometheus exports: they exist only where that
 # system runs, so the real-Prometheus check only parses them; promtool (alerts_test.yml) tests the
 # alerts' behaviour with and without them.
-EXTERNAL_SERIES = {"keda_scaler_metrics_value": "KEDA's operator (Kubernetes with KEDA only)"}
+EXTERNAL_SERIES = {
+    "keda_scaler_metrics_value": "KEDA's operator (Kubernetes with KEDA only)",
+    "keda_scaler_detail_errors_total": "KEDA's operator (Kubernetes with KEDA only)",
+    "aws_sqs_": "cloudwatch_exporter (monitoring/cloudwatch-exporter.yml)",
+    "kube_cronjob_": "kube-state-metrics (Kubernetes only)",
+}
 
 _SET_OR_COMPARISON = re.compile(r"==|!=|>=|<=|>|<|\b(?:and|or|unless)\b")
 # What may follow such an operator before its right-hand side.
@@ -540,6 +549,8 @@ def test_the_kubernetes_scrape_config_is_valid_and_loads_the_rules(tmp_path: Pat
     assert config["rule_files"] == ["alerts.yml"]
     config["rule_files"] = [str(ALERTS)]
     for job in config["scrape_configs"]:
+        if "static_configs" in job:  # the exporters' Services
+            continue
         assert [sd["role"] for sd in job.pop("kubernetes_sd_configs")] == ["pod"], job["job_name"]
         job["file_sd_configs"] = [{"files": [str(tmp_path / "pods.json")]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -605,3 +616,109 @@ def test_on_kubernetes_the_etl_pods_are_scraped_as_job_login_etl(tmp_path: Path)
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+# --- Kubernetes: what the outside alerts read --------------------------------------------------------
+
+CLOUDWATCH_EXPORTER = MONITORING / "cloudwatch-exporter.yml"
+
+
+def test_the_cloudwatch_exporter_exports_what_the_outside_alerts_read_for_the_queues_the_scrape_job_labels() -> None:
+    config = yaml.safe_load(CLOUDWATCH_EXPORTER.read_text())
+    assert config["set_timestamp"] is False  # else the samples are older than Prometheus' lookback
+    # cloudwatch_exporter's names: aws_<namespace>_<metric in snake case>_<statistic>, queue_name=<QueueName>
+    exported = {}
+    for metric in config["metrics"]:
+        assert metric["aws_namespace"] == "AWS/SQS" and metric["aws_dimensions"] == ["QueueName"]
+        snake = re.sub(r"(?<!^)(?=[A-Z])", "_", metric["aws_metric_name"]).lower()
+        for statistic in metric["aws_statistics"]:
+            exported[f"aws_sqs_{snake}_{statistic.lower()}"] = set(metric["aws_dimension_select"]["QueueName"])
+    [job] = [
+        j for j in yaml.safe_load(KUBERNETES_SCRAPE.read_text())["scrape_configs"] if j["job_name"] == "sqs-cloudwatch"
+    ]
+    roles = {rule["replacement"]: rule["regex"] for rule in job["metric_relabel_configs"]}
+    assert set(roles) == {"source", "dead-letter"}
+    rules = {rule["alert"]: rule["expr"] for rule in alert_rules()}
+    age = rules["LoginEtlQueueOldestMessageTooOld"]
+    assert 'aws_sqs_approximate_age_of_oldest_message_maximum{login_etl_queue="source"}' in age
+    assert roles["source"] in exported["aws_sqs_approximate_age_of_oldest_message_maximum"]
+    dlq = rules["LoginEtlDeadLetterQueueNotEmpty"]
+    assert 'aws_sqs_approximate_number_of_messages_visible_maximum{login_etl_queue="dead-letter"}' in dlq
+    assert roles["dead-letter"] in exported["aws_sqs_approximate_number_of_messages_visible_maximum"]
+
+
+class _Exposition(threading.Thread):
+    """An HTTP server answering /metrics with fixed Prometheus text: what an exporter would serve."""
+
+    def __init__(self, text: str) -> None:
+        import http.server
+
+        body = text.encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        super().__init__(target=self.server.serve_forever, daemon=True)
+
+
+def test_the_queue_alerts_fire_in_a_real_prometheus_on_what_cloudwatch_exporter_serves(tmp_path: Path) -> None:
+    # GIVEN the sqs-cloudwatch scrape job of prometheus-kubernetes.yml pointed at a server that
+    # answers as cloudwatch_exporter does for a stuck queue and a dead-letter queue with 3 messages,
+    # and every rule of alerts.yml with the thresholds' `for` waived
+    age, visible = (
+        "aws_sqs_approximate_age_of_oldest_message_maximum",
+        "aws_sqs_approximate_number_of_messages_visible_maximum",
+    )
+    exporter = _Exposition(
+        f"# TYPE {age} gauge\n"
+        f'{age}{{job="aws_sqs",instance="",queue_name="login-queue",}} 3600.0\n'
+        f"# TYPE {visible} gauge\n"
+        f'{visible}{{job="aws_sqs",instance="",queue_name="login-queue",}} 10.0\n'
+        f'{visible}{{job="aws_sqs",instance="",queue_name="login-queue-dlq",}} 3.0\n'
+        f'{visible}{{job="aws_sqs",instance="",queue_name="other-dlq",}} 9.0\n'
+    )
+    exporter.start()
+    [job] = [
+        j for j in yaml.safe_load(KUBERNETES_SCRAPE.read_text())["scrape_configs"] if j["job_name"] == "sqs-cloudwatch"
+    ]
+    job.update(scrape_interval="1s", scrape_timeout="1s", static_configs=[{"targets": [f"127.0.0.1:{exporter.port}"]}])
+    rules = yaml.safe_load(ALERTS.read_text())
+    for group in rules["groups"]:
+        group["interval"] = "1s"
+        for rule in group["rules"]:
+            rule.pop("for", None)
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "rule_files": [str(tmp_path / "alerts.yml")],
+        "scrape_configs": [job],
+    }
+    server, api = start_prometheus(config, tmp_path)
+    try:
+        # WHEN Prometheus has scraped and evaluated them
+        deadline = time.monotonic() + 30
+        wanted = {"LoginEtlQueueOldestMessageTooOld", "LoginEtlDeadLetterQueueNotEmpty"}
+        while (
+            not wanted
+            <= (firing := {a["labels"]["alertname"]: a for a in api.get("/api/v1/alerts")["data"]["alerts"]}).keys()
+        ):
+            assert time.monotonic() < deadline, firing
+            time.sleep(0.2)
+        # THEN the queue-age and dead-letter alerts fire, on the right queues' values; nothing else
+        # does but LoginEtlAbsent (no ETL is scraped here)
+        assert set(firing) == wanted | {"LoginEtlAbsent"}
+        assert float(firing["LoginEtlQueueOldestMessageTooOld"]["value"]) == 3600
+        assert float(firing["LoginEtlDeadLetterQueueNotEmpty"]["value"]) == 3
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+        exporter.server.shutdown()

@@ -217,6 +217,7 @@ def test_a_refresh_kept_waiting_for_a_lock_past_the_lock_timeout_exits_3_and_kee
     # THEN one line says what waited and to rerun; the previous snapshot is intact and readable
     err = capsys.readouterr().err
     assert err.startswith("error: the refresh waited 5000 ms for a lock") and "rerun later" in err, err
+    assert "held by pid " in err and " on user_logins" in err, err  # who holds it, never a query's text
     assert_snapshot_is_the_view(database_url, stored)
 
 

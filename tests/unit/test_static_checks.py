@@ -103,3 +103,24 @@ def test_the_app_connects_to_postgresql_only_through_open_connection() -> None:
                         calls.append(f"{path.relative_to(ROOT)}:{call.lineno} in {node.name}()")
     assert [c for c in calls if not c.startswith("database/sqs_postgres.py:") or "open_connection" not in c] == []
     assert len(calls) == 1, calls
+
+
+def test_every_postgresql_session_of_the_app_is_named_login_etl_something() -> None:
+    """The documented `application_name LIKE 'login-etl%'` (docs/kubernetes.md, docs/lambda.md) finds
+    every connection of ours only if every name the code gives starts so: keyword arguments and
+    parameter defaults named application_name, in the app's modules."""
+    names: dict[str, str] = {}
+    for path in [*ROOT.glob("*.py"), *(ROOT / "database").glob("*.py"), *(ROOT / "aws").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            values: list[ast.expr] = []
+            if isinstance(node, ast.Call):
+                values = [k.value for k in node.keywords if k.arg == "application_name"]
+            elif isinstance(node, ast.arguments):
+                named = node.args[len(node.args) - len(node.defaults) :] + node.kwonlyargs
+                defaults = [*node.defaults, *node.kw_defaults]
+                values = [d for a, d in zip(named, defaults, strict=True) if a.arg == "application_name" and d]
+            for value in values:
+                if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                    names[f"{path.name}:{value.lineno}"] = value.value
+    assert len(names) >= 10, names  # the writer, the indexer, the Lambda, the one-shot commands
+    assert {where: name for where, name in names.items() if not name.startswith("login-etl")} == {}
