@@ -55,6 +55,7 @@ def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejecti
         locale=event.locale,
         app_version=event.app_version,
         create_date=message.create_date,
+        masked_network=masker.mask_network(event.ip),
     )
 
 
