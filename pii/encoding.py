@@ -114,6 +114,7 @@ def decode_network(data: bytes) -> str:
     if len(data) != NETWORK_BYTES:
         raise EncodingError("plaintext is not a network (17 bytes)")
     address, prefix = data[:IP_BYTES], data[IP_BYTES]
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
     if address.startswith(_IPV4_MAPPED):
         network = ipaddress.IPv4Network((address[len(_IPV4_MAPPED) :], prefix), strict=False)
         expected = IPV4_PREFIX

@@ -53,6 +53,8 @@ forms = st.integers(0, 5)
 
 def expected_plaintext(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
     """The documented plaintext, computed with `ipaddress` alone: the network's 16 bytes, then its prefix."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # counts as IPv4
     if isinstance(address, ipaddress.IPv4Address):
         network = ipaddress.IPv4Network(f"{address}/24", strict=False).network_address
         return bytes(10) + b"\xff\xff" + network.packed + bytes([24])
