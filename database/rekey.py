@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # The masked columns of each table. `retoken` recovers each token's field from the token itself.
 MASKED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "user_logins": ("masked_ip", "masked_device_id"),
+    "user_logins": ("masked_ip", "masked_device_id", "masked_network"),
     "user_logins_rejected": ("encrypted_body",),
 }
 MAX_PASSES = 5  # a pass after the first only picks up rows that were locked by others

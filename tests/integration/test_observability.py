@@ -93,7 +93,7 @@ def test_check_passes_when_everything_is_in_place(etl_env, capsys) -> None:
     PostgresWriter(etl_env["DATABASE_URL"]).connect()
     assert main(["check"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.count("✓") == 5 and "✗" not in out and "schema: current" in out
+    assert out.count("✓") == 6 and "✗" not in out and "schema: current" in out
     # AND it says how old the analysts' snapshot is, or that it was never refreshed
     assert "schema: current; analysts' snapshot never refreshed: run `python main.py snapshot`" in out
     # AND yesterday's partition and the default one, which no indexer has indexed yet: said, not failed
@@ -107,11 +107,12 @@ def test_check_passes_when_everything_is_in_place(etl_env, capsys) -> None:
     capsys.readouterr()
     assert main(["check"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.count("✓") == 5 and "✗" not in out
+    assert out.count("✓") == 6 and "✗" not in out
     assert re.search(
         r"✓ schema: current; analysts' snapshot refreshed \d{4}-\d\d-\d\d \d\d:\d\d UTC \(0\.0 h ago\)", out
     ), out
     assert "✓ token indexes: every closed partition has them" in out
+    assert "✓ network tokens: every row of an IP address has one" in out
 
 
 def test_check_fails_on_a_missing_key_with_the_fix(etl_env, monkeypatch, capsys) -> None:
