@@ -129,8 +129,10 @@ class Masker:
         # a remembered one is the one encryption would give). The values are raw PII, kept only in
         # this process's memory, as the messages being processed are; never the rejected bodies.
         self._recent: dict[str, dict[str, str]] = {name: {} for name in FIELDS}
-        # The same for network tokens, keyed by the IP's text (None: not an IP address).
-        self._recent_networks: dict[str, str | None] = {}
+        # The same for `mask_ip`: the IP's text -> its token and its network token; and the network
+        # tokens by network plaintext (no address in it, only the network).
+        self._recent_ips: dict[str, tuple[str, str | None]] = {}
+        self._recent_networks: dict[bytes, str] = {}
         self._prefix = token_prefix(version)
         self.current_prefixes = text_prefixes(version)
 
@@ -190,14 +192,36 @@ class Masker:
     def mask_network(self, ip: str) -> str | None:
         """The network token of an IP address under the active key (see the module docstring); None
         if `ip` is not an IP address (what the `ip` token stores in its padded text form)."""
-        recent = self._recent_networks
-        if ip in recent:
-            return recent[ip]
         plain = encoding.encode_network(ip)
-        token = None if plain is None else self._seal(NETWORK_FIELD, plain)
+        return None if plain is None else self._network_token(plain)
+
+    def mask_ip(self, ip: str) -> tuple[str, str | None]:
+        """`(mask("ip", ip), mask_network(ip))`, the address parsed once: the ETL's hot path."""
+        recent = self._recent_ips
+        found = recent.get(ip)
+        if found is not None:
+            return found
+        address = encoding.encode_ip(ip)
+        sealed = self._cipher.encrypt(address, _associated_data("ip"))
+        token = binascii.b2a_base64(self._prefix + sealed, newline=False).decode("ascii")
+        pair = (
+            token,
+            self._network_token(encoding.network_of(address)) if len(address) == encoding.IP_BYTES else None,
+        )
         if len(recent) >= RECENT_TOKENS:
             recent.clear()
-        recent[ip] = token
+        recent[ip] = pair
+        return pair
+
+    def _network_token(self, plain: bytes) -> str:
+        # Keyed by the network: its addresses, seen one by one, share one encryption.
+        recent = self._recent_networks
+        token = recent.get(plain)
+        if token is None:
+            token = self._seal(NETWORK_FIELD, plain)
+            if len(recent) >= RECENT_TOKENS:
+                recent.clear()
+            recent[plain] = token
         return token
 
     def network_of_token(self, ip_token: str) -> str | None:

@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 from tink import daead, secret_key_access
 
 from pii import encoding
-from pii.masking import KEY_BYTES, NETWORK_FIELD, Masker, UnmaskError, decode_key, generate_key
+from pii.masking import KEY_BYTES, NETWORK_FIELD, RECENT_TOKENS, Masker, UnmaskError, decode_key, generate_key
 from pii.tink_keyset import keyset_json
 
 daead.register()
 K1, K2 = decode_key(generate_key()), decode_key(generate_key())
 masker = Masker(bytes(range(KEY_BYTES)))
+masker_k1 = Masker(K1, version=1)
 KEYRING = Masker.from_keys({1: K1, 4_000_000_000: K2}, active=4_000_000_000)
 TINK = tink.json_proto_keyset_format.parse(
     keyset_json({1: K1, 4_000_000_000: K2}, 4_000_000_000), secret_key_access.TOKEN
@@ -61,7 +62,7 @@ def expected_plaintext(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -
     return ipaddress.IPv6Network(f"{address}/48", strict=False).network_address.packed + bytes([48])
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(v4_networks, v4_hosts, v4_hosts, forms, forms)
 def test_two_ipv4_addresses_of_one_slash_24_written_any_way_give_one_network_token(
     network: int, a: int, b: int, form_a: int, form_b: int
@@ -71,7 +72,7 @@ def test_two_ipv4_addresses_of_one_slash_24_written_any_way_give_one_network_tok
     assert masker.unmask(masker.mask_network(first)) == str(ipaddress.IPv4Network(f"{v4(network, 0)}/24"))  # type: ignore[arg-type]
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(v6_networks, v6_hosts, v6_hosts, forms, forms)
 def test_two_ipv6_addresses_of_one_slash_48_written_any_way_give_one_network_token(
     network: int, a: int, b: int, form_a: int, form_b: int
@@ -81,7 +82,7 @@ def test_two_ipv6_addresses_of_one_slash_48_written_any_way_give_one_network_tok
     assert masker.unmask(masker.mask_network(first)) == str(ipaddress.IPv6Network(f"{v6(network, 0)}/48"))  # type: ignore[arg-type]
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     st.one_of(st.tuples(st.just(4), v4_networks, v4_hosts), st.tuples(st.just(6), v6_networks, v6_hosts)),
     st.one_of(st.tuples(st.just(4), v4_networks, v4_hosts), st.tuples(st.just(6), v6_networks, v6_hosts)),
@@ -99,7 +100,7 @@ def test_addresses_of_different_networks_give_different_network_tokens(
     assert (token_a == token_b) == same_network
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.ip_addresses(), forms)
 def test_tink_decrypts_a_network_token_to_the_documented_plaintext_and_makes_the_same_bytes(
     address: ipaddress.IPv4Address | ipaddress.IPv6Address, form: int
@@ -173,3 +174,18 @@ def test_rekey_turns_a_network_token_of_an_old_key_into_the_active_keys() -> Non
     new = KEYRING.rekey(old)
     assert new == KEYRING.mask_network("198.51.100.99") and KEYRING.is_current(new)
     assert KEYRING.unmask(new) == "198.51.100.0/24"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.ip_addresses().map(str) | st.text(max_size=40), min_size=1, max_size=30))
+def test_mask_ip_gives_the_ip_token_and_the_network_token_of_each_value_cached_or_not(values: list[str]) -> None:
+    fresh = Masker(K1, version=1)
+    for value in values + values:  # the second time from its cache
+        assert fresh.mask_ip(value) == (masker_k1.mask("ip", value), masker_k1.mask_network(value))
+
+
+def test_the_caches_of_mask_ip_stay_bounded() -> None:
+    used = Masker(K1, version=1)
+    for n in range(RECENT_TOKENS + 10):
+        used.mask_ip(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
+    assert len(used._recent_ips) <= RECENT_TOKENS and len(used._recent_networks) <= RECENT_TOKENS

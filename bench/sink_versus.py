@@ -1,0 +1,92 @@
+"""The sink's rate (bench/run.py's scenario 4) of this checkout beside another revision's, in one run.
+
+    PYTHONPATH=scripts .venv/bin/python -m bench.sink_versus [--baseline main] [--runs 5] [--sink-count 100000]
+
+The baseline is `git archive <rev>` unpacked in a temporary directory. Each run times the sink of
+both, alternately (baseline first, then this checkout, then the other way round), in child
+processes with the same interpreter and the same bodies, each on a fresh database, so drift and the
+load of a shared machine hit both alike. Prints each run, the medians and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run in the child: one sink over --sink-count bodies of the shared generator, printing rows/s.
+_CHILD = """
+import sys
+from bench.run import SEED, etl_defaults
+from bench.scenarios import Services, fresh_database, sink
+from sample_data import generate
+
+count, endpoint, admin = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+services = Services.for_emulator(endpoint, admin)
+receivers, _deleters, batch_size, flush_seconds = etl_defaults()
+with fresh_database(services) as dsn:
+    result = sink(services, list(generate(count, SEED)), dsn, receivers, batch_size, flush_seconds)[0]
+print(f"{result.rate:.0f} {result.check}")
+"""
+
+
+def _unpack(revision: str, into: Path) -> None:
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True).stdout
+    with tempfile.TemporaryFile() as file:
+        file.write(archive)
+        file.seek(0)
+        with tarfile.open(fileobj=file) as tar:
+            tar.extractall(into, filter="data")
+
+
+def _sink_rate(tree: Path, args: argparse.Namespace) -> tuple[float, str]:
+    env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'scripts'}"}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(args.sink_count), args.endpoint_url, args.database_url],
+        cwd=tree,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    rate, check = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    return float(rate), check
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison; exit 1 if a sink lost or duplicated a message."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", default="main", help="the git revision to compare with (main)")
+    parser.add_argument("--runs", type=int, default=5, help="runs of each (5)")
+    parser.add_argument("--sink-count", type=int, default=100_000, help="messages through each sink (100000)")
+    parser.add_argument("--endpoint-url", default="http://localhost:4566")
+    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    args = parser.parse_args(argv)
+    rates: dict[str, list[float]] = {"baseline": [], "this": []}
+    ok = True
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; cores: {os.cpu_count()}")
+    with tempfile.TemporaryDirectory(prefix="sink-baseline-") as tmp:
+        _unpack(args.baseline, Path(tmp))
+        trees = {"baseline": Path(tmp), "this": ROOT}
+        for run in range(1, args.runs + 1):
+            order = ("baseline", "this") if run % 2 else ("this", "baseline")
+            for name in order:
+                rate, check = _sink_rate(trees[name], args)
+                ok = ok and check.startswith("OK")
+                rates[name].append(rate)
+                print(f"run {run} {name:8}: {rate:,.0f} rows/s; {check}", flush=True)
+    base, this = statistics.median(rates["baseline"]), statistics.median(rates["this"])
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"median sink rate: {args.baseline} {base:,.0f} rows/s, this checkout {this:,.0f} rows/s; ratio {this / base:.3f}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
