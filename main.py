@@ -673,7 +673,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print the original value of each token, one per line (audited)",
         description="Print the original value of each token, one per line, in order. "
         "Tokens of ip and device_id (and rejected bodies), of any key version held, are "
-        "accepted; a network token (masked_network) prints its network, e.g. 203.0.113.0/24. Needs the key and DATABASE_URL: every call is first recorded in "
+        "accepted; a network token (masked_network) prints its network, e.g. 203.0.113.0/24. "
+        "Needs the key and DATABASE_URL: every call is first recorded in "
         "pii_unmask_audit (who, why, token fingerprints; never a value); if that fails, "
         "nothing is shown and the exit code is 3.",
     )

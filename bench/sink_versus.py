@@ -84,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"run {run} {name:8}: {rate:,.0f} rows/s; {check}", flush=True)
     base, this = statistics.median(rates["baseline"]), statistics.median(rates["this"])
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"median sink rate: {args.baseline} {base:,.0f} rows/s, this checkout {this:,.0f} rows/s; ratio {this / base:.3f}")
+    print(
+        f"median sink rate: {args.baseline} {base:,.0f} rows/s, this checkout {this:,.0f} rows/s; "
+        f"ratio {this / base:.3f}"
+    )
     return 0 if ok else 1
 
 
