@@ -8,6 +8,7 @@ docs/analysts.md answer what the rows say, counted by hand."""
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from datetime import date, timedelta
 from typing import Any
@@ -28,6 +29,15 @@ TODAY = date.today()
 K1, K2 = generate_key(), generate_key()
 V1 = Masker(decode_key(K1), version=1)
 V2 = Masker(decode_key(K2), version=2)
+
+
+class _Context:
+    """What the handler reads of the Lambda context."""
+
+    aws_request_id = "network-test"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 60_000
 
 
 def networks(database_url: str) -> dict[str, str | None]:
@@ -57,13 +67,17 @@ def test_the_etl_and_the_lambda_write_a_network_token_beside_each_ip_token(etl_e
     }
     assert stored["user-1"] == stored["user-2"] != stored["user-3"]
     # AND the Lambda's handler, the same core, writes it too
-    from test_lambda_handler import FakeContext, sqs_event, sqs_record
-
     handler = SqsBatchHandler(PostgresWriter(db), masker)
+    record = {
+        "messageId": "lambda-5",
+        "receiptHandle": "AQEB-5",
+        "body": login(5, ip="203.0.113.99"),
+        "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": str(int(time.time() * 1000))},
+        "messageAttributes": {},
+        "eventSource": "aws:sqs",
+    }
     try:
-        assert handler.handle(sqs_event(sqs_record(login(5, ip="203.0.113.99"))), FakeContext()) == {
-            "batchItemFailures": []
-        }
+        assert handler.handle({"Records": [record]}, _Context()) == {"batchItemFailures": []}
     finally:
         handler.writer.close()
     assert networks(db)["user-5"] == stored["user-1"]
