@@ -39,6 +39,9 @@ IPV6_PREFIX = 48
 NETWORK_BYTES = IP_BYTES + 1
 _V4_KEPT = len(_IPV4_MAPPED) + IPV4_PREFIX // 8  # the mapped prefix and the first three octets
 _V6_KEPT = IPV6_PREFIX // 8
+# What follows the bytes kept: the host bytes zeroed, then the prefix length.
+_V4_TAIL = bytes(IP_BYTES - _V4_KEPT) + bytes([IPV4_PREFIX])
+_V6_TAIL = bytes(IP_BYTES - _V6_KEPT) + bytes([IPV6_PREFIX])
 
 
 class EncodingError(ValueError):
@@ -105,8 +108,8 @@ def encode_network(text: str) -> bytes | None:
 def network_of(address: bytes) -> bytes:
     """The network plaintext of a 16-byte address (IPv4-mapped: /24; else /48)."""
     if address.startswith(_IPV4_MAPPED):
-        return address[:_V4_KEPT] + bytes(IP_BYTES - _V4_KEPT) + bytes([IPV4_PREFIX])
-    return address[:_V6_KEPT] + bytes(IP_BYTES - _V6_KEPT) + bytes([IPV6_PREFIX])
+        return address[:_V4_KEPT] + _V4_TAIL
+    return address[:_V6_KEPT] + _V6_TAIL
 
 
 def decode_network(data: bytes) -> str:

@@ -202,15 +202,22 @@ class Masker:
         if found is not None:
             return found
         address = encoding.encode_ip(ip)
-        sealed = self._cipher.encrypt(address, _associated_data("ip"))
-        token = binascii.b2a_base64(self._prefix + sealed, newline=False).decode("ascii")
-        pair = (
-            token,
-            self._network_token(encoding.network_of(address)) if len(address) == encoding.IP_BYTES else None,
-        )
+        cipher, prefix = self._cipher, self._prefix
+        token = binascii.b2a_base64(prefix + cipher.encrypt(address, _IP_AD), newline=False).decode("ascii")
+        network = None
+        if len(address) == encoding.IP_BYTES:
+            plain = encoding.network_of(address)
+            networks = self._recent_networks
+            network = networks.get(plain)
+            if network is None:
+                sealed = cipher.encrypt(plain, _NETWORK_AD)
+                network = binascii.b2a_base64(prefix + sealed, newline=False).decode("ascii")
+                if len(networks) >= RECENT_TOKENS:
+                    networks.clear()
+                networks[plain] = network
         if len(recent) >= RECENT_TOKENS:
             recent.clear()
-        recent[ip] = pair
+        pair = recent[ip] = (token, network)
         return pair
 
     def _network_token(self, plain: bytes) -> str:
@@ -285,6 +292,10 @@ class Masker:
 def _associated_data(field: str) -> list[bytes]:
     """The AES-SIV associated data of a field (a list the cipher reads and never changes)."""
     return [field.encode()]
+
+
+_IP_AD = _associated_data("ip")
+_NETWORK_AD = _associated_data(NETWORK_FIELD)
 
 
 def _parse(token: str) -> tuple[int, bytes, bool]:
