@@ -1,6 +1,6 @@
 # The dev loop, one entry point. Every target works from a fresh clone (the venv is made on demand).
 # `make unit` needs no service; `make test` starts the embedded stack (scripts/stack.sh) first.
-.PHONY: help venv format lint typecheck unit test ci bench
+.PHONY: help venv format lint typecheck unit test ci bench bench-versus
 
 PY := .venv/bin/python
 
@@ -35,3 +35,6 @@ ci:  ## exactly what CI runs
 
 bench: venv  ## the throughput benchmark; writes docs/benchmarks.md
 	bash -c 'source scripts/setup.sh requirements-dev.txt && PYTHONPATH=scripts python -m bench.run --rss --markdown docs/benchmarks.md'
+
+bench-versus: venv  ## the sink's rate of this checkout beside BASELINE's (default main), alternately
+	bash -c 'source scripts/setup.sh requirements-dev.txt && PYTHONPATH=scripts python -m bench.sink_versus --baseline $${BASELINE:-main}'

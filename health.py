@@ -12,7 +12,7 @@ from enum import Enum
 
 from aws.sqs import QueueUnusable, SqsError, SqsReader
 from config import ConfigError, Settings, redact_dsn
-from database import key_checks, snapshot
+from database import key_checks, network_backfill, snapshot
 from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, PostgresWriter
 from pii.keys import KmsUnavailable
 from pii.masking import MaskingError
@@ -148,6 +148,7 @@ def _database(settings: Settings, checks: dict[int, str] | None) -> Iterator[Ite
             yield _key_checks(checks, writer.recorded_key_checks())
         if problem is None:
             yield _token_indexes(writer.closed_partitions_unindexed())
+            yield _network_tokens(network_backfill.lacking(settings.database_url))
     except DatabaseError as exc:
         yield Item(
             False,
@@ -182,6 +183,17 @@ def _token_indexes(unindexed: int) -> Item:
         True,
         f"token indexes: {unindexed} closed partition(s) not indexed yet; the running ETL builds them "
         "in the background (CONCURRENTLY), as does the nightly `python main.py snapshot`",
+    )
+
+
+def _network_tokens(lacking: int) -> Item:
+    """Informational (never fails the check): rows stored before schema 7 still without a network token."""
+    if lacking == 0:
+        return Item(True, "network tokens: every row of an IP address has one")
+    return Item(
+        True,
+        f"network tokens: {lacking} rows stored before schema 7 lack one; run `python main.py backfill-networks` "
+        "(needs the key; resumable)",
     )
 
 

@@ -6,6 +6,7 @@
     python main.py keygen [--kms-key-id ID]       print a new MASKING_KEY (or a KMS-wrapped one)
     python main.py keygen --format tink [--export | --rotate]  a Tink JSON keyset (new, or of the keyring)
     python main.py rekey           rewrite stored tokens of older key versions under the active one
+    python main.py backfill-networks  give rows stored before schema 7 their network token (needs the key)
     python main.py replay --reason TEXT [--dry-run]  load quarantined messages that now pass (audited)
     python main.py check           check configuration and services, as a checklist
     python main.py retention --keep-days N [--dry-run]   drop daily partitions older than N days (audited)
@@ -66,6 +67,7 @@ from config import (
 )
 from database import key_checks
 from database.audit import AuditLog, AuditUnavailable
+from database.network_backfill import BackfillInterrupted, NetworkBackfill
 from database.rekey import Rekeyer, RekeyInterrupted
 from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
 from database.retention import MIN_KEEP_DAYS, Retention
@@ -98,7 +100,8 @@ EXIT_PIPE_CLOSED = EXIT_SIGNAL_BASE + signal.SIGPIPE  # 141, as a shell reports 
 EXIT_CODES = {
     EXIT_OK: "ok",
     EXIT_UNMASK_FAILED: "`unmask` failed (a token that does not decrypt under the keys held, or made by a different "
-    "key with its version), or `rekey` left tokens it cannot rewrite",
+    "key with its version), or `rekey` left tokens it cannot rewrite, or `backfill-networks` left rows without a network token (an ip "
+    "token of a key not held)",
     EXIT_CONFIG: "configuration or usage error: no or several key sources, a key that does not load (a KMS refusal, "
     "one key under two versions, a refused key file), a key version the database records with another key, a "
     "`DATABASE_URL` libpq cannot parse, a flag value out of range or a busy `--metrics-port`, `unmask` without "
@@ -127,6 +130,7 @@ ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (MaskingError, EXIT_CONFIG, "{exc}"),  # a KMS refusal, a bad key file, an inconsistent keyring
     (AuditUnavailable, EXIT_UNREACHABLE, "refusing to unmask without an audit record at {dsn}: {exc}"),
     (RekeyInterrupted, EXIT_SERVICE_LOST, "{exc}; committed batches are kept, rerun to resume"),
+    (BackfillInterrupted, EXIT_SERVICE_LOST, "{exc}; committed batches are kept, rerun to resume"),
     (ReplayNotAudited, EXIT_UNREACHABLE, "refusing to replay without an audit record at {dsn}: {exc}"),
     (ReplayInterrupted, EXIT_SERVICE_LOST, "{exc}; committed batches are kept, rerun to resume"),
     (SnapshotBusy, EXIT_BUSY, "{exc}"),
@@ -201,6 +205,8 @@ def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
         return _rekey(settings, masker, args)
     if args.command == "replay":
         return _replay(settings, masker, args)
+    if args.command == "backfill-networks":
+        return _backfill_networks(settings, masker, args, _backoff(args))
     return _run(settings, masker, args)
 
 
@@ -488,6 +494,26 @@ def _rekey(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     return EXIT_OK if result.remaining == 0 else EXIT_UNMASK_FAILED
 
 
+def _backfill_networks(settings: Settings, masker: Masker, args: argparse.Namespace, backoff: Backoff) -> int:
+    writer = PostgresWriter(settings.database_url)
+    try:
+        _connect(writer, args)  # the column comes with schema 7: migrate first, as the ETL does at start
+    finally:
+        writer.close()
+    backfill = NetworkBackfill(
+        settings.database_url, masker.network_of_token, batch_rows=args.backfill_batch_size, backoff=backoff
+    )
+    try:
+        result = backfill.run()
+    except KeyboardInterrupt:
+        print("backfill-networks interrupted: committed batches are kept, rerun to resume", file=sys.stderr)
+        return EXIT_SIGNAL_BASE + signal.SIGINT
+    print(result.summary())
+    for reason, count in result.failures.most_common():
+        print(f"error: {count} ip token(s) not read: {reason}", file=sys.stderr)
+    return EXIT_OK if result.remaining == 0 else EXIT_UNMASK_FAILED
+
+
 def _replay(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     # Decrypt and validate in memory, commit the audit row, and only then move anything.
     replayer = Replayer(
@@ -748,7 +774,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
-    sub = parser.add_subparsers(dest="command", metavar="{check,unmask,keygen,rekey,replay,retention,snapshot}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{check,unmask,keygen,rekey,backfill-networks,replay,retention,snapshot}"
+    )
     sub.add_parser(
         "check",
         help="check configuration, SQS, the DLQ and PostgreSQL; print a checklist",
@@ -762,7 +790,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print the original value of each token, one per line (audited)",
         description="Print the original value of each token, one per line, in order. "
         "Tokens of ip and device_id (and rejected bodies), of any key version held, are "
-        "accepted. Needs the key and DATABASE_URL: every call is first recorded in "
+        "accepted; a network token (masked_network) prints its network, e.g. 203.0.113.0/24. "
+        "Needs the key and DATABASE_URL: every call is first recorded in "
         "pii_unmask_audit (who, why, token fingerprints; never a value); if that fails, "
         "nothing is shown and the exit code is 3.",
     )
@@ -823,7 +852,7 @@ def _build_parser() -> argparse.ArgumentParser:
     rekey = sub.add_parser(
         "rekey",
         help="rewrite stored tokens of older key versions under the active one",
-        description="Rewrite the tokens in user_logins (masked_ip, masked_device_id) and "
+        description="Rewrite the tokens in user_logins (masked_ip, masked_device_id, masked_network) and "
         "user_logins_rejected (encrypted_body) that are not of the active key "
         "(MASKING_KEY_VERSION, or the keyset's primary), legacy v<n>. tokens included, in "
         "batches of one transaction each. Safe to run while the ETL runs and to kill: "
@@ -832,6 +861,23 @@ def _build_parser() -> argparse.ArgumentParser:
     rekey.add_argument(
         "--batch-size",
         dest="rekey_batch_size",
+        type=_positive_int,
+        default=500,
+        metavar="N",
+        help="about this many rows per transaction (500)",
+    )
+    backfill = sub.add_parser(
+        "backfill-networks",
+        help="give the rows stored before schema 7 their network token (masked_network)",
+        description="Fill masked_network, the network token (/24, /48) of the IP, in the rows of "
+        "user_logins stored before schema 7, from their ip token (needs the key; no value is "
+        "printed or stored in clear), in batches of one transaction each. Safe to run while the ETL "
+        "runs and to stop: a rerun resumes. Legacy v<n>. ip tokens need `rekey` first. `check` "
+        "says how many rows still lack one. Exit 0 when none is left, 1 otherwise.",
+    )
+    backfill.add_argument(
+        "--batch-size",
+        dest="backfill_batch_size",
         type=_positive_int,
         default=500,
         metavar="N",

@@ -150,6 +150,7 @@ class MaskedLogin:
     locale: str | None
     app_version: str
     create_date: date
+    masked_network: str | None = None  # the network token of the IP (/24, /48); None: not an IP address
 
 
 @dataclass(frozen=True, slots=True)

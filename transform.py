@@ -46,15 +46,17 @@ def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejecti
         event = LoginEvent.from_body(message.body)
     except InvalidMessage as exc:
         return reject(message, masker, str(exc))
+    masked_ip, masked_network = masker.mask_ip(event.ip)
     return MaskedLogin(
         message_id=message.message_id,
         user_id=event.user_id,
         device_type=event.device_type,
-        masked_ip=masker.mask("ip", event.ip),
+        masked_ip=masked_ip,
         masked_device_id=masker.mask("device_id", event.device_id),
         locale=event.locale,
         app_version=event.app_version,
         create_date=message.create_date,
+        masked_network=masked_network,
     )
 
 

@@ -10,9 +10,10 @@ inside the caller's transaction; the caller holds the schema advisory lock and h
   message without one: 1970-01-01, the original exercise's NULL dates). It never fails a batch.
 - Creating a day whose rows already sit in the default partition moves them in the same
   transaction (PostgreSQL would otherwise refuse the new partition).
-- Two token indexes (schema 5) on each CLOSED partition only (a day before today, UTC, and the
-  default partition): `<partition>_device_user_day` on (masked_device_id, user_id, create_date) and
-  `<partition>_ip_user_day` on (masked_ip, user_id, create_date). They hold every column the
+- Token indexes (schema 5; the third, of the network tokens, schema 7) on each CLOSED partition only
+  (a day before today, UTC, and the default partition): `<partition>_device_user_day` on
+  (masked_device_id, user_id, create_date), `<partition>_ip_user_day` on (masked_ip, user_id,
+  create_date) and `<partition>_network_user_day` on (masked_network, user_id, create_date). They hold every column the
   duplicates view and the analysts' queries read, so the history is read by index-only scans merged
   in token order (docs/analysts.md); today's partition, the one being written, carries the unique
   index only, so the writer pays for no token index (they cost ~14 µs of CPU per row). No index on
@@ -43,6 +44,7 @@ _DAY_NAME = re.compile(r"^user_logins_p(\d{8})$")
 TOKEN_INDEXES = {
     "device_user_day": "(masked_device_id, user_id, create_date)",
     "ip_user_day": "(masked_ip, user_id, create_date)",
+    "network_user_day": "(masked_network, user_id, create_date)",
 }
 # Schema 4 defined them on the parent (so on every partition, today's too); the migration to 5 drops these.
 PARENT_TOKEN_INDEXES = ("user_logins_device_user_day", "user_logins_ip_user_day")
@@ -55,7 +57,8 @@ COLUMNS_DDL = """
     locale           varchar(32),
     app_version      varchar(32),
     create_date      date,
-    message_id       varchar(128)"""
+    message_id       varchar(128),
+    masked_network   varchar(64)"""
 COLUMNS = (
     "user_id",
     "device_type",
@@ -65,6 +68,7 @@ COLUMNS = (
     "app_version",
     "create_date",
     "message_id",
+    "masked_network",
 )
 
 

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # The masked columns of each table. `retoken` recovers each token's field from the token itself.
 MASKED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "user_logins": ("masked_ip", "masked_device_id"),
+    "user_logins": ("masked_ip", "masked_device_id", "masked_network"),
     "user_logins_rejected": ("encrypted_body",),
 }
 MAX_PASSES = 5  # a pass after the first only picks up rows that were locked by others
@@ -120,7 +120,8 @@ class Rekeyer:
         try:
             for table, columns in MASKED_COLUMNS.items():
                 for leaf in _leaves(conn, table):
-                    result.remaining += self._table(conn, leaf, columns, result, label=table)
+                    present = _present(conn, leaf, columns)  # the legacy table mid-move has no masked_network
+                    result.remaining += self._table(conn, leaf, present, result, label=table)
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             raise RekeyInterrupted(f"rekey stopped ({exc.pgcode or type(exc).__name__}: {first_line(exc)})") from None
         except psycopg2.Error as exc:  # not an outage: e.g. a role without UPDATE on the tables
@@ -222,6 +223,17 @@ class Rekeyer:
         with conn, conn.cursor() as cur:
             cur.execute(f"SELECT {terms} FROM {table}", {"n": self._prefix_chars, "prefixes": list(self._prefixes)})
             return int(one_row(cur)[0])
+
+
+def _present(conn: Connection, table: str, columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The ones of `columns` that `table` has, in order."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            """SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped""",
+            (table,),
+        )
+        have = {row[0] for row in cur.fetchall()}
+    return tuple(column for column in columns if column in have)
 
 
 def _leaves(conn: Connection, table: str) -> list[str]:

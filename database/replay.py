@@ -298,10 +298,11 @@ class Replayer:
                     r.app_version,
                     r.create_date,
                     r.locale,
+                    r.masked_network,
                 )
                 for r in logins
             ],
-            template="(%s, %s, %s, %s, %s, %s, %s::date, %s::text)",
+            template="(%s, %s, %s, %s, %s, %s, %s::date, %s::text, %s::text)",
             page_size=len(logins),
             fetch=True,
         )

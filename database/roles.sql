@@ -132,7 +132,9 @@ BEGIN
                  FROM (SELECT left(encode(sha256(convert_to(v.token, 'UTF8')), 'hex'), 16) AS fingerprint,
                               to_jsonb(l) ->> 'message_id' AS message_id, l.user_id::text AS user_id, v.field
                          FROM %I l CROSS JOIN LATERAL (VALUES ('ip'::text, l.masked_ip::text),
-                                                             ('device_id', l.masked_device_id::text)) AS v(field, token)
+                                                             ('device_id', l.masked_device_id::text),
+                                                             ('ip_network', to_jsonb(l) ->> 'masked_network'))
+                                                      AS v(field, token)
                         WHERE v.token IS NOT NULL) m
                 WHERE m.fingerprint = ANY ($1)$q$,
             login_table) USING fingerprints;

@@ -36,13 +36,14 @@ T = TypeVar("T")
 
 # Any constant: serialises schema set-up between processes starting at once.
 _SCHEMA_LOCK_ID = 7_412_350_191
-SCHEMA_VERSION = 6  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
+SCHEMA_VERSION = 7  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
 # replay columns and the user_logins_replayed view; 4: the token indexes for the analysts' queries (on
 # the parent); 5: the all-time snapshot of the duplicates view (database/snapshot.py refreshes it), and
 # the token indexes on closed days only (database/token_indexes.py builds them); 6: etl_key_checks, the
-# check value of each key version (database/key_checks.py)
+# check value of each key version (database/key_checks.py); 7: the network token
+# column masked_network, in the duplicates view (field 'network') and a third token index of closed days
 
-# COPY order: `locale`, the only nullable value, last, so a row is built with one join.
+# COPY order: the two nullable values, `locale` and `masked_network`, last, so a row is built with one join.
 _LOGIN_COLUMNS = (
     "message_id",
     "user_id",
@@ -52,6 +53,7 @@ _LOGIN_COLUMNS = (
     "app_version",
     "create_date",
     "locale",
+    "masked_network",
 )
 _COLUMN_LIST = ", ".join(_LOGIN_COLUMNS)
 # After a batch that held an already-stored message, this many batches go through staging.
@@ -114,7 +116,11 @@ SELECT 'device_id'::text AS field, masked_device_id AS masked_value, count(*) AS
 UNION ALL
 SELECT 'ip'::text, masked_ip, count(*), count(DISTINCT user_id), min(create_date), max(create_date)
   FROM user_logins WHERE masked_ip IS NOT NULL
- GROUP BY masked_ip HAVING count(*) > 1"""
+ GROUP BY masked_ip HAVING count(*) > 1
+UNION ALL
+SELECT 'network'::text, masked_network, count(*), count(DISTINCT user_id), min(create_date), max(create_date)
+  FROM user_logins WHERE masked_network IS NOT NULL
+ GROUP BY masked_network HAVING count(*) > 1"""
 
 
 # For analysts' all-time top 20: the view's answer stored, refreshed by `python main.py snapshot`
@@ -379,6 +385,9 @@ class PostgresWriter:
             # Today's table (or the original exercise's: integer app_version, no message_id):
             # renamed, replaced by the partitioned one, its rows moved in batches afterwards.
             partitions.start_legacy_move(cur)
+        # Schema 7: the network token (NULL in the rows before it: `backfill-networks` fills them). On a
+        # partitioned table a nullable column without a default is a catalog change, instant.
+        cur.execute(f"ALTER TABLE {partitions.TABLE} ADD COLUMN IF NOT EXISTS masked_network varchar(64)")
         # Schema 4 -> 5 (a schema 3 goes straight to 5): no token index on the parent, nor so on
         # today's partition; token_indexes.py builds the closed days' own, CONCURRENTLY.
         partitions.drop_parent_token_indexes(cur)
@@ -705,7 +714,8 @@ def _copy_text(logins: Sequence[MaskedLogin]) -> str:
         if head.count("\t") != 6 or "\\" in head or "\n" in head or "\r" in head:
             head = "\t".join(f.translate(_COPY_ESCAPES) for f in fields)
         locale = "\\N" if row.locale is None else row.locale.translate(_COPY_ESCAPES)
-        lines.append(f"{head}\t{locale}")
+        network = row.masked_network or "\\N"  # base64: nothing to escape
+        lines.append(f"{head}\t{locale}\t{network}")
     lines.append("")
     return "\n".join(lines)
 

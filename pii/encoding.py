@@ -10,6 +10,10 @@ AES-SIV's ciphertext is exactly as long as its plaintext, so a token of the raw 
   is not an IP address (a zone id, leading zeros, spaces, anything) is not lost: it takes the padded
   text form below, which is at least 32 bytes and so never 16.
 - ``device_id``: the padded text form.
+- ``ip_network`` (the network token, `encode_network`): the network of an IP address, 17 bytes: the
+  16-byte form above with the host bits zeroed, then one byte, the prefix length in the address's
+  own family: /24 for IPv4 (an IPv4-mapped IPv6 address counts as IPv4), /48 for IPv6. Every
+  network token has one length. A value that is not an IP address has no network: None (NULL).
 - anything else (the rejected body): UTF-8, unpadded.
 
 The padded text form is the UTF-8 of the value, one byte 0x80, then 0x00 bytes up to the next
@@ -28,6 +32,16 @@ import socket
 PAD_BLOCK_BYTES = 32
 IP_BYTES = 16
 _IPV4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96
+# The networks of the network token: what web analytics keeps when it truncates an address (the last
+# octet of IPv4 zeroed, the last 80 bits of IPv6), as (bytes kept of the 16, prefix length in its family).
+IPV4_PREFIX = 24
+IPV6_PREFIX = 48
+NETWORK_BYTES = IP_BYTES + 1
+_V4_KEPT = len(_IPV4_MAPPED) + IPV4_PREFIX // 8  # the mapped prefix and the first three octets
+_V6_KEPT = IPV6_PREFIX // 8
+# What follows the bytes kept: the host bytes zeroed, then the prefix length.
+_V4_TAIL = bytes(IP_BYTES - _V4_KEPT) + bytes([IPV4_PREFIX])
+_V6_TAIL = bytes(IP_BYTES - _V6_KEPT) + bytes([IPV6_PREFIX])
 
 
 class EncodingError(ValueError):
@@ -77,6 +91,42 @@ def decode_ip(data: bytes) -> str:
             return str(ipaddress.IPv4Address(data[IP_BYTES - 4 :]))
         return str(ipaddress.IPv6Address(data))
     return _text(unpad(data))
+
+
+def encode_network(text: str) -> bytes | None:
+    """The network plaintext of an IP address (see the module docstring); None if `text` is not one.
+
+    "Not one" is exactly what `encode_ip` stores in the padded form, so a value has a network token
+    if and only if its IP token is of the 16-byte form.
+    """
+    address = encode_ip(text)
+    if len(address) != IP_BYTES:
+        return None
+    return network_of(address)
+
+
+def network_of(address: bytes) -> bytes:
+    """The network plaintext of a 16-byte address (IPv4-mapped: /24; else /48)."""
+    if address.startswith(_IPV4_MAPPED):
+        return address[:_V4_KEPT] + _V4_TAIL
+    return address[:_V6_KEPT] + _V6_TAIL
+
+
+def decode_network(data: bytes) -> str:
+    """The network's text (``203.0.113.0/24``, ``2001:db8:1::/48``); raise EncodingError if not a network plaintext."""
+    if len(data) != NETWORK_BYTES:
+        raise EncodingError("plaintext is not a network (17 bytes)")
+    address, prefix = data[:IP_BYTES], data[IP_BYTES]
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    if address.startswith(_IPV4_MAPPED):
+        network = ipaddress.IPv4Network((address[len(_IPV4_MAPPED) :], prefix), strict=False)
+        expected = IPV4_PREFIX
+    else:
+        network = ipaddress.IPv6Network((address, prefix), strict=False)
+        expected = IPV6_PREFIX
+    if prefix != expected or network_of(address) != data:
+        raise EncodingError("plaintext is not a network of the documented prefix, host bits zero")
+    return str(network)
 
 
 def encode_padded(text: str) -> bytes:

@@ -9,6 +9,11 @@ the 2^32 IPv4 addresses or the 10^9 SSN-shaped device ids, brute-forceable in mi
 The field name is the associated data: an IP and a device id with the same text mask to
 different tokens, and a token cannot be replayed as another field.
 
+Beside each IP token, a network token (`mask_network`): the token of the address's network (/24 for
+IPv4, IPv4-mapped included; /48 for IPv6) under its own associated data, ``ip_network``, so it can
+neither be taken for nor swapped with an IP token. Equal networks, equal tokens; `unmask` gives
+the network (``203.0.113.0/24``), never an address. A value that is not an IP address has none (None).
+
 Token format: standard base64 (padded) of exactly what Tink's DeterministicAead (AES-SIV key,
 ``TINK`` output prefix) gives for ``encrypt_deterministically(plaintext, field)``: the byte 0x01,
 the 4-byte big-endian key id, the 16-byte SIV, the ciphertext. So Tink, and BigQuery's
@@ -43,6 +48,10 @@ KEY_BYTES = 64  # AES-256-SIV: two 256-bit keys (RFC 5297 section 2.2)
 FIELDS = ("ip", "device_id")
 # Rejected messages are stored with their whole body encrypted under this associated data.
 BODY_FIELD = "rejected_body"
+# The network token's associated data (a column of its own, `masked_network`; see Masker.mask_network).
+NETWORK_FIELD = "ip_network"
+# Every field `unmask` and `rekey` try by default, most frequent first.
+ALL_FIELDS = (*FIELDS, NETWORK_FIELD, BODY_FIELD)
 # Tokens remembered per field by a Masker (see Masker.mask): ~4 MB each at most.
 RECENT_TOKENS = 16_384
 _LEGACY_TOKEN = re.compile(r"^v([1-9][0-9]{0,5})\.([A-Za-z0-9_-]+)$")
@@ -58,7 +67,7 @@ _CHECK_CONSTANT = b"login-etl key check value: one version, one key"
 CHECK_VALUE_HEX_DIGITS = 32
 
 _ENCODE = {"ip": encoding.encode_ip, "device_id": encoding.encode_padded}
-_DECODE = {"ip": encoding.decode_ip, "device_id": encoding.decode_padded}
+_DECODE = {"ip": encoding.decode_ip, "device_id": encoding.decode_padded, NETWORK_FIELD: encoding.decode_network}
 
 
 class MaskingError(Exception):
@@ -136,6 +145,10 @@ class Masker:
         # a remembered one is the one encryption would give). The values are raw PII, kept only in
         # this process's memory, as the messages being processed are; never the rejected bodies.
         self._recent: dict[str, dict[str, str]] = {name: {} for name in FIELDS}
+        # The same for `mask_ip`: the IP's text -> its token and its network token; and the network
+        # tokens by network plaintext (no address in it, only the network).
+        self._recent_ips: dict[str, tuple[str, str | None]] = {}
+        self._recent_networks: dict[bytes, str] = {}
         self._prefix = token_prefix(version)
         self.current_prefixes = text_prefixes(version)
 
@@ -198,7 +211,58 @@ class Masker:
             recent[value] = token
         return token
 
-    def unmask(self, token: str, fields: tuple[str, ...] = (*FIELDS, BODY_FIELD)) -> str:
+    def mask_network(self, ip: str) -> str | None:
+        """The network token of an IP address under the active key (see the module docstring); None
+        if `ip` is not an IP address (what the `ip` token stores in its padded text form)."""
+        plain = encoding.encode_network(ip)
+        return None if plain is None else self._network_token(plain)
+
+    def mask_ip(self, ip: str) -> tuple[str, str | None]:
+        """`(mask("ip", ip), mask_network(ip))`, the address parsed once: the ETL's hot path."""
+        recent = self._recent_ips
+        found = recent.get(ip)
+        if found is not None:
+            return found
+        address = encoding.encode_ip(ip)
+        cipher, prefix = self._cipher, self._prefix
+        token = binascii.b2a_base64(prefix + cipher.encrypt(address, _IP_AD), newline=False).decode("ascii")
+        network = None
+        if len(address) == encoding.IP_BYTES:
+            plain = encoding.network_of(address)
+            networks = self._recent_networks
+            network = networks.get(plain)
+            if network is None:
+                sealed = cipher.encrypt(plain, _NETWORK_AD)
+                network = binascii.b2a_base64(prefix + sealed, newline=False).decode("ascii")
+                if len(networks) >= RECENT_TOKENS:
+                    networks.clear()
+                networks[plain] = network
+        if len(recent) >= RECENT_TOKENS:
+            recent.clear()
+        pair = recent[ip] = (token, network)
+        return pair
+
+    def _network_token(self, plain: bytes) -> str:
+        # Keyed by the network: its addresses, seen one by one, share one encryption.
+        recent = self._recent_networks
+        token = recent.get(plain)
+        if token is None:
+            token = self._seal(NETWORK_FIELD, plain)
+            if len(recent) >= RECENT_TOKENS:
+                recent.clear()
+            recent[plain] = token
+        return token
+
+    def network_of_token(self, ip_token: str) -> str | None:
+        """The network token (active key) of the address an `ip` token holds; None if it holds no
+        address. Raises UnmaskError if `ip_token` is not an ip token this keyring opens."""
+        return self.mask_network(self._open(ip_token, ("ip",))[1])
+
+    def _seal(self, field: str, plain: bytes) -> str:
+        sealed = self._cipher.encrypt(plain, _associated_data(field))
+        return binascii.b2a_base64(self._prefix + sealed, newline=False).decode("ascii")
+
+    def unmask(self, token: str, fields: tuple[str, ...] = ALL_FIELDS) -> str:
         """Return the original value of a token of any of `fields` (an IP in canonical text); raise UnmaskError."""
         return self._open(token, fields)[1]
 
@@ -206,7 +270,7 @@ class Masker:
         """Whether `token` is already of the active key and format (what `rekey` leaves alone)."""
         return token.startswith(self.current_prefixes) and _parse(token)[0] == self.version
 
-    def rekey(self, token: str, fields: tuple[str, ...] = (*FIELDS, BODY_FIELD)) -> str:
+    def rekey(self, token: str, fields: tuple[str, ...] = ALL_FIELDS) -> str:
         """Return `token` re-made under the active key (the same token if it already is); raise UnmaskError.
 
         The field is recovered from the token itself (the one whose associated data authenticates),
@@ -216,7 +280,13 @@ class Masker:
         if self.is_current(token):
             return token
         field, value = self._open(token, fields)
+        if field == NETWORK_FIELD:  # its value is the network's text, not an address: seal its plaintext again
+            return self._seal(field, self._plaintext(token, field))
         return self.mask(field, value)
+
+    def _plaintext(self, token: str, field: str) -> bytes:
+        version, sealed, _legacy = _parse(token)
+        return self._ciphers[version].decrypt(sealed, _associated_data(field))
 
     def _open(self, token: str, fields: tuple[str, ...]) -> tuple[str, str]:
         version, sealed, legacy = _parse(token)
@@ -244,6 +314,10 @@ class Masker:
 def _associated_data(field: str) -> list[bytes]:
     """The AES-SIV associated data of a field (a list the cipher reads and never changes)."""
     return [field.encode()]
+
+
+_IP_AD = _associated_data("ip")
+_NETWORK_AD = _associated_data(NETWORK_FIELD)
 
 
 def _parse(token: str) -> tuple[int, bytes, bool]:

@@ -33,6 +33,7 @@ def sample_logins() -> list[MaskedLogin]:
             None,
             "2.3.0",
             (TODAY, TODAY - timedelta(days=1), OLD_DAY, FAR_DAY)[n % 4],
+            None if n % 11 == 0 else f"v1.net{n % 3}",  # NULL: an ip that is not an IP address
         )
         for n in range(60)
     ]
@@ -108,6 +109,7 @@ def rekey_all(database_url: str, stored: list[MaskedLogin]) -> list[MaskedLogin]
             r.locale,
             r.app_version,
             r.create_date,
+            r.masked_network and retoken(r.masked_network),
         )
         for r in stored
     ]
@@ -117,7 +119,11 @@ def by_hand(rows: list[MaskedLogin]) -> list[tuple[Any, ...]]:
     """The view's rows counted in Python from the logins stored (field, token, logins, users, first, last)."""
     seen: dict[tuple[str, str], list[MaskedLogin]] = defaultdict(list)
     for row in rows:
-        for field, token in (("device_id", row.masked_device_id), ("ip", row.masked_ip)):
+        for field, token in (
+            ("device_id", row.masked_device_id),
+            ("ip", row.masked_ip),
+            ("network", row.masked_network),
+        ):
             if token is not None:
                 seen[field, token].append(row)
     return sorted(

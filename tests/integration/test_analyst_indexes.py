@@ -223,7 +223,7 @@ def test_an_invalid_leftover_under_our_name_is_dropped_and_built_again(database_
 def test_a_schema_4_database_loses_the_parent_indexes_and_the_indexer_builds_the_closed_days(database_url) -> None:
     # GIVEN a schema 4 database: the token indexes on the parent, so on every partition, today's too
     _written(database_url)
-    for name, columns in zip(partitions.PARENT_TOKEN_INDEXES, partitions.TOKEN_INDEXES.values(), strict=True):
+    for name, columns in zip(partitions.PARENT_TOKEN_INDEXES, list(partitions.TOKEN_INDEXES.values())[:2], strict=True):
         query(database_url, f"CREATE INDEX {name} ON user_logins {columns}")
     query(database_url, "DELETE FROM etl_schema_version WHERE version > 4; INSERT INTO etl_schema_version VALUES (4)")
     today = partitions.partition_name(TODAY)
@@ -244,7 +244,7 @@ def test_a_schema_4_database_loses_the_parent_indexes_and_the_indexer_builds_the
         "SELECT count(*) FROM pg_index x JOIN pg_inherits i ON i.inhrelid = x.indrelid "
         "WHERE i.inhparent = 'user_logins'::regclass AND NOT x.indisunique",
     ) == [(0,)]
-    assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)] == [(5,)]
+    assert query(database_url, "SELECT max(version) FROM etl_schema_version") == [(SCHEMA_VERSION,)]
     assert query(database_url, "SELECT * FROM user_logins ORDER BY message_id") == before
     # AND the analysts' snapshot is there (schema 5's other part), not yet refreshed
     assert query(

@@ -73,13 +73,15 @@ def test_rotation_rekey_and_retirement_from_the_cli(etl_env, sqs_client, monkeyp
     # WHEN rekey runs
     assert main(["rekey", "--batch-size", "3"]) == EXIT_OK
     # THEN every token is of v2, exactly the token v2 makes today, so the duplicates line up again
-    assert "rekeyed 21 tokens to version 2" in capsys.readouterr().out  # 10 v1 rows x 2 + 1 rejected body
-    rows = query(db, "SELECT user_id, masked_ip, masked_device_id FROM user_logins ORDER BY user_id")
+    # 10 v1 rows x 3 (ip, device, network) + 1 rejected body
+    assert "rekeyed 31 tokens to version 2" in capsys.readouterr().out
+    rows = query(db, "SELECT user_id, masked_ip, masked_device_id, masked_network FROM user_logins ORDER BY user_id")
     assert len(rows) == 20
-    for user_id, masked_ip, masked_device_id in rows:
+    for user_id, masked_ip, masked_device_id, masked_network in rows:
         n = int(user_id.split("-")[1])
         assert masked_ip == V2.mask("ip", f"10.0.0.{n}")
         assert masked_device_id == V2.mask("device_id", DEVICES[n % 5])
+        assert masked_network == V2.mask_network("10.0.0.0")  # the one /24 of all twenty
     assert query(db, "SELECT count(DISTINCT masked_device_id) FROM user_logins") == [(5,)]
     bodies = [V2.unmask(token) for (token,) in query(db, "SELECT encrypted_body FROM user_logins_rejected")]
     assert sorted(json.loads(b)["ip"] for b in bodies) == ["203.0.113.0", "203.0.113.10"]

@@ -114,6 +114,7 @@ def test_check_passes_when_everything_is_in_place(etl_env, capsys) -> None:
         r"✓ schema: current; analysts' snapshot refreshed \d{4}-\d\d-\d\d \d\d:\d\d UTC \(0\.0 h ago\)", out
     ), out
     assert "✓ token indexes: every closed partition has them" in out
+    assert "✓ network tokens: every row of an IP address has one" in out
 
 
 def test_check_fails_on_a_missing_key_with_the_fix(etl_env, monkeypatch, capsys) -> None:

@@ -155,7 +155,7 @@ def test_the_nightly_snapshot_first_builds_the_closed_days_missing_token_indexes
     lines = refresh(capsys).splitlines()
     # THEN it first builds every closed day's two token indexes, printing them, then refreshes
     built = lines[0].removeprefix("token indexes: built ")
-    assert built.startswith(f"{2 * len(closed)} in "), lines
+    assert built.startswith(f"{len(partitions.TOKEN_INDEXES) * len(closed)} in "), lines
     assert f"{yesterday}_device_user_day" in built and f"{yesterday}_ip_user_day" in built
     assert "refreshed concurrently" in lines[1], lines
     assert _unindexed_closed(database_url) == set()
@@ -244,7 +244,7 @@ def test_the_snapshots_top_20_queries_read_its_indexes(db_env, capsys) -> None:
     load_logins(database_url)
     refresh(capsys)
     queries = documented_top_20()
-    assert len(queries) == 3 and all(SNAPSHOT in sql for sql in queries), queries
+    assert len(queries) == 4 and all(SNAPSHOT in sql for sql in queries), queries
     conn = psycopg2.connect(database_url)
     try:
         with conn, conn.cursor() as cur:

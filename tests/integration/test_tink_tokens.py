@@ -52,6 +52,7 @@ def test_the_etl_masks_with_a_keyset_and_tink_decrypts_the_stored_tokens(
     assert sorted(query(etl_env["DATABASE_URL"], "SELECT field, logins FROM user_login_duplicates")) == [
         ("device_id", 3),
         ("ip", 2),
+        ("network", 2),  # 1.2.3.0/24
     ]
     # and the audited unmask shows the canonical text
     capsys.readouterr()

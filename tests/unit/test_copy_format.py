@@ -37,11 +37,14 @@ def decode(line: str) -> list[str | None]:
 text = st.text(alphabet=st.characters(exclude_characters="\x00", categories=NOT_SURROGATES), max_size=20)
 
 
-@given(st.lists(st.tuples(text, text, text, st.none() | text), min_size=1, max_size=5))
-def test_every_row_decodes_back_to_its_values(rows: list[tuple[str, str, str, str | None]]) -> None:
+networks = st.none() | st.just("AQAAAAHk2y1wTw0lsF3o2nn1VS7a0YI5gR2c8rO2kx1bCwGfAkBo")
+
+
+@given(st.lists(st.tuples(text, text, text, st.none() | text, networks), min_size=1, max_size=5))
+def test_every_row_decodes_back_to_its_values(rows: list[tuple[str, str, str, str | None, str | None]]) -> None:
     logins = [
-        MaskedLogin(f"m{i}", user, device, "v1.a", "v1.b", locale, version, date(2026, 1, 2))
-        for i, (user, device, version, locale) in enumerate(rows)
+        MaskedLogin(f"m{i}", user, device, "v1.a", "v1.b", locale, version, date(2026, 1, 2), network)
+        for i, (user, device, version, locale, network) in enumerate(rows)
     ]
     lines = _copy_text(logins).split("\n")
     assert lines[-1] == "" and len(lines) == len(logins) + 1
@@ -55,4 +58,5 @@ def test_every_row_decodes_back_to_its_values(rows: list[tuple[str, str, str, st
             login.app_version,
             "2026-01-02",
             login.locale,
+            login.masked_network,
         ]

@@ -33,6 +33,7 @@ def test_a_partitions_token_indexes_are_named_after_it() -> None:
     assert partitions.token_index_names("user_logins_p20260228") == {
         "user_logins_p20260228_device_user_day": "(masked_device_id, user_id, create_date)",
         "user_logins_p20260228_ip_user_day": "(masked_ip, user_id, create_date)",
+        "user_logins_p20260228_network_user_day": "(masked_network, user_id, create_date)",
     }
 
 
