@@ -100,8 +100,8 @@ EXIT_PIPE_CLOSED = EXIT_SIGNAL_BASE + signal.SIGPIPE  # 141, as a shell reports 
 EXIT_CODES = {
     EXIT_OK: "ok",
     EXIT_UNMASK_FAILED: "`unmask` failed (a token that does not decrypt under the keys held, or made by a different "
-    "key with its version), or `rekey` left tokens it cannot rewrite, or `backfill-networks` left rows without a network token (an ip "
-    "token of a key not held)",
+    "key with its version), or `rekey` left tokens it cannot rewrite, or `backfill-networks` left rows without a "
+    "network token (an ip token of a key not held)",
     EXIT_CONFIG: "configuration or usage error: no or several key sources, a key that does not load (a KMS refusal, "
     "one key under two versions, a refused key file), a key version the database records with another key, a "
     "`DATABASE_URL` libpq cannot parse, a flag value out of range or a busy `--metrics-port`, `unmask` without "
