@@ -93,7 +93,7 @@ def test_check_passes_when_everything_is_in_place(etl_env, capsys) -> None:
     PostgresWriter(etl_env["DATABASE_URL"]).connect()
     assert main(["check"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.count("✓") == 6 and "✗" not in out and "schema: current" in out
+    assert out.count("✓") == 7 and "✗" not in out and "schema: current" in out
     # AND the keys: no version recorded yet (this writer wrote no token)
     assert "✓ keys: the database knows no key version of this keyring yet; the ETL records them" in out
     # AND it says how old the analysts' snapshot is, or that it was never refreshed
@@ -109,7 +109,7 @@ def test_check_passes_when_everything_is_in_place(etl_env, capsys) -> None:
     capsys.readouterr()
     assert main(["check"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.count("✓") == 6 and "✗" not in out
+    assert out.count("✓") == 7 and "✗" not in out
     assert re.search(
         r"✓ schema: current; analysts' snapshot refreshed \d{4}-\d\d-\d\d \d\d:\d\d UTC \(0\.0 h ago\)", out
     ), out
