@@ -194,6 +194,7 @@ def test_an_auditor_finds_the_rows_behind_an_unmask_with_the_readme_query_as_the
             None,
             "1.0",
             date(2024, 1, 1),
+            MASKER.mask_network(f"10.{n}.0.1"),
         )
         for n in (1, 2)
     ]
@@ -205,11 +206,16 @@ def test_an_auditor_finds_the_rows_behind_an_unmask_with_the_readme_query_as_the
     monkeypatch.setenv("MASKING_KEY", KEY)
     monkeypatch.setenv("DATABASE_URL", logins["unmask"])
     assert main(["unmask", "--reason", "case 7", "--requested-by", "carol", rows[1].masked_device_id]) == EXIT_OK
-    # THEN the auditor, who may not read user_logins, finds it with the README's query
+    # AND the network of u1 (a network token: audited like any other)
+    assert main(["unmask", "--reason", "case 8", "--requested-by", "carol", rows[0].masked_network]) == EXIT_OK  # type: ignore[list-item]
+    # THEN the auditor, who may not read user_logins, finds both with the README's query
     auditor = logins["auditor"]
     assert refused(auditor, "SELECT * FROM user_logins")
     found = query(auditor, readme_auditor_query())
-    assert [(r[1], r[2], r[-4:]) for r in found] == [("carol", "case 7", ("user_logins", "m-2", "u2", "device_id"))]
+    assert [(r[1], r[2], r[-4:]) for r in found] == [
+        ("carol", "case 7", ("user_logins", "m-2", "u2", "device_id")),
+        ("carol", "case 8", ("user_logins", "m-1", "u1", "ip_network")),
+    ]
     # AND the view gives the analyst and the unmasker nothing
     assert refused(logins["analyst"], "SELECT * FROM pii_unmask_audit_rows")
     assert refused(logins["unmask"], "SELECT * FROM pii_unmask_audit_rows")
