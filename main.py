@@ -495,7 +495,8 @@ def _rekey(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
 
 
 def _backfill_networks(settings: Settings, masker: Masker, args: argparse.Namespace, backoff: Backoff) -> int:
-    writer = PostgresWriter(settings.database_url)
+    # It writes tokens: like rekey, only if the database knows no other key under a version held.
+    writer = PostgresWriter(settings.database_url, key_checks=masker.check_values)
     try:
         _connect(writer, args)  # the column comes with schema 7: migrate first, as the ETL does at start
     finally:

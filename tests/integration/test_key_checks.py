@@ -68,9 +68,16 @@ def test_the_etl_refuses_another_key_under_a_known_version_and_consumes_nothing(
     assert len(query(database_url, "SELECT * FROM etl_key_checks")) == 1
 
 
-def test_rekey_and_replay_refuse_it_too(second_key: str, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rekey_backfill_and_replay_refuse_it_too(
+    second_key: str, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = query(database_url, "SELECT masked_ip, masked_device_id FROM user_logins ORDER BY 1")
-    for argv in (["rekey"], ["replay", "--reason", "test"], ["replay", "--reason", "test", "--dry-run"]):
+    for argv in (
+        ["rekey"],
+        ["backfill-networks"],
+        ["replay", "--reason", "test"],
+        ["replay", "--reason", "test", "--dry-run"],
+    ):
         capsys.readouterr()
         assert main(argv) == EXIT_CONFIG, argv
         err = capsys.readouterr().err.strip().splitlines()
