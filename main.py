@@ -53,13 +53,19 @@ from config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DELETERS,
     DEFAULT_FLUSH_SECONDS,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_BYTES_IN_HAND,
     DEFAULT_RECEIVERS,
     DEFAULT_STOP_TIMEOUT_SECONDS,
+    MIN_MAX_BODY_BYTES,
+    MIN_MAX_BYTES_IN_HAND,
+    SQS_MAX_MESSAGE_BYTES,
     ConfigError,
     KmsSettings,
     PipelineOptions,
     Settings,
     database_url_from_env,
+    parse_bytes,
     redact_dsn,
 )
 from database.audit import AuditLog, AuditUnavailable
@@ -284,6 +290,9 @@ def _consume(
         backoff_cap_seconds=args.backoff_cap_seconds,
         visibility_timeout_seconds=int(attributes.get("VisibilityTimeout", 30)),
         max_receives=_max_receives(args.max_receives, attributes),
+        max_body_bytes=args.max_body_bytes or settings.max_body_bytes,
+        max_bytes_in_hand=args.max_bytes_in_hand or settings.max_bytes_in_hand,
+        max_message_bytes=_max_message_bytes(attributes),
     )
     pipeline = Pipeline(reader, writer, masker, options, observer=metrics)
 
@@ -314,6 +323,12 @@ def _check() -> int:
         if not item.passed:
             failures.add(item.failure)
     return EXIT_CONFIG if Failure.CONFIGURATION in failures else EXIT_UNREACHABLE if failures else EXIT_OK
+
+
+def _max_message_bytes(attributes: dict[str, str]) -> int:
+    """The queue's MaximumMessageSize (SQS's largest when absent): one receive is counted at 10 times it."""
+    raw = attributes.get("MaximumMessageSize", "")
+    return int(raw) if raw.isdigit() and 0 < int(raw) <= SQS_MAX_MESSAGE_BYTES else SQS_MAX_MESSAGE_BYTES
 
 
 def _max_receives(wanted: int, attributes: dict[str, str]) -> int:
@@ -492,6 +507,21 @@ def _since(text: str) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
+def _byte_count(minimum: int) -> Callable[[str], int]:
+    """A byte count (`65536`, `64KiB`, `48MiB`) of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = parse_bytes(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} bytes")
+        return value
+
+    return parse
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -612,6 +642,22 @@ def _build_parser() -> argparse.ArgumentParser:
         default=5,
         help="quarantine a message whose processing keeps failing after this many receives "
         "(5; capped below the queue's RedrivePolicy maxReceiveCount)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=_byte_count(MIN_MAX_BODY_BYTES),
+        default=None,
+        metavar="BYTES",
+        help="quarantine larger bodies unparsed, keeping a 4 KiB encrypted prefix, the length and the "
+        f"SHA-256 (MAX_BODY_BYTES, else {DEFAULT_MAX_BODY_BYTES}; units KiB, MiB)",
+    )
+    parser.add_argument(
+        "--max-bytes-in-hand",
+        type=_byte_count(MIN_MAX_BYTES_IN_HAND),
+        default=None,
+        metavar="BYTES",
+        help="bound on the bodies received and not yet committed; receivers wait at it "
+        f"(MAX_BYTES_IN_HAND, else {DEFAULT_MAX_BYTES_IN_HAND // 1_048_576}MiB; at least 10MiB)",
     )
     parser.add_argument(
         "--metrics-port",

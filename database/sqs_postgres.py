@@ -629,8 +629,11 @@ def _insert_rejections(cur: Cursor, rejections: Sequence[Rejection]) -> list[str
     dated = any(r.sent_at is not None for r in rejections)
     undated = any(r.sent_at is None for r in rejections)
     for wanted, loaded in (
-        (dated, "s.day IS NOT NULL AND NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = s.message_id "
-         "AND l.create_date = s.day)"),
+        (
+            dated,
+            "s.day IS NOT NULL AND NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = s.message_id "
+            "AND l.create_date = s.day)",
+        ),
         (undated, "s.day IS NULL AND NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = s.message_id)"),
     ):
         if wanted:
