@@ -52,19 +52,12 @@ def reason_kind(reason: str) -> str:
     return "other"
 
 
-def transform(
-    message: ReceivedMessage, masker: Masker, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-) -> MaskedLogin | Rejection:
+def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejection:
     """Parse and mask one message: a row for `user_logins`, or a Rejection with its reason.
 
-    A body over `max_body_bytes` is not parsed: it is quarantined by `reject_too_large`, whatever
-    it holds (a valid event with large unknown fields too). Under the limit, fields other than the
-    event's are ignored, as always: a valid event is stored without them.
+    Fields other than the event's are ignored: a valid event is stored without them. The size
+    policy comes first, in `prepare` (`too_large`).
     """
-    if len(message.body) > max_body_bytes // 4:  # fewer characters than that cannot be too many bytes
-        size = body_bytes(message.body)
-        if size > max_body_bytes:
-            return reject_too_large(message, masker, size, max_body_bytes)
     try:
         event = LoginEvent.from_body(message.body)
     except InvalidMessage as exc:
@@ -90,6 +83,15 @@ def reject(message: ReceivedMessage, masker: Masker, reason: str) -> Rejection:
         sent_at=message.sent_at,
         receive_count=message.receive_count,
     )
+
+
+def too_large(message: ReceivedMessage, masker: Masker, max_body_bytes: int) -> Rejection | None:
+    """The size policy: a body over `max_body_bytes` is quarantined by `reject_too_large` without
+    being parsed, whatever it holds (a valid event with large unknown fields too); None otherwise."""
+    if len(message.body) <= max_body_bytes // 4:  # so few characters cannot be too many bytes
+        return None
+    size = body_bytes(message.body)
+    return reject_too_large(message, masker, size, max_body_bytes) if size > max_body_bytes else None
 
 
 def reject_too_large(message: ReceivedMessage, masker: Masker, size: int, limit: int) -> Rejection:
@@ -185,7 +187,7 @@ def prepare(
     for message in messages:
         result: MaskedLogin | Rejection | None
         try:
-            result = transform(message, masker, max_body_bytes)
+            result = too_large(message, masker, max_body_bytes) or transform(message, masker)
         except Exception as exc:  # noqa: BLE001 - a bug or an unexpected condition, not a bad body
             result = poison_rule(message, exc, masker, max_receives)
         if result is None:

@@ -23,6 +23,7 @@ from transform import (
     prepare,
     reason_kind,
     retry_quarantined,
+    too_large,
     transform,
 )
 
@@ -45,6 +46,11 @@ def message(text: str, message_id: str = "m-1") -> ReceivedMessage:
     return ReceivedMessage(message_id, "r-1", text, sent_timestamp_ms=SENT_MS)
 
 
+def handled(text: str, limit: int = DEFAULT_MAX_BODY_BYTES) -> MaskedLogin | Rejection:
+    """What the loop makes of one body: the size policy, then parsing and masking."""
+    return too_large(message(text), MASKER, limit) or transform(message(text), MASKER)
+
+
 # -- the size policy ----------------------------------------------------------------------------
 
 
@@ -52,14 +58,14 @@ def message(text: str, message_id: str = "m-1") -> ReceivedMessage:
 def test_a_valid_body_at_or_just_under_the_limit_is_loaded_without_its_unknown_fields(size: int) -> None:
     text = padded(size)
     assert len(text.encode()) == size
-    result = transform(message(text), MASKER, LIMIT)
+    result = handled(text, LIMIT)
     assert isinstance(result, MaskedLogin)
     assert result.user_id == "user-1"  # the row has the event's columns only: `pad` is not stored
 
 
 def test_a_body_one_byte_over_the_limit_is_quarantined_unparsed_with_length_and_sha256() -> None:
     text = padded(LIMIT + 1)  # a valid event: the size rule applies all the same
-    result = transform(message(text), MASKER, LIMIT)
+    result = handled(text, LIMIT)
     assert isinstance(result, Rejection)
     digest = hashlib.sha256(text.encode()).hexdigest()
     assert result.reason.startswith(f"body too large: {LIMIT + 1} bytes, limit {LIMIT}; sha256 {digest}")
@@ -73,7 +79,7 @@ def test_a_body_one_byte_over_the_limit_is_quarantined_unparsed_with_length_and_
 def test_the_limit_counts_utf8_bytes_not_characters() -> None:
     text = padded(LIMIT + 3, valid=False, char="é")  # fewer characters than LIMIT, more bytes
     assert len(text) < LIMIT < len(text.encode())
-    result = transform(message(text), MASKER, LIMIT)
+    result = handled(text, LIMIT)
     assert isinstance(result, Rejection) and result.reason.startswith(f"body too large: {LIMIT + 3} bytes")
     kept = MASKER.unmask(result.encrypted_body, (BODY_FIELD,))
     assert len(kept.removeprefix(TRUNCATED_MARKER).encode()) <= TOO_LARGE_PREFIX_BYTES
@@ -81,7 +87,7 @@ def test_the_limit_counts_utf8_bytes_not_characters() -> None:
 
 def test_what_is_stored_of_a_1_mib_body_is_bounded() -> None:
     text = "\x00not json" + "y" * (1_048_576 - 9)
-    result = transform(message(text), MASKER)  # the default limit
+    result = handled(text)  # the default limit
     assert isinstance(result, Rejection)
     assert len(result.encrypted_body) < 2 * TOO_LARGE_PREFIX_BYTES
     assert f"{1_048_576} bytes, limit {DEFAULT_MAX_BODY_BYTES}" in result.reason
@@ -90,7 +96,7 @@ def test_what_is_stored_of_a_1_mib_body_is_bounded() -> None:
 def test_a_kept_prefix_is_never_replayed_even_when_it_parses() -> None:
     # A valid event padded with whitespace: its prefix alone is a complete JSON object.
     text = body(1) + " " * (LIMIT * 2)
-    rejection = transform(message(text), MASKER, LIMIT)
+    rejection = handled(text, LIMIT)
     assert isinstance(rejection, Rejection)
     again = retry_quarantined("m-1", rejection.encrypted_body, rejection.sent_at, MASKER)
     assert isinstance(again, str) and again.startswith("body too large")
@@ -188,7 +194,8 @@ def test_receivers_wait_while_the_bytes_in_hand_are_at_the_bound() -> None:
     sink = GatedSink()
     queue = WatchedQueue(flood(400), stored=sink.holds)
     queue.peaks = []
-    opts = options(receivers=4, max_bytes_in_hand=4 * 10 * 262_144, max_message_bytes=262_144)
+    # (batches of up to 1,000: the inbox's count bound, 200 receives, is not the one that binds)
+    opts = options(receivers=4, batch_size=1000, max_bytes_in_hand=4 * 10 * 262_144, max_message_bytes=262_144)
     pipeline = Pipeline(queue, sink, MASKER, opts)
     queue.pipeline = pipeline
     thread, outcome = run_in_thread(pipeline)
