@@ -1,6 +1,7 @@
-"""A batch's way through the consume loop, apart from the orchestration (pipeline.py): gathered from
-the receivers' inbox (Batcher), stored in one transaction (Committer; store and write_batch are
-also the Lambda handler's path), and, after its commit, deleted (Deleters).
+"""A batch's way through the consume loop, apart from the orchestration (pipeline.py): the bytes in
+hand bounded (BytesInHand), gathered from the receivers' inbox (Batcher), stored in one
+transaction (Committer; store and write_batch are also the Lambda handler's path), and, after its
+commit, deleted (Deleters).
 
 A module of its own, at the top level: store() joins transform.Batch, the masker and the database's
 errors, which no package may (aws/, pii/ and database/ never import each other), and transform.py
@@ -84,17 +85,74 @@ class Committer:
         return write_batch(self._sink, batch, self._quarantined)
 
 
+class BytesInHand:
+    """The bytes of the messages in hand, bounded: what receivers got and the writer has not yet
+    committed, plus each receive in flight counted at its worst (`per_receive`: SQS may return 10
+    messages of the queue's largest size, and nothing asks it for fewer bytes).
+
+    A receiver `reserve`s that worst case before it receives, waiting while it would pass `limit`
+    (back-pressure: the writer is behind, or large bodies are in hand), then `settle`s the
+    reservation to what it actually holds; the writer `release`s a batch's bytes once it has
+    committed. So the bytes in hand never pass `limit`, whatever the bodies' sizes.
+    """
+
+    def __init__(self, limit: int, per_receive: int) -> None:
+        self.limit = limit
+        self.per_receive = min(per_receive, limit)  # one receive always fits
+        self._held = 0
+        self._changed = threading.Condition()
+
+    @property
+    def batch_bytes(self) -> int:
+        """Where a batch is cut: half the bound (the next batch gathers while one is written), and
+        never so much that a receive would wait for room while the batch waits for its age."""
+        return max(1, min(self.limit // 2, self.limit - self.per_receive))
+
+    @property
+    def held(self) -> int:
+        """Bytes held or reserved now."""
+        return self._held
+
+    def reserve(self, stopping: Callable[[], bool]) -> bool:
+        """Wait for room for one receive and take it; False (nothing taken) once `stopping()`."""
+        with self._changed:
+            while self._held + self.per_receive > self.limit:
+                if stopping():
+                    return False
+                self._changed.wait(0.1)
+            self._held += self.per_receive
+            return True
+
+    def settle(self, nbytes: int) -> None:
+        """A receive returned: its reservation becomes the `nbytes` it holds (0 if none)."""
+        self.release(self.per_receive - nbytes)
+
+    def release(self, nbytes: int) -> None:
+        """`nbytes` are no longer in hand (committed, or never received)."""
+        with self._changed:
+            self._held -= nbytes
+            self._changed.notify_all()
+
+
 class Batcher:
     """Gathers the receivers' prepared messages into batches: a batch is cut when it holds
-    `batch_size` messages, when its oldest message is `flush_seconds` old, or when every one of
-    `receivers` has finished (each puts None into the inbox when it ends)."""
+    `batch_size` messages or `batch_bytes` bytes (BytesInHand.batch_bytes), when its oldest message
+    is `flush_seconds` old, or when every one of `receivers` has finished (each puts None into the
+    inbox when it ends)."""
 
     def __init__(
-        self, inbox: queue.Queue[Prepared | None], options: PipelineOptions, *, on_turn: Callable[[], None]
+        self,
+        inbox: queue.Queue[Prepared | None],
+        options: PipelineOptions,
+        *,
+        batch_bytes: int,
+        on_turn: Callable[[], None],
     ) -> None:
         self._inbox = inbox
         self._live = options.receivers
         self._batch_size = options.batch_size
+        self._batch_bytes = batch_bytes
+        self._nbytes = 0
         self._flush_seconds = options.flush_seconds
         self._on_turn = on_turn
         self._parts: list[Prepared] = []
@@ -122,12 +180,14 @@ class Batcher:
                         self._oldest = time.monotonic()
                     self._parts.append(item)
                     self._size += len(item.messages)
+                    self._nbytes += item.nbytes
             if self._parts and (
                 self._size >= self._batch_size
+                or self._nbytes >= self._batch_bytes
                 or time.monotonic() - self._oldest >= self._flush_seconds
                 or not self._live
             ):
-                parts, self._parts, self._size = self._parts, [], 0
+                parts, self._parts, self._size, self._nbytes = self._parts, [], 0, 0
                 return parts
         return None
 

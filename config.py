@@ -23,6 +23,7 @@ from pii.keys import (
     read_key_file,
 )
 from pii.masking import InvalidKey, Masker, decode_key
+from transform import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_QUEUE_URL = "http://localhost:4566/000000000000/login-queue"
 DEFAULT_DATABASE_URL = "postgresql://postgres:postgres@localhost:5432/postgres"
@@ -37,6 +38,16 @@ DEFAULT_RECEIVERS = 8
 DEFAULT_DELETERS = 8
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_FLUSH_SECONDS = 0.5
+# The bound on bytes in hand (MAX_BYTES_IN_HAND, --max-bytes-in-hand): bodies received and not yet
+# committed, and each receive in flight counted at its worst (10 messages of the queue's
+# MaximumMessageSize). Sized for the Kubernetes example's 256 Mi limit: peak RSS stays under ~150 MB
+# (docs/kubernetes.md "Sizing memory"): with 1 MiB messages, 3 receives in flight at once (measured:
+# 48 MiB, 4 in flight, peaked ~155 MB). At least one full receive of the largest SQS messages.
+SQS_MAX_MESSAGE_BYTES = 1_048_576  # SQS quota since 2025-08 (was 256 KiB); MaximumMessageSize's maximum
+MESSAGES_PER_RECEIVE = 10
+DEFAULT_MAX_BYTES_IN_HAND = 32 * 1_048_576
+MIN_MAX_BYTES_IN_HAND = MESSAGES_PER_RECEIVE * SQS_MAX_MESSAGE_BYTES
+MIN_MAX_BODY_BYTES = 1024
 # Below the 30 s grace period of Compose and Kubernetes before they send SIGKILL.
 DEFAULT_STOP_TIMEOUT_SECONDS = 20.0
 # The liveness probe (/livez) fails once the consume loop has neither turned nor retried a call for
@@ -62,6 +73,12 @@ class PipelineOptions:
     # A message whose processing raised an unexpected error is left for redelivery; from this
     # many receives on it is quarantined instead (kept below the RedrivePolicy's maxReceiveCount).
     max_receives: int = 5
+    # The size policy: larger bodies are quarantined unparsed (transform.reject_too_large).
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # The bound on bytes in hand (see DEFAULT_MAX_BYTES_IN_HAND); a batch is cut at half of it.
+    max_bytes_in_hand: int = DEFAULT_MAX_BYTES_IN_HAND
+    # The queue's MaximumMessageSize: one receive is counted at 10 times this until it returns.
+    max_message_bytes: int = SQS_MAX_MESSAGE_BYTES
 
 
 class ConfigError(Exception):
@@ -78,6 +95,8 @@ class Settings:
     key_version: int  # the active version: new tokens are made with it
     endpoint_url: str | None
     region: str
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_bytes_in_hand: int = DEFAULT_MAX_BYTES_IN_HAND
 
     def load_masker(self) -> Masker:
         """The keyring from the configured source, its active version set; KMS-wrapped keys are
@@ -98,6 +117,12 @@ class Settings:
             key_version=_active_version(env, source),
             endpoint_url=endpoint_url,
             region=region,
+            max_body_bytes=byte_count(
+                "MAX_BODY_BYTES", env.get("MAX_BODY_BYTES", ""), DEFAULT_MAX_BODY_BYTES, MIN_MAX_BODY_BYTES
+            ),
+            max_bytes_in_hand=byte_count(
+                "MAX_BYTES_IN_HAND", env.get("MAX_BYTES_IN_HAND", ""), DEFAULT_MAX_BYTES_IN_HAND, MIN_MAX_BYTES_IN_HAND
+            ),
         )
 
 
@@ -160,6 +185,31 @@ def key_source_from_env(env: Mapping[str, str]) -> KeySource:
         raise ConfigError(f"{name} is malformed ({exc}): {KEY_HELP}") from None
     except KeySourceError as exc:
         raise ConfigError(f"{name}: {exc}") from None
+
+
+_BYTE_UNITS = {"": 1, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def parse_bytes(text: str) -> int:
+    """A byte count: `65536`, `64KiB`, `48MiB` (binary units); raise ValueError."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]iB)?\s*", text, flags=re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"not a byte count: {text!r} (a number of bytes, or with KiB, MiB or GiB)")
+    return int(match.group(1)) * _BYTE_UNITS[(match.group(2) or "").upper()]
+
+
+def byte_count(name: str, raw: str, default: int, minimum: int) -> int:
+    """The byte count `raw` of variable `name` (default when empty), at least `minimum`; raise ConfigError."""
+    raw = raw.strip()
+    if not raw:
+        return default
+    try:
+        value = parse_bytes(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum} bytes, got {value}")
+    return value
 
 
 def _active_version(env: Mapping[str, str], source: KeySource) -> int:

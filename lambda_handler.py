@@ -2,10 +2,11 @@
 
     handler(event, context) -> {"batchItemFailures": [{"itemIdentifier": messageId}, ...]}
 
-Each invocation: the event's records are parsed and masked by transform.prepare (the poison rule
-included) and written by batches.store through PostgresWriter in ONE transaction (COPY, idempotent
-on messageId, rejections to user_logins_rejected): the very code `python main.py` runs. The
-response lists only the records SQS must deliver again (the mapping's ReportBatchItemFailures):
+Each invocation: the event's records are parsed and masked by transform.prepare (the size policy,
+MAX_BODY_BYTES, and the poison rule included) and written by batches.store through PostgresWriter in
+ONE transaction (COPY, idempotent on messageId, rejections to user_logins_rejected): the very code
+`python main.py` runs. The response lists only the records SQS must deliver again (the mapping's
+ReportBatchItemFailures):
 
 - a record whose processing raised, until it has been received DLQ_MAX_RECEIVE_COUNT - 1 times
   (then the poison rule quarantines it instead, before SQS would dead-letter it);
@@ -48,7 +49,7 @@ from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWr
 from models import WriteResult
 from observability import JsonFormatter
 from pii.masking import Masker
-from transform import Batch, RecentQuarantine, prepare
+from transform import DEFAULT_MAX_BODY_BYTES, Batch, RecentQuarantine, prepare
 
 logger = logging.getLogger("login_etl.lambda")
 
@@ -82,6 +83,7 @@ class SqsBatchHandler:
         max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT,
         max_connect_timeout_seconds: int = MAX_CONNECT_TIMEOUT_SECONDS,
         outage_backoff: OutageBackoff | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         if max_receive_count < 1:
             raise ValueError(f"max_receive_count must be at least 1, got {max_receive_count}")
@@ -90,17 +92,21 @@ class SqsBatchHandler:
         # Quarantined one receive before SQS would dead-letter it (as main.py does with the RedrivePolicy).
         self._max_receives = max(1, max_receive_count - 1)
         self._max_connect_timeout = max(MIN_CONNECT_TIMEOUT_SECONDS, max_connect_timeout_seconds)
+        self._max_body_bytes = max_body_bytes  # bodies over it: quarantined unparsed, as by the poller
         self._quarantined = RecentQuarantine()
         self._backoff = outage_backoff
 
     def __repr__(self) -> str:
-        return f"SqsBatchHandler(max_receives={self._max_receives}, {self._backoff!r})"
+        return (
+            f"SqsBatchHandler(max_receives={self._max_receives}, max_body_bytes={self._max_body_bytes}, "
+            f"{self._backoff!r})"
+        )
 
     def handle(self, event: Mapping[str, Any], context: Any = None) -> dict[str, list[dict[str, str]]]:
         """One invocation: store what can be stored in one transaction; return the records to retry."""
         started = time.monotonic()
         messages = messages_of(event)
-        batch = Batch([prepare(messages, self._masker, self._max_receives)])
+        batch = Batch([prepare(messages, self._masker, self._max_receives, self._max_body_bytes)])
         try:
             written = store(batch, self._masker, lambda: self._write(batch, context))
         except DatabaseError as exc:
@@ -190,6 +196,7 @@ def cold_start(env: Mapping[str, str]) -> SqsBatchHandler:
         masker,
         max_receive_count=int(max_receive_count) if max_receive_count.isdigit() else DEFAULT_MAX_RECEIVE_COUNT,
         outage_backoff=OutageBackoff(region=region),
+        max_body_bytes=settings.max_body_bytes,
     )
     logger.info("cold start: keys loaded (%r), %r", masker, handler)
     return handler

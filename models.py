@@ -48,6 +48,13 @@ _LIMITS = {
 }
 
 
+def body_bytes(body: str) -> int:
+    """The size of a body as SQS counts it: its UTF-8 bytes (O(1) for ASCII, the usual case)."""
+    if body.isascii():
+        return len(body)
+    return len(body.encode("utf-8", "surrogatepass"))
+
+
 class InvalidMessage(ValueError):
     """Raised when a message body is not a valid login event; the text is a safe reason.
 

@@ -3,7 +3,10 @@
 Ordering (the promise "no message lost, none stored twice"):
 
 1. Receiver threads long-poll the source, parse and mask what they received (transform.py), and
-   hand it to a bounded inbox (back-pressure: receivers wait when the database is slower).
+   hand it to a bounded inbox (back-pressure: receivers wait when the database is slower). The
+   messages in hand are bounded by count (the inbox) and by bytes (batches.BytesInHand: a receiver
+   waits before it receives while the bytes in hand, with its receive counted at its worst, would
+   pass --max-bytes-in-hand). Bodies are let go at the commit, not at the delete.
 2. The writer takes batches from the inbox (batches.Batcher: cut by size or age), writes logins
    and rejections in ONE transaction (batches.Committer), and only after the commit hands the
    batch to the deleters (batches.Deleters).
@@ -30,8 +33,8 @@ from collections.abc import Callable, Sequence
 
 from aws.sqs import QueueUnusable, SqsUnavailable
 from aws.visibility import MAX_ENTRIES_PER_CALL, ExtendResult, VisibilityKeeper
-from batches import Batcher, Committer, Deleters
-from config import PipelineOptions
+from batches import Batcher, BytesInHand, Committer, Deleters
+from config import MESSAGES_PER_RECEIVE, PipelineOptions
 from models import Backoff, BatchSink, MessageSource, ReceivedMessage
 from observability import Observer, Stats
 from pii.masking import Masker
@@ -96,7 +99,10 @@ class Pipeline:
             source.change_visibility, options.visibility_timeout_seconds, on_pass=self._extended
         )
         self._inbox: queue.Queue[Prepared | None] = queue.Queue(maxsize=max(4, 2 * options.batch_size // 10))
-        self._batcher = Batcher(self._inbox, options, on_turn=self._observer.on_writer_turn)
+        self.in_hand = BytesInHand(options.max_bytes_in_hand, MESSAGES_PER_RECEIVE * options.max_message_bytes)
+        self._batcher = Batcher(
+            self._inbox, options, batch_bytes=self.in_hand.batch_bytes, on_turn=self._observer.on_writer_turn
+        )
         # At most two batches' worth of delete calls outstanding: memory stays bounded, and the
         # writer goes on with the next batch while the last calls of the previous one finish.
         max_calls = max(2, 2 * options.batch_size // MAX_ENTRIES_PER_CALL)
@@ -157,17 +163,28 @@ class Pipeline:
     def _receive_loop(self) -> None:
         try:
             while not self._stop.stopping:
-                messages = self._retrier.call("SQS", "receive", self._source.receive, SqsUnavailable, finish=False)
-                if messages:
-                    redelivered = sum(1 for m in messages if m.receive_count > 1)
-                    self.stats.add(received=len(messages), redelivered=redelivered)
-                    self._observer.on_received(len(messages), redelivered)
-                    with self._lock:
-                        self._uncommitted += len(messages)
+                # Waits while the bytes in hand are at the bound (the writer releases them).
+                if not self.in_hand.reserve(lambda: self._stop.stopping):
+                    return
+                prepared = None
+                try:
+                    messages = self._retrier.call("SQS", "receive", self._source.receive, SqsUnavailable, finish=False)
+                    if messages:
+                        redelivered = sum(1 for m in messages if m.receive_count > 1)
+                        self.stats.add(received=len(messages), redelivered=redelivered)
+                        self._observer.on_received(len(messages), redelivered)
+                        with self._lock:
+                            self._uncommitted += len(messages)
+                        self.keeper.track(messages)
+                        prepared = prepare(
+                            messages, self._masker, self._options.max_receives, self._options.max_body_bytes
+                        )
+                finally:
+                    self.in_hand.settle(0 if prepared is None else prepared.nbytes)
+                if prepared is not None:
                     # Blocks while the writer is behind. Never dropped, even when stopping: these
                     # messages are part of the batch that will be committed and deleted.
-                    self.keeper.track(messages)
-                    self._inbox.put(prepare(messages, self._masker, self._options.max_receives))
+                    self._inbox.put(prepared)
                 elif not self._options.follow:
                     return  # drained: an empty long poll
         except Abandoned:
@@ -210,6 +227,11 @@ class Pipeline:
             self._committing = False
         with self._lock:
             self._uncommitted -= len(batch.messages)
+        # Stored (or left for redelivery): the deletes and the visibility keeper need the receipt
+        # handles only. Letting the bodies go now keeps them out of the deleters' queue.
+        for message in batch.messages:
+            message.body = ""
+        self.in_hand.release(sum(part.nbytes for part in parts))
         failed = batch.failed
         self.stats.add(
             loaded=written.inserted, rejected=written.rejected, duplicates=written.duplicates, failed=len(failed)

@@ -1,4 +1,5 @@
-"""What happens to each message, as plain functions: parse and mask, quarantine, the poison rule.
+"""What happens to each message, as plain functions: the size policy, parse and mask, quarantine,
+the poison rule.
 
 And `Batch`: the messages of one transaction, what to write for them, and which of them may be
 deleted once it has committed; `reason_kind`: the bounded kind of a rejection reason (a metric
@@ -7,21 +8,32 @@ label); `retry_quarantined`: today's validation of a quarantined message (`repla
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection
+from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection, body_bytes
 from pii.masking import BODY_FIELD, Masker
 
 logger = logging.getLogger(__name__)
+
+# The size policy: a body larger than this (UTF-8 bytes, as SQS counts) is quarantined without being
+# parsed (--max-body-bytes, MAX_BODY_BYTES). A login event is a few hundred bytes; SQS takes up to 1 MiB.
+DEFAULT_MAX_BODY_BYTES = 65_536
+# What is kept of such a body: its first bytes, encrypted, behind a marker that says so (replay
+# refuses it: it is not the message). Its length and SHA-256 are in the reason.
+TOO_LARGE_PREFIX_BYTES = 4096
+TOO_LARGE = "body too large"
+TRUNCATED_MARKER = "[login-etl: body too large, only its first bytes kept] "
 
 # The kinds of rejection, in the order their reasons are matched: the `reason` label of
 # login_etl_messages_rejected_total. Bounded: a reason this list does not know is "other".
 REASON_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("refused_by_database", ("refused by PostgreSQL",)),
+    ("body_too_large", (TOO_LARGE,)),
     ("processing_failed", ("processing failed",)),
     ("not_json", ("not valid JSON", "must be a JSON object", "JSON nested too deeply")),
     ("missing_field", ("missing required field", "is empty")),
@@ -41,7 +53,11 @@ def reason_kind(reason: str) -> str:
 
 
 def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejection:
-    """Parse and mask one message: a row for `user_logins`, or a Rejection with its reason."""
+    """Parse and mask one message: a row for `user_logins`, or a Rejection with its reason.
+
+    Fields other than the event's are ignored: a valid event is stored without them. The size
+    policy comes first, in `prepare` (`too_large`).
+    """
     try:
         event = LoginEvent.from_body(message.body)
     except InvalidMessage as exc:
@@ -66,6 +82,34 @@ def reject(message: ReceivedMessage, masker: Masker, reason: str) -> Rejection:
         message_id=message.message_id,
         reason=reason,
         encrypted_body=masker.mask(BODY_FIELD, message.body),
+        sent_at=message.sent_at,
+        receive_count=message.receive_count,
+    )
+
+
+def too_large(message: ReceivedMessage, masker: Masker, max_body_bytes: int) -> Rejection | None:
+    """The size policy: a body over `max_body_bytes` is quarantined by `reject_too_large` without
+    being parsed, whatever it holds (a valid event with large unknown fields too); None otherwise."""
+    if len(message.body) <= max_body_bytes // 4:  # so few characters cannot be too many bytes
+        return None
+    size = body_bytes(message.body)
+    return reject_too_large(message, masker, size, max_body_bytes) if size > max_body_bytes else None
+
+
+def reject_too_large(message: ReceivedMessage, masker: Masker, size: int, limit: int) -> Rejection:
+    """A Rejection for a body over the size limit, bounded whatever the body: its first
+    TOO_LARGE_PREFIX_BYTES encrypted behind TRUNCATED_MARKER, its length and SHA-256 in the reason
+    (enough to match it against the sender's copy; not a value of the body)."""
+    body = message.body
+    digest = hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
+    prefix = body[:TOO_LARGE_PREFIX_BYTES]
+    if not prefix.isascii():  # up to 4 bytes a character
+        prefix = body[: TOO_LARGE_PREFIX_BYTES // 4]
+    kept = body_bytes(prefix)
+    return Rejection(
+        message_id=message.message_id,
+        reason=f"{TOO_LARGE}: {size} bytes, limit {limit}; sha256 {digest}; first {kept} bytes kept",
+        encrypted_body=masker.mask(BODY_FIELD, TRUNCATED_MARKER + prefix),
         sent_at=message.sent_at,
         receive_count=message.receive_count,
     )
@@ -106,6 +150,8 @@ def retry_quarantined(
     never quote a value). Raises MaskingError when the body does not decrypt under the keys held.
     """
     body = masker.unmask(encrypted_body, (BODY_FIELD,))
+    if body.startswith(TRUNCATED_MARKER):
+        return f"{TOO_LARGE}: only its first bytes were kept, it cannot be replayed"
     sent_ms = None if sent_at is None else int(sent_at.timestamp() * 1000)
     message = ReceivedMessage(message_id, "", body, sent_timestamp_ms=sent_ms)
     try:
@@ -117,27 +163,42 @@ def retry_quarantined(
 
 @dataclass(slots=True)
 class Prepared:
-    """Messages of one receive, parsed and masked: rows, rejections, and those left for redelivery."""
+    """Messages of one receive, parsed and masked: rows, rejections, and those left for redelivery.
+
+    `nbytes`: what it holds in memory, roughly: the bodies still held and the encrypted bodies of
+    its rejections (the consume loop's bound on bytes in hand counts it).
+    """
 
     messages: list[ReceivedMessage]
     rows: list[MaskedLogin] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     failed: list[ReceivedMessage] = field(default_factory=list)
+    nbytes: int = 0
 
 
-def prepare(messages: list[ReceivedMessage], masker: Masker, max_receives: int) -> Prepared:
-    """Transform each message; one that raises unexpectedly goes through the poison rule."""
+def prepare(
+    messages: list[ReceivedMessage], masker: Masker, max_receives: int, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> Prepared:
+    """Transform each message; one that raises unexpectedly goes through the poison rule.
+
+    The body of a message quarantined as too large is let go at once (emptied): only its bounded
+    Rejection is kept, so a flood of large bodies does not stay in memory until the commit.
+    """
     prepared = Prepared(messages)
+    nbytes = 0
     for message in messages:
         result: MaskedLogin | Rejection | None
         try:
-            result = transform(message, masker)
+            result = too_large(message, masker, max_body_bytes) or transform(message, masker)
         except Exception as exc:  # noqa: BLE001 - a bug or an unexpected condition, not a bad body
             result = poison_rule(message, exc, masker, max_receives)
         if result is None:
             prepared.failed.append(message)
         elif isinstance(result, Rejection):
             prepared.rejections.append(result)
+            nbytes += len(result.encrypted_body)
+            if result.reason.startswith(TOO_LARGE):
+                message.body = ""  # not needed again: the Rejection holds what is kept of it
             logger.warning(
                 "message %s rejected: %s",
                 message.message_id,
@@ -146,6 +207,8 @@ def prepare(messages: list[ReceivedMessage], masker: Masker, max_receives: int) 
             )
         else:
             prepared.rows.append(result)
+        nbytes += body_bytes(message.body)
+    prepared.nbytes = nbytes
     return prepared
 
 

@@ -234,8 +234,14 @@ def run_etl(
     sent: int,
     endpoint_url: str | None = None,
     timeout_seconds: float = 900.0,
+    *,
+    root: Path = ROOT,
+    args: Sequence[str] = (),
 ) -> Measurement:
-    """Run `python main.py` (drain mode, CLI defaults) as a child; time it, take its peak RSS, verify."""
+    """Run `python main.py` (drain mode, CLI defaults) as a child; time it, take its peak RSS, verify.
+
+    `root`: the checkout whose main.py runs (bench/large_bodies.py runs a baseline beside this one).
+    """
     endpoint = endpoint_url or services.endpoint_url
     env = dict(os.environ)
     env.update(
@@ -248,7 +254,9 @@ def run_etl(
     )
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         began = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(ROOT / "main.py")], cwd=ROOT, env=env, stdout=out, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, str(root / "main.py"), *args], cwd=root, env=env, stdout=out, stderr=err
+        )
         killer = threading.Timer(timeout_seconds, proc.kill)
         killer.start()
         try:

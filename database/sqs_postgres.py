@@ -26,7 +26,6 @@ import psycopg2.errors
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
 from psycopg2.extensions import make_dsn, parse_dsn
-from psycopg2.extras import execute_values
 
 from database import key_checks, partitions
 from models import Backoff, MaskedLogin, Rejection, WriteResult
@@ -473,6 +472,13 @@ class PostgresWriter:
             """CREATE TEMP TABLE IF NOT EXISTS user_logins_stage
                (LIKE user_logins INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"""
         )
+        # The quarantine rows' COPY target (text columns: a value too long for the table fails the
+        # INSERT after it, as a DataError the fallback can pin on its row).
+        cur.execute(
+            """CREATE TEMP TABLE IF NOT EXISTS user_logins_rejected_stage
+               (message_id text, reason text, sent_at timestamptz, receive_count integer,
+                encrypted_body text, day date) ON COMMIT DELETE ROWS"""
+        )
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -519,13 +525,7 @@ class PostgresWriter:
             inserted = self._insert_logins(cur, logins, staged)
         # Not for a message already loaded. Its login row is in the partition of its day: with the
         # sent time known, one index probe there; without it (rare), one in each partition.
-        dated = [r for r in rejections if r.create_date is not None]
-        undated = [r for r in rejections if r.create_date is None]
-        stored: list[str] = []
-        if dated:
-            stored += _insert_rejections(cur, dated, "l.message_id = v.message_id AND l.create_date = v.day")
-        if undated:
-            stored += _insert_rejections(cur, undated, "l.message_id = v.message_id")
+        stored = _insert_rejections(cur, rejections) if rejections else []
         rejected = len(stored)
         duplicates = len(logins) + len(rejections) - inserted - rejected
         return WriteResult(inserted=inserted, rejected=rejected, duplicates=duplicates, rejected_ids=frozenset(stored))
@@ -661,26 +661,59 @@ def connection_parameters(dsn: str, *, statement_timeout_seconds: float | None =
     return extra
 
 
-def _insert_rejections(cur: Cursor, rejections: Sequence[Rejection], loaded: str) -> list[str]:
-    """Insert quarantine rows, but none whose message is `loaded` (a condition on l and v); return
-    the message ids stored.
+def _insert_rejections(cur: Cursor, rejections: Sequence[Rejection]) -> list[str]:
+    """Insert quarantine rows, but none whose message is loaded already; return the message ids stored.
 
-    RETURNING, not rowcount: execute_values runs one statement per page, and rowcount would hold
-    the last page's count only.
+    Written like the logins: one COPY into the session's staging table (emptied at commit), then one
+    INSERT … SELECT per kind of row (a known day probes the partition of that day only, an unknown
+    one every partition), RETURNING the ids (a rowcount would not say which). A row PostgreSQL
+    refuses fails the statement, and write()'s fallback names it, as for logins.
     """
-    stored = execute_values(
-        cur,
-        f"""INSERT INTO user_logins_rejected (message_id, reason, sent_at, receive_count, encrypted_body)
-            SELECT v.message_id, v.reason, v.sent_at, v.receive_count, v.encrypted_body
-              FROM (VALUES %s) AS v (message_id, reason, sent_at, receive_count, encrypted_body, day)
-             WHERE NOT EXISTS (SELECT 1 FROM user_logins l WHERE {loaded})
-            ON CONFLICT (message_id) DO NOTHING RETURNING message_id""",
-        [(r.message_id, r.reason, r.sent_at, r.receive_count, r.encrypted_body, r.create_date) for r in rejections],
-        template="(%s, %s, %s::timestamptz, %s::integer, %s, %s::date)",
-        page_size=1000,
-        fetch=True,
+    text = _rejection_copy_text(rejections)
+    cur.copy_expert(
+        f"COPY user_logins_rejected_stage ({_REJECTED_STAGE_COLUMNS}) FROM STDIN",
+        io.StringIO(text),
+        size=max(8192, len(text)),
     )
-    return [row[0] for row in stored]
+    stored: list[str] = []
+    dated = any(r.sent_at is not None for r in rejections)
+    undated = any(r.sent_at is None for r in rejections)
+    for wanted, loaded in (
+        (
+            dated,
+            "s.day IS NOT NULL AND NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = s.message_id "
+            "AND l.create_date = s.day)",
+        ),
+        (undated, "s.day IS NULL AND NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = s.message_id)"),
+    ):
+        if wanted:
+            cur.execute(
+                f"""INSERT INTO user_logins_rejected (message_id, reason, sent_at, receive_count, encrypted_body)
+                    SELECT s.message_id, s.reason, s.sent_at, s.receive_count, s.encrypted_body
+                      FROM user_logins_rejected_stage s WHERE {loaded}
+                    ON CONFLICT (message_id) DO NOTHING RETURNING message_id"""
+            )
+            stored += [row[0] for row in cur.fetchall()]
+    return stored
+
+
+_REJECTED_STAGE_COLUMNS = "message_id, reason, sent_at, receive_count, encrypted_body, day"
+
+
+def _rejection_copy_text(rejections: Sequence[Rejection]) -> str:
+    """Quarantine rows in COPY text format, for user_logins_rejected_stage (every text escaped:
+    a reason may hold anything PostgreSQL said)."""
+    lines = []
+    for r in rejections:
+        sent = "\\N" if r.sent_at is None else r.sent_at.isoformat()
+        day = "\\N" if r.create_date is None else r.create_date.isoformat()
+        message_id, reason = r.message_id.translate(_COPY_ESCAPES), r.reason.translate(_COPY_ESCAPES)
+        body = r.encrypted_body  # a token (base64): nothing to escape; checked, as translate() costs on 90 KB
+        if "\\" in body or "\t" in body or "\n" in body or "\r" in body:
+            body = body.translate(_COPY_ESCAPES)
+        lines.append(f"{message_id}\t{reason}\t{sent}\t{r.receive_count}\t{body}\t{day}")
+    lines.append("")
+    return "\n".join(lines)
 
 
 # Errors caused by particular rows: those rows are quarantined, the rest of the batch is written.

@@ -59,6 +59,7 @@ def test_the_loop_s_own_reasons_have_their_kinds() -> None:
     )
     assert reason_kind("something nobody wrote yet") == "other"
     assert set(REASON_LABELS) == {
+        "body_too_large",
         "not_json",
         "missing_field",
         "wrong_type",
