@@ -498,9 +498,8 @@ def queue_with_dlq(sqs_client: Any) -> Iterator[tuple[str, str]]:
     dlq = sqs_client.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
     dlq_arn = sqs_client.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(OUTAGE_MAX_RECEIVES)})
-    url = sqs_client.create_queue(QueueName=name, Attributes={"VisibilityTimeout": str(OUTAGE_QUEUE_VISIBILITY_SECONDS), "RedrivePolicy": redrive})[
-        "QueueUrl"
-    ]
+    attributes = {"VisibilityTimeout": str(OUTAGE_QUEUE_VISIBILITY_SECONDS), "RedrivePolicy": redrive}
+    url = sqs_client.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
     yield url, dlq
     sqs_client.delete_queue(QueueUrl=url)
     sqs_client.delete_queue(QueueUrl=dlq)
