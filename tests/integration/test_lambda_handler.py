@@ -493,22 +493,24 @@ def run_mapping(
 
 @pytest.fixture
 def queue_with_dlq(sqs_client: Any) -> Iterator[tuple[str, str]]:
-    """A uuid-named queue (visibility timeout 1 s) whose RedrivePolicy dead-letters after 4 receives."""
+    """A uuid-named queue (visibility timeout 3 s) whose RedrivePolicy dead-letters after 4 receives."""
     name = f"test-{uuid.uuid4().hex}"
     dlq = sqs_client.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
     dlq_arn = sqs_client.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(OUTAGE_MAX_RECEIVES)})
-    url = sqs_client.create_queue(QueueName=name, Attributes={"VisibilityTimeout": "1", "RedrivePolicy": redrive})[
-        "QueueUrl"
-    ]
+    attributes = {"VisibilityTimeout": str(OUTAGE_QUEUE_VISIBILITY_SECONDS), "RedrivePolicy": redrive}
+    url = sqs_client.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
     yield url, dlq
     sqs_client.delete_queue(QueueUrl=url)
     sqs_client.delete_queue(QueueUrl=dlq)
 
 
 OUTAGE_MAX_RECEIVES = 4
-# Seconds for minutes: delays of 1, 2, 4 s after receives 1, 2, 3, so outage_bound_seconds(4) = 7 s.
-OUTAGE_BASE_SECONDS, OUTAGE_CAP_SECONDS = 1, 4
+# Seconds for minutes: delays of 3, 6, 12 s after receives 1, 2, 3, so outage_bound_seconds(4) = 21 s.
+OUTAGE_BASE_SECONDS, OUTAGE_CAP_SECONDS = 3, 12
+# The queue's own visibility timeout: what a record waits without the backoff, and the time the
+# handler has to change it (AWS's is 6 x the function timeout; a loaded test machine needs ~1 s).
+OUTAGE_QUEUE_VISIBILITY_SECONDS = 3
 
 
 def dead_letters(sqs: Any, dlq: str) -> int:
@@ -529,14 +531,14 @@ def test_a_database_outage_shorter_than_the_bound_sends_no_valid_message_to_the_
 ) -> None:
     from aws.outage_backoff import OutageBackoff, outage_bound_seconds
 
-    # GIVEN a queue that dead-letters after 4 receives at a 1 s visibility timeout, 6 logins in it,
-    # and the handler behind a proxy to PostgreSQL, cut for 5 s (below the 7 s bound)
+    # GIVEN a queue that dead-letters after 4 receives at a 3 s visibility timeout, 6 logins in it,
+    # and the handler behind a proxy to PostgreSQL, cut for 12 s (below the 21 s bound)
     queue_url, dlq = queue_with_dlq
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     bound = outage_bound_seconds(OUTAGE_MAX_RECEIVES, base=OUTAGE_BASE_SECONDS, cap=OUTAGE_CAP_SECONDS)
-    outage = 5.0
-    assert bound == 7 and outage < bound
+    outage = 12.0
+    assert bound == 21 and outage < bound
     sent = send(sqs_client, queue_url, [login(n) for n in range(6)])
     proxy = TcpProxy("127.0.0.1", urlsplit(database_url).port or 5432)
     try:
@@ -556,20 +558,29 @@ def test_a_database_outage_shorter_than_the_bound_sends_no_valid_message_to_the_
         assert failures(handler.handle(sqs_event(warm), FakeContext())) == []
         # WHEN the mapping runs through the outage, then until every message is stored or dead-lettered
         proxy.cut()
-        during = run_mapping(sqs_client, queue_url, handler, until=lambda: False, seconds=outage)
+        # (without the backoff: until every message is dead-lettered, within the bound; at a 3 s
+        # visibility timeout that takes ~13 s, more on a loaded machine)
+        during = run_mapping(
+            sqs_client,
+            queue_url,
+            handler,
+            until=lambda: not backoff and dead_letters(sqs_client, dlq) >= len(sent),
+            seconds=outage if backoff else bound,
+        )
         proxy.restore()
         after = run_mapping(
             sqs_client,
             queue_url,
             handler,
             until=lambda: len(stored(database_url)[0]) - 1 + dead_letters(sqs_client, dlq) >= len(sent),
-            seconds=20,
+            seconds=30,
         )
     finally:
         proxy.close()
     counts = {m: [c for _, c in during.receives.get(m, []) + after.receives.get(m, [])] for m in sent}
     if not backoff:
-        # THEN, without it, the receives run out within the outage and SQS dead-letters every message
+        # THEN, without it, the receives run out within an outage shorter than the bound and SQS
+        # dead-letters every message
         assert dead_letters(sqs_client, dlq) == len(sent), counts
         assert stored(database_url) == ([warm["messageId"]], [])
         return
