@@ -201,8 +201,14 @@ def test_receivers_wait_while_the_bytes_in_hand_are_at_the_bound() -> None:
     thread, outcome = run_in_thread(pipeline)
     # WHEN the receivers have filled what the bound allows
     in_hand = pipeline.in_hand
-    wait_until(lambda: in_hand.held + in_hand.per_receive > in_hand.limit)  # no receive may start now
-    threading.Event().wait(0.5)  # those that started before have returned
+
+    def stalled_at_the_bound() -> bool:
+        # Stable, not a moment: a receive in flight settles below its reservation and lets another start.
+        before = len(queue.peaks)
+        threading.Event().wait(0.3)
+        return len(queue.peaks) == before and in_hand.held + in_hand.per_receive > in_hand.limit
+
+    wait_until(stalled_at_the_bound, timeout=30)
     stalled = len(queue.peaks)
     threading.Event().wait(0.5)
     # THEN they wait: no receive while the writer holds the bytes, far fewer than 400 received
