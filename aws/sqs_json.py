@@ -1,0 +1,198 @@
+"""JsonTransport: the SQS calls of the hot path, signed by botocore, on a small pool of kept-alive connections.
+
+botocore spends ~1 ms of CPU on each SQS call, most of it around the request rather than in it
+(events, endpoint rules, retry bookkeeping, a generic serialiser and parser, urllib3's wrappers:
+docs/benchmarks.md, "CPU per message"). This transport keeps what matters of botocore:
+
+- the credentials come from botocore's chain (the client's session: environment, profile, SSO,
+  container or instance role) and are read per request, so refreshed credentials are picked up;
+- each request is signed by botocore's own SigV4 signer (`botocore.auth.SigV4Auth`), and the
+  body is written as botocore's serialiser writes it, so the signature is the one botocore sends
+  (tests/unit/test_sqs_json.py compares them);
+- the endpoint is the one botocore resolved for the client (`client.meta.endpoint_url`), once;
+- the wire format is SQS's JSON protocol, the one botocore itself speaks to SQS (from 1.34.90):
+  `POST /`, `X-Amz-Target: AmazonSQS.<Operation>`, `Content-Type: application/x-amz-json-1.0`,
+  `x-amzn-query-mode: true`;
+- an error answer is read by botocore's own JSON parser and raised as botocore's `ClientError`,
+  and a failed exchange as a `BotoCoreError`, so the caller (aws/sqs.py) maps every error exactly
+  as it does for the boto3 client: the same code, the same outcome.
+
+The connections are the standard library's `http.client` ones, kept alive in a LIFO pool: urllib3's
+wrappers around the same connection cost ~200 µs of CPU per call more (measured: docs/benchmarks.md).
+Not supported here (use the boto3 client, `SQS_CLIENT=boto3`): HTTP(S) proxies, a CA bundle other
+than the system's, client-side retries (the caller's Retrier retries).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import select
+import ssl
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import HTTPHeaders
+from botocore.credentials import Credentials
+from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
+from botocore.parsers import create_parser
+
+CONTENT_TYPE = "application/x-amz-json-1.0"
+TARGET_PREFIX = "AmazonSQS."
+SIGNING_NAME = "sqs"
+
+Connection = http.client.HTTPConnection
+
+
+class _Request:
+    """What SigV4Auth.add_auth reads and writes of a request; botocore's AWSRequest also prepares a
+    URL and a body we already have (a third of the signing time)."""
+
+    __slots__ = ("method", "url", "body", "headers", "context", "params")
+
+    def __init__(self, url: str, body: bytes, headers: HTTPHeaders) -> None:
+        self.method = "POST"
+        self.url = url
+        self.body = body
+        self.headers = headers
+        self.context: dict[str, Any] = {}
+        self.params: dict[str, str] = {}
+
+
+class JsonTransport:
+    """Sends one SQS operation as a signed JSON request; returns the decoded answer or raises as botocore does."""
+
+    def __init__(
+        self,
+        endpoint_url: str,
+        region: str,
+        credentials: Credentials | None,
+        *,
+        connect_timeout_seconds: float,
+        read_timeout_seconds: float,
+        max_connections: int,
+        user_agent: str = "login-etl",
+    ) -> None:
+        if credentials is None:
+            raise NoCredentialsError()
+        parts = urlsplit(endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) endpoint: {endpoint_url!r}")
+        self.endpoint_url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
+        self.region = region
+        self._path = parts.path.rstrip("/") + "/"
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._netloc = parts.netloc  # the Host header, as botocore signs it
+        self._credentials = credentials
+        self._user_agent = user_agent
+        self._connect_timeout = connect_timeout_seconds
+        self._read_timeout = read_timeout_seconds
+        self._max_idle = max_connections
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
+        self._ssl = ssl.create_default_context() if self._https else None
+        self._parser = create_parser("json")
+
+    def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Send `operation` with `params` (its JSON request members); return the decoded answer.
+
+        Raises botocore's ClientError for an error answer (the code as botocore reports it) and
+        HTTPClientError when the exchange failed (no answer, or half of one).
+        """
+        body = json.dumps(params).encode("utf-8")  # botocore's bytes: the same signature
+        request = _Request(self.endpoint_url, body, self._headers(operation))
+        # get_frozen_credentials: a refreshable set refreshes here when it is about to expire.
+        SigV4Auth(self._credentials.get_frozen_credentials(), SIGNING_NAME, self.region).add_auth(request)
+        status, headers, data = self._exchange(body, request.headers)
+        if status < 300:
+            return orjson.loads(data) if data else {}
+        raise self._error(operation, status, headers, data)
+
+    def _headers(self, operation: str) -> HTTPHeaders:
+        headers = HTTPHeaders()
+        headers["Content-Type"] = CONTENT_TYPE
+        headers["X-Amz-Target"] = TARGET_PREFIX + operation
+        # SQS's JSON API is query-compatible: with this header an error also names its
+        # query-protocol code (x-amzn-query-error), as botocore asks for it.
+        headers["x-amzn-query-mode"] = "true"
+        headers["User-Agent"] = self._user_agent
+        headers["Host"] = self._netloc
+        return headers
+
+    def _exchange(self, body: bytes, headers: HTTPHeaders) -> tuple[int, dict[str, str], bytes]:
+        conn = self._checkout()
+        try:
+            conn.putrequest("POST", self._path, skip_host=True, skip_accept_encoding=True)
+            for name, value in headers.items():
+                conn.putheader(name, value)
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            response = conn.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise HTTPClientError(error=exc) from exc
+        if response.will_close:
+            conn.close()
+        else:
+            self._checkin(conn)
+        return response.status, {name.lower(): value for name, value in response.getheaders()}, data
+
+    def _checkout(self) -> Connection:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not _dropped(conn):
+                    return conn
+                conn.close()
+        conn: Connection
+        if self._ssl is not None:
+            conn = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self._connect_timeout, context=self._ssl
+            )
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
+        try:
+            conn.connect()
+        except OSError as exc:
+            conn.close()
+            raise HTTPClientError(error=exc) from exc
+        assert conn.sock is not None
+        conn.sock.settimeout(self._read_timeout)  # a long poll must not look like a hang
+        return conn
+
+    def _checkin(self, conn: Connection) -> None:
+        with self._lock:
+            if len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _error(self, operation: str, status: int, headers: dict[str, str], body: bytes) -> ClientError:
+        """botocore's own reading of an error answer (code, message, query-compatible code)."""
+        parsed = self._parser.parse({"status_code": status, "headers": headers, "body": body}, None)
+        return ClientError(parsed, operation)
+
+    def close(self) -> None:
+        """Close the idle connections."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _dropped(conn: Connection) -> bool:
+    """True when a kept-alive connection was closed by the server (readable while idle means EOF)."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
