@@ -30,6 +30,8 @@ DEFAULT_REGION = "us-east-1"
 KEY_HELP = "create one with `python main.py keygen` and put it in .env as MASKING_KEY=<key>"
 # The key sources, exactly one of which must be set (docs/keys-and-privacy.md "Where the key comes from").
 KEY_SOURCES = ("MASKING_KEY", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT", "MASKING_KEYS", "MASKING_KEYSET")
+# SQS_CLIENT: how receive/delete/visibility calls reach SQS (aws.sqs.TRANSPORTS; the first is the default).
+SQS_CLIENTS = ("json", "boto3")
 
 
 # The consume loop's defaults, measured on a 2-core machine with the embedded LocalStack (see bench/ and README).
@@ -78,6 +80,7 @@ class Settings:
     key_version: int  # the active version: new tokens are made with it
     endpoint_url: str | None
     region: str
+    sqs_client: str = SQS_CLIENTS[0]
 
     def load_masker(self) -> Masker:
         """The keyring from the configured source, its active version set; KMS-wrapped keys are
@@ -91,6 +94,12 @@ class Settings:
         endpoint_url = env.get("AWS_ENDPOINT_URL_SQS") or env.get("AWS_ENDPOINT_URL") or _endpoint_of(queue_url)
         region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
         source = key_source_from_env(env)
+        sqs_client = env.get("SQS_CLIENT", "").strip().lower() or SQS_CLIENTS[0]
+        if sqs_client not in SQS_CLIENTS:
+            raise ConfigError(
+                f"SQS_CLIENT must be one of {', '.join(SQS_CLIENTS)}, got {env.get('SQS_CLIENT')!r} "
+                "(json: the narrow signed path for the hot calls; boto3: the boto3 client for every call)"
+            )
         return cls(
             queue_url=queue_url,
             database_url=_database_url(env.get("DATABASE_URL") or DEFAULT_DATABASE_URL),
@@ -98,6 +107,7 @@ class Settings:
             key_version=_active_version(env, source),
             endpoint_url=endpoint_url,
             region=region,
+            sqs_client=sqs_client,
         )
 
 
