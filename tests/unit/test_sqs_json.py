@@ -16,7 +16,7 @@ import botocore.auth
 import botocore.handlers
 import pytest
 from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSPreparedRequest, AWSRequest, AWSResponse, HTTPHeaders
+from botocore.awsrequest import AWSPreparedRequest, AWSRequest, AWSResponse
 from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, HTTPClientError
@@ -95,7 +95,7 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def transport(answer: Callable[[bytes, HTTPHeaders], tuple[int, dict[str, str], bytes]]) -> JsonTransport:
+def transport(answer: Callable[[bytes, dict[str, str]], tuple[int, dict[str, str], bytes]]) -> JsonTransport:
     made = JsonTransport(
         ENDPOINT,
         "us-east-1",
@@ -108,10 +108,10 @@ def transport(answer: Callable[[bytes, HTTPHeaders], tuple[int, dict[str, str], 
     return made
 
 
-def sent_by_transport(operation: str, params: dict[str, Any]) -> tuple[bytes, HTTPHeaders]:
-    caught: list[tuple[bytes, HTTPHeaders]] = []
+def sent_by_transport(operation: str, params: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    caught: list[tuple[bytes, dict[str, str]]] = []
 
-    def answer(body: bytes, headers: HTTPHeaders) -> tuple[int, dict[str, str], bytes]:
+    def answer(body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         caught.append((body, headers))
         return 200, {}, b"{}"
 
@@ -291,7 +291,7 @@ def test_received_messages_are_read_alike_on_both_paths() -> None:
 def test_a_failed_exchange_is_a_retry_on_the_json_path() -> None:
     """No answer at all (refused, reset, timed out): botocore's HTTPClientError, so SqsUnavailable."""
 
-    def broken(_body: bytes, _headers: HTTPHeaders) -> tuple[int, dict[str, str], bytes]:
+    def broken(_body: bytes, _headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         raise HTTPClientError(error=ConnectionResetError("reset by peer"))
 
     reader = SqsReader(QUEUE_URL, endpoint_url=ENDPOINT, transport="json")
