@@ -33,5 +33,5 @@ test:  ## the whole suite with the embedded stack (what CI runs, without CI=true
 ci:  ## exactly what CI runs
 	bash .ci/run
 
-bench: venv  ## the throughput benchmark; writes docs/benchmarks.md
-	bash -c 'source scripts/setup.sh requirements-dev.txt && PYTHONPATH=scripts python -m bench.run --rss --markdown docs/benchmarks.md'
+bench: venv  ## the throughput and CPU benchmarks; writes docs/benchmarks.md
+	bash -c 'source scripts/setup.sh requirements-dev.txt && PYTHONPATH=scripts python -m bench.run --rss --cpu --markdown docs/benchmarks.md'

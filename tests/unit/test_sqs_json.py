@@ -7,6 +7,8 @@ exchange is replaced by a function that records the request and returns a canned
 from __future__ import annotations
 
 import datetime
+import http.client
+import io
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +25,7 @@ from botocore.exceptions import ClientError, HTTPClientError
 
 import config
 from aws.sqs import TRANSPORTS, QueueUnusable, SqsReader, SqsUnavailable
-from aws.sqs_json import JsonTransport
+from aws.sqs_json import JsonTransport, _parse_fields, _Response
 from models import ReceivedMessage
 
 ENDPOINT = "http://localhost:4566"
@@ -313,3 +315,55 @@ def _key() -> str:
     from pii.masking import generate_key
 
     return generate_key()
+
+
+# -- the response reader: http.client's begin() without the email package ----------------------------
+
+
+class FakeSocket:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def makefile(self, _mode: str) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+
+def read_both(raw: bytes) -> list[tuple[int, dict[str, str], bytes, bool]]:
+    """(status, headers, body, will_close) read by http.client's own response and by the transport's."""
+    results = []
+    for response_class in (http.client.HTTPResponse, _Response):
+        response = response_class(FakeSocket(raw), method="POST")  # type: ignore[arg-type]
+        response.begin()
+        headers = {name.lower(): value for name, value in response.getheaders()}
+        results.append((response.status, headers, response.read(), response.will_close))
+    return results
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 400 Bad Request\r\nx-amzn-query-error: AWS.SimpleQueueService.NonExistentQueue;Sender\r\n"
+        b"Content-Length: 11\r\nConnection: close\r\n\r\n{\"a\": \"b\"}\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nX-Folded: one\r\n two\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\nuntil the connection closes",
+    ],
+)
+def test_the_response_reader_reads_what_http_client_reads(raw: bytes) -> None:
+    ours, theirs = read_both(raw)[1], read_both(raw)[0]
+    assert ours[0] == theirs[0]
+    assert ours[2] == theirs[2]
+    assert ours[3] == theirs[3]
+    assert {k: " ".join(v.split()) for k, v in ours[1].items()} == {
+        k: " ".join(v.split()) for k, v in theirs[1].items()
+    }
+
+
+def test_a_repeated_response_field_keeps_every_value() -> None:
+    fields = _parse_fields([b"Set-Thing: a\r\n", b"set-thing: b\r\n", b"\r\n"])
+    assert fields.get("Set-Thing") == "a, b"
