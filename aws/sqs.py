@@ -75,14 +75,12 @@ class SqsReader:
         max_connections: int = 32,
         transport: str = "json",
         parameter_validation: bool = False,
-        lean: bool = True,
     ) -> None:
         if not 0 <= wait_time_seconds <= MAX_WAIT_TIME_SECONDS:
             raise ValueError(f"wait_time_seconds must be within 0..{MAX_WAIT_TIME_SECONDS}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.transport = transport
-        self._lean = lean
         self._connect_timeout = connect_timeout_seconds
         self._max_connections = max_connections
         self.queue_url = queue_url

@@ -11,7 +11,6 @@ pays for (it still rises somewhat under contention: caches, frequency).
 Variants (cheapest cut first, as issue 29 asks):
   boto3            SqsReader's client as main has it (aws/sqs.py)
   boto3-novalid    the same with parameter_validation=False
-  boto3-lean       ... and the handlers that do nothing for us unregistered (aws/sqs.py lean_client)
   json             aws/sqs_json.py: botocore's credentials and SigV4Auth, JSON on a urllib3 pool
 """
 
@@ -27,7 +26,7 @@ from aws.sqs import SqsReader
 from bench.scenarios import Services, filled_queue
 from sample_data import generate
 
-VARIANTS = ("boto3", "boto3-novalid", "boto3-lean", "json")
+VARIANTS = ("boto3", "boto3-novalid", "json")
 
 
 def reader_for(variant: str, queue_url: str, endpoint_url: str, region: str) -> SqsReader:
@@ -39,7 +38,6 @@ def reader_for(variant: str, queue_url: str, endpoint_url: str, region: str) -> 
         wait_time_seconds=1,
         transport="json" if variant == "json" else "boto3",
         parameter_validation=variant == "boto3",
-        lean=variant in ("boto3-lean", "json"),
     )
 
 
