@@ -173,9 +173,7 @@ class SqsReader:
                 for i, m in enumerate(chunk)
             ]
             with self._errors("ChangeMessageVisibilityBatch"):
-                response = self._call(
-                    "ChangeMessageVisibilityBatch", {"QueueUrl": self.queue_url, "Entries": entries}
-                )
+                response = self._call("ChangeMessageVisibilityBatch", {"QueueUrl": self.queue_url, "Entries": entries})
             failed.extend(chunk[int(entry["Id"])].receipt_handle for entry in response.get("Failed", []))
         return failed
 

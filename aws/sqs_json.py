@@ -238,9 +238,7 @@ class JsonTransport:
                 conn.close()
         conn: Connection
         if self._ssl is not None:
-            conn = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self._connect_timeout, context=self._ssl
-            )
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._connect_timeout, context=self._ssl)
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
         conn.response_class = _Response

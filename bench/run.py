@@ -548,7 +548,9 @@ def _parser() -> argparse.ArgumentParser:
         help="rewrite PATH (a page --markdown wrote) around the report it holds, after a change to the page's "
         "text in this script; runs no benchmark",
     )
-    parser.add_argument("--cpu", action="store_true", help="also measure CPU per message (bench/cpu.py's options below)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="also measure CPU per message (bench/cpu.py's options below)"
+    )
     cpu.add_arguments(parser)
     parser.add_argument("--endpoint-url", default="http://localhost:4566", help="the SQS emulator")
     parser.add_argument(

@@ -72,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=5_000, help="messages per drain (5000)")
     parser.add_argument("--rounds", type=int, default=3, help="drains per variant; medians reported (3)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS)
+    )
     parser.add_argument("--endpoint-url", default="http://localhost:4566")
     args = parser.parse_args(argv)
     services = Services.for_emulator(args.endpoint_url, "")
@@ -91,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_call = statistics.median(c for c, _ in runs)
         per_message = statistics.median(m for _, m in runs)
         each = " ".join(f"{c:,.0f}" for c, _ in runs)
-        print(f"{variant:<16} {per_call:>9,.0f} {per_message:>11,.1f}  {each}  ({per_call / base:.2f} of {variants[0]})")
+        print(
+            f"{variant:<16} {per_call:>9,.0f} {per_message:>11,.1f}  {each}  ({per_call / base:.2f} of {variants[0]})"
+        )
     return 0
 
 

@@ -153,7 +153,9 @@ def test_the_light_request_signs_as_botocores_own_request_object() -> None:
         data=body,
         headers={name: headers[name] for name in ("Content-Type", "X-Amz-Target", "x-amzn-query-mode")},
     )
-    SigV4Auth(Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"), "sqs", "us-east-1").add_auth(plain)
+    SigV4Auth(Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"), "sqs", "us-east-1").add_auth(
+        plain
+    )
     assert plain.headers["Authorization"] == headers["Authorization"]
 
 
@@ -169,7 +171,11 @@ ERRORS: list[tuple[int, bytes, dict[str, str]]] = [
         {QUERY: "AWS.SimpleQueueService.NonExistentQueue;Sender"},
     ),
     (400, b'{"__type":"com.amazonaws.sqs#QueueDoesNotExist","message":"gone"}', {}),
-    (400, b'{"__type":"com.amazon.coral.service#AccessDeniedException","message":"no"}', {QUERY: "AccessDenied;Sender"}),
+    (
+        400,
+        b'{"__type":"com.amazon.coral.service#AccessDeniedException","message":"no"}',
+        {QUERY: "AccessDenied;Sender"},
+    ),
     (403, b'{"__type":"com.amazon.coral.service#InvalidClientTokenId","message":"bad key"}', {}),
     (400, b'{"__type":"com.amazon.coral.service#UnrecognizedClientException","message":"bad key"}', {}),
     (403, b'{"__type":"com.amazon.coral.service#SignatureDoesNotMatch","message":"clock?"}', {}),
@@ -177,7 +183,11 @@ ERRORS: list[tuple[int, bytes, dict[str, str]]] = [
     (400, b'{"__type":"com.amazonaws.sqs#RequestThrottled","message":"slow"}', {QUERY: "RequestThrottled;Sender"}),
     (400, b'{"__type":"com.amazonaws.sqs#OverLimit","message":"too many in flight"}', {QUERY: "OverLimit;Sender"}),
     (400, b'{"__type":"com.amazonaws.sqs#KmsThrottled","message":"kms"}', {QUERY: "KMS.ThrottlingException;Sender"}),
-    (400, b'{"__type":"com.amazonaws.sqs#KmsAccessDenied","message":"kms"}', {QUERY: "KMS.AccessDeniedException;Sender"}),
+    (
+        400,
+        b'{"__type":"com.amazonaws.sqs#KmsAccessDenied","message":"kms"}',
+        {QUERY: "KMS.AccessDeniedException;Sender"},
+    ),
     (400, b'{"__type":"com.amazonaws.sqs#InvalidAddress","message":"bad url"}', {QUERY: "InvalidAddress;Sender"}),
     (400, b'{"__type":"com.amazonaws.sqs#InvalidSecurity","message":"http"}', {QUERY: "InvalidSecurity;Sender"}),
     (400, b'{"__type":"com.amazonaws.sqs#TooManyEntriesInBatchRequest","message":"11"}', {}),
@@ -346,7 +356,7 @@ def read_both(raw: bytes) -> list[tuple[int, dict[str, str], bytes, bool]]:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
         b"HTTP/1.1 400 Bad Request\r\nx-amzn-query-error: AWS.SimpleQueueService.NonExistentQueue;Sender\r\n"
-        b"Content-Length: 11\r\nConnection: close\r\n\r\n{\"a\": \"b\"}\n",
+        b'Content-Length: 11\r\nConnection: close\r\n\r\n{"a": "b"}\n',
         b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
         b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}",
         b"HTTP/1.1 200 OK\r\nX-Folded: one\r\n two\r\nContent-Length: 0\r\n\r\n",
