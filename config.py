@@ -32,6 +32,8 @@ KEY_HELP = "create one with `python main.py keygen` and put it in .env as MASKIN
 KEY_SOURCES = ("MASKING_KEY", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT", "MASKING_KEYS", "MASKING_KEYSET")
 # SQS_CLIENT: how receive/delete/visibility calls reach SQS (aws.sqs.TRANSPORTS; the first is the default).
 SQS_CLIENTS = ("json", "boto3")
+# Settings botocore honours and the narrow path does not: with one set, SQS_CLIENT defaults to boto3.
+BOTO3_ONLY_SETTINGS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "AWS_CA_BUNDLE")
 
 
 # The consume loop's defaults, measured on a 2-core machine with the embedded LocalStack (see bench/ and README).
@@ -94,12 +96,7 @@ class Settings:
         endpoint_url = env.get("AWS_ENDPOINT_URL_SQS") or env.get("AWS_ENDPOINT_URL") or _endpoint_of(queue_url)
         region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
         source = key_source_from_env(env)
-        sqs_client = env.get("SQS_CLIENT", "").strip().lower() or SQS_CLIENTS[0]
-        if sqs_client not in SQS_CLIENTS:
-            raise ConfigError(
-                f"SQS_CLIENT must be one of {', '.join(SQS_CLIENTS)}, got {env.get('SQS_CLIENT')!r} "
-                "(json: the narrow signed path for the hot calls; boto3: the boto3 client for every call)"
-            )
+        sqs_client = _sqs_client(env)
         return cls(
             queue_url=queue_url,
             database_url=_database_url(env.get("DATABASE_URL") or DEFAULT_DATABASE_URL),
@@ -109,6 +106,25 @@ class Settings:
             region=region,
             sqs_client=sqs_client,
         )
+
+
+def _sqs_client(env: Mapping[str, str]) -> str:
+    """SQS_CLIENT, checked; unset, `json` unless a proxy or a CA bundle is configured, which only
+    the boto3 client honours (the narrow path would go around a proxy)."""
+    needs_boto3 = [name for name in BOTO3_ONLY_SETTINGS if env.get(name, "").strip()]
+    wanted = env.get("SQS_CLIENT", "").strip().lower()
+    if not wanted:
+        return "boto3" if needs_boto3 else SQS_CLIENTS[0]
+    if wanted not in SQS_CLIENTS:
+        raise ConfigError(
+            f"SQS_CLIENT must be one of {', '.join(SQS_CLIENTS)}, got {env.get('SQS_CLIENT')!r} "
+            "(json: the narrow signed path for the hot calls; boto3: the boto3 client for every call)"
+        )
+    if wanted == "json" and needs_boto3:
+        raise ConfigError(
+            f"SQS_CLIENT=json does not honour {', '.join(needs_boto3)}: set SQS_CLIENT=boto3 (or leave it unset)"
+        )
+    return wanted
 
 
 @dataclass(frozen=True, slots=True)

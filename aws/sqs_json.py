@@ -19,8 +19,9 @@ docs/benchmarks.md, "CPU per message"). This transport keeps what matters of bot
 
 The connections are the standard library's `http.client` ones, kept alive in a LIFO pool: urllib3's
 wrappers around the same connection cost ~200 µs of CPU per call more (measured: docs/benchmarks.md).
-Not supported here (use the boto3 client, `SQS_CLIENT=boto3`): HTTP(S) proxies, a CA bundle other
-than the system's, client-side retries (the caller's Retrier retries).
+TLS is verified against the CA bundle botocore uses by default. Not supported here (config.py
+picks the boto3 client when one is set): HTTP(S) proxies and AWS_CA_BUNDLE; nor client-side
+retries (the caller's Retrier retries).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import orjson
 from botocore.auth import SIGNED_HEADERS_BLACKLIST, SigV4Auth
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
+from botocore.httpsession import get_cert_path
 from botocore.parsers import create_parser
 
 CONTENT_TYPE = "application/x-amz-json-1.0"
@@ -49,7 +51,7 @@ Connection = http.client.HTTPConnection
 class _Fields(dict[str, str]):
     """Response header fields by lower-case name (a repeated field's values joined by ", ")."""
 
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, name: str, default: Any = None) -> Any:
         return super().get(name.lower(), default)
 
 
@@ -62,10 +64,10 @@ class _Response(http.client.HTTPResponse):
         if self.headers is not None:
             return
         while True:
-            version, status, reason = self._read_status()  # type: ignore[attr-defined]
+            version, status, reason = self._read_status()
             if status != http.client.CONTINUE:
                 break
-            http.client._read_headers(self.fp)  # type: ignore[attr-defined]
+            http.client._read_headers(self.fp)
         self.code = self.status = status
         self.reason = reason.strip()
         if version in ("HTTP/1.0", "HTTP/0.9"):
@@ -74,10 +76,10 @@ class _Response(http.client.HTTPResponse):
             self.version = 11
         else:
             raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = _parse_fields(http.client._read_headers(self.fp))  # type: ignore[attr-defined,assignment]
+        self.headers = self.msg = _parse_fields(http.client._read_headers(self.fp))
         self.chunked = (self.headers.get("transfer-encoding") or "").lower() == "chunked"
         self.chunk_left = None
-        self.will_close = self._check_close()  # type: ignore[attr-defined]
+        self.will_close = self._check_close()
         self.length = None
         length = self.headers.get("content-length")
         if length and not self.chunked:
@@ -181,7 +183,8 @@ class JsonTransport:
         self._max_idle = max_connections
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
-        self._ssl = ssl.create_default_context() if self._https else None
+        # The CA bundle botocore verifies with by default (certifi's, else its own), not the system's.
+        self._ssl = ssl.create_default_context(cafile=get_cert_path(True)) if self._https else None
         self._parser = create_parser("json")
 
     def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -236,20 +239,20 @@ class JsonTransport:
                 if not _dropped(conn):
                     return conn
                 conn.close()
-        conn: Connection
+        fresh: Connection
         if self._ssl is not None:
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._connect_timeout, context=self._ssl)
+            fresh = http.client.HTTPSConnection(self._host, self._port, timeout=self._connect_timeout, context=self._ssl)
         else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
-        conn.response_class = _Response
+            fresh = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
+        fresh.response_class = _Response
         try:
-            conn.connect()
+            fresh.connect()
         except OSError as exc:
-            conn.close()
+            fresh.close()
             raise HTTPClientError(error=exc) from exc
-        assert conn.sock is not None
-        conn.sock.settimeout(self._read_timeout)  # a long poll must not look like a hang
-        return conn
+        assert fresh.sock is not None
+        fresh.sock.settimeout(self._read_timeout)  # a long poll must not look like a hang
+        return fresh
 
     def _checkin(self, conn: Connection) -> None:
         with self._lock:

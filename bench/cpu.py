@@ -75,7 +75,7 @@ PHASES: list[tuple[str, tuple[str, ...]]] = [
     ),
     (
         "HTTP (connection, headers, socket)",
-        ("urllib3/", "botocore/httpsession.py", "botocore/awsrequest.py", "botocore/endpoint.py", "botocore/compat.py"),
+        ("urllib3/", "botocore/httpsession.py", "botocore/awsrequest.py", "botocore/endpoint.py"),
     ),
     ("other botocore (client, model, utils)", ("botocore/", "boto3/")),
     ("narrow transport: request, answer", ("aws/sqs_json.py",)),
@@ -306,12 +306,12 @@ def report(
         ]
         for name, samples in counts.most_common():
             share = samples / total
-            per_message = (
+            cost = (
                 ""
                 if name in (STARTUP, INDEXER) or not working
                 else f"{samples / working * steady.get(key, 0):>7,.0f} µs/msg"
             )
-            lines.append(f"  {name:<40} {share:>6.1%} {per_message}")
+            lines.append(f"  {name:<40} {share:>6.1%} {cost}")
     return lines
 
 

@@ -106,7 +106,7 @@ def transport(answer: Callable[[bytes, dict[str, str]], tuple[int, dict[str, str
         read_timeout_seconds=1,
         max_connections=1,
     )
-    made._exchange = answer  # type: ignore[method-assign]  # in place of the network
+    made._exchange = answer  # type: ignore[method-assign,assignment]  # in place of the network
     return made
 
 
@@ -377,3 +377,14 @@ def test_the_response_reader_reads_what_http_client_reads(raw: bytes) -> None:
 def test_a_repeated_response_field_keeps_every_value() -> None:
     fields = _parse_fields([b"Set-Thing: a\r\n", b"set-thing: b\r\n", b"\r\n"])
     assert fields.get("Set-Thing") == "a, b"
+
+
+def test_a_proxy_or_ca_bundle_makes_boto3_the_default_and_json_a_configuration_error() -> None:
+    """The narrow path would go around an HTTPS proxy (or ignore AWS_CA_BUNDLE): unset, SQS_CLIENT
+    is boto3 then; asked for explicitly, json is refused with a message that says what to do."""
+    env = {"MASKING_KEY": _key()}
+    assert config.Settings.from_env(env).sqs_client == "json"
+    assert config.Settings.from_env(env | {"HTTPS_PROXY": "http://proxy:3128"}).sqs_client == "boto3"
+    assert config.Settings.from_env(env | {"AWS_CA_BUNDLE": "/etc/ca.pem"}).sqs_client == "boto3"
+    with pytest.raises(config.ConfigError, match="does not honour HTTPS_PROXY: set SQS_CLIENT=boto3"):
+        config.Settings.from_env(env | {"HTTPS_PROXY": "http://proxy:3128", "SQS_CLIENT": "json"})
