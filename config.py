@@ -33,7 +33,7 @@ KEY_SOURCES = ("MASKING_KEY", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT", 
 # SQS_CLIENT: how receive/delete/visibility calls reach SQS (aws.sqs.TRANSPORTS; the first is the default).
 SQS_CLIENTS = ("json", "boto3")
 # Settings botocore honours and the narrow path does not: with one set, SQS_CLIENT defaults to boto3.
-BOTO3_ONLY_SETTINGS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "AWS_CA_BUNDLE")
+BOTO3_ONLY_SETTINGS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")
 
 
 # The consume loop's defaults, measured on a 2-core machine with the embedded LocalStack (see bench/ and README).
@@ -83,6 +83,7 @@ class Settings:
     endpoint_url: str | None
     region: str
     sqs_client: str = SQS_CLIENTS[0]
+    ca_bundle: str | None = None  # AWS_CA_BUNDLE: botocore reads it itself; the narrow path is told
 
     def load_masker(self) -> Masker:
         """The keyring from the configured source, its active version set; KMS-wrapped keys are
@@ -105,12 +106,13 @@ class Settings:
             endpoint_url=endpoint_url,
             region=region,
             sqs_client=sqs_client,
+            ca_bundle=env.get("AWS_CA_BUNDLE", "").strip() or None,
         )
 
 
 def _sqs_client(env: Mapping[str, str]) -> str:
-    """SQS_CLIENT, checked; unset, `json` unless a proxy or a CA bundle is configured, which only
-    the boto3 client honours (the narrow path would go around a proxy)."""
+    """SQS_CLIENT, checked; unset, `json` unless a proxy is configured, which only the boto3 client
+    honours (the narrow path would go around it)."""
     needs_boto3 = [name for name in BOTO3_ONLY_SETTINGS if env.get(name, "").strip()]
     wanted = env.get("SQS_CLIENT", "").strip().lower()
     if not wanted:

@@ -274,6 +274,7 @@ def _consume(
         region=settings.region,
         wait_time_seconds=wait,
         transport=settings.sqs_client,
+        ca_bundle=settings.ca_bundle,
     )
     attributes = reader.check()
     options = PipelineOptions(

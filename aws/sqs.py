@@ -75,12 +75,14 @@ class SqsReader:
         max_connections: int = 32,
         transport: str = "json",
         parameter_validation: bool = False,
+        ca_bundle: str | None = None,
     ) -> None:
         if not 0 <= wait_time_seconds <= MAX_WAIT_TIME_SECONDS:
             raise ValueError(f"wait_time_seconds must be within 0..{MAX_WAIT_TIME_SECONDS}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.transport = transport
+        self._ca_bundle = ca_bundle
         self._connect_timeout = connect_timeout_seconds
         self._max_connections = max_connections
         self.queue_url = queue_url
@@ -198,6 +200,7 @@ class SqsReader:
                         connect_timeout_seconds=self._connect_timeout,
                         read_timeout_seconds=self.wait_time_seconds + 10,
                         max_connections=self._max_connections,
+                        ca_bundle=self._ca_bundle,
                     )
         return transport
 

@@ -19,9 +19,9 @@ docs/benchmarks.md, "CPU per message"). This transport keeps what matters of bot
 
 The connections are the standard library's `http.client` ones, kept alive in a LIFO pool: urllib3's
 wrappers around the same connection cost ~200 µs of CPU per call more (measured: docs/benchmarks.md).
-TLS is verified against the CA bundle botocore uses by default. Not supported here (config.py
-picks the boto3 client when one is set): HTTP(S) proxies and AWS_CA_BUNDLE; nor client-side
-retries (the caller's Retrier retries).
+TLS is verified against AWS_CA_BUNDLE's file when the caller passes it, else the bundle botocore
+uses by default. Not supported here (config.py picks the boto3 client when one is set): HTTP(S)
+proxies; nor client-side retries (the caller's Retrier retries).
 """
 
 from __future__ import annotations
@@ -163,6 +163,7 @@ class JsonTransport:
         read_timeout_seconds: float,
         max_connections: int,
         user_agent: str = "login-etl",
+        ca_bundle: str | None = None,
     ) -> None:
         if credentials is None:
             raise NoCredentialsError()
@@ -183,8 +184,9 @@ class JsonTransport:
         self._max_idle = max_connections
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
-        # The CA bundle botocore verifies with by default (certifi's, else its own), not the system's.
-        self._ssl = ssl.create_default_context(cafile=get_cert_path(True)) if self._https else None
+        # AWS_CA_BUNDLE's file, else the bundle botocore verifies with by default (certifi's).
+        cafile = ca_bundle or get_cert_path(True)
+        self._ssl = ssl.create_default_context(cafile=cafile) if self._https else None
         self._parser = create_parser("json")
 
     def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -379,12 +379,13 @@ def test_a_repeated_response_field_keeps_every_value() -> None:
     assert fields.get("Set-Thing") == "a, b"
 
 
-def test_a_proxy_or_ca_bundle_makes_boto3_the_default_and_json_a_configuration_error() -> None:
-    """The narrow path would go around an HTTPS proxy (or ignore AWS_CA_BUNDLE): unset, SQS_CLIENT
-    is boto3 then; asked for explicitly, json is refused with a message that says what to do."""
+def test_a_proxy_makes_boto3_the_default_and_json_a_configuration_error() -> None:
+    """The narrow path would go around an HTTPS proxy: unset, SQS_CLIENT is boto3 then; asked for
+    explicitly, json is refused with a message that says what to do. AWS_CA_BUNDLE is passed on."""
     env = {"MASKING_KEY": _key()}
     assert config.Settings.from_env(env).sqs_client == "json"
     assert config.Settings.from_env(env | {"HTTPS_PROXY": "http://proxy:3128"}).sqs_client == "boto3"
-    assert config.Settings.from_env(env | {"AWS_CA_BUNDLE": "/etc/ca.pem"}).sqs_client == "boto3"
+    bundle = config.Settings.from_env(env | {"AWS_CA_BUNDLE": "/etc/ca.pem"})
+    assert (bundle.sqs_client, bundle.ca_bundle) == ("json", "/etc/ca.pem")
     with pytest.raises(config.ConfigError, match="does not honour HTTPS_PROXY: set SQS_CLIENT=boto3"):
         config.Settings.from_env(env | {"HTTPS_PROXY": "http://proxy:3128", "SQS_CLIENT": "json"})
