@@ -33,8 +33,8 @@ test:  ## the whole suite with the embedded stack (what CI runs, without CI=true
 ci:  ## exactly what CI runs
 	bash .ci/run
 
-bench: venv  ## the throughput and large-body benchmarks; write docs/benchmarks.md
-	bash -c 'source scripts/setup.sh requirements-dev.txt && PYTHONPATH=scripts python -m bench.run --rss --markdown docs/benchmarks.md && PYTHONPATH=scripts python -m bench.large_bodies --markdown docs/benchmarks.md'
+bench: venv  ## the throughput, CPU and large-body benchmarks; write docs/benchmarks.md
+	bash -c 'source scripts/setup.sh requirements-dev.txt && PYTHONPATH=scripts python -m bench.run --rss --cpu --markdown docs/benchmarks.md && PYTHONPATH=scripts python -m bench.large_bodies --markdown docs/benchmarks.md'
 
 bench-versus: venv  ## the sink's rate of this checkout beside BASELINE's (default main), alternately
 	bash -c 'source scripts/setup.sh requirements-dev.txt && PYTHONPATH=scripts python -m bench.sink_versus --baseline $${BASELINE:-main}'

@@ -31,6 +31,10 @@ DEFAULT_REGION = "us-east-1"
 KEY_HELP = "create one with `python main.py keygen` and put it in .env as MASKING_KEY=<key>"
 # The key sources, exactly one of which must be set (docs/keys-and-privacy.md "Where the key comes from").
 KEY_SOURCES = ("MASKING_KEY", "MASKING_KEY_FILE", "MASKING_KEY_KMS_CIPHERTEXT", "MASKING_KEYS", "MASKING_KEYSET")
+# SQS_CLIENT: how receive/delete/visibility calls reach SQS (aws.sqs.TRANSPORTS; the first is the default).
+SQS_CLIENTS = ("json", "boto3")
+# Settings botocore honours and the narrow path does not: with one set, SQS_CLIENT defaults to boto3.
+BOTO3_ONLY_SETTINGS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")
 
 
 # The consume loop's defaults, measured on a 2-core machine with the embedded LocalStack (see bench/ and README).
@@ -97,6 +101,8 @@ class Settings:
     region: str
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_bytes_in_hand: int = DEFAULT_MAX_BYTES_IN_HAND
+    sqs_client: str = SQS_CLIENTS[0]
+    ca_bundle: str | None = None  # AWS_CA_BUNDLE: botocore reads it itself; the narrow path is told
 
     def load_masker(self) -> Masker:
         """The keyring from the configured source, its active version set; KMS-wrapped keys are
@@ -110,6 +116,7 @@ class Settings:
         endpoint_url = env.get("AWS_ENDPOINT_URL_SQS") or env.get("AWS_ENDPOINT_URL") or _endpoint_of(queue_url)
         region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
         source = key_source_from_env(env)
+        sqs_client = _sqs_client(env)
         return cls(
             queue_url=queue_url,
             database_url=_database_url(env.get("DATABASE_URL") or DEFAULT_DATABASE_URL),
@@ -123,7 +130,28 @@ class Settings:
             max_bytes_in_hand=byte_count(
                 "MAX_BYTES_IN_HAND", env.get("MAX_BYTES_IN_HAND", ""), DEFAULT_MAX_BYTES_IN_HAND, MIN_MAX_BYTES_IN_HAND
             ),
+            sqs_client=sqs_client,
+            ca_bundle=env.get("AWS_CA_BUNDLE", "").strip() or None,
         )
+
+
+def _sqs_client(env: Mapping[str, str]) -> str:
+    """SQS_CLIENT, checked; unset, `json` unless a proxy is configured, which only the boto3 client
+    honours (the narrow path would go around it)."""
+    needs_boto3 = [name for name in BOTO3_ONLY_SETTINGS if env.get(name, "").strip()]
+    wanted = env.get("SQS_CLIENT", "").strip().lower()
+    if not wanted:
+        return "boto3" if needs_boto3 else SQS_CLIENTS[0]
+    if wanted not in SQS_CLIENTS:
+        raise ConfigError(
+            f"SQS_CLIENT must be one of {', '.join(SQS_CLIENTS)}, got {env.get('SQS_CLIENT')!r} "
+            "(json: the narrow signed path for the hot calls; boto3: the boto3 client for every call)"
+        )
+    if wanted == "json" and needs_boto3:
+        raise ConfigError(
+            f"SQS_CLIENT=json does not honour {', '.join(needs_boto3)}: set SQS_CLIENT=boto3 (or leave it unset)"
+        )
+    return wanted
 
 
 @dataclass(frozen=True, slots=True)

@@ -366,7 +366,12 @@ def _consume(
     indexer.start()  # after the schema set-up: a schema 4 is migrated first
     wait = args.wait_seconds if args.wait_seconds is not None else (5 if args.follow else 1)
     reader = SqsReader(
-        settings.queue_url, endpoint_url=settings.endpoint_url, region=settings.region, wait_time_seconds=wait
+        settings.queue_url,
+        endpoint_url=settings.endpoint_url,
+        region=settings.region,
+        wait_time_seconds=wait,
+        transport=settings.sqs_client,
+        ca_bundle=settings.ca_bundle,
     )
     attributes = reader.check()
     options = PipelineOptions(

@@ -7,23 +7,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from aws.sqs_json import JsonTransport
 from models import ReceivedMessage
 
 if TYPE_CHECKING:  # types-boto3-sqs (requirements-dev.txt): typed calls, no runtime cost
     from types_boto3_sqs.client import SQSClient
-    from types_boto3_sqs.type_defs import (
-        ChangeMessageVisibilityBatchRequestEntryTypeDef,
-        DeleteMessageBatchRequestEntryTypeDef,
-        MessageTypeDef,
-    )
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +29,11 @@ MAX_MESSAGES_PER_RECEIVE = 10
 MAX_WAIT_TIME_SECONDS = 20
 MAX_ENTRIES_PER_DELETE = 10
 MAX_VISIBILITY_TIMEOUT_SECONDS = 43_200
+
+# How the hot calls (receive, delete, change visibility) reach SQS: "json", aws/sqs_json.py's narrow
+# path (botocore's credentials and signer, a fifth of boto3's CPU per call: docs/benchmarks.md), or
+# "boto3", the boto3 client for every call. Every other call always goes through the boto3 client.
+TRANSPORTS = ("json", "boto3")
 
 # Errors that say the queue itself is wrong, not that the network hiccuped.
 _FATAL_CODES = {
@@ -72,9 +73,18 @@ class SqsReader:
         max_attempts: int = 1,
         connect_timeout_seconds: float = 5.0,
         max_connections: int = 32,
+        transport: str = "json",
+        parameter_validation: bool = False,
+        ca_bundle: str | None = None,
     ) -> None:
         if not 0 <= wait_time_seconds <= MAX_WAIT_TIME_SECONDS:
             raise ValueError(f"wait_time_seconds must be within 0..{MAX_WAIT_TIME_SECONDS}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        self.transport = transport
+        self._ca_bundle = ca_bundle
+        self._connect_timeout = connect_timeout_seconds
+        self._max_connections = max_connections
         self.queue_url = queue_url
         self.wait_time_seconds = wait_time_seconds
         self._session = boto3.session.Session(region_name=region)
@@ -87,9 +97,13 @@ class SqsReader:
             # botocore retries run underneath its backoff, budget and stop deadline.
             retries={"mode": "standard", "total_max_attempts": max_attempts},
             max_pool_connections=max_connections,  # one client serves every thread
+            # Our requests are built by this module from typed values: botocore's check of every
+            # parameter against the model on every call is CPU spent for nothing.
+            parameter_validation=parameter_validation,
         )
         self._lock = threading.Lock()
         self._client: SQSClient | None = None
+        self._json: JsonTransport | None = None
 
     @property
     def client(self) -> SQSClient:
@@ -118,11 +132,14 @@ class SqsReader:
     def receive(self, *, wait_time_seconds: int | None = None) -> list[ReceivedMessage]:
         """Receive up to 10 messages, long-polling; an empty list means none arrived in time."""
         with self._errors("ReceiveMessage"):
-            response = self.client.receive_message(
-                QueueUrl=self.queue_url,
-                MaxNumberOfMessages=MAX_MESSAGES_PER_RECEIVE,
-                WaitTimeSeconds=self.wait_time_seconds if wait_time_seconds is None else wait_time_seconds,
-                MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
+            response = self._call(
+                "ReceiveMessage",
+                {
+                    "QueueUrl": self.queue_url,
+                    "MaxNumberOfMessages": MAX_MESSAGES_PER_RECEIVE,
+                    "WaitTimeSeconds": self.wait_time_seconds if wait_time_seconds is None else wait_time_seconds,
+                    "MessageSystemAttributeNames": ["SentTimestamp", "ApproximateReceiveCount"],
+                },
             )
         return [_to_message(raw) for raw in response.get("Messages", [])]
 
@@ -136,11 +153,9 @@ class SqsReader:
         failed: list[str] = []
         for start in range(0, len(messages), MAX_ENTRIES_PER_DELETE):
             chunk = messages[start : start + MAX_ENTRIES_PER_DELETE]
-            entries: list[DeleteMessageBatchRequestEntryTypeDef] = [
-                {"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(chunk)
-            ]
+            entries = [{"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(chunk)]
             with self._errors("DeleteMessageBatch"):
-                response = self.client.delete_message_batch(QueueUrl=self.queue_url, Entries=entries)
+                response = self._call("DeleteMessageBatch", {"QueueUrl": self.queue_url, "Entries": entries})
             for entry in response.get("Failed", []):
                 message = chunk[int(entry["Id"])]
                 failed.append(message.message_id)
@@ -155,14 +170,39 @@ class SqsReader:
         failed: list[str] = []
         for start in range(0, len(messages), MAX_ENTRIES_PER_DELETE):
             chunk = messages[start : start + MAX_ENTRIES_PER_DELETE]
-            entries: list[ChangeMessageVisibilityBatchRequestEntryTypeDef] = [
+            entries = [
                 {"Id": str(i), "ReceiptHandle": m.receipt_handle, "VisibilityTimeout": timeout_seconds}
                 for i, m in enumerate(chunk)
             ]
             with self._errors("ChangeMessageVisibilityBatch"):
-                response = self.client.change_message_visibility_batch(QueueUrl=self.queue_url, Entries=entries)
+                response = self._call("ChangeMessageVisibilityBatch", {"QueueUrl": self.queue_url, "Entries": entries})
             failed.extend(chunk[int(entry["Id"])].receipt_handle for entry in response.get("Failed", []))
         return failed
+
+    def _call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        """One hot call, through the transport chosen (both raise botocore's errors)."""
+        if self.transport == "json":
+            return self._json_transport().call(operation, params)
+        method: Callable[..., dict[str, Any]] = getattr(self.client, _METHOD_NAMES[operation])
+        return method(**params)
+
+    def _json_transport(self) -> JsonTransport:
+        transport = self._json
+        if transport is None:
+            client = self.client  # botocore resolves the endpoint and finds the credentials, once
+            with self._lock:
+                transport = self._json
+                if transport is None:
+                    transport = self._json = JsonTransport(
+                        client.meta.endpoint_url,
+                        client.meta.region_name,
+                        self._session.get_credentials(),
+                        connect_timeout_seconds=self._connect_timeout,
+                        read_timeout_seconds=self.wait_time_seconds + 10,
+                        max_connections=self._max_connections,
+                        ca_bundle=self._ca_bundle,
+                    )
+        return transport
 
     @contextmanager
     def _errors(self, operation: str) -> Iterator[None]:
@@ -181,7 +221,14 @@ class SqsReader:
             raise SqsUnavailable(f"{operation} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _to_message(raw: MessageTypeDef) -> ReceivedMessage:
+_METHOD_NAMES = {
+    "ReceiveMessage": "receive_message",
+    "DeleteMessageBatch": "delete_message_batch",
+    "ChangeMessageVisibilityBatch": "change_message_visibility_batch",
+}
+
+
+def _to_message(raw: dict[str, Any]) -> ReceivedMessage:
     attributes = raw.get("Attributes", {})
     sent = attributes.get("SentTimestamp")
     return ReceivedMessage(

@@ -19,6 +19,9 @@ Scenarios (each run does them in this order, so drift hits all of them alike):
   5 latency 1-3 through bench/latency_proxy.py, which adds --latency-ms to every SQS request
             (naive on a tenth of the messages, its rate extrapolated)
   6 --rss   one drain of --rss-count messages by ours, for its peak RSS
+  7 --cpu   bench/cpu.py: CPU (user + sys) per message of `python main.py` at steady state with
+            SQS_CLIENT=json and =boto3 and of --baseline's main.py, the fixed cost of a drain, the
+            Lambda handler's CPU per message; written as the page's "CPU per message" section
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import botocore
 import cryptography
 import psycopg2
 
+from bench import cpu
 from bench.scenarios import (
     COPY_REPEAT,
     Measurement,
@@ -166,11 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     report = [*header, "", *_report(results, args, limit_threads, naive_count), "", *footer]
     print("\n".join(report))
+    cpu_report = []
+    if args.cpu:
+        _progress("cpu: CPU per message (bench/cpu.py)")
+        cpu_report = cpu.run(args, services)
+        print("\n".join(["", *cpu_report]))
     if args.markdown:
         command = " ".join(
             ["PYTHONPATH=scripts .venv/bin/python -m bench.run", *(argv if argv is not None else sys.argv[1:])]
         )
         _write_markdown(Path(args.markdown), report, command)
+        if cpu_report:
+            cpu.write_section(Path(args.markdown), cpu_report, command)
     checks = [m.check for key in ("ours", "ours_lat", "rss", "sink") for m in results.get(key, [])]
     return EXIT_MISMATCH if any(c and not c.startswith("OK") for c in checks) else EXIT_OK
 
@@ -464,7 +475,12 @@ OTHER_BENCHMARKS = [
 
 
 def _write_markdown(path: Path, report: list[str], command: str) -> None:
-    """The report as a Markdown page: generated, never edited by hand."""
+    """The report as a Markdown page: generated, never edited by hand. Its "CPU per message" section
+    (bench/cpu.py's, between its markers) is kept until a run with --cpu replaces it."""
+    old = path.read_text() if path.exists() else ""
+    kept = ""
+    if cpu.SECTION_BEGIN in old and cpu.SECTION_END in old:
+        kept = cpu.SECTION_BEGIN + old.split(cpu.SECTION_BEGIN, 1)[1].split(cpu.SECTION_END, 1)[0] + cpu.SECTION_END
     scenarios = __doc__.split("Scenarios", 1)[1].split("\n", 1)[1].rstrip()
     page = [
         "# Benchmarks",
@@ -488,8 +504,9 @@ def _write_markdown(path: Path, report: list[str], command: str) -> None:
         *OTHER_BENCHMARKS,
         "",
     ]
+    if kept:
+        page += [kept, ""]
     # bench/large_bodies.py's section, written by its own run, is kept as it is.
-    old = path.read_text() if path.exists() else ""
     start, end = "<!-- bench.large_bodies", "<!-- /bench.large_bodies -->"
     if start in old and end in old:
         page += [start + old.split(start, 1)[1].split(end, 1)[0] + end, ""]
@@ -535,6 +552,10 @@ def _parser() -> argparse.ArgumentParser:
         help="rewrite PATH (a page --markdown wrote) around the report it holds, after a change to the page's "
         "text in this script; runs no benchmark",
     )
+    parser.add_argument(
+        "--cpu", action="store_true", help="also measure CPU per message (bench/cpu.py's options below)"
+    )
+    cpu.add_arguments(parser)
     parser.add_argument("--endpoint-url", default="http://localhost:4566", help="the SQS emulator")
     parser.add_argument(
         "--database-url",

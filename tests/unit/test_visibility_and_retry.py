@@ -216,7 +216,7 @@ QUEUE_URL = "http://localhost:4566/000000000000/login-queue"
 def reader(monkeypatch: pytest.MonkeyPatch) -> SqsReader:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    return SqsReader(QUEUE_URL, endpoint_url="http://localhost:4566")
+    return SqsReader(QUEUE_URL, endpoint_url="http://localhost:4566", transport="boto3")  # botocore stubbed
 
 
 def test_a_refused_copy_of_a_message_does_not_untrack_its_other_copy(reader: SqsReader) -> None:

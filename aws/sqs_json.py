@@ -1,0 +1,292 @@
+"""JsonTransport: the SQS calls of the hot path, signed by botocore, on a small pool of kept-alive connections.
+
+botocore spends ~1 ms of CPU on each SQS call, most of it around the request rather than in it
+(events, endpoint rules, retry bookkeeping, a generic serialiser and parser, urllib3's wrappers:
+docs/benchmarks.md, "CPU per message"). This transport keeps what matters of botocore:
+
+- the credentials come from botocore's chain (the client's session: environment, profile, SSO,
+  container or instance role) and are read per request, so refreshed credentials are picked up;
+- each request is signed by botocore's own SigV4 signer (`botocore.auth.SigV4Auth`), and the
+  body is written as botocore's serialiser writes it, so the signature is the one botocore sends
+  (tests/unit/test_sqs_json.py compares them);
+- the endpoint is the one botocore resolved for the client (`client.meta.endpoint_url`), once;
+- the wire format is SQS's JSON protocol, the one botocore itself speaks to SQS (from 1.34.90):
+  `POST /`, `X-Amz-Target: AmazonSQS.<Operation>`, `Content-Type: application/x-amz-json-1.0`,
+  `x-amzn-query-mode: true`;
+- an error answer is read by botocore's own JSON parser and raised as botocore's `ClientError`,
+  and a failed exchange as a `BotoCoreError`, so the caller (aws/sqs.py) maps every error exactly
+  as it does for the boto3 client: the same code, the same outcome.
+
+The connections are the standard library's `http.client` ones, kept alive in a LIFO pool: urllib3's
+wrappers around the same connection cost ~200 µs of CPU per call more (measured: docs/benchmarks.md).
+TLS is verified against AWS_CA_BUNDLE's file when the caller passes it, else the bundle botocore
+uses by default. Not supported here (config.py picks the boto3 client when one is set): HTTP(S)
+proxies; nor client-side retries (the caller's Retrier retries).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import select
+import ssl
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from botocore.auth import SIGNED_HEADERS_BLACKLIST, SigV4Auth
+from botocore.credentials import Credentials
+from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
+from botocore.httpsession import get_cert_path
+from botocore.parsers import create_parser
+
+CONTENT_TYPE = "application/x-amz-json-1.0"
+TARGET_PREFIX = "AmazonSQS."
+SIGNING_NAME = "sqs"
+
+Connection = http.client.HTTPConnection
+
+
+class _Fields(dict[str, str]):
+    """Response header fields by lower-case name (a repeated field's values joined by ", ")."""
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return super().get(name.lower(), default)
+
+
+class _Response(http.client.HTTPResponse):
+    """http.client's response, its header block read into a dict instead of through the email
+    package (which costs a third of a call's CPU). Status line, 100-continue, chunked bodies,
+    Content-Length and Connection are handled as HTTPResponse.begin handles them."""
+
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()
+            if status != http.client.CONTINUE:
+                break
+            http.client._read_headers(self.fp)
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = _parse_fields(http.client._read_headers(self.fp))
+        self.chunked = (self.headers.get("transfer-encoding") or "").lower() == "chunked"
+        self.chunk_left = None
+        self.will_close = self._check_close()
+        self.length = None
+        length = self.headers.get("content-length")
+        if length and not self.chunked:
+            try:
+                self.length = int(length)
+            except ValueError:
+                self.length = None
+            else:
+                if self.length < 0:
+                    self.length = None
+        if status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or 100 <= status < 200:
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+
+def _parse_fields(lines: list[bytes]) -> _Fields:
+    fields = _Fields()
+    name = ""
+    for raw in lines:
+        line = raw.decode("iso-8859-1").rstrip("\r\n")
+        if not line:
+            continue
+        if line[0] in " \t" and name:  # an obsolete folded continuation
+            fields[name] += " " + line.strip()
+            continue
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        value = value.strip()
+        fields[name] = f"{fields[name]}, {value}" if name in fields else value
+    return fields
+
+
+class _Headers(dict[str, str]):
+    """The headers to sign, as SigV4Auth reads them (names in lower case, one value each); botocore's
+    HTTPHeaders is an email.message.Message, built twice per signature."""
+
+    def get_all(self, name: str) -> list[str]:
+        return [self[name]]
+
+
+class _Signer(SigV4Auth):
+    """botocore's SigV4Auth, its canonical request, string to sign and signature unchanged; only
+    the container of the headers to sign is lighter (tests/unit/test_sqs_json.py: same signature)."""
+
+    def headers_to_sign(self, request: Any) -> Any:
+        headers = _Headers()
+        for name, value in request.headers.items():
+            lowered = name.lower()
+            if lowered not in SIGNED_HEADERS_BLACKLIST:
+                headers[lowered] = value
+        return headers
+
+
+class _Request:
+    """What SigV4Auth.add_auth reads and writes of a request; botocore's AWSRequest also prepares a
+    URL and a body we already have (a third of the signing time). Its headers are a plain dict:
+    this module sets each name in one spelling, as the signer does."""
+
+    __slots__ = ("method", "url", "body", "headers", "context", "params")
+
+    def __init__(self, url: str, body: bytes, headers: dict[str, str]) -> None:
+        self.method = "POST"
+        self.url = url
+        self.body = body
+        self.headers = headers
+        self.context: dict[str, Any] = {}
+        self.params: dict[str, str] = {}
+
+
+class JsonTransport:
+    """Sends one SQS operation as a signed JSON request; returns the decoded answer or raises as botocore does."""
+
+    def __init__(
+        self,
+        endpoint_url: str,
+        region: str,
+        credentials: Credentials | None,
+        *,
+        connect_timeout_seconds: float,
+        read_timeout_seconds: float,
+        max_connections: int,
+        user_agent: str = "login-etl",
+        ca_bundle: str | None = None,
+    ) -> None:
+        if credentials is None:
+            raise NoCredentialsError()
+        parts = urlsplit(endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) endpoint: {endpoint_url!r}")
+        self.endpoint_url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
+        self.region = region
+        self._path = parts.path.rstrip("/") + "/"
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._netloc = parts.netloc  # the Host header, as botocore signs it
+        self._credentials = credentials
+        self._user_agent = user_agent
+        self._connect_timeout = connect_timeout_seconds
+        self._read_timeout = read_timeout_seconds
+        self._max_idle = max_connections
+        self._idle: list[Connection] = []
+        # AWS_CA_BUNDLE's file, else the bundle botocore verifies with by default (certifi's).
+        cafile = ca_bundle or get_cert_path(True)
+        self._ssl = ssl.create_default_context(cafile=cafile) if self._https else None
+        self._parser = create_parser("json")
+
+    def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Send `operation` with `params` (its JSON request members); return the decoded answer.
+
+        Raises botocore's ClientError for an error answer (the code as botocore reports it) and
+        HTTPClientError when the exchange failed (no answer, or half of one).
+        """
+        body = json.dumps(params).encode("utf-8")  # botocore's bytes: the same signature
+        request = _Request(self.endpoint_url, body, self._headers(operation))
+        # get_frozen_credentials: a refreshable set refreshes here when it is about to expire.
+        _Signer(self._credentials.get_frozen_credentials(), SIGNING_NAME, self.region).add_auth(request)
+        status, headers, data = self._exchange(body, request.headers)
+        if status < 300:
+            return orjson.loads(data) if data else {}
+        raise self._error(operation, status, headers, data)
+
+    def _headers(self, operation: str) -> dict[str, str]:
+        return {
+            "Content-Type": CONTENT_TYPE,
+            "X-Amz-Target": TARGET_PREFIX + operation,
+            # SQS's JSON API is query-compatible: with this header an error also names its
+            # query-protocol code (x-amzn-query-error), as botocore asks for it.
+            "x-amzn-query-mode": "true",
+            "User-Agent": self._user_agent,
+            "Host": self._netloc,
+        }
+
+    def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        conn = self._checkout()
+        try:
+            conn.putrequest("POST", self._path, skip_host=True, skip_accept_encoding=True)
+            for name, value in headers.items():
+                conn.putheader(name, value)
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            response = conn.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise HTTPClientError(error=exc) from exc
+        if response.will_close:
+            conn.close()
+        else:
+            self._checkin(conn)
+        return response.status, dict(response.headers.items()), data
+
+    def _checkout(self) -> Connection:
+        # No lock: list.pop and list.append are atomic, and a lock here is contended by every
+        # receiver and deleter thread (measured: the pool's lock was a tenth of the transport's CPU).
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                break
+            if not _dropped(conn):
+                return conn
+            conn.close()
+        fresh: Connection
+        if self._ssl is not None:
+            fresh = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self._connect_timeout, context=self._ssl
+            )
+        else:
+            fresh = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
+        fresh.response_class = _Response
+        try:
+            fresh.connect()
+        except OSError as exc:
+            fresh.close()
+            raise HTTPClientError(error=exc) from exc
+        assert fresh.sock is not None
+        fresh.sock.settimeout(self._read_timeout)  # a long poll must not look like a hang
+        return fresh
+
+    def _checkin(self, conn: Connection) -> None:
+        if len(self._idle) < self._max_idle:  # racy by design: at most a few more kept than asked
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def _error(self, operation: str, status: int, headers: dict[str, str], body: bytes) -> ClientError:
+        """botocore's own reading of an error answer (code, message, query-compatible code)."""
+        parsed = self._parser.parse({"status_code": status, "headers": headers, "body": body}, None)
+        return ClientError(parsed, operation)
+
+    def close(self) -> None:
+        """Close the idle connections."""
+        while self._idle:
+            try:
+                self._idle.pop().close()
+            except IndexError:
+                break
+
+
+def _dropped(conn: Connection) -> bool:
+    """True when a kept-alive connection was closed by the server (readable while idle means EOF)."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)

@@ -1,0 +1,137 @@
+"""SqsReader's two transports (SQS_CLIENT=json, the narrow signed path; boto3) against real emulators over HTTP.
+
+The same scenarios on each transport, on LocalStack (TEST_SQS_ENDPOINT) and, for a second opinion,
+on moto's server (TEST_MOTO_ENDPOINT, default the KMS moto of scripts/stack.sh on :4599, which
+serves SQS too; a few messages only: moto rescans its queue on every call).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from aws.sqs import TRANSPORTS, QueueUnusable, SqsReader
+from helpers import TEST_KMS_ENDPOINT, TEST_SQS_ENDPOINT, emulator_client, unavailable
+from proxy import TcpProxy
+
+TEST_MOTO_ENDPOINT = os.environ.get("TEST_MOTO_ENDPOINT", TEST_KMS_ENDPOINT)
+EMULATORS = {"localstack": TEST_SQS_ENDPOINT, "moto": TEST_MOTO_ENDPOINT}
+
+
+@pytest.fixture(autouse=True)
+def _credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+
+
+@pytest.fixture(params=list(EMULATORS))
+def emulator(request: pytest.FixtureRequest) -> str:
+    endpoint = EMULATORS[request.param]
+    client = emulator_client("sqs", endpoint)
+    try:
+        client.list_queues()
+    except Exception as exc:  # noqa: BLE001 - any failure means: no emulator
+        unavailable(f"SQS on {request.param} at {endpoint} ({type(exc).__name__})")
+    return endpoint
+
+
+@pytest.fixture
+def queue(emulator: str) -> Iterator[tuple[Any, str]]:
+    """(a boto3 client of the emulator, a fresh uuid-named queue's URL); the queue is deleted after."""
+    client = emulator_client("sqs", emulator)
+    url = client.create_queue(QueueName=f"test-{uuid.uuid4().hex}", Attributes={"VisibilityTimeout": "30"})["QueueUrl"]
+    yield client, url
+    client.delete_queue(QueueUrl=url)
+
+
+def reader(endpoint: str, url: str, transport: str) -> SqsReader:
+    return SqsReader(url, endpoint_url=endpoint, wait_time_seconds=1, transport=transport)
+
+
+def send(client: Any, url: str, count: int) -> set[str]:
+    bodies = {f'{{"n": {n}, "text": "é ✓ \\u0000"}}' for n in range(count)}
+    for start in range(0, count, 10):
+        chunk = sorted(bodies)[start : start + 10]
+        client.send_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": b} for i, b in enumerate(chunk)])
+    return bodies
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_messages_are_received_whole_and_deleted(queue: tuple[Any, str], emulator: str, transport: str) -> None:
+    """GIVEN 23 messages WHEN received in tens and deleted in batches THEN every body arrives intact,
+    with its SentTimestamp and receive count, and the queue ends empty."""
+    client, url = queue
+    sent = send(client, url, 23)
+    sqs = reader(emulator, url, transport)
+    received = []
+    while batch := sqs.receive():
+        assert len(batch) <= 10
+        assert sqs.delete(batch) == []
+        received += batch
+    assert {m.body for m in received} == sent
+    assert all(m.sent_timestamp_ms and m.receive_count == 1 for m in received)
+    attributes = client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert attributes["ApproximateNumberOfMessages"] == attributes["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_visibility_change_to_zero_brings_the_message_back(
+    queue: tuple[Any, str], emulator: str, transport: str
+) -> None:
+    client, url = queue
+    send(client, url, 1)
+    sqs = reader(emulator, url, transport)
+    (first,) = sqs.receive()
+    assert sqs.change_visibility([first], 0) == []
+    (again,) = sqs.receive()
+    assert (again.message_id, again.receive_count) == (first.message_id, 2)
+    assert sqs.delete([again]) == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_stale_receipt_handle_is_a_refused_entry_not_an_error(
+    queue: tuple[Any, str], emulator: str, transport: str
+) -> None:
+    """A delete of a receipt handle SQS does not know: refused entry by entry, the others deleted."""
+    client, url = queue
+    send(client, url, 2)
+    sqs = reader(emulator, url, transport)
+    batch = sqs.receive()
+    while len(batch) < 2:
+        batch += sqs.receive()
+    forged = type(batch[0])(batch[0].message_id, "not-a-receipt-handle", batch[0].body)
+    assert sqs.delete([forged, batch[1]]) == [batch[0].message_id]
+    assert sqs.delete([batch[0]]) == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_missing_queue_is_unusable_on_both_transports(emulator: str, transport: str) -> None:
+    url = f"{emulator}/000000000000/missing-{uuid.uuid4().hex}"
+    with pytest.raises(QueueUnusable):
+        reader(emulator, url, transport).receive()
+
+
+def test_a_kept_connection_closed_by_the_other_side_is_replaced(queue: tuple[Any, str], emulator: str) -> None:
+    """The narrow path keeps connections alive; one the server (here a proxy) closed while idle is
+    not reused: the next call opens a new one and succeeds."""
+    client, url = queue
+    send(client, url, 2)
+    target = emulator.split("//", 1)[1]
+    host, port = target.rsplit(":", 1)
+    proxy = TcpProxy(host, int(port))
+    try:
+        sqs = reader(f"http://{proxy.host}:{proxy.port}", url, "json")
+        first = sqs.receive()
+        proxy.cut()
+        proxy.restore()
+        assert sqs.delete(first) == []
+        rest = sqs.receive()
+        assert sqs.delete(rest) == []
+        assert len(first) + len(rest) == 2
+    finally:
+        proxy.close()

@@ -1,0 +1,391 @@
+"""aws/sqs_json.py beside botocore: the same bytes, the same signature, the same error codes and outcomes.
+
+No network: botocore's request is caught at `before-send` and answered there; the transport's
+exchange is replaced by a function that records the request and returns a canned answer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import io
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import boto3
+import botocore.auth
+import botocore.handlers
+import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSPreparedRequest, AWSRequest, AWSResponse
+from botocore.config import Config
+from botocore.credentials import Credentials
+from botocore.exceptions import ClientError, HTTPClientError
+
+import config
+from aws.sqs import TRANSPORTS, QueueUnusable, SqsReader, SqsUnavailable
+from aws.sqs_json import JsonTransport, _parse_fields, _Response
+from models import ReceivedMessage
+
+ENDPOINT = "http://localhost:4566"
+QUEUE_URL = f"{ENDPOINT}/000000000000/login-queue"
+FROZEN = datetime.datetime(2026, 12, 6, 12, 0, 0)
+REQUESTS: list[tuple[str, dict[str, Any]]] = [
+    (
+        "ReceiveMessage",
+        {
+            "QueueUrl": QUEUE_URL,
+            "MaxNumberOfMessages": 10,
+            "WaitTimeSeconds": 20,
+            "MessageSystemAttributeNames": ["SentTimestamp", "ApproximateReceiveCount"],
+        },
+    ),
+    (
+        "DeleteMessageBatch",
+        {"QueueUrl": QUEUE_URL, "Entries": [{"Id": str(i), "ReceiptHandle": f"AQEB{i}/+=é"} for i in range(10)]},
+    ),
+    (
+        "ChangeMessageVisibilityBatch",
+        {"QueueUrl": QUEUE_URL, "Entries": [{"Id": "0", "ReceiptHandle": "AQEB0", "VisibilityTimeout": 30}]},
+    ),
+]
+SNAKE = {
+    "ReceiveMessage": "receive_message",
+    "DeleteMessageBatch": "delete_message_batch",
+    "ChangeMessageVisibilityBatch": "change_message_visibility_batch",
+}
+
+
+class Body:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_kwargs: object) -> Iterator[bytes]:
+        yield self.data
+
+
+@pytest.fixture(autouse=True)
+def _credentials_and_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: FROZEN)
+
+
+def botocore_request(operation: str, params: dict[str, Any]) -> AWSPreparedRequest:
+    """The request botocore's own client sends for `operation` (caught before it leaves)."""
+    client = boto3.session.Session(region_name="us-east-1").client(
+        "sqs", endpoint_url=ENDPOINT, config=Config(retries={"mode": "standard", "total_max_attempts": 1})
+    )
+    # Retry bookkeeping headers (amz-sdk-*) carry a fresh uuid each call: signed, they would make
+    # two signatures of one request differ. The transport sends none.
+    client.meta.events.unregister("request-created", botocore.handlers.add_retry_headers)
+    sent: list[AWSPreparedRequest] = []
+
+    def catch(request: AWSPreparedRequest, **_kwargs: object) -> AWSResponse:
+        sent.append(request)
+        return AWSResponse(request.url, 200, {}, Body(b"{}"))
+
+    client.meta.events.register(f"before-send.sqs.{operation}", catch)
+    getattr(client, SNAKE[operation])(**params)
+    return sent[0]
+
+
+def _text(value: str | bytes) -> str:
+    """botocore's prepared headers hold bytes or text."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def transport(answer: Callable[[bytes, dict[str, str]], tuple[int, dict[str, str], bytes]]) -> JsonTransport:
+    made = JsonTransport(
+        ENDPOINT,
+        "us-east-1",
+        boto3.session.Session().get_credentials(),
+        connect_timeout_seconds=1,
+        read_timeout_seconds=1,
+        max_connections=1,
+    )
+    made._exchange = answer  # type: ignore[method-assign,assignment]  # in place of the network
+    return made
+
+
+def sent_by_transport(operation: str, params: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    caught: list[tuple[bytes, dict[str, str]]] = []
+
+    def answer(body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        caught.append((body, headers))
+        return 200, {}, b"{}"
+
+    transport(answer).call(operation, params)
+    return caught[0]
+
+
+@pytest.mark.parametrize(("operation", "params"), REQUESTS, ids=[op for op, _ in REQUESTS])
+def test_the_transport_sends_botocores_bytes_and_signature(operation: str, params: dict[str, Any]) -> None:
+    """GIVEN the same operation, parameters, credentials and clock WHEN both send it THEN the body,
+    the protocol headers and the Authorization header are botocore's, byte for byte."""
+    theirs = botocore_request(operation, params)
+    body, headers = sent_by_transport(operation, params)
+    assert body == theirs.body
+    for name in ("X-Amz-Target", "Content-Type", "x-amzn-query-mode", "X-Amz-Date", "Authorization"):
+        assert headers[name] == _text(theirs.headers[name]), name
+    assert "SignedHeaders=content-type;host;x-amz-date;x-amz-target;x-amzn-query-mode" in headers["Authorization"]
+
+
+def test_a_session_token_is_sent_and_signed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Temporary credentials (a role's): the token travels in X-Amz-Security-Token, inside the signature."""
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token-of-a-role")
+    operation, params = REQUESTS[0]
+    theirs = botocore_request(operation, params)
+    _, headers = sent_by_transport(operation, params)
+    assert headers["X-Amz-Security-Token"] == "token-of-a-role"
+    assert headers["Authorization"] == _text(theirs.headers["Authorization"])
+
+
+def test_the_light_request_signs_as_botocores_own_request_object() -> None:
+    """The transport hands SigV4Auth a slimmer request object than AWSRequest: the signature is the same."""
+    _, headers = sent_by_transport(*REQUESTS[1])
+    body = json.dumps(REQUESTS[1][1]).encode()
+    plain = AWSRequest(
+        method="POST",
+        url=ENDPOINT + "/",
+        data=body,
+        headers={name: headers[name] for name in ("Content-Type", "X-Amz-Target", "x-amzn-query-mode")},
+    )
+    SigV4Auth(Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"), "sqs", "us-east-1").add_auth(
+        plain
+    )
+    assert plain.headers["Authorization"] == headers["Authorization"]
+
+
+# -- errors: the same code, the same outcome -------------------------------------------------------
+
+QUERY = "x-amzn-query-error"
+# (HTTP status, body, headers) as SQS's JSON API answers, from its API reference ("Common Errors"
+# and each operation's "Errors"), plus what a proxy or a broken server may answer.
+ERRORS: list[tuple[int, bytes, dict[str, str]]] = [
+    (
+        400,
+        b'{"__type":"com.amazonaws.sqs#QueueDoesNotExist","message":"The specified queue does not exist."}',
+        {QUERY: "AWS.SimpleQueueService.NonExistentQueue;Sender"},
+    ),
+    (400, b'{"__type":"com.amazonaws.sqs#QueueDoesNotExist","message":"gone"}', {}),
+    (
+        400,
+        b'{"__type":"com.amazon.coral.service#AccessDeniedException","message":"no"}',
+        {QUERY: "AccessDenied;Sender"},
+    ),
+    (403, b'{"__type":"com.amazon.coral.service#InvalidClientTokenId","message":"bad key"}', {}),
+    (400, b'{"__type":"com.amazon.coral.service#UnrecognizedClientException","message":"bad key"}', {}),
+    (403, b'{"__type":"com.amazon.coral.service#SignatureDoesNotMatch","message":"clock?"}', {}),
+    (400, b'{"__type":"com.amazon.coral.availability#ThrottlingException","message":"slow down"}', {}),
+    (400, b'{"__type":"com.amazonaws.sqs#RequestThrottled","message":"slow"}', {QUERY: "RequestThrottled;Sender"}),
+    (400, b'{"__type":"com.amazonaws.sqs#OverLimit","message":"too many in flight"}', {QUERY: "OverLimit;Sender"}),
+    (400, b'{"__type":"com.amazonaws.sqs#KmsThrottled","message":"kms"}', {QUERY: "KMS.ThrottlingException;Sender"}),
+    (
+        400,
+        b'{"__type":"com.amazonaws.sqs#KmsAccessDenied","message":"kms"}',
+        {QUERY: "KMS.AccessDeniedException;Sender"},
+    ),
+    (400, b'{"__type":"com.amazonaws.sqs#InvalidAddress","message":"bad url"}', {QUERY: "InvalidAddress;Sender"}),
+    (400, b'{"__type":"com.amazonaws.sqs#InvalidSecurity","message":"http"}', {QUERY: "InvalidSecurity;Sender"}),
+    (400, b'{"__type":"com.amazonaws.sqs#TooManyEntriesInBatchRequest","message":"11"}', {}),
+    (400, b'{"__type":"com.amazonaws.sqs#EmptyBatchRequest","message":"0"}', {}),
+    (400, b'{"__type":"com.amazonaws.sqs#BatchEntryIdsNotDistinct","message":"ids"}', {}),
+    (400, b'{"__type":"com.amazonaws.sqs#InvalidBatchEntryId","message":"id"}', {}),
+    (400, b'{"__type":"com.amazonaws.sqs#UnsupportedOperation","message":"no"}', {}),
+    (400, b'{"__type":"com.amazon.coral.validate#ValidationException","message":"bad"}', {}),
+    (400, b'{"__type":"com.amazon.coral.service#IncompleteSignature","message":"sig"}', {}),
+    (400, b'{"__type":"com.amazon.coral.service#RequestExpired","message":"late"}', {}),
+    (500, b'{"__type":"com.amazon.coral.service#InternalFailure","message":"oops"}', {}),
+    (503, b'{"__type":"com.amazon.coral.service#ServiceUnavailable","message":"later"}', {}),
+    (502, b"<html>Bad Gateway</html>", {"content-type": "text/html"}),
+    (503, b"", {}),
+    (413, b"Request Entity Too Large", {}),
+]
+
+
+def outcome(call: Callable[[], object]) -> str:
+    try:
+        call()
+    except QueueUnusable:
+        return "permanent"
+    except SqsUnavailable:
+        return "retry"
+    return "ok"
+
+
+def boto3_reader(status: int, body: bytes, headers: dict[str, str]) -> SqsReader:
+    reader = SqsReader(QUEUE_URL, endpoint_url=ENDPOINT, transport="boto3")
+
+    def answer(request: AWSPreparedRequest, **_kwargs: object) -> AWSResponse:
+        return AWSResponse(request.url, status, headers, Body(body))
+
+    reader.client.meta.events.register("before-send.sqs.*", answer)
+    return reader
+
+
+def json_reader(status: int, body: bytes, headers: dict[str, str]) -> SqsReader:
+    reader = SqsReader(QUEUE_URL, endpoint_url=ENDPOINT, transport="json")
+    reader._json = transport(lambda _body, _headers: (status, {k.lower(): v for k, v in headers.items()}, body))
+    return reader
+
+
+def calls(reader: SqsReader) -> dict[str, Callable[[], object]]:
+    message = ReceivedMessage("m0", "receipt-0", "{}")
+    return {
+        "receive": reader.receive,
+        "delete": lambda: reader.delete([message]),
+        "change_visibility": lambda: reader.change_visibility([message], 30),
+    }
+
+
+@pytest.mark.parametrize(("status", "body", "headers"), ERRORS, ids=[f"{s}-{b[:60]!r}" for s, b, _ in ERRORS])
+def test_every_error_answer_has_the_same_code_and_outcome_on_both_paths(
+    status: int, body: bytes, headers: dict[str, str]
+) -> None:
+    """GIVEN an error answer WHEN each path gets it for each hot call THEN botocore's error code and
+    the reader's outcome (retry or permanent exit) are the same on both."""
+    theirs, ours = calls(boto3_reader(status, body, headers)), calls(json_reader(status, body, headers))
+    for name in theirs:
+        assert outcome(ours[name]) == outcome(theirs[name]) != "ok", name
+    with pytest.raises(ClientError) as boto_error:
+        boto3_reader(status, body, headers).client.receive_message(QueueUrl=QUEUE_URL)
+    with pytest.raises(ClientError) as json_error:
+        transport(lambda _b, _h: (status, {k.lower(): v for k, v in headers.items()}, body)).call(
+            "ReceiveMessage", {"QueueUrl": QUEUE_URL}
+        )
+    assert json_error.value.response["Error"]["Code"] == boto_error.value.response["Error"]["Code"]
+
+
+@pytest.mark.parametrize("code", ["AWS.SimpleQueueService.NonExistentQueue", "AccessDenied", "InvalidClientTokenId"])
+def test_a_queue_gone_or_access_refused_is_permanent_on_the_json_path(code: str) -> None:
+    """The error table is not vacuous: these end the run (QueueUnusable) on the narrow path too."""
+    reader = json_reader(400, b'{"__type":"x#' + code.encode() + b'","message":"m"}', {})
+    assert outcome(reader.receive) == "permanent"
+
+
+def test_refused_entries_are_reported_alike_on_both_paths() -> None:
+    """DeleteMessageBatch / ChangeMessageVisibilityBatch answer 200 with Failed entries: the same
+    message ids (delete) and receipt handles (visibility) come back as refused on both paths."""
+    answer = json.dumps(
+        {
+            "Successful": [{"Id": "1"}],
+            "Failed": [{"Id": "0", "Code": "ReceiptHandleIsInvalid", "SenderFault": True, "Message": "stale"}],
+        }
+    ).encode()
+    messages = [ReceivedMessage("m0", "receipt-0", "{}"), ReceivedMessage("m1", "receipt-1", "{}")]
+    for make in (boto3_reader, json_reader):
+        reader = make(200, answer, {"content-type": "application/x-amz-json-1.0"})
+        assert reader.delete(messages) == ["m0"], make.__name__
+        assert reader.change_visibility(messages, 30) == ["receipt-0"], make.__name__
+
+
+def test_received_messages_are_read_alike_on_both_paths() -> None:
+    answer = json.dumps(
+        {
+            "Messages": [
+                {
+                    "MessageId": "m0",
+                    "ReceiptHandle": "r0",
+                    "MD5OfBody": "x",
+                    "Body": '{"user_id": "u"}',
+                    "Attributes": {"SentTimestamp": "1765000000000", "ApproximateReceiveCount": "3"},
+                }
+            ]
+        }
+    ).encode()
+    results = [make(200, answer, {}).receive() for make in (boto3_reader, json_reader)]
+    assert results[0] == results[1] == [ReceivedMessage("m0", "r0", '{"user_id": "u"}', 1765000000000, 3)]
+
+
+def test_a_failed_exchange_is_a_retry_on_the_json_path() -> None:
+    """No answer at all (refused, reset, timed out): botocore's HTTPClientError, so SqsUnavailable."""
+
+    def broken(_body: bytes, _headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        raise HTTPClientError(error=ConnectionResetError("reset by peer"))
+
+    reader = SqsReader(QUEUE_URL, endpoint_url=ENDPOINT, transport="json")
+    reader._json = transport(broken)
+    assert outcome(reader.receive) == "retry"
+
+
+def test_the_settings_name_the_transports_the_reader_knows() -> None:
+    assert config.SQS_CLIENTS == TRANSPORTS
+
+
+def test_an_unknown_sqs_client_is_a_configuration_error() -> None:
+    env = {"MASKING_KEY": "", "SQS_CLIENT": "curl"}
+    with pytest.raises(config.ConfigError, match="SQS_CLIENT must be one of json, boto3"):
+        config.Settings.from_env(env | {"MASKING_KEY": _key()})
+
+
+def _key() -> str:
+    from pii.masking import generate_key
+
+    return generate_key()
+
+
+# -- the response reader: http.client's begin() without the email package ----------------------------
+
+
+class FakeSocket:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def makefile(self, _mode: str) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+
+def read_both(raw: bytes) -> list[tuple[int, dict[str, str], bytes, bool]]:
+    """(status, headers, body, will_close) read by http.client's own response and by the transport's."""
+    results = []
+    for response_class in (http.client.HTTPResponse, _Response):
+        response = response_class(FakeSocket(raw), method="POST")  # type: ignore[arg-type]
+        response.begin()
+        headers = {name.lower(): value for name, value in response.getheaders()}
+        results.append((response.status, headers, response.read(), response.will_close))
+    return results
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 400 Bad Request\r\nx-amzn-query-error: AWS.SimpleQueueService.NonExistentQueue;Sender\r\n"
+        b'Content-Length: 11\r\nConnection: close\r\n\r\n{"a": "b"}\n',
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nX-Folded: one\r\n two\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\nuntil the connection closes",
+    ],
+)
+def test_the_response_reader_reads_what_http_client_reads(raw: bytes) -> None:
+    ours, theirs = read_both(raw)[1], read_both(raw)[0]
+    assert ours[0] == theirs[0]
+    assert ours[2] == theirs[2]
+    assert ours[3] == theirs[3]
+    assert {k: " ".join(v.split()) for k, v in ours[1].items()} == {
+        k: " ".join(v.split()) for k, v in theirs[1].items()
+    }
+
+
+def test_a_repeated_response_field_keeps_every_value() -> None:
+    fields = _parse_fields([b"Set-Thing: a\r\n", b"set-thing: b\r\n", b"\r\n"])
+    assert fields.get("Set-Thing") == "a, b"
+
+
+def test_a_proxy_makes_boto3_the_default_and_json_a_configuration_error() -> None:
+    """The narrow path would go around an HTTPS proxy: unset, SQS_CLIENT is boto3 then; asked for
+    explicitly, json is refused with a message that says what to do. AWS_CA_BUNDLE is passed on."""
+    env = {"MASKING_KEY": _key()}
+    assert config.Settings.from_env(env).sqs_client == "json"
+    assert config.Settings.from_env(env | {"HTTPS_PROXY": "http://proxy:3128"}).sqs_client == "boto3"
+    bundle = config.Settings.from_env(env | {"AWS_CA_BUNDLE": "/etc/ca.pem"})
+    assert (bundle.sqs_client, bundle.ca_bundle) == ("json", "/etc/ca.pem")
+    with pytest.raises(config.ConfigError, match="does not honour HTTPS_PROXY: set SQS_CLIENT=boto3"):
+        config.Settings.from_env(env | {"HTTPS_PROXY": "http://proxy:3128", "SQS_CLIENT": "json"})
