@@ -63,6 +63,7 @@ from config import (
     redact_dsn,
 )
 from database.audit import AuditLog, AuditUnavailable
+from database.audit_tables import AuditTableUnsafe
 from database.rekey import Rekeyer, RekeyInterrupted
 from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
 from database.retention import MIN_KEEP_DAYS, Retention
@@ -72,6 +73,7 @@ from database.token_indexes import TokenIndexer, nightly_pass
 from health import Failure, checklist_from_env
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, UnmaskAudit
 from observability import Metrics, Progress, configure_logging
+from pii.encoding import canonical_spelling
 from pii.keys import KmsUnavailable, generate_wrapped_key
 from pii.masking import KEY_BYTES, Masker, MaskingError, generate_key
 from pii.tink_keyset import keyset_json, new_key_id
@@ -106,6 +108,7 @@ ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (ConfigError, EXIT_CONFIG, "{exc}"),
     (KmsUnavailable, EXIT_UNREACHABLE, "{exc}"),
     (MaskingError, EXIT_CONFIG, "{exc}"),  # a KMS refusal, a bad key file, an inconsistent keyring
+    (AuditTableUnsafe, EXIT_CONFIG, "{exc}"),  # names database/roles.sql
     (AuditUnavailable, EXIT_UNREACHABLE, "refusing to unmask without an audit record at {dsn}: {exc}"),
     (RekeyInterrupted, EXIT_SERVICE_LOST, "{exc}; committed batches are kept, rerun to resume"),
     (ReplayNotAudited, EXIT_UNREACHABLE, "refusing to replay without an audit record at {dsn}: {exc}"),
@@ -327,6 +330,15 @@ def _max_receives(wanted: int, attributes: dict[str, str]) -> int:
 
 def _unmask(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     # Decrypt in memory, commit the audit row, and only then show anything: no unaudited unmask.
+    for position, token in enumerate(args.tokens, start=1):
+        canonical = canonical_spelling(token)
+        if canonical is not None and canonical != token:
+            # Another spelling of a stored token: its audit fingerprint would match no stored row.
+            return _fail(
+                f"token {position} is not in its canonical spelling (as stored in user_logins): copy the "
+                "token exactly as stored; nothing was unmasked",
+                EXIT_CONFIG,
+            )
     values: list[str] = []
     errors: list[str] = []
     for position, token in enumerate(args.tokens, start=1):
