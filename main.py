@@ -39,7 +39,6 @@ import math
 import os
 import re
 import secrets
-import unicodedata
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -72,7 +71,7 @@ from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, DatabaseUnavail
 from database.token_indexes import TokenIndexer, nightly_pass
 from health import Failure, checklist_from_env
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, UnmaskAudit
-from observability import Metrics, Progress, configure_logging
+from observability import Metrics, Progress, configure_logging, escape_controls
 from pii.encoding import canonical_spelling
 from pii.keys import KmsUnavailable, generate_wrapped_key
 from pii.masking import KEY_BYTES, Masker, MaskingError, generate_key
@@ -357,26 +356,6 @@ def _unmask(settings: Settings, masker: Masker, args: argparse.Namespace) -> int
     return EXIT_OK
 
 
-# Characters a terminal may act on (C0/C1 controls, bidi and other format characters, line and
-# paragraph separators) and lone surrogates, which no terminal encoding can print.
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-_NAMED_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def escape_controls(value: str) -> str:
-    """`value` with control and format characters as \\xNN / \\uNNNN escapes and \\ doubled (unambiguous)."""
-    shown = []
-    for char in value:
-        if char in _NAMED_ESCAPES:
-            shown.append(_NAMED_ESCAPES[char])
-        elif unicodedata.category(char) in _UNSAFE_CATEGORIES:
-            code = ord(char)
-            shown.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-        else:
-            shown.append(char)
-    return "".join(shown)
-
-
 def _rekey(settings: Settings, masker: Masker, batch_rows: int, backoff: Backoff) -> int:
     rekeyer = Rekeyer(
         settings.database_url,
@@ -454,7 +433,7 @@ def _snapshot(context: dict[str, str]) -> int:
 
 def _fail(message: str, exit_code: int) -> int:
     """Print one `error:` line on stderr and return the exit code to end with."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {escape_controls(message)}", file=sys.stderr)  # one line, whatever a user typed into it
     return exit_code
 
 
@@ -536,7 +515,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), not the whole usage text."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {escape_controls(message)} (see --help)\n")
 
 
 def _add_audit_arguments(parser: argparse.ArgumentParser, why: str) -> None:

@@ -8,6 +8,9 @@ worked would leave its login a superuser until then, which each test checks.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import date
 
 import psycopg2
@@ -17,7 +20,7 @@ import pytest
 from database.audit import AUDIT_DDL
 from database.replay import REPLAY_AUDIT_DDL
 from database.sqs_postgres import PostgresWriter
-from helpers import query
+from helpers import ROOT, query
 from main import EXIT_CONFIG, EXIT_OK, main
 from models import MaskedLogin, token_fingerprint
 from pii.masking import Masker, decode_key, generate_key
@@ -370,3 +373,26 @@ def test_an_unmask_connection_pointed_at_another_audit_table_writes_nothing_and_
         assert query(database_url, f"SELECT count(*) FROM {other}.pii_unmask_audit") == [(0,)]
     finally:
         query(database_url, f"DROP SCHEMA {other} CASCADE")
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_text_a_user_types_cannot_forge_a_log_line(db_env, masking_key, tmp_path, log_format) -> None:
+    # GIVEN a --requested-by and a --reason holding line breaks and a forged log line
+    token = Masker(decode_key(masking_key)).mask("ip", "10.0.0.1")
+    forged = "mallory\nERROR forged line\r\u2028ERROR forged too\x1b[2J"
+    # WHEN unmask runs as a process with the text or JSON log
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--log-format", log_format, "unmask"]
+        + ["--requested-by", forged, "--reason", forged, token],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MASKING_KEY": masking_key, "DATABASE_URL": db_env},
+        cwd=tmp_path,
+    )
+    # THEN it worked, and no line of its output starts with the forged text
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "mallory" in result.stderr  # the line that names who asked is there
+    for line in (result.stdout + result.stderr).splitlines():
+        assert not line.startswith("ERROR forged"), line
+        assert "\x1b" not in line
