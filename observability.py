@@ -18,11 +18,11 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, TextIO
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import metrics_server
 from config import LIVENESS_STALL_SECONDS
+from metrics_server import BoundedWsgiServer
 from transform import REASON_LABELS, reason_kind
 
 if TYPE_CHECKING:
@@ -265,14 +265,9 @@ class Health:
         return True, "ready"
 
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        """No access log: probes would write a line every few seconds."""
-
+# Every interface: in a container the scraper reaches the pod's address. --metrics-address (or
+# METRICS_ADDRESS) narrows it, e.g. to 127.0.0.1 on a host.
+DEFAULT_METRICS_ADDRESS = "0.0.0.0"  # noqa: S104
 
 # Label values created at start, so that every series exists (at 0) before its first event: a
 # dashboard panel or an alert on them then has data from the first scrape. The `kind`s are the
@@ -380,10 +375,10 @@ class Metrics(Observer):
             for kind in kinds:
                 self.errors.labels(service=service, kind=kind)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - a container exposes it
-        """Serve wsgi_app() on `port` from a daemon thread; raise OSError if the port is taken."""
-        server = make_server(addr, port, self.wsgi_app(), _ThreadingServer, handler_class=_QuietHandler)
-        threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
+    def serve(self, port: int, address: str = DEFAULT_METRICS_ADDRESS) -> BoundedWsgiServer:
+        """Serve wsgi_app() on address:port from a daemon thread (a small pool, a deadline per request:
+        metrics_server.py); raise OSError if it cannot bind."""
+        return metrics_server.serve(self.wsgi_app(), port, address)
 
     def wsgi_app(self) -> Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]:
         """/livez and /readyz (200 or 503, one line of text; see Health), the metrics on any other path."""

@@ -126,6 +126,7 @@ def test_the_base_the_overlay_and_the_components_render(example, with_components
         "ConfigMap",
         "ConfigMap",
         "Deployment",
+        "NetworkPolicy",
         "PodDisruptionBudget",
         "ScaledObject",
         "ServiceAccount",
@@ -140,6 +141,7 @@ def test_the_base_the_overlay_and_the_components_render(example, with_components
             "Deployment",
             "Job",
             "Namespace",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "ScaledObject",
             "ServiceAccount",
@@ -161,6 +163,7 @@ def test_every_core_object_is_valid_for_each_supported_kubernetes_version(exampl
         "ConfigMap",
         "Deployment",
         "PodDisruptionBudget",
+        "NetworkPolicy",
         "Job",
         "CronJob",
     }
@@ -308,6 +311,27 @@ def test_the_pod_runs_locked_down_as_the_images_user(example, with_components) -
             memory = etl["resources"]["limits"]["memory"]
             assert memory.endswith("Mi") and int(memory[:-2]) >= 2 * MEASURED_PEAK_RSS_MB
             assert etl["resources"]["requests"]["cpu"] and etl["resources"]["requests"]["memory"]
+
+
+def test_only_the_scraper_reaches_the_metrics_port_of_the_etls_pods(example) -> None:
+    deployment = one(example, "Deployment")
+    policy = one(example, "NetworkPolicy")["spec"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    # GIVEN the policy: it selects the ETL's pods, and governs their ingress
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    # THEN one rule: from pods named prometheus in the monitoring namespace, to the metrics port only
+    [rule] = policy["ingress"]
+    [source] = rule["from"]
+    assert source["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    assert source["podSelector"] == {
+        "matchExpressions": [{"key": "app.kubernetes.io/name", "operator": "In", "values": ["prometheus"]}]
+    }  # not widened (nor emptied) by the kustomization's labels
+    [port] = container(deployment)["ports"]
+    assert rule["ports"] == [{"port": port["name"], "protocol": "TCP"}]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port["containerPort"])
+    assert f"--metrics-port={port['containerPort']}" in container(deployment)["args"]
 
 
 def test_the_disruption_budget_covers_the_pods_and_the_service_account_has_a_role(example) -> None:
