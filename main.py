@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import re
+import resource
 import secrets
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
@@ -71,7 +72,7 @@ from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, DatabaseUnavail
 from database.token_indexes import TokenIndexer, nightly_pass
 from health import Failure, checklist_from_env
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, UnmaskAudit
-from observability import Metrics, Progress, configure_logging, escape_controls
+from observability import DEFAULT_METRICS_ADDRESS, Metrics, Progress, configure_logging, escape_controls
 from pii.encoding import canonical_spelling
 from pii.keys import KmsUnavailable, generate_wrapped_key
 from pii.masking import KEY_BYTES, Masker, MaskingError, generate_key
@@ -136,6 +137,7 @@ SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers |
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code. Expected errors end as one line and a code (ERRORS)."""
     context: dict[str, str] = {"dsn": "PostgreSQL", "queue": "", "stop_timeout": ""}
+    _no_core_dumps()
     try:
         return _main(argv, context)
     except KeyboardInterrupt:
@@ -145,6 +147,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except tuple(kind for kind, _, _ in ERRORS) as exc:
         code, template = next((code, template) for kind, code, template in ERRORS if isinstance(exc, kind))
         return _fail(template.format(exc=exc, **context), code)
+
+
+def _no_core_dumps() -> None:
+    """RLIMIT_CORE 0, soft and hard: a core file would hold the masking key, the database password
+    and the masker's cache of recent raw values. Nothing here can raise it again."""
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):  # pragma: no cover - a platform without the limit
+        logger.debug("could not turn core dumps off")
 
 
 def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
@@ -220,8 +231,8 @@ def _connect(writer: PostgresWriter, args: argparse.Namespace) -> None:
     retrier.call("PostgreSQL", "schema set-up", writer.connect, SchemaBusy)
 
 
-def _serve_metrics(port: int | None) -> Metrics | None:
-    """Metrics and the probes on `port` (None: not served); a busy port is a ConfigError.
+def _serve_metrics(port: int | None, address: str) -> Metrics | None:
+    """Metrics and the probes on address:`port` (None: not served); a busy port is a ConfigError.
 
     Served before connecting, so that a liveness probe is answered while the ETL starts.
     """
@@ -229,17 +240,19 @@ def _serve_metrics(port: int | None) -> Metrics | None:
         return None
     metrics = Metrics()
     try:
-        metrics.serve(port)
+        metrics.serve(port, address)
     except OSError as exc:  # typically EADDRINUSE; nothing has been received yet
         raise ConfigError(
-            f"--metrics-port {port}: cannot serve metrics there ({exc.strerror}); choose a free port"
+            f"--metrics-port {port} --metrics-address {address}: cannot serve metrics there "
+            f"({exc.strerror}); choose a free port and an address of this host"
         ) from None
-    logger.info("serving Prometheus metrics on :%d/metrics, probes on /livez and /readyz", port)
+    logger.info("serving Prometheus metrics on %s:%d/metrics, probes on /livez and /readyz", address, port)
     return metrics
 
 
 def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
-    metrics = _serve_metrics(args.metrics_port)
+    address = args.metrics_address or os.environ.get("METRICS_ADDRESS") or DEFAULT_METRICS_ADDRESS
+    metrics = _serve_metrics(args.metrics_port, address)
     writer = PostgresWriter(settings.database_url, backoff=_backoff(args))
     # The analysts' token indexes on the closed days, built beside the writer (never in its path) on
     # a connection of their own, from the schema set-up on; a stop cancels the build in flight and
@@ -610,6 +623,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PORT",
         help="serve Prometheus metrics on this port, with the probes /livez and /readyz (off by default)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default=None,
+        metavar="ADDR",
+        help=f"the address to serve metrics and probes on (METRICS_ADDRESS, else {DEFAULT_METRICS_ADDRESS}: "
+        "every interface); e.g. 127.0.0.1 on a host",
     )
     parser.add_argument(
         "--progress-seconds",
