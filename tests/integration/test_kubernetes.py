@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from config import ConfigError, Settings
+from config import ConfigError, Settings, database_url_from_env
 from helpers import login, send
 from kube import DEPLOY, container, expanded_args, kubectl, kustomize, one, pod_template, resolved_env, tool
 from main import EXIT_BUSY, EXIT_CONFIG, _build_parser
@@ -374,6 +374,8 @@ def test_the_deployments_environment_and_arguments_pass_the_etls_configuration_c
     deployment = one(example, "Deployment")
     env = resolved_env(example, deployment, {("login-etl-database", "url"): DATABASE_URL})
     settings = Settings.from_env(env)  # raises ConfigError with the reason
+    assert settings.database_url == DATABASE_URL  # from the Secret mounted as a file (DATABASE_URL_FILE)
+    assert "DATABASE_URL" not in env and not [v for v in env.values() if "secret@" in v]  # not in the environment
     assert settings.key_source.origin == "MASKING_KEY_KMS_CIPHERTEXT" and settings.key_version == 1
     assert settings.queue_url == env["SQS_QUEUE_URL"] and settings.endpoint_url is None  # real AWS
     assert settings.region == "eu-west-1"
@@ -395,7 +397,7 @@ def test_the_key_file_variant_loads_the_key_from_the_mounted_secret(with_compone
     for kind in ("Deployment", "Job"):
         workload = one(with_components, kind)
         pod = workload["spec"]["template"]["spec"]
-        [volume] = [v for v in pod["volumes"] if "secret" in v]
+        [volume] = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "login-etl-masking-key-file"]
         [mount] = [m for m in container(workload)["volumeMounts"] if m["name"] == volume["name"]]
         assert volume["secret"]["defaultMode"] == 0o400 and mount["readOnly"] is True
         # The kubelet writes the Secret here; stand in for it with a key file of the same mode.
@@ -429,7 +431,8 @@ def test_the_snapshot_cronjob_refreshes_nightly_one_at_a_time_with_the_database_
         etl = container(cronjob)
         assert etl["image"] == deployment_image  # the overlay's image reaches the CronJob too
         env = resolved_env(docs, cronjob, {("login-etl-database", "url"): DATABASE_URL})
-        assert env == {"DATABASE_URL": DATABASE_URL}  # no masking key: the refresh needs none
+        assert list(env) == ["DATABASE_URL_FILE"]  # no masking key: the refresh needs none
+        assert database_url_from_env(env) == DATABASE_URL  # the Secret, mounted as a file
         args = _build_parser().parse_args(expanded_args(etl, env))
         assert args.command == "snapshot"
         job = spec["jobTemplate"]["spec"]
