@@ -56,13 +56,14 @@ class BoundedWsgiServer(WSGIServer):
     ) -> None:
         if workers < 1 or queued < 0 or timeout_seconds <= 0:
             raise ValueError("workers >= 1, queued >= 0 and timeout_seconds > 0")
-        super().__init__(address, handler)
+        # Before binding: a failed bind calls server_close().
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metrics-worker")
         self._capacity = workers + queued
         self._timeout = timeout_seconds
         self._lock = threading.Lock()
         self._deadlines: dict[socket.socket, float] = {}
         self._closed = threading.Event()
+        super().__init__(address, handler)
         threading.Thread(target=self._watch, name="metrics-watchdog", daemon=True).start()
 
     @property
