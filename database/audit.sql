@@ -1,6 +1,6 @@
 -- pii_unmask_audit: one row per `python main.py unmask` call, committed before any value is shown.
 -- Never a plaintext value or a token: tokens are named by a SHA-256 prefix (models.token_fingerprint).
--- Used by database/audit.py (created on first use when absent) and by database/roles.sql (\ir).
+-- Used by database/audit.py (created on first use only by the administrator: audit_tables.py) and by database/roles.sql (\ir).
 -- Who, when and from where come from the server, never from the client: roles.sql grants the
 -- unmasker INSERT on the other columns only, and the trigger below overwrites these three on every
 -- insert, whoever inserts (even a role with INSERT on the whole table, or the owner).

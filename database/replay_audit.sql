@@ -1,6 +1,6 @@
 -- etl_replay_audit: one row per `python main.py replay` call (dry runs too), committed before any
 -- quarantined message moves. Who asked and why, the filter, the counts and the message ids; never a
--- value or a body. Used by database/replay.py (created on first use when absent) and by
+-- value or a body. Used by database/replay.py (created on first use only by the administrator: audit_tables.py) and by
 -- database/roles.sql (\ir). As for pii_unmask_audit (audit.sql), who, when and from where come from
 -- the server: roles.sql grants INSERT on the other columns only, and the trigger below overwrites
 -- these three on every insert, whoever inserts.
