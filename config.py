@@ -27,6 +27,8 @@ from transform import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_QUEUE_URL = "http://localhost:4566/000000000000/login-queue"
 DEFAULT_DATABASE_URL = "postgresql://postgres:postgres@localhost:5432/postgres"
+# A connection string is a line; a file much larger than that is not one (a wrong path).
+MAX_DATABASE_URL_FILE_BYTES = 8192
 DEFAULT_REGION = "us-east-1"
 KEY_HELP = "create one with `python main.py keygen` and put it in .env as MASKING_KEY=<key>"
 # The key sources, exactly one of which must be set (docs/keys-and-privacy.md "Where the key comes from").
@@ -119,7 +121,7 @@ class Settings:
         sqs_client = _sqs_client(env)
         return cls(
             queue_url=queue_url,
-            database_url=_database_url(env.get("DATABASE_URL") or DEFAULT_DATABASE_URL),
+            database_url=database_url_from_env(env),
             key_source=source,
             key_version=_active_version(env, source),
             endpoint_url=endpoint_url,
@@ -325,8 +327,22 @@ def redact_dsn(dsn: str) -> str:
 
 
 def database_url_from_env(env: Mapping[str, str]) -> str:
-    """DATABASE_URL alone (for commands that need no key, such as `retention`); raise ConfigError."""
-    return _database_url(env.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
+    """DATABASE_URL, or the contents of the file DATABASE_URL_FILE names (a secret mounted as a file:
+    not in the process's environment, so not in /proc/<pid>/environ); raise ConfigError."""
+    path = env.get("DATABASE_URL_FILE")
+    if not path:
+        return _database_url(env.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
+    if env.get("DATABASE_URL"):
+        raise ConfigError("both DATABASE_URL and DATABASE_URL_FILE are set: set one")
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read(MAX_DATABASE_URL_FILE_BYTES + 1).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"DATABASE_URL_FILE {path}: cannot read it ({reason})") from None
+    if not text or len(text) > MAX_DATABASE_URL_FILE_BYTES:
+        raise ConfigError(f"DATABASE_URL_FILE {path}: expected one libpq connection string, found none or too much")
+    return _database_url(text)
 
 
 def _database_url(dsn: str) -> str:

@@ -40,9 +40,9 @@ import logging
 import math
 import os
 import re
+import resource
 import secrets
 import textwrap
-import unicodedata
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -74,6 +74,7 @@ from config import (
 )
 from database import key_checks
 from database.audit import AuditLog, AuditUnavailable
+from database.audit_tables import AuditTableUnsafe
 from database.network_backfill import BackfillInterrupted, NetworkBackfill
 from database.rekey import Rekeyer, RekeyInterrupted
 from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
@@ -83,7 +84,8 @@ from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, DatabaseUnavail
 from database.token_indexes import TokenIndexer, nightly_pass
 from health import Failure, checklist_from_env
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, UnmaskAudit
-from observability import Metrics, Progress, configure_logging
+from observability import DEFAULT_METRICS_ADDRESS, Metrics, Progress, configure_logging, escape_controls
+from pii.encoding import canonical_spelling
 from pii.key_files import write_key_file
 from pii.keys import KmsUnavailable, generate_wrapped_key
 from pii.masking import KEY_BYTES, Masker, MaskingError, generate_key, token_version
@@ -135,6 +137,7 @@ ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (ConfigError, EXIT_CONFIG, "{exc}"),
     (KmsUnavailable, EXIT_UNREACHABLE, "{exc}"),
     (MaskingError, EXIT_CONFIG, "{exc}"),  # a KMS refusal, a bad key file, an inconsistent keyring
+    (AuditTableUnsafe, EXIT_CONFIG, "{exc}"),  # names database/roles.sql
     (AuditUnavailable, EXIT_UNREACHABLE, "refusing to unmask without an audit record at {dsn}: {exc}"),
     (RekeyInterrupted, EXIT_SERVICE_LOST, "{exc}; committed batches are kept, rerun to resume"),
     (BackfillInterrupted, EXIT_SERVICE_LOST, "{exc}; committed batches are kept, rerun to resume"),
@@ -164,6 +167,7 @@ SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers |
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code. Expected errors end as one line and a code (ERRORS)."""
     context: dict[str, str] = {"dsn": "PostgreSQL", "queue": "", "stop_timeout": ""}
+    _no_core_dumps()
     try:
         return _main(argv, context)
     except KeyboardInterrupt:
@@ -173,6 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except tuple(kind for kind, _, _ in ERRORS) as exc:
         code, template = next((code, template) for kind, code, template in ERRORS if isinstance(exc, kind))
         return _fail(template.format(exc=exc, **context), code)
+
+
+def _no_core_dumps() -> None:
+    """RLIMIT_CORE 0, soft and hard: a core file would hold the masking key, the database password
+    and the masker's cache of recent raw values. Nothing here can raise it again."""
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):  # pragma: no cover - a platform without the limit
+        logger.debug("could not turn core dumps off")
 
 
 def _main(argv: Sequence[str] | None, context: dict[str, str]) -> int:
@@ -294,8 +307,8 @@ def _connect(writer: PostgresWriter, args: argparse.Namespace) -> None:
     retrier.call("PostgreSQL", "schema set-up", writer.connect, SchemaBusy)
 
 
-def _serve_metrics(port: int | None) -> Metrics | None:
-    """Metrics and the probes on `port` (None: not served); a busy port is a ConfigError.
+def _serve_metrics(port: int | None, address: str) -> Metrics | None:
+    """Metrics and the probes on address:`port` (None: not served); a busy port is a ConfigError.
 
     Served before connecting, so that a liveness probe is answered while the ETL starts.
     """
@@ -303,17 +316,19 @@ def _serve_metrics(port: int | None) -> Metrics | None:
         return None
     metrics = Metrics()
     try:
-        metrics.serve(port)
+        metrics.serve(port, address)
     except OSError as exc:  # typically EADDRINUSE; nothing has been received yet
         raise ConfigError(
-            f"--metrics-port {port}: cannot serve metrics there ({exc.strerror}); choose a free port"
+            f"--metrics-port {port} --metrics-address {address}: cannot serve metrics there "
+            f"({exc.strerror}); choose a free port and an address of this host"
         ) from None
-    logger.info("serving Prometheus metrics on :%d/metrics, probes on /livez and /readyz", port)
+    logger.info("serving Prometheus metrics on %s:%d/metrics, probes on /livez and /readyz", address, port)
     return metrics
 
 
 def _run(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
-    metrics = _serve_metrics(args.metrics_port)
+    address = args.metrics_address or os.environ.get("METRICS_ADDRESS") or DEFAULT_METRICS_ADDRESS
+    metrics = _serve_metrics(args.metrics_port, address)
     writer = PostgresWriter(settings.database_url, backoff=_backoff(args), key_checks=masker.check_values)
     # The analysts' token indexes on the closed days, built beside the writer (never in its path) on
     # a connection of their own, from the schema set-up on; a stop cancels the build in flight and
@@ -438,6 +453,15 @@ def _max_receives(wanted: int, attributes: dict[str, str]) -> int:
 
 def _unmask(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
     # Decrypt in memory, commit the audit row, and only then show anything: no unaudited unmask.
+    for position, token in enumerate(args.tokens, start=1):
+        canonical = canonical_spelling(token)
+        if canonical is not None and canonical != token:
+            # Another spelling of a stored token: its audit fingerprint would match no stored row.
+            return _fail(
+                f"token {position} is not in its canonical spelling (as stored in user_logins): copy the "
+                "token exactly as stored; nothing was unmasked",
+                EXIT_CONFIG,
+            )
     values: list[str] = []
     errors: list[str] = []
     foreign: set[int] | None = None  # versions the database records with another key; looked up once
@@ -485,26 +509,6 @@ def token_version_or_none(token: str) -> int | None:
         return token_version(token)
     except MaskingError:
         return None
-
-
-# Characters a terminal may act on (C0/C1 controls, bidi and other format characters, line and
-# paragraph separators) and lone surrogates, which no terminal encoding can print.
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-_NAMED_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def escape_controls(value: str) -> str:
-    """`value` with control and format characters as \\xNN / \\uNNNN escapes and \\ doubled (unambiguous)."""
-    shown = []
-    for char in value:
-        if char in _NAMED_ESCAPES:
-            shown.append(_NAMED_ESCAPES[char])
-        elif unicodedata.category(char) in _UNSAFE_CATEGORIES:
-            code = ord(char)
-            shown.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-        else:
-            shown.append(char)
-    return "".join(shown)
 
 
 def _rekey(settings: Settings, masker: Masker, args: argparse.Namespace) -> int:
@@ -616,7 +620,7 @@ def _snapshot(context: dict[str, str]) -> int:
 
 def _fail(message: str, exit_code: int) -> int:
     """Print one `error:` line on stderr and return the exit code to end with."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {escape_controls(message)}", file=sys.stderr)  # one line, whatever a user typed into it
     return exit_code
 
 
@@ -725,7 +729,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), not the whole usage text."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {escape_controls(message)} (see --help)\n")
 
 
 def _add_audit_arguments(parser: argparse.ArgumentParser, why: str) -> None:
@@ -835,6 +839,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PORT",
         help="serve Prometheus metrics on this port, with the probes /livez and /readyz (off by default)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default=None,
+        metavar="ADDR",
+        help=f"the address to serve metrics and probes on (METRICS_ADDRESS, else {DEFAULT_METRICS_ADDRESS}: "
+        "every interface); e.g. 127.0.0.1 on a host",
     )
     parser.add_argument(
         "--progress-seconds",

@@ -12,16 +12,17 @@ import logging
 import sys
 import threading
 import time
+import unicodedata
 from bisect import bisect_left, bisect_right
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, TextIO
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import metrics_server
 from config import LIVENESS_STALL_SECONDS
+from metrics_server import BoundedWsgiServer
 from transform import REASON_LABELS, reason_kind
 
 if TYPE_CHECKING:
@@ -98,6 +99,41 @@ class Stats:
         )
 
 
+# Characters a terminal or a log reader may act on (C0/C1 controls, bidi and other format characters, line and
+# paragraph separators) and lone surrogates, which no terminal encoding can print.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_NAMED_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def escape_controls(value: str) -> str:
+    """`value` with control and format characters as \\xNN / \\uNNNN escapes and \\ doubled (unambiguous)."""
+    shown = []
+    for char in value:
+        if char in _NAMED_ESCAPES:
+            shown.append(_NAMED_ESCAPES[char])
+        elif unicodedata.category(char) in _UNSAFE_CATEGORIES:
+            code = ord(char)
+            shown.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            shown.append(char)
+    return "".join(shown)
+
+
+class TextFormatter(logging.Formatter):
+    """The text log: a record's message with control characters escaped, so text a user typed
+    (--requested-by, --reason) cannot start a line of its own; a traceback stays as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        shown = logging.makeLogRecord(record.__dict__)
+        shown.message = escape_controls(record.message)
+        return super().formatMessage(shown)
+
+
+# Line breaks that json.dumps(ensure_ascii=False) leaves raw and that str.splitlines and some log
+# shippers split on.
+_JSON_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: timestamp, level, logger, message and known structured fields."""
 
@@ -113,7 +149,7 @@ class JsonFormatter(logging.Formatter):
                 data[name] = record.__dict__[name]
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data, ensure_ascii=False, default=str)
+        return json.dumps(data, ensure_ascii=False, default=str).translate(_JSON_LINE_BREAKS)
 
 
 def configure_logging(verbosity: int, log_format: str) -> None:
@@ -123,7 +159,7 @@ def configure_logging(verbosity: int, log_format: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("botocore", "boto3", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -229,14 +265,9 @@ class Health:
         return True, "ready"
 
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        """No access log: probes would write a line every few seconds."""
-
+# Every interface: in a container the scraper reaches the pod's address. --metrics-address (or
+# METRICS_ADDRESS) narrows it, e.g. to 127.0.0.1 on a host.
+DEFAULT_METRICS_ADDRESS = "0.0.0.0"  # noqa: S104
 
 # Label values created at start, so that every series exists (at 0) before its first event: a
 # dashboard panel or an alert on them then has data from the first scrape. The `kind`s are the
@@ -344,10 +375,10 @@ class Metrics(Observer):
             for kind in kinds:
                 self.errors.labels(service=service, kind=kind)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - a container exposes it
-        """Serve wsgi_app() on `port` from a daemon thread; raise OSError if the port is taken."""
-        server = make_server(addr, port, self.wsgi_app(), _ThreadingServer, handler_class=_QuietHandler)
-        threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
+    def serve(self, port: int, address: str = DEFAULT_METRICS_ADDRESS) -> BoundedWsgiServer:
+        """Serve wsgi_app() on address:port from a daemon thread (a small pool, a deadline per request:
+        metrics_server.py); raise OSError if it cannot bind."""
+        return metrics_server.serve(self.wsgi_app(), port, address)
 
     def wsgi_app(self) -> Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]:
         """/livez and /readyz (200 or 503, one line of text; see Health), the metrics on any other path."""

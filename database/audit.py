@@ -12,7 +12,9 @@ import logging
 from pathlib import Path
 
 import psycopg2
+from psycopg2 import sql
 
+from database.audit_tables import audit_table
 from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, open_connection
 from models import UnmaskAudit
 
@@ -47,15 +49,15 @@ class AuditLog:
             raise AuditUnavailable(f"PostgreSQL unreachable: {exc}") from None
         try:
             with conn, conn.cursor() as cur:
-                cur.execute("SELECT to_regclass('pii_unmask_audit') IS NULL")
-                if cur.fetchone() == (True,):
-                    # First use without database/roles.sql: create it (needs CREATE on the schema).
-                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (_AUDIT_LOCK_ID,))
-                    cur.execute(AUDIT_DDL)
+                # AuditTableUnsafe (missing where this role may not create it, or not append-only
+                # for it) passes through: main.py says to run roles.sql.
+                table = audit_table(cur, "pii_unmask_audit", AUDIT_DDL, _AUDIT_LOCK_ID)
                 cur.execute(
-                    """INSERT INTO pii_unmask_audit
+                    sql.SQL(
+                        """INSERT INTO {}
                            (requested_by, reason, token_count, failed_count, token_fingerprints)
-                       VALUES (%s, %s, %s, %s, %s)""",
+                       VALUES (%s, %s, %s, %s, %s)"""
+                    ).format(table),
                     (entry.requested_by, entry.reason, len(entry.fingerprints), entry.failed, list(entry.fingerprints)),
                 )
         except psycopg2.Error as exc:

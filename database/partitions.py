@@ -28,6 +28,7 @@ import logging
 import re
 from datetime import date, datetime, timedelta, timezone
 
+from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
 logger = logging.getLogger(__name__)
@@ -248,7 +249,8 @@ def start_legacy_move(cur: Cursor) -> None:
     owner = acl[0][0] if acl else None
     cur.execute("SELECT current_user")
     if owner and owner != cur.fetchone()[0]:  # type: ignore[index]
-        _try(cur, f'ALTER TABLE {TABLE} OWNER TO "{owner}"', "keep the table's owner")
+        owner_to = sql.SQL("ALTER TABLE {} OWNER TO {}").format(sql.Identifier(TABLE), sql.Identifier(owner))
+        _try(cur, owner_to.as_string(cur), "keep the table's owner")
     for _owner, grantee, privilege, grantable in acl:
         if grantee is None:
             continue
@@ -273,10 +275,10 @@ def start_legacy_move(cur: Cursor) -> None:
     logger.info("%s is now partitioned by day; moving its %d day(s) of rows from %s", TABLE, len(days), LEGACY_TABLE)
 
 
-def _try(cur: Cursor, sql: str, what: str) -> bool:
+def _try(cur: Cursor, statement: str, what: str) -> bool:
     cur.execute("SAVEPOINT attempt")
     try:
-        cur.execute(sql)
+        cur.execute(statement)
     except Exception as exc:  # noqa: BLE001 - a right this role lacks: say so, keep migrating
         cur.execute("ROLLBACK TO SAVEPOINT attempt")
         logger.warning("migration could not %s (%s)", what, str(exc).strip().splitlines()[0])

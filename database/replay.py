@@ -34,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
+from database.audit_tables import audit_table
 from database.sqs_postgres import (
     _COLUMN_LIST,
     DatabaseError,
@@ -207,16 +209,14 @@ class Replayer:
     ) -> int:
         try:
             with conn, conn.cursor() as cur:
-                cur.execute("SELECT to_regclass('etl_replay_audit') IS NULL")
-                if one_row(cur)[0]:
-                    # First use without database/roles.sql: create it (needs CREATE on the schema).
-                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (_REPLAY_AUDIT_LOCK_ID,))
-                    cur.execute(REPLAY_AUDIT_DDL)
+                table = audit_table(cur, "etl_replay_audit", REPLAY_AUDIT_DDL, _REPLAY_AUDIT_LOCK_ID)
                 cur.execute(
-                    """INSERT INTO etl_replay_audit
+                    sql.SQL(
+                        """INSERT INTO {}
                            (requested_by, reason, dry_run, where_reason, since, examined_count, to_load_count,
                             still_failing_count, undecryptable_count, message_ids, to_load_ids)
-                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"""
+                    ).format(table),
                     (
                         request.requested_by,
                         request.reason,

@@ -24,16 +24,22 @@ import logging
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
 
 import psycopg2
+from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
 from database import partitions
+from database.audit_tables import audit_table
 from database.sqs_postgres import DatabaseError, DatabaseUnavailable, command_errors, one_row, open_connection
 from models import UNDATED_CREATE_DATE
 
 logger = logging.getLogger(__name__)
 
+RETENTION_AUDIT_DDL = (Path(__file__).parent / "retention_audit.sql").read_text(encoding="utf-8")
+# Any constant: serialises the creation of the audit table by two first runs at once.
+_RETENTION_AUDIT_LOCK_ID = 7_412_350_194
 DELETE_BATCH_ROWS = 10_000
 # The longest an SQS queue keeps a message (MessageRetentionPeriod <= 1,209,600 s, 14 days:
 # https://docs.aws.amazon.com/AWSSimpleQueueService/latest/APIReference/API_SetQueueAttributes.html).
@@ -104,6 +110,7 @@ class Retention:
         self._today = today or partitions.utc_today()
         self._lock_timeout_ms = max(1, int(lock_timeout_seconds * 1000))
         self._connect_timeout = connect_timeout_seconds
+        self._audit_table: sql.Composable = sql.Identifier("etl_retention_audit")
 
     def __repr__(self) -> str:
         return f"Retention(keep_days={self._keep_days})"  # the DSN may hold a password
@@ -124,6 +131,11 @@ class Retention:
         conn = open_connection(self._dsn, connect_timeout=self._connect_timeout, application_name="login-etl-retention")
         result = RetentionResult(self.cutoff, dry_run)
         with closing(conn), command_errors("retention", lock_timeout=self._busy):
+            if not dry_run:  # AuditTableUnsafe: main.py says to run roles.sql; nothing dropped
+                with conn, conn.cursor() as cur:
+                    self._audit_table = audit_table(
+                        cur, "etl_retention_audit", RETENTION_AUDIT_DDL, _RETENTION_AUDIT_LOCK_ID
+                    )
             with conn, conn.cursor() as cur:
                 if partitions.relkind(cur, partitions.TABLE) != "p":
                     raise DatabaseError(
@@ -181,8 +193,10 @@ class Retention:
 
     def _audit(self, cur: Cursor, action: str, what: str, rows: int) -> None:
         cur.execute(
-            """INSERT INTO etl_retention_audit (requested_by, keep_days, cutoff, action, object, rows)
-               VALUES (%s, %s, %s, %s, %s, %s)""",
+            sql.SQL(
+                """INSERT INTO {} (requested_by, keep_days, cutoff, action, object, rows)
+                   VALUES (%s, %s, %s, %s, %s, %s)"""
+            ).format(self._audit_table),
             (self._requested_by, self._keep_days, self.cutoff, action, what, rows),
         )
 

@@ -90,21 +90,6 @@ CREATE TABLE IF NOT EXISTS user_logins_rejected (
     encrypted_body text        NOT NULL
 )"""
 
-# Retention's audit: one row per partition dropped or rows deleted (database/retention.py).
-_CREATE_RETENTION_AUDIT = """
-CREATE TABLE IF NOT EXISTS etl_retention_audit (
-    id            bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    run_at        timestamptz NOT NULL DEFAULT now(),
-    database_user text        NOT NULL DEFAULT session_user,
-    requested_by  text        NOT NULL,
-    keep_days     integer     NOT NULL,
-    cutoff        date        NOT NULL,
-    action        text        NOT NULL,
-    object        text        NOT NULL,
-    rows          bigint      NOT NULL
-)"""
-
-
 # For analysts: every masked device id or IP seen more than once, with how many logins and users.
 _CREATE_DUPLICATES_VIEW = """
 CREATE OR REPLACE VIEW user_login_duplicates AS
@@ -371,7 +356,6 @@ class PostgresWriter:
     def _migrate_tables(self, cur: Cursor) -> None:
         cur.execute(_CREATE_REJECTED)
         cur.execute("CREATE INDEX IF NOT EXISTS user_logins_rejected_received_at ON user_logins_rejected (received_at)")
-        cur.execute(_CREATE_RETENTION_AUDIT)
         cur.execute(key_checks.CREATE_TABLE)  # schema 5 -> 6
         cur.execute(
             """CREATE TABLE IF NOT EXISTS etl_schema_version (

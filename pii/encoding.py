@@ -26,7 +26,10 @@ Text is encoded with ``surrogatepass`` so that any Python string round-trips.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import re
 import socket
 
 PAD_BLOCK_BYTES = 32
@@ -154,3 +157,29 @@ def _text(data: bytes) -> str:
         return data.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         raise EncodingError("plaintext is not UTF-8") from None
+
+
+# -- tokens: one spelling each -----------------------------------------------------------------
+
+_LEGACY_TOKEN = re.compile(r"v([1-9][0-9]{0,5})\.([A-Za-z0-9_-]+)")
+
+
+def canonical_spelling(token: str) -> str | None:
+    """The one spelling of `token` the masker writes, or None if it is not base64 (nor a legacy token).
+
+    base64 ignores the unused low bits of a token's last character (4 before "==", 2 before "="), so
+    one token has up to 16 spellings that all decode, and decrypt, alike; so do surrounding spaces.
+    The audit names a token by a hash of its spelling, so only the spelling the masker wrote (what
+    is stored) may be unmasked: any other would reveal a value under a name no stored row has.
+    Legacy ``v<n>.<base64url>`` tokens likewise (unpadded base64url).
+    """
+    text = token.strip()
+    legacy = _LEGACY_TOKEN.fullmatch(text)
+    try:
+        if legacy is not None:
+            payload = legacy.group(2)
+            data = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+            return f"v{legacy.group(1)}." + base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+        return base64.b64encode(base64.b64decode(text, validate=True)).decode("ascii")
+    except (binascii.Error, ValueError):
+        return None

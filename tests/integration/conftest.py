@@ -15,8 +15,9 @@ def logins(database_url):
     """roles.sql applied with per-test group roles, and one login user in each; all dropped after."""
     suffix = uuid.uuid4().hex[:8]
     roles = {group: f"test_{group}_{suffix}" for group in GROUPS}
+    roles["definer"] = f"test_definer_{suffix}"  # owns the auditors' definer function; no login
     first_run = apply_roles_sql(database_url, roles)
-    users = {group: f"{role}_user" for group, role in roles.items()}
+    users = {group: f"{roles[group]}_user" for group in GROUPS}
     for group, user in users.items():
         query(database_url, f"CREATE ROLE {user} LOGIN PASSWORD 'pw-{user}' IN ROLE {roles[group]}")
     yield {

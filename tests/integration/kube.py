@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,20 @@ def resolved_env(
         else:
             ref = entry["valueFrom"]["secretKeyRef"]
             env[entry["name"]] = secrets[(ref["name"], ref["key"])]
+    # A Secret mounted as files: the kubelet writes each of its keys in the mount; stand in for it
+    # with a file of the value `secrets` gives, and point the variable naming it there.
+    pod = pod_template(workload)["spec"]
+    volumes = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    for mount in etl.get("volumeMounts", []):
+        secret_name = volumes.get(mount["name"])
+        for name, value in list(env.items()):
+            if secret_name is None or not value.startswith(mount["mountPath"] + "/"):
+                continue
+            key = value[len(mount["mountPath"]) + 1 :]
+            if (secret_name, key) in secrets:
+                file = Path(tempfile.mkdtemp(prefix="kube-secret-")) / key
+                file.write_text(secrets[(secret_name, key)] + "\n")
+                env[name] = str(file)
     return env
 
 

@@ -46,14 +46,18 @@ DUMMY_KEY = "not-a-real-key-only-interpolated"
 # because another one covers them.
 REQUIRED_ETL_ENV = {
     "SQS_QUEUE_URL",
-    "DATABASE_URL",
+    "DATABASE_URL_FILE",
     "MASKING_KEY",
     "AWS_ENDPOINT_URL",
     "AWS_DEFAULT_REGION",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
 }
-COVERED_BY = {"AWS_ENDPOINT_URL_SQS": "AWS_ENDPOINT_URL", "AWS_REGION": "AWS_DEFAULT_REGION"}
+COVERED_BY = {
+    "AWS_ENDPOINT_URL_SQS": "AWS_ENDPOINT_URL",
+    "AWS_REGION": "AWS_DEFAULT_REGION",
+    "DATABASE_URL": "DATABASE_URL_FILE",
+}
 KEY_A, KEY_B = generate_key(), generate_key()
 DOCKERFILE_INSTALL = ["pip", "install", "--no-cache-dir", "--require-hashes", "-r", "requirements.lock"]
 
@@ -159,6 +163,8 @@ def etl_config_check(variables: dict[str, str], tmp_path: Path) -> tuple[dict[st
     }
     if env.get("MASKING_KEY_FILE"):
         env["MASKING_KEY_FILE"] = mounted[env["MASKING_KEY_FILE"]]
+    if env.get("DATABASE_URL_FILE"):
+        env["DATABASE_URL_FILE"] = mounted[env["DATABASE_URL_FILE"]]
     if env.get("MASKING_KEY_KMS_CIPHERTEXT"):
         env["AWS_ENDPOINT_URL_KMS"] = TEST_KMS_ENDPOINT  # the test's moto stands in for localstack:4566
     try:
@@ -280,12 +286,15 @@ def test_etl_gets_every_variable_the_app_reads(compose: dict[str, Any]) -> None:
 def test_etl_reaches_the_services_by_service_name_and_container_port(compose: dict[str, Any]) -> None:
     env = service(compose, "etl")["environment"]
     ports = {name: {p["target"] for p in svc.get("ports", [])} for name, svc in compose["services"].items()}
+    secrets = {s["target"]: compose["secrets"][s["source"]]["file"] for s in service(compose, "etl")["secrets"]}
+    assert env["DATABASE_URL_FILE"] == "/run/secrets/database_url"  # the secret's mount
+    urls = {**env, "DATABASE_URL": Path(secrets["database_url"]).read_text().strip()}
     for variable in ("AWS_ENDPOINT_URL", "SQS_QUEUE_URL", "DATABASE_URL"):
-        url = urlsplit(env[variable])
+        url = urlsplit(urls[variable])
         assert url.hostname in compose["services"], f"{variable} must name a service: {url.hostname}"
         assert url.port in ports[url.hostname], f"{variable} port {url.port} is not {url.hostname}'s"
     assert urlsplit(env["SQS_QUEUE_URL"]).hostname == "localstack"
-    assert urlsplit(env["DATABASE_URL"]).hostname == "postgres"
+    assert urlsplit(urls["DATABASE_URL"]).hostname == "postgres"
     # The queue the etl reads is the one the init hook creates.
     created = service(compose, "localstack")["environment"].get("QUEUE_NAME", "login-queue")
     assert env["SQS_QUEUE_URL"].endswith(f"/000000000000/{created}")

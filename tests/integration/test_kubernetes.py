@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from config import ConfigError, Settings
+from config import ConfigError, Settings, database_url_from_env
 from helpers import login, send
 from kube import DEPLOY, container, expanded_args, kubectl, kustomize, one, pod_template, resolved_env, tool
 from main import EXIT_BUSY, EXIT_CONFIG, _build_parser
@@ -126,6 +126,7 @@ def test_the_base_the_overlay_and_the_components_render(example, with_components
         "ConfigMap",
         "ConfigMap",
         "Deployment",
+        "NetworkPolicy",
         "PodDisruptionBudget",
         "ScaledObject",
         "ServiceAccount",
@@ -140,6 +141,7 @@ def test_the_base_the_overlay_and_the_components_render(example, with_components
             "Deployment",
             "Job",
             "Namespace",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "ScaledObject",
             "ServiceAccount",
@@ -162,6 +164,7 @@ def test_every_core_object_is_valid_for_each_supported_kubernetes_version(exampl
         "ConfigMap",
         "Deployment",
         "PodDisruptionBudget",
+        "NetworkPolicy",
         "Job",
         "CronJob",
     }
@@ -312,6 +315,27 @@ def test_the_pod_runs_locked_down_as_the_images_user(example, with_components) -
             assert etl["resources"]["requests"]["cpu"] and etl["resources"]["requests"]["memory"]
 
 
+def test_only_the_scraper_reaches_the_metrics_port_of_the_etls_pods(example) -> None:
+    deployment = one(example, "Deployment")
+    policy = one(example, "NetworkPolicy")["spec"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    # GIVEN the policy: it selects the ETL's pods, and governs their ingress
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    # THEN one rule: from pods named prometheus in the monitoring namespace, to the metrics port only
+    [rule] = policy["ingress"]
+    [source] = rule["from"]
+    assert source["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    assert source["podSelector"] == {
+        "matchExpressions": [{"key": "app.kubernetes.io/name", "operator": "In", "values": ["prometheus"]}]
+    }  # not widened (nor emptied) by the kustomization's labels
+    [port] = container(deployment)["ports"]
+    assert rule["ports"] == [{"port": port["name"], "protocol": "TCP"}]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port["containerPort"])
+    assert f"--metrics-port={port['containerPort']}" in container(deployment)["args"]
+
+
 def test_the_disruption_budget_covers_the_pods_and_the_service_account_has_a_role(example) -> None:
     pdb, deployment = one(example, "PodDisruptionBudget"), one(example, "Deployment")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -352,6 +376,8 @@ def test_the_deployments_environment_and_arguments_pass_the_etls_configuration_c
     deployment = one(example, "Deployment")
     env = resolved_env(example, deployment, {("login-etl-database", "url"): DATABASE_URL})
     settings = Settings.from_env(env)  # raises ConfigError with the reason
+    assert settings.database_url == DATABASE_URL  # from the Secret mounted as a file (DATABASE_URL_FILE)
+    assert "DATABASE_URL" not in env and not [v for v in env.values() if "secret@" in v]  # not in the environment
     assert settings.key_source.origin == "MASKING_KEY_KMS_CIPHERTEXT" and settings.key_version == 1
     assert settings.queue_url == env["SQS_QUEUE_URL"] and settings.endpoint_url is None  # real AWS
     assert settings.region == "eu-west-1"
@@ -373,7 +399,7 @@ def test_the_key_file_variant_loads_the_key_from_the_mounted_secret(with_compone
     for kind in ("Deployment", "Job"):
         workload = one(with_components, kind)
         pod = workload["spec"]["template"]["spec"]
-        [volume] = [v for v in pod["volumes"] if "secret" in v]
+        [volume] = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "login-etl-masking-key-file"]
         [mount] = [m for m in container(workload)["volumeMounts"] if m["name"] == volume["name"]]
         assert volume["secret"]["defaultMode"] == 0o400 and mount["readOnly"] is True
         # The kubelet writes the Secret here; stand in for it with a key file of the same mode.
@@ -407,7 +433,8 @@ def test_the_snapshot_cronjob_refreshes_nightly_one_at_a_time_with_the_database_
         etl = container(cronjob)
         assert etl["image"] == deployment_image  # the overlay's image reaches the CronJob too
         env = resolved_env(docs, cronjob, {("login-etl-database", "url"): DATABASE_URL})
-        assert env == {"DATABASE_URL": DATABASE_URL}  # no masking key: the refresh needs none
+        assert list(env) == ["DATABASE_URL_FILE"]  # no masking key: the refresh needs none
+        assert database_url_from_env(env) == DATABASE_URL  # the Secret, mounted as a file
         args = _build_parser().parse_args(expanded_args(etl, env))
         assert args.command == "snapshot"
         job = spec["jobTemplate"]["spec"]
