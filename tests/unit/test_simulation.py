@@ -42,6 +42,7 @@ import json
 import os
 import random
 import threading
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -62,6 +63,7 @@ EXPECTED_ENDINGS = (ServiceLost, Stopped, QueueLost)  # each must be explained b
 # short on a loaded CI machine. tests/unit/test_loop.py tests that bound.
 NO_HANG_MARGIN_SECONDS = 60.0
 DEFAULT_SEEDS = 3000
+KNOWN_DEFECT = "known defect, in both tables from two sessions"  # see cross_session_race
 FRESH_SHARE = 6  # fresh seeds: SIM_SEEDS // FRESH_SHARE (at least 1)
 FAULT_FREE_SHARE = 0.08  # seeds with no fault at all (the issue: at most 10%)
 
@@ -295,7 +297,9 @@ def simulate(seed: int) -> list[str]:
         problems.append(f"deleted before commit: {sorted(set(queue.early_deletes))}")
     for copy in tables.copies():
         inserts = tables.inserts_of(copy)
-        if not cross_session_race(inserts):
+        if cross_session_race(inserts):
+            problems.append(f"{KNOWN_DEFECT}: {inserts}")
+        else:
             problems.append(f"stored twice (two rows, or both tables): {inserts}")
     missing = set(ids) - set(sink.logins) - set(sink.rejections) - unstorable(sink, ids) - set(queue.dead_letters)
     if missing:
@@ -394,6 +398,14 @@ def test_the_loop_keeps_its_invariants_under_random_faults_and_stops() -> None:
         with ProcessPoolExecutor(max_workers=3, mp_context=get_context("spawn")) as pool:
             results = list(zip(seeds, pool.map(simulate, seeds, chunksize=25), strict=True))
         print(f"simulation: seeds {fixed.start}..{fixed.stop - 1} and fresh {fresh.start}..{fresh.stop - 1}")
+    known = sorted({seed for seed, problems in results for problem in problems if problem.startswith(KNOWN_DEFECT)})
+    if known:
+        warnings.warn(
+            f"{len(known)} of {len(results)} seeds stored a message in both tables from two sessions, the known "
+            f"defect of docs/testing.md (seeds {known[:10]})",
+            stacklevel=1,
+        )
+    results = [(seed, [p for p in problems if not p.startswith(KNOWN_DEFECT)]) for seed, problems in results]
     failures = [f"seed {seed}: {'; '.join(problems)}" for seed, problems in results if problems]
     assert not failures, (
         f"{len(failures)} of {len(results)} seeds failed\n"
