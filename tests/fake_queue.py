@@ -387,6 +387,15 @@ class FakeQueue:
         with self._lock:
             self.troubled.update(m.receipt_handle for m in messages)
 
+    def send(self, body: str) -> str:
+        """SendMessage: a new message, visible now; its id."""
+        with self._lock:
+            message_id = f"sent-{len(self._messages):05d}"
+            stamp = MIDNIGHT_MS + 1000 * len(self._messages)
+            self._messages[message_id] = _Message(message_id, body, stamp)
+            self.bodies[message_id] = body
+        return message_id
+
     # -- for the tests ---------------------------------------------------------------------------
 
     def consumer(self, name: str) -> QueueClient:

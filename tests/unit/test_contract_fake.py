@@ -1,0 +1,55 @@
+"""The SQS contract (tests/contract_sqs.py) on FakeQueue: the fake keeps the promises the emulators
+are held to in tests/integration/test_contract_sqs.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from models import ReceivedMessage
+from tests.contract_sqs import SCENARIOS, QueueUnderTest
+from tests.fakes import FakeClock, FakeQueue
+
+
+class FakeUnderTest:
+    """A FakeQueue on its own virtual clock: sleeping takes no time."""
+
+    def __init__(self, visibility_timeout_seconds: int, max_receive_count: int | None = None) -> None:
+        self.clock = FakeClock()
+        self.queue = FakeQueue(
+            [],
+            clock=self.clock,
+            visibility_timeout_seconds=visibility_timeout_seconds,
+            max_receive_count=max_receive_count,
+        )
+        self.queue.empty_wait_seconds = 0.0
+
+    def send(self, body: str) -> str:
+        return self.queue.send(body)
+
+    def receive(self) -> list[ReceivedMessage]:
+        return self.queue.receive()
+
+    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+        return self.queue.delete(messages)
+
+    def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]:
+        return self.queue.change_visibility(messages, timeout_seconds)
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def sleep_until(self, when: float) -> None:
+        self.clock.advance(when - self.clock.now())
+
+    def dead_letters(self) -> list[str]:
+        return list(self.queue.dead_letters)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda scenario: scenario.__name__)
+def test_the_fake_queue_keeps_the_sqs_contract(scenario: Callable[..., None]) -> None:
+    def make(visibility_timeout_seconds: int, max_receive_count: int | None = None) -> QueueUnderTest:
+        return FakeUnderTest(visibility_timeout_seconds, max_receive_count)
+
+    scenario(make)
