@@ -21,11 +21,13 @@ from helpers import TEST_SQS_ENDPOINT, emulator_client, unavailable
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
-# Hypothesis profiles: "dev" (the default: 100 examples, random) and "ci" (CI=true: 500 examples,
-# derandomized, so a CI failure reproduces). They set the pure properties (parsing, masking); the
-# database-backed hostile-input property sets its own, bounded count (tests/integration).
-settings.register_profile("dev", max_examples=100)
-settings.register_profile("ci", max_examples=500, derandomize=True, deadline=None)
+# Hypothesis profiles: "dev" (the default: 100 examples) and "ci" (CI=true: 500 examples). Both are
+# random, so each CI run tries new examples; a failure prints its falsifying example and the
+# @reproduce_failure decorator that replays it (print_blob), and Hypothesis's own seed line. They set
+# the pure properties (parsing, masking); the database-backed hostile-input property sets its own,
+# bounded count (tests/integration).
+settings.register_profile("dev", max_examples=100, print_blob=True)
+settings.register_profile("ci", max_examples=500, deadline=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI", "").lower() == "true" else "dev")
 
 
