@@ -133,3 +133,34 @@ SCENARIOS = [
     a_receive_returns_at_most_ten,
     redrive_moves_a_message_after_max_receive_count,
 ]
+
+
+class FifoQueueUnderTest(Protocol):
+    def send(self, body: str, *, group: str, deduplication_id: str) -> str: ...
+    def receive(self) -> list[ReceivedMessage]: ...
+    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]: ...
+
+
+def a_fifo_queue_keeps_order_within_a_group_and_drops_a_duplicate_send(
+    make_fifo: Callable[[], FifoQueueUnderTest],
+) -> None:
+    """FIFO queues deliver the messages of one MessageGroupId in the order sent, and a send with a
+    MessageDeduplicationId already used (within 5 minutes) is accepted and not delivered again."""
+    queue = make_fifo()
+    sent = [("a", "a1"), ("b", "b1"), ("a", "a2"), ("b", "b2"), ("a", "a3")]
+    for group, body in sent:
+        queue.send(body, group=group, deduplication_id=body)
+    queue.send("a2", group="a", deduplication_id="a2")  # a duplicate send
+    bodies: list[str] = []
+    for _ in range(10):
+        batch = queue.receive()
+        if not batch:
+            break
+        bodies += [m.body for m in batch]
+        assert queue.delete(batch) == []
+    assert sorted(bodies) == ["a1", "a2", "a3", "b1", "b2"]
+    assert [b for b in bodies if b.startswith("a")] == ["a1", "a2", "a3"]
+    assert [b for b in bodies if b.startswith("b")] == ["b1", "b2"]
+
+
+FIFO_SCENARIOS = [a_fifo_queue_keeps_order_within_a_group_and_drops_a_duplicate_send]

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 from aws.sqs import SqsReader
-from helpers import TEST_KMS_ENDPOINT, TEST_SQS_ENDPOINT, emulator_client, unavailable
+from helpers import TEST_KMS_ENDPOINT, TEST_SQS_ENDPOINT, assert_exactly_once, emulator_client, login, unavailable
+from main import EXIT_OK, main
 from models import ReceivedMessage
-from tests.contract_sqs import SCENARIOS, QueueUnderTest
+from tests.contract_sqs import FIFO_SCENARIOS, SCENARIOS, FifoQueueUnderTest, QueueUnderTest
 
 EMULATORS = {
     "localstack": TEST_SQS_ENDPOINT,
@@ -114,6 +115,30 @@ def emulator(
             client.delete_queue(QueueUrl=url)
 
 
+class EmulatedFifoQueue:
+    """A uuid-named FIFO queue (explicit deduplication ids), read through SqsReader."""
+
+    def __init__(self, client: Any, endpoint: str) -> None:
+        self.client = client
+        self.url = client.create_queue(
+            QueueName=f"contract-{uuid.uuid4().hex[:40]}.fifo",
+            Attributes={"FifoQueue": "true", "VisibilityTimeout": "30"},
+        )["QueueUrl"]
+        self.reader = SqsReader(self.url, endpoint_url=endpoint, wait_time_seconds=0)
+
+    def send(self, body: str, *, group: str, deduplication_id: str) -> str:
+        answer = self.client.send_message(
+            QueueUrl=self.url, MessageBody=body, MessageGroupId=group, MessageDeduplicationId=deduplication_id
+        )
+        return str(answer["MessageId"])
+
+    def receive(self) -> list[ReceivedMessage]:
+        return self.reader.receive()
+
+    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+        return self.reader.delete(messages)
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda scenario: scenario.__name__)
 def test_the_emulator_keeps_the_sqs_contract(
     emulator: tuple[str, Callable[..., QueueUnderTest]], scenario: Callable[..., None]
@@ -127,3 +152,49 @@ def test_the_emulator_keeps_the_sqs_contract(
     with pytest.raises(AssertionError):
         scenario(make)
     pytest.xfail(f"{name} differs from the documented behaviour: {difference}")
+
+
+@pytest.mark.parametrize("scenario", FIFO_SCENARIOS, ids=lambda scenario: scenario.__name__)
+def test_the_emulator_keeps_the_fifo_contract(
+    emulator: tuple[str, Callable[..., QueueUnderTest]], scenario: Callable[..., None]
+) -> None:
+    name = emulator[0]
+    client = emulator_client("sqs", EMULATORS[name])
+    made: list[EmulatedFifoQueue] = []
+
+    def make_fifo() -> FifoQueueUnderTest:
+        made.append(EmulatedFifoQueue(client, EMULATORS[name]))
+        return made[-1]
+
+    try:
+        scenario(make_fifo)
+    finally:
+        for queue in made:
+            client.delete_queue(QueueUrl=queue.url)
+
+
+def test_the_etl_drains_a_fifo_queue_exactly_once(etl_env: dict[str, str], sqs_client: Any, monkeypatch) -> None:
+    """The ETL reads a FIFO queue as it reads a standard one: every message stored once, a duplicate
+    send (same deduplication id) not at all, the queue empty afterwards."""
+    url = sqs_client.create_queue(QueueName=f"etl-{uuid.uuid4().hex[:40]}.fifo", Attributes={"FifoQueue": "true"})[
+        "QueueUrl"
+    ]
+    try:
+        ids = []
+        for n in range(30):
+            answer = sqs_client.send_message(
+                QueueUrl=url, MessageBody=login(n), MessageGroupId=f"user-{n % 3}", MessageDeduplicationId=f"d{n}"
+            )
+            ids.append(answer["MessageId"])
+        sqs_client.send_message(
+            QueueUrl=url, MessageBody=login(7), MessageGroupId="user-1", MessageDeduplicationId="d7"
+        )
+        monkeypatch.setenv("SQS_QUEUE_URL", url)
+        assert main([]) == EXIT_OK
+        assert_exactly_once(etl_env["DATABASE_URL"], ids)
+        attributes = sqs_client.get_queue_attributes(
+            QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        )["Attributes"]
+        assert attributes == {"ApproximateNumberOfMessages": "0", "ApproximateNumberOfMessagesNotVisible": "0"}
+    finally:
+        sqs_client.delete_queue(QueueUrl=url)
