@@ -94,6 +94,14 @@ def test_one_failing_call_does_not_skip_the_other_chunks() -> None:
     assert (result.extended, result.failed) == (15, 10)
 
 
+def test_untracking_a_message_no_longer_tracked_does_nothing() -> None:
+    """A refused extension drops a message; its delete's untrack comes later and must not raise
+    (in a deleter thread it would end the thread). Mutation testing: `pop(handle)` survived."""
+    keeper = VisibilityKeeper(Extender(), 30, clock=Clock())
+    keeper.untrack(messages(2))
+    assert len(keeper) == 0
+
+
 def test_every_failing_call_of_a_pass_is_counted() -> None:
     """Mutation testing (docs/mutation.md): `failed = len(chunk)` instead of `+=` survived."""
     clock = Clock()
