@@ -110,7 +110,7 @@ valid_login_objects = st.fixed_dictionaries(
         "device_id": _field_text,
         "app_version": _field_text,
     },
-    optional={"locale": st.none() | _field_text, "other": json_values},
+    optional={"locale": st.none() | _field_text, "other": st.integers() | _field_text},
 )
 valid_login_bodies = valid_login_objects.map(json.dumps)
 
