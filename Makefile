@@ -1,6 +1,6 @@
 # The dev loop, one entry point. Every target works from a fresh clone (the venv is made on demand).
 # `make unit` needs no service; `make test` starts the embedded stack (scripts/stack.sh) first.
-.PHONY: help venv format lint typecheck unit test ci bench bench-versus
+.PHONY: help venv format lint typecheck unit test ci bench bench-versus mutation
 
 PY := .venv/bin/python
 
@@ -38,3 +38,12 @@ bench: venv  ## the throughput, CPU and large-body benchmarks; write docs/benchm
 
 bench-versus: venv  ## the sink's rate of this checkout beside BASELINE's (default main), alternately
 	bash -c 'source scripts/setup.sh requirements-dev.txt && PYTHONPATH=scripts python -m bench.sink_versus --baseline $${BASELINE:-main}'
+
+# Mutation testing (mutmut, [tool.mutmut] in pyproject.toml) of the loop's modules against the unit
+# tests; not run in CI: hours on 2 cores for every module. MUTANTS narrows it to mutmut's name globs,
+# e.g. MUTANTS='retry* aws.visibility*'. The simulation runs 60 seeds per mutant.
+MUTANTS ?=
+mutation: venv  ## mutation testing of the loop (slow; not in CI): writes docs/mutation.md
+	rm -rf mutants
+	SIM_SEEDS=60 $(PY) -m mutmut run $(MUTANTS); $(PY) scripts/mutation_report.py > docs/mutation.md
+	rm -rf mutants  # a copy of the tree: the tests that read every file would read it too

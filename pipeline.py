@@ -95,8 +95,12 @@ class Pipeline:
             rng=rng,
         )
         self._committer = Committer(sink, masker, self._retrier)
+        # The keeper reads the same clock as the retries: a test's virtual clock moves both.
         self.keeper = VisibilityKeeper(
-            source.change_visibility, options.visibility_timeout_seconds, on_pass=self._extended
+            source.change_visibility,
+            options.visibility_timeout_seconds,
+            clock=self._stop.clock.now,
+            on_pass=self._extended,
         )
         self._inbox: queue.Queue[Prepared | None] = queue.Queue(maxsize=max(4, 2 * options.batch_size // 10))
         self.in_hand = BytesInHand(options.max_bytes_in_hand, MESSAGES_PER_RECEIVE * options.max_message_bytes)

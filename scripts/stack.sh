@@ -2,11 +2,13 @@
 # The embedded stack (no Docker): an SQS emulator on :4566 and PostgreSQL on :5432.
 #
 #   scripts/stack.sh start    start what does not already answer; idempotent
+#   scripts/stack.sh start --sqs moto    the same, with moto's server as the SQS emulator
 #   scripts/stack.sh stop     stop only what this script started
 #   scripts/stack.sh status
 #
 # SQS: LocalStack 4.11.1 run on the host from PyPI, in its own virtual environment (cached in
-# $LOGIN_ETL_CACHE, default ~/.cache/login-etl). PostgreSQL: the server already on :5432 if one
+# $LOGIN_ETL_CACHE, default ~/.cache/login-etl); or, with `--sqs moto` (or STACK_SQS=moto), moto's
+# server from the project venv (docs/operations.md, "The second SQS emulator"). PostgreSQL: the server already on :5432 if one
 # answers; otherwise a private cluster in .stack/pgdata from the machine's binaries (installed with
 # apt if absent). Logs and pid files live in .stack/ (git-ignored).
 set -euo pipefail
@@ -22,6 +24,7 @@ LOCALSTACK_VERSION=4.11.1
 LOCALSTACK_PACKAGES=("localstack-core[runtime]==$LOCALSTACK_VERSION" "cbor2<6" "service_identity<26"
   "pyOpenSSL==25.3.0" "psutil<7")
 LS_VENV=$CACHE/localstack-$LOCALSTACK_VERSION
+SQS_EMULATOR=${STACK_SQS:-localstack}
 mkdir -p "$STATE/logs"
 
 log() { echo "stack: $*" >&2; }
@@ -41,6 +44,7 @@ pg_bindir() {
 
 start_sqs() {
   if sqs_up; then log "SQS: something already answers on :$SQS_PORT, using it"; return; fi
+  if [ "$SQS_EMULATOR" = moto ]; then start_moto_sqs; return; fi
   if [ ! -x "$LS_VENV/bin/python" ] || ! "$LS_VENV/bin/python" -c "import localstack" 2>/dev/null; then
     log "SQS: installing LocalStack $LOCALSTACK_VERSION into $LS_VENV (once, ~1 min)"
     rm -rf "$LS_VENV"
@@ -96,6 +100,19 @@ start_pg() {
     | grep -q 1 || psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c "CREATE DATABASE test"
 }
 
+# SQS on moto's server (--sqs moto): written independently of LocalStack, already in requirements-dev.
+start_moto_sqs() {
+  if [ ! -x "$ROOT/.venv/bin/moto_server" ]; then
+    log "SQS: moto_server not in .venv (make venv installs requirements-dev.txt)"; exit 1
+  fi
+  log "SQS: starting moto on 127.0.0.1:$SQS_PORT (log: $STATE/logs/moto-sqs.log)"
+  MOTO_ACCOUNT_ID=000000000000 nohup setsid "$ROOT/.venv/bin/moto_server" -H 127.0.0.1 -p "$SQS_PORT" \
+    >>"$STATE/logs/moto-sqs.log" 2>&1 &
+  echo $! >"$STATE/moto-sqs.pid"
+  for _ in $(seq 60); do sqs_up && { log "SQS: ready (moto)"; return; }; sleep 0.25; done
+  log "SQS: moto did not start; see $STATE/logs/moto-sqs.log"; exit 1
+}
+
 # KMS for the key tests (LocalStack 4.11.1's KMS fails on Python 3.11): moto's server from the
 # project venv, when requirements-dev.txt installed it. Account 000000000000, as LocalStack's.
 kms_up() { curl -sS -m 2 -o /dev/null "http://127.0.0.1:$KMS_PORT/" 2>/dev/null; }
@@ -128,6 +145,11 @@ stop_all() {
     kill -KILL -- "-$pid" 2>/dev/null || true
   fi
   rm -f "$STATE/localstack.pid"
+  if alive "$STATE/moto-sqs.pid"; then
+    log "SQS: stopping moto (pid $(cat "$STATE/moto-sqs.pid"))"
+    kill -TERM "$(cat "$STATE/moto-sqs.pid")" 2>/dev/null || true
+  fi
+  rm -f "$STATE/moto-sqs.pid"
   if [ -f "$STATE/pg.started" ]; then
     local bindir owner=postgres; bindir=$(cat "$STATE/pg.started")
     id -u "$owner" >/dev/null 2>&1 || owner=$(id -un)
@@ -138,15 +160,27 @@ stop_all() {
   fi
 }
 
-case "${1:-}" in
+command=${1:-}
+shift || true
+while [ $# -gt 0 ]; do
+  case $1 in
+    --sqs) SQS_EMULATOR=${2:-}; shift 2 || { echo "usage: $0 start --sqs localstack|moto" >&2; exit 2; } ;;
+    --sqs=*) SQS_EMULATOR=${1#--sqs=}; shift ;;
+    *) echo "usage: $0 start [--sqs localstack|moto] | stop | status" >&2; exit 2 ;;
+  esac
+done
+case $SQS_EMULATOR in localstack|moto) ;; *) echo "stack: --sqs must be localstack or moto" >&2; exit 2 ;; esac
+
+case "$command" in
   start) start_sqs; start_pg; start_kms ;;
   stop) stop_all; stop_kms ;;
   status)
-    sqs_up && echo "SQS :$SQS_PORT up$(alive "$STATE/localstack.pid" && echo ' (started by stack.sh)')" \
+    sqs_up && echo "SQS :$SQS_PORT up$( (alive "$STATE/localstack.pid" || alive "$STATE/moto-sqs.pid") \
+      && echo ' (started by stack.sh)')" \
       || echo "SQS :$SQS_PORT down"
     pg_up && echo "PostgreSQL :$PG_PORT up$([ -f "$STATE/pg.started" ] && echo ' (started by stack.sh)')" \
       || echo "PostgreSQL :$PG_PORT down"
     kms_up && echo "KMS :$KMS_PORT up$(alive "$STATE/moto-kms.pid" && echo ' (started by stack.sh)')" \
       || echo "KMS :$KMS_PORT down" ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--sqs localstack|moto] | stop | status" >&2; exit 2 ;;
 esac

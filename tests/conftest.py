@@ -8,6 +8,7 @@ TEST_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test) and TEST_S
 from __future__ import annotations
 
 import os
+import random
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +21,33 @@ from helpers import TEST_SQS_ENDPOINT, emulator_client, unavailable
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
-# Hypothesis profiles: "dev" (the default: 100 examples, random) and "ci" (CI=true: 500 examples,
-# derandomized, so a CI failure reproduces). They set the pure properties (parsing, masking); the
-# database-backed hostile-input property sets its own, bounded count (tests/integration).
-settings.register_profile("dev", max_examples=100)
-settings.register_profile("ci", max_examples=500, derandomize=True, deadline=None)
+# Hypothesis profiles: "dev" (the default: 100 examples) and "ci" (CI=true: 500 examples). Both are
+# random, so each CI run tries new examples; a failure prints its falsifying example and the
+# @reproduce_failure decorator that replays it (print_blob), and Hypothesis's own seed line. They set
+# the pure properties (parsing, masking); the database-backed hostile-input property sets its own,
+# bounded count (tests/integration).
+settings.register_profile("dev", max_examples=100, print_blob=True)
+settings.register_profile("ci", max_examples=500, deadline=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI", "").lower() == "true" else "dev")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The simulation's fresh seeds start here (tests/unit/test_simulation.py): drawn once per run,
+    before xdist starts its workers (they inherit the environment), unless SIM_FRESH_START is set."""
+    if not os.environ.get("SIM_FRESH_START"):
+        os.environ["SIM_FRESH_START"] = str(random.SystemRandom().randrange(10**6, 10**9))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the simulation's seeds, so that a run's fresh seeds can be tried again."""
+    reports = [r for reports in terminalreporter.stats.values() for r in reports if hasattr(r, "nodeid")]
+    if any("test_simulation.py" in r.nodeid for r in reports):
+        fixed = int(os.environ.get("SIM_SEEDS", "3000"))
+        start = int(os.environ["SIM_FRESH_START"])
+        terminalreporter.write_line(
+            f"simulation: seeds 0..{fixed - 1} and fresh seeds {start}..{start + max(1, fixed // 6) - 1} "
+            f"(SIM_FRESH_START={start}); replay one: SIM_SEED=<seed> ./scripts/test.sh tests/unit/test_simulation.py"
+        )
 
 
 @pytest.fixture(scope="session")

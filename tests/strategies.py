@@ -95,3 +95,37 @@ def pii_markers(body: str) -> list[str]:
         found.append(body[at : at + _MARKER_LENGTH])
         start = at + len(PII_MARKER)
     return found
+
+
+# Valid login bodies on purpose (a property over "any body" must also reach the accepting side):
+# every required field a non-empty string within its column, locale a string, null or absent.
+_field_text = st.text(alphabet=st.characters(categories=("L", "N", "P", "Zs")), min_size=1, max_size=24).filter(
+    str.strip
+)
+valid_login_objects = st.fixed_dictionaries(
+    {
+        "user_id": _field_text,
+        "device_type": _field_text,
+        "ip": st.ip_addresses().map(str) | _field_text,
+        "device_id": _field_text,
+        "app_version": _field_text,
+    },
+    optional={"locale": st.none() | _field_text, "other": st.integers() | _field_text},
+)
+valid_login_bodies = valid_login_objects.map(json.dumps)
+
+
+def accepting_share(strategy: st.SearchStrategy[object], accepts: object, examples: int = 300) -> float:
+    """The share of `strategy`'s examples for which `accepts(example)` is true (at least a quarter,
+    for a property whose main branch is the accepting one)."""
+    from hypothesis import HealthCheck, given, settings
+
+    seen: list[bool] = []
+
+    @settings(max_examples=examples, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def probe(example: object) -> None:
+        seen.append(bool(accepts(example)))  # type: ignore[operator]
+
+    probe()
+    return sum(seen) / len(seen)

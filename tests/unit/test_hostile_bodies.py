@@ -3,7 +3,7 @@ masked row or a rejection with a known reason, and no PII value reaches the reas
 
 The bodies are tests/strategies.py's, the same as the database-backed property in
 tests/integration/test_hostile_input.py; here they run under the hypothesis profile (tests/conftest.py:
-100 examples locally, 500 derandomized under CI=true).
+100 examples locally, 500 under CI=true, random in both).
 """
 
 from __future__ import annotations

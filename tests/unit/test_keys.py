@@ -100,7 +100,19 @@ def test_a_missing_key_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 IMAGE_UID = 10001  # the Dockerfile's USER
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown files to other users")
+
+
+@pytest.fixture
+def root() -> None:
+    """These tests chown files to other users: skipped without root locally, failed under CI=true
+    (CI runs as root: a skip there would hide that they never ran)."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("needs root to chown files to other users, and CI=true does not skip")
+        pytest.skip("needs root to chown files to other users")
+
+
+needs_root = pytest.mark.usefixtures("root")
 
 
 def test_key_file_checks_are_made_on_the_opened_descriptor_not_on_the_path(
@@ -174,6 +186,7 @@ def test_a_compose_secret_owned_by_the_image_user_at_mode_400_is_read(
     assert Settings.from_env({"MASKING_KEY_FILE": path}).key_source.versions == (1,)
 
 
+@needs_root
 @pytest.mark.parametrize("mode", [0o440, 0o640, 0o400])
 def test_a_kubernetes_secret_owned_by_root_and_readable_by_the_fs_group_is_read(
     tmp_path: Path,
@@ -182,8 +195,6 @@ def test_a_kubernetes_secret_owned_by_root_and_readable_by_the_fs_group_is_read(
 ) -> None:
     # GIVEN the layout of a Kubernetes secret volume: symlinks into a timestamped directory, files
     # owned by root; with defaultMode 0400 and an fsGroup the kubelet makes them 0440 root:fsGroup
-    if os.geteuid() != 0:
-        pytest.skip("needs root-owned files")
     data = tmp_path / "..2026_11_26_09_00_00.123"
     data.mkdir()
     (data / "masking_key").write_text(K1)
@@ -196,14 +207,13 @@ def test_a_kubernetes_secret_owned_by_root_and_readable_by_the_fs_group_is_read(
     assert Settings.from_env({"MASKING_KEY_FILE": str(tmp_path / "masking_key")}).key_source.versions == (1,)
 
 
+@needs_root
 @pytest.mark.parametrize("mode", [0o460, 0o444, 0o404, 0o450])
 def test_a_root_owned_key_file_writable_by_its_group_or_open_to_others_is_refused(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     mode: int,
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root-owned files")
     path = key_file(tmp_path, K1, mode)
     monkeypatch.setattr("pii.keys.os.geteuid", lambda: IMAGE_UID)
     with pytest.raises(ConfigError, match=f"owned by root.*chmod 440 {path}"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from datetime import date
 
 import pytest
 
@@ -81,8 +80,9 @@ def test_a_partial_batch_is_committed_once_its_oldest_message_is_flush_seconds_o
 
 def test_counters_equal_what_the_sink_stored() -> None:
     sink = FakeSink()
-    sink.logins["m00003"] = MaskedLogin("m00003", "u", "ios", "x", "y", None, "1", date(2024, 1, 1))
     queue = FakeQueue([*bodies(40), ("bad1", "not json"), ("bad2", "{}")], stored=sink.holds)
+    day = queue.as_received("m00003").create_date  # the row's key is (message_id, create_date)
+    sink.tables.add_login(MaskedLogin("m00003", "u", "ios", "x", "y", None, "1", day))
     stats = Pipeline(queue, sink, MASKER, options()).run()
     assert (stats.loaded, stats.rejected, stats.duplicates) == (39, 2, 1)
     assert len(sink.logins) == 40 and len(sink.rejections) == 2

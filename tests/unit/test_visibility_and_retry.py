@@ -12,7 +12,7 @@ from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 from botocore.stub import Stubber
 
 from aws.sqs import SqsReader, SqsUnavailable
-from aws.visibility import VisibilityKeeper
+from aws.visibility import ExtendResult, VisibilityKeeper
 from models import Backoff, ReceivedMessage
 from retry import Abandoned, BudgetExhausted, Retrier, StopDeadlinePassed, StopState
 from tests.fakes import FakeClock
@@ -92,6 +92,40 @@ def test_one_failing_call_does_not_skip_the_other_chunks() -> None:
     result = keeper.extend_due()
     assert [len(call) for call in extend.calls] == [10, 10, 5]
     assert (result.extended, result.failed) == (15, 10)
+
+
+def test_untracking_a_message_no_longer_tracked_does_nothing() -> None:
+    """A refused extension drops a message; its delete's untrack comes later and must not raise
+    (in a deleter thread it would end the thread). Mutation testing: `pop(handle)` survived."""
+    keeper = VisibilityKeeper(Extender(), 30, clock=Clock())
+    keeper.untrack(messages(2))
+    assert len(keeper) == 0
+
+
+def test_every_failing_call_of_a_pass_is_counted() -> None:
+    """Mutation testing (docs/mutation.md): `failed = len(chunk)` instead of `+=` survived."""
+    clock = Clock()
+    keeper = VisibilityKeeper(Extender(fail={1, 3}), 30, clock=clock)
+    keeper.track(messages(25))
+    clock.now = 16
+    assert keeper.extend_due() == ExtendResult(extended=10, refused=0, failed=15)
+
+
+def test_the_extender_thread_reports_a_pass_that_only_refused_and_is_a_daemon() -> None:
+    """Mutation testing: a pass with refusals alone went unreported, and a non-daemon extender
+    thread (which would hold up the process's exit) survived."""
+    clock = Clock()
+    reported: list[ExtendResult] = []
+    keeper = VisibilityKeeper(Extender(refuse={"m0"}), 1, clock=clock, on_pass=reported.append)
+    keeper.track(messages(1))
+    clock.now = 0.9  # due
+    keeper.start()
+    deadline = time.monotonic() + 5
+    while not reported and time.monotonic() < deadline:
+        time.sleep(0.01)
+    keeper.stop()
+    assert reported == [ExtendResult(refused=1)]
+    assert keeper._thread is not None and keeper._thread.daemon and keeper._thread.name == "visibility"
 
 
 def test_an_unexpected_error_does_not_end_the_extender_thread() -> None:
