@@ -166,8 +166,8 @@ class WatchedQueue(FakeQueue):
     pipeline: Pipeline | None = None
     peaks: list[int]
 
-    def receive(self) -> list[ReceivedMessage]:
-        received = super().receive()
+    def receive(self, consumer: str = "") -> list[ReceivedMessage]:
+        received = super().receive(consumer)
         if self.pipeline is not None:
             self.peaks.append(self.pipeline.in_hand.held)
         return received
@@ -257,8 +257,8 @@ def test_stored_bodies_are_let_go_at_the_commit() -> None:
     kept: list[ReceivedMessage] = []
     original = queue.receive
 
-    def receive() -> list[ReceivedMessage]:
-        got = original()
+    def receive(consumer: str = "") -> list[ReceivedMessage]:
+        got = original(consumer)
         kept.extend(got)
         return got
 
