@@ -350,7 +350,8 @@ def key_sources(key: str, kms_endpoint: str | None) -> dict[str, dict[str, str]]
     key_id = new_key_id()
     sources = {
         "MASKING_KEY": {"MASKING_KEY": key},
-        "MASKING_KEYS": {"MASKING_KEYS": f"1:{generate_key()},2:{key}", "MASKING_KEY_VERSION": "2"},
+        # version 1 is the key the consumers wrote with (the database records it: one version, one key)
+        "MASKING_KEYS": {"MASKING_KEYS": f"1:{key},2:{generate_key()}", "MASKING_KEY_VERSION": "2"},
         "MASKING_KEYSET": {"MASKING_KEYSET": keyset_json({key_id: base64.b64decode(key)}, key_id)},
         "MASKING_KEY_FILE as a Compose secret (10001:10001 0400)": {"MASKING_KEY_FILE": "/run/secrets/masking_key"},
     }
