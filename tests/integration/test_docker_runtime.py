@@ -362,8 +362,10 @@ def key_sources(key: str, kms_endpoint: str | None) -> dict[str, dict[str, str]]
         blob = generate_wrapped_key(
             kms.create_key()["KeyMetadata"]["KeyId"], region="us-east-1", endpoint_url=TEST_KMS_ENDPOINT
         )
+        # a new data key: under a version the database has not recorded (one version, one key)
         sources["MASKING_KEY_KMS_CIPHERTEXT"] = {
-            "MASKING_KEY_KMS_CIPHERTEXT": blob,
+            "MASKING_KEY_KMS_CIPHERTEXT": f"3:{blob}",
+            "MASKING_KEY_VERSION": "3",
             "AWS_ENDPOINT_URL_KMS": kms_endpoint,
         }
     return sources

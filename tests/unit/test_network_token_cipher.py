@@ -10,7 +10,7 @@ import ipaddress
 
 import pytest
 import tink
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tink import daead, secret_key_access
 
@@ -77,6 +77,8 @@ def test_two_ipv4_addresses_of_one_slash_24_written_any_way_give_one_network_tok
 def test_two_ipv6_addresses_of_one_slash_48_written_any_way_give_one_network_token(
     network: int, a: int, b: int, form_a: int, form_b: int
 ) -> None:
+    # ::/48 holds the IPv4-mapped range (::ffff:0:0/96), whose addresses count as IPv4 by design
+    assume(v6(network, a).ipv4_mapped is None and v6(network, b).ipv4_mapped is None)
     first, second = written(v6(network, a), form_a), written(v6(network, b), form_b)
     assert masker.mask_network(first) == masker.mask_network(second)
     assert masker.unmask(masker.mask_network(first)) == str(ipaddress.IPv6Network(f"{v6(network, 0)}/48"))  # type: ignore[arg-type]
@@ -95,6 +97,7 @@ def test_addresses_of_different_networks_give_different_network_tokens(
     (family_a, net_a, host_a), (family_b, net_b, host_b) = first, second
     a = v4(net_a, host_a) if family_a == 4 else v6(net_a, host_a)
     b = v4(net_b, host_b) if family_b == 4 else v6(net_b, host_b)
+    assume(not any(isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped for x in (a, b)))  # those count as IPv4
     same_network = family_a == family_b and net_a == net_b
     token_a, token_b = masker.mask_network(written(a, form_a)), masker.mask_network(written(b, form_b))
     assert (token_a == token_b) == same_network
