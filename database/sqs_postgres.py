@@ -539,11 +539,7 @@ class PostgresWriter:
         elif self._staged_batches_left:
             self._staged_batches_left -= 1
         cur.copy_expert(f"COPY user_logins_stage ({_COLUMN_LIST}) FROM STDIN", buffer, size=size)
-        cur.execute(
-            f"""INSERT INTO user_logins ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM user_logins_stage s
-                 WHERE NOT EXISTS (SELECT 1 FROM user_logins_rejected r WHERE r.message_id = s.message_id)
-                ON CONFLICT (message_id, create_date) DO NOTHING"""
-        )
+        cur.execute(_STAGED_LOGIN_INSERT)
         return cur.rowcount
 
     def _find_bad_rows(
@@ -660,25 +656,33 @@ def _insert_rejections(cur: Cursor, rejections: Sequence[Rejection]) -> list[str
         size=max(8192, len(text)),
     )
     stored: list[str] = []
-    dated = any(r.sent_at is not None for r in rejections)
-    undated = any(r.sent_at is None for r in rejections)
-    for wanted, loaded in (
-        (
-            dated,
-            "s.day IS NOT NULL AND NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = s.message_id "
-            "AND l.create_date = s.day)",
-        ),
-        (undated, "s.day IS NULL AND NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = s.message_id)"),
-    ):
-        if wanted:
-            cur.execute(
-                f"""INSERT INTO user_logins_rejected (message_id, reason, sent_at, receive_count, encrypted_body)
-                    SELECT s.message_id, s.reason, s.sent_at, s.receive_count, s.encrypted_body
-                      FROM user_logins_rejected_stage s WHERE {loaded}
-                    ON CONFLICT (message_id) DO NOTHING RETURNING message_id"""
-            )
+    for kind, insert in _QUARANTINE_INSERTS.items():
+        if any((r.sent_at is not None) == (kind == "dated") for r in rejections):
+            cur.execute(insert)
             stored += [row[0] for row in cur.fetchall()]
     return stored
+
+
+# The NOT EXISTS probes below end in OFFSET 0, which keeps each a subquery run per staged row (an
+# index probe of the unique key, in the one partition of the row's day) instead of a join the
+# planner chooses blind: it has no statistics of the session's staging table, guesses hundreds of
+# rows, and hashed the whole day's partition for every batch that held one rejection (90 ms at
+# 100,000 rows, growing with the day). tests/integration/test_write_plans.py reads the plans.
+_QUARANTINE_INSERTS = {
+    kind: f"""INSERT INTO user_logins_rejected (message_id, reason, sent_at, receive_count, encrypted_body)
+              SELECT s.message_id, s.reason, s.sent_at, s.receive_count, s.encrypted_body
+                FROM user_logins_rejected_stage s
+               WHERE {where} AND NOT EXISTS (SELECT 1 FROM user_logins l WHERE {loaded} OFFSET 0)
+              ON CONFLICT (message_id) DO NOTHING RETURNING message_id"""
+    for kind, where, loaded in (
+        ("dated", "s.day IS NOT NULL", "l.message_id = s.message_id AND l.create_date = s.day"),
+        ("undated", "s.day IS NULL", "l.message_id = s.message_id"),
+    )
+}
+# A login not quarantined already (probed per row, as above), nor stored already.
+_STAGED_LOGIN_INSERT = f"""INSERT INTO user_logins ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM user_logins_stage s
+    WHERE NOT EXISTS (SELECT 1 FROM user_logins_rejected r WHERE r.message_id = s.message_id OFFSET 0)
+    ON CONFLICT (message_id, create_date) DO NOTHING"""
 
 
 _REJECTED_STAGE_COLUMNS = "message_id, reason, sent_at, receive_count, encrypted_body, day"
