@@ -31,11 +31,13 @@ IDLE_WAIT_SECONDS = 0.5
 
 def write_batch(sink: BatchSink, batch: Batch, quarantined: RecentQuarantine) -> WriteResult:
     """Write a batch's rows and rejections in one transaction (the sink's `write`), with the
-    one-table check whenever a message of it may have been seen before."""
+    one-table check whenever a message of it may have been seen before (here, or by another
+    consumer since the batch's first receive: the sink tells by `received_since`)."""
     return sink.write(
         list(batch.rows.values()),
         list(batch.rejections.values()),
         redelivered=batch.redelivered > 0 or quarantined.holds_any(batch.rows),
+        received_since=min((m.received_at for m in batch.messages), default=0.0),
     )
 
 

@@ -74,6 +74,9 @@ class ReceivedMessage:
     body: str = field(repr=False)  # may hold raw PII: never in a repr or a log
     sent_timestamp_ms: int | None = None
     receive_count: int = 1
+    # time.monotonic() (or a test's clock) before the receive that returned it: the writer decides by
+    # it whether a quarantine committed since can hold this message (0.0: unknown, always checked).
+    received_at: float = field(default=0.0, compare=False)
 
     @property
     def sent_date(self) -> date | None:
@@ -235,7 +238,12 @@ class BatchSink(Protocol):
     def connected(self) -> bool: ...
     def connect(self) -> None: ...
     def write(
-        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False
+        self,
+        logins: Sequence[MaskedLogin],
+        rejections: Sequence[Rejection],
+        *,
+        redelivered: bool = False,
+        received_since: float = 0.0,
     ) -> WriteResult: ...
 
 

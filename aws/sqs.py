@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,7 @@ class SqsReader:
 
     def receive(self, *, wait_time_seconds: int | None = None) -> list[ReceivedMessage]:
         """Receive up to 10 messages, long-polling; an empty list means none arrived in time."""
+        started = time.monotonic()  # before the call: SQS hands the messages over within it
         with self._errors("ReceiveMessage"):
             response = self._call(
                 "ReceiveMessage",
@@ -141,7 +143,7 @@ class SqsReader:
                     "MessageSystemAttributeNames": ["SentTimestamp", "ApproximateReceiveCount"],
                 },
             )
-        return [_to_message(raw) for raw in response.get("Messages", [])]
+        return [_to_message(raw, started) for raw in response.get("Messages", [])]
 
     def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
         """Delete messages in batches of 10; return the ids of entries SQS refused.
@@ -228,7 +230,7 @@ _METHOD_NAMES = {
 }
 
 
-def _to_message(raw: dict[str, Any]) -> ReceivedMessage:
+def _to_message(raw: dict[str, Any], received_at: float) -> ReceivedMessage:
     attributes = raw.get("Attributes", {})
     sent = attributes.get("SentTimestamp")
     return ReceivedMessage(
@@ -237,4 +239,5 @@ def _to_message(raw: dict[str, Any]) -> ReceivedMessage:
         body=raw.get("Body", ""),
         sent_timestamp_ms=int(sent) if sent else None,
         receive_count=int(attributes.get("ApproximateReceiveCount", 1)),
+        received_at=received_at,
     )

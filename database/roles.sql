@@ -95,15 +95,16 @@ GRANT CREATE ON SCHEMA :"schema" TO :"etl_role";
 -- refreshes it (`python main.py snapshot`), and records when in user_login_duplicates_snapshot_refreshed;
 -- analysts only read both.
 SELECT pg_catalog.format('ALTER %s %I.%I OWNER TO %I',
-              CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'TABLE' END,
+              CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE'
+                             ELSE 'TABLE' END,
               :'schema', c.relname, :'etl_role')
   FROM pg_catalog.pg_class c
  WHERE c.relnamespace OPERATOR(pg_catalog.=) :schema_oid
-   AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'v', 'm']::"char"[])
+   AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'v', 'm', 'S']::"char"[])
    AND (c.relname OPERATOR(pg_catalog.=) ANY (ARRAY['user_logins', 'user_logins_rejected', 'etl_schema_version',
                       'user_login_duplicates', 'user_logins_replayed', 'user_logins_default', 'user_logins_legacy',
                       'user_login_duplicates_snapshot', 'user_login_duplicates_snapshot_refreshed',
-                      'etl_key_checks']::pg_catalog.name[])
+                      'etl_key_checks', 'etl_quarantine_epoch']::pg_catalog.name[])
         OR c.relname OPERATOR(pg_catalog.~) '^user_logins_p[0-9]{8}$') \gexec
 
 

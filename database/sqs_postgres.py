@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date
@@ -35,12 +36,19 @@ T = TypeVar("T")
 
 # Any constant: serialises schema set-up between processes starting at once.
 _SCHEMA_LOCK_ID = 7_412_350_191
-SCHEMA_VERSION = 7  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
+# Any constant: the quarantine lock, taken by every write transaction (see PostgresWriter.write).
+_QUARANTINE_LOCK_ID = 7_412_350_192
+# Bumped by every transaction that quarantines a redelivered message; read by the others.
+QUARANTINE_EPOCH = "etl_quarantine_epoch"
+# The write transactions' observations of the epoch kept (a batch received before the oldest is checked).
+_EPOCHS_KEPT = 64
+SCHEMA_VERSION = 8  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
 # replay columns and the user_logins_replayed view; 4: the token indexes for the analysts' queries (on
 # the parent); 5: the all-time snapshot of the duplicates view (database/snapshot.py refreshes it), and
 # the token indexes on closed days only (database/token_indexes.py builds them); 6: etl_key_checks, the
 # check value of each key version (database/key_checks.py); 7: the network token
-# column masked_network, in the duplicates view (field 'network') and a third token index of closed days
+# column masked_network, in the duplicates view (field 'network') and a third token index of closed days;
+# 8: the sequence etl_quarantine_epoch (a message in one table across consumers: PostgresWriter.write)
 
 # COPY order: the two nullable values, `locale` and `masked_network`, last, so a row is built with one join.
 _LOGIN_COLUMNS = (
@@ -206,6 +214,8 @@ class PostgresWriter:
         self._application_name = application_name
         self._conn: psycopg2.extensions.connection | None = None
         self._staged_batches_left = 0
+        # (time.monotonic(), epoch): what this writer saw of QUARANTINE_EPOCH, and when (write()).
+        self._epochs: deque[tuple[float, int]] = deque(maxlen=_EPOCHS_KEPT)
 
     def __repr__(self) -> str:
         return "PostgresWriter()"  # the DSN may hold a password
@@ -259,6 +269,7 @@ class PostgresWriter:
                 self._migrate()
             self._ensure_partitions(partitions.utc_today())
             self._run(self._create_stage)
+            self._run(self._observe_epoch, commit=False)
             self._verify_keys(register=register)
         except psycopg2.errors.LockNotAvailable:
             holders = self._run(lock_holders, commit=False)
@@ -357,6 +368,7 @@ class PostgresWriter:
         cur.execute(_CREATE_REJECTED)
         cur.execute("CREATE INDEX IF NOT EXISTS user_logins_rejected_received_at ON user_logins_rejected (received_at)")
         cur.execute(key_checks.CREATE_TABLE)  # schema 5 -> 6
+        cur.execute(f"CREATE SEQUENCE IF NOT EXISTS {QUARANTINE_EPOCH}")  # schema 8
         cur.execute(
             """CREATE TABLE IF NOT EXISTS etl_schema_version (
                    version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"""
@@ -467,13 +479,27 @@ class PostgresWriter:
     # -- writes -------------------------------------------------------------------------------
 
     def write(
-        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False
+        self,
+        logins: Sequence[MaskedLogin],
+        rejections: Sequence[Rejection],
+        *,
+        redelivered: bool = False,
+        received_since: float = 0.0,
     ) -> WriteResult:
         """Store a batch in one transaction; return once it has committed.
 
-        A message is stored in one of the two tables, never both: a rejection is not stored for a
-        message already loaded, nor (when `redelivered`: the batch holds messages received before)
-        a login for one already quarantined. Only a redelivered message can be in either table.
+        A message is stored in one of the two tables, never both, whichever consumers write it: a
+        rejection is not stored for a message already loaded, nor a login for one already
+        quarantined. Only a message delivered more than once can be in either, and one side of such
+        a pair holds a redelivered copy: `redelivered` (the batch holds messages received before),
+        or a rejection whose receive count is above 1. Those transactions take the quarantine lock
+        exclusively, every other one shares it, so the two sides of a pair never run at once and
+        the later one's NOT EXISTS sees the earlier one's rows. A transaction that quarantines a
+        redelivered message also bumps QUARANTINE_EPOCH. A batch of first deliveries, the common
+        case, is COPYed straight into user_logins, with no look at the quarantine, only when the
+        epoch is what this writer saw before the batch's first receive (`received_since`, a
+        time.monotonic() from before the receive call; 0.0: unknown): a copy quarantined since then
+        sends it through the staged INSERT, which looks.
 
         Raises DatabaseUnavailable (nothing committed; retry the batch) or DatabaseRejectedRows
         (nothing committed; the listed rows are refused by PostgreSQL, the rest are good).
@@ -490,7 +516,9 @@ class PostgresWriter:
                     extra={"count": outside},
                 )
         try:
-            return self._run(lambda cur: self._write(cur, logins, rejections, staged=redelivered))
+            return self._run(
+                lambda cur: self._write(cur, logins, rejections, staged=redelivered, received_since=received_since)
+            )
         except _ROW_ERRORS as exc:
             bad_logins = self._find_bad_rows(logins, [])
             bad_rejections = self._find_bad_rows([], rejections)
@@ -502,11 +530,20 @@ class PostgresWriter:
             ) from None
 
     def _write(
-        self, cur: Cursor, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], staged: bool = False
+        self,
+        cur: Cursor,
+        logins: Sequence[MaskedLogin],
+        rejections: Sequence[Rejection],
+        staged: bool = False,
+        received_since: float = 0.0,
     ) -> WriteResult:
+        quarantines_redelivered = any(r.receive_count > 1 for r in rejections)
+        exclusive = staged or quarantines_redelivered
+        epoch = self._lock_quarantine(cur, exclusive=exclusive, bump=quarantines_redelivered)
+        straight = not exclusive and self._epoch_before(received_since) == epoch
         inserted = rejected = 0
         if logins:
-            inserted = self._insert_logins(cur, logins, staged)
+            inserted = self._insert_logins(cur, logins, straight)
         # Not for a message already loaded. Its login row is in the partition of its day: with the
         # sent time known, one index probe there; without it (rare), one in each partition.
         stored = _insert_rejections(cur, rejections) if rejections else []
@@ -514,26 +551,51 @@ class PostgresWriter:
         duplicates = len(logins) + len(rejections) - inserted - rejected
         return WriteResult(inserted=inserted, rejected=rejected, duplicates=duplicates, rejected_ids=frozenset(stored))
 
-    def _insert_logins(self, cur: Cursor, logins: Sequence[MaskedLogin], staged: bool = False) -> int:
-        """Insert the rows that are new; return how many.
+    def _lock_quarantine(self, cur: Cursor, *, exclusive: bool, bump: bool) -> int:
+        """Take the quarantine lock for this transaction (write()) and return the epoch: bumped
+        if `bump`, else read and remembered with the time it was read."""
+        lock = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        read = f"SELECT nextval('{QUARANTINE_EPOCH}')" if bump else _READ_EPOCH
+        # Two statements in one round trip; the second runs once the first holds the lock.
+        cur.execute(f"SELECT {lock}(%s); {read}", (_QUARANTINE_LOCK_ID,))
+        epoch = int(one_row(cur)[0])
+        if not bump:
+            self._epochs.append((time.monotonic(), epoch))
+        return epoch
 
-        Usually none of them is stored yet, and a COPY straight into user_logins is the fastest
-        write (one statement, each row written once). When one is (a redelivery), the unique
-        constraint refuses the COPY; the transaction, which holds nothing else yet (logins are
-        written first), is rolled back and the batch goes through the staging table and
-        ``ON CONFLICT DO NOTHING`` instead, as do the next batches: redeliveries come in runs.
+    def _observe_epoch(self, cur: Cursor) -> None:
+        cur.execute(_READ_EPOCH)
+        self._epochs.append((time.monotonic(), int(one_row(cur)[0])))
+
+    def _epoch_before(self, moment: float) -> int | None:
+        """The epoch this writer read last before `moment` (None: it read none before)."""
+        for seen_at, epoch in reversed(self._epochs):
+            if seen_at < moment:
+                return epoch
+        return None
+
+    def _insert_logins(self, cur: Cursor, logins: Sequence[MaskedLogin], straight: bool) -> int:
+        """Insert the rows that are new and not quarantined; return how many.
+
+        When `straight` (write() says when no quarantine row can hold one of them), and usually none
+        of them is stored yet, a COPY straight into user_logins is the fastest write (one statement,
+        each row written once). When one is (a redelivery), the unique constraint refuses the COPY;
+        the transaction, which holds nothing else yet (logins are written first), is rolled back
+        and the batch goes through the staging table and ``ON CONFLICT DO NOTHING`` instead, as do
+        the next batches: redeliveries come in runs.
         """
         text = _copy_text(logins)
         buffer = io.StringIO(text)
         # One read of the whole text: each read is a trip back into Python (and a wait for the
         # GIL while the receivers parse and mask), so the default 8 KiB chunks cost.
         size = max(8192, len(text))
-        if self._staged_batches_left == 0 and not staged:
+        if straight and self._staged_batches_left == 0:
             try:
                 cur.copy_expert(f"COPY user_logins ({_COLUMN_LIST}) FROM STDIN", buffer, size=size)
                 return len(logins)
             except psycopg2.errors.UniqueViolation:
-                cur.connection.rollback()
+                cur.connection.rollback()  # which let the quarantine lock go: taken again
+                self._lock_quarantine(cur, exclusive=False, bump=False)
                 self._staged_batches_left = STAGED_BATCHES_AFTER_CONFLICT
                 buffer.seek(0)
         elif self._staged_batches_left:
@@ -685,6 +747,7 @@ _STAGED_LOGIN_INSERT = f"""INSERT INTO user_logins ({_COLUMN_LIST}) SELECT {_COL
     ON CONFLICT (message_id, create_date) DO NOTHING"""
 
 
+_READ_EPOCH = f"SELECT coalesce(pg_sequence_last_value('{QUARANTINE_EPOCH}'), 0)"
 _REJECTED_STAGE_COLUMNS = "message_id, reason, sent_at, receive_count, encrypted_body, day"
 
 

@@ -314,6 +314,7 @@ class FakeQueue:
             body=message.body,
             sent_timestamp_ms=message.sent_timestamp_ms,
             receive_count=message.receives,
+            received_at=now,
         )
 
     def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:

@@ -9,7 +9,12 @@ the simulation (tests/integration/test_contract_sink.py runs the same scenarios 
   was committed when it started (and the transaction's own rows); the unique indexes see every
   commit (ON CONFLICT DO NOTHING waits for a concurrent insert of the same key, then skips it).
   Between reading and writing, `interleave()` lets another session's transaction run.
-- The straight path: a batch not marked `redelivered` is COPYed with no one-table check; a key
+- The quarantine lock: a transaction that writes a `redelivered` batch or quarantines a message
+  received more than once holds it alone (and, for the latter, bumps the epoch); every other one
+  shares it. Between two transactions that hold it alone, or one that does and one that shares
+  it, nothing interleaves.
+- The straight path: a batch not marked `redelivered`, whose first receive (`received_since`) came
+  after a read of the epoch equal to the epoch now, is COPYed with no one-table check; a key
   already there fails the COPY, and the batch goes through the staged INSERT (NOT EXISTS on the
   quarantine, ON CONFLICT DO NOTHING), as do the next STAGED_BATCHES_AFTER_CONFLICT batches.
 """
@@ -18,8 +23,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date
 
 from database.sqs_postgres import (
@@ -32,11 +38,47 @@ from models import MaskedLogin, Rejection, WriteResult
 from tests.fake_queue import FakeClock, Faults
 
 
+class SharedLock:
+    """One advisory lock key: pg_advisory_xact_lock_shared (many at once) and pg_advisory_xact_lock
+    (alone); a waiting exclusive request holds up later shared ones, as PostgreSQL's lock queue does."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._sharers = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @contextmanager
+    def held(self, *, exclusive: bool) -> Iterator[None]:
+        with self._changed:
+            if exclusive:
+                self._waiting_alone += 1
+                while self._alone or self._sharers:
+                    self._changed.wait()
+                self._waiting_alone -= 1
+                self._alone = True
+            else:
+                while self._alone or self._waiting_alone:
+                    self._changed.wait()
+                self._sharers += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                if exclusive:
+                    self._alone = False
+                else:
+                    self._sharers -= 1
+                self._changed.notify_all()
+
+
 class FakeTables:
     """The two tables, shared by every FakeSink on them; `lock` makes a statement atomic."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.quarantine_lock = SharedLock()
+        self.epoch = 0  # etl_quarantine_epoch
         self.logins: dict[tuple[str, date], MaskedLogin] = {}
         self.rejections: dict[str, Rejection] = {}
         # Every row inserted: (table, message_id, session, how: "copy" | "staged" | "quarantine" | "set-up").
@@ -103,6 +145,7 @@ class FakeSink:
         self.added = Counter[str]()  # logins, rejections, offered: of this session's commits
         self.ambiguous = Counter[str]()  # the same, of its commits that reported failure
         self._staged_left = 0
+        self._epochs: deque[tuple[float, int]] = deque(maxlen=64)  # (when, epoch) read, as PostgresWriter
 
     # -- what is stored --------------------------------------------------------------------------
 
@@ -139,6 +182,8 @@ class FakeSink:
             self._failed(started)
             raise SchemaBusy("fake lock wait") if self.faults.hit(0.5) else DatabaseUnavailable("fake refused")
         self.connected = True
+        with self.tables.lock:
+            self._epochs.append((self._time(), self.tables.epoch))
 
     def _failed(self, started: float) -> None:
         self.faults.failed("PostgreSQL", started, self._now())
@@ -146,8 +191,17 @@ class FakeSink:
     def _now(self) -> float:
         return self.clock.now() if self.clock else 0.0
 
+    def _time(self) -> float:
+        """The clock messages are stamped with (ReceivedMessage.received_at): the test's, or the real one."""
+        return self.clock.now() if self.clock else time.monotonic()
+
     def write(
-        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False
+        self,
+        logins: Sequence[MaskedLogin],
+        rejections: Sequence[Rejection],
+        *,
+        redelivered: bool = False,
+        received_since: float = 0.0,
     ) -> WriteResult:
         started = self._now()
         self.faults.tick()
@@ -175,7 +229,7 @@ class FakeSink:
         ]
         if bad_logins or bad_rejections:
             raise DatabaseRejectedRows(bad_logins, bad_rejections)
-        inserted, stored = self._transaction(logins, rejections, redelivered)
+        inserted, stored = self._transaction(logins, rejections, redelivered, received_since)
         self.commits += 1
         offered = len(logins) + len(rejections)
         self.added.update(logins=inserted, rejections=len(stored), offered=offered)
@@ -194,19 +248,44 @@ class FakeSink:
         )
 
     def _transaction(
-        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], redelivered: bool
+        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], redelivered: bool, received_since: float
     ) -> tuple[int, set[str]]:
-        """PostgresWriter._write's statements, in order, with READ COMMITTED's snapshots; the rows
-        become visible to other sessions at the commit only."""
+        """PostgresWriter._write's statements, in order, with READ COMMITTED's snapshots, under the
+        quarantine lock; the rows become visible to other sessions at the commit only."""
+        quarantines_redelivered = any(r.receive_count > 1 for r in rejections)
+        exclusive = redelivered or quarantines_redelivered
+        with self.tables.quarantine_lock.held(exclusive=exclusive):
+            return self._statements(
+                logins, rejections, exclusive=exclusive, bump=quarantines_redelivered, received_since=received_since
+            )
+
+    def _statements(
+        self,
+        logins: Sequence[MaskedLogin],
+        rejections: Sequence[Rejection],
+        *,
+        exclusive: bool,
+        bump: bool,
+        received_since: float,
+    ) -> tuple[int, set[str]]:
         tables = self.tables
         with tables.lock:
+            if bump:
+                tables.epoch += 1
+            else:
+                self._epochs.append((self._time(), tables.epoch))
+            baseline = next((epoch for seen_at, epoch in reversed(self._epochs) if seen_at < received_since), None)
+            straight = not exclusive and not bump and baseline == tables.epoch
             conflict = any((row.message_id, row.create_date) in tables.logins for row in logins)
             quarantined = set(tables.rejections)
-        staged = redelivered or self._staged_left > 0 or conflict
-        if conflict and not redelivered:
-            self._staged_left = STAGED_BATCHES_AFTER_CONFLICT  # the straight COPY failed, rolled back
-        elif staged and not redelivered:
-            self._staged_left -= 1
+        if straight and self._staged_left == 0:
+            staged = conflict  # the straight COPY failed on a key already there: rolled back, staged
+            if conflict:
+                self._staged_left = STAGED_BATCHES_AFTER_CONFLICT
+        else:
+            staged = True
+            if self._staged_left:
+                self._staged_left -= 1
         self.interleave()
         # Statement 1: logins (the staged path's NOT EXISTS reads the quarantine's snapshot).
         with tables.lock:

@@ -63,10 +63,14 @@ class MemoryQueue:
         self.deleted = 0
 
     def receive(self) -> list[ReceivedMessage]:
+        now = time.monotonic()
         with self._lock:
             start = self._next
             self._next = min(len(self._messages), start + MAX_MESSAGES_PER_RECEIVE)
-            return self._messages[start : self._next]
+            received = self._messages[start : self._next]
+        for message in received:
+            message.received_at = now
+        return received
 
     def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
         with self._lock:
@@ -150,9 +154,14 @@ class FailingSink(FakeSink):
         self.attempts = 0
 
     def write(
-        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False
+        self,
+        logins: Sequence[MaskedLogin],
+        rejections: Sequence[Rejection],
+        *,
+        redelivered: bool = False,
+        received_since: float = 0.0,
     ) -> WriteResult:
         self.attempts += 1
         if self.attempts <= self.failures:
             raise DatabaseUnavailable("connection refused (fake)")
-        return super().write(logins, rejections, redelivered=redelivered)
+        return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)

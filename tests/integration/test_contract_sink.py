@@ -43,11 +43,3 @@ def test_postgres_writer_keeps_the_writers_contract(
     database: tuple[OpenSessions, Stored], scenario: Callable[..., None]
 ) -> None:
     scenario(*database)
-
-
-@pytest.mark.xfail(strict=True, reason="known defect (docs/testing.md): in both tables across two sessions")
-@pytest.mark.parametrize("scenario", sink_contract.KNOWN_DEFECTS, ids=lambda scenario: scenario.__name__)
-def test_postgres_writer_has_the_known_defects_the_fakes_found(
-    database: tuple[OpenSessions, Stored], scenario: Callable[..., None]
-) -> None:
-    scenario(*database)

@@ -153,11 +153,16 @@ class GatedSink(FakeSink):
         self.batches: list[int] = []
 
     def write(
-        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False
+        self,
+        logins: Sequence[MaskedLogin],
+        rejections: Sequence[Rejection],
+        *,
+        redelivered: bool = False,
+        received_since: float = 0.0,
     ) -> WriteResult:
         self.gate.wait()
         self.batches.append(len(logins) + len(rejections))
-        return super().write(logins, rejections, redelivered=redelivered)
+        return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
 
 
 class WatchedQueue(FakeQueue):

@@ -126,11 +126,16 @@ def test_a_writer_stuck_in_one_call_is_not_live() -> None:
 
     class StuckSink(FakeSink):
         def write(
-            self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False
+            self,
+            logins: Sequence[MaskedLogin],
+            rejections: Sequence[Rejection],
+            *,
+            redelivered: bool = False,
+            received_since: float = 0.0,
         ) -> WriteResult:
             entered.set()
             release.wait(10)  # a call that neither returns nor fails (a half-open connection)
-            return super().write(logins, rejections, redelivered=redelivered)
+            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
 
     metrics = Metrics(Health(stall_seconds=300, clock=clock))
     sink = StuckSink()

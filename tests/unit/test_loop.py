@@ -193,9 +193,9 @@ def test_stop_finishes_the_batch_in_hand() -> None:
     release = threading.Event()
 
     class SlowSink(FakeSink):
-        def write(self, logins, rejections, *, redelivered=False):
+        def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
             release.wait(10)
-            return super().write(logins, rejections, redelivered=redelivered)
+            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
 
     sink = SlowSink()
     queue = FakeQueue(bodies(30), stored=sink.holds)
@@ -285,8 +285,15 @@ def test_a_quarantine_whose_commit_reported_a_failure_still_guards_a_later_first
     was quarantined, and the other copy must still not be loaded beside it (simulation seed 1684)."""
 
     class FirstCommitReportsFailure(FakeSink):
-        def write(self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection], *, redelivered: bool = False):
-            written = super().write(logins, rejections, redelivered=redelivered)
+        def write(
+            self,
+            logins: Sequence[MaskedLogin],
+            rejections: Sequence[Rejection],
+            *,
+            redelivered: bool = False,
+            received_since: float = 0.0,
+        ):
+            written = super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
             if self.commits == 1:
                 self.connected = False
                 raise DatabaseUnavailable("connection lost after COMMIT was sent")
@@ -322,10 +329,10 @@ def test_stop_while_a_write_never_returns_ends_within_the_stop_timeout_and_exits
     entered, release = threading.Event(), threading.Event()
 
     class HangingSink(FakeSink):
-        def write(self, logins, rejections, *, redelivered=False):
+        def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
             entered.set()
             release.wait()
-            return super().write(logins, rejections, redelivered=redelivered)
+            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
 
     sink = HangingSink()
     queue = FakeQueue(bodies(30), stored=sink.holds)
