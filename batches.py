@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from config import PipelineOptions
-from database.sqs_postgres import DatabaseRejectedRows, DatabaseUnavailable
+from database.errors import DatabaseRejectedRows, DatabaseUnavailable
 from models import BatchSink, ReceivedMessage, WriteResult
 from pii.masking import Masker
 from retry import Retrier

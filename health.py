@@ -13,7 +13,9 @@ from enum import Enum
 from aws.sqs import QueueUnusable, SqsError, SqsReader
 from config import ConfigError, Settings, redact_dsn
 from database import key_checks, network_backfill, snapshot
-from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, PostgresWriter
+from database.errors import DatabaseError
+from database.schema import SCHEMA_VERSION
+from database.sqs_postgres import PostgresWriter
 from pii.keys import KmsUnavailable
 from pii.masking import MaskingError
 

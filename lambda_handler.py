@@ -45,7 +45,8 @@ from aws.outage_backoff import OutageBackoff
 from aws.secrets import read_secret
 from batches import store, write_batch
 from config import DEFAULT_REGION, Settings, database_url_with_secret
-from database.sqs_postgres import DatabaseError, DatabaseUnavailable, PostgresWriter
+from database.errors import DatabaseError, DatabaseUnavailable
+from database.sqs_postgres import PostgresWriter
 from models import WriteResult
 from observability import JsonFormatter
 from pii.masking import Masker

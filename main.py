@@ -75,12 +75,14 @@ from config import (
 from database import key_checks
 from database.audit import AuditLog, AuditUnavailable
 from database.audit_tables import AuditTableUnsafe
+from database.errors import DatabaseError, DatabaseUnavailable, SchemaBusy
 from database.network_backfill import BackfillInterrupted, NetworkBackfill
 from database.rekey import Rekeyer, RekeyInterrupted
 from database.replay import Replayer, ReplayInterrupted, ReplayNotAudited, ReplayRequest
 from database.retention import MIN_KEEP_DAYS, Retention
+from database.schema import SCHEMA_VERSION
 from database.snapshot import SnapshotBusy, SnapshotLockTimeout, SnapshotRefresher
-from database.sqs_postgres import SCHEMA_VERSION, DatabaseError, DatabaseUnavailable, PostgresWriter, SchemaBusy
+from database.sqs_postgres import PostgresWriter
 from database.token_indexes import TokenIndexer, nightly_pass
 from health import Failure, checklist_from_env
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff, UnmaskAudit

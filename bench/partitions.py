@@ -12,7 +12,7 @@ the unique index only, every closed day with the two token indexes, built by the
 table is preloaded with SQL up to each size (millions of rows, random UUID message ids, dated over
 past days, --rows-per-day-m million a day; the layouts side by side), then --batches COPYs of
 10,000 rows dated today are timed, each in its own transaction, with the ETL's own COPY text
-(`_copy_text`), as the sink does; the layouts' batches alternate. At each size from
+(`copy_text`), as the sink does; the layouts' batches alternate. At each size from
 --queries-from-m up, on the --query-layouts: the README's three queries, the whole duplicates view,
 one-day and one-device queries, then (schema 5) the snapshot's first and concurrent refreshes and
 its three top-20 queries. Prints everything; asserts nothing. Needs PostgreSQL on DATABASE_URL
@@ -36,8 +36,10 @@ from typing import Any
 import psycopg2
 
 from database import partitions
+from database.copy_format import copy_text
+from database.schema import CREATE_DUPLICATES_VIEW, LOGIN_COLUMNS
 from database.snapshot import SnapshotRefresher
-from database.sqs_postgres import _CREATE_DUPLICATES_VIEW, _LOGIN_COLUMNS, PostgresWriter, _copy_text
+from database.sqs_postgres import PostgresWriter
 from database.token_indexes import index_closed_days
 from models import MaskedLogin
 
@@ -238,7 +240,7 @@ def _create(dsn: str, layout: str) -> None:
         return
     with _connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(_PLAIN_DDL)
-        cur.execute(_CREATE_DUPLICATES_VIEW)
+        cur.execute(CREATE_DUPLICATES_VIEW)
 
 
 def _timed_preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> tuple[int, float]:
@@ -326,7 +328,7 @@ def _copy_rate(dsn: str, size: int, batch: int) -> float:
         )
         for i in range(BATCH_ROWS)
     ]
-    text = _copy_text(rows)
+    text = copy_text(rows)
     conn = _connect(dsn)
     try:
         t0 = time.perf_counter()
@@ -337,7 +339,7 @@ def _copy_rate(dsn: str, size: int, batch: int) -> float:
         conn.close()
 
 
-_COPY_COLUMNS = _LOGIN_COLUMNS  # the writer's own COPY order
+_COPY_COLUMNS = LOGIN_COLUMNS  # the writer's own COPY order
 # Bytes a token encodes (Tink's 5-byte prefix, the 16-byte SIV, the plaintext: 16 bytes for an IP,
 # 32 for a padded device id): 52 and 72 base64 characters.
 IP_TOKEN_BYTES = 5 + 16 + 16

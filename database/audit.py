@@ -15,7 +15,8 @@ import psycopg2
 from psycopg2 import sql
 
 from database.audit_tables import audit_table
-from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, open_connection
+from database.connection import first_line, open_connection
+from database.errors import DatabaseError, DatabaseUnavailable
 from models import UnmaskAudit
 
 logger = logging.getLogger(__name__)

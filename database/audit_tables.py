@@ -20,7 +20,7 @@ from __future__ import annotations
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from database.sqs_postgres import DatabaseError
+from database.errors import DatabaseError
 
 ROLES_SQL = "run database/roles.sql as the administrator (docs/keys-and-privacy.md)"
 

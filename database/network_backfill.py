@@ -28,8 +28,9 @@ import psycopg2
 from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
+from database.connection import first_line, one_row, open_connection
+from database.errors import DatabaseError, DatabaseUnavailable
 from database.rekey import _leaves
-from database.sqs_postgres import DatabaseError, DatabaseUnavailable, first_line, one_row, open_connection
 from models import Backoff
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,8 @@ import psycopg2
 from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
-from database.sqs_postgres import DatabaseError, first_line, one_row, open_connection
+from database.connection import first_line, one_row, open_connection
+from database.errors import DatabaseError
 from models import Backoff
 
 logger = logging.getLogger(__name__)

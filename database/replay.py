@@ -39,14 +39,9 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extras import execute_values
 
 from database.audit_tables import audit_table
-from database.sqs_postgres import (
-    _COLUMN_LIST,
-    DatabaseError,
-    command_errors,
-    first_line,
-    one_row,
-    open_connection,
-)
+from database.connection import command_errors, first_line, one_row, open_connection
+from database.errors import DatabaseError
+from database.schema import COLUMN_LIST
 from models import MaskedLogin
 
 logger = logging.getLogger(__name__)
@@ -284,8 +279,8 @@ class Replayer:
         # two loads at once, the unique key decides: the second waits, then inserts nothing.
         inserted = execute_values(
             cur,
-            f"""INSERT INTO user_logins ({_COLUMN_LIST})
-                SELECT {_COLUMN_LIST} FROM (VALUES %s) AS v ({_COLUMN_LIST})
+            f"""INSERT INTO user_logins ({COLUMN_LIST})
+                SELECT {COLUMN_LIST} FROM (VALUES %s) AS v ({COLUMN_LIST})
                  WHERE NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = v.message_id)
                 ON CONFLICT (message_id, create_date) DO NOTHING RETURNING message_id""",
             [

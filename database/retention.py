@@ -32,7 +32,8 @@ from psycopg2.extensions import cursor as Cursor
 
 from database import partitions
 from database.audit_tables import audit_table
-from database.sqs_postgres import DatabaseError, DatabaseUnavailable, command_errors, one_row, open_connection
+from database.connection import command_errors, one_row, open_connection
+from database.errors import DatabaseError, DatabaseUnavailable
 from models import UNDATED_CREATE_DATE
 
 logger = logging.getLogger(__name__)

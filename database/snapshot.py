@@ -39,17 +39,11 @@ from datetime import datetime, timezone
 import psycopg2
 import psycopg2.errors
 
-from database.sqs_postgres import SNAPSHOT_REFRESHED as REFRESHED
-from database.sqs_postgres import SNAPSHOT_VIEW as VIEW
-from database.sqs_postgres import (
-    DatabaseError,
-    DatabaseUnavailable,
-    command_errors,
-    first_line,
-    lock_holders,
-    one_row,
-    open_connection,
-)
+from database.connection import command_errors, first_line, one_row, open_connection
+from database.errors import DatabaseError, DatabaseUnavailable
+from database.schema import SNAPSHOT_REFRESHED as REFRESHED
+from database.schema import SNAPSHOT_VIEW as VIEW
+from database.schema import lock_holders
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,7 @@
-"""PostgresWriter: schema migrations, idempotent batch writes of logins and rejections.
+"""PostgresWriter: the ETL's session, idempotent batch writes of logins and rejections.
+
+It brings the schema up to date at connect (database/schema.py), keeps the coming days'
+partitions (database/partitions.py), and writes each batch in one transaction.
 
 Idempotency: every row carries the SQS MessageId, and `user_logins` is partitioned by day on
 create_date, a function of the message itself (its SentTimestamp), with a unique index on
@@ -16,53 +19,29 @@ import io
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import psycopg2
 import psycopg2.errors
-from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
-from psycopg2.extensions import make_dsn, parse_dsn
 
-from database import key_checks, partitions
+from database import key_checks, partitions, schema
+from database.connection import ROW_ERRORS, first_line, one_row, open_connection, transaction
+from database.copy_format import REJECTED_STAGE_COLUMNS, copy_text, rejection_copy_text
+from database.errors import DatabaseError, DatabaseRejectedRows, DatabaseUnavailable, KeyMismatch, SchemaBusy
+from database.schema import COLUMN_LIST, QUARANTINE_EPOCH, SCHEMA_LOCK_ID, SCHEMA_VERSION, lock_holders
 from models import Backoff, MaskedLogin, Rejection, WriteResult
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Any constant: serialises schema set-up between processes starting at once.
-_SCHEMA_LOCK_ID = 7_412_350_191
 # Any constant: the quarantine lock, taken by every write transaction (see PostgresWriter.write).
 _QUARANTINE_LOCK_ID = 7_412_350_192
-# Bumped by every transaction that quarantines a redelivered message; read by the others.
-QUARANTINE_EPOCH = "etl_quarantine_epoch"
 # The write transactions' observations of the epoch kept (a batch received before the oldest is checked).
 _EPOCHS_KEPT = 64
-SCHEMA_VERSION = 8  # 1: tables and message_id; 2: the user_login_duplicates view; 3: daily partitions,
-# replay columns and the user_logins_replayed view; 4: the token indexes for the analysts' queries (on
-# the parent); 5: the all-time snapshot of the duplicates view (database/snapshot.py refreshes it), and
-# the token indexes on closed days only (database/token_indexes.py builds them); 6: etl_key_checks, the
-# check value of each key version (database/key_checks.py); 7: the network token
-# column masked_network, in the duplicates view (field 'network') and a third token index of closed days;
-# 8: the sequence etl_quarantine_epoch (a message in one table across consumers: PostgresWriter.write)
-
-# COPY order: the two nullable values, `locale` and `masked_network`, last, so a row is built with one join.
-_LOGIN_COLUMNS = (
-    "message_id",
-    "user_id",
-    "device_type",
-    "masked_ip",
-    "masked_device_id",
-    "app_version",
-    "create_date",
-    "locale",
-    "masked_network",
-)
-_COLUMN_LIST = ", ".join(_LOGIN_COLUMNS)
 # After a batch that held an already-stored message, this many batches go through staging.
 STAGED_BATCHES_AFTER_CONFLICT = 10
 # Longest wait for any lock the schema set-up needs; past it the set-up is retried with backoff.
@@ -73,115 +52,6 @@ MIGRATE_BATCH_PAGES = 1000
 # as the backoff policy says, but with its cap raised to at least this: each attempt queues the
 # analysts' queries on user_logins for up to the lock timeout, and the days are made 7 days ahead.
 PARTITION_RETRY_CAP_SECONDS = 60.0
-
-# libpq's TCP settings for every connection, each unless DATABASE_URL sets it (a libpq keyword:
-# `?tcp_user_timeout=20000&keepalives_idle=30`). Without them a call over a half-open connection (a
-# black-holed server, a NAT or firewall that forgot the connection, a failover) waits for the
-# kernel's retransmissions, ~15 minutes (tcp_retries2), or for ever on an idle wait. With them it
-# fails within ~8 s (DatabaseUnavailable) and is retried on a new connection.
-# tcp_user_timeout: data unacknowledged (or keepalive probes unanswered) this long ends the
-# connection; 8 s keeps a stop (--stop-timeout 20 s) plus one hung call inside the 30 s grace of
-# Compose and Kubernetes. It can also end a COPY the server stopped reading for that long (a lock
-# waited for mid-COPY): the batch is then retried. libpq 12 or later (older ones refuse the keyword).
-TCP_USER_TIMEOUT_MS = 8_000
-# A connection waiting for an answer with nothing unacknowledged is probed after 5 s of silence,
-# every second: a vanished server is noticed within ~8 s, without tcp_user_timeout too (5 + 3 x 1).
-TCP_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "1", "keepalives_count": "3"}
-
-_CREATE_REJECTED = """
-CREATE TABLE IF NOT EXISTS user_logins_rejected (
-    message_id     varchar(128) PRIMARY KEY,
-    reason         text        NOT NULL,
-    received_at    timestamptz NOT NULL DEFAULT now(),
-    sent_at        timestamptz,
-    receive_count  integer     NOT NULL DEFAULT 1,
-    encrypted_body text        NOT NULL
-)"""
-
-# For analysts: every masked device id or IP seen more than once, with how many logins and users.
-_CREATE_DUPLICATES_VIEW = """
-CREATE OR REPLACE VIEW user_login_duplicates AS
-SELECT 'device_id'::text AS field, masked_device_id AS masked_value, count(*) AS logins,
-       count(DISTINCT user_id) AS users, min(create_date) AS first_seen, max(create_date) AS last_seen
-  FROM user_logins WHERE masked_device_id IS NOT NULL
- GROUP BY masked_device_id HAVING count(*) > 1
-UNION ALL
-SELECT 'ip'::text, masked_ip, count(*), count(DISTINCT user_id), min(create_date), max(create_date)
-  FROM user_logins WHERE masked_ip IS NOT NULL
- GROUP BY masked_ip HAVING count(*) > 1
-UNION ALL
-SELECT 'network'::text, masked_network, count(*), count(DISTINCT user_id), min(create_date), max(create_date)
-  FROM user_logins WHERE masked_network IS NOT NULL
- GROUP BY masked_network HAVING count(*) > 1"""
-
-
-# For analysts' all-time top 20: the view's answer stored, refreshed by `python main.py snapshot`
-# (database/snapshot.py). Made WITH NO DATA (instant); each statement idempotent.
-SNAPSHOT_VIEW = "user_login_duplicates_snapshot"
-# When it was refreshed: one row, written by the refresh in its own transaction. Not a column of the
-# view: a value new in every row at each refresh made REFRESH … CONCURRENTLY delete and insert every
-# row (tens of millions at 100M logins), not only the rows whose counts changed.
-SNAPSHOT_REFRESHED = "user_login_duplicates_snapshot_refreshed"
-_CREATE_SNAPSHOT = (
-    f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {SNAPSHOT_VIEW} AS
-SELECT field, masked_value, logins, users, first_seen, last_seen
-  FROM user_login_duplicates
-WITH NO DATA""",
-    # REFRESH … CONCURRENTLY needs a unique index on plain columns covering every row.
-    f"CREATE UNIQUE INDEX IF NOT EXISTS {SNAPSHOT_VIEW}_key ON {SNAPSHOT_VIEW} (field, masked_value)",
-    # The top 20 of one field by logins, or by users: the first 20 entries of one of these.
-    f"CREATE INDEX IF NOT EXISTS {SNAPSHOT_VIEW}_logins ON {SNAPSHOT_VIEW} (field, logins DESC)",
-    f"CREATE INDEX IF NOT EXISTS {SNAPSHOT_VIEW}_users ON {SNAPSHOT_VIEW} (field, users DESC)",
-    # `only_row` (true, the key) keeps it to one row, which the refresh upserts.
-    f"""CREATE TABLE IF NOT EXISTS {SNAPSHOT_REFRESHED} (
-    only_row     boolean     PRIMARY KEY DEFAULT true CHECK (only_row),
-    refreshed_at timestamptz NOT NULL
-)""",
-)
-
-
-def _drop_snapshot_with_refreshed_at_column(cur: Cursor) -> None:
-    """Drop the snapshot if it has the per-row `refreshed_at` of unreleased schema 5 (dev and test
-    databases made before it moved to its own table): made again by _CREATE_SNAPSHOT WITH NO DATA,
-    instant (its next refresh is a plain one). Its indexes and grants go with it (roles.sql regrants)."""
-    cur.execute(
-        "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'refreshed_at' AND NOT attisdropped",
-        (SNAPSHOT_VIEW,),
-    )
-    if cur.fetchone() is not None:
-        cur.execute(f"DROP MATERIALIZED VIEW {SNAPSHOT_VIEW}")  # no CASCADE: an analyst's view on it stops us
-
-
-# For analysts (who cannot read the quarantine): which rows of user_logins were loaded by a replay.
-_CREATE_REPLAYED_VIEW = """
-CREATE OR REPLACE VIEW user_logins_replayed AS
-SELECT message_id, replayed_at, replay_audit_id, reason AS quarantine_reason
-  FROM user_logins_rejected WHERE replayed_at IS NOT NULL"""
-
-
-class DatabaseError(Exception):
-    """Root of the errors raised by this package."""
-
-
-class DatabaseUnavailable(DatabaseError):
-    """Raised when PostgreSQL cannot be reached or the connection broke; retry later."""
-
-
-class SchemaBusy(DatabaseUnavailable):
-    """Raised when a schema migration gave up waiting for a lock (an open transaction holds it); retry later."""
-
-
-class KeyMismatch(DatabaseError):
-    """Raised when a key version of the keyring is recorded in the database with another key (key_checks)."""
-
-
-class DatabaseRejectedRows(DatabaseError):
-    """Raised when PostgreSQL refused data in a batch: the rows it refuses alone, with the reason."""
-
-    def __init__(self, bad_logins: list[tuple[MaskedLogin, str]], bad_rejections: list[tuple[Rejection, str]]) -> None:
-        super().__init__(f"{len(bad_logins) + len(bad_rejections)} row(s) refused by PostgreSQL")
-        self.bad_logins = bad_logins
-        self.bad_rejections = bad_rejections
 
 
 class PostgresWriter:
@@ -266,9 +136,11 @@ class PostgresWriter:
                     "schema version %d is newer than this release's %d: not migrating", version, SCHEMA_VERSION
                 )
             elif self.schema_problem() is not None:
-                self._migrate()
+                schema.migrate(
+                    self._session(), lock_timeout_ms=self._lock_timeout_ms, legacy_batch_pages=self._migrate_batch_pages
+                )
             self._ensure_partitions(partitions.utc_today())
-            self._run(self._create_stage)
+            self._run(partial(schema.create_stage, lock_timeout_ms=self._lock_timeout_ms))
             self._run(self._observe_epoch, commit=False)
             self._verify_keys(register=register)
         except psycopg2.errors.LockNotAvailable:
@@ -305,20 +177,11 @@ class PostgresWriter:
 
     def schema_version(self) -> int | None:
         """The schema's version, or None if its tables are not there yet (changes nothing)."""
-
-        def inspect(cur: Cursor) -> int | None:
-            cur.execute("SELECT to_regclass('etl_schema_version')")
-            if one_row(cur)[0] is None:
-                return None
-            cur.execute("SELECT max(version) FROM etl_schema_version")
-            version = one_row(cur)[0]
-            return None if version is None else int(version)
-
-        return self._run(inspect, commit=False)
+        return self._run(schema.schema_version, commit=False)
 
     def schema_problem(self) -> str | None:
         """Without changing anything: None if the schema is current, else what is wrong."""
-        return self._run(schema_problem, commit=False)
+        return self._run(schema.schema_problem, commit=False)
 
     def closed_partitions_unindexed(self) -> int:
         """How many closed partitions (before today, UTC, or the default) lack a token index (changes nothing)."""
@@ -342,83 +205,6 @@ class PostgresWriter:
                 pass
             self._conn = None
 
-    # -- schema -------------------------------------------------------------------------------
-
-    def _migrate(self) -> None:
-        # Under a session advisory lock (two processes starting at once take turns, the second
-        # finds everything in place), in several transactions: the move of a legacy table commits
-        # batch by batch, so a killed migration resumes where it stopped. No lock is waited for
-        # longer than the timeout.
-        def lock(cur: Cursor) -> None:
-            cur.execute(f"SET lock_timeout = {self._lock_timeout_ms}")
-            cur.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK_ID,))
-
-        self._run(lock)
-        try:
-            self._run(self._migrate_tables)
-            self._move_legacy()
-            self._run(self._migrate_views)
-        finally:
-            if self.connected:
-                self._run(
-                    lambda cur: cur.execute("SELECT pg_advisory_unlock(%s); RESET lock_timeout", (_SCHEMA_LOCK_ID,))
-                )
-
-    def _migrate_tables(self, cur: Cursor) -> None:
-        cur.execute(_CREATE_REJECTED)
-        cur.execute("CREATE INDEX IF NOT EXISTS user_logins_rejected_received_at ON user_logins_rejected (received_at)")
-        cur.execute(key_checks.CREATE_TABLE)  # schema 5 -> 6
-        cur.execute(f"CREATE SEQUENCE IF NOT EXISTS {QUARANTINE_EPOCH}")  # schema 8
-        cur.execute(
-            """CREATE TABLE IF NOT EXISTS etl_schema_version (
-                   version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
-        kind = partitions.relkind(cur, partitions.TABLE)
-        if kind is None:
-            partitions.create_partitioned(cur)
-        elif kind == "r":
-            # Today's table (or the original exercise's: integer app_version, no message_id):
-            # renamed, replaced by the partitioned one, its rows moved in batches afterwards.
-            partitions.start_legacy_move(cur)
-        # Schema 7: the network token (NULL in the rows before it: `backfill-networks` fills them). On a
-        # partitioned table a nullable column without a default is a catalog change, instant.
-        cur.execute(f"ALTER TABLE {partitions.TABLE} ADD COLUMN IF NOT EXISTS masked_network varchar(64)")
-        # Schema 4 -> 5 (a schema 3 goes straight to 5): no token index on the parent, nor so on
-        # today's partition; token_indexes.py builds the closed days' own, CONCURRENTLY.
-        partitions.drop_parent_token_indexes(cur)
-        partitions.ensure_days(cur, partitions.window(partitions.utc_today()))
-
-    def _move_legacy(self) -> None:
-        pages = self._run(partitions.legacy_pages, commit=False)
-        if pages == 0 and self._run(lambda cur: partitions.relkind(cur, partitions.LEGACY_TABLE), commit=False) is None:
-            return
-        page, moved, logged = 0, 0, time.monotonic()
-        while page < pages:
-            moved += self._run(partial(partitions.move_legacy_batch, first_page=page, pages=self._migrate_batch_pages))
-            page += self._migrate_batch_pages
-            if time.monotonic() - logged >= 5:
-                logger.info(
-                    "moving %s into daily partitions: page %d of %d, %d rows moved",
-                    partitions.LEGACY_TABLE,
-                    min(page, pages),
-                    pages,
-                    moved,
-                )
-                logged = time.monotonic()
-        logger.info("moved %d rows from %s into daily partitions", moved, partitions.LEGACY_TABLE)
-        self._run(partitions.finish_legacy_move)
-
-    def _migrate_views(self, cur: Cursor) -> None:
-        cur.execute(_CREATE_DUPLICATES_VIEW)
-        # `python main.py replay` (database/replay.py) marks the quarantine rows it loaded.
-        cur.execute("""ALTER TABLE user_logins_rejected ADD COLUMN IF NOT EXISTS replayed_at timestamptz,
-                       ADD COLUMN IF NOT EXISTS replay_audit_id bigint""")
-        cur.execute(_CREATE_REPLAYED_VIEW)
-        _drop_snapshot_with_refreshed_at_column(cur)
-        for sql in _CREATE_SNAPSHOT:  # schema 4 -> 5, with the parent token indexes dropped above
-            cur.execute(sql)
-        cur.execute("INSERT INTO etl_schema_version (version) VALUES (%s) ON CONFLICT DO NOTHING", (SCHEMA_VERSION,))
-
     def _ensure_partitions(self, today: date) -> None:
         """Make sure the partitions of yesterday, today and the next days exist.
 
@@ -431,7 +217,7 @@ class PostgresWriter:
 
             def create(cur: Cursor) -> None:
                 cur.execute(f"SET LOCAL lock_timeout = {self._lock_timeout_ms}")
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
                 partitions.ensure_days(cur, days)
 
             self._run(create)
@@ -460,21 +246,6 @@ class PostgresWriter:
             )
         else:
             self._partitions_failures = 0
-
-    def _create_stage(self, cur: Cursor) -> None:
-        # Staging table for COPY: private to this session, emptied at each commit.
-        cur.execute(f"SET LOCAL lock_timeout = {self._lock_timeout_ms}")
-        cur.execute(
-            """CREATE TEMP TABLE IF NOT EXISTS user_logins_stage
-               (LIKE user_logins INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"""
-        )
-        # The quarantine rows' COPY target (text columns: a value too long for the table fails the
-        # INSERT after it, as a DataError the fallback can pin on its row).
-        cur.execute(
-            """CREATE TEMP TABLE IF NOT EXISTS user_logins_rejected_stage
-               (message_id text, reason text, sent_at timestamptz, receive_count integer,
-                encrypted_body text, day date) ON COMMIT DELETE ROWS"""
-        )
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -519,7 +290,7 @@ class PostgresWriter:
             return self._run(
                 lambda cur: self._write(cur, logins, rejections, staged=redelivered, received_since=received_since)
             )
-        except _ROW_ERRORS as exc:
+        except ROW_ERRORS as exc:
             bad_logins = self._find_bad_rows(logins, [])
             bad_rejections = self._find_bad_rows([], rejections)
             if not bad_logins and not bad_rejections:  # no row fails alone: not the data's fault
@@ -584,14 +355,14 @@ class PostgresWriter:
         and the batch goes through the staging table and ``ON CONFLICT DO NOTHING`` instead, as do
         the next batches: redeliveries come in runs.
         """
-        text = _copy_text(logins)
+        text = copy_text(logins)
         buffer = io.StringIO(text)
         # One read of the whole text: each read is a trip back into Python (and a wait for the
         # GIL while the receivers parse and mask), so the default 8 KiB chunks cost.
         size = max(8192, len(text))
         if straight and self._staged_batches_left == 0:
             try:
-                cur.copy_expert(f"COPY user_logins ({_COLUMN_LIST}) FROM STDIN", buffer, size=size)
+                cur.copy_expert(f"COPY user_logins ({COLUMN_LIST}) FROM STDIN", buffer, size=size)
                 return len(logins)
             except psycopg2.errors.UniqueViolation:
                 cur.connection.rollback()  # which let the quarantine lock go: taken again
@@ -600,7 +371,7 @@ class PostgresWriter:
                 buffer.seek(0)
         elif self._staged_batches_left:
             self._staged_batches_left -= 1
-        cur.copy_expert(f"COPY user_logins_stage ({_COLUMN_LIST}) FROM STDIN", buffer, size=size)
+        cur.copy_expert(f"COPY user_logins_stage ({COLUMN_LIST}) FROM STDIN", buffer, size=size)
         cur.execute(_STAGED_LOGIN_INSERT)
         return cur.rowcount
 
@@ -616,91 +387,19 @@ class PostgresWriter:
         for row, work in rows:
             try:
                 self._run(work, commit=False)
-            except _ROW_ERRORS as exc:
+            except ROW_ERRORS as exc:
                 bad.append((row, f"refused by PostgreSQL: {exc.pgcode} {first_line(exc).split(':')[0]}"))
         return bad
 
-    def _run(self, work: Callable[[Cursor], T], *, commit: bool = True) -> T:
-        """Run `work(cursor)` in one transaction; map connection failures to DatabaseUnavailable."""
+    def _session(self) -> psycopg2.extensions.connection:
         if self._conn is None or self._conn.closed:
             raise DatabaseUnavailable("not connected")
-        try:
-            with self._conn.cursor() as cur:
-                result = work(cur)
-            if commit:
-                self._conn.commit()
-            else:
-                self._conn.rollback()
-            return result
-        except psycopg2.errors.LockNotAvailable:
-            self._conn.rollback()  # lock_timeout: the connection is fine, the caller says what waited
-            raise
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-            self.close()
-            raise DatabaseUnavailable(first_line(exc)) from None
-        except _ROW_ERRORS:
-            try:
-                self._conn.rollback()
-            except psycopg2.Error:
-                self.close()
-            raise
-        except psycopg2.Error as exc:
-            # Not the rows' fault (a dropped table, a permission, a server error): reconnect,
-            # which re-runs the migrations, and retry the batch.
-            self.close()
-            raise DatabaseUnavailable(f"{exc.pgcode or type(exc).__name__}: {first_line(exc)}") from None
+        return self._conn
 
-
-def open_connection(
-    dsn: str, *, connect_timeout: int, application_name: str, statement_timeout_seconds: float | None = None
-) -> Connection:
-    """The one way this package connects: every session (the ETL's, rekey's, replay's, retention's,
-    the unmask audit's) gets the TCP settings of connection_parameters(), so that none of them waits
-    ~15 minutes on a half-open connection. Raises DatabaseUnavailable."""
-    extra = connection_parameters(dsn, statement_timeout_seconds=statement_timeout_seconds)
-    try:
-        return psycopg2.connect(
-            make_dsn(dsn, **extra), connect_timeout=connect_timeout, application_name=application_name
-        )
-    except psycopg2.OperationalError as exc:
-        raise DatabaseUnavailable(first_line(exc)) from None
-
-
-@contextmanager
-def command_errors(command: str, *, lock_timeout: Callable[[], DatabaseError] | None = None) -> Iterator[None]:
-    """psycopg2's errors inside a one-shot command (replay, retention, snapshot) as this package's:
-    a lock waited for past lock_timeout -> `lock_timeout()` when given; a lost connection ->
-    DatabaseUnavailable; anything else PostgreSQL refused (a right missing, the schema behind) ->
-    DatabaseError naming `command`. Our own errors pass through."""
-    try:
-        yield
-    except psycopg2.Error as exc:
-        if lock_timeout is not None and isinstance(exc, psycopg2.errors.LockNotAvailable):
-            raise lock_timeout() from None
-        if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
-            raise DatabaseUnavailable(first_line(exc)) from None
-        raise DatabaseError(f"{command} refused by PostgreSQL ({exc.pgcode}: {first_line(exc)})") from None
-
-
-def connection_parameters(dsn: str, *, statement_timeout_seconds: float | None = None) -> dict[str, str]:
-    """What psycopg2.connect gets beside `dsn`: the TCP keepalives and tcp_user_timeout the DSN does
-    not set, and a statement_timeout added to the DSN's `options` unless they already set one.
-
-    Never a value the DSN gives (an explicit keyword would override it).
-    """
-    try:
-        given = parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
-        return {}  # psycopg2.connect says what is wrong with it
-    defaults = dict(TCP_KEEPALIVES)
-    if psycopg2.__libpq_version__ >= 120000:
-        defaults["tcp_user_timeout"] = str(TCP_USER_TIMEOUT_MS)
-    extra = {name: value for name, value in defaults.items() if name not in given}
-    options = given.get("options", "")
-    if statement_timeout_seconds is not None and "statement_timeout" not in options:
-        milliseconds = max(1, int(statement_timeout_seconds * 1000))
-        extra["options"] = f"{options} -c statement_timeout={milliseconds}".strip()
-    return extra
+    def _run(self, work: Callable[[Cursor], T], *, commit: bool = True) -> T:
+        """Run `work(cursor)` in one transaction (connection.transaction: a lost connection is
+        DatabaseUnavailable, and closed)."""
+        return transaction(self._session(), work, commit=commit)
 
 
 def _insert_rejections(cur: Cursor, rejections: Sequence[Rejection]) -> list[str]:
@@ -711,9 +410,9 @@ def _insert_rejections(cur: Cursor, rejections: Sequence[Rejection]) -> list[str
     one every partition), RETURNING the ids (a rowcount would not say which). A row PostgreSQL
     refuses fails the statement, and write()'s fallback names it, as for logins.
     """
-    text = _rejection_copy_text(rejections)
+    text = rejection_copy_text(rejections)
     cur.copy_expert(
-        f"COPY user_logins_rejected_stage ({_REJECTED_STAGE_COLUMNS}) FROM STDIN",
+        f"COPY user_logins_rejected_stage ({REJECTED_STAGE_COLUMNS}) FROM STDIN",
         io.StringIO(text),
         size=max(8192, len(text)),
     )
@@ -742,120 +441,9 @@ _QUARANTINE_INSERTS = {
     )
 }
 # A login not quarantined already (probed per row, as above), nor stored already.
-_STAGED_LOGIN_INSERT = f"""INSERT INTO user_logins ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM user_logins_stage s
+_STAGED_LOGIN_INSERT = f"""INSERT INTO user_logins ({COLUMN_LIST}) SELECT {COLUMN_LIST} FROM user_logins_stage s
     WHERE NOT EXISTS (SELECT 1 FROM user_logins_rejected r WHERE r.message_id = s.message_id OFFSET 0)
     ON CONFLICT (message_id, create_date) DO NOTHING"""
 
 
 _READ_EPOCH = f"SELECT coalesce(pg_sequence_last_value('{QUARANTINE_EPOCH}'), 0)"
-_REJECTED_STAGE_COLUMNS = "message_id, reason, sent_at, receive_count, encrypted_body, day"
-
-
-def _rejection_copy_text(rejections: Sequence[Rejection]) -> str:
-    """Quarantine rows in COPY text format, for user_logins_rejected_stage (every text escaped:
-    a reason may hold anything PostgreSQL said)."""
-    lines = []
-    for r in rejections:
-        sent = "\\N" if r.sent_at is None else r.sent_at.isoformat()
-        day = "\\N" if r.create_date is None else r.create_date.isoformat()
-        message_id, reason = r.message_id.translate(_COPY_ESCAPES), r.reason.translate(_COPY_ESCAPES)
-        body = r.encrypted_body  # a token (base64): nothing to escape; checked, as translate() costs on 90 KB
-        if "\\" in body or "\t" in body or "\n" in body or "\r" in body:
-            body = body.translate(_COPY_ESCAPES)
-        lines.append(f"{message_id}\t{reason}\t{sent}\t{r.receive_count}\t{body}\t{day}")
-    lines.append("")
-    return "\n".join(lines)
-
-
-# Errors caused by particular rows: those rows are quarantined, the rest of the batch is written.
-_ROW_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError)
-
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy_text(logins: Sequence[MaskedLogin]) -> str:
-    """Rows in COPY text format (tab-separated, \\N for NULL, backslash escapes).
-
-    Fast path: values almost never hold a tab, newline or backslash, so each row is joined once
-    and checked; only a row that needs it is escaped field by field.
-    """
-    lines = []
-    dates: dict[object, str] = {}
-    for row in logins:
-        day = dates.get(row.create_date)
-        if day is None:
-            day = dates[row.create_date] = row.create_date.isoformat()
-        fields = (
-            row.message_id,
-            row.user_id,
-            row.device_type,
-            row.masked_ip,
-            row.masked_device_id,
-            row.app_version,
-            day,
-        )
-        head = "\t".join(fields)
-        if head.count("\t") != 6 or "\\" in head or "\n" in head or "\r" in head:
-            head = "\t".join(f.translate(_COPY_ESCAPES) for f in fields)
-        locale = "\\N" if row.locale is None else row.locale.translate(_COPY_ESCAPES)
-        network = row.masked_network or "\\N"  # base64: nothing to escape
-        lines.append(f"{head}\t{locale}\t{network}")
-    lines.append("")
-    return "\n".join(lines)
-
-
-def lock_holders(cur: Cursor) -> str:
-    """Who holds locks on our tables: pid, application, state and since when; never a query's text."""
-    cur.execute(
-        """SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, ''), '?'), coalesce(a.state, '?'),
-                  to_char(a.xact_start AT TIME ZONE 'UTC', 'HH24:MI:SS'),
-                  coalesce(c.relname, 'the schema set-up lock')
-             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid LEFT JOIN pg_class c ON c.oid = l.relation
-            WHERE l.granted AND l.pid <> pg_backend_pid()
-              AND ((c.relnamespace = current_schema()::regnamespace
-                    AND (c.relname IN ('user_logins', 'user_logins_rejected', 'user_login_duplicates',
-                                       'user_logins_replayed', 'etl_schema_version', 'user_logins_default',
-                                       'user_logins_legacy', 'user_login_duplicates_snapshot',
-                                       'user_login_duplicates_snapshot_refreshed')
-                         OR c.relname LIKE 'user\\_logins\\_p%%'))
-                   OR (l.locktype = 'advisory' AND l.objid = %s))
-            ORDER BY 1 LIMIT 5""",
-        (_SCHEMA_LOCK_ID & 0xFFFFFFFF,),
-    )
-    held = [f"pid {pid} ({app}, {state} since {since} UTC) on {rel}" for pid, app, state, since, rel in cur.fetchall()]
-    return "held by " + "; ".join(held) if held else "(its holder has gone)"
-
-
-def schema_problem(cur: Cursor) -> str | None:
-    """None if the schema is current, else what is wrong (reads only; raises psycopg2 errors)."""
-    cur.execute(
-        "SELECT to_regclass('user_logins'), to_regclass('user_logins_rejected'), to_regclass('etl_schema_version')"
-    )
-    if None in one_row(cur):
-        return "tables missing"
-    cur.execute("SELECT max(version) FROM etl_schema_version")
-    version = one_row(cur)[0]
-    if version != SCHEMA_VERSION:
-        return f"schema version {version}, expected {SCHEMA_VERSION}"
-    if partitions.relkind(cur, partitions.LEGACY_TABLE) is not None:
-        return f"{partitions.LEGACY_TABLE} is still being moved into the daily partitions"
-    cur.execute("SELECT to_regclass(%s)", (key_checks.TABLE,))
-    if one_row(cur)[0] is None:
-        return f"{key_checks.TABLE} missing"
-    cur.execute("SELECT to_regclass(%s)", (SNAPSHOT_REFRESHED,))
-    if one_row(cur)[0] is None:  # unreleased schema 5 (refreshed_at in the snapshot's rows): remade at start
-        return f"{SNAPSHOT_REFRESHED} missing (an unreleased schema 5)"
-    return None
-
-
-def one_row(cur: Cursor) -> tuple[Any, ...]:
-    """The row of a query that always returns exactly one."""
-    row = cur.fetchone()
-    assert row is not None, "the query returns one row"
-    return row
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's text (psycopg2's carry a DETAIL and a CONTEXT after it)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -38,14 +38,16 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
 
 from database import partitions
-from database.sqs_postgres import DatabaseUnavailable, first_line, open_connection, schema_problem
+from database.connection import first_line, open_connection
+from database.errors import DatabaseUnavailable
+from database.schema import schema_problem
 
 logger = logging.getLogger(__name__)
 
 # The session advisory lock of a pass: (TOKEN_INDEX_LOCK_ID, hashtext(current_schema())), one per
 # schema (advisory locks are per database; a test database holds a schema per test). One process at
 # a time builds a schema's token indexes; the others skip instead of waiting. The two-key form lives
-# in its own key space, apart from the schema lock's one bigint (sqs_postgres._SCHEMA_LOCK_ID); its
+# in its own key space, apart from the schema lock's one bigint (schema.SCHEMA_LOCK_ID); its
 # first key is not the snapshot refresh's (database/snapshot.py), whose second key, a view's oid,
 # could equal a schema's hash.
 TOKEN_INDEX_LOCK_ID = 741_235_020

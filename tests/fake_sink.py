@@ -28,12 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date
 
-from database.sqs_postgres import (
-    STAGED_BATCHES_AFTER_CONFLICT,
-    DatabaseRejectedRows,
-    DatabaseUnavailable,
-    SchemaBusy,
-)
+from database.errors import DatabaseRejectedRows, DatabaseUnavailable, SchemaBusy
+from database.sqs_postgres import STAGED_BATCHES_AFTER_CONFLICT
 from models import MaskedLogin, Rejection, WriteResult
 from tests.fake_queue import FakeClock, Faults
 

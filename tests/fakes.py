@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from config import PipelineOptions
-from database.sqs_postgres import DatabaseUnavailable
+from database.errors import DatabaseUnavailable
 from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
 from pii.masking import Masker
 from tests.fake_queue import MAX_MESSAGES_PER_RECEIVE, FakeClock, FakeQueue, Faults, QueueClient, spread_timestamps

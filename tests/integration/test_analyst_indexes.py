@@ -21,7 +21,8 @@ import psycopg2
 from analysts import OLD_DAY, TODAY, add_day, by_hand, load_logins, rekey_all, sample_logins
 from database import partitions
 from database.retention import Retention
-from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
+from database.schema import SCHEMA_VERSION
+from database.sqs_postgres import PostgresWriter
 from database.token_indexes import TOKEN_INDEX_LOCK_ID, IndexPass, TokenIndexer, index_closed_days, nightly_pass
 from helpers import login, output, query, send, start_etl, wait_for_rows, wait_until
 from models import MaskedLogin

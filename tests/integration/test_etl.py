@@ -9,7 +9,8 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from database.sqs_postgres import SCHEMA_VERSION, STAGED_BATCHES_AFTER_CONFLICT, PostgresWriter
+from database.schema import SCHEMA_VERSION
+from database.sqs_postgres import STAGED_BATCHES_AFTER_CONFLICT, PostgresWriter
 from helpers import GOOD_LOGIN, connect_at_once, dump_schema, login, pii_values, query, queue_counts, send
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin, WriteResult

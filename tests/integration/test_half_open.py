@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from database.sqs_postgres import TCP_USER_TIMEOUT_MS, PostgresWriter
+from database.connection import TCP_USER_TIMEOUT_MS
+from database.sqs_postgres import PostgresWriter
 from helpers import (
     assert_exactly_once,
     drain_until_empty,

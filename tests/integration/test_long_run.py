@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 import psycopg2
 import pytest
 
-from database.sqs_postgres import DatabaseRejectedRows, PostgresWriter
+from database.errors import DatabaseRejectedRows
+from database.sqs_postgres import PostgresWriter
 from helpers import (
     assert_exactly_once,
     drain_until_empty,

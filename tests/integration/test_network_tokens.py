@@ -17,7 +17,8 @@ import psycopg2
 import pytest
 
 from database.network_backfill import NetworkBackfill
-from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
+from database.schema import SCHEMA_VERSION
+from database.sqs_postgres import PostgresWriter
 from helpers import ROOT, login, query, send
 from lambda_handler import SqsBatchHandler
 from main import EXIT_OK, main

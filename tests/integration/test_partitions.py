@@ -17,7 +17,8 @@ import psycopg2
 import pytest
 
 from database import partitions
-from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
+from database.schema import SCHEMA_VERSION
+from database.sqs_postgres import PostgresWriter
 from database.token_indexes import index_closed_days
 from helpers import connect_at_once, login, query
 from main import EXIT_OK, main

@@ -17,7 +17,8 @@ from typing import Any
 import psycopg2
 
 from database.replay import Replayer, ReplayRequest, ReplayResult
-from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
+from database.schema import SCHEMA_VERSION
+from database.sqs_postgres import PostgresWriter
 from helpers import login, query, send
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from models import MaskedLogin, Rejection

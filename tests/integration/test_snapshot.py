@@ -21,8 +21,9 @@ import pytest
 from analysts import OLD_DAY, TODAY, by_hand, load_logins, rekey_all
 from database import partitions
 from database.retention import Retention
+from database.schema import SCHEMA_VERSION
 from database.snapshot import SnapshotRefresher, describe
-from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
+from database.sqs_postgres import PostgresWriter
 from database.token_indexes import TOKEN_INDEX_LOCK_ID
 from helpers import ROOT, locked_logins, query, wait_until
 from main import EXIT_BUSY, EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main

@@ -7,7 +7,8 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from database.sqs_postgres import DatabaseError, DatabaseUnavailable, command_errors
+from database.connection import command_errors
+from database.errors import DatabaseError, DatabaseUnavailable
 
 
 class Busy(DatabaseUnavailable):

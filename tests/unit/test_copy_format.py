@@ -7,7 +7,7 @@ from datetime import date
 from hypothesis import given
 from hypothesis import strategies as st
 
-from database.sqs_postgres import _copy_text
+from database.copy_format import copy_text
 from models import MaskedLogin
 from tests.fakes import NOT_SURROGATES
 
@@ -46,7 +46,7 @@ def test_every_row_decodes_back_to_its_values(rows: list[tuple[str, str, str, st
         MaskedLogin(f"m{i}", user, device, "v1.a", "v1.b", locale, version, date(2026, 1, 2), network)
         for i, (user, device, version, locale, network) in enumerate(rows)
     ]
-    lines = _copy_text(logins).split("\n")
+    lines = copy_text(logins).split("\n")
     assert lines[-1] == "" and len(lines) == len(logins) + 1
     for login, line in zip(logins, lines, strict=False):
         assert decode(line) == [

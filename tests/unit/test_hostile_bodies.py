@@ -12,7 +12,7 @@ import json
 
 from hypothesis import HealthCheck, given, settings
 
-from database.sqs_postgres import _copy_text
+from database.copy_format import copy_text
 from models import MaskedLogin, ReceivedMessage
 from pii.masking import BODY_FIELD, Masker, canonical
 from tests.strategies import bodies, pii_markers
@@ -55,6 +55,6 @@ def test_any_body_becomes_a_masked_row_or_a_clear_rejection_and_no_pii_reaches_t
 
 def _assert_storable(row: MaskedLogin) -> None:
     """The COPY text PostgreSQL is sent: UTF-8 without NULs (it refuses both), one line per row."""
-    text = _copy_text([row])
+    text = copy_text([row])
     assert "\x00" not in text and text.count("\n") == 1
     text.encode("utf-8")

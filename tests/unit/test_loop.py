@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from database.sqs_postgres import DatabaseUnavailable
+from database.errors import DatabaseUnavailable
 from models import MaskedLogin, ReceivedMessage, Rejection
 from pii.masking import Masker
 from pipeline import Pipeline, ServiceLost, Stopped

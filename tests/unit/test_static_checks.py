@@ -83,7 +83,7 @@ def test_no_test_module_imports_another() -> None:
 
 
 def test_the_app_connects_to_postgresql_only_through_open_connection() -> None:
-    """database.sqs_postgres.open_connection gives every session its TCP keepalives and
+    """database.connection.open_connection gives every session its TCP keepalives and
     tcp_user_timeout (tests/integration/test_half_open.py); a psycopg2.connect elsewhere in the app
     (rekey, replay, retention and the unmask audit had their own) would wait ~15 min on a half-open
     connection."""
@@ -101,7 +101,7 @@ def test_the_app_connects_to_postgresql_only_through_open_connection() -> None:
                         and call.func.value.id == "psycopg2"
                     ):
                         calls.append(f"{path.relative_to(ROOT)}:{call.lineno} in {node.name}()")
-    assert [c for c in calls if not c.startswith("database/sqs_postgres.py:") or "open_connection" not in c] == []
+    assert [c for c in calls if not c.startswith("database/connection.py:") or "open_connection" not in c] == []
     assert len(calls) == 1, calls
 
 
