@@ -11,6 +11,7 @@ from urllib.parse import quote, urlsplit
 from psycopg2 import ProgrammingError
 from psycopg2.extensions import make_dsn, parse_dsn
 
+from aws.limits import BATCH_LIMIT, MAX_MESSAGE_BYTES
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS
 from pii.keys import (
     KeySource,
@@ -49,10 +50,9 @@ DEFAULT_FLUSH_SECONDS = 0.5
 # MaximumMessageSize). Sized for the Kubernetes example's 256 Mi limit: peak RSS stays under ~150 MB
 # (docs/kubernetes.md "Sizing memory"): with 1 MiB messages, 3 receives in flight at once (measured:
 # 48 MiB, 4 in flight, peaked ~155 MB). At least one full receive of the largest SQS messages.
-SQS_MAX_MESSAGE_BYTES = 1_048_576  # SQS quota since 2025-08 (was 256 KiB); MaximumMessageSize's maximum
-MESSAGES_PER_RECEIVE = 10
+SQS_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES
 DEFAULT_MAX_BYTES_IN_HAND = 32 * 1_048_576
-MIN_MAX_BYTES_IN_HAND = MESSAGES_PER_RECEIVE * SQS_MAX_MESSAGE_BYTES
+MIN_MAX_BYTES_IN_HAND = BATCH_LIMIT * SQS_MAX_MESSAGE_BYTES
 MIN_MAX_BODY_BYTES = 1024
 # Below the 30 s grace period of Compose and Kubernetes before they send SIGKILL.
 DEFAULT_STOP_TIMEOUT_SECONDS = 20.0

@@ -31,10 +31,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from aws.limits import BATCH_LIMIT, chunks
 from aws.sqs import QueueUnusable, SqsUnavailable
-from aws.visibility import MAX_ENTRIES_PER_CALL, ExtendResult, VisibilityKeeper
+from aws.visibility import ExtendResult, VisibilityKeeper
 from batches import Batcher, BytesInHand, Committer, Deleters
-from config import MESSAGES_PER_RECEIVE, PipelineOptions
+from config import PipelineOptions
 from models import Backoff, BatchSink, MessageSource, ReceivedMessage
 from observability import Observer, Stats
 from pii.masking import Masker
@@ -103,13 +104,13 @@ class Pipeline:
             on_pass=self._extended,
         )
         self._inbox: queue.Queue[Prepared | None] = queue.Queue(maxsize=max(4, 2 * options.batch_size // 10))
-        self.in_hand = BytesInHand(options.max_bytes_in_hand, MESSAGES_PER_RECEIVE * options.max_message_bytes)
+        self.in_hand = BytesInHand(options.max_bytes_in_hand, BATCH_LIMIT * options.max_message_bytes)
         self._batcher = Batcher(
             self._inbox, options, batch_bytes=self.in_hand.batch_bytes, on_turn=self._observer.on_writer_turn
         )
         # At most two batches' worth of delete calls outstanding: memory stays bounded, and the
         # writer goes on with the next batch while the last calls of the previous one finish.
-        max_calls = max(2, 2 * options.batch_size // MAX_ENTRIES_PER_CALL)
+        max_calls = max(2, 2 * options.batch_size // BATCH_LIMIT)
         self._deleters = Deleters(self._delete, self._deleted, threads=options.deleters, max_calls=max_calls)
         self._fatal: BaseException | None = None
         self._lock = threading.Lock()
@@ -212,8 +213,8 @@ class Pipeline:
                     return  # a receiver failed for good: what is in hand comes back after its timeout
                 committed = self._commit(parts)
                 # Only now, after the commit: one DeleteMessageBatch call per 10, side by side.
-                for start in range(0, len(committed), MAX_ENTRIES_PER_CALL):
-                    self._deleters.submit(committed[start : start + MAX_ENTRIES_PER_CALL], self._stop.past_give_up)
+                for chunk in chunks(committed):
+                    self._deleters.submit(chunk, self._stop.past_give_up)
         except StopDeadlinePassed as exc:
             self._fail(Stopped(self._uncommitted, str(exc)))
         except BaseException as exc:  # noqa: BLE001 - re-raised by run() in the calling thread

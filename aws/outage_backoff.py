@@ -27,7 +27,8 @@ from collections.abc import Callable, Sequence
 import boto3
 from botocore.exceptions import BotoCoreError
 
-from aws.sqs import MAX_VISIBILITY_TIMEOUT_SECONDS, SqsError, SqsReader
+from aws.limits import MAX_VISIBILITY_TIMEOUT_SECONDS
+from aws.sqs import SqsError, SqsReader
 from models import ReceivedMessage
 
 logger = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from aws.limits import BATCH_LIMIT, MAX_VISIBILITY_TIMEOUT_SECONDS, MAX_WAIT_TIME_SECONDS, chunks
 from aws.sqs_json import JsonTransport
 from models import ReceivedMessage
 
@@ -24,12 +25,6 @@ if TYPE_CHECKING:  # types-boto3-sqs (requirements-dev.txt): typed calls, no run
 
 logger = logging.getLogger(__name__)
 
-# Limits from the ReceiveMessage / DeleteMessageBatch API reference:
-# https://docs.aws.amazon.com/AWSSimpleQueueService/latest/APIReference/API_ReceiveMessage.html
-MAX_MESSAGES_PER_RECEIVE = 10
-MAX_WAIT_TIME_SECONDS = 20
-MAX_ENTRIES_PER_DELETE = 10
-MAX_VISIBILITY_TIMEOUT_SECONDS = 43_200
 
 # How the hot calls (receive, delete, change visibility) reach SQS: "json", aws/sqs_json.py's narrow
 # path (botocore's credentials and signer, a fifth of boto3's CPU per call: docs/benchmarks.md), or
@@ -138,7 +133,7 @@ class SqsReader:
                 "ReceiveMessage",
                 {
                     "QueueUrl": self.queue_url,
-                    "MaxNumberOfMessages": MAX_MESSAGES_PER_RECEIVE,
+                    "MaxNumberOfMessages": BATCH_LIMIT,
                     "WaitTimeSeconds": self.wait_time_seconds if wait_time_seconds is None else wait_time_seconds,
                     "MessageSystemAttributeNames": ["SentTimestamp", "ApproximateReceiveCount"],
                 },
@@ -153,8 +148,7 @@ class SqsReader:
         back and its idempotent insert will do nothing.
         """
         failed: list[str] = []
-        for start in range(0, len(messages), MAX_ENTRIES_PER_DELETE):
-            chunk = messages[start : start + MAX_ENTRIES_PER_DELETE]
+        for chunk in chunks(messages):
             entries = [{"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(chunk)]
             with self._errors("DeleteMessageBatch"):
                 response = self._call("DeleteMessageBatch", {"QueueUrl": self.queue_url, "Entries": entries})
@@ -170,8 +164,7 @@ class SqsReader:
         if not 0 <= timeout_seconds <= MAX_VISIBILITY_TIMEOUT_SECONDS:
             raise ValueError(f"timeout_seconds must be within 0..{MAX_VISIBILITY_TIMEOUT_SECONDS}")
         failed: list[str] = []
-        for start in range(0, len(messages), MAX_ENTRIES_PER_DELETE):
-            chunk = messages[start : start + MAX_ENTRIES_PER_DELETE]
+        for chunk in chunks(messages):
             entries = [
                 {"Id": str(i), "ReceiptHandle": m.receipt_handle, "VisibilityTimeout": timeout_seconds}
                 for i, m in enumerate(chunk)

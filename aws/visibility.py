@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from aws.limits import chunks
 from models import ReceivedMessage
 
 logger = logging.getLogger(__name__)
 
-MAX_ENTRIES_PER_CALL = 10  # ChangeMessageVisibilityBatch limit
 
 # extend(messages, timeout_seconds) -> the receipt handles SQS refused; raises on a failed call.
 Extend = Callable[[Sequence[ReceivedMessage], int], list[str]]
@@ -101,8 +101,7 @@ class VisibilityKeeper:
         """Extend every message due, 10 per call; one pass of the extender thread."""
         due = self.due()
         extended = refused = failed = 0
-        for start in range(0, len(due), MAX_ENTRIES_PER_CALL):
-            chunk = due[start : start + MAX_ENTRIES_PER_CALL]
+        for chunk in chunks(due):
             called_at = self._clock()  # SQS counts the new timeout from the call
             try:
                 refused_handles = set(self._extend(chunk, self.timeout))

@@ -30,11 +30,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from aws.limits import BATCH_LIMIT as MAX_MESSAGES_PER_RECEIVE  # the fake keeps SQS's limit
 from aws.sqs import QueueUnusable, SqsUnavailable
 from models import ReceivedMessage
 from retry import Clock
 
-MAX_MESSAGES_PER_RECEIVE = 10
 MS_PER_DAY = 86_400_000
 # 2023-11-14 00:00:00 UTC: the default SentTimestamps straddle this midnight.
 MIDNIGHT_MS = 1_699_920_000_000

@@ -3,6 +3,7 @@ nothing of a body reaches the output, the logs or the audit. Real PostgreSQL and
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -10,14 +11,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 
+from database.copy_format import copy_text
 from database.replay import Replayer, ReplayRequest, ReplayResult
-from database.schema import SCHEMA_VERSION
+from database.schema import COLUMN_LIST, SCHEMA_VERSION
 from database.sqs_postgres import PostgresWriter
 from helpers import login, query, send
 from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
@@ -350,10 +353,13 @@ def test_a_quarantined_message_already_in_user_logins_is_stored_once_and_reporte
             Rejection("undated", "quarantine row refused", masker.mask(BODY_FIELD, bodies["undated"]), None, 1),
         ],
     )
-    # Their logins as the ETL stored them, dated by their SentTimestamp (a COPY: no quarantine check).
-    stored = [retry_quarantined(m, masker.mask(BODY_FIELD, body), sent, masker) for m, body in bodies.items()]
-    writer.write([row for row in stored if isinstance(row, MaskedLogin)], [])
     writer.close()
+    # Their logins, dated by their SentTimestamp, COPYed as a release before schema 8 could store
+    # them beside a quarantine row (two consumers at once); PostgresWriter now refuses to.
+    stored = [retry_quarantined(m, masker.mask(BODY_FIELD, body), sent, masker) for m, body in bodies.items()]
+    with closing(psycopg2.connect(db)) as conn, conn, conn.cursor() as cur:
+        rows = [row for row in stored if isinstance(row, MaskedLogin)]
+        cur.copy_expert(f"COPY user_logins ({COLUMN_LIST}) FROM STDIN", io.StringIO(copy_text(rows)))
 
     # WHEN they are replayed
     assert main(["replay", "--reason", "INC-7"]) == EXIT_OK
