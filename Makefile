@@ -18,7 +18,7 @@ lint: venv  ## ruff check and ruff format --check, as CI runs them
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-typecheck: venv  ## mypy over the files listed in pyproject.toml
+typecheck: venv  ## mypy over the whole tree (exclusions in pyproject.toml)
 	$(PY) -m mypy
 
 # The quick loop: the simulation tries SIM_SEEDS seeds (CI and scripts/test.sh: 3,000), and the
