@@ -41,7 +41,9 @@ from psycopg2.extras import execute_values
 from database.audit_tables import audit_table
 from database.sqs_postgres import (
     _COLUMN_LIST,
+    SCHEMA_VERSION,
     DatabaseError,
+    PostgresWriter,
     command_errors,
     first_line,
     one_row,
@@ -66,6 +68,24 @@ class ReplayNotAudited(DatabaseError):
 
 class ReplayInterrupted(DatabaseError):
     """Raised when PostgreSQL failed after the audit; committed batches are kept, a rerun resumes."""
+
+
+class ReplaySchemaBehind(DatabaseError):
+    """Raised when a dry run finds the schema not created or older than this release's (its text says which)."""
+
+
+def require_current_schema(writer: PostgresWriter) -> None:
+    """Connect without migrating and raise ReplaySchemaBehind unless the schema is this release's.
+
+    A dry run changes nothing, the schema included: it looks, and stops if the schema is behind
+    (replayed_at and the replay view come with the current schema).
+    """
+    writer.connect(migrate=False)
+    version = writer.schema_version()
+    if version is None:
+        raise ReplaySchemaBehind("not created")
+    if version < SCHEMA_VERSION:
+        raise ReplaySchemaBehind(f"at version {version}, this release's is {SCHEMA_VERSION}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,11 +16,12 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from cli.exit_codes import EXIT_OK
 from database import partitions
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
 from database.token_indexes import index_closed_days
 from helpers import connect_at_once, login, query
-from main import EXIT_OK, main
+from main import main
 from models import MaskedLogin, ReceivedMessage, WriteResult
 from pii.masking import Masker, decode_key, generate_key
 from roles import apply_roles_sql, readme_auditor_query

@@ -16,10 +16,11 @@ from typing import Any
 
 import psycopg2
 
+from cli.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE
 from database.replay import Replayer, ReplayRequest, ReplayResult
 from database.sqs_postgres import SCHEMA_VERSION, PostgresWriter
 from helpers import login, query, send
-from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
+from main import main
 from models import MaskedLogin, Rejection
 from pii.masking import BODY_FIELD, Masker, decode_key
 from transform import retry_quarantined
