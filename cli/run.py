@@ -92,6 +92,11 @@ def register_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="long-poll wait; drain stops at the first empty poll (1 drain, 5 follow)",
     )
+    _register_retries(option)
+    _register_limits(option)
+
+
+def _register_retries(option: Callable[..., None]) -> None:
     option(
         "--retry-budget-seconds",
         type=seconds(allow_zero=True),
@@ -121,7 +126,6 @@ def register_options(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"longest wait between retries ({DEFAULT_CAP_SECONDS:.0f})",
     )
-    _register_limits(option)
 
 
 def _register_limits(option: Callable[..., None]) -> None:
