@@ -19,6 +19,7 @@ RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 
 # Only the application; tests, scripts and .env stay out (see also .dockerignore).
 COPY main.py pipeline.py batches.py retry.py transform.py health.py config.py models.py observability.py metrics_server.py ./
+COPY cli/ cli/
 COPY aws/ aws/
 COPY pii/ pii/
 COPY database/ database/

@@ -81,7 +81,10 @@ PHASES: list[tuple[str, tuple[str, ...]]] = [
     ("narrow transport: request, answer", ("aws/sqs_json.py",)),
     ("ours: parse + mask", ("transform.py", "pii/", "models.py")),
     ("ours: COPY + commit (psycopg2)", ("database/", "batches.py")),
-    ("ours: loop, reader, retries, metrics", ("pipeline.py", "aws/", "retry.py", "observability.py", "main.py")),
+    (
+        "ours: loop, reader, retries, metrics",
+        ("pipeline.py", "aws/", "retry.py", "observability.py", "main.py", "cli/"),
+    ),
 ]
 STARTUP = "start-up and shut-down (main thread outside the loop)"
 INDEXER = "token indexer thread (not per message)"

@@ -80,9 +80,9 @@ RECEIVE_BATCH = 10  # the naive subset is at least one receive
 def etl_defaults() -> tuple[int, int, int, float]:
     """(--receivers, --deleters, --batch-size, --flush-seconds) as `python main.py` would use them."""
     try:
-        from main import _build_parser  # the CLI is what the benchmark runs
+        from cli.parser import build_parser  # the CLI is what the benchmark runs
 
-        parser = _build_parser()
+        parser = build_parser()
         return (
             parser.get_default("receivers"),
             parser.get_default("deleters"),
@@ -247,7 +247,7 @@ def _code_fingerprint() -> str:
         ROOT / name
         for name in ("main.py", "config.py", "models.py", "pipeline.py", "retry.py", "transform.py", "observability.py")
     ]
-    for package in ("aws", "database", "pii"):
+    for package in ("aws", "cli", "database", "pii"):
         files += sorted((ROOT / package).glob("*.py"))
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())

@@ -41,7 +41,8 @@ from psycopg2.extras import execute_values
 from database.audit_tables import audit_table
 from database.connection import command_errors, first_line, one_row, open_connection
 from database.errors import DatabaseError
-from database.schema import COLUMN_LIST
+from database.schema import COLUMN_LIST, SCHEMA_VERSION
+from database.sqs_postgres import PostgresWriter
 from models import MaskedLogin
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,24 @@ class ReplayNotAudited(DatabaseError):
 
 class ReplayInterrupted(DatabaseError):
     """Raised when PostgreSQL failed after the audit; committed batches are kept, a rerun resumes."""
+
+
+class ReplaySchemaBehind(DatabaseError):
+    """Raised when a dry run finds the schema not created or older than this release's (its text says which)."""
+
+
+def require_current_schema(writer: PostgresWriter) -> None:
+    """Connect without migrating and raise ReplaySchemaBehind unless the schema is this release's.
+
+    A dry run changes nothing, the schema included: it looks, and stops if the schema is behind
+    (replayed_at and the replay view come with the current schema).
+    """
+    writer.connect(migrate=False)
+    version = writer.schema_version()
+    if version is None:
+        raise ReplaySchemaBehind("not created")
+    if version < SCHEMA_VERSION:
+        raise ReplaySchemaBehind(f"at version {version}, this release's is {SCHEMA_VERSION}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,18 @@ def keyset_json(keys: Mapping[int, bytes], primary: int) -> str:
     return json.dumps({"primaryKeyId": primary, "key": entries}, indent=2)
 
 
+def new_keyset(*, key_bytes: int) -> str:
+    """A Tink JSON keyset of one new random key, its primary."""
+    key_id = new_key_id()
+    return keyset_json({key_id: secrets.token_bytes(key_bytes)}, key_id)
+
+
+def rotated_keyset(keys: Mapping[int, bytes], *, key_bytes: int) -> str:
+    """The keyring `keys` as a Tink JSON keyset plus a new random key, made primary (a rotation)."""
+    primary = new_key_id(set(keys))
+    return keyset_json({**keys, primary: secrets.token_bytes(key_bytes)}, primary)
+
+
 def new_key_id(taken: set[int] | frozenset[int] = frozenset()) -> int:
     """A random 32-bit key id not in `taken` (as Tink picks them), above the range of legacy versions."""
     while True:

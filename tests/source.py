@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The modules of the command line: the ones that read the environment besides the libraries' explicit arguments.
+CLI_MODULES = ("config.py", "main.py", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cli").glob("*.py")))
 
 
-def names_read_from_env(modules: Sequence[str] = ("config.py", "main.py")) -> set[str]:
+def names_read_from_env(modules: Sequence[str] = CLI_MODULES) -> set[str]:
     """Every NAME in `env.get("NAME")` / `env["NAME"]` / `os.environ...("NAME")` in the app's modules."""
     names: set[str] = set()
     for path in [ROOT / module for module in modules]:

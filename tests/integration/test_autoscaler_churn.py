@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.parser import build_parser
 from helpers import assert_exactly_once, query, queue_counts, send
 from kube import DEPLOY, container, expanded_args, kustomize, one, resolved_env
-from main import _build_parser
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,7 +163,7 @@ def test_replicas_scaled_between_0_and_n_under_churn_store_every_message_exactly
     words = expanded_args(
         container(deployment), resolved_env(docs, deployment, {("login-etl-database", "url"): etl_env["DATABASE_URL"]})
     )
-    assert _build_parser().parse_args(words).follow
+    assert build_parser().parse_args(words).follow
     grace = float(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
     driver = Driver(words, dict(os.environ), tmp_path, grace, etl_env["SQS_QUEUE_URL"], sqs_client)
 

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from aws.sqs import SqsReader
+from cli.exit_codes import EXIT_OK
 from helpers import TEST_KMS_ENDPOINT, TEST_SQS_ENDPOINT, assert_exactly_once, emulator_client, login, unavailable
-from main import EXIT_OK, main
+from main import main
 from models import ReceivedMessage
 from tests.contract_sqs import FIFO_SCENARIOS, SCENARIOS, FifoQueueUnderTest, QueueUnderTest
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from main import EXIT_UNREACHABLE, main
+from cli.exit_codes import EXIT_UNREACHABLE
+from main import main
 
 SECRET = "s3cret-pw"
 SHAPES = {

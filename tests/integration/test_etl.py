@@ -9,10 +9,11 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from cli.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE
 from database.schema import SCHEMA_VERSION
 from database.sqs_postgres import STAGED_BATCHES_AFTER_CONFLICT, PostgresWriter
 from helpers import GOOD_LOGIN, connect_at_once, dump_schema, login, pii_values, query, queue_counts, send
-from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
+from main import main
 from models import MaskedLogin, WriteResult
 from pii.masking import Masker, decode_key, generate_key
 from sample_data import generate

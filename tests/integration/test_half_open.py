@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from cli.exit_codes import EXIT_STOPPED_UNCOMMITTED
 from database.connection import TCP_USER_TIMEOUT_MS
 from database.sqs_postgres import PostgresWriter
 from helpers import (
@@ -32,7 +33,6 @@ from helpers import (
     start_etl,
     unavailable,
 )
-from main import EXIT_STOPPED_UNCOMMITTED
 from proxy import TcpProxy, blackhole_unavailable
 
 # The writer's connect timeout (PostgresWriter's default): a reconnect into the black hole takes this long.

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
+from cli.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNMASK_FAILED
 from helpers import login, query, queue_counts, send
 from lambda_handler import cold_start
-from main import EXIT_CONFIG, EXIT_OK, EXIT_UNMASK_FAILED, main
+from main import main
 from pii.masking import generate_key
 
 

@@ -11,8 +11,9 @@ import os
 
 import pytest
 
+from cli.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE
 from helpers import TEST_KMS_ENDPOINT, emulator_client, login, query, queue_counts, send, unavailable
-from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
+from main import main
 from pii.keys import KMS_ENCRYPTION_CONTEXT
 from pii.masking import Masker, generate_key, token_version
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import psycopg2
 import psycopg2.errors
 
+from cli.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE
 from database.sqs_postgres import PostgresWriter
 from helpers import query
-from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
+from main import main
 from models import MaskedLogin, Rejection
 from pii.masking import Masker, decode_key, generate_key
 from roles import apply_roles_sql, readme_auditor_query

@@ -16,9 +16,10 @@ from collections import Counter
 from datetime import date
 from pathlib import Path
 
+from cli.exit_codes import EXIT_OK, EXIT_UNMASK_FAILED
 from database.sqs_postgres import PostgresWriter
 from helpers import GOOD_LOGIN, login, query, send
-from main import EXIT_OK, EXIT_UNMASK_FAILED, main
+from main import main
 from models import MaskedLogin
 from pii.masking import Masker, decode_key, generate_key, token_version
 from tests.legacy_tokens import legacy_token

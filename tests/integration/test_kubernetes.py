@@ -33,10 +33,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from cli.exit_codes import EXIT_BUSY, EXIT_CONFIG
+from cli.parser import build_parser
 from config import ConfigError, Settings, database_url_from_env
 from helpers import login, send
 from kube import DEPLOY, container, expanded_args, kubectl, kustomize, one, pod_template, resolved_env, tool
-from main import EXIT_BUSY, EXIT_CONFIG, _build_parser
 from pii.masking import Masker, generate_key
 from proxy import TcpProxy
 
@@ -249,7 +250,7 @@ def test_queue_length_exceeds_what_one_busy_replica_holds_in_flight(example) -> 
     like work for two. The ceiling follows the loop's bounds (pipeline.py) for the configured flags."""
     deployment = one(example, "Deployment")
     env = resolved_env(example, deployment, {("login-etl-database", "url"): DATABASE_URL})
-    args = _build_parser().parse_args(expanded_args(container(deployment), env))
+    args = build_parser().parse_args(expanded_args(container(deployment), env))
     inbox_messages = max(4, 2 * args.batch_size // 10) * 10  # Pipeline._inbox, prepared receives of 10
     deleting = max(2, 2 * args.batch_size // 10) * 10  # Pipeline's delete slots (max_calls of its Deleters)
     receiving = args.receivers * 10
@@ -266,7 +267,7 @@ def test_the_grace_period_outlasts_the_stop_timeout(example, with_components) ->
             deployment,
             {("login-etl-database", "url"): DATABASE_URL, ("login-etl-masking-key-file", "masking_key"): ""},
         )
-        args = _build_parser().parse_args(expanded_args(container(deployment), env))
+        args = build_parser().parse_args(expanded_args(container(deployment), env))
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         # After the stop timeout the process still closes its connection and exits; the receivers'
         # long poll (5 s in --follow) ends first. 10 s of margin covers both.
@@ -277,7 +278,7 @@ def test_the_probes_ask_the_etl_over_http_only_what_it_answers_from_memory(examp
     deployment = one(example, "Deployment")
     etl = container(deployment)
     env = resolved_env(example, deployment, {("login-etl-database", "url"): DATABASE_URL})
-    args = _build_parser().parse_args(expanded_args(etl, env))
+    args = build_parser().parse_args(expanded_args(etl, env))
     ports = {p["name"]: p["containerPort"] for p in etl["ports"]}
     assert ports["metrics"] == args.metrics_port
     for name, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
@@ -387,7 +388,7 @@ def test_the_deployments_environment_and_arguments_pass_the_etls_configuration_c
     assert settings.region == "eu-west-1"
     words = expanded_args(container(deployment), env)
     assert not [w for w in words if "$(" in w], "an argument names a variable the container does not have"
-    args = _build_parser().parse_args(words)
+    args = build_parser().parse_args(words)
     assert (args.follow, args.command, args.receivers, args.batch_size) == (True, None, 8, 1000)
 
 
@@ -439,7 +440,7 @@ def test_the_snapshot_cronjob_refreshes_nightly_one_at_a_time_with_the_database_
         env = resolved_env(docs, cronjob, {("login-etl-database", "url"): DATABASE_URL})
         assert list(env) == ["DATABASE_URL_FILE"]  # no masking key: the refresh needs none
         assert database_url_from_env(env) == DATABASE_URL  # the Secret, mounted as a file
-        args = _build_parser().parse_args(expanded_args(etl, env))
+        args = build_parser().parse_args(expanded_args(etl, env))
         assert args.command == "snapshot"
         job = spec["jobTemplate"]["spec"]
         assert pod_template(cronjob)["spec"]["restartPolicy"] == "Never"

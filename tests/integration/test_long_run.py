@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import psycopg2
 import pytest
 
+from cli.exit_codes import EXIT_OK, EXIT_QUEUE_LOST, EXIT_STOPPED_UNCOMMITTED
 from database.errors import DatabaseRejectedRows
 from database.sqs_postgres import PostgresWriter
 from helpers import (
@@ -30,7 +31,6 @@ from helpers import (
 )
 from helpers import wait_for_rows as _wait_for_rows
 from helpers import wait_until as _wait_until
-from main import EXIT_OK, EXIT_QUEUE_LOST, EXIT_STOPPED_UNCOMMITTED
 from models import MaskedLogin, Rejection, WriteResult
 from proxy import TcpProxy
 

@@ -16,12 +16,13 @@ from typing import Any
 import psycopg2
 import pytest
 
+from cli.exit_codes import EXIT_OK
 from database.network_backfill import NetworkBackfill
 from database.schema import SCHEMA_VERSION
 from database.sqs_postgres import PostgresWriter
 from helpers import ROOT, login, query, send
 from lambda_handler import SqsBatchHandler
-from main import EXIT_OK, main
+from main import main
 from models import MaskedLogin, Rejection
 from pii.masking import BODY_FIELD, Masker, decode_key, generate_key
 from tests.legacy_tokens import legacy_token

@@ -14,9 +14,10 @@ import urllib.request
 from datetime import date
 from pathlib import Path
 
+from cli.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE
 from database.sqs_postgres import PostgresWriter
 from helpers import login, pii_values, query, queue_counts, send
-from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
+from main import main
 from models import MaskedLogin
 from sample_data import generate
 

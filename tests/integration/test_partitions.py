@@ -16,12 +16,13 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from cli.exit_codes import EXIT_OK
 from database import partitions
 from database.schema import SCHEMA_VERSION
 from database.sqs_postgres import PostgresWriter
 from database.token_indexes import index_closed_days
 from helpers import connect_at_once, login, query
-from main import EXIT_OK, main
+from main import main
 from models import MaskedLogin, ReceivedMessage, WriteResult
 from pii.masking import Masker, decode_key, generate_key
 from roles import apply_roles_sql, readme_auditor_query

@@ -18,12 +18,13 @@ from typing import Any
 
 import psycopg2
 
+from cli.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE
 from database.copy_format import copy_text
 from database.replay import Replayer, ReplayRequest, ReplayResult
 from database.schema import COLUMN_LIST, SCHEMA_VERSION
 from database.sqs_postgres import PostgresWriter
 from helpers import login, query, send
-from main import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
+from main import main
 from models import MaskedLogin, Rejection
 from pii.masking import BODY_FIELD, Masker, decode_key
 from transform import retry_quarantined

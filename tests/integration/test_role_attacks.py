@@ -17,11 +17,12 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
+from cli.exit_codes import EXIT_CONFIG, EXIT_OK
 from database.audit import AUDIT_DDL
 from database.replay import REPLAY_AUDIT_DDL
 from database.sqs_postgres import PostgresWriter
 from helpers import ROOT, query
-from main import EXIT_CONFIG, EXIT_OK, main
+from main import main
 from models import MaskedLogin, token_fingerprint
 from pii.masking import Masker, decode_key, generate_key
 from roles import apply_roles_sql

@@ -19,6 +19,7 @@ import psycopg2.errors
 import pytest
 
 from analysts import OLD_DAY, TODAY, by_hand, load_logins, rekey_all
+from cli.exit_codes import EXIT_BUSY, EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE
 from database import partitions
 from database.retention import Retention
 from database.schema import SCHEMA_VERSION
@@ -26,7 +27,7 @@ from database.snapshot import SnapshotRefresher, describe
 from database.sqs_postgres import PostgresWriter
 from database.token_indexes import TOKEN_INDEX_LOCK_ID
 from helpers import ROOT, locked_logins, query, wait_until
-from main import EXIT_BUSY, EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
+from main import main
 from roles import apply_roles_sql
 
 SNAPSHOT = "user_login_duplicates_snapshot"

@@ -8,8 +8,9 @@ import json
 import tink
 from tink import daead, secret_key_access
 
+from cli.exit_codes import EXIT_OK
 from helpers import GOOD_LOGIN, query, send
-from main import EXIT_OK, main
+from main import main
 from pii import encoding
 
 daead.register()

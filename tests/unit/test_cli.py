@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from main import EXIT_CONFIG, EXIT_OK, EXIT_UNMASK_FAILED, main
+from cli.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNMASK_FAILED
+from main import main
 from pii.masking import Masker, decode_key, generate_key
 
 
@@ -18,8 +19,8 @@ def key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     value = generate_key()
     monkeypatch.setenv("MASKING_KEY", value)
     # The audit goes to PostgreSQL (tests/integration/test_keys_audit.py); stubbed out here.
-    monkeypatch.setattr("main.AuditLog.record", lambda _self, entry: None)
-    monkeypatch.setattr("main.key_mismatches", lambda _dsn, _held: [])  # the database's key checks: integration
+    monkeypatch.setattr("cli.unmask.AuditLog.record", lambda _self, entry: None)
+    monkeypatch.setattr("cli.unmask.key_mismatches", lambda _dsn, _held: [])  # the database's key checks: integration
     return value
 
 
@@ -120,14 +121,14 @@ def test_a_missing_key_exits_2_with_one_line_naming_masking_key(
 def test_replay_since_takes_a_date_a_date_time_or_an_age() -> None:
     from datetime import datetime, timedelta, timezone
 
-    from main import _since
+    from cli.arguments import since
 
-    assert _since("2026-11-26") == datetime(2026, 11, 26, tzinfo=timezone.utc)
-    assert _since("2026-11-26T09:30:00Z") == datetime(2026, 11, 26, 9, 30, tzinfo=timezone.utc)
-    assert _since("2026-11-26T09:30:00+01:00") == datetime(2026, 11, 26, 8, 30, tzinfo=timezone.utc)
+    assert since("2026-11-26") == datetime(2026, 11, 26, tzinfo=timezone.utc)
+    assert since("2026-11-26T09:30:00Z") == datetime(2026, 11, 26, 9, 30, tzinfo=timezone.utc)
+    assert since("2026-11-26T09:30:00+01:00") == datetime(2026, 11, 26, 8, 30, tzinfo=timezone.utc)
     before = datetime.now(timezone.utc)
-    assert abs(_since("12h") - (before - timedelta(hours=12))) < timedelta(seconds=5)
-    assert abs(_since("7d") - (before - timedelta(days=7))) < timedelta(seconds=5)
+    assert abs(since("12h") - (before - timedelta(hours=12))) < timedelta(seconds=5)
+    assert abs(since("7d") - (before - timedelta(days=7))) < timedelta(seconds=5)
 
 
 def test_a_closed_pipe_ends_quietly_with_141_and_no_traceback(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ import pytest
 
 import config
 import main
+from cli import exit_codes
+from cli.parser import build_parser
 from tests.source import names_read_from_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +46,7 @@ def section(path: Path, heading: str) -> str:
 @functools.cache
 def parsers() -> dict[str, argparse.ArgumentParser]:
     """The top-level parser as '' and each subcommand's by name."""
-    top = main._build_parser()
+    top = build_parser()
     found = {"": top}
     for action in top._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -168,8 +170,8 @@ def test_the_exit_code_table_is_the_codes_main_has() -> None:
     table = section(ROOT / "docs" / "operations.md", "Exit codes")
     documented = dict(re.findall(r"^\| (\d+|128\+N) \| (.*) \|$", table, re.M))
     assert documented == {
-        **{str(code): meaning for code, meaning in main.EXIT_CODES.items()},
-        f"{main.EXIT_SIGNAL_BASE}+N": main.EXIT_SIGNAL_MEANING,
+        **{str(code): meaning for code, meaning in exit_codes.EXIT_CODES.items()},
+        f"{exit_codes.EXIT_SIGNAL_BASE}+N": exit_codes.EXIT_SIGNAL_MEANING,
     }
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.exit_codes import EXIT_CONFIG
 from config import ConfigError, Settings, redact_dsn
-from main import EXIT_CONFIG, main
+from main import main
 from pii.masking import generate_key
 
 SECRET = "50%zzS3cret"

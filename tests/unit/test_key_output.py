@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from main import EXIT_CONFIG, EXIT_OK, main
+from cli.exit_codes import EXIT_CONFIG, EXIT_OK
+from main import main
 from pii.keys import read_key_file
 from pii.masking import decode_key
 

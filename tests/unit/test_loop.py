@@ -317,7 +317,7 @@ MARGIN = 0.5
 
 def exit_of(error: Exception) -> tuple[int, str]:
     """The exit code and the one `error:` line main() makes of an error (its ERRORS table)."""
-    from main import ERRORS
+    from cli.exit_codes import ERRORS
 
     code, template = next((code, template) for kind, code, template in ERRORS if isinstance(error, kind))
     return code, template.format(exc=error, dsn="PostgreSQL", queue="q", stop_timeout=f"{STOP_TIMEOUT:g}")

@@ -51,7 +51,8 @@ def test_a_rejection_is_dated_like_the_login_row_of_its_message() -> None:
 def test_retention_refuses_a_keep_days_below_one_before_connecting(capsys) -> None:
     import pytest
 
-    from main import EXIT_CONFIG, main
+    from cli.exit_codes import EXIT_CONFIG
+    from main import main
 
     with pytest.raises(SystemExit) as info:
         main(["retention", "--keep-days", "0"])
@@ -64,7 +65,8 @@ def test_retention_refuses_a_keep_days_sqs_may_still_redeliver_into_with_one_lin
 ) -> None:
     import pytest
 
-    from main import EXIT_CONFIG, main
+    from cli.exit_codes import EXIT_CONFIG
+    from main import main
 
     # GIVEN SQS keeps messages up to 14 days (1,209,600 s): a message of 14 days ago may come back today
     monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")

@@ -6,8 +6,9 @@ import resource
 
 import pytest
 
+from cli.exit_codes import EXIT_OK
 from config import ConfigError, Settings, database_url_from_env
-from main import EXIT_OK, main
+from main import main
 from pii.masking import generate_key
 
 DSN = "postgresql://etl:s3cret@db:5432/logins?sslmode=verify-full"

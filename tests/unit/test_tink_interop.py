@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tink import daead, secret_key_access
 
+from cli.exit_codes import EXIT_CONFIG, EXIT_OK
 from config import ConfigError, Settings
-from main import EXIT_CONFIG, EXIT_OK, main
+from main import main
 from pii import encoding
 from pii.masking import KEY_BYTES, Masker, UnmaskError, canonical, decode_key, generate_key
 from pii.tink_keyset import AES_SIV_TYPE_URL, KeysetError, keyset_json, parse_keyset

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from main import EXIT_CONFIG, main
+from cli.exit_codes import EXIT_CONFIG
+from main import main
 from pii.encoding import canonical_spelling
 from pii.masking import Masker, decode_key, generate_key
 
