@@ -47,11 +47,15 @@ logger = logging.getLogger(__name__)
 _METRIC_SERVICE = {"SQS": "sqs", "PostgreSQL": "postgres"}
 
 
-class ServiceLost(Exception):
+class PipelineError(Exception):
+    """Root of the errors the loop raises (the retrier's own: retry.RetryError)."""
+
+
+class ServiceLost(PipelineError):
     """Raised when SQS or PostgreSQL stayed unreachable beyond the retry budget (drain mode)."""
 
 
-class Stopped(Exception):
+class Stopped(PipelineError):
     """Raised when a stop's timeout passed before the batch in hand could be committed.
 
     `hung`: a call was still in flight (the writer's thread is inside it); the caller must not
@@ -64,7 +68,7 @@ class Stopped(Exception):
         self.hung = hung
 
 
-class QueueLost(Exception):
+class QueueLost(PipelineError):
     """Raised when the queue became unusable mid-run (deleted, access denied): not retried."""
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from aws.errors import AwsError
 from models import ReceivedMessage
 
 EVENT_SOURCE = "aws:sqs"
 
 
-class EventError(ValueError):
+class EventError(AwsError, ValueError):
     """Raised when an event is not an SQS batch (no `Records`, or a record without its identity)."""
 
 

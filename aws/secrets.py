@@ -8,12 +8,14 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from aws.errors import AwsError
+
 # A cold start must not spend the function's timeout on retries: a few quick attempts, then the
 # invocation fails and SQS delivers the batch again.
 _CONFIG = Config(connect_timeout=3, read_timeout=5, retries={"max_attempts": 3, "mode": "standard"})
 
 
-class SecretError(Exception):
+class SecretError(AwsError):
     """Raised when a secret cannot be read (missing, access denied, Secrets Manager unreachable)."""
 
 

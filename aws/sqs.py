@@ -16,6 +16,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from aws.errors import AwsError
 from aws.limits import BATCH_LIMIT, MAX_VISIBILITY_TIMEOUT_SECONDS, MAX_WAIT_TIME_SECONDS, chunks
 from aws.sqs_json import JsonTransport
 from models import ReceivedMessage
@@ -43,8 +44,8 @@ _FATAL_CODES = {
 }
 
 
-class SqsError(Exception):
-    """Root of the errors raised by this package."""
+class SqsError(AwsError):
+    """An SQS call failed."""
 
 
 class SqsUnavailable(SqsError):

@@ -183,7 +183,7 @@ def run(args: argparse.Namespace, context: ErrorContext) -> int:
     context.stop_timeout = f"{args.stop_timeout:g}"
     address = args.metrics_address or os.environ.get("METRICS_ADDRESS") or DEFAULT_METRICS_ADDRESS
     metrics = _serve_metrics(args.metrics_port, address)
-    writer = PostgresWriter(settings.database_url, backoff=_backoff(args), key_checks=masker.check_values)
+    writer = PostgresWriter(settings.database_url, key_checks=masker.check_values)
     # The analysts' token indexes on the closed days, built beside the writer (never in its path) on
     # a connection of their own, from the schema set-up on; a stop cancels the build in flight and
     # does not wait for it (its leftover is dropped and built again next time).

@@ -26,8 +26,12 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
+from typing import Any
 
+import psycopg2.errors
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
@@ -40,6 +44,10 @@ UNIQUE_KEY = "user_logins_message_id_create_date_key"
 # Days created ahead of today, and behind it (yesterday: messages sent before midnight arrive after).
 DAYS_AHEAD = 7
 DAYS_BEHIND = 1
+# After a failed attempt to make the coming days (a lock held), the writer looks again this much
+# later: the days are made DAYS_AHEAD ahead, so nothing waits for it, and each attempt queues the
+# analysts' queries on user_logins for up to the lock timeout.
+RETRY_SECONDS = 60.0
 _DAY_NAME = re.compile(r"^user_logins_p(\d{8})$")
 # Token index of a closed partition: name suffix -> key columns (`<partition>_<suffix>`).
 TOKEN_INDEXES = {
@@ -336,3 +344,55 @@ def finish_legacy_move(cur: Cursor) -> bool:
     cur.execute(f"DROP TABLE {LEGACY_TABLE}")
     logger.info("migration to daily partitions done: %s dropped", LEGACY_TABLE)
     return True
+
+
+class DailyPartitions:
+    """A writer's view of the daily partitions: made at its connect (`ensure`), then looked at once
+    per UTC day from its write path (`ensure_daily`: a date compared, most of the time).
+
+    `run(work, commit=...)` runs `work(cursor)` in one transaction (the writer's). Partitions are
+    looked for without a lock and created only when missing, under the schema advisory lock
+    (`lock_id`) and `lock_timeout_ms` (creating a partition locks the parent table). At `ensure_daily`
+    a lock held by someone else is not waited out: the rows go to the days already made (and the
+    default partition), and the next look comes RETRY_SECONDS later.
+    """
+
+    def __init__(self, *, lock_timeout_ms: int, lock_id: int, holders: Callable[[Cursor], str]) -> None:
+        self._lock_timeout_ms = lock_timeout_ms
+        self._lock_id = lock_id
+        self._holders = holders
+        self.days: set[date] = set()
+        self._checked_on: date | None = None
+        self._retry_at = 0.0
+
+    def ensure(self, run: Callable[..., Any], today: date) -> None:
+        """The partitions of yesterday, today and the next days; raises LockNotAvailable."""
+        days = window(today)
+        have: set[date] = run(partition_days, commit=False)
+        if not have.issuperset(days):
+
+            def create(cur: Cursor) -> None:
+                cur.execute(f"SET LOCAL lock_timeout = {self._lock_timeout_ms}")
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_id,))
+                ensure_days(cur, days)
+
+            run(create)
+            have = run(partition_days, commit=False)
+        self.days = have
+        self._checked_on = today
+
+    def ensure_daily(self, run: Callable[..., Any]) -> None:
+        """`ensure` once per UTC day; a lock held: a warning, and a look again RETRY_SECONDS later."""
+        today = utc_today()
+        if today == self._checked_on or time.monotonic() < self._retry_at:
+            return
+        try:
+            self.ensure(run, today)
+        except psycopg2.errors.LockNotAvailable:
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+            logger.warning(
+                "creating the coming days' partitions waited %d ms for a lock %s; trying again in %.0f s",
+                self._lock_timeout_ms,
+                run(self._holders, commit=False),
+                RETRY_SECONDS,
+            )

@@ -20,7 +20,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from datetime import date
 from functools import partial
 from typing import TypeVar
 
@@ -33,7 +32,7 @@ from database.connection import ROW_ERRORS, first_line, one_row, open_connection
 from database.copy_format import REJECTED_STAGE_COLUMNS, copy_text, rejection_copy_text
 from database.errors import DatabaseError, DatabaseRejectedRows, DatabaseUnavailable, KeyMismatch, SchemaBusy
 from database.schema import COLUMN_LIST, QUARANTINE_EPOCH, SCHEMA_LOCK_ID, SCHEMA_VERSION, lock_holders
-from models import Backoff, MaskedLogin, Rejection, WriteResult
+from models import MaskedLogin, Rejection, WriteResult
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,10 +47,6 @@ STAGED_BATCHES_AFTER_CONFLICT = 10
 DEFAULT_LOCK_TIMEOUT_SECONDS = 2.0
 # Pages of the legacy table moved per transaction by the migration to partitions (~40,000 rows).
 MIGRATE_BATCH_PAGES = 1000
-# After a failed attempt to create the coming days' partitions (a lock held), the next one waits
-# as the backoff policy says, but with its cap raised to at least this: each attempt queues the
-# analysts' queries on user_logins for up to the lock timeout, and the days are made 7 days ahead.
-PARTITION_RETRY_CAP_SECONDS = 60.0
 
 
 class PostgresWriter:
@@ -65,21 +60,17 @@ class PostgresWriter:
         application_name: str = "login-etl",
         lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
         migrate_batch_pages: int = MIGRATE_BATCH_PAGES,
-        backoff: Backoff | None = None,
         key_checks: Mapping[int, str] | None = None,
     ) -> None:
         self._dsn = dsn
         # {version: check value} of the keyring whose tokens this writer writes: compared with the
         # database's at every connect, before anything is written (None: writes no tokens).
         self._key_checks = dict(key_checks) if key_checks is not None else None
-        policy = backoff or Backoff()
-        self._partitions_backoff = Backoff(policy.base_seconds, max(policy.cap_seconds, PARTITION_RETRY_CAP_SECONDS))
-        self._partitions_failures = 0
         self._migrate_batch_pages = max(1, migrate_batch_pages)
-        self._partition_days: set[date] = set()
-        self._partitions_checked_on: date | None = None
-        self._partitions_retry_at = 0.0
         self._lock_timeout_ms = max(1, int(lock_timeout_seconds * 1000))
+        self._partitions = partitions.DailyPartitions(
+            lock_timeout_ms=self._lock_timeout_ms, lock_id=SCHEMA_LOCK_ID, holders=lock_holders
+        )
         self._connect_timeout = connect_timeout_seconds
         self._application_name = application_name
         self._conn: psycopg2.extensions.connection | None = None
@@ -139,7 +130,7 @@ class PostgresWriter:
                 schema.migrate(
                     self._session(), lock_timeout_ms=self._lock_timeout_ms, legacy_batch_pages=self._migrate_batch_pages
                 )
-            self._ensure_partitions(partitions.utc_today())
+            self._partitions.ensure(self._run, partitions.utc_today())
             self._run(partial(schema.create_stage, lock_timeout_ms=self._lock_timeout_ms))
             self._run(self._observe_epoch, commit=False)
             self._verify_keys(register=register)
@@ -205,48 +196,6 @@ class PostgresWriter:
                 pass
             self._conn = None
 
-    def _ensure_partitions(self, today: date) -> None:
-        """Make sure the partitions of yesterday, today and the next days exist.
-
-        Looked at first without a lock; created only when missing, under the schema advisory lock
-        and the lock timeout (creating a partition locks the parent table).
-        """
-        days = partitions.window(today)
-        have = self._run(partitions.partition_days, commit=False)
-        if not have.issuperset(days):
-
-            def create(cur: Cursor) -> None:
-                cur.execute(f"SET LOCAL lock_timeout = {self._lock_timeout_ms}")
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
-                partitions.ensure_days(cur, days)
-
-            self._run(create)
-            have = self._run(partitions.partition_days, commit=False)
-        self._partition_days = have
-        self._partitions_checked_on = today
-
-    def _ensure_partitions_daily(self) -> None:
-        """Once per UTC day while running: the coming days' partitions. A lock held by someone
-        else is not waited out: the default partition takes the rows meanwhile, retried later."""
-        today = partitions.utc_today()
-        if today == self._partitions_checked_on or time.monotonic() < self._partitions_retry_at:
-            return
-        try:
-            self._ensure_partitions(today)
-        except psycopg2.errors.LockNotAvailable:
-            holders = self._run(lock_holders, commit=False)
-            self._partitions_failures += 1
-            delay = self._partitions_backoff.delay(self._partitions_failures)
-            self._partitions_retry_at = time.monotonic() + delay
-            logger.warning(
-                "creating the coming days' partitions waited %d ms for a lock %s; trying again in %.0f s",
-                self._lock_timeout_ms,
-                holders,
-                delay,
-            )
-        else:
-            self._partitions_failures = 0
-
     # -- writes -------------------------------------------------------------------------------
 
     def write(
@@ -275,9 +224,9 @@ class PostgresWriter:
         Raises DatabaseUnavailable (nothing committed; retry the batch) or DatabaseRejectedRows
         (nothing committed; the listed rows are refused by PostgreSQL, the rest are good).
         """
-        self._ensure_partitions_daily()
-        if logins and self._partition_days:
-            outside = sum(1 for row in logins if row.create_date not in self._partition_days)
+        self._partitions.ensure_daily(self._run)
+        if logins and self._partitions.days:
+            outside = sum(1 for row in logins if row.create_date not in self._partitions.days)
             if outside:
                 logger.warning(
                     "%d row(s) of this batch are dated outside the daily partitions (a SentTimestamp "
@@ -291,14 +240,11 @@ class PostgresWriter:
                 lambda cur: self._write(cur, logins, rejections, staged=redelivered, received_since=received_since)
             )
         except ROW_ERRORS as exc:
-            bad_logins = self._find_bad_rows(logins, [])
-            bad_rejections = self._find_bad_rows([], rejections)
+            bad_logins = [(row, why) for row in logins if (why := self._refusal(logins=[row], rejections=[]))]
+            bad_rejections = [(row, why) for row in rejections if (why := self._refusal(logins=[], rejections=[row]))]
             if not bad_logins and not bad_rejections:  # no row fails alone: not the data's fault
                 raise DatabaseUnavailable(f"batch refused: {exc.pgcode}") from None
-            raise DatabaseRejectedRows(
-                [(row, reason) for row, reason in bad_logins if isinstance(row, MaskedLogin)],
-                [(row, reason) for row, reason in bad_rejections if isinstance(row, Rejection)],
-            ) from None
+            raise DatabaseRejectedRows(bad_logins, bad_rejections) from None
 
     def _write(
         self,
@@ -375,21 +321,13 @@ class PostgresWriter:
         cur.execute(_STAGED_LOGIN_INSERT)
         return cur.rowcount
 
-    def _find_bad_rows(
-        self, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection]
-    ) -> list[tuple[MaskedLogin | Rejection, str]]:
-        """Try each row alone (rolled back) to name the ones PostgreSQL refuses."""
-        bad: list[tuple[MaskedLogin | Rejection, str]] = []
-        rows: list[tuple[MaskedLogin | Rejection, Callable[[Cursor], WriteResult]]] = [
-            *((login, partial(self._write, logins=[login], rejections=[])) for login in logins),
-            *((rejection, partial(self._write, logins=[], rejections=[rejection])) for rejection in rejections),
-        ]
-        for row, work in rows:
-            try:
-                self._run(work, commit=False)
-            except ROW_ERRORS as exc:
-                bad.append((row, f"refused by PostgreSQL: {exc.pgcode} {first_line(exc).split(':')[0]}"))
-        return bad
+    def _refusal(self, *, logins: Sequence[MaskedLogin], rejections: Sequence[Rejection]) -> str | None:
+        """Why PostgreSQL refuses these rows written alone (rolled back either way), or None."""
+        try:
+            self._run(partial(self._write, logins=logins, rejections=rejections), commit=False)
+        except ROW_ERRORS as exc:
+            return f"refused by PostgreSQL: {exc.pgcode} {first_line(exc).split(':')[0]}"
+        return None
 
     def _session(self) -> psycopg2.extensions.connection:
         if self._conn is None or self._conn.closed:

@@ -32,6 +32,8 @@ import ipaddress
 import re
 import socket
 
+from pii.errors import MaskingError
+
 PAD_BLOCK_BYTES = 32
 IP_BYTES = 16
 _IPV4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96
@@ -47,7 +49,7 @@ _V4_TAIL = bytes(IP_BYTES - _V4_KEPT) + bytes([IPV4_PREFIX])
 _V6_TAIL = bytes(IP_BYTES - _V6_KEPT) + bytes([IPV6_PREFIX])
 
 
-class EncodingError(ValueError):
+class EncodingError(MaskingError, ValueError):
     """Raised when a decrypted plaintext is not in the form its field uses (a foreign token)."""
 
 

@@ -43,6 +43,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from pii import encoding
+from pii.errors import MaskingError
 
 KEY_BYTES = 64  # AES-256-SIV: two 256-bit keys (RFC 5297 section 2.2)
 FIELDS = ("ip", "device_id")
@@ -68,10 +69,6 @@ CHECK_VALUE_HEX_DIGITS = 32
 
 _ENCODE = {"ip": encoding.encode_ip, "device_id": encoding.encode_padded}
 _DECODE = {"ip": encoding.decode_ip, "device_id": encoding.decode_padded, NETWORK_FIELD: encoding.decode_network}
-
-
-class MaskingError(Exception):
-    """Root of the errors raised by this package."""
 
 
 class InvalidKey(MaskingError):

@@ -20,11 +20,13 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
+from pii.errors import MaskingError
+
 AES_SIV_TYPE_URL = "type.googleapis.com/google.crypto.tink.AesSivKey"
 MAX_KEY_ID = 2**32 - 1
 
 
-class KeysetError(ValueError):
+class KeysetError(MaskingError, ValueError):
     """Raised when a text is not a Tink JSON keyset of AES-SIV keys we can use; says what is wrong."""
 
 
