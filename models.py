@@ -55,11 +55,30 @@ def body_bytes(body: str) -> int:
     return len(body.encode("utf-8", "surrogatepass"))
 
 
+# The kinds of rejection: the `reason` label of login_etl_messages_rejected_total, set where the
+# reason is made (InvalidMessage's `kind`, transform.reject's caller), never read out of its text.
+REJECTION_KINDS = (
+    "refused_by_database",
+    "body_too_large",
+    "processing_failed",
+    "not_json",
+    "missing_field",
+    "wrong_type",
+    "too_long",
+    "not_storable",
+)
+
+
 class InvalidMessage(ValueError):
     """Raised when a message body is not a valid login event; the text is a safe reason.
 
-    The reason never quotes a value from the body, so it can be logged and stored.
+    The reason never quotes a value from the body, so it can be logged and stored; `kind` is one
+    of REJECTION_KINDS.
     """
+
+    def __init__(self, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 # Built once per message on the ETL's hot path: not frozen (a frozen dataclass's __init__ sets each
@@ -134,16 +153,16 @@ class LoginEvent:
             value = data.get(name)
             if not isinstance(value, str):
                 if value is None:
-                    raise InvalidMessage(f"missing required field {name!r}")
-                raise InvalidMessage(f"field {name!r} must be a string, got {_json_type(value)}")
+                    raise InvalidMessage(f"missing required field {name!r}", "missing_field")
+                raise InvalidMessage(f"field {name!r} must be a string, got {_json_type(value)}", "wrong_type")
             if not value or value.isspace():
-                raise InvalidMessage(f"field {name!r} is empty")
+                raise InvalidMessage(f"field {name!r} is empty", "missing_field")
             _check_storable(name, value)
             values[name] = value
         locale = values["locale"] = data.get("locale")
         if locale is not None:
             if not isinstance(locale, str):
-                raise InvalidMessage(f"field 'locale' must be a string or null, got {_json_type(locale)}")
+                raise InvalidMessage(f"field 'locale' must be a string or null, got {_json_type(locale)}", "wrong_type")
             _check_storable("locale", locale)
         return cls(**values)
 
@@ -172,6 +191,7 @@ class Rejection:
     encrypted_body: str
     sent_at: datetime | None
     receive_count: int
+    kind: str = "other"  # one of REJECTION_KINDS, set where the reason was made (not stored)
 
     @property
     def create_date(self) -> date | None:
@@ -280,7 +300,7 @@ def _load_json_object(body: str) -> dict[str, Any]:
         # escaped, an integer past 64 bits), and its error gives the position.
         data = _load_json_slowly(body)
     if not isinstance(data, dict):
-        raise InvalidMessage(f"body must be a JSON object, got {_json_type(data)}")
+        raise InvalidMessage(f"body must be a JSON object, got {_json_type(data)}", "not_json")
     return data
 
 
@@ -288,11 +308,11 @@ def _load_json_slowly(body: str) -> Any:
     try:
         return json.loads(body)
     except RecursionError:
-        raise InvalidMessage("JSON nested too deeply") from None
+        raise InvalidMessage("JSON nested too deeply", "not_json") from None
     except ValueError as exc:  # JSONDecodeError
         # The decoder's message can quote the body; keep only its position.
         pos = getattr(exc, "pos", None)
-        raise InvalidMessage(f"body is not valid JSON (at character {pos})") from None
+        raise InvalidMessage(f"body is not valid JSON (at character {pos})", "not_json") from None
 
 
 def _ordinary_fields(data: dict[str, Any]) -> tuple[str, str, str, str, str | None, str] | None:
@@ -341,26 +361,26 @@ def _ordinary_fields(data: dict[str, Any]) -> tuple[str, str, str, str, str | No
 
 def _check_storable(name: str, value: str) -> None:
     if "\x00" in value:
-        raise InvalidMessage(f"field {name!r} contains a NUL character")
+        raise InvalidMessage(f"field {name!r} contains a NUL character", "not_storable")
     if name in PII_FIELDS:
         if value.isascii():  # the common case: no surrogates, one byte per character
             size = len(value)
         else:
             size = len(_utf8(name, value))
         if size > MAX_PII_BYTES:
-            raise InvalidMessage(f"field {name!r} is longer than {MAX_PII_BYTES} bytes")
+            raise InvalidMessage(f"field {name!r} is longer than {MAX_PII_BYTES} bytes", "too_long")
         return
     if not value.isascii():
         _utf8(name, value)
     if len(value) > _LIMITS[name]:
-        raise InvalidMessage(f"field {name!r} is longer than {_LIMITS[name]} characters")
+        raise InvalidMessage(f"field {name!r} is longer than {_LIMITS[name]} characters", "too_long")
 
 
 def _utf8(name: str, value: str) -> bytes:
     try:
         return value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidMessage(f"field {name!r} is not valid Unicode (lone surrogate)") from None
+        raise InvalidMessage(f"field {name!r} is not valid Unicode (lone surrogate)", "not_storable") from None
 
 
 def _json_type(value: object) -> str:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import metrics_server
 from config import LIVENESS_STALL_SECONDS
 from metrics_server import BoundedWsgiServer
-from transform import REASON_LABELS, reason_kind
+from transform import REASON_LABELS
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -411,9 +411,7 @@ class Metrics(Observer):
         self.batch_seconds.observe(seconds)
         self.loaded.inc(written.inserted)
         kinds = Tally(
-            reason_kind(batch.rejections[message_id].reason)
-            for message_id in written.rejected_ids
-            if message_id in batch.rejections
+            batch.rejections[message_id].kind for message_id in written.rejected_ids if message_id in batch.rejections
         )
         for kind, count in kinds.items():
             self.rejected.labels(reason=kind).inc(count)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from models import InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection, body_bytes
+from models import REJECTION_KINDS, InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection, body_bytes
 from pii.masking import BODY_FIELD, Masker
 
 logger = logging.getLogger(__name__)
@@ -29,27 +29,8 @@ TOO_LARGE_PREFIX_BYTES = 4096
 TOO_LARGE = "body too large"
 TRUNCATED_MARKER = "[login-etl: body too large, only its first bytes kept] "
 
-# The kinds of rejection, in the order their reasons are matched: the `reason` label of
-# login_etl_messages_rejected_total. Bounded: a reason this list does not know is "other".
-REASON_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("refused_by_database", ("refused by PostgreSQL",)),
-    ("body_too_large", (TOO_LARGE,)),
-    ("processing_failed", ("processing failed",)),
-    ("not_json", ("not valid JSON", "must be a JSON object", "JSON nested too deeply")),
-    ("missing_field", ("missing required field", "is empty")),
-    ("wrong_type", ("must be a string",)),
-    ("too_long", ("is longer than",)),
-    ("not_storable", ("NUL character", "not valid Unicode")),
-)
-REASON_LABELS = (*(kind for kind, _ in REASON_KINDS), "other")
-
-
-def reason_kind(reason: str) -> str:
-    """The kind of a rejection reason (one of REASON_LABELS): never the text, never a value."""
-    for kind, markers in REASON_KINDS:
-        if any(marker in reason for marker in markers):
-            return kind
-    return "other"
+# The `reason` label of login_etl_messages_rejected_total: a Rejection's kind, or "other".
+REASON_LABELS = (*REJECTION_KINDS, "other")
 
 
 def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejection:
@@ -61,7 +42,7 @@ def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejecti
     try:
         event = LoginEvent.from_body(message.body)
     except InvalidMessage as exc:
-        return reject(message, masker, str(exc))
+        return reject(message, masker, str(exc), exc.kind)
     masked_ip, masked_network = masker.mask_ip(event.ip)
     return MaskedLogin(
         message_id=message.message_id,
@@ -76,14 +57,16 @@ def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejecti
     )
 
 
-def reject(message: ReceivedMessage, masker: Masker, reason: str) -> Rejection:
-    """A Rejection whose body is encrypted whole: a bad body may hold PII anywhere."""
+def reject(message: ReceivedMessage, masker: Masker, reason: str, kind: str) -> Rejection:
+    """A Rejection whose body is encrypted whole (a bad body may hold PII anywhere); `kind`, one of
+    models.REJECTION_KINDS, says what `reason` says in words."""
     return Rejection(
         message_id=message.message_id,
         reason=reason,
         encrypted_body=masker.mask(BODY_FIELD, message.body),
         sent_at=message.sent_at,
         receive_count=message.receive_count,
+        kind=kind,
     )
 
 
@@ -112,6 +95,7 @@ def reject_too_large(message: ReceivedMessage, masker: Masker, size: int, limit:
         encrypted_body=masker.mask(BODY_FIELD, TRUNCATED_MARKER + prefix),
         sent_at=message.sent_at,
         receive_count=message.receive_count,
+        kind="body_too_large",
     )
 
 
@@ -126,7 +110,7 @@ def poison_rule(message: ReceivedMessage, exc: Exception, masker: Masker, max_re
             reason,
             extra={"message_id": message.message_id, "reason": reason},
         )
-        return reject(message, masker, reason)
+        return reject(message, masker, reason, "processing_failed")
     logger.error(
         "message %s failed (%s, receive %d of %d before quarantine); left for redelivery",
         message.message_id,
@@ -240,7 +224,9 @@ class Batch:
         redelivery (SQS dead-letters it after the RedrivePolicy's maxReceiveCount)."""
         for login, reason in logins:
             del self.rows[login.message_id]
-            self.rejections[login.message_id] = reject(self._by_id[login.message_id], masker, reason)
+            self.rejections[login.message_id] = reject(
+                self._by_id[login.message_id], masker, reason, "refused_by_database"
+            )
             logger.warning(
                 "message %s rejected: %s",
                 login.message_id,
@@ -266,6 +252,7 @@ class Batch:
                 encrypted_body=rejection.encrypted_body,
                 sent_at=None,
                 receive_count=1,
+                kind="refused_by_database",
             )
             logger.warning(
                 "message %s: its quarantine row was refused (%s); storing a minimal one",

@@ -42,7 +42,7 @@ def login(n: int, sent_ms: int | None = MIDNIGHT_MS - 5_000) -> MaskedLogin:
 
 def rejection(n: int, sent_ms: int | None = MIDNIGHT_MS - 5_000, *, receive_count: int = 1) -> Rejection:
     message = ReceivedMessage(f"m{n:04d}", "h", "not json", sent_ms, receive_count=receive_count)
-    return reject(message, MASKER, "body is not valid JSON")
+    return reject(message, MASKER, "body is not valid JSON", "not_json")
 
 
 def a_redelivered_batch_is_stored_once(open_sessions: OpenSessions, stored: Stored) -> None:

@@ -45,7 +45,9 @@ def _rows(count: int, *, redelivered: bool = False) -> list:
 
 def _rejections(count: int, *, dated: bool = True) -> list[Rejection]:
     sent = _sent_ms() if dated else None
-    return [reject(ReceivedMessage(str(uuid.uuid4()), "h", "not json", sent), MASKER, "x") for _ in range(count)]
+    return [
+        reject(ReceivedMessage(str(uuid.uuid4()), "h", "not json", sent), MASKER, "x", "not_json") for _ in range(count)
+    ]
 
 
 @pytest.fixture

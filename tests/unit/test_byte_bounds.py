@@ -21,7 +21,6 @@ from transform import (
     TOO_LARGE_PREFIX_BYTES,
     TRUNCATED_MARKER,
     prepare,
-    reason_kind,
     retry_quarantined,
     too_large,
     transform,
@@ -69,7 +68,7 @@ def test_a_body_one_byte_over_the_limit_is_quarantined_unparsed_with_length_and_
     assert isinstance(result, Rejection)
     digest = hashlib.sha256(text.encode()).hexdigest()
     assert result.reason.startswith(f"body too large: {LIMIT + 1} bytes, limit {LIMIT}; sha256 {digest}")
-    assert reason_kind(result.reason) == "body_too_large"
+    assert result.kind == "body_too_large"
     assert "user-1" not in result.reason and "10.0.0.1" not in result.reason  # no value of the body
     kept = MASKER.unmask(result.encrypted_body, (BODY_FIELD,))
     assert kept == TRUNCATED_MARKER + text[:TOO_LARGE_PREFIX_BYTES]

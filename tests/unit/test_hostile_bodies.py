@@ -16,7 +16,7 @@ from database.copy_format import copy_text
 from models import MaskedLogin, ReceivedMessage
 from pii.masking import BODY_FIELD, Masker, canonical
 from tests.strategies import bodies, pii_markers
-from transform import TOO_LARGE_PREFIX_BYTES, TRUNCATED_MARKER, prepare, reason_kind
+from transform import TOO_LARGE_PREFIX_BYTES, TRUNCATED_MARKER, prepare
 
 MASKER = Masker(bytes(64))
 SENT_MS = 1_800_000_000_000
@@ -43,10 +43,10 @@ def test_any_body_becomes_a_masked_row_or_a_clear_rejection_and_no_pii_reaches_t
         assert not [m for m in markers if any(m in str(value) for value in plain)]
     else:
         rejection = prepared.rejections[0]
-        assert reason_kind(rejection.reason) != "other", f"an unclassified reason: {rejection.reason[:200]!r}"
+        assert rejection.kind != "other", f"an unclassified reason: {rejection.reason[:200]!r}"
         assert not [m for m in markers if m in rejection.reason], "a PII value in the rejection reason"
         kept = MASKER.unmask(rejection.encrypted_body, (BODY_FIELD,))
-        if reason_kind(rejection.reason) == "body_too_large":  # over MAX_BODY_BYTES: a prefix, bounded
+        if rejection.kind == "body_too_large":  # over MAX_BODY_BYTES: a prefix, bounded
             assert kept.startswith(TRUNCATED_MARKER) and body.startswith(kept.removeprefix(TRUNCATED_MARKER))
             assert len(kept) <= len(TRUNCATED_MARKER) + TOO_LARGE_PREFIX_BYTES
         else:

@@ -8,11 +8,11 @@ from datetime import datetime, timezone
 import pytest
 from prometheus_client import generate_latest
 
-from models import InvalidMessage, LoginEvent, ReceivedMessage, WriteResult
+from models import InvalidMessage, LoginEvent, ReceivedMessage, Rejection, WriteResult
 from observability import ERROR_KINDS, Metrics
 from pii.masking import Masker
 from tests.fakes import GOOD_LOGIN
-from transform import REASON_LABELS, Batch, poison_rule, prepare, reason_kind, retry_quarantined
+from transform import REASON_LABELS, Batch, poison_rule, prepare, retry_quarantined, transform
 
 MASKER = Masker(bytes(64))
 NOW = 1_800_000_000.0  # the fake clock's "now", in Unix seconds
@@ -22,10 +22,13 @@ def body(**changes: object) -> str:
     return json.dumps({k: v for k, v in {**GOOD_LOGIN, **changes}.items() if v is not ...})
 
 
-def reason_of(text: str) -> str:
+def kind_of(text: str) -> str:
+    """The kind a body's rejection carries, from where the reason was made (LoginEvent's parsing)."""
     with pytest.raises(InvalidMessage) as info:
         LoginEvent.from_body(text)
-    return str(info.value)
+    rejection = transform(ReceivedMessage("m", "r", text), MASKER)
+    assert isinstance(rejection, Rejection) and rejection.kind == info.value.kind
+    return rejection.kind
 
 
 @pytest.mark.parametrize(
@@ -46,18 +49,24 @@ def reason_of(text: str) -> str:
     ],
 )
 def test_every_parsing_reason_has_its_kind(text: str, kind: str) -> None:
-    assert reason_kind(reason_of(text)) == kind
+    assert kind_of(text) == kind
 
 
 def test_the_loop_s_own_reasons_have_their_kinds() -> None:
     message = ReceivedMessage("m1", "r1", body(), receive_count=3)
     poisoned = poison_rule(message, RuntimeError("boom"), MASKER, max_receives=3)
-    assert poisoned is not None and reason_kind(poisoned.reason) == "processing_failed"
-    assert reason_kind("refused by PostgreSQL: 22001 value too long") == "refused_by_database"
-    assert (
-        reason_kind("quarantine row refused by PostgreSQL: 23514 x; original reason dropped") == "refused_by_database"
+    assert poisoned is not None and poisoned.kind == "processing_failed"
+    # Rows PostgreSQL refuses: a login becomes a rejection, a refused rejection a minimal one.
+    good, bad = ReceivedMessage("m2", "r2", body()), ReceivedMessage("m3", "r3", "not json")
+    batch = Batch([prepare([good, bad], MASKER, max_receives=5)])
+    batch.quarantine_refused(
+        [(batch.rows["m2"], "refused by PostgreSQL: 22001 x")], [(batch.rejections["m3"], "refused: 23514 x")], MASKER
     )
-    assert reason_kind("something nobody wrote yet") == "other"
+    assert {r.message_id: r.kind for r in batch.rejections.values()} == {
+        "m2": "refused_by_database",
+        "m3": "refused_by_database",
+    }
+    assert Rejection("m4", "a reason nobody classified", "", None, 1).kind == "other"
     assert set(REASON_LABELS) == {
         "body_too_large",
         "not_json",
