@@ -18,7 +18,8 @@ COPY requirements.lock .
 RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 
 # Only the application; tests, scripts and .env stay out (see also .dockerignore).
-COPY main.py pipeline.py batches.py retry.py transform.py health.py config.py models.py observability.py metrics_server.py ./
+COPY main.py config.py models.py metrics_server.py ./
+COPY etl/ etl/
 COPY cli/ cli/
 COPY aws/ aws/
 COPY pii/ pii/

@@ -12,6 +12,7 @@ from psycopg2 import ProgrammingError
 from psycopg2.extensions import make_dsn, parse_dsn
 
 from aws.limits import BATCH_LIMIT, MAX_MESSAGE_BYTES
+from etl.transform import DEFAULT_MAX_BODY_BYTES
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS
 from pii.keys import (
     KeySource,
@@ -24,7 +25,6 @@ from pii.keys import (
     read_key_file,
 )
 from pii.masking import InvalidKey, Masker, decode_key
-from transform import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_QUEUE_URL = "http://localhost:4566/000000000000/login-queue"
 DEFAULT_DATABASE_URL = "postgresql://postgres:postgres@localhost:5432/postgres"

@@ -43,14 +43,15 @@ from typing import Any
 from aws.lambda_event import batch_response, messages_of, source_arn
 from aws.outage_backoff import OutageBackoff
 from aws.secrets import read_secret
-from batches import store, write_batch
 from config import DEFAULT_REGION, Settings, database_url_with_secret
 from database.errors import DatabaseError, DatabaseUnavailable
 from database.sqs_postgres import PostgresWriter
+from etl.batch import Batch, RecentQuarantine, prepare
+from etl.commit import store, write_batch
+from etl.observability import JsonFormatter
+from etl.transform import DEFAULT_MAX_BODY_BYTES
 from models import WriteResult
-from observability import JsonFormatter
 from pii.masking import Masker
-from transform import DEFAULT_MAX_BODY_BYTES, Batch, RecentQuarantine, prepare
 
 logger = logging.getLogger("login_etl.lambda")
 

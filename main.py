@@ -46,7 +46,7 @@ from cli.arguments import UsageError
 from cli.exit_codes import EXIT_INTERRUPTED, EXIT_PIPE_CLOSED, HANDLED, ErrorContext, exit_for, fail
 from cli.parser import build_parser
 from config import KEY_SOURCES
-from observability import configure_logging
+from etl.observability import configure_logging
 
 logger = logging.getLogger(__name__)
 

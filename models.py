@@ -212,8 +212,8 @@ class WriteResult:
     rejected_ids: frozenset[str] = field(default=frozenset(), compare=False)
 
 
-# The one retry policy of the process (retry.py applies it; main.py configures it with
-# --backoff-base-seconds / --backoff-cap-seconds). It lives here, not in retry.py, because it
+# The one retry policy of the process (etl/retry.py applies it; main.py configures it with
+# --backoff-base-seconds / --backoff-cap-seconds). It lives here, not in etl/retry.py, because it
 # crosses into `database/` (the schema set-up, the daily partitions, rekey), which never imports
 # a top-level module but this one.
 DEFAULT_BASE_SECONDS = 0.2

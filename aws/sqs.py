@@ -90,7 +90,7 @@ class SqsReader:
             connect_timeout=connect_timeout_seconds,
             read_timeout=wait_time_seconds + 10,  # a long poll must not look like a hang
             # Attempts per call, the first included (botocore's `max_attempts` would count retries
-            # only). One by default: our Retrier (retry.py) alone decides when to try again, so no
+            # only). One by default: our Retrier (etl/retry.py) alone decides when to try again, so no
             # botocore retries run underneath its backoff, budget and stop deadline.
             retries={"mode": "standard", "total_max_attempts": max_attempts},
             max_pool_connections=max_connections,  # one client serves every thread

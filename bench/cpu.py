@@ -79,11 +79,11 @@ PHASES: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("other botocore (client, model, utils)", ("botocore/", "boto3/")),
     ("narrow transport: request, answer", ("aws/sqs_json.py",)),
-    ("ours: parse + mask", ("transform.py", "pii/", "models.py")),
-    ("ours: COPY + commit (psycopg2)", ("database/", "batches.py")),
+    ("ours: parse + mask", ("etl/transform.py", "pii/", "models.py")),
+    ("ours: COPY + commit (psycopg2)", ("database/", "etl/commit.py")),
     (
         "ours: loop, reader, retries, metrics",
-        ("pipeline.py", "aws/", "retry.py", "observability.py", "main.py", "cli/"),
+        ("etl/", "aws/", "main.py", "cli/"),
     ),
 ]
 STARTUP = "start-up and shut-down (main thread outside the loop)"

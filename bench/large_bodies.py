@@ -39,9 +39,9 @@ from pathlib import Path
 
 from bench.scenarios import ROOT, Measurement, Services, fresh_database, queue_depth, run_etl
 from config import parse_bytes
+from etl.transform import DEFAULT_MAX_BODY_BYTES
 from sample_data import generate, send
 from tests.fakes import login
-from transform import DEFAULT_MAX_BODY_BYTES
 
 SEED = 42
 MIB = 1_048_576

@@ -31,11 +31,11 @@ from botocore.config import Config
 from config import PipelineOptions
 from database import partitions
 from database.sqs_postgres import PostgresWriter
+from etl.pipeline import Pipeline
+from etl.transform import transform
 from models import MaskedLogin, ReceivedMessage
 from pii.masking import Masker, decode_key, generate_key
-from pipeline import Pipeline
 from tests.fakes import MemoryQueue
-from transform import transform
 
 try:
     from sample_data import send

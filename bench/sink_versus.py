@@ -33,7 +33,7 @@ from config import PipelineOptions
 from database.sqs_postgres import PostgresWriter
 from models import ReceivedMessage
 from pii.masking import Masker, decode_key
-from pipeline import Pipeline
+from etl.pipeline import Pipeline
 from sample_data import generate
 from tests.fakes import MemoryQueue
 

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from cli.exit_codes import EXIT_CONFIG, exit_code_list
 from config import parse_bytes
-from observability import escape_controls
+from etl.observability import escape_controls
 
 # The namespace attribute where RunOption notes the run options given (removed after parsing).
 _RUN_OPTIONS_GIVEN = "run_options_given"

@@ -1,4 +1,4 @@
-"""`check`: the configuration and the services, as a checklist (the checks are health.py's)."""
+"""`check`: the configuration and the services, as a checklist (the checks are etl/check.py's)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from cli.arguments import add_command
 from cli.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, ErrorContext
-from health import Failure, checklist_from_env
+from etl.check import Failure, checklist_from_env
 
 
 def register(subparsers: Any) -> None:

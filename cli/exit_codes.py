@@ -22,10 +22,10 @@ from database.rekey import RekeyInterrupted
 from database.replay import ReplayInterrupted, ReplayNotAudited, ReplaySchemaBehind
 from database.retention import RetentionBusy, RetentionTooShort
 from database.snapshot import SnapshotBusy, SnapshotLockTimeout
-from observability import escape_controls
+from etl.observability import escape_controls
+from etl.pipeline import QueueLost, ServiceLost, Stopped
 from pii.keys import KmsUnavailable
 from pii.masking import MaskingError
-from pipeline import QueueLost, ServiceLost, Stopped
 
 EXIT_OK = 0
 EXIT_UNMASK_FAILED = 1

@@ -10,7 +10,7 @@ from cli.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_SERVICE_LOST, EXIT_UNREACH
 from cli.startup import DEFAULT_RETRY_BUDGET_SECONDS, load_keys, set_up_schema
 from database.replay import Replayer, ReplayRequest, require_current_schema
 from database.sqs_postgres import PostgresWriter
-from transform import retry_quarantined
+from etl.transform import retry_quarantined
 
 
 def register(subparsers: Any) -> None:

@@ -37,10 +37,11 @@ from config import (
 )
 from database.sqs_postgres import PostgresWriter
 from database.token_indexes import TokenIndexer
+from etl.metrics import DEFAULT_METRICS_ADDRESS, Metrics
+from etl.observability import Progress
+from etl.pipeline import Pipeline, Stopped
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff
-from observability import DEFAULT_METRICS_ADDRESS, Metrics, Progress
 from pii.masking import Masker
-from pipeline import Pipeline, Stopped
 
 logger = logging.getLogger(__name__)
 

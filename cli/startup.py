@@ -9,9 +9,9 @@ from cli.exit_codes import ErrorContext
 from config import Settings, redact_dsn
 from database.errors import SchemaBusy
 from database.sqs_postgres import PostgresWriter
+from etl.retry import BudgetExhausted, Retrier, StopState
 from models import DEFAULT_BASE_SECONDS, DEFAULT_CAP_SECONDS, Backoff
 from pii.masking import Masker
-from retry import BudgetExhausted, Retrier, StopState
 
 logger = logging.getLogger(__name__)
 

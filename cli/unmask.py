@@ -13,8 +13,8 @@ from database import key_checks
 from database.audit import AuditLog
 from database.errors import DatabaseError
 from database.sqs_postgres import PostgresWriter
+from etl.observability import escape_controls
 from models import UnmaskAudit
-from observability import escape_controls
 from pii.encoding import canonical_spelling
 from pii.masking import Masker, MaskingError, token_version
 

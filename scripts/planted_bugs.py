@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> (file, text as it is, text with the bug, what the bug does)
 BUGS: dict[str, tuple[str, str, str, str]] = {
     "no-track": (
-        "pipeline.py",
+        "etl/pipeline.py",
         "self.keeper.track(messages)",
         "pass  # planted: the keeper never tracks",
         "the loop never tracks a message for extension (the keeper's `track` call removed)",
@@ -38,7 +38,7 @@ BUGS: dict[str, tuple[str, str, str, str]] = {
         "the keeper extends with VisibilityTimeout=0 (every message in hand handed back at once)",
     ),
     "no-retry-budget": (
-        "pipeline.py",
+        "etl/pipeline.py",
         "budget_seconds=None if options.follow else options.retry_budget_seconds",
         "budget_seconds=None if options.follow else 0.0",
         "a drain gives up at its first transient error (retry budget 0)",

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from datetime import date
 from typing import Protocol
 
+from etl.transform import reject, transform
 from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
 from tests.fake_queue import MIDNIGHT_MS
 from tests.fakes import MASKER, body
-from transform import reject, transform
 
 
 class Session(Protocol):

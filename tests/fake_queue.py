@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 from aws.limits import BATCH_LIMIT as MAX_MESSAGES_PER_RECEIVE  # the fake keeps SQS's limit
 from aws.sqs import QueueUnusable, SqsUnavailable
+from etl.retry import Clock
 from models import ReceivedMessage
-from retry import Clock
 
 MS_PER_DAY = 86_400_000
 # 2023-11-14 00:00:00 UTC: the default SentTimestamps straddle this midnight.

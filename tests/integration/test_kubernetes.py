@@ -247,7 +247,7 @@ def test_the_scaler_watches_the_queue_the_etl_consumes_with_string_metadata(exam
 
 def test_queue_length_exceeds_what_one_busy_replica_holds_in_flight(example) -> None:
     """With scaleOnInFlight a replica's own messages count: below this, one busy replica would look
-    like work for two. The ceiling follows the loop's bounds (pipeline.py) for the configured flags."""
+    like work for two. The ceiling follows the loop's bounds (etl/pipeline.py) for the configured flags."""
     deployment = one(example, "Deployment")
     env = resolved_env(example, deployment, {("login-etl-database", "url"): DATABASE_URL})
     args = build_parser().parse_args(expanded_args(container(deployment), env))

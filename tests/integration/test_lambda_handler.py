@@ -28,6 +28,7 @@ import pytest
 import lambda_handler
 from config import Settings
 from database.sqs_postgres import PostgresWriter
+from etl.observability import JsonFormatter
 from helpers import (
     TEST_KMS_ENDPOINT,
     TEST_SQS_ENDPOINT,
@@ -40,7 +41,6 @@ from helpers import (
     unavailable,
 )
 from lambda_handler import SqsBatchHandler
-from observability import JsonFormatter
 from pii.keys import generate_wrapped_key
 from pii.masking import Masker, decode_key
 from proxy import TcpProxy, blackhole_unavailable

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 import lambda_handler
+from etl.transform import DEFAULT_MAX_BODY_BYTES, TOO_LARGE_PREFIX_BYTES, TRUNCATED_MARKER
 from helpers import assert_exactly_once, dump_schema, output, query, queue_counts, start_etl
 from pii.masking import BODY_FIELD, Masker, decode_key
 from tests.fakes import login
-from transform import DEFAULT_MAX_BODY_BYTES, TOO_LARGE_PREFIX_BYTES, TRUNCATED_MARKER
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from observability import Metrics
+from etl.metrics import Metrics
 
 HALF_SENT = 60
 

@@ -21,13 +21,13 @@ from database import partitions
 from database.schema import SCHEMA_VERSION
 from database.sqs_postgres import PostgresWriter
 from database.token_indexes import index_closed_days
+from etl.transform import transform
 from helpers import connect_at_once, login, query
 from main import main
 from models import MaskedLogin, ReceivedMessage, WriteResult
 from pii.masking import Masker, decode_key, generate_key
 from roles import apply_roles_sql, readme_auditor_query
 from tests.legacy_tokens import legacy_token
-from transform import transform
 
 ROOT = Path(__file__).resolve().parents[2]
 masker = Masker(bytes(64))

@@ -161,19 +161,19 @@ def test_a_slow_batch_has_its_visibility_extended_instead_of_being_redelivered(e
 
 def test_a_looping_failure_is_quarantined_after_max_receives_not_looped_forever(etl_env, sqs_client, monkeypatch):
     import main
-    import transform
+    from etl import batch as etl_batch  # prepare() calls transform() there
 
     queue_url = etl_env["SQS_QUEUE_URL"]
     set_visibility(sqs_client, queue_url, 1)
     ids = send(sqs_client, queue_url, [login(n) for n in range(5)] + [login(99, user_id="poison")])
-    real = transform.transform
+    real = etl_batch.transform
 
     def flaky(message, masker):  # a bug that trips on one message, whatever its content's validity
         if '"poison"' in message.body:
             raise RuntimeError("boom")
         return real(message, masker)
 
-    monkeypatch.setattr(transform, "transform", flaky)
+    monkeypatch.setattr(etl_batch, "transform", flaky)
     for _ in range(20):
         assert main.main(["--max-receives", "3", "--wait-seconds", "2"]) == 0
         if queue_counts(sqs_client, queue_url) == (0, 0):
@@ -192,7 +192,7 @@ def test_with_a_redrive_policy_a_looping_message_is_quarantined_before_it_is_dea
     etl_env, sqs_client, monkeypatch
 ) -> None:
     import main
-    import transform
+    from etl import batch as etl_batch  # prepare() calls transform() there
 
     queue_url = etl_env["SQS_QUEUE_URL"]
     dlq = sqs_client.create_queue(QueueName=queue_url.rsplit("/", 1)[1] + "-dlq")["QueueUrl"]
@@ -202,7 +202,7 @@ def test_with_a_redrive_policy_a_looping_message_is_quarantined_before_it_is_dea
             sqs_client, queue_url, 1, RedrivePolicy=f'{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"3"}}'
         )
         ids = send(sqs_client, queue_url, [login(1, user_id="poison")])
-        monkeypatch.setattr(transform, "transform", lambda message, masker: 1 / 0)
+        monkeypatch.setattr(etl_batch, "transform", lambda message, masker: 1 / 0)
         for _ in range(20):
             assert main.main(["--max-receives", "10", "--wait-seconds", "2"]) == 0
             if queue_counts(sqs_client, queue_url) == (0, 0):

@@ -23,11 +23,11 @@ from database.copy_format import copy_text
 from database.replay import Replayer, ReplayRequest, ReplayResult
 from database.schema import COLUMN_LIST, SCHEMA_VERSION
 from database.sqs_postgres import PostgresWriter
+from etl.transform import retry_quarantined
 from helpers import login, query, send
 from main import main
 from models import MaskedLogin, Rejection
 from pii.masking import BODY_FIELD, Masker, decode_key
-from transform import retry_quarantined
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,17 +68,17 @@ def audits(database_url: str) -> list[tuple]:
 
 
 def test_a_poison_loop_quarantine_is_replayed_once_its_cause_is_gone(etl_env, sqs_client, monkeypatch, capsys):
-    import transform
+    from etl import batch as etl_batch  # prepare() calls transform() there
 
     ids = send(sqs_client, etl_env["SQS_QUEUE_URL"], [login(n) for n in range(5)] + [login(99, user_id="poison")])
-    real = transform.transform
+    real = etl_batch.transform
 
     def flaky(message, masker):  # a bug that trips on one good message
         if '"poison"' in message.body:
             raise RuntimeError("boom")
         return real(message, masker)
 
-    monkeypatch.setattr(transform, "transform", flaky)
+    monkeypatch.setattr(etl_batch, "transform", flaky)
     assert main(["--max-receives", "1", "--wait-seconds", "1"]) == EXIT_OK
     db = etl_env["DATABASE_URL"]
     assert quarantined(db) == {ids[-1]: ("processing failed 1 times: RuntimeError", False)}
@@ -88,7 +88,7 @@ def test_a_poison_loop_quarantine_is_replayed_once_its_cause_is_gone(etl_env, sq
     assert quarantined(db) == {ids[-1]: ("processing failed on replay: RuntimeError", False)}
     assert len(loaded(db)) == 5
 
-    monkeypatch.setattr(transform, "transform", real)  # the fix is deployed
+    monkeypatch.setattr(etl_batch, "transform", real)  # the fix is deployed
     capsys.readouterr()
     assert main(["replay", "--reason", "INC-42 fixed", "--requested-by", "alice"]) == EXIT_OK
     out = capsys.readouterr().out

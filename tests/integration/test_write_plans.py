@@ -18,9 +18,9 @@ import pytest
 from psycopg2.extensions import make_dsn, parse_dsn
 
 from database.sqs_postgres import PostgresWriter
+from etl.transform import reject, transform
 from models import ReceivedMessage, Rejection
 from tests.fakes import MASKER, body
-from transform import reject, transform
 
 pytestmark = pytest.mark.slow
 

@@ -10,21 +10,20 @@ from collections.abc import Sequence
 
 import pytest
 
-from batches import BytesInHand
 from config import ConfigError, Settings, byte_count, parse_bytes
-from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
-from pii.masking import BODY_FIELD
-from pipeline import Pipeline
-from tests.fakes import MASKER, FakeQueue, FakeSink, body, options, run_in_thread, wait_until
-from transform import (
+from etl.batch import BytesInHand, prepare
+from etl.pipeline import Pipeline
+from etl.transform import (
     DEFAULT_MAX_BODY_BYTES,
     TOO_LARGE_PREFIX_BYTES,
     TRUNCATED_MARKER,
-    prepare,
     retry_quarantined,
     too_large,
     transform,
 )
+from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
+from pii.masking import BODY_FIELD
+from tests.fakes import MASKER, FakeQueue, FakeSink, body, options, run_in_thread, wait_until
 
 LIMIT = 4096
 SENT_MS = 1_700_000_000_000

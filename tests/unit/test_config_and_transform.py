@@ -8,9 +8,9 @@ from datetime import date
 import pytest
 
 from config import DEFAULT_DATABASE_URL, DEFAULT_QUEUE_URL, ConfigError, Settings, redact_dsn
+from etl.transform import transform
 from models import MaskedLogin, ReceivedMessage, Rejection
 from pii.masking import Masker, generate_key
-from transform import transform
 
 KEY = generate_key()
 
@@ -108,7 +108,7 @@ def test_a_message_without_a_sent_time_gets_the_same_create_date_on_every_delive
         def now(cls, tz=None):
             return real_datetime.datetime.now(tz) + real_datetime.timedelta(days=1)
 
-    import transform as transform_module
+    from etl import transform as transform_module
 
     monkeypatch.setattr(transform_module, "datetime", Tomorrow, raising=False)
     again = transform(message(body, sent_ms=None), masker)

@@ -7,9 +7,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from etl.metrics import Metrics
+from etl.pipeline import Pipeline
+from etl.probes import Health
 from models import MaskedLogin, Rejection, WriteResult
-from observability import Health, Metrics
-from pipeline import Pipeline
 from tests import fakes
 from tests.fakes import FakeClock, FakeQueue, FakeSink
 

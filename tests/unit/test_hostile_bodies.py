@@ -13,10 +13,11 @@ import json
 from hypothesis import HealthCheck, given, settings
 
 from database.copy_format import copy_text
+from etl.batch import prepare
+from etl.transform import TOO_LARGE_PREFIX_BYTES, TRUNCATED_MARKER
 from models import MaskedLogin, ReceivedMessage
 from pii.masking import BODY_FIELD, Masker, canonical
 from tests.strategies import bodies, pii_markers
-from transform import TOO_LARGE_PREFIX_BYTES, TRUNCATED_MARKER, prepare
 
 MASKER = Masker(bytes(64))
 SENT_MS = 1_800_000_000_000

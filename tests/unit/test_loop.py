@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import pytest
 
 from database.errors import DatabaseUnavailable
+from etl.pipeline import Pipeline, ServiceLost, Stopped
 from models import MaskedLogin, ReceivedMessage, Rejection
 from pii.masking import Masker
-from pipeline import Pipeline, ServiceLost, Stopped
 from tests.fakes import (
     MASKER,
     FailingSink,

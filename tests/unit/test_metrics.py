@@ -8,11 +8,12 @@ from datetime import datetime, timezone
 import pytest
 from prometheus_client import generate_latest
 
+from etl.batch import Batch, prepare
+from etl.metrics import ERROR_KINDS, Metrics
+from etl.transform import REASON_LABELS, poison_rule, retry_quarantined, transform
 from models import InvalidMessage, LoginEvent, ReceivedMessage, Rejection, WriteResult
-from observability import ERROR_KINDS, Metrics
 from pii.masking import Masker
 from tests.fakes import GOOD_LOGIN
-from transform import REASON_LABELS, Batch, poison_rule, prepare, retry_quarantined, transform
 
 MASKER = Masker(bytes(64))
 NOW = 1_800_000_000.0  # the fake clock's "now", in Unix seconds
@@ -134,7 +135,7 @@ def test_a_replayed_body_is_validated_as_today() -> None:
 def test_the_batch_histogram_exposes_what_prometheus_client_s_histogram_would() -> None:
     from prometheus_client import CollectorRegistry, Histogram
 
-    from observability import BatchHistogram
+    from etl.metrics import BatchHistogram
 
     buckets = (0.25, 0.5, 1, 2.5, 5, 10, 30)
     values = [0.25, 0.5, 1.0, 10.0, 30.0, 31.0, 0.0, 2.4999, 7.0] * 50 + [n / 7 for n in range(300)]

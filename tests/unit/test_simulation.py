@@ -50,10 +50,10 @@ import pytest
 
 from aws.sqs import SqsUnavailable  # noqa: F401 - the fakes raise it; imported for replay sessions
 from config import PipelineOptions
+from etl.observability import Stats
+from etl.pipeline import Pipeline, QueueLost, ServiceLost, Stopped
 from models import ReceivedMessage
-from observability import Stats
 from pii.masking import Masker
-from pipeline import Pipeline, QueueLost, ServiceLost, Stopped
 from tests.fakes import FakeClock, FakeQueue, FakeSink, FakeTables, Faults, run_in_thread, spread_timestamps
 
 MASKER = Masker(bytes(64))

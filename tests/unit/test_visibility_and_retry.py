@@ -13,8 +13,8 @@ from botocore.stub import Stubber
 
 from aws.sqs import SqsReader, SqsUnavailable
 from aws.visibility import ExtendResult, VisibilityKeeper
+from etl.retry import Abandoned, BudgetExhausted, Retrier, StopDeadlinePassed, StopState
 from models import Backoff, ReceivedMessage
-from retry import Abandoned, BudgetExhausted, Retrier, StopDeadlinePassed, StopState
 from tests.fakes import FakeClock
 
 

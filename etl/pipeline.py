@@ -4,12 +4,12 @@ Ordering (the promise "no message lost, none stored twice"):
 
 1. Receiver threads long-poll the source, parse and mask what they received (transform.py), and
    hand it to a bounded inbox (back-pressure: receivers wait when the database is slower). The
-   messages in hand are bounded by count (the inbox) and by bytes (batches.BytesInHand: a receiver
+   messages in hand are bounded by count (the inbox) and by bytes (batch.BytesInHand: a receiver
    waits before it receives while the bytes in hand, with its receive counted at its worst, would
    pass --max-bytes-in-hand). Bodies are let go at the commit, not at the delete.
-2. The writer takes batches from the inbox (batches.Batcher: cut by size or age), writes logins
-   and rejections in ONE transaction (batches.Committer), and only after the commit hands the
-   batch to the deleters (batches.Deleters).
+2. The writer takes batches from the inbox (batch.Batcher: cut by size or age), writes logins
+   and rejections in ONE transaction (commit.Committer), and only after the commit hands the
+   batch to the deleters (deletes.Deleters).
 3. Deletes of batch k run while batch k+1 is received and written. A crash anywhere before a
    delete leaves the message in the queue; it comes back and is not stored again (the unique
    `message_id`; see database/sqs_postgres.py).
@@ -34,13 +34,14 @@ from collections.abc import Callable, Sequence
 from aws.limits import BATCH_LIMIT, chunks
 from aws.sqs import QueueUnusable, SqsUnavailable
 from aws.visibility import ExtendResult, VisibilityKeeper
-from batches import Batcher, BytesInHand, Committer, Deleters
 from config import PipelineOptions
+from etl.batch import Batcher, BytesInHand, Prepared, prepare
+from etl.commit import Committer
+from etl.deletes import Deleters
+from etl.observability import Observer, Stats
+from etl.retry import STOP_MARGIN_SECONDS, Abandoned, BudgetExhausted, Clock, Retrier, StopDeadlinePassed, StopState
 from models import Backoff, BatchSink, MessageSource, ReceivedMessage
-from observability import Observer, Stats
 from pii.masking import Masker
-from retry import STOP_MARGIN_SECONDS, Abandoned, BudgetExhausted, Clock, Retrier, StopDeadlinePassed, StopState
-from transform import Prepared, prepare
 
 logger = logging.getLogger(__name__)
 

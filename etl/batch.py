@@ -1,148 +1,24 @@
-"""What happens to each message, as plain functions: the size policy, parse and mask, quarantine,
-the poison rule.
-
-And `Batch`: the messages of one transaction, what to write for them, and which of them may be
-deleted once it has committed; `reason_kind`: the bounded kind of a rejection reason (a metric
-label); `retry_quarantined`: today's validation of a quarantined message (`replay`).
-"""
+"""A batch's way from the receivers to the writer: each receive prepared (`prepare`: parsed,
+masked, or quarantined), the bytes in hand bounded (BytesInHand), the prepared receives gathered
+(Batcher) into the messages of one transaction (Batch), and what this process quarantined lately
+(RecentQuarantine)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import queue
+import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 
-from models import REJECTION_KINDS, InvalidMessage, LoginEvent, MaskedLogin, ReceivedMessage, Rejection, body_bytes
-from pii.masking import BODY_FIELD, Masker
+from config import PipelineOptions
+from etl.transform import DEFAULT_MAX_BODY_BYTES, TOO_LARGE, poison_rule, reject, too_large, transform
+from models import MaskedLogin, ReceivedMessage, Rejection, body_bytes
+from pii.masking import Masker
 
 logger = logging.getLogger(__name__)
-
-# The size policy: a body larger than this (UTF-8 bytes, as SQS counts) is quarantined without being
-# parsed (--max-body-bytes, MAX_BODY_BYTES). A login event is a few hundred bytes; SQS takes up to 1 MiB.
-DEFAULT_MAX_BODY_BYTES = 65_536
-# What is kept of such a body: its first bytes, encrypted, behind a marker that says so (replay
-# refuses it: it is not the message). Its length and SHA-256 are in the reason.
-TOO_LARGE_PREFIX_BYTES = 4096
-TOO_LARGE = "body too large"
-TRUNCATED_MARKER = "[login-etl: body too large, only its first bytes kept] "
-
-# The `reason` label of login_etl_messages_rejected_total: a Rejection's kind, or "other".
-REASON_LABELS = (*REJECTION_KINDS, "other")
-
-
-def transform(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejection:
-    """Parse and mask one message: a row for `user_logins`, or a Rejection with its reason.
-
-    Fields other than the event's are ignored: a valid event is stored without them. The size
-    policy comes first, in `prepare` (`too_large`).
-    """
-    try:
-        event = LoginEvent.from_body(message.body)
-    except InvalidMessage as exc:
-        return reject(message, masker, str(exc), exc.kind)
-    masked_ip, masked_network = masker.mask_ip(event.ip)
-    return MaskedLogin(
-        message_id=message.message_id,
-        user_id=event.user_id,
-        device_type=event.device_type,
-        masked_ip=masked_ip,
-        masked_device_id=masker.mask("device_id", event.device_id),
-        locale=event.locale,
-        app_version=event.app_version,
-        create_date=message.create_date,
-        masked_network=masked_network,
-    )
-
-
-def reject(message: ReceivedMessage, masker: Masker, reason: str, kind: str) -> Rejection:
-    """A Rejection whose body is encrypted whole (a bad body may hold PII anywhere); `kind`, one of
-    models.REJECTION_KINDS, says what `reason` says in words."""
-    return Rejection(
-        message_id=message.message_id,
-        reason=reason,
-        encrypted_body=masker.mask(BODY_FIELD, message.body),
-        sent_at=message.sent_at,
-        receive_count=message.receive_count,
-        kind=kind,
-    )
-
-
-def too_large(message: ReceivedMessage, masker: Masker, max_body_bytes: int) -> Rejection | None:
-    """The size policy: a body over `max_body_bytes` is quarantined by `reject_too_large` without
-    being parsed, whatever it holds (a valid event with large unknown fields too); None otherwise."""
-    if len(message.body) <= max_body_bytes // 4:  # so few characters cannot be too many bytes
-        return None
-    size = body_bytes(message.body)
-    return reject_too_large(message, masker, size, max_body_bytes) if size > max_body_bytes else None
-
-
-def reject_too_large(message: ReceivedMessage, masker: Masker, size: int, limit: int) -> Rejection:
-    """A Rejection for a body over the size limit, bounded whatever the body: its first
-    TOO_LARGE_PREFIX_BYTES encrypted behind TRUNCATED_MARKER, its length and SHA-256 in the reason
-    (enough to match it against the sender's copy; not a value of the body)."""
-    body = message.body
-    digest = hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
-    prefix = body[:TOO_LARGE_PREFIX_BYTES]
-    if not prefix.isascii():  # up to 4 bytes a character
-        prefix = body[: TOO_LARGE_PREFIX_BYTES // 4]
-    kept = body_bytes(prefix)
-    return Rejection(
-        message_id=message.message_id,
-        reason=f"{TOO_LARGE}: {size} bytes, limit {limit}; sha256 {digest}; first {kept} bytes kept",
-        encrypted_body=masker.mask(BODY_FIELD, TRUNCATED_MARKER + prefix),
-        sent_at=message.sent_at,
-        receive_count=message.receive_count,
-        kind="body_too_large",
-    )
-
-
-def poison_rule(message: ReceivedMessage, exc: Exception, masker: Masker, max_receives: int) -> Rejection | None:
-    """A message whose processing raised: None (leave it for redelivery) until it has looped
-    `max_receives` times, then its quarantine row."""
-    reason = f"processing failed {message.receive_count} times: {type(exc).__name__}"
-    if message.receive_count >= max_receives:
-        logger.error(
-            "message %s quarantined: %s",
-            message.message_id,
-            reason,
-            extra={"message_id": message.message_id, "reason": reason},
-        )
-        return reject(message, masker, reason, "processing_failed")
-    logger.error(
-        "message %s failed (%s, receive %d of %d before quarantine); left for redelivery",
-        message.message_id,
-        type(exc).__name__,
-        message.receive_count,
-        max_receives,
-        extra={"message_id": message.message_id, "error": type(exc).__name__},
-    )
-    return None
-
-
-def retry_quarantined(
-    message_id: str,
-    encrypted_body: str,
-    sent_at: datetime | None,
-    masker: Masker,
-) -> MaskedLogin | str:
-    """Today's validation of a quarantined message: its row for `user_logins`, or why it still fails.
-
-    The body is decrypted in memory only and never returned, logged or put in the reason (reasons
-    never quote a value). Raises MaskingError when the body does not decrypt under the keys held.
-    """
-    body = masker.unmask(encrypted_body, (BODY_FIELD,))
-    if body.startswith(TRUNCATED_MARKER):
-        return f"{TOO_LARGE}: only its first bytes were kept, it cannot be replayed"
-    sent_ms = None if sent_at is None else int(sent_at.timestamp() * 1000)
-    message = ReceivedMessage(message_id, "", body, sent_timestamp_ms=sent_ms)
-    try:
-        result = transform(message, masker)
-    except Exception as exc:  # noqa: BLE001 - the bug that quarantined it may still be there
-        return f"processing failed on replay: {type(exc).__name__}"
-    return result.reason if isinstance(result, Rejection) else result
 
 
 @dataclass(slots=True)
@@ -290,3 +166,118 @@ class RecentQuarantine:
 
     def holds_any(self, message_ids: Iterable[str]) -> bool:
         return any(message_id in self._ids for message_id in message_ids)
+
+
+# How long the writer waits on an empty inbox before it looks around again (the liveness turn).
+IDLE_WAIT_SECONDS = 0.5
+
+
+class BytesInHand:
+    """The bytes of the messages in hand, bounded: what receivers got and the writer has not yet
+    committed, plus each receive in flight counted at its worst (`per_receive`: SQS may return 10
+    messages of the queue's largest size, and nothing asks it for fewer bytes).
+
+    A receiver `reserve`s that worst case before it receives, waiting while it would pass `limit`
+    (back-pressure: the writer is behind, or large bodies are in hand), then `settle`s the
+    reservation to what it actually holds; the writer `release`s a batch's bytes once it has
+    committed. So the bytes in hand never pass `limit`, whatever the bodies' sizes.
+    """
+
+    def __init__(self, limit: int, per_receive: int) -> None:
+        self.limit = limit
+        self.per_receive = min(per_receive, limit)  # one receive always fits
+        self._held = 0
+        self._changed = threading.Condition()
+
+    @property
+    def batch_bytes(self) -> int:
+        """Where a batch is cut: half the bound (the next batch gathers while one is written), and
+        never so much that a receive would wait for room while the batch waits for its age."""
+        return max(1, min(self.limit // 2, self.limit - self.per_receive))
+
+    @property
+    def held(self) -> int:
+        """Bytes held or reserved now."""
+        return self._held
+
+    def reserve(self, stopping: Callable[[], bool]) -> bool:
+        """Wait for room for one receive and take it; False (nothing taken) once `stopping()`."""
+        with self._changed:
+            while self._held + self.per_receive > self.limit:
+                if stopping():
+                    return False
+                self._changed.wait(0.1)
+            self._held += self.per_receive
+            return True
+
+    def settle(self, nbytes: int) -> None:
+        """A receive returned: its reservation becomes the `nbytes` it holds (0 if none)."""
+        self.release(self.per_receive - nbytes)
+
+    def release(self, nbytes: int) -> None:
+        """`nbytes` are no longer in hand (committed, or never received)."""
+        with self._changed:
+            self._held -= nbytes
+            # Wake only the receivers the room fits (each wakes, reserves, and goes): waking them
+            # all at every receive's settle cost more CPU than the receives of a fast queue.
+            room = (self.limit - self._held) // self.per_receive
+            if room > 0:
+                self._changed.notify(room)
+
+
+class Batcher:
+    """Gathers the receivers' prepared messages into batches: a batch is cut when it holds
+    `batch_size` messages or `batch_bytes` bytes (BytesInHand.batch_bytes), when its oldest message
+    is `flush_seconds` old, or when every one of `receivers` has finished (each puts None into the
+    inbox when it ends)."""
+
+    def __init__(
+        self,
+        inbox: queue.Queue[Prepared | None],
+        options: PipelineOptions,
+        *,
+        batch_bytes: int,
+        on_turn: Callable[[], None],
+    ) -> None:
+        self._inbox = inbox
+        self._live = options.receivers
+        self._batch_size = options.batch_size
+        self._batch_bytes = batch_bytes
+        self._nbytes = 0
+        self._flush_seconds = options.flush_seconds
+        self._on_turn = on_turn
+        self._parts: list[Prepared] = []
+        self._size = 0
+        self._oldest = 0.0
+
+    def take(self) -> list[Prepared] | None:
+        """The next batch (blocking until one is due); None once every receiver has finished and
+        nothing is left."""
+        while self._live:
+            self._on_turn()
+            if self._parts:
+                timeout = max(0.0, self._oldest + self._flush_seconds - time.monotonic())
+            else:
+                timeout = IDLE_WAIT_SECONDS
+            try:
+                item = self._inbox.get(timeout=timeout)
+            except queue.Empty:
+                pass  # the oldest message's age may have come due
+            else:
+                if item is None:
+                    self._live -= 1
+                else:
+                    if not self._parts:
+                        self._oldest = time.monotonic()
+                    self._parts.append(item)
+                    self._size += len(item.messages)
+                    self._nbytes += item.nbytes
+            if self._parts and (
+                self._size >= self._batch_size
+                or self._nbytes >= self._batch_bytes
+                or time.monotonic() - self._oldest >= self._flush_seconds
+                or not self._live
+            ):
+                parts, self._parts, self._size, self._nbytes = self._parts, [], 0, 0
+                return parts
+        return None

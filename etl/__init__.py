@@ -1,0 +1,1 @@
+"""The consume loop: receive, prepare, batch, write, delete (etl/pipeline.py orchestrates)."""
