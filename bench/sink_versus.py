@@ -33,7 +33,10 @@ from config import PipelineOptions
 from database.sqs_postgres import PostgresWriter
 from models import ReceivedMessage
 from pii.masking import Masker, decode_key
-from etl.pipeline import Pipeline
+try:
+    from etl.pipeline import Pipeline
+except ImportError:  # a revision before the etl/ package
+    from pipeline import Pipeline
 from sample_data import generate
 from tests.fakes import MemoryQueue
 
