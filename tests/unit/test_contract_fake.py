@@ -13,7 +13,14 @@ import pytest
 from models import ReceivedMessage
 from tests import contract_sink as sink_contract
 from tests.contract_sink import OpenSessions, Session, Stored
-from tests.contract_sqs import SCENARIOS, QueueUnderTest
+from tests.contract_sqs import (
+    FAKE_ONLY_FIFO_SCENARIOS,
+    FIFO_SCENARIOS,
+    SCENARIOS,
+    FifoQueueUnderTest,
+    QueueUnderTest,
+)
+from tests.fake_fifo_queue import FakeFifoQueue
 from tests.fakes import FakeClock, FakeQueue, FakeSink, FakeTables
 
 
@@ -58,6 +65,44 @@ def test_the_fake_queue_keeps_the_sqs_contract(scenario: Callable[..., None]) ->
         return FakeUnderTest(visibility_timeout_seconds, max_receive_count)
 
     scenario(make)
+
+
+class FakeFifoUnderTest:
+    """A FakeFifoQueue on its own virtual clock."""
+
+    def __init__(self, visibility_timeout_seconds: int = 30, *, content_based_deduplication: bool = False) -> None:
+        self.clock = FakeClock()
+        self.queue = FakeFifoQueue(
+            clock=self.clock,
+            visibility_timeout_seconds=visibility_timeout_seconds,
+            content_based_deduplication=content_based_deduplication,
+        )
+        self.queue.empty_wait_seconds = 0.0
+
+    def send(self, body: str, *, group: str, deduplication_id: str | None = None) -> str:
+        return self.queue.send(body, group=group, deduplication_id=deduplication_id)
+
+    def receive(self) -> list[ReceivedMessage]:
+        return self.queue.receive()
+
+    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+        return self.queue.delete(messages)
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def sleep_until(self, when: float) -> None:
+        self.clock.advance(when - self.clock.now())
+
+
+@pytest.mark.parametrize(
+    "scenario", [*FIFO_SCENARIOS, *FAKE_ONLY_FIFO_SCENARIOS], ids=lambda scenario: scenario.__name__
+)
+def test_the_fake_fifo_queue_keeps_the_fifo_contract(scenario: Callable[..., None]) -> None:
+    def make_fifo(visibility_timeout_seconds: int = 30, *, content_based_deduplication: bool = False) -> FifoQueueUnderTest:
+        return FakeFifoUnderTest(visibility_timeout_seconds, content_based_deduplication=content_based_deduplication)
+
+    scenario(make_fifo)
 
 
 def fake_database() -> tuple[OpenSessions, Stored]:
