@@ -222,7 +222,7 @@ def a_fifo_group_is_released_when_its_heads_visibility_timeout_passes(make_fifo:
 
 
 def a_fifo_deduplication_id_is_remembered_after_its_message_is_deleted(make_fifo: MakeFifo) -> None:
-    """"Amazon SQS continues to keep track of the message deduplication ID even after the message is
+    """ "Amazon SQS continues to keep track of the message deduplication ID even after the message is
     received and deleted" (SendMessage, MessageDeduplicationId): a send with that id within the
     5-minute interval is accepted and not delivered."""
     queue = make_fifo(30)

@@ -99,7 +99,9 @@ class FakeFifoUnderTest:
     "scenario", [*FIFO_SCENARIOS, *FAKE_ONLY_FIFO_SCENARIOS], ids=lambda scenario: scenario.__name__
 )
 def test_the_fake_fifo_queue_keeps_the_fifo_contract(scenario: Callable[..., None]) -> None:
-    def make_fifo(visibility_timeout_seconds: int = 30, *, content_based_deduplication: bool = False) -> FifoQueueUnderTest:
+    def make_fifo(
+        visibility_timeout_seconds: int = 30, *, content_based_deduplication: bool = False
+    ) -> FifoQueueUnderTest:
         return FakeFifoUnderTest(visibility_timeout_seconds, content_based_deduplication=content_based_deduplication)
 
     scenario(make_fifo)
