@@ -11,6 +11,9 @@ contract suite (tests/contract_sqs.py, FIFO_SCENARIOS) runs the same scenarios o
   send's MessageId. The id is remembered from its send, also after that message was deleted;
 - visibility, receipt handles, ApproximateReceiveCount and the redrive policy as FakeQueue's: a
   group's head moved to the dead-letter queue releases the group;
+- a receive that finds nothing to deliver while messages wait behind a group in flight waits (in
+  real time, up to `long_poll_seconds`) for a delete or a visibility change to release one, as
+  SQS's long poll (WaitTimeSeconds) does; 0: it answers at once, as a receive without a long poll;
 - no injected duplicates: FIFO queues "don't introduce duplicate messages", so the `duplicate` and
   `ghost` faults are refused (the other faults apply as on FakeQueue).
 
@@ -21,8 +24,11 @@ SequenceNumber, the 300 transactions per second quota, and a DelaySeconds per qu
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Callable, Sequence
 
+from models import ReceivedMessage
 from tests.fake_queue import MAX_MESSAGES_PER_RECEIVE, FakeClock, FakeQueue, Faults, QueuedMessage
 
 DEDUPLICATION_INTERVAL_SECONDS = 300  # SendMessage's MessageDeduplicationId: "the 5-minute deduplication interval"
@@ -57,6 +63,8 @@ class FakeFifoQueue(FakeQueue):
         self.content_based_deduplication = content_based_deduplication
         self.groups = {message_id: group for (message_id, _), group in zip(bodies, groups, strict=True)}
         self._sent: dict[str, tuple[str, float]] = {}  # deduplication id -> MessageId, virtual send time
+        self.long_poll_seconds = 5.0
+        self._released = threading.Condition(self._lock)  # notified by deletes and visibility changes
 
     def send(self, body: str, *, group: str | None = None, deduplication_id: str | None = None) -> str:
         """SendMessage: a new message at the end of `group`, or, for a deduplication id sent within
@@ -78,6 +86,36 @@ class FakeFifoQueue(FakeQueue):
             self.groups[message_id] = group
             self._sent[deduplication_id] = (message_id, now)
         return message_id
+
+    def receive(self, consumer: str = "") -> list[ReceivedMessage]:
+        """ReceiveMessage, after waiting (the long poll) while every message left is in flight or
+        behind one in flight."""
+        deadline = time.monotonic() + self.long_poll_seconds
+        with self._released:
+            while self._only_blocked(self.clock.now()) and (left := deadline - time.monotonic()) > 0:
+                # Short waits: a release between this check and the wait must not cost the whole poll.
+                self._released.wait(min(left, 0.05))
+        return super().receive(consumer)
+
+    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+        try:
+            return super().delete(messages)
+        finally:
+            with self._released:
+                self._released.notify_all()
+
+    def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]:
+        try:
+            return super().change_visibility(messages, timeout_seconds)
+        finally:
+            with self._released:
+                self._released.notify_all()
+
+    def _only_blocked(self, now: float) -> bool:
+        """True when messages are left and none of them can be delivered now (the caller holds the lock)."""
+        left = [m for m in self._messages.values() if not m.deleted]
+        busy = {self.groups[m.message_id] for m in left if m.visible_at > now}
+        return bool(left) and all(self.groups[m.message_id] in busy for m in left)
 
     def _take(self, now: float) -> list[QueuedMessage]:
         """The visible messages of the groups with nothing in flight, in send order within each

@@ -78,6 +78,7 @@ class FakeFifoUnderTest:
             content_based_deduplication=content_based_deduplication,
         )
         self.queue.empty_wait_seconds = 0.0
+        self.queue.long_poll_seconds = 0.0  # as the emulators' reader: no long poll
 
     def send(self, body: str, *, group: str, deduplication_id: str | None = None) -> str:
         return self.queue.send(body, group=group, deduplication_id=deduplication_id)
