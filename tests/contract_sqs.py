@@ -5,7 +5,10 @@ documented behaviour and the emulator's), never silently.
 
 A scenario gets a factory: `make(visibility_timeout_seconds, max_receive_count=None)` returns a
 `QueueUnderTest`. Times are short (a 2-second timeout), so each scenario takes a few seconds on an
-emulator and none on the fake (its clock is virtual).
+emulator and none on the fake (its clock is virtual). The FIFO scenarios get
+`make_fifo(visibility_timeout_seconds=30, *, content_based_deduplication=False)`, which returns a
+`FifoQueueUnderTest`; those in FAKE_ONLY_FIFO_SCENARIOS run on the fake alone, each for the reason
+given there (the emulator tests list them as skipped with it).
 """
 
 from __future__ import annotations

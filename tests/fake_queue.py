@@ -18,6 +18,8 @@ tests/integration/test_contract_sqs.py, runs the same scenarios against the emul
   whole process longer than the timeout.
 
 Time: `clock.now()`. A clock that nobody advances (the default) means nothing ever expires.
+A FIFO queue is FakeFifoQueue (tests/fake_fifo_queue.py), a subclass: it chooses what a receive
+takes (`_take`) and deduplicates sends.
 """
 
 from __future__ import annotations

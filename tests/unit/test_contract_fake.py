@@ -146,3 +146,19 @@ def test_first_deliveries_go_straight_unless_a_redelivered_copy_was_quarantined_
     loading.write([sink_contract.login(4)], [], received_since=0.0)  # receive time unknown (the Lambda)
     how = {message_id: kind for table, message_id, _, kind in tables.inserts if table == "user_logins"}
     assert how == {"m0000": "copy", "m0001": "copy", "m0002": "staged", "m0003": "copy", "m0004": "staged"}
+
+
+def test_a_fifo_groups_head_moved_to_the_dead_letter_queue_releases_its_group() -> None:
+    """Not in the contract (the emulator adapter makes no FIFO dead-letter queue): the redrive policy
+    as on the standard fake; the group's next message is delivered in the receive that moves its head."""
+    queue = FakeFifoQueue(clock=FakeClock(), max_receive_count=2)
+    queue.empty_wait_seconds = queue.long_poll_seconds = 0.0
+    head = queue.send("a1", group="a", deduplication_id="a1")
+    for count in (1, 2):
+        [message] = queue.receive()
+        assert (message.message_id, message.receive_count) == (head, count)
+        assert queue.change_visibility([message], 0) == []
+    queue.send("a2", group="a", deduplication_id="a2")
+    [after] = queue.receive()  # a1 received twice: moved, and a2 delivered in the same receive
+    assert (after.body, after.receive_count) == ("a2", 1)
+    assert queue.dead_letters == [head]
