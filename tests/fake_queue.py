@@ -18,6 +18,8 @@ tests/integration/test_contract_sqs.py, runs the same scenarios against the emul
   whole process longer than the timeout.
 
 Time: `clock.now()`. A clock that nobody advances (the default) means nothing ever expires.
+A FIFO queue is FakeFifoQueue (tests/fake_fifo_queue.py), a subclass: it chooses what a receive
+takes (`_take`) and deduplicates sends.
 """
 
 from __future__ import annotations
@@ -185,7 +187,9 @@ def spread_timestamps(count: int, rng: random.Random | None = None) -> list[int 
 
 
 @dataclass
-class _Message:
+class QueuedMessage:
+    """One message as the fake queue holds it."""
+
     message_id: str
     body: str
     sent_timestamp_ms: int | None
@@ -228,7 +232,7 @@ class FakeQueue:
     ) -> None:
         stamps = list(sent_timestamps) if sent_timestamps is not None else spread_timestamps(len(bodies))
         self._messages = {
-            message_id: _Message(message_id, body, stamp)
+            message_id: QueuedMessage(message_id, body, stamp)
             for (message_id, body), stamp in zip(bodies, stamps, strict=True)
         }
         self.bodies = dict(bodies)
@@ -271,17 +275,7 @@ class FakeQueue:
         with self._lock:
             now = self.clock.now()
             self._maybe_ghost(now)
-            taken: list[tuple[_Message, str]] = []
-            for message in self._messages.values():
-                if len(taken) == MAX_MESSAGES_PER_RECEIVE:
-                    break
-                if message.deleted or message.visible_at > now:
-                    continue
-                if self.max_receive_count is not None and message.receives >= self.max_receive_count:
-                    message.deleted = True  # moved by the redrive policy
-                    self.dead_letters.append(message.message_id)
-                    continue
-                taken.append((message, "received again"))
+            taken = [(message, "received again") for message in self._take(now)]
             in_flight = [m for m in self._messages.values() if not m.deleted and m.visible_at > now]
             if in_flight and len(taken) < MAX_MESSAGES_PER_RECEIVE and self.faults.hit(self.faults.duplicate):
                 taken.append((in_flight[0], "duplicate"))
@@ -291,6 +285,28 @@ class FakeQueue:
             time.sleep(self.empty_wait_seconds)
         return delivered
 
+    def _take(self, now: float) -> list[QueuedMessage]:
+        """The messages a receive at `now` delivers (the caller holds the lock): the first 10
+        visible, in send order; those received `max_receive_count` times go to `dead_letters`."""
+        taken: list[QueuedMessage] = []
+        for message in self._messages.values():
+            if len(taken) == MAX_MESSAGES_PER_RECEIVE:
+                break
+            if message.deleted or message.visible_at > now:
+                continue
+            if self._redriven(message):
+                continue
+            taken.append(message)
+        return taken
+
+    def _redriven(self, message: QueuedMessage) -> bool:
+        """Move `message` to the dead-letter queue if it was received `max_receive_count` times."""
+        if self.max_receive_count is None or message.receives < self.max_receive_count:
+            return False
+        message.deleted = True
+        self.dead_letters.append(message.message_id)
+        return True
+
     def _maybe_ghost(self, now: float) -> None:
         if self.deleted and self.faults.hit(self.faults.ghost):
             message = self._messages[self.faults.choice(sorted(self.deleted))]
@@ -299,7 +315,7 @@ class FakeQueue:
                 message.visible_at = now
                 message.handle = None  # its last handle was deleted: nobody holds it
 
-    def _deliver(self, message: _Message, cause: str, consumer: str, now: float) -> ReceivedMessage:
+    def _deliver(self, message: QueuedMessage, cause: str, consumer: str, now: float) -> ReceivedMessage:
         if message.handle is not None:
             self._reappears(message.handle, message.message_id, now, cause)
         handle = f"{message.message_id}#{next(self._receipts)}"
@@ -391,10 +407,14 @@ class FakeQueue:
     def send(self, body: str) -> str:
         """SendMessage: a new message, visible now; its id."""
         with self._lock:
-            message_id = f"sent-{len(self._messages):05d}"
-            stamp = MIDNIGHT_MS + 1000 * len(self._messages)
-            self._messages[message_id] = _Message(message_id, body, stamp)
-            self.bodies[message_id] = body
+            return self._enqueue(body)
+
+    def _enqueue(self, body: str) -> str:
+        """Add a message, visible now; its id (the caller holds the lock)."""
+        message_id = f"sent-{len(self._messages):05d}"
+        stamp = MIDNIGHT_MS + 1000 * len(self._messages)
+        self._messages[message_id] = QueuedMessage(message_id, body, stamp)
+        self.bodies[message_id] = body
         return message_id
 
     # -- for the tests ---------------------------------------------------------------------------

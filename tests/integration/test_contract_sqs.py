@@ -23,7 +23,13 @@ from cli.exit_codes import EXIT_OK
 from helpers import TEST_KMS_ENDPOINT, TEST_SQS_ENDPOINT, assert_exactly_once, emulator_client, login, unavailable
 from main import main
 from models import ReceivedMessage
-from tests.contract_sqs import FIFO_SCENARIOS, SCENARIOS, FifoQueueUnderTest, QueueUnderTest
+from tests.contract_sqs import (
+    FAKE_ONLY_FIFO_SCENARIOS,
+    FIFO_SCENARIOS,
+    SCENARIOS,
+    FifoQueueUnderTest,
+    QueueUnderTest,
+)
 
 EMULATORS = {
     "localstack": TEST_SQS_ENDPOINT,
@@ -45,6 +51,12 @@ DIFFERENCES: dict[tuple[str, str], str] = {
     ("moto", "a_stale_receipt_handle_deletes_nothing"): STALE_DELETE,
     ("localstack", "a_message_not_in_flight_cannot_be_extended"): LATE_EXTENSION,
     ("moto", "a_message_not_in_flight_cannot_be_extended"): LATE_EXTENSION,
+    ("moto", "a_fifo_deduplication_id_is_remembered_after_its_message_is_deleted"): (
+        "it enqueues a send whose MessageDeduplicationId was used within 5 minutes once that message was "
+        "deleted: it deduplicates against the messages still in the queue only (documented: SQS keeps "
+        "track of the deduplication id for the 5-minute interval even after the message is received and "
+        "deleted)"
+    ),
 }
 
 
@@ -117,20 +129,23 @@ def emulator(
 
 
 class EmulatedFifoQueue:
-    """A uuid-named FIFO queue (explicit deduplication ids), read through SqsReader."""
+    """A uuid-named FIFO queue, read through SqsReader (no long poll)."""
 
-    def __init__(self, client: Any, endpoint: str) -> None:
+    def __init__(
+        self, client: Any, endpoint: str, visibility_timeout_seconds: int, *, content_based_deduplication: bool
+    ) -> None:
         self.client = client
-        self.url = client.create_queue(
-            QueueName=f"contract-{uuid.uuid4().hex[:40]}.fifo",
-            Attributes={"FifoQueue": "true", "VisibilityTimeout": "30"},
-        )["QueueUrl"]
+        attributes = {"FifoQueue": "true", "VisibilityTimeout": str(visibility_timeout_seconds)}
+        if content_based_deduplication:
+            attributes["ContentBasedDeduplication"] = "true"
+        self.url = client.create_queue(QueueName=f"contract-{uuid.uuid4().hex[:40]}.fifo", Attributes=attributes)[
+            "QueueUrl"
+        ]
         self.reader = SqsReader(self.url, endpoint_url=endpoint, wait_time_seconds=0)
 
-    def send(self, body: str, *, group: str, deduplication_id: str) -> str:
-        answer = self.client.send_message(
-            QueueUrl=self.url, MessageBody=body, MessageGroupId=group, MessageDeduplicationId=deduplication_id
-        )
+    def send(self, body: str, *, group: str, deduplication_id: str | None = None) -> str:
+        extra = {} if deduplication_id is None else {"MessageDeduplicationId": deduplication_id}
+        answer = self.client.send_message(QueueUrl=self.url, MessageBody=body, MessageGroupId=group, **extra)
         return str(answer["MessageId"])
 
     def receive(self) -> list[ReceivedMessage]:
@@ -138,6 +153,12 @@ class EmulatedFifoQueue:
 
     def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
         return self.reader.delete(messages)
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep_until(self, when: float) -> None:
+        time.sleep(max(0.0, when - time.monotonic()))
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda scenario: scenario.__name__)
@@ -155,23 +176,42 @@ def test_the_emulator_keeps_the_sqs_contract(
     pytest.xfail(f"{name} differs from the documented behaviour: {difference}")
 
 
-@pytest.mark.parametrize("scenario", FIFO_SCENARIOS, ids=lambda scenario: scenario.__name__)
+@pytest.mark.parametrize(
+    "scenario", [*FIFO_SCENARIOS, *FAKE_ONLY_FIFO_SCENARIOS], ids=lambda scenario: scenario.__name__
+)
 def test_the_emulator_keeps_the_fifo_contract(
     emulator: tuple[str, Callable[..., QueueUnderTest]], scenario: Callable[..., None]
 ) -> None:
     name = emulator[0]
+    if scenario in FAKE_ONLY_FIFO_SCENARIOS:
+        pytest.skip(f"run on the fake only: {FAKE_ONLY_FIFO_SCENARIOS[scenario]}")
     client = emulator_client("sqs", EMULATORS[name])
     made: list[EmulatedFifoQueue] = []
 
-    def make_fifo() -> FifoQueueUnderTest:
-        made.append(EmulatedFifoQueue(client, EMULATORS[name]))
+    def make_fifo(
+        visibility_timeout_seconds: int = 30, *, content_based_deduplication: bool = False
+    ) -> FifoQueueUnderTest:
+        made.append(
+            EmulatedFifoQueue(
+                client,
+                EMULATORS[name],
+                visibility_timeout_seconds,
+                content_based_deduplication=content_based_deduplication,
+            )
+        )
         return made[-1]
 
+    difference = DIFFERENCES.get((name, scenario.__name__))
     try:
-        scenario(make_fifo)
+        if difference is None:
+            scenario(make_fifo)
+            return
+        with pytest.raises(AssertionError):  # run all the same: the mark must go once the emulator is fixed
+            scenario(make_fifo)
     finally:
         for queue in made:
             client.delete_queue(QueueUrl=queue.url)
+    pytest.xfail(f"{name} differs from the documented behaviour: {difference}")
 
 
 def test_the_etl_drains_a_fifo_queue_exactly_once(etl_env: dict[str, str], sqs_client: Any, monkeypatch) -> None:
