@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pipeline import Pipeline
+from etl.pipeline import Pipeline
 from tests.fake_fifo_queue import FakeFifoQueue
 from tests.fakes import MASKER, FakeSink, body, options
 
