@@ -87,6 +87,7 @@ class Batch:
         self._by_id = {m.message_id: m for m in self.messages}
         self._failed_ids = {m.message_id for part in parts for m in part.failed}
         self._fallbacks: set[str] = set()
+        self._deletable: list[ReceivedMessage] | None = None  # deletable(), once it is asked (after the commit)
 
     @property
     def redelivered(self) -> int:
@@ -98,6 +99,7 @@ class Batch:
         """Rows PostgreSQL refused alone: a login becomes a rejection with PostgreSQL's reason; a
         rejection is replaced by a minimal one; a minimal one refused too leaves its message for
         redelivery (SQS dead-letters it after the RedrivePolicy's maxReceiveCount)."""
+        self._deletable = None
         for login, reason in logins:
             del self.rows[login.message_id]
             self.rejections[login.message_id] = reject(
@@ -144,9 +146,12 @@ class Batch:
         return [m for m in self.messages if m.message_id in self._failed_ids and m.message_id not in stored]
 
     def deletable(self) -> list[ReceivedMessage]:
-        """After the commit: every receipt of every message the transaction stored or quarantined."""
-        stored = self.rows.keys() | self.rejections.keys()
-        return [m for m in self.messages if m.message_id in stored]
+        """After the commit: every receipt of every message the transaction stored or quarantined
+        (computed once: the loop and its metrics both ask)."""
+        if self._deletable is None:
+            stored = self.rows.keys() | self.rejections.keys()
+            self._deletable = [m for m in self.messages if m.message_id in stored]
+        return self._deletable
 
 
 class RecentQuarantine:
