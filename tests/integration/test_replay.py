@@ -68,7 +68,8 @@ def audits(database_url: str) -> list[tuple]:
 
 
 def test_a_poison_loop_quarantine_is_replayed_once_its_cause_is_gone(etl_env, sqs_client, monkeypatch, capsys):
-    from etl import batch as etl_batch  # prepare() calls transform() there
+    from etl import batch as etl_batch  # prepare() calls transform() there,
+    from etl import transform as etl_transform  # and replay's retry_quarantined() there
 
     ids = send(sqs_client, etl_env["SQS_QUEUE_URL"], [login(n) for n in range(5)] + [login(99, user_id="poison")])
     real = etl_batch.transform
@@ -79,6 +80,7 @@ def test_a_poison_loop_quarantine_is_replayed_once_its_cause_is_gone(etl_env, sq
         return real(message, masker)
 
     monkeypatch.setattr(etl_batch, "transform", flaky)
+    monkeypatch.setattr(etl_transform, "transform", flaky)
     assert main(["--max-receives", "1", "--wait-seconds", "1"]) == EXIT_OK
     db = etl_env["DATABASE_URL"]
     assert quarantined(db) == {ids[-1]: ("processing failed 1 times: RuntimeError", False)}
@@ -89,6 +91,7 @@ def test_a_poison_loop_quarantine_is_replayed_once_its_cause_is_gone(etl_env, sq
     assert len(loaded(db)) == 5
 
     monkeypatch.setattr(etl_batch, "transform", real)  # the fix is deployed
+    monkeypatch.setattr(etl_transform, "transform", real)
     capsys.readouterr()
     assert main(["replay", "--reason", "INC-42 fixed", "--requested-by", "alice"]) == EXIT_OK
     out = capsys.readouterr().out
