@@ -259,3 +259,23 @@ def test_the_extender_looks_at_least_four_times_per_timeout(timeout: int) -> Non
     keeper._loop()
     tick = done.waits[0]
     assert tick is not None and 0 < tick <= timeout / 4
+
+
+def test_a_pass_logs_how_many_messages_it_extended_and_how_many_sqs_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Logs carry counts (never bodies): an operator sees a slow batch being kept hidden, and stale
+    receipts being dropped."""
+    clock = Clockwork()
+
+    def extend(chunk: Sequence[ReceivedMessage], timeout: int) -> list[str]:
+        return [m.receipt_handle for m in chunk if m.message_id == "m0"]
+
+    keeper = VisibilityKeeper(extend, 30, clock=clock)
+    keeper.track(messages(3))
+    clock.now = 16
+    with caplog.at_level(logging.INFO, logger="aws.visibility"):
+        keeper.extend_due()
+    lines = [r.getMessage() for r in caplog.records if r.name == "aws.visibility"]
+    assert any("refused" in line and "1 of 3" in line for line in lines)
+    assert any("extended" in line and " 2 " in line for line in lines)
