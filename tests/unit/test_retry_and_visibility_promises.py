@@ -279,3 +279,29 @@ def test_a_pass_logs_how_many_messages_it_extended_and_how_many_sqs_refused(
     lines = [r.getMessage() for r in caplog.records if r.name == "aws.visibility"]
     assert any("refused" in line and "1 of 3" in line for line in lines)
     assert any("extended" in line and " 2 " in line for line in lines)
+
+
+def test_a_failed_pass_of_the_extender_thread_is_logged_with_its_traceback_and_what_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ "No error ends the extender thread"; the error is still shown, saying whose pass failed."""
+    clock = Clockwork()
+    passes: list[ExtendResult] = []
+
+    def on_pass(result: ExtendResult) -> None:
+        passes.append(result)
+        raise RuntimeError("a bug in the metrics")
+
+    keeper = VisibilityKeeper(failing_extend(SqsUnavailable("down")), 1, clock=clock, on_pass=on_pass)
+    keeper.track(messages(1))
+    clock.now = 0.9  # due at every pass: each extension fails
+    with caplog.at_level(logging.ERROR, logger="aws.visibility"):
+        keeper.start()
+        deadline = time.monotonic() + 5
+        while len(passes) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        keeper.stop()
+    assert len(passes) >= 2  # the thread went on
+    records = [r for r in caplog.records if r.name == "aws.visibility" and r.levelno == logging.ERROR]
+    assert records and records[0].exc_info is not None
+    assert "visibility extender" in records[0].getMessage()
