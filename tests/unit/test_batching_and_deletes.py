@@ -9,13 +9,14 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from datetime import date
 
 import pytest
 
-from batches import Batcher, BytesInHand, Deleters
+from batches import Batcher, BytesInHand, Deleters, write_batch
 from config import PipelineOptions
-from models import ReceivedMessage
-from transform import Prepared
+from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
+from transform import Batch, Prepared, RecentQuarantine
 
 
 def part(n: int, *, size: int = 1, nbytes: int = 0) -> Prepared:
@@ -226,9 +227,10 @@ def test_with_every_slot_taken_a_submit_gives_up_when_told_and_the_chunk_is_aban
     deleters.submit(chunk("b", 3), give_up)  # no slot: waits, then gives up
     assert len(asked) == 3
     assert done.done == [(["b0", "b1", "b2"], 3)]
+    deleters.submit(chunk("c", 2), lambda: True)
     release.set()
-    assert deleters.close(time.monotonic() + 5) == 3  # b's 3, reported in submit; a deleted
-    assert sorted(done.done) == [(["a0", "a1"], 0), (["b0", "b1", "b2"], 3)]
+    assert deleters.close(time.monotonic() + 5) == 5  # b's 3 and c's 2, reported in submit; a deleted
+    assert sorted(done.done) == [(["a0", "a1"], 0), (["b0", "b1", "b2"], 3), (["c0", "c1"], 2)]
 
 
 def test_a_submit_after_close_is_abandoned_at_once() -> None:
@@ -238,3 +240,78 @@ def test_a_submit_after_close_is_abandoned_at_once() -> None:
     assert deleters.close(time.monotonic() + 5) == 0
     deleters.submit(chunk("late"), never)
     assert done.done == [(["late0", "late1"], 2)]
+
+
+# -- write_batch: what the sink is told about the one-table check -----------------------------------
+
+
+class RecordingSink:
+    """A BatchSink that records the keyword arguments of each write."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.writes: list[dict[str, object]] = []
+
+    def connect(self) -> None:
+        pass
+
+    def write(
+        self,
+        logins: Sequence[MaskedLogin],
+        rejections: Sequence[Rejection],
+        *,
+        redelivered: bool = False,
+        received_since: float = 0.0,
+    ) -> WriteResult:
+        self.writes.append({"redelivered": redelivered, "received_since": received_since})
+        return WriteResult(inserted=len(logins), rejected=len(rejections), duplicates=0)
+
+
+def received(message_id: str, *, receive_count: int = 1, received_at: float = 0.0) -> Prepared:
+    return Prepared(
+        [ReceivedMessage(message_id, f"r-{message_id}", "{}", receive_count=receive_count, received_at=received_at)]
+    )
+
+
+@pytest.mark.parametrize(
+    ("parts", "quarantined", "check"),
+    [
+        ([received("a"), received("b")], [], False),  # first deliveries, nothing quarantined here
+        ([received("a"), received("b", receive_count=2)], [], True),  # one redelivered
+        ([received("a")], ["a"], True),  # a first delivery of a message quarantined lately
+        ([received("a")], ["z"], False),
+    ],
+)
+def test_a_batch_takes_the_one_table_check_when_a_message_of_it_may_have_been_seen_before(
+    parts: list[Prepared], quarantined: list[str], check: bool
+) -> None:
+    sink = RecordingSink()
+    recent = RecentQuarantine()
+    recent.remember(quarantined)
+    batch = Batch(parts)
+    batch.rows = {m.message_id: masked_row(m.message_id) for m in batch.messages}
+    write_batch(sink, batch, recent)
+    assert sink.writes[0]["redelivered"] is check
+
+
+def test_a_batch_is_checked_against_quarantines_since_its_earliest_receive() -> None:
+    """received_since: the earliest receive of the batch's messages; 0.0 (unknown: the sink always
+    checks) for a batch without messages."""
+    sink = RecordingSink()
+    write_batch(sink, Batch([received("a", received_at=12.5), received("b", received_at=7.25)]), RecentQuarantine())
+    write_batch(sink, Batch([]), RecentQuarantine())
+    assert [w["received_since"] for w in sink.writes] == [7.25, 0.0]
+
+
+def masked_row(message_id: str) -> MaskedLogin:
+    return MaskedLogin(
+        message_id=message_id,
+        user_id="u",
+        device_type="ios",
+        masked_ip="ip",
+        masked_device_id="dev",
+        locale=None,
+        app_version="1",
+        create_date=date(2026, 1, 1),
+    )
