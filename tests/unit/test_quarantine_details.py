@@ -11,8 +11,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from models import ReceivedMessage, Rejection
-from pii.masking import BODY_FIELD, Masker
+import transform as transform_module
+from models import MaskedLogin, ReceivedMessage, Rejection
+from pii.masking import BODY_FIELD, Masker, MaskingError
 from tests.fakes import GOOD_LOGIN
 from transform import (
     TOO_LARGE_PREFIX_BYTES,
@@ -150,3 +151,22 @@ def test_a_quarantined_message_without_a_sent_time_replays_to_a_row_under_its_ow
     sent = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
     row = retry_quarantined("q-1", rejection.encrypted_body, sent, MASKER)
     assert not isinstance(row, str) and row.create_date == sent.date()
+
+
+def test_a_replay_opens_only_a_body_token_not_a_token_of_another_field() -> None:
+    """Tokens carry their field name as associated data (docs/keys-and-privacy.md): what is in the
+    quarantine's body column is opened as a body, and a token of another field is refused."""
+    with pytest.raises(MaskingError):
+        retry_quarantined("q-2", MASKER.mask("device_id", json.dumps(GOOD_LOGIN)), None, MASKER)
+
+
+def test_a_replay_whose_processing_raises_says_which_error_and_nothing_of_the_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def boom(message: ReceivedMessage, masker: Masker) -> MaskedLogin | Rejection:
+        raise KeyError(message.body)
+
+    monkeypatch.setattr(transform_module, "transform", boom)
+    rejection = reject(ReceivedMessage("q-3", "r", json.dumps(GOOD_LOGIN)), MASKER, "refused by PostgreSQL")
+    reason = retry_quarantined("q-3", rejection.encrypted_body, None, MASKER)
+    assert reason == "processing failed on replay: KeyError"
