@@ -22,6 +22,7 @@ from transform import (
     Prepared,
     RecentQuarantine,
     poison_rule,
+    prepare,
     reject,
     reject_too_large,
     retry_quarantined,
@@ -72,14 +73,14 @@ def login(message_id: str) -> ReceivedMessage:
 
 
 def test_a_login_postgresql_refuses_becomes_its_rejection_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    batch = batch_of(login("a"), login("b"))
+    batch = batch_of(login("id-a"), login("id-b"))
     with caplog.at_level(logging.WARNING, logger="transform"):
-        batch.quarantine_refused([(batch.rows["a"], "refused by PostgreSQL: value too long")], [], MASKER)
-    assert list(batch.rows) == ["b"]
-    assert batch.rejections["a"].reason == "refused by PostgreSQL: value too long"
+        batch.quarantine_refused([(batch.rows["id-a"], "refused by PostgreSQL: value too long")], [], MASKER)
+    assert list(batch.rows) == ["id-b"]
+    assert batch.rejections["id-a"].reason == "refused by PostgreSQL: value too long"
     (record,) = records(caplog, logging.WARNING)
-    assert (record.message_id, record.reason) == ("a", "refused by PostgreSQL: value too long")  # type: ignore[attr-defined]
-    assert "a" in record.getMessage() and "value too long" in record.getMessage()
+    assert (record.message_id, record.reason) == ("id-a", "refused by PostgreSQL: value too long")  # type: ignore[attr-defined]
+    assert "id-a" in record.getMessage() and "value too long" in record.getMessage()
 
 
 def test_a_refused_quarantine_row_is_replaced_by_a_minimal_one_then_left_for_redelivery(
@@ -106,7 +107,7 @@ def test_a_refused_quarantine_row_is_replaced_by_a_minimal_one_then_left_for_red
         )
     warnings = records(caplog, logging.WARNING)
     assert [(r.message_id, r.reason) for r in warnings] == [("bad-0", "NUL"), ("bad-1", "NUL")]  # type: ignore[attr-defined]
-    assert all(r.message_id in r.getMessage() for r in warnings)  # type: ignore[attr-defined]
+    assert all(r.message_id in r.getMessage() and "(NUL)" in r.getMessage() for r in warnings)  # type: ignore[attr-defined]
 
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="transform"):
@@ -115,7 +116,7 @@ def test_a_refused_quarantine_row_is_replaced_by_a_minimal_one_then_left_for_red
     assert batch.deletable() == []
     errors = records(caplog, logging.ERROR)
     assert [(r.message_id, r.reason) for r in errors] == [("bad-0", "still"), ("bad-1", "still")]  # type: ignore[attr-defined]
-    assert all(r.message_id in r.getMessage() for r in errors)  # type: ignore[attr-defined]
+    assert all(r.message_id in r.getMessage() and "(still)" in r.getMessage() for r in errors)  # type: ignore[attr-defined]
 
 
 def test_recent_quarantine_holds_the_latest_ids_up_to_its_size() -> None:
@@ -170,3 +171,20 @@ def test_a_replay_whose_processing_raises_says_which_error_and_nothing_of_the_bo
     rejection = reject(ReceivedMessage("q-3", "r", json.dumps(GOOD_LOGIN)), MASKER, "refused by PostgreSQL")
     reason = retry_quarantined("q-3", rejection.encrypted_body, None, MASKER)
     assert reason == "processing failed on replay: KeyError"
+
+
+def test_a_row_keeps_the_events_locale_and_the_network_token_of_its_ip() -> None:
+    row = transform(login("m-9"), MASKER)
+    assert isinstance(row, MaskedLogin)
+    assert row.locale == GOOD_LOGIN["locale"]
+    assert row.masked_network is not None
+    assert row.masked_network == MASKER.mask_ip(str(GOOD_LOGIN["ip"]))[1]
+
+
+def test_prepare_logs_each_rejection_with_its_id_and_reason(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="transform"):
+        prepared = prepare([ReceivedMessage("id-bad", "r", "not json")], MASKER, max_receives=5)
+    (rejection,) = prepared.rejections
+    (record,) = records(caplog, logging.WARNING)
+    assert (record.message_id, record.reason) == ("id-bad", rejection.reason)  # type: ignore[attr-defined]
+    assert "id-bad" in record.getMessage() and rejection.reason in record.getMessage()
