@@ -315,3 +315,18 @@ def masked_row(message_id: str) -> MaskedLogin:
         app_version="1",
         create_date=date(2026, 1, 1),
     )
+
+
+def test_a_receive_waiting_for_room_gives_up_once_stopping_without_any_release() -> None:
+    """A receiver blocked on a full bound must see the stop by itself: nothing may ever release
+    room again (the writer has stopped)."""
+    full = BytesInHand(limit=10, per_receive=10)
+    assert full.reserve(lambda: False)
+    stopping = threading.Event()
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(full.reserve(stopping.is_set)), daemon=True)
+    waiter.start()
+    time.sleep(0.05)
+    stopping.set()
+    waiter.join(timeout=3)
+    assert got == [False] and full.held == 10
