@@ -2,6 +2,10 @@
 `mutmut run`, from the repository root.
 
     python scripts/mutation_report.py > docs/mutation.md
+    python scripts/mutation_report.py --results saved.txt > docs/mutation.md
+
+`--results`: the statuses from a saved `mutmut results --all true` output instead of mutmut's
+(when mutants/ is gone; the survivors' diffs are then not shown).
 
 Per module: how many mutants were checked (a module none of whose mutants ran is marked "not run",
 never scored), killed, explained and left. A survivor is explained in docs/mutation-equivalent.md
@@ -11,6 +15,7 @@ killed by a test or explained there.
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -25,9 +30,12 @@ SURVIVED = {"survived", "no tests"}
 NOT_RUN = {"not checked", "skipped"}
 
 
-def results() -> dict[str, str]:
-    """mutant name -> status (killed, survived, timeout, no tests, ...)."""
-    out = subprocess.run([*MUTMUT, "results", "--all", "true"], capture_output=True, text=True, check=True).stdout
+def results(saved: Path | None = None) -> dict[str, str]:
+    """mutant name -> status (killed, survived, timeout, no tests, ...), from mutmut or `saved`."""
+    if saved is not None:
+        out = saved.read_text()
+    else:
+        out = subprocess.run([*MUTMUT, "results", "--all", "true"], capture_output=True, text=True, check=True).stdout
     found = {}
     for line in out.splitlines():
         name, sep, status = line.strip().rpartition(": ")
@@ -53,7 +61,8 @@ def module_of(name: str) -> str:
 
 def diff(name: str) -> str:
     shown = subprocess.run([*MUTMUT, "show", name], capture_output=True, text=True, check=False).stdout
-    return "\n".join(line for line in shown.splitlines() if line.startswith(("+", "-", "@@")))[:1500]
+    lines = "\n".join(line for line in shown.splitlines() if line.startswith(("+", "-", "@@")))[:1500]
+    return lines or "(diff not available: mutants/ is gone; `mutmut show` it after a run)"
 
 
 def percent(part: int, whole: int) -> str:
@@ -61,7 +70,10 @@ def percent(part: int, whole: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    statuses = results()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, help="a saved `mutmut results --all true` output")
+    args = parser.parse_args(argv)
+    statuses = results(args.results)
     if not statuses:
         print("no mutmut results: run `make mutation` first", file=sys.stderr)
         return 1

@@ -60,12 +60,27 @@ def test_a_batch_is_cut_when_it_holds_batch_bytes_and_the_count_starts_again_aft
     assert [len(batch) for batch in drain(b)] == [2, 2, 1]
 
 
-def test_an_old_enough_batch_is_cut_while_receivers_still_run() -> None:
-    """Nothing more arrives and the receiver has not finished: the batch goes at its age."""
-    b = batcher([part(0)], flush_seconds=0.05)
+def test_a_batch_is_cut_at_exactly_batch_bytes_and_batch_size_from_the_first_batch_on() -> None:
+    """99 bytes is not yet a batch of 100, 100 is; a batch of 2 messages is cut at 2, each time."""
+    b = batcher([part(n, nbytes=nbytes) for n, nbytes in enumerate([99, 1, 99, 1])] + [None], batch_bytes=100)
+    assert [[p.nbytes for p in batch] for batch in drain(b)] == [[99, 1], [99, 1]]
+    b = batcher([part(n) for n in range(4)] + [None], batch_size=2)
+    assert sizes(drain(b)) == [2, 2]
+
+
+def test_an_old_enough_batch_is_cut_while_receivers_still_run_and_the_batcher_does_not_spin() -> None:
+    """Nothing more arrives and the receiver has not finished: the batch goes at its age, having
+    waited on the inbox (a turn or two), not polled it in a loop."""
+    inbox: queue.Queue[Prepared | None] = queue.Queue()
+    turns: list[int] = []
+    b = Batcher(
+        inbox, PipelineOptions(receivers=1, flush_seconds=0.1), batch_bytes=10**9, on_turn=lambda: turns.append(1)
+    )
+    inbox.put(part(0))
     started = time.monotonic()
-    assert [len(batch) for batch in [b.take() or []]] == [1]
-    assert time.monotonic() - started < 2
+    assert len(b.take() or []) == 1
+    assert time.monotonic() - started < 0.6
+    assert len(turns) <= 5
 
 
 def test_the_age_of_a_batch_counts_from_its_first_message() -> None:
