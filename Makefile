@@ -41,9 +41,11 @@ bench-versus: venv  ## the sink's rate of this checkout beside BASELINE's (defau
 
 # Mutation testing (mutmut, [tool.mutmut] in pyproject.toml) of the loop's modules against the unit
 # tests; not run in CI: hours on 2 cores for every module. MUTANTS narrows it to mutmut's name globs,
-# e.g. MUTANTS='retry* aws.visibility*'. The simulation runs 60 seeds per mutant.
+# e.g. MUTANTS='retry* aws.visibility*'. The simulation runs 60 seeds per mutant; MUTATION_JOBS mutants
+# at a time (1: the machine is shared). Survivors that no test should kill: docs/mutation-equivalent.md.
 MUTANTS ?=
+MUTATION_JOBS ?= 1
 mutation: venv  ## mutation testing of the loop (slow; not in CI): writes docs/mutation.md
 	rm -rf mutants
-	SIM_SEEDS=60 $(PY) -m mutmut run $(MUTANTS); $(PY) scripts/mutation_report.py > docs/mutation.md
+	SIM_SEEDS=60 $(PY) -m mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS); $(PY) scripts/mutation_report.py > docs/mutation.md
 	rm -rf mutants  # a copy of the tree: the tests that read every file would read it too

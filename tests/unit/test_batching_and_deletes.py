@@ -1,0 +1,348 @@
+"""The Batcher's cuts and the Deleters' promises, each alone (the loop's tests and the simulation
+run them only together): a batch is cut at its size, its bytes, its age, or when every receiver
+has finished; deletes are reported once per chunk, a hung call is abandoned at close's time limit
+and its late end ignored, back-pressure gives up when told to."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from datetime import date
+
+import pytest
+
+from config import PipelineOptions
+from etl.batch import Batch, Batcher, BytesInHand, Prepared, RecentQuarantine
+from etl.commit import write_batch
+from etl.deletes import Deleters
+from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
+
+
+def part(n: int, *, size: int = 1, nbytes: int = 0) -> Prepared:
+    return Prepared([ReceivedMessage(f"m{n}-{i}", f"r{n}-{i}", "{}") for i in range(size)], nbytes=nbytes)
+
+
+def batcher(
+    parts: Sequence[Prepared | None],
+    *,
+    receivers: int = 1,
+    batch_size: int = 100,
+    batch_bytes: int = 10**9,
+    flush_seconds: float = 60.0,
+) -> Batcher:
+    inbox: queue.Queue[Prepared | None] = queue.Queue()
+    for item in parts:
+        inbox.put(item)
+    options = PipelineOptions(receivers=receivers, batch_size=batch_size, flush_seconds=flush_seconds)
+    return Batcher(inbox, options, batch_bytes=batch_bytes, on_turn=lambda: None)
+
+
+def sizes(batches: Sequence[Sequence[Prepared]]) -> list[int]:
+    return [sum(len(p.messages) for p in batch) for batch in batches]
+
+
+def drain(b: Batcher) -> list[list[Prepared]]:
+    taken = []
+    while (batch := b.take()) is not None:
+        taken.append(batch)
+    return taken
+
+
+def test_a_batch_is_cut_when_it_holds_batch_size_messages_counted_in_messages_not_receives() -> None:
+    b = batcher([part(0, size=2), part(1, size=2), part(2, size=1), part(3, size=3), None], batch_size=3)
+    assert sizes(drain(b)) == [4, 4]
+
+
+def test_a_batch_is_cut_when_it_holds_batch_bytes_and_the_count_starts_again_after_a_cut() -> None:
+    parts = [part(n, nbytes=50) for n in range(5)]
+    b = batcher([*parts, None], batch_bytes=100)
+    assert [len(batch) for batch in drain(b)] == [2, 2, 1]
+
+
+def test_a_batch_is_cut_at_exactly_batch_bytes_and_batch_size_from_the_first_batch_on() -> None:
+    """99 bytes is not yet a batch of 100, 100 is; a batch of 2 messages is cut at 2, each time."""
+    b = batcher([part(n, nbytes=nbytes) for n, nbytes in enumerate([99, 1, 99, 1])] + [None], batch_bytes=100)
+    assert [[p.nbytes for p in batch] for batch in drain(b)] == [[99, 1], [99, 1]]
+    b = batcher([part(n) for n in range(4)] + [None], batch_size=2)
+    assert sizes(drain(b)) == [2, 2]
+
+
+def test_an_old_enough_batch_is_cut_while_receivers_still_run_and_the_batcher_does_not_spin() -> None:
+    """Nothing more arrives and the receiver has not finished: the batch goes at its age, having
+    waited on the inbox (a turn or two), not polled it in a loop."""
+    inbox: queue.Queue[Prepared | None] = queue.Queue()
+    turns: list[int] = []
+    b = Batcher(
+        inbox, PipelineOptions(receivers=1, flush_seconds=0.1), batch_bytes=10**9, on_turn=lambda: turns.append(1)
+    )
+    inbox.put(part(0))
+    started = time.monotonic()
+    assert len(b.take() or []) == 1
+    assert time.monotonic() - started < 0.6
+    assert len(turns) <= 5
+
+
+def test_the_age_of_a_batch_counts_from_its_first_message() -> None:
+    """After a cut the next batch's age starts at its own first message, not the previous one's."""
+    inbox: queue.Queue[Prepared | None] = queue.Queue()
+    b = Batcher(inbox, PipelineOptions(receivers=1, flush_seconds=0.3), batch_bytes=10**9, on_turn=lambda: None)
+    inbox.put(part(0))
+    assert len(b.take() or []) == 1  # cut at 0.3 s
+    time.sleep(0.35)
+    inbox.put(part(1))
+    inbox.put(part(2))
+    started = time.monotonic()
+    assert len(b.take() or []) == 2  # both: the batch waited its own 0.3 s for the second
+    assert time.monotonic() - started >= 0.2
+
+
+def test_the_last_batch_goes_when_every_receiver_has_finished_and_then_none() -> None:
+    b = batcher([part(0), None, part(1), None], receivers=2)
+    assert sizes(drain(b)) == [2]
+    assert b.take() is None
+
+
+def test_the_batcher_takes_a_turn_for_each_item_and_each_idle_wait() -> None:
+    inbox: queue.Queue[Prepared | None] = queue.Queue()
+    turns: list[float] = []
+    b = Batcher(inbox, PipelineOptions(receivers=1), batch_bytes=10**9, on_turn=lambda: turns.append(1))
+    inbox.put(part(0))
+    inbox.put(None)
+    assert sizes(drain(b)) == [1]
+    assert len(turns) == 2
+
+
+@pytest.mark.parametrize(("limit", "per_receive", "cut"), [(100, 30, 50), (100, 70, 30), (1, 1, 1), (10, 50, 1)])
+def test_a_batch_is_cut_at_half_the_bound_or_less_so_that_a_receive_still_fits(
+    limit: int, per_receive: int, cut: int
+) -> None:
+    assert BytesInHand(limit, per_receive).batch_bytes == cut
+
+
+# -- Deleters -------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.done: list[tuple[list[str], int]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, chunk: Sequence[ReceivedMessage], not_deleted: int) -> None:
+        with self.lock:
+            self.done.append(([m.message_id for m in chunk], not_deleted))
+
+
+def chunk(name: str, size: int = 2) -> list[ReceivedMessage]:
+    return [ReceivedMessage(f"{name}{i}", f"r-{name}{i}", "{}") for i in range(size)]
+
+
+def never() -> bool:
+    return False
+
+
+def test_each_chunk_is_reported_once_with_what_its_delete_did_not_delete() -> None:
+    done = Recorder()
+    deleters = Deleters(lambda c: 1 if c[0].message_id == "b0" else 0, done, threads=2, max_calls=4)
+    deleters.start()
+    deleters.submit(chunk("a"), never)
+    deleters.submit(chunk("b"), never)
+    assert deleters.close(time.monotonic() + 5) == 0
+    assert sorted(done.done) == [(["a0", "a1"], 0), (["b0", "b1"], 1)]
+
+
+def test_the_delete_threads_are_daemons_and_run_side_by_side() -> None:
+    both_in = threading.Barrier(2, timeout=5)
+    names: set[str] = set()
+
+    def delete(c: Sequence[ReceivedMessage]) -> int:
+        names.add(threading.current_thread().name)
+        assert threading.current_thread().daemon
+        both_in.wait()  # only passes when two calls run at once
+        return 0
+
+    done = Recorder()
+    deleters = Deleters(delete, done, threads=2, max_calls=2)
+    deleters.start()
+    deleters.submit(chunk("a"), never)
+    deleters.submit(chunk("b"), never)
+    assert deleters.close(time.monotonic() + 5) == 0
+    assert names == {"deleter-0", "deleter-1"}
+    assert sorted(d[1] for d in done.done) == [0, 0]
+
+
+def test_a_delete_that_raises_counts_its_chunk_as_not_deleted_and_the_thread_goes_on() -> None:
+    def delete(c: Sequence[ReceivedMessage]) -> int:
+        if c[0].message_id == "a0":
+            raise RuntimeError("a bug")
+        return 0
+
+    done = Recorder()
+    deleters = Deleters(delete, done, threads=1, max_calls=4)
+    deleters.start()
+    deleters.submit(chunk("a"), never)
+    deleters.submit(chunk("b"), never)
+    assert deleters.close(time.monotonic() + 5) == 0
+    assert done.done == [(["a0", "a1"], 2), (["b0", "b1"], 0)]
+
+
+def test_a_call_that_has_not_returned_by_the_time_limit_is_abandoned_and_its_late_end_ignored() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def delete(c: Sequence[ReceivedMessage]) -> int:
+        entered.set()
+        release.wait(10)
+        return 0
+
+    done = Recorder()
+    deleters = Deleters(delete, done, threads=1, max_calls=4)
+    deleters.start()
+    deleters.submit(chunk("a", 3), never)
+    assert entered.wait(5)
+    started = time.monotonic()
+    assert deleters.close(time.monotonic() + 0.2) == 3
+    assert time.monotonic() - started < 2
+    assert done.done == [(["a0", "a1", "a2"], 3)]
+    release.set()
+    time.sleep(0.2)  # the late end: no second report
+    assert done.done == [(["a0", "a1", "a2"], 3)]
+
+
+def test_close_waits_for_the_calls_outstanding_until_the_time_limit() -> None:
+    def delete(c: Sequence[ReceivedMessage]) -> int:
+        time.sleep(0.2)
+        return 0
+
+    done = Recorder()
+    deleters = Deleters(delete, done, threads=1, max_calls=4)
+    deleters.start()
+    deleters.submit(chunk("a"), never)
+    deleters.submit(chunk("b"), never)
+    assert deleters.close(time.monotonic() + 5) == 0
+    assert sorted(done.done) == [(["a0", "a1"], 0), (["b0", "b1"], 0)]
+
+
+def test_with_every_slot_taken_a_submit_gives_up_when_told_and_the_chunk_is_abandoned() -> None:
+    release = threading.Event()
+
+    def delete(c: Sequence[ReceivedMessage]) -> int:
+        release.wait(10)
+        return 0
+
+    done = Recorder()
+    deleters = Deleters(delete, done, threads=2, max_calls=1)
+    deleters.start()
+    deleters.submit(chunk("a"), never)
+    asked: list[int] = []
+
+    def give_up() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    deleters.submit(chunk("b", 3), give_up)  # no slot: waits, then gives up
+    assert len(asked) == 3
+    assert done.done == [(["b0", "b1", "b2"], 3)]
+    deleters.submit(chunk("c", 2), lambda: True)
+    release.set()
+    assert deleters.close(time.monotonic() + 5) == 5  # b's 3 and c's 2, reported in submit; a deleted
+    assert sorted(done.done) == [(["a0", "a1"], 0), (["b0", "b1", "b2"], 3), (["c0", "c1"], 2)]
+
+
+def test_a_submit_after_close_is_abandoned_at_once() -> None:
+    done = Recorder()
+    deleters = Deleters(lambda c: 0, done, threads=1, max_calls=2)
+    deleters.start()
+    assert deleters.close(time.monotonic() + 5) == 0
+    deleters.submit(chunk("late"), never)
+    assert done.done == [(["late0", "late1"], 2)]
+
+
+# -- write_batch: what the sink is told about the one-table check -----------------------------------
+
+
+class RecordingSink:
+    """A BatchSink that records the keyword arguments of each write."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.writes: list[dict[str, object]] = []
+
+    def connect(self) -> None:
+        pass
+
+    def write(
+        self,
+        logins: Sequence[MaskedLogin],
+        rejections: Sequence[Rejection],
+        *,
+        redelivered: bool = False,
+        received_since: float = 0.0,
+    ) -> WriteResult:
+        self.writes.append({"redelivered": redelivered, "received_since": received_since})
+        return WriteResult(inserted=len(logins), rejected=len(rejections), duplicates=0)
+
+
+def received(message_id: str, *, receive_count: int = 1, received_at: float = 0.0) -> Prepared:
+    return Prepared(
+        [ReceivedMessage(message_id, f"r-{message_id}", "{}", receive_count=receive_count, received_at=received_at)]
+    )
+
+
+@pytest.mark.parametrize(
+    ("parts", "quarantined", "check"),
+    [
+        ([received("a"), received("b")], [], False),  # first deliveries, nothing quarantined here
+        ([received("a"), received("b", receive_count=2)], [], True),  # one redelivered
+        ([received("a")], ["a"], True),  # a first delivery of a message quarantined lately
+        ([received("a")], ["z"], False),
+    ],
+)
+def test_a_batch_takes_the_one_table_check_when_a_message_of_it_may_have_been_seen_before(
+    parts: list[Prepared], quarantined: list[str], check: bool
+) -> None:
+    sink = RecordingSink()
+    recent = RecentQuarantine()
+    recent.remember(quarantined)
+    batch = Batch(parts)
+    batch.rows = {m.message_id: masked_row(m.message_id) for m in batch.messages}
+    write_batch(sink, batch, recent)
+    assert sink.writes[0]["redelivered"] is check
+
+
+def test_a_batch_is_checked_against_quarantines_since_its_earliest_receive() -> None:
+    """received_since: the earliest receive of the batch's messages; 0.0 (unknown: the sink always
+    checks) for a batch without messages."""
+    sink = RecordingSink()
+    write_batch(sink, Batch([received("a", received_at=12.5), received("b", received_at=7.25)]), RecentQuarantine())
+    write_batch(sink, Batch([]), RecentQuarantine())
+    assert [w["received_since"] for w in sink.writes] == [7.25, 0.0]
+
+
+def masked_row(message_id: str) -> MaskedLogin:
+    return MaskedLogin(
+        message_id=message_id,
+        user_id="u",
+        device_type="ios",
+        masked_ip="ip",
+        masked_device_id="dev",
+        locale=None,
+        app_version="1",
+        create_date=date(2026, 1, 1),
+    )
+
+
+def test_a_receive_waiting_for_room_gives_up_once_stopping_without_any_release() -> None:
+    """A receiver blocked on a full bound must see the stop by itself: nothing may ever release
+    room again (the writer has stopped)."""
+    full = BytesInHand(limit=10, per_receive=10)
+    assert full.reserve(lambda: False)
+    stopping = threading.Event()
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(full.reserve(stopping.is_set)), daemon=True)
+    waiter.start()
+    time.sleep(0.05)
+    stopping.set()
+    waiter.join(timeout=3)
+    assert got == [False] and full.held == 10
