@@ -122,6 +122,7 @@ json_values = st.recursive(
 # Any text: valid bodies, valid bodies cut short or with a character changed, and text at random.
 any_text = (
     strategies.valid_login_bodies
+    | strategies.valid_login_bodies.map(str)  # weighted twice: the accepting side a quarter of the time, with margin
     | st.tuples(strategies.valid_login_bodies, st.integers(0, 200), st.characters()).map(
         lambda t: t[0][: t[1]] + t[2] + t[0][t[1] + 1 :]
     )
@@ -130,6 +131,7 @@ any_text = (
 # Any JSON object: valid login objects, ones with a field replaced by any JSON value, any object.
 any_object = (
     strategies.valid_login_objects
+    | strategies.valid_login_objects.map(dict)  # weighted twice, as any_text's
     | st.tuples(strategies.valid_login_objects, st.sampled_from([*GOOD, "other"]), json_values).map(
         lambda t: {**t[0], t[1]: t[2]}
     )
