@@ -129,7 +129,9 @@ class Batch:
                 reason=f"quarantine row {reason}; original reason dropped",
                 encrypted_body=rejection.encrypted_body,
                 sent_at=None,
-                receive_count=1,
+                # Kept: an integer PostgreSQL cannot refuse, and the writer's quarantine lock is
+                # taken alone for a redelivered copy (database/sqs_postgres.py, write()).
+                receive_count=rejection.receive_count,
                 kind="refused_by_database",
             )
             logger.warning(

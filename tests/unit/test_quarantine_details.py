@@ -83,8 +83,9 @@ def test_a_login_postgresql_refuses_becomes_its_rejection_and_is_logged(caplog: 
 def test_a_refused_quarantine_row_is_replaced_by_a_minimal_one_then_left_for_redelivery(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The minimal row keeps the encrypted body and drops what may have been refused (the reason,
-    the sent time, the receive count); refused again, the message is left to come back."""
+    """The minimal row keeps the encrypted body and the receive count (which the writer's
+    one-table lock reads) and drops what may have been refused (the reason, the sent time);
+    refused again, the message is left to come back."""
     bad = [
         ReceivedMessage(f"bad-{n}", f"r{n}", "not json", sent_timestamp_ms=1_700_000_000_000, receive_count=3)
         for n in range(2)
@@ -100,7 +101,7 @@ def test_a_refused_quarantine_row_is_replaced_by_a_minimal_one_then_left_for_red
             reason="quarantine row NUL; original reason dropped",
             encrypted_body=original[m.message_id].encrypted_body,
             sent_at=None,
-            receive_count=1,
+            receive_count=3,
             kind="refused_by_database",
         )
     warnings = records(caplog, logging.WARNING)
