@@ -57,20 +57,21 @@ def transaction(conn: Connection, work: Callable[[Cursor], T], *, commit: bool =
         conn.rollback()  # lock_timeout: the connection is fine, the caller says what waited
         raise
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        _close(conn)
+        close_quietly(conn)
         raise DatabaseUnavailable(first_line(exc)) from None
     except ROW_ERRORS:
         try:
             conn.rollback()
         except psycopg2.Error:
-            _close(conn)
+            close_quietly(conn)
         raise
     except psycopg2.Error as exc:
-        _close(conn)
+        close_quietly(conn)
         raise DatabaseUnavailable(f"{exc.pgcode or type(exc).__name__}: {first_line(exc)}") from None
 
 
-def _close(conn: Connection) -> None:
+def close_quietly(conn: Connection) -> None:
+    """Close `conn`; never raises (a connection already broken has nothing left to close)."""
     try:
         conn.close()
     except psycopg2.Error:

@@ -28,7 +28,7 @@ import psycopg2.errors
 from psycopg2.extensions import cursor as Cursor
 
 from database import key_checks, partitions, schema
-from database.connection import ROW_ERRORS, first_line, one_row, open_connection, transaction
+from database.connection import ROW_ERRORS, close_quietly, first_line, one_row, open_connection, transaction
 from database.copy_format import REJECTED_STAGE_COLUMNS, copy_text, rejection_copy_text
 from database.errors import DatabaseError, DatabaseRejectedRows, DatabaseUnavailable, KeyMismatch, SchemaBusy
 from database.schema import COLUMN_LIST, QUARANTINE_EPOCH, SCHEMA_LOCK_ID, SCHEMA_VERSION, lock_holders
@@ -190,10 +190,7 @@ class PostgresWriter:
     def close(self) -> None:
         """Close the connection if open; never raises."""
         if self._conn is not None:
-            try:
-                self._conn.close()
-            except psycopg2.Error:
-                pass
+            close_quietly(self._conn)
             self._conn = None
 
     # -- writes -------------------------------------------------------------------------------
@@ -258,9 +255,7 @@ class PostgresWriter:
         exclusive = staged or quarantines_redelivered
         epoch = self._lock_quarantine(cur, exclusive=exclusive, bump=quarantines_redelivered)
         straight = not exclusive and self._epoch_before(received_since) == epoch
-        inserted = rejected = 0
-        if logins:
-            inserted = self._insert_logins(cur, logins, straight)
+        inserted = self._insert_logins(cur, logins, straight) if logins else 0
         # Not for a message already loaded. Its login row is in the partition of its day: with the
         # sent time known, one index probe there; without it (rare), one in each partition.
         stored = _insert_rejections(cur, rejections) if rejections else []
@@ -281,6 +276,7 @@ class PostgresWriter:
         return epoch
 
     def _observe_epoch(self, cur: Cursor) -> None:
+        """Read the epoch at connect (no lock: a sequence's value is read as it is now)."""
         cur.execute(_READ_EPOCH)
         self._epochs.append((time.monotonic(), int(one_row(cur)[0])))
 

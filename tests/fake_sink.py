@@ -271,7 +271,7 @@ class FakeSink:
             else:
                 self._epochs.append((self._time(), tables.epoch))
             baseline = next((epoch for seen_at, epoch in reversed(self._epochs) if seen_at < received_since), None)
-            straight = not exclusive and not bump and baseline == tables.epoch
+            straight = not exclusive and baseline == tables.epoch  # a bump is exclusive
             conflict = any((row.message_id, row.create_date) in tables.logins for row in logins)
             quarantined = set(tables.rejections)
         if straight and self._staged_left == 0:
