@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -249,6 +249,28 @@ class MessageSource(Protocol):
     def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]: ...
     # -> the receipt handles refused (not message ids: two copies of one message may be in one call)
     def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]: ...
+
+
+class ReceiveRoom(Protocol):
+    """One receive's share of the consume loop's bytes in hand (etl.batch.Claim).
+
+    A source that learns a response's size before reading it (SQS's Content-Length) `take`s that
+    many bytes first: the call waits while they would pass the bound, and a small response never
+    waits for room sized for the largest one. `take(None)`: the size is unknown, take `worst_case`
+    (10 messages of the queue's MaximumMessageSize). False: the loop is stopping; the source drops
+    the response unread (its messages reappear after their visibility timeout).
+    """
+
+    worst_case: int
+
+    def take(self, nbytes: int | None) -> bool: ...
+
+
+@runtime_checkable
+class SizedMessageSource(MessageSource, Protocol):
+    """A MessageSource that takes room for a response before it reads it (aws.sqs.SqsReader)."""
+
+    def receive_within(self, room: ReceiveRoom) -> list[ReceivedMessage]: ...
 
 
 class BatchSink(Protocol):

@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from aws.errors import AwsError
 from aws.limits import BATCH_LIMIT, MAX_VISIBILITY_TIMEOUT_SECONDS, MAX_WAIT_TIME_SECONDS, chunks
 from aws.sqs_json import JsonTransport
-from models import ReceivedMessage
+from models import ReceivedMessage, ReceiveRoom
 
 if TYPE_CHECKING:  # types-boto3-sqs (requirements-dev.txt): typed calls, no runtime cost
     from types_boto3_sqs.client import SQSClient
@@ -128,17 +128,32 @@ class SqsReader:
 
     def receive(self, *, wait_time_seconds: int | None = None) -> list[ReceivedMessage]:
         """Receive up to 10 messages, long-polling; an empty list means none arrived in time."""
+        return self._receive(wait_time_seconds, None)
+
+    def receive_within(self, room: ReceiveRoom) -> list[ReceivedMessage]:
+        """`receive`, taking room for the response before reading it (models.SizedMessageSource):
+        its Content-Length with the JSON transport, else `room.worst_case` before the call. If the
+        room is refused (the loop is stopping), the response is dropped unread and [] returned:
+        SQS made its messages invisible, and they reappear after their visibility timeout."""
+        return self._receive(None, room)
+
+    def _receive(self, wait_time_seconds: int | None, room: ReceiveRoom | None) -> list[ReceivedMessage]:
         started = time.monotonic()  # before the call: SQS hands the messages over within it
+        params = {
+            "QueueUrl": self.queue_url,
+            "MaxNumberOfMessages": BATCH_LIMIT,
+            "WaitTimeSeconds": self.wait_time_seconds if wait_time_seconds is None else wait_time_seconds,
+            "MessageSystemAttributeNames": ["SentTimestamp", "ApproximateReceiveCount"],
+        }
         with self._errors("ReceiveMessage"):
-            response = self._call(
-                "ReceiveMessage",
-                {
-                    "QueueUrl": self.queue_url,
-                    "MaxNumberOfMessages": BATCH_LIMIT,
-                    "WaitTimeSeconds": self.wait_time_seconds if wait_time_seconds is None else wait_time_seconds,
-                    "MessageSystemAttributeNames": ["SentTimestamp", "ApproximateReceiveCount"],
-                },
-            )
+            if room is None:
+                response = self._call("ReceiveMessage", params)
+            elif self.transport == "json":
+                response = self._json_transport().call("ReceiveMessage", params, before_read=room.take)
+            elif room.take(None):
+                response = self._call("ReceiveMessage", params)
+            else:
+                response = {}
         return [_to_message(raw, started) for raw in response.get("Messages", [])]
 
     def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:

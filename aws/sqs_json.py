@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import select
 import ssl
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,6 +41,8 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 from botocore.httpsession import get_cert_path
 from botocore.parsers import create_parser
+
+logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/x-amz-json-1.0"
 TARGET_PREFIX = "AmazonSQS."
@@ -187,17 +191,21 @@ class JsonTransport:
         self._ssl = ssl.create_default_context(cafile=cafile) if self._https else None
         self._parser = create_parser("json")
 
-    def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+    def call(
+        self, operation: str, params: dict[str, Any], *, before_read: Callable[[int | None], bool] | None = None
+    ) -> dict[str, Any]:
         """Send `operation` with `params` (its JSON request members); return the decoded answer.
 
-        Raises botocore's ClientError for an error answer (the code as botocore reports it) and
-        HTTPClientError when the exchange failed (no answer, or half of one).
+        `before_read(size)`: called with a successful answer's Content-Length (None if it has none)
+        before its body is read; False drops the answer unread (the connection is closed) and {} is
+        returned. Raises botocore's ClientError for an error answer (the code as botocore reports
+        it) and HTTPClientError when the exchange failed (no answer, or half of one).
         """
         body = json.dumps(params).encode("utf-8")  # botocore's bytes: the same signature
         request = _Request(self.endpoint_url, body, self._headers(operation))
         # get_frozen_credentials: a refreshable set refreshes here when it is about to expire.
         _Signer(self._credentials.get_frozen_credentials(), SIGNING_NAME, self.region).add_auth(request)
-        status, headers, data = self._exchange(body, request.headers)
+        status, headers, data = self._exchange(body, request.headers, before_read)
         if status < 300:
             return orjson.loads(data) if data else {}
         raise self._error(operation, status, headers, data)
@@ -213,7 +221,9 @@ class JsonTransport:
             "Host": self._netloc,
         }
 
-    def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    def _exchange(
+        self, body: bytes, headers: dict[str, str], before_read: Callable[[int | None], bool] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         conn = self._checkout()
         try:
             conn.putrequest("POST", self._path, skip_host=True, skip_accept_encoding=True)
@@ -222,6 +232,10 @@ class JsonTransport:
             conn.putheader("Content-Length", str(len(body)))
             conn.endheaders(body)
             response = conn.getresponse()
+            if before_read is not None and response.status < 300 and not before_read(response.length):
+                conn.close()
+                logger.info("an answer of %s bytes was left unread: the loop is stopping", response.length)
+                return response.status, {}, b""
             data = response.read()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()

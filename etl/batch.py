@@ -181,13 +181,15 @@ IDLE_WAIT_SECONDS = 0.5
 
 class BytesInHand:
     """The bytes of the messages in hand, bounded: what receivers got and the writer has not yet
-    committed, plus each receive in flight counted at its worst (`per_receive`: SQS may return 10
-    messages of the queue's largest size, and nothing asks it for fewer bytes).
+    committed, plus each receive's share (a Claim) while its response is read and prepared.
 
-    A receiver `reserve`s that worst case before it receives, waiting while it would pass `limit`
-    (back-pressure: the writer is behind, or large bodies are in hand), then `settle`s the
-    reservation to what it actually holds; the writer `release`s a batch's bytes once it has
-    committed. So the bytes in hand never pass `limit`, whatever the bodies' sizes.
+    A receive's share is taken before its response is read, waiting while it would pass `limit`
+    (back-pressure: the writer is behind, or large bodies are in hand): the response's own size
+    where the source knows it first (SQS's Content-Length, aws.sqs), else its worst case
+    (`per_receive`: SQS may return 10 messages of the queue's largest size). Once prepared, the
+    share is settled to what the messages actually hold; the writer `release`s a batch's bytes once
+    it has committed. So the bytes in hand never pass `limit` (one share alone always goes), and a
+    receive of small messages never waits for room sized for 10 of the largest.
     """
 
     def __init__(self, limit: int, per_receive: int) -> None:
@@ -204,32 +206,69 @@ class BytesInHand:
 
     @property
     def held(self) -> int:
-        """Bytes held or reserved now."""
+        """Bytes held or taken now."""
         return self._held
 
-    def reserve(self, stopping: Callable[[], bool]) -> bool:
-        """Wait for room for one receive and take it; False (nothing taken) once `stopping()`."""
+    def claim(self, stopping: Callable[[], bool]) -> Claim:
+        """A new receive's share (nothing taken yet); its waits end with False once `stopping()`."""
+        return Claim(self, stopping)
+
+    def wait_for_room(self, stopping: Callable[[], bool]) -> bool:
+        """Wait while the bytes in hand are at the bound; False once `stopping()`."""
         with self._changed:
-            while self._held + self.per_receive > self.limit:
+            while self._held >= self.limit:
                 if stopping():
                     return False
                 self._changed.wait(0.1)
-            self._held += self.per_receive
             return True
 
-    def settle(self, nbytes: int) -> None:
-        """A receive returned: its reservation becomes the `nbytes` it holds (0 if none)."""
-        self.release(self.per_receive - nbytes)
+    def take(self, nbytes: int, stopping: Callable[[], bool]) -> bool:
+        """Wait until `nbytes` more fit under the bound, or nothing is held (one share alone always
+        goes, whatever its size), and take them; False (nothing taken) once `stopping()`."""
+        with self._changed:
+            while self._held and self._held + nbytes > self.limit:
+                if stopping():
+                    return False
+                self._changed.wait(0.1)
+            self._held += nbytes
+            return True
 
     def release(self, nbytes: int) -> None:
-        """`nbytes` are no longer in hand (committed, or never received)."""
+        """`nbytes` are no longer in hand (committed, settled, or never received)."""
         with self._changed:
             self._held -= nbytes
-            # Wake only the receivers the room fits (each wakes, reserves, and goes): waking them
-            # all at every receive's settle cost more CPU than the receives of a fast queue.
-            room = (self.limit - self._held) // self.per_receive
-            if room > 0:
-                self._changed.notify(room)
+            # Wake only the receivers the room fits (each wakes, takes, and goes): waking them
+            # all at every settle cost more CPU than the receives of a fast queue.
+            free = self.limit - self._held
+            if free > 0:
+                self._changed.notify(max(1, free // self.per_receive))
+
+
+class Claim:
+    """One receive's share of the bytes in hand (models.ReceiveRoom): taken before its response is
+    read, settled to what its prepared messages hold."""
+
+    def __init__(self, in_hand: BytesInHand, stopping: Callable[[], bool]) -> None:
+        self._in_hand = in_hand
+        self._stopping = stopping
+        self.worst_case = in_hand.per_receive
+        self.held = 0
+
+    def take(self, nbytes: int | None) -> bool:
+        """Make the share `nbytes` (None: the worst case), waiting for room; False once stopping
+        (the share is then empty). A retried receive takes again: the share is replaced."""
+        self.settle(0)
+        wanted = self.worst_case if nbytes is None else nbytes
+        if not self._in_hand.take(wanted, self._stopping):
+            return False
+        self.held = wanted
+        return True
+
+    def settle(self, nbytes: int) -> None:
+        """The share becomes `nbytes` (what the prepared messages hold; 0: none), without waiting."""
+        if nbytes != self.held:
+            self._in_hand.release(self.held - nbytes)
+            self.held = nbytes
 
 
 class Batcher:

@@ -4,9 +4,10 @@ Ordering (the promise "no message lost, none stored twice"):
 
 1. Receiver threads long-poll the source, parse and mask what they received (transform.py), and
    hand it to a bounded inbox (back-pressure: receivers wait when the database is slower). The
-   messages in hand are bounded by count (the inbox) and by bytes (batch.BytesInHand: a receiver
-   waits before it receives while the bytes in hand, with its receive counted at its worst, would
-   pass --max-bytes-in-hand). Bodies are let go at the commit, not at the delete.
+   messages in hand are bounded by count (the inbox) and by bytes (batch.BytesInHand: a receive
+   takes its share before its response is read, waiting while the bytes in hand would pass
+   --max-bytes-in-hand: the response's size where the source knows it first, SQS's Content-Length,
+   else 10 messages of the queue's largest size). Bodies are let go at the commit, not at the delete.
 2. The writer takes batches from the inbox (batch.Batcher: cut by size or age), writes logins
    and rejections in ONE transaction (commit.Committer), and only after the commit hands the
    batch to the deleters (deletes.Deleters).
@@ -24,6 +25,7 @@ goes through one `Retrier`; the in-hand visibility through one `VisibilityKeeper
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import random
@@ -40,7 +42,7 @@ from etl.commit import Committer
 from etl.deletes import Deleters
 from etl.observability import Observer, Stats
 from etl.retry import STOP_MARGIN_SECONDS, Abandoned, BudgetExhausted, Clock, Retrier, StopDeadlinePassed, StopState
-from models import Backoff, BatchSink, MessageSource, ReceivedMessage
+from models import Backoff, BatchSink, MessageSource, ReceivedMessage, SizedMessageSource
 from pii.masking import Masker
 
 logger = logging.getLogger(__name__)
@@ -171,14 +173,25 @@ class Pipeline:
     # -- receiving ------------------------------------------------------------------------------
 
     def _receive_loop(self) -> None:
+        stopping = lambda: self._stop.stopping  # noqa: E731 - read at each wait
+        source = self._source
+        sized = source if isinstance(source, SizedMessageSource) else None
         try:
             while not self._stop.stopping:
-                # Waits while the bytes in hand are at the bound (the writer releases them).
-                if not self.in_hand.reserve(lambda: self._stop.stopping):
+                # Waits while the bytes in hand are at the bound (the writer releases them). A sized
+                # source takes its response's size before reading it; another, the worst case first.
+                claim = self.in_hand.claim(stopping)
+                if sized is not None:
+                    ready = self.in_hand.wait_for_room(stopping)
+                    receive: Callable[[], list[ReceivedMessage]] = functools.partial(sized.receive_within, claim)
+                else:
+                    ready = claim.take(None)
+                    receive = source.receive
+                if not ready:
                     return
                 prepared = None
                 try:
-                    messages = self._retrier.call("SQS", "receive", self._source.receive, SqsUnavailable, finish=False)
+                    messages = self._retrier.call("SQS", "receive", receive, SqsUnavailable, finish=False)
                     if messages:
                         redelivered = sum(1 for m in messages if m.receive_count > 1)
                         self.stats.add(received=len(messages), redelivered=redelivered)
@@ -190,7 +203,7 @@ class Pipeline:
                             messages, self._masker, self._options.max_receives, self._options.max_body_bytes
                         )
                 finally:
-                    self.in_hand.settle(0 if prepared is None else prepared.nbytes)
+                    claim.settle(0 if prepared is None else prepared.nbytes)
                 if prepared is not None:
                     # Blocks while the writer is behind. Never dropped, even when stopping: these
                     # messages are part of the batch that will be committed and deleted.

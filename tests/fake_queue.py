@@ -35,7 +35,17 @@ from dataclasses import dataclass, field
 from aws.limits import BATCH_LIMIT as MAX_MESSAGES_PER_RECEIVE  # the fake keeps SQS's limit
 from aws.sqs import QueueUnusable, SqsUnavailable
 from etl.retry import Clock
-from models import ReceivedMessage
+from models import ReceivedMessage, ReceiveRoom, body_bytes
+
+# What ReceiveMessage's JSON answer adds to each body (ids, receipt handle, MD5s, attributes): about
+# what LocalStack's and SQS's answers measure, so a fake's answer is as large as a real one.
+ANSWER_BYTES_PER_MESSAGE = 700
+
+
+def answer_bytes(messages: Sequence[ReceivedMessage]) -> int:
+    """The size of a ReceiveMessage answer holding `messages`, as its Content-Length would say."""
+    return sum(body_bytes(m.body) + ANSWER_BYTES_PER_MESSAGE for m in messages)
+
 
 MS_PER_DAY = 86_400_000
 # 2023-11-14 00:00:00 UTC: the default SentTimestamps straddle this midnight.
@@ -285,6 +295,16 @@ class FakeQueue:
             time.sleep(self.empty_wait_seconds)
         return delivered
 
+    def receive_within(self, room: ReceiveRoom, consumer: str = "") -> list[ReceivedMessage]:
+        """ReceiveMessage through a client that takes room for the answer before reading it (the
+        JSON transport, by its Content-Length): refused (the consumer is stopping), the answer is
+        dropped unread; SQS delivered its messages all the same, and they reappear at their deadline."""
+        delivered = self.receive(consumer)
+        if delivered and not room.take(answer_bytes(delivered)):
+            self._trouble(delivered)  # their reappearance is explained: nobody read them
+            return []
+        return delivered
+
     def _take(self, now: float) -> list[QueuedMessage]:
         """The messages a receive at `now` delivers (the caller holds the lock): the first 10
         visible, in send order; those received `max_receive_count` times go to `dead_letters`."""
@@ -464,6 +484,9 @@ class QueueClient:
 
     def receive(self) -> list[ReceivedMessage]:
         return self.queue.receive(self.name)
+
+    def receive_within(self, room: ReceiveRoom) -> list[ReceivedMessage]:
+        return self.queue.receive_within(room, self.name)
 
     def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
         return self.queue.delete(messages)

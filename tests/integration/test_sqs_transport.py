@@ -135,3 +135,62 @@ def test_a_kept_connection_closed_by_the_other_side_is_replaced(queue: tuple[Any
         assert len(first) + len(rest) == 2
     finally:
         proxy.close()
+
+
+class Room:
+    """A models.ReceiveRoom that records what it was asked for, and grants it or not."""
+
+    worst_case = 10 * 262_144
+
+    def __init__(self, grant: bool) -> None:
+        self.grant = grant
+        self.asked: list[int | None] = []
+
+    def take(self, nbytes: int | None) -> bool:
+        self.asked.append(nbytes)
+        return self.grant
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_sized_receive_takes_room_for_the_answer_before_reading_it(
+    queue: tuple[Any, str], emulator: str, transport: str
+) -> None:
+    """GIVEN 10 messages of 20,000 bytes WHEN received within a room THEN the room is asked once,
+    before the answer is read: for the answer's size (its Content-Length, at least the bodies'
+    bytes) on the JSON path, for the worst case on boto3's, which cannot see it first."""
+    client, url = queue
+    bodies = {f"{n:02d}" + "é" * 9_999 for n in range(10)}  # 20,000 UTF-8 bytes each
+    client.send_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies)])
+    sqs = reader(emulator, url, transport)
+    room = Room(grant=True)
+    received: list[Any] = []
+    while len(received) < 10 and (batch := sqs.receive_within(room)):
+        received += batch
+    assert {m.body for m in received} == bodies
+    if transport == "json":
+        assert all(isinstance(size, int) and size >= 20_000 for size in room.asked)
+        assert sum(room.asked) >= 200_000  # type: ignore[arg-type]
+    else:
+        assert set(room.asked) == {None}
+
+
+def test_a_refused_room_drops_the_answer_unread_and_its_messages_come_back(
+    queue: tuple[Any, str], emulator: str
+) -> None:
+    """GIVEN a message WHEN a sized receive's room is refused (the loop is stopping) THEN nothing is
+    returned, the connection is not reused half-read, and the message comes back after its
+    visibility timeout, whole, to a later receive on the same reader."""
+    client, url = queue
+    client.set_queue_attributes(QueueUrl=url, Attributes={"VisibilityTimeout": "1"})
+    client.send_message(QueueUrl=url, MessageBody="kept " + "x" * 5000)
+    sqs = reader(emulator, url, "json")
+    refused = Room(grant=False)
+    assert sqs.receive_within(refused) == []
+    assert len(refused.asked) == 1 and (refused.asked[0] or 0) >= 5000
+    again: list[Any] = []
+    for _ in range(10):
+        again = sqs.receive_within(Room(grant=True))
+        if again:
+            break
+    assert [m.body for m in again] == ["kept " + "x" * 5000]
+    assert again[0].receive_count == 2

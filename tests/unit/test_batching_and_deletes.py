@@ -337,12 +337,15 @@ def test_a_receive_waiting_for_room_gives_up_once_stopping_without_any_release()
     """A receiver blocked on a full bound must see the stop by itself: nothing may ever release
     room again (the writer has stopped)."""
     full = BytesInHand(limit=10, per_receive=10)
-    assert full.reserve(lambda: False)
+    assert full.claim(lambda: False).take(None)
     stopping = threading.Event()
     got: list[bool] = []
-    waiter = threading.Thread(target=lambda: got.append(full.reserve(stopping.is_set)), daemon=True)
+    waiter = threading.Thread(target=lambda: got.append(full.claim(stopping.is_set).take(3)), daemon=True)
+    gate = threading.Thread(target=lambda: got.append(full.wait_for_room(stopping.is_set)), daemon=True)
     waiter.start()
+    gate.start()
     time.sleep(0.05)
     stopping.set()
     waiter.join(timeout=3)
-    assert got == [False] and full.held == 10
+    gate.join(timeout=3)
+    assert got == [False, False] and full.held == 10

@@ -21,7 +21,7 @@ from etl.transform import (
     too_large,
     transform,
 )
-from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
+from models import MaskedLogin, ReceivedMessage, ReceiveRoom, Rejection, WriteResult
 from pii.masking import BODY_FIELD
 from tests.fakes import MASKER, FakeQueue, FakeSink, body, options, run_in_thread, wait_until
 
@@ -126,20 +126,110 @@ def test_the_settings_read_the_byte_limits_with_units() -> None:
 
 def test_a_receive_waits_for_room_and_a_release_lets_it_go() -> None:
     in_hand = BytesInHand(limit=100, per_receive=40)
-    assert in_hand.reserve(lambda: False) and in_hand.reserve(lambda: False)
+    first, second = in_hand.claim(lambda: False), in_hand.claim(lambda: False)
+    assert first.take(None) and second.take(None)  # None: the worst case, 40 each
     assert in_hand.held == 80
     got: list[bool] = []
-    waiter = threading.Thread(target=lambda: got.append(in_hand.reserve(lambda: False)), daemon=True)
+    third = in_hand.claim(lambda: False)
+    waiter = threading.Thread(target=lambda: got.append(third.take(None)), daemon=True)
     waiter.start()
     waiter.join(0.3)
     assert waiter.is_alive() and in_hand.held == 80  # 80 + 40 > 100: it waits
-    in_hand.settle(5)  # the first receive held only 5 bytes
+    first.settle(5)  # the first receive held only 5 bytes
     waiter.join(2)
     assert got == [True] and in_hand.held == 85
-    assert BytesInHand(limit=10, per_receive=50).reserve(lambda: False)  # one receive always fits
+    assert BytesInHand(limit=10, per_receive=50).claim(lambda: False).take(None)  # one receive always fits
     full = BytesInHand(limit=10, per_receive=10)
-    full.reserve(lambda: False)
-    assert full.reserve(lambda: True) is False  # stopping: gives up instead of waiting
+    full.claim(lambda: False).take(None)
+    assert full.claim(lambda: True).take(None) is False  # stopping: gives up instead of waiting
+
+
+def test_a_share_of_its_response_size_waits_only_when_that_size_does_not_fit() -> None:
+    in_hand = BytesInHand(limit=100, per_receive=100)  # the worst case is the whole bound
+    big = in_hand.claim(lambda: False)
+    assert big.take(70) and in_hand.held == 70
+    small = in_hand.claim(lambda: False)
+    assert small.take(30) and in_hand.held == 100  # fits exactly: no wait for a worst case of 100
+    assert small.take(20) and in_hand.held == 90  # taken again (a retried receive): replaced, not added
+    late = in_hand.claim(lambda: False)
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(late.take(15)), daemon=True)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and in_hand.held == 90  # 90 + 15 > 100: it waits
+    big.settle(0)
+    waiter.join(2)
+    assert got == [True] and in_hand.held == 35
+    assert not in_hand.claim(lambda: True).take(100)  # stopping: nothing taken
+    assert in_hand.held == 35
+    alone = BytesInHand(limit=100, per_receive=100).claim(lambda: False)
+    assert alone.take(250)  # larger than the bound, with nothing else held: it goes
+
+
+def test_the_gate_before_a_sized_receive_waits_while_the_bytes_in_hand_are_at_the_bound() -> None:
+    in_hand = BytesInHand(limit=100, per_receive=50)
+    held = in_hand.claim(lambda: False)
+    held.take(100)
+    assert in_hand.wait_for_room(lambda: True) is False  # at the bound and stopping
+    opened: list[bool] = []
+    waiter = threading.Thread(target=lambda: opened.append(in_hand.wait_for_room(lambda: False)), daemon=True)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()
+    held.settle(99)
+    waiter.join(2)
+    assert opened == [True]
+
+
+class SizedSource:
+    """Small messages from a queue whose MaximumMessageSize is 1 MiB; each receive takes its
+    response's size first (a models.SizedMessageSource) and lasts a while, like a long poll's round
+    trip; records how many receives were in flight at once."""
+
+    def __init__(self, count: int) -> None:
+        self._bodies = [(f"m{n:04d}", body(n)) for n in range(count)]
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.deleted = 0
+
+    def _next(self) -> list[ReceivedMessage]:
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        threading.Event().wait(0.05)
+        with self._lock:
+            self.in_flight -= 1
+            taken, self._bodies = self._bodies[:10], self._bodies[10:]
+        return [ReceivedMessage(message_id, f"r-{message_id}", text, SENT_MS) for message_id, text in taken]
+
+    def receive(self) -> list[ReceivedMessage]:
+        return self._next()
+
+    def receive_within(self, room: ReceiveRoom) -> list[ReceivedMessage]:
+        got = self._next()
+        return got if room.take(sum(len(m.body) + 500 for m in got)) else []
+
+    def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+        with self._lock:
+            self.deleted += len(messages)
+        return []
+
+    def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]:
+        return []
+
+
+def test_receives_of_small_messages_do_not_wait_for_room_sized_for_the_largest() -> None:
+    # GIVEN a queue of 1 MiB MaximumMessageSize (AWS's default since 2025-08) and the default bound:
+    # room for three receives of ten 1 MiB messages, but the messages are a few hundred bytes
+    source = SizedSource(400)
+    sink = FakeSink()
+    opts = options(receivers=8, max_bytes_in_hand=32 * 1_048_576, max_message_bytes=1_048_576)
+    # WHEN the loop drains it
+    stats = Pipeline(source, sink, MASKER, opts).run()
+    # THEN every receiver had its receive in flight at once (not three, as a worst case each would allow)
+    assert source.most_in_flight == 8
+    assert stats.loaded == 400 and len(sink.logins) == 400 and source.deleted == 400
 
 
 class GatedSink(FakeSink):
