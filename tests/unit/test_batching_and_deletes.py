@@ -159,6 +159,18 @@ def deleters(
     return made, done
 
 
+def delete_all(
+    delete: Callable[[Sequence[ReceivedMessage]], Sequence[str]], *names: str, threads: int = 1, max_calls: int = 4
+) -> Recorder:
+    """Deleters over `delete` given a chunk per name, then closed with time to spare (none abandoned)."""
+    made, done = deleters(delete, threads=threads, max_calls=max_calls)
+    made.start()
+    for name in names:
+        made.submit(chunk(name), never)
+    assert made.close(time.monotonic() + 5) == 0
+    return done
+
+
 def chunk(name: str, size: int = 2) -> list[ReceivedMessage]:
     return [ReceivedMessage(f"{name}{i}", f"r-{name}{i}", "{}") for i in range(size)]
 
@@ -168,11 +180,7 @@ def never() -> bool:
 
 
 def test_each_chunk_is_untracked_once_and_what_its_delete_did_not_delete_is_counted() -> None:
-    made, done = deleters(lambda c: ["b0"] if c[0].message_id == "b0" else [], threads=2, max_calls=4)
-    made.start()
-    made.submit(chunk("a"), never)
-    made.submit(chunk("b"), never)
-    assert made.close(time.monotonic() + 5) == 0
+    done = delete_all(lambda c: ["b0"] if c[0].message_id == "b0" else [], "a", "b", threads=2)
     assert sorted(done.untracked) == [["a0", "a1"], ["b0", "b1"]]
     assert done.stats.delete_failures == 1 and done.fatal == []
 
@@ -187,11 +195,7 @@ def test_the_delete_threads_are_daemons_and_run_side_by_side() -> None:
         both_in.wait()  # only passes when two calls run at once
         return []
 
-    made, done = deleters(delete, threads=2, max_calls=2)
-    made.start()
-    made.submit(chunk("a"), never)
-    made.submit(chunk("b"), never)
-    assert made.close(time.monotonic() + 5) == 0
+    done = delete_all(delete, "a", "b", threads=2, max_calls=2)
     assert names == {"deleter-0", "deleter-1"}
     assert len(done.untracked) == 2 and done.stats.delete_failures == 0
 
@@ -202,11 +206,7 @@ def test_a_delete_that_raises_counts_its_chunk_as_not_deleted_and_the_thread_goe
             raise RuntimeError("a bug")
         return []
 
-    made, done = deleters(delete, threads=1, max_calls=4)
-    made.start()
-    made.submit(chunk("a"), never)
-    made.submit(chunk("b"), never)
-    assert made.close(time.monotonic() + 5) == 0
+    done = delete_all(delete, "a", "b")
     assert done.untracked == [["a0", "a1"], ["b0", "b1"]]
     assert done.stats.delete_failures == 2 and done.fatal == []
 
@@ -218,10 +218,7 @@ def test_a_delete_that_keeps_failing_is_retried_then_counted_as_not_deleted() ->
         calls.append(1)
         raise SqsUnavailable("DeleteMessageBatch failed: fake outage")
 
-    made, done = deleters(delete, threads=1, max_calls=4)
-    made.start()
-    made.submit(chunk("a"), never)
-    assert made.close(time.monotonic() + 5) == 0
+    done = delete_all(delete, "a")
     assert len(calls) > 1 and done.untracked == [["a0", "a1"]]
     assert done.stats.delete_failures == 2 and done.fatal == []
 
@@ -230,10 +227,7 @@ def test_a_delete_refused_for_good_is_reported_as_fatal_and_its_chunk_untracked(
     def delete(c: Sequence[ReceivedMessage]) -> list[str]:
         raise QueueUnusable("DeleteMessageBatch failed: AWS.SimpleQueueService.NonExistentQueue")
 
-    made, done = deleters(delete, threads=1, max_calls=4)
-    made.start()
-    made.submit(chunk("a"), never)
-    assert made.close(time.monotonic() + 5) == 0
+    done = delete_all(delete, "a")
     [fatal] = done.fatal
     assert isinstance(fatal, QueueUnusable)
     assert done.untracked == [["a0", "a1"]] and done.stats.delete_failures == 2
@@ -265,11 +259,7 @@ def test_close_waits_for_the_calls_outstanding_until_the_time_limit() -> None:
         time.sleep(0.2)
         return []
 
-    made, done = deleters(delete, threads=1, max_calls=4)
-    made.start()
-    made.submit(chunk("a"), never)
-    made.submit(chunk("b"), never)
-    assert made.close(time.monotonic() + 5) == 0
+    done = delete_all(delete, "a", "b")
     assert sorted(done.untracked) == [["a0", "a1"], ["b0", "b1"]] and done.stats.delete_failures == 0
 
 
