@@ -34,7 +34,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -51,11 +50,13 @@ from bench.scenarios import (
     COPY_REPEAT,
     Measurement,
     Services,
+    add_service_arguments,
     bare_drain,
     filled_queue,
     fresh_database,
     latency_proxy,
     naive_loop,
+    progress,
     run_etl,
     sink,
     via,
@@ -110,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     code_before = _code_fingerprint()
     header = _environment(services, receivers, deleters, batch_size, flush_seconds, args)
     for line in header:
-        _progress(line)
+        progress(line)
     bodies = list(generate(args.count, SEED))
     # The sink passes 20,000 messages in ~0.3 s, too short to time well: it gets more of them.
     sink_bodies = bodies if args.sink_count == args.count else list(generate(args.sink_count, SEED))
@@ -120,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def record(key: str, label: str, measure: Callable[[], Measurement]) -> None:
         result = measure()
         results.setdefault(key, []).append(result)
-        _progress(
+        progress(
             f"  {label}: {result.items:,} in {result.seconds:.2f} s = {result.rate:,.0f}/s"
             + (f", peak RSS {result.rss_kb / 1024:.0f} MB" if result.rss_kb else "")
             + (f"; {result.check}" if result.check else "")
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ExitStack() as stack:
         proxy = None if args.skip_latency else stack.enter_context(latency_proxy(args.endpoint_url, args.latency_ms))
         for run in range(1, args.runs + 1):
-            _progress(f"run {run}/{args.runs}")
+            progress(f"run {run}/{args.runs}")
             record("limit", "limit", lambda: _drain(services, bodies, limit_threads))
             record("ours", "ours", lambda: _ours(services, bodies))
             record("naive", "naive", lambda: _naive(services, bodies))
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lambda: results["naive_lat"][-1].extrapolated(args.count),
                 )
         if args.rss:
-            _progress(f"rss: ours draining {args.rss_count:,}")
+            progress(f"rss: ours draining {args.rss_count:,}")
             record("rss", "ours (rss)", lambda: _ours(services, list(generate(args.rss_count, SEED))))
     code_after = _code_fingerprint()
     footer = (
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(report))
     cpu_report = []
     if args.cpu:
-        _progress("cpu: CPU per message (bench/cpu.py)")
+        progress("cpu: CPU per message (bench/cpu.py)")
         cpu_report = cpu.run(args, services)
         print("\n".join(["", *cpu_report]))
     if args.markdown:
@@ -455,10 +456,6 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
-def _progress(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
 # Benchmarks of other scripts, whose output lives beside the design it measures: linked, not copied.
 OTHER_BENCHMARKS = [
     "## Other benchmarks",
@@ -508,7 +505,7 @@ def _write_markdown(path: Path, report: list[str], command: str) -> None:
     if start in old and end in old:
         page += [start + old.split(start, 1)[1].split(end, 1)[0] + end, ""]
     path.write_text("\n".join(page))
-    _progress(f"wrote {path}")
+    progress(f"wrote {path}")
 
 
 def _rewrite_markdown(path: Path) -> None:
@@ -553,12 +550,7 @@ def _parser() -> argparse.ArgumentParser:
         "--cpu", action="store_true", help="also measure CPU per message (bench/cpu.py's options below)"
     )
     cpu.add_arguments(parser)
-    parser.add_argument("--endpoint-url", default="http://localhost:4566", help="the SQS emulator")
-    parser.add_argument(
-        "--database-url",
-        default="postgresql://postgres@127.0.0.1:5432/postgres",
-        help="server to create the bench_<uuid> databases on (its own data is not touched)",
-    )
+    add_service_arguments(parser)
     return parser
 
 
