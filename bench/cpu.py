@@ -40,7 +40,15 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.scenarios import Services, _stored_counts, filled_queue, fresh_database, queue_depth
+from bench.scenarios import (
+    Services,
+    add_service_arguments,
+    filled_queue,
+    fresh_database,
+    progress,
+    queue_depth,
+    stored_counts,
+)
 from sample_data import generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +162,7 @@ def etl_cpu(
                 raise RuntimeError(
                     f"main.py exited with {proc.returncode}: {err.read().decode(errors='replace')[-500:]}"
                 )
-        loaded, rejected = _stored_counts(dsn)
+        loaded, rejected = stored_counts(dsn)
         left = queue_depth(services.client(), url)
     ok = loaded + rejected == len(bodies) and left == 0
     check = f"{'OK' if ok else 'MISMATCH'}: {loaded + rejected} of {len(bodies)} stored, {left} left"
@@ -217,7 +225,7 @@ def lambda_cpu(services: Services, bodies: Sequence[str]) -> tuple[float, str]:
             cpu = time.process_time() - began
         finally:
             handler.writer.close()
-        loaded, rejected = _stored_counts(dsn)
+        loaded, rejected = stored_counts(dsn)
     warm = len(bodies) - len(events[0]["Records"])
     ok = loaded + rejected == len(bodies) and failures == 0
     return cpu / warm * 1e6, f"{'OK' if ok else 'MISMATCH'}: {loaded + rejected} of {len(bodies)} stored"
@@ -364,7 +372,7 @@ def run(args: argparse.Namespace, services: Services) -> list[str]:
                 empty = etl_cpu(services, [], root, client)
                 full = etl_cpu(services, bodies, root, client)
                 runs[key].append((empty, full))
-                _progress(
+                progress(
                     f"run {n} {labels[key]}: empty {empty.cpu:.2f} s CPU / {empty.wall:.2f} s; "
                     f"{full.messages:,} msgs {full.cpu:.2f} s CPU / {full.wall:.2f} s; "
                     f"{(full.cpu - empty.cpu) / full.messages * 1e6:,.0f} µs/msg; {full.check}"
@@ -372,7 +380,7 @@ def run(args: argparse.Namespace, services: Services) -> list[str]:
         lambda_runs = []
         for _ in range(args.cpu_runs if args.lambda_count else 0):
             lambda_runs.append(lambda_cpu(services, bodies[: args.lambda_count]))
-            _progress(f"lambda: {lambda_runs[-1][0]:,.0f} µs/msg; {lambda_runs[-1][1]}")
+            progress(f"lambda: {lambda_runs[-1][0]:,.0f} µs/msg; {lambda_runs[-1][1]}")
         profiles: dict[str, tuple[Counter[str], float]] = {}
         if args.profile:
             for key in ("boto3", "json"):
@@ -380,12 +388,8 @@ def run(args: argparse.Namespace, services: Services) -> list[str]:
                     raw = Path(args.keep_profiles or tmp) / f"profile-{key}.txt"
                     result = etl_cpu(services, bodies, ROOT, key, profile=raw)
                     profiles[key] = (phases(raw), result.wall)
-                _progress(f"profiled {labels[key]}")
+                progress(f"profiled {labels[key]}")
     return report(runs, labels, lambda_runs, profiles, args.cpu_count)
-
-
-def _progress(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -406,8 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--markdown", metavar="PATH", help="also write the report as a section of PATH")
-    parser.add_argument("--endpoint-url", default="http://localhost:4566")
-    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    add_service_arguments(parser)
     args = parser.parse_args(argv)
     services = Services.for_emulator(args.endpoint_url, args.database_url)
     lines = run(args, services)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psycopg2
 
-from bench.scenarios import Services, fresh_database, queue_depth
+from bench.scenarios import Services, add_service_arguments, fresh_database, queue_depth
 from models import InvalidMessage, LoginEvent
 from sample_data import generate
 
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=20.0, help="messages per second (20)")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long to send (30)")
-    parser.add_argument("--endpoint-url", default="http://localhost:4566")
-    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    add_service_arguments(parser)
     args = parser.parse_args(argv)
     services = Services.for_emulator(args.endpoint_url, args.database_url)
     sqs = services.client()

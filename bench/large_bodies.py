@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,16 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.scenarios import ROOT, Measurement, Services, fresh_database, queue_depth, run_etl
+from bench.scenarios import (
+    ROOT,
+    Measurement,
+    Services,
+    add_service_arguments,
+    fresh_database,
+    progress,
+    queue_depth,
+    run_etl,
+)
 from config import parse_bytes
 from etl.transform import DEFAULT_MAX_BODY_BYTES
 from sample_data import generate, send
@@ -162,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{(result.rss_kb or 0) / 1024:>6.0f} MB  {result.check}"
         )
         lines.append(line)
-        _progress(line)
+        progress(line)
 
     peaks: list[float] = []
     for size in sizes:
@@ -179,9 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with baseline_tree(args.baseline) as base:
         for run in range(args.runs):
             ours.append(drain(services, ordinary))
-            _progress(f"ordinary run {run + 1} (this): {ours[-1].rate:,.0f} msgs/s")
+            progress(f"ordinary run {run + 1} (this): {ours[-1].rate:,.0f} msgs/s")
             theirs.append(drain(services, ordinary, root=base))
-            _progress(f"ordinary run {run + 1} (baseline): {theirs[-1].rate:,.0f} msgs/s")
+            progress(f"ordinary run {run + 1} (baseline): {theirs[-1].rate:,.0f} msgs/s")
     for label, runs in (
         (f"ordinary (this, git {git_ref('HEAD')})", ours),
         (f"ordinary (baseline {args.baseline})", theirs),
@@ -236,15 +244,11 @@ def write_section(path: Path, lines: list[str], command: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
     path.write_text(text)
-    _progress(f"wrote {path}")
+    progress(f"wrote {path}")
 
 
 def _size(size: int) -> str:
     return f"{size // MIB} MiB" if size % MIB == 0 else f"{size // 1024} KiB"
-
-
-def _progress(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -255,12 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=3, help="ordinary drains by each of this and the baseline (3)")
     parser.add_argument("--baseline", default="main", help="git ref run beside this checkout (main)")
     parser.add_argument("--markdown", metavar="PATH", default=None, help="write the report into PATH's section")
-    parser.add_argument("--endpoint-url", default="http://localhost:4566", help="the SQS emulator")
-    parser.add_argument(
-        "--database-url",
-        default="postgresql://postgres@127.0.0.1:5432/postgres",
-        help="server to create the bench_<uuid> databases on (its own data is not touched)",
-    )
+    add_service_arguments(parser)
     return parser
 
 

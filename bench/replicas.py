@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.scenarios import Services, _stored_counts, fresh_database, via
+from bench.scenarios import Services, fresh_database, stored_counts, via
 from sample_data import generate, send
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +96,7 @@ def run(services: Services, bodies: list[str], replicas: int) -> dict[str, float
             cpu = (cpu_after.children_user - cpu_before.children_user) + (
                 cpu_after.children_system - cpu_before.children_system
             )
-            loaded, rejected = _stored_counts(dsn)
+            loaded, rejected = stored_counts(dsn)
         names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
         left = sum(int(v) for v in sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"].values())
     finally:

@@ -7,6 +7,7 @@ Filling a queue is never timed.
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
 import os
@@ -55,6 +56,22 @@ LOGIN_COLUMNS = partitions.COLUMNS  # the table's columns, as the writer creates
 logging.getLogger("pipeline").addHandler(logging.NullHandler())
 _SUMMARY = re.compile(r"in ([0-9.]+) s \(")
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def add_service_arguments(parser: argparse.ArgumentParser, *, database: bool = True) -> None:
+    """The options of every benchmark: the SQS emulator and (with `database`) the PostgreSQL server."""
+    parser.add_argument("--endpoint-url", default="http://localhost:4566", help="the SQS emulator")
+    if database:
+        parser.add_argument(
+            "--database-url",
+            default="postgresql://postgres@127.0.0.1:5432/postgres",
+            help="server to create the bench_<uuid> databases on (its own data is not touched)",
+        )
+
+
+def progress(text: str) -> None:
+    """A timestamped progress line on stderr (the report goes to stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -271,7 +288,7 @@ def run_etl(
             tail = err.read().decode("utf-8", "replace").strip()[-500:]
             raise RuntimeError(f"main.py exited with {proc.returncode}: {tail}")
     match = _SUMMARY.search(summary)
-    loaded, rejected = _stored_counts(dsn)
+    loaded, rejected = stored_counts(dsn)
     left = queue_depth(services.client(), queue_url)
     verdict = "OK" if loaded + rejected == sent and left == 0 else "MISMATCH"
     check = f"{verdict}: {loaded} rows + {rejected} rejected = {loaded + rejected} of {sent} sent, {left} left in queue"
@@ -300,7 +317,8 @@ def _peak_rss_kb(proc: subprocess.Popen[bytes]) -> int:
     return peak
 
 
-def _stored_counts(dsn: str) -> tuple[int, int]:
+def stored_counts(dsn: str) -> tuple[int, int]:
+    """(rows in user_logins, rows in user_logins_rejected) of the database at `dsn`."""
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:

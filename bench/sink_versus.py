@@ -22,6 +22,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.scenarios import add_service_arguments
+
 ROOT = Path(__file__).resolve().parents[1]
 # Run in the child: the sink of bench.scenarios.sink (its bare COPYs left out), over --sink-count bodies
 # of the shared generator; prints rows/s and the ETL process's CPU microseconds per message.
@@ -93,8 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline", default="main", help="the git revision to compare with (main)")
     parser.add_argument("--runs", type=int, default=5, help="runs of each (5)")
     parser.add_argument("--sink-count", type=int, default=100_000, help="messages through each sink (100000)")
-    parser.add_argument("--endpoint-url", default="http://localhost:4566")
-    parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    add_service_arguments(parser)
     args = parser.parse_args(argv)
     rates: dict[str, list[float]] = {"baseline": [], "this": []}
     cpus: dict[str, list[float]] = {"baseline": [], "this": []}

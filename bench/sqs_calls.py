@@ -20,10 +20,10 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from aws.sqs import SqsReader
-from bench.scenarios import Services, filled_queue
+from bench.scenarios import Services, add_service_arguments, filled_queue, progress
 from sample_data import generate
 
 VARIANTS = ("boto3", "boto3-novalid", "json")
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS)
     )
-    parser.add_argument("--endpoint-url", default="http://localhost:4566")
+    add_service_arguments(parser, database=False)
     args = parser.parse_args(argv)
     services = Services.for_emulator(args.endpoint_url, "")
     bodies = list(generate(args.count, 42))
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for variant in variants:
             per_call, per_message = measure(services, bodies, variant)
             results[variant].append((per_call, per_message))
-            _progress(f"round {round_} {variant}: {per_call:,.0f} µs CPU per call, {per_message:,.1f} per message")
+            progress(f"round {round_} {variant}: {per_call:,.0f} µs CPU per call, {per_message:,.1f} per message")
     print(f"CPU (user+sys) per SQS call, one thread, {args.count:,} messages per drain, medians of {args.rounds}")
     print(f"{'variant':<16} {'µs/call':>9} {'µs/message':>11}  each run (µs/call)")
     base = statistics.median(c for c, _ in results[variants[0]])
@@ -97,10 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{variant:<16} {per_call:>9,.0f} {per_message:>11,.1f}  {each}  ({per_call / base:.2f} of {variants[0]})"
         )
     return 0
-
-
-def _progress(text: str, out: Callable[..., object] = print) -> None:
-    out(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

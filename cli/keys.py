@@ -44,14 +44,7 @@ def register(subparsers: Any) -> None:
         "while the ETL runs and to kill: a rerun resumes. Succeeds when no token of another version is left.",
         exit_codes=_REWRITE_CODES,
     )
-    rekey.add_argument(
-        "--batch-size",
-        dest="rekey_batch_size",
-        type=positive_int,
-        default=500,
-        metavar="N",
-        help="about this many rows per transaction (500)",
-    )
+    _add_batch_size(rekey, dest="rekey_batch_size")
     rekey.set_defaults(handler=rekey_tokens)
     backfill = add_command(
         subparsers,
@@ -64,15 +57,20 @@ def register(subparsers: Any) -> None:
         "Succeeds when none is left.",
         exit_codes=_REWRITE_CODES,
     )
-    backfill.add_argument(
+    _add_batch_size(backfill, dest="backfill_batch_size")
+    backfill.set_defaults(handler=backfill_networks)
+
+
+def _add_batch_size(command: argparse.ArgumentParser, *, dest: str) -> None:
+    """--batch-size of the commands that walk the tables (rekey, backfill-networks)."""
+    command.add_argument(
         "--batch-size",
-        dest="backfill_batch_size",
+        dest=dest,
         type=positive_int,
         default=500,
         metavar="N",
         help="about this many rows per transaction (500)",
     )
-    backfill.set_defaults(handler=backfill_networks)
 
 
 def _register_keygen(subparsers: Any) -> None:

@@ -8,7 +8,7 @@ no network: NULL is then its right value). Legacy ``v<n>.`` ip tokens are not re
 turns them into Tink tokens first, then a backfill fills them. The token is computed by
 `network_of(ip_token)` (main.py passes Masker.network_of_token: it needs the key).
 
-The walk is rekey's (database/rekey.py): each partition in ranges of physical pages, one transaction
+The walk is the one rekey makes (database/page_walk.py): each partition in ranges of physical pages, one transaction
 per range (``SELECT … FOR UPDATE SKIP LOCKED`` the rows lacking it, compute, ``UPDATE`` by ``ctid``,
 ``COMMIT``). Resumable: progress is the data itself, so a run stopped anywhere keeps its committed
 ranges and a rerun carries on with the rows still lacking. Safe beside the ETL (which only inserts
@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 
 import psycopg2
 from psycopg2.extensions import connection as Connection
-from psycopg2.extras import execute_values
 
 from database.connection import first_line, one_row, open_connection
 from database.errors import DatabaseError, DatabaseUnavailable
-from database.rekey import _leaves
+from database.page_walk import Row, leaves, walk_pages
 from models import Backoff
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,6 @@ IP_TOKEN_CHARS = 52
 LACKING = f"masked_network IS NULL AND left(masked_ip, 1) = 'A' AND length(masked_ip) = {IP_TOKEN_CHARS}"
 LEGACY = "masked_network IS NULL AND left(masked_ip, 1) = 'v'"
 MAX_PASSES = 5  # a pass after the first only picks up rows that were locked by others
-PROGRESS_EVERY_SECONDS = 2.0
 
 
 class BackfillInterrupted(DatabaseError):
@@ -101,7 +99,7 @@ class NetworkBackfill:
         )
         result = BackfillResult()
         try:
-            for leaf in _leaves(conn, TABLE):
+            for leaf in leaves(conn, TABLE):
                 if leaf == "user_logins_legacy":
                     continue  # moved into the partitions by the ETL's migration, then filled here
                 result.remaining += self._table(conn, leaf, result)
@@ -135,46 +133,34 @@ class NetworkBackfill:
         return left
 
     def _pass(self, conn: Connection, table: str, result: BackfillResult, failures: Counter[str]) -> int:
-        pages, rows = _size(conn, table)
-        step = max(1, self._batch_rows * max(pages, 1) // max(rows, 1))  # pages holding ~batch_rows rows
-        select = (
-            f"SELECT ctid::text, masked_ip FROM {table} "
-            f"WHERE ctid >= %s::tid AND ctid < %s::tid AND {LACKING} FOR UPDATE SKIP LOCKED"
+        def fill(row: Row) -> Row | None:
+            row_ctid, ip_token = row
+            try:
+                network = self._network_of(ip_token)
+            except ValueError as exc:
+                failures[str(exc)] += 1
+                return None
+            return None if network is None else (row_ctid, network)
+
+        filled = walk_pages(
+            conn,
+            table,
+            select=(
+                f"SELECT ctid::text, masked_ip FROM {table} "
+                f"WHERE ctid >= %(start)s::tid AND ctid < %(end)s::tid AND {LACKING} FOR UPDATE SKIP LOCKED"
+            ),
+            update=(
+                f"UPDATE {table} AS t SET masked_network = v.network FROM (VALUES %s) AS v(row_ctid, network) "
+                "WHERE t.ctid = v.row_ctid::tid"
+            ),
+            change=fill,
+            batch_rows=self._batch_rows,
+            progress=lambda page, pages, done: logger.info(
+                "backfill %s: page %d of %d, %d rows filled", table, page, pages, done
+            ),
         )
-        update = (
-            f"UPDATE {table} AS t SET masked_network = v.network FROM (VALUES %s) AS v(row_ctid, network) "
-            "WHERE t.ctid = v.row_ctid::tid"
-        )
-        start, filled, last_log = 0, 0, time.monotonic()
-        while start < pages:
-            with conn, conn.cursor() as cur:  # one transaction per range of pages
-                cur.execute(select, (f"({start},0)", f"({start + step},0)"))
-                changed = []
-                for row_ctid, ip_token in cur.fetchall():
-                    try:
-                        network = self._network_of(ip_token)
-                    except ValueError as exc:
-                        failures[str(exc)] += 1
-                        continue
-                    if network is not None:
-                        changed.append((row_ctid, network))
-                if changed:
-                    execute_values(cur, update, changed, page_size=len(changed))
-            filled += len(changed)
-            result.rows += len(changed)
-            start += step
-            if time.monotonic() - last_log >= PROGRESS_EVERY_SECONDS:
-                logger.info("backfill %s: page %d of %d, %d rows filled", table, min(start, pages), pages, filled)
-                last_log = time.monotonic()
+        result.rows += filled
         return filled
-
-
-def _size(conn: Connection, table: str) -> tuple[int, int]:
-    with conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int", (table,))
-        pages = int(one_row(cur)[0])
-        cur.execute(f"SELECT count(*) FROM {table}")
-        return pages, int(one_row(cur)[0])
 
 
 def count_where(conn: Connection, condition: str) -> int:

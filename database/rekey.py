@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import psycopg2
 from psycopg2.extensions import connection as Connection
-from psycopg2.extras import execute_values
 
 from database.connection import first_line, one_row, open_connection
 from database.errors import DatabaseError
+from database.page_walk import Row, leaves, walk_pages
 from models import Backoff
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ MASKED_COLUMNS: dict[str, tuple[str, ...]] = {
     "user_logins_rejected": ("encrypted_body",),
 }
 MAX_PASSES = 5  # a pass after the first only picks up rows that were locked by others
-PROGRESS_EVERY_SECONDS = 2.0
 
 
 class RekeyInterrupted(DatabaseError):
@@ -120,7 +119,7 @@ class Rekeyer:
         result = RekeyResult()
         try:
             for table, columns in MASKED_COLUMNS.items():
-                for leaf in _leaves(conn, table):
+                for leaf in leaves(conn, table):
                     present = _present(conn, leaf, columns)  # the legacy table mid-move has no masked_network
                     result.remaining += self._table(conn, leaf, present, result, label=table)
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
@@ -136,7 +135,8 @@ class Rekeyer:
         result.rows[label] += 0  # listed in the summary even when nothing needed rewriting
         for attempt in range(1, MAX_PASSES + 1):
             failures: Counter[str] = Counter()
-            rewritten = self._pass(conn, table, columns, result, failures, label)
+            rewritten = self._pass(conn, table, columns, result, failures)
+            result.rows[label] += rewritten
             left = self._count_old(conn, table, columns)
             logger.info(
                 "rekey %s: pass %d rewrote %d rows; %d tokens of other versions left", table, attempt, rewritten, left
@@ -156,46 +156,36 @@ class Rekeyer:
         columns: tuple[str, ...],
         result: RekeyResult,
         failures: Counter[str],
-        label: str,
     ) -> int:
-        pages, rows = self._size(conn, table)
-        step = max(1, self._batch_rows * max(pages, 1) // max(rows, 1))  # pages holding ~batch_rows rows
+        def rewrite(row: Row) -> Row | None:
+            row_ctid, *tokens = row
+            new = [self._rewrite(token, failures) for token in tokens]
+            if new == tokens:
+                return None
+            result.tokens += sum(a != b for a, b in zip(new, tokens, strict=True))
+            return (row_ctid, *new)
+
         needs = " OR ".join(f"({c} IS NOT NULL AND left({c}, %(n)s) <> ALL(%(prefixes)s))" for c in columns)
-        select = (
-            f"SELECT ctid::text, {', '.join(columns)} FROM {table} "
-            f"WHERE ctid >= %(start)s::tid AND ctid < %(end)s::tid AND ({needs}) FOR UPDATE SKIP LOCKED"
-        )
         sets = ", ".join(f"{c} = v.{c}" for c in columns)
-        update = (
-            f"UPDATE {table} AS t SET {sets} FROM (VALUES %s) AS v(row_ctid, {', '.join(columns)}) "
-            "WHERE t.ctid = v.row_ctid::tid"
+        return walk_pages(
+            conn,
+            table,
+            select=(
+                f"SELECT ctid::text, {', '.join(columns)} FROM {table} "
+                f"WHERE ctid >= %(start)s::tid AND ctid < %(end)s::tid AND ({needs}) FOR UPDATE SKIP LOCKED"
+            ),
+            update=(
+                f"UPDATE {table} AS t SET {sets} FROM (VALUES %s) AS v(row_ctid, {', '.join(columns)}) "
+                "WHERE t.ctid = v.row_ctid::tid"
+            ),
+            change=rewrite,
+            batch_rows=self._batch_rows,
+            params={"n": self._prefix_chars, "prefixes": list(self._prefixes)},
+            follow_growth=True,  # the ETL may add pages meanwhile
+            progress=lambda page, pages, done: logger.info(
+                "rekey %s: page %d of %d, %d rows rewritten", table, page, pages, done
+            ),
         )
-        start, rewritten, last_log = 0, 0, time.monotonic()
-        while start < pages:
-            params = {
-                "start": f"({start},0)",
-                "end": f"({start + step},0)",
-                "n": self._prefix_chars,
-                "prefixes": list(self._prefixes),
-            }
-            with conn, conn.cursor() as cur:  # one transaction per range of pages
-                cur.execute(select, params)
-                changed = []
-                for row_ctid, *tokens in cur.fetchall():
-                    new = [self._rewrite(token, failures) for token in tokens]
-                    if new != tokens:
-                        result.tokens += sum(a != b for a, b in zip(new, tokens, strict=True))
-                        changed.append((row_ctid, *new))
-                if changed:
-                    execute_values(cur, update, changed, page_size=len(changed))
-            rewritten += len(changed)
-            result.rows[label] += len(changed)
-            start += step
-            pages = max(pages, self._size(conn, table, count=False)[0])  # the ETL may have added pages
-            if time.monotonic() - last_log >= PROGRESS_EVERY_SECONDS:
-                logger.info("rekey %s: page %d of %d, %d rows rewritten", table, min(start, pages), pages, rewritten)
-                last_log = time.monotonic()
-        return rewritten
 
     def _rewrite(self, token: str | None, failures: Counter[str]) -> str | None:
         if token is None or token.startswith(self._prefixes):
@@ -205,17 +195,6 @@ class Rekeyer:
         except ValueError as exc:
             failures[str(exc)] += 1
             return token
-
-    def _size(self, conn: Connection, table: str, *, count: bool = True) -> tuple[int, int]:
-        """(pages, rows) of a table; rows only when `count` (a full scan, once per pass)."""
-        with conn, conn.cursor() as cur:
-            cur.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int", (table,))
-            pages = int(one_row(cur)[0])
-            rows = 0
-            if count:
-                cur.execute(f"SELECT count(*) FROM {table}")
-                rows = int(one_row(cur)[0])
-        return pages, rows
 
     def _count_old(self, conn: Connection, table: str, columns: tuple[str, ...]) -> int:
         terms = " + ".join(
@@ -235,21 +214,3 @@ def _present(conn: Connection, table: str, columns: tuple[str, ...]) -> tuple[st
         )
         have = {row[0] for row in cur.fetchall()}
     return tuple(column for column in columns if column in have)
-
-
-def _leaves(conn: Connection, table: str) -> list[str]:
-    """The tables holding `table`'s rows: itself, or its partitions (and, for user_logins, the legacy
-    table a migration to partitions is still moving); none if it does not exist."""
-    names = [table] + (["user_logins_legacy"] if table == "user_logins" else [])
-    leaves: list[str] = []
-    with conn, conn.cursor() as cur:
-        for name in names:
-            # pg_partition_tree() has no rows for a plain table: it is its own leaf then.
-            cur.execute(
-                """SELECT relid::regclass::text FROM pg_partition_tree(to_regclass(%(t)s)) WHERE isleaf
-                           UNION SELECT %(t)s WHERE (SELECT relkind FROM pg_class WHERE oid = to_regclass(%(t)s)) = 'r'
-                           ORDER BY 1""",
-                {"t": name},
-            )
-            leaves.extend(row[0] for row in cur.fetchall())
-    return leaves

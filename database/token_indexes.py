@@ -152,14 +152,7 @@ def index_closed_days(
             cur.execute(
                 f"SET statement_timeout = {max(1, int(build_timeout_seconds * 1000))}; SET lock_timeout = {step_ms}"
             )
-            state = partitions.token_index_state(cur)
-            for leaf, indexes in state.items():
-                for name, valid in indexes.items():
-                    if valid is False and not should_stop():
-                        # A build killed or cancelled mid-way: IF NOT EXISTS would keep it as it is.
-                        cur.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
-                        logger.info("token indexes: dropped the INVALID leftover %s of %s", name, leaf)
-                        result.dropped.append(name)
+            result.dropped.extend(_drop_invalid(cur, should_stop))
             missing = partitions.missing_token_indexes(cur, today)
             for n, (leaf, name) in enumerate(missing, 1):
                 if should_stop():
@@ -182,6 +175,19 @@ def index_closed_days(
                 except psycopg2.Error:
                     pass  # the session ends with the connection, and its lock with it
     return result
+
+
+def _drop_invalid(cur: Cursor, should_stop: Callable[[], bool]) -> list[str]:
+    """Drop the INVALID token indexes (a build killed or cancelled mid-way: IF NOT EXISTS would keep
+    it as it is); return their names."""
+    dropped = []
+    for leaf, indexes in partitions.token_index_state(cur).items():
+        for name, valid in indexes.items():
+            if valid is False and not should_stop():
+                cur.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+                logger.info("token indexes: dropped the INVALID leftover %s of %s", name, leaf)
+                dropped.append(name)
+    return dropped
 
 
 def _build(

@@ -1,4 +1,5 @@
-"""Deletes after the commit: the deleter threads and their bounded queue of SQS calls."""
+"""Deletes after the commit: the deleter threads, their bounded queue of SQS calls, and what a
+delete does: call the source (through the retrier), count what was not deleted, stop tracking."""
 
 from __future__ import annotations
 
@@ -8,28 +9,45 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from aws.sqs import QueueUnusable, SqsUnavailable
+from etl.observability import Stats
+from etl.retry import Retrier
 from models import ReceivedMessage
 
 logger = logging.getLogger(__name__)
-
-# delete(chunk) -> how many of its messages were not deleted; done(chunk, not_deleted), once per chunk.
-Delete = Callable[[Sequence[ReceivedMessage]], int]
-Done = Callable[[Sequence[ReceivedMessage], int], None]
 
 
 class Deleters:
     """Deletes committed messages on `threads` threads, one call per chunk, side by side, with at
     most `max_calls` calls queued or running (back-pressure on the writer: memory stays bounded).
 
+    Each chunk: `delete` (the source's, retried by `retrier`), what it did not delete counted in
+    `stats.delete_failures`, then `untrack` (the visibility keeper's), whatever happened. A delete
+    refused for good (QueueUnusable: the queue deleted, DeleteMessage denied) goes to `fail`: running
+    on would receive the same messages again and again, so the run stops, as after a receive.
+
     Daemon threads, not a ThreadPoolExecutor: a call that hangs must not hold up the end of the run
     nor the process's exit (an executor's threads are joined at interpreter exit). A chunk whose call
-    has not returned by `close()`'s time limit is abandoned: reported to `done` as not deleted (its
-    messages come back and are not stored twice), and its call's late end is ignored.
+    has not returned by `close()`'s time limit is abandoned: counted as not deleted (its messages come
+    back and are not stored twice), and its call's late end is ignored.
     """
 
-    def __init__(self, delete: Delete, done: Done, *, threads: int, max_calls: int) -> None:
+    def __init__(
+        self,
+        delete: Callable[[Sequence[ReceivedMessage]], Sequence[str]],
+        retrier: Retrier,
+        *,
+        untrack: Callable[[Sequence[ReceivedMessage]], None],
+        stats: Stats,
+        fail: Callable[[BaseException], None],
+        threads: int,
+        max_calls: int,
+    ) -> None:
         self._delete = delete
-        self._done = done
+        self._retrier = retrier
+        self._untrack = untrack
+        self._stats = stats
+        self._fail = fail
         self._tasks: queue.Queue[tuple[int, Sequence[ReceivedMessage]] | None] = queue.Queue()
         self._slots = threading.BoundedSemaphore(max_calls)
         self._outstanding: dict[int, Sequence[ReceivedMessage]] = {}
@@ -87,10 +105,7 @@ class Deleters:
         while (task := self._tasks.get()) is not None:
             key, chunk = task
             try:
-                not_deleted = self._delete(chunk)
-            except Exception:  # noqa: BLE001 - `delete` handles its errors; a bug must not end the thread
-                logger.exception("delete of %d committed messages failed; they will be redelivered", len(chunk))
-                not_deleted = len(chunk)
+                not_deleted = self._delete_chunk(chunk)
             finally:
                 self._slots.release()
             with self._idle:  # reported before close() can see the chunk gone
@@ -98,3 +113,20 @@ class Deleters:
                     continue  # abandoned by close(): already reported
                 self._done(chunk, not_deleted)
                 self._idle.notify_all()
+
+    def _delete_chunk(self, chunk: Sequence[ReceivedMessage]) -> int:
+        """Delete one chunk of committed messages; return how many were not deleted."""
+        try:
+            return len(self._retrier.call("SQS", "delete", lambda: self._delete(chunk), SqsUnavailable))
+        except QueueUnusable as exc:
+            self._fail(exc)
+        except Exception as exc:  # noqa: BLE001 - given up (RetryError) or unexpected: must not end the thread
+            # Committed but not deleted: the messages come back and their inserts do nothing.
+            logger.warning("could not delete %d committed messages (%s); they will be redelivered", len(chunk), exc)
+        return len(chunk)
+
+    def _done(self, chunk: Sequence[ReceivedMessage], not_deleted: int) -> None:
+        """Once per chunk: count what was not deleted; stop tracking it either way."""
+        if not_deleted:
+            self._stats.add(delete_failures=not_deleted)
+        self._untrack(chunk)

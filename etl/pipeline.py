@@ -118,12 +118,20 @@ class Pipeline:
         # At most two batches' worth of delete calls outstanding: memory stays bounded, and the
         # writer goes on with the next batch while the last calls of the previous one finish.
         max_calls = max(2, 2 * options.batch_size // BATCH_LIMIT)
-        self._deleters = Deleters(self._delete, self._deleted, threads=options.deleters, max_calls=max_calls)
+        self.stats = Stats()
+        self._deleters = Deleters(
+            source.delete,
+            self._retrier,
+            untrack=self.keeper.untrack,
+            stats=self.stats,
+            fail=self._fail,
+            threads=options.deleters,
+            max_calls=max_calls,
+        )
         self._fatal: BaseException | None = None
         self._lock = threading.Lock()
         self._uncommitted = 0  # received and not yet committed (nor given up as failed)
         self._committing = False
-        self.stats = Stats()
 
     @property
     def stopping(self) -> bool:
@@ -162,11 +170,14 @@ class Pipeline:
             raise Stopped(self._uncommitted, f"{what} had not returned {bound}{cause}", hung=self._committing)
         if isinstance(self._fatal, BudgetExhausted):
             raise ServiceLost(str(self._fatal)) from None
+        if isinstance(self._fatal, QueueUnusable):  # from a receive or a delete: refused for good
+            raise QueueLost(str(self._fatal)) from None
         if self._fatal is not None:
             raise self._fatal
         return self.stats
 
     def _fail(self, exc: BaseException) -> None:
+        """End the run with `exc` (the first failure wins), from any of its threads."""
         self._fatal = self._fatal or exc
         self._stop.stop()
 
@@ -212,8 +223,6 @@ class Pipeline:
                     return  # drained: an empty long poll
         except Abandoned:
             return  # stopped while SQS was unreachable
-        except QueueUnusable as exc:
-            self._fail(QueueLost(str(exc)))
         except BaseException as exc:  # noqa: BLE001 - re-raised by run() in the calling thread
             self._fail(exc)
         finally:
@@ -270,23 +279,3 @@ class Pipeline:
             extra={"batch_size": len(batch.messages), "duration_ms": round(seconds * 1000, 1)},
         )
         return batch.deletable()
-
-    # -- deleting (on the deleters' threads) ----------------------------------------------------
-
-    def _delete(self, chunk: Sequence[ReceivedMessage]) -> int:
-        """Delete one chunk of committed messages; return how many were not deleted."""
-        try:
-            return len(self._retrier.call("SQS", "delete", lambda: self._source.delete(chunk), SqsUnavailable))
-        except QueueUnusable as exc:
-            # Deletes refused for good (the queue deleted, DeleteMessage denied): running on would
-            # receive the same messages again and again. Stop, like a receive would.
-            self._fail(QueueLost(str(exc)))
-        except Exception as exc:  # noqa: BLE001 - given up (RetryError) or unexpected: must not end the thread
-            # Committed but not deleted: the messages come back and their inserts do nothing.
-            logger.warning("could not delete %d committed messages (%s); they will be redelivered", len(chunk), exc)
-        return len(chunk)
-
-    def _deleted(self, chunk: Sequence[ReceivedMessage], not_deleted: int) -> None:
-        if not_deleted:
-            self.stats.add(delete_failures=not_deleted)
-        self.keeper.untrack(chunk)

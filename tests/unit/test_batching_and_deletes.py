@@ -1,23 +1,28 @@
 """The Batcher's cuts and the Deleters' promises, each alone (the loop's tests and the simulation
 run them only together): a batch is cut at its size, its bytes, its age, or when every receiver
-has finished; deletes are reported once per chunk, a hung call is abandoned at close's time limit
-and its late end ignored, back-pressure gives up when told to."""
+has finished; each chunk's delete is retried, what it did not delete counted and the chunk untracked
+once, a delete refused for good reported as fatal, a hung call abandoned at close's time limit and
+its late end ignored, back-pressure gives up when told to."""
 
 from __future__ import annotations
 
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date
 
 import pytest
 
+from aws.sqs import QueueUnusable, SqsUnavailable
 from config import PipelineOptions
 from etl.batch import Batch, Batcher, BytesInHand, Prepared, RecentQuarantine
 from etl.commit import write_batch
 from etl.deletes import Deleters
-from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
+from etl.observability import Stats
+from etl.retry import Retrier, StopState
+from models import Backoff, MaskedLogin, ReceivedMessage, Rejection, WriteResult
+from tests.fakes import FakeClock
 
 
 def part(n: int, *, size: int = 1, nbytes: int = 0) -> Prepared:
@@ -125,13 +130,45 @@ def test_a_batch_is_cut_at_half_the_bound_or_less_so_that_a_receive_still_fits(
 
 
 class Recorder:
+    """What the deleters report: the chunks untracked (each once), the failures counted, the fatal errors."""
+
     def __init__(self) -> None:
-        self.done: list[tuple[list[str], int]] = []
+        self.untracked: list[list[str]] = []
+        self.stats = Stats()
+        self.fatal: list[BaseException] = []
         self.lock = threading.Lock()
 
-    def __call__(self, chunk: Sequence[ReceivedMessage], not_deleted: int) -> None:
+    def untrack(self, chunk: Sequence[ReceivedMessage]) -> None:
         with self.lock:
-            self.done.append(([m.message_id for m in chunk], not_deleted))
+            self.untracked.append([m.message_id for m in chunk])
+
+    def fail(self, exc: BaseException) -> None:
+        self.fatal.append(exc)
+
+
+def deleters(
+    delete: Callable[[Sequence[ReceivedMessage]], Sequence[str]], *, threads: int, max_calls: int
+) -> tuple[Deleters, Recorder]:
+    """Deleters over `delete` (a source's: the ids it refused), retried for 5 s of a clock that never
+    really sleeps, and what they report."""
+    done = Recorder()
+    retrier = Retrier(Backoff(1, 1), StopState(FakeClock()), budget_seconds=5)
+    made = Deleters(
+        delete, retrier, untrack=done.untrack, stats=done.stats, fail=done.fail, threads=threads, max_calls=max_calls
+    )
+    return made, done
+
+
+def delete_all(
+    delete: Callable[[Sequence[ReceivedMessage]], Sequence[str]], *names: str, threads: int = 1, max_calls: int = 4
+) -> Recorder:
+    """Deleters over `delete` given a chunk per name, then closed with time to spare (none abandoned)."""
+    made, done = deleters(delete, threads=threads, max_calls=max_calls)
+    made.start()
+    for name in names:
+        made.submit(chunk(name), never)
+    assert made.close(time.monotonic() + 5) == 0
+    return done
 
 
 def chunk(name: str, size: int = 2) -> list[ReceivedMessage]:
@@ -142,120 +179,122 @@ def never() -> bool:
     return False
 
 
-def test_each_chunk_is_reported_once_with_what_its_delete_did_not_delete() -> None:
-    done = Recorder()
-    deleters = Deleters(lambda c: 1 if c[0].message_id == "b0" else 0, done, threads=2, max_calls=4)
-    deleters.start()
-    deleters.submit(chunk("a"), never)
-    deleters.submit(chunk("b"), never)
-    assert deleters.close(time.monotonic() + 5) == 0
-    assert sorted(done.done) == [(["a0", "a1"], 0), (["b0", "b1"], 1)]
+def test_each_chunk_is_untracked_once_and_what_its_delete_did_not_delete_is_counted() -> None:
+    done = delete_all(lambda c: ["b0"] if c[0].message_id == "b0" else [], "a", "b", threads=2)
+    assert sorted(done.untracked) == [["a0", "a1"], ["b0", "b1"]]
+    assert done.stats.delete_failures == 1 and done.fatal == []
 
 
 def test_the_delete_threads_are_daemons_and_run_side_by_side() -> None:
     both_in = threading.Barrier(2, timeout=5)
     names: set[str] = set()
 
-    def delete(c: Sequence[ReceivedMessage]) -> int:
+    def delete(c: Sequence[ReceivedMessage]) -> list[str]:
         names.add(threading.current_thread().name)
         assert threading.current_thread().daemon
         both_in.wait()  # only passes when two calls run at once
-        return 0
+        return []
 
-    done = Recorder()
-    deleters = Deleters(delete, done, threads=2, max_calls=2)
-    deleters.start()
-    deleters.submit(chunk("a"), never)
-    deleters.submit(chunk("b"), never)
-    assert deleters.close(time.monotonic() + 5) == 0
+    done = delete_all(delete, "a", "b", threads=2, max_calls=2)
     assert names == {"deleter-0", "deleter-1"}
-    assert sorted(d[1] for d in done.done) == [0, 0]
+    assert len(done.untracked) == 2 and done.stats.delete_failures == 0
 
 
 def test_a_delete_that_raises_counts_its_chunk_as_not_deleted_and_the_thread_goes_on() -> None:
-    def delete(c: Sequence[ReceivedMessage]) -> int:
+    def delete(c: Sequence[ReceivedMessage]) -> list[str]:
         if c[0].message_id == "a0":
             raise RuntimeError("a bug")
-        return 0
+        return []
 
-    done = Recorder()
-    deleters = Deleters(delete, done, threads=1, max_calls=4)
-    deleters.start()
-    deleters.submit(chunk("a"), never)
-    deleters.submit(chunk("b"), never)
-    assert deleters.close(time.monotonic() + 5) == 0
-    assert done.done == [(["a0", "a1"], 2), (["b0", "b1"], 0)]
+    done = delete_all(delete, "a", "b")
+    assert done.untracked == [["a0", "a1"], ["b0", "b1"]]
+    assert done.stats.delete_failures == 2 and done.fatal == []
+
+
+def test_a_delete_that_keeps_failing_is_retried_then_counted_as_not_deleted() -> None:
+    calls: list[int] = []
+
+    def delete(c: Sequence[ReceivedMessage]) -> list[str]:
+        calls.append(1)
+        raise SqsUnavailable("DeleteMessageBatch failed: fake outage")
+
+    done = delete_all(delete, "a")
+    assert len(calls) > 1 and done.untracked == [["a0", "a1"]]
+    assert done.stats.delete_failures == 2 and done.fatal == []
+
+
+def test_a_delete_refused_for_good_is_reported_as_fatal_and_its_chunk_untracked() -> None:
+    def delete(c: Sequence[ReceivedMessage]) -> list[str]:
+        raise QueueUnusable("DeleteMessageBatch failed: AWS.SimpleQueueService.NonExistentQueue")
+
+    done = delete_all(delete, "a")
+    [fatal] = done.fatal
+    assert isinstance(fatal, QueueUnusable)
+    assert done.untracked == [["a0", "a1"]] and done.stats.delete_failures == 2
 
 
 def test_a_call_that_has_not_returned_by_the_time_limit_is_abandoned_and_its_late_end_ignored() -> None:
     entered, release = threading.Event(), threading.Event()
 
-    def delete(c: Sequence[ReceivedMessage]) -> int:
+    def delete(c: Sequence[ReceivedMessage]) -> list[str]:
         entered.set()
         release.wait(10)
-        return 0
+        return []
 
-    done = Recorder()
-    deleters = Deleters(delete, done, threads=1, max_calls=4)
-    deleters.start()
-    deleters.submit(chunk("a", 3), never)
+    made, done = deleters(delete, threads=1, max_calls=4)
+    made.start()
+    made.submit(chunk("a", 3), never)
     assert entered.wait(5)
     started = time.monotonic()
-    assert deleters.close(time.monotonic() + 0.2) == 3
+    assert made.close(time.monotonic() + 0.2) == 3
     assert time.monotonic() - started < 2
-    assert done.done == [(["a0", "a1", "a2"], 3)]
+    assert done.untracked == [["a0", "a1", "a2"]] and done.stats.delete_failures == 3
     release.set()
     time.sleep(0.2)  # the late end: no second report
-    assert done.done == [(["a0", "a1", "a2"], 3)]
+    assert done.untracked == [["a0", "a1", "a2"]] and done.stats.delete_failures == 3
 
 
 def test_close_waits_for_the_calls_outstanding_until_the_time_limit() -> None:
-    def delete(c: Sequence[ReceivedMessage]) -> int:
+    def delete(c: Sequence[ReceivedMessage]) -> list[str]:
         time.sleep(0.2)
-        return 0
+        return []
 
-    done = Recorder()
-    deleters = Deleters(delete, done, threads=1, max_calls=4)
-    deleters.start()
-    deleters.submit(chunk("a"), never)
-    deleters.submit(chunk("b"), never)
-    assert deleters.close(time.monotonic() + 5) == 0
-    assert sorted(done.done) == [(["a0", "a1"], 0), (["b0", "b1"], 0)]
+    done = delete_all(delete, "a", "b")
+    assert sorted(done.untracked) == [["a0", "a1"], ["b0", "b1"]] and done.stats.delete_failures == 0
 
 
 def test_with_every_slot_taken_a_submit_gives_up_when_told_and_the_chunk_is_abandoned() -> None:
     release = threading.Event()
 
-    def delete(c: Sequence[ReceivedMessage]) -> int:
+    def delete(c: Sequence[ReceivedMessage]) -> list[str]:
         release.wait(10)
-        return 0
+        return []
 
-    done = Recorder()
-    deleters = Deleters(delete, done, threads=2, max_calls=1)
-    deleters.start()
-    deleters.submit(chunk("a"), never)
+    made, done = deleters(delete, threads=2, max_calls=1)
+    made.start()
+    made.submit(chunk("a"), never)
     asked: list[int] = []
 
     def give_up() -> bool:
         asked.append(1)
         return len(asked) >= 3
 
-    deleters.submit(chunk("b", 3), give_up)  # no slot: waits, then gives up
+    made.submit(chunk("b", 3), give_up)  # no slot: waits, then gives up
     assert len(asked) == 3
-    assert done.done == [(["b0", "b1", "b2"], 3)]
-    deleters.submit(chunk("c", 2), lambda: True)
+    assert done.untracked == [["b0", "b1", "b2"]] and done.stats.delete_failures == 3
+    made.submit(chunk("c", 2), lambda: True)
     release.set()
-    assert deleters.close(time.monotonic() + 5) == 5  # b's 3 and c's 2, reported in submit; a deleted
-    assert sorted(done.done) == [(["a0", "a1"], 0), (["b0", "b1", "b2"], 3), (["c0", "c1"], 2)]
+    assert made.close(time.monotonic() + 5) == 5  # b's 3 and c's 2, counted in submit; a deleted
+    assert sorted(done.untracked) == [["a0", "a1"], ["b0", "b1", "b2"], ["c0", "c1"]]
+    assert done.stats.delete_failures == 5
 
 
 def test_a_submit_after_close_is_abandoned_at_once() -> None:
-    done = Recorder()
-    deleters = Deleters(lambda c: 0, done, threads=1, max_calls=2)
-    deleters.start()
-    assert deleters.close(time.monotonic() + 5) == 0
-    deleters.submit(chunk("late"), never)
-    assert done.done == [(["late0", "late1"], 2)]
+    made, done = deleters(lambda c: [], threads=1, max_calls=2)
+    made.start()
+    assert made.close(time.monotonic() + 5) == 0
+    made.submit(chunk("late"), never)
+    assert done.untracked == [["late0", "late1"]] and done.stats.delete_failures == 2
 
 
 # -- write_batch: what the sink is told about the one-table check -----------------------------------

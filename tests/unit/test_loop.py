@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 import pytest
 
+from cli.exit_codes import EXIT_QUEUE_LOST
 from database.errors import DatabaseUnavailable
-from etl.pipeline import Pipeline, ServiceLost, Stopped
+from etl.pipeline import Pipeline, QueueLost, ServiceLost, Stopped
 from models import MaskedLogin, ReceivedMessage, Rejection
 from pii.masking import Masker
 from tests.fakes import (
@@ -19,6 +20,7 @@ from tests.fakes import (
     FakeClock,
     FakeQueue,
     FakeSink,
+    Faults,
     FirstCallFails,
     MemoryQueue,
     bodies,
@@ -246,6 +248,25 @@ def test_stop_while_deletes_fail_abandons_them_at_the_stop_timeout() -> None:
     thread.join(10)
     assert not thread.is_alive() and not isinstance(outcome[0], Exception)
     assert pipeline.stats.delete_failures == 30 and len(pipeline.keeper) == 0
+
+
+def test_a_delete_refused_for_good_ends_the_run_with_queue_lost_and_keeps_what_was_committed() -> None:
+    """DeleteMessage denied (or the queue deleted) after a commit: running on would receive the same
+    messages again and again, so even --follow ends, with QueueLost (its exit code); the rows
+    committed stay, nothing was deleted, and what was committed is no longer kept in hand."""
+    sink = FakeSink()
+    queue = FakeQueue(bodies(30), Faults(delete_permanent=1.0), stored=sink.holds)
+    pipeline = Pipeline(queue, sink, MASKER, options(follow=True, receivers=1, batch_size=10))
+    thread, outcome = run_in_thread(pipeline)
+    thread.join(10)
+    assert not thread.is_alive(), "a delete refused for good did not end the run"
+    [error] = outcome
+    assert isinstance(error, QueueLost) and "DeleteMessageBatch failed: AccessDenied" in str(error)
+    assert exit_of(error)[0] == EXIT_QUEUE_LOST
+    assert queue.permanent_failures >= 1 and queue.deleted == set()
+    committed = pipeline.stats.loaded
+    assert committed >= 10 and len(sink.logins) == committed and sink.stored_twice == []
+    assert {m.message_id for m in pipeline.keeper.held()}.isdisjoint(sink.logins)
 
 
 class OneAtATime(MemoryQueue):
