@@ -46,10 +46,11 @@ DEFAULT_DELETERS = 8
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_FLUSH_SECONDS = 0.5
 # The bound on bytes in hand (MAX_BYTES_IN_HAND, --max-bytes-in-hand): bodies received and not yet
-# committed, and each receive in flight counted at its worst (10 messages of the queue's
-# MaximumMessageSize). Sized for the Kubernetes example's 256 Mi limit: peak RSS stays under ~150 MB
-# (docs/kubernetes.md "Sizing memory"): with 1 MiB messages, 3 receives in flight at once (measured:
-# 48 MiB, 4 in flight, peaked ~155 MB). At least one full receive of the largest SQS messages.
+# committed, and each receive's answer while it is read and prepared (its Content-Length on the JSON
+# transport; 10 messages of the queue's MaximumMessageSize on boto3's, which cannot see it first).
+# Sized for the Kubernetes example's 256 Mi limit: peak RSS stays under ~150 MB
+# (docs/kubernetes.md "Sizing memory"): with 1 MiB messages, 3 answers of ten at once. At least one
+# full receive of the largest SQS messages.
 SQS_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES
 DEFAULT_MAX_BYTES_IN_HAND = 32 * 1_048_576
 MIN_MAX_BYTES_IN_HAND = BATCH_LIMIT * SQS_MAX_MESSAGE_BYTES
