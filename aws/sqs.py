@@ -132,7 +132,8 @@ class SqsReader:
 
     def receive_within(self, room: ReceiveRoom) -> list[ReceivedMessage]:
         """`receive`, taking room for the response before reading it (models.SizedMessageSource):
-        its Content-Length with the JSON transport, else `room.worst_case` before the call. If the
+        twice its Content-Length with the JSON transport (ANSWER_COPIES), else `room.worst_case`
+        before the call. If the
         room is refused (the loop is stopping), the response is dropped unread and [] returned:
         SQS made its messages invisible, and they reappear after their visibility timeout."""
         return self._receive(None, room)
@@ -149,7 +150,7 @@ class SqsReader:
             if room is None:
                 response = self._call("ReceiveMessage", params)
             elif self.transport == "json":
-                response = self._json_transport().call("ReceiveMessage", params, before_read=room.take)
+                response = self._json_transport().call("ReceiveMessage", params, before_read=_answer_room(room))
             elif room.take(None):
                 response = self._call("ReceiveMessage", params)
             else:
@@ -230,6 +231,16 @@ class SqsReader:
             raise SqsUnavailable(f"{operation} failed: {code or exc}") from exc
         except BotoCoreError as exc:
             raise SqsUnavailable(f"{operation} failed: {type(exc).__name__}: {exc}") from exc
+
+
+# An answer of N bytes is held twice while it is read: its bytes, and the messages decoded from them.
+ANSWER_COPIES = 2
+
+
+def _answer_room(room: ReceiveRoom) -> Callable[[int | None], bool]:
+    """What the JSON transport asks before it reads an answer: room for the answer as it is held
+    while read (ANSWER_COPIES times its Content-Length), or for the worst case if it has none."""
+    return lambda length: room.take(None if length is None else ANSWER_COPIES * length)
 
 
 _METHOD_NAMES = {

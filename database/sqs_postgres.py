@@ -26,6 +26,7 @@ from typing import TypeVar
 import psycopg2
 import psycopg2.errors
 from psycopg2.extensions import cursor as Cursor
+from psycopg2.extensions import encodings
 
 from database import key_checks, partitions, schema
 from database.connection import ROW_ERRORS, close_quietly, first_line, one_row, open_connection, transaction
@@ -297,23 +298,18 @@ class PostgresWriter:
         and the batch goes through the staging table and ``ON CONFLICT DO NOTHING`` instead, as do
         the next batches: redeliveries come in runs.
         """
-        text = copy_text(logins)
-        buffer = io.StringIO(text)
-        # One read of the whole text: each read is a trip back into Python (and a wait for the
-        # GIL while the receivers parse and mask), so the default 8 KiB chunks cost.
-        size = max(8192, len(text))
+        data = _copy_data(cur, copy_text(logins))
         if straight and self._staged_batches_left == 0:
             try:
-                cur.copy_expert(f"COPY user_logins ({COLUMN_LIST}) FROM STDIN", buffer, size=size)
+                _copy_in(cur, f"COPY user_logins ({COLUMN_LIST}) FROM STDIN", data)
                 return len(logins)
             except psycopg2.errors.UniqueViolation:
                 cur.connection.rollback()  # which let the quarantine lock go: taken again
                 self._lock_quarantine(cur, exclusive=False, bump=False)
                 self._staged_batches_left = STAGED_BATCHES_AFTER_CONFLICT
-                buffer.seek(0)
         elif self._staged_batches_left:
             self._staged_batches_left -= 1
-        cur.copy_expert(f"COPY user_logins_stage ({COLUMN_LIST}) FROM STDIN", buffer, size=size)
+        _copy_in(cur, f"COPY user_logins_stage ({COLUMN_LIST}) FROM STDIN", data)
         cur.execute(_STAGED_LOGIN_INSERT)
         return cur.rowcount
 
@@ -344,12 +340,8 @@ def _insert_rejections(cur: Cursor, rejections: Sequence[Rejection]) -> list[str
     one every partition), RETURNING the ids (a rowcount would not say which). A row PostgreSQL
     refuses fails the statement, and write()'s fallback names it, as for logins.
     """
-    text = rejection_copy_text(rejections)
-    cur.copy_expert(
-        f"COPY user_logins_rejected_stage ({REJECTED_STAGE_COLUMNS}) FROM STDIN",
-        io.StringIO(text),
-        size=max(8192, len(text)),
-    )
+    data = _copy_data(cur, rejection_copy_text(rejections))
+    _copy_in(cur, f"COPY user_logins_rejected_stage ({REJECTED_STAGE_COLUMNS}) FROM STDIN", data)
     stored: list[str] = []
     for kind, insert in _QUARANTINE_INSERTS.items():
         if any((r.sent_at is not None) == (kind == "dated") for r in rejections):
@@ -381,3 +373,16 @@ _STAGED_LOGIN_INSERT = f"""INSERT INTO user_logins ({COLUMN_LIST}) SELECT {COLUM
 
 
 _READ_EPOCH = f"SELECT coalesce(pg_sequence_last_value('{QUARANTINE_EPOCH}'), 0)"
+
+
+def _copy_data(cur: Cursor, text: str) -> bytes:
+    """COPY's text in the connection's encoding, encoded once: a StringIO would hold the text as 4
+    bytes a character (16 MiB of quarantined bodies: 64 MiB more), and psycopg2 encode each read."""
+    return text.encode(encodings[cur.connection.encoding])
+
+
+def _copy_in(cur: Cursor, statement: str, data: bytes) -> None:
+    """COPY … FROM STDIN of `data` in one read: each read is a trip back into Python (and a wait for
+    the GIL while the receivers parse and mask), so the default 8 KiB chunks cost. BytesIO shares
+    the bytes it wraps, and returns them whole to that one read: no copy."""
+    cur.copy_expert(statement, io.BytesIO(data), size=max(8192, len(data)))
