@@ -21,7 +21,7 @@ import cryptography
 import psycopg2
 
 from bench import cpu
-from bench.scenarios import COPY_REPEAT, Measurement, Services, progress
+from bench.scenarios import COPY_REPEAT, Measurement, Services, kept_sections, progress
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -336,10 +336,9 @@ def write_markdown(path: Path, report: list[str], command: str, doc: str) -> Non
     ]
     if kept:
         page += [kept, ""]
-    # bench/large_bodies.py's section, written by its own run, is kept as it is.
-    start, end = "<!-- bench.large_bodies", "<!-- /bench.large_bodies -->"
-    if start in old and end in old:
-        page += [start + old.split(start, 1)[1].split(end, 1)[0] + end, ""]
+    # The sections other benchmarks wrote by their own runs (large_bodies, sink_versus, shortcuts) are kept.
+    for section in kept_sections(old):
+        page += [section, ""]
     path.write_text("\n".join(page))
     progress(f"wrote {path}")
 
