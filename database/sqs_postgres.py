@@ -254,9 +254,14 @@ class PostgresWriter:
     ) -> WriteResult:
         quarantines_redelivered = any(r.receive_count > 1 for r in rejections)
         exclusive = staged or quarantines_redelivered
-        epoch = self._lock_quarantine(cur, exclusive=exclusive, bump=quarantines_redelivered)
-        straight = not exclusive and self._epoch_before(received_since) == epoch
-        inserted = self._insert_logins(cur, logins, straight) if logins else 0
+        inserted: int | None = None
+        if logins and not exclusive and not self._staged_batches_left:
+            expected = self._epoch_before(received_since)
+            if expected is not None:
+                inserted = self._copy_straight(cur, logins, expected)
+        if inserted is None:
+            self._lock_quarantine(cur, exclusive=exclusive, bump=quarantines_redelivered)
+            inserted = self._insert_staged(cur, logins) if logins else 0
         # Not for a message already loaded. Its login row is in the partition of its day: with the
         # sent time known, one index probe there; without it (rare), one in each partition.
         stored = _insert_rejections(cur, rejections) if rejections else []
@@ -288,28 +293,40 @@ class PostgresWriter:
                 return epoch
         return None
 
-    def _insert_logins(self, cur: Cursor, logins: Sequence[MaskedLogin], straight: bool) -> int:
-        """Insert the rows that are new and not quarantined; return how many.
+    def _copy_straight(self, cur: Cursor, logins: Sequence[MaskedLogin], expected: int) -> int | None:
+        """COPY a batch of first deliveries straight into user_logins, the fastest write (one
+        statement, each row written once, no look at the quarantine); None when it may not go
+        straight, with the transaction rolled back (it held nothing else: logins are written first).
 
-        When `straight` (write() says when no quarantine row can hold one of them), and usually none
-        of them is stored yet, a COPY straight into user_logins is the fastest write (one statement,
-        each row written once). When one is (a redelivery), the unique constraint refuses the COPY;
-        the transaction, which holds nothing else yet (logins are written first), is rolled back
-        and the batch goes through the staging table and ``ON CONFLICT DO NOTHING`` instead, as do
-        the next batches: redeliveries come in runs.
+        One round trip: the quarantine lock (shared), then a check that the epoch is still
+        `expected` (read before the batch's first receive: no redelivered copy quarantined since,
+        and none can be while the lock is held), then the COPY. It may not go straight if the epoch
+        moved, or if a row is stored already (a redelivery: the unique constraint refuses the COPY;
+        this and the next batches go staged, redeliveries come in runs).
         """
-        data = _copy_data(cur, copy_text(logins))
-        if straight and self._staged_batches_left == 0:
-            try:
-                _copy_in(cur, f"COPY user_logins ({COLUMN_LIST}) FROM STDIN", data)
-                return len(logins)
-            except psycopg2.errors.UniqueViolation:
-                cur.connection.rollback()  # which let the quarantine lock go: taken again
-                self._lock_quarantine(cur, exclusive=False, bump=False)
-                self._staged_batches_left = STAGED_BATCHES_AFTER_CONFLICT
-        elif self._staged_batches_left:
+        check = _CHECK_EPOCH.replace("{expected}", str(int(expected)))
+        try:
+            _copy_in(
+                cur,
+                f"SELECT pg_advisory_xact_lock_shared({_QUARANTINE_LOCK_ID}); {check}; "
+                f"COPY user_logins ({COLUMN_LIST}) FROM STDIN",
+                _copy_data(cur, copy_text(logins)),
+            )
+            return len(logins)
+        except psycopg2.errors.RaiseException as exc:
+            if _EPOCH_MOVED not in str(exc):
+                raise
+        except psycopg2.errors.UniqueViolation:
+            self._staged_batches_left = STAGED_BATCHES_AFTER_CONFLICT
+        cur.connection.rollback()  # which let the quarantine lock go: write() takes it again
+        return None
+
+    def _insert_staged(self, cur: Cursor, logins: Sequence[MaskedLogin]) -> int:
+        """Insert the rows that are new and not quarantined, through the session's staging table and
+        ``ON CONFLICT DO NOTHING``; return how many."""
+        if self._staged_batches_left:
             self._staged_batches_left -= 1
-        _copy_in(cur, f"COPY user_logins_stage ({COLUMN_LIST}) FROM STDIN", data)
+        _copy_in(cur, f"COPY user_logins_stage ({COLUMN_LIST}) FROM STDIN", _copy_data(cur, copy_text(logins)))
         cur.execute(_STAGED_LOGIN_INSERT)
         return cur.rowcount
 
@@ -373,6 +390,14 @@ _STAGED_LOGIN_INSERT = f"""INSERT INTO user_logins ({COLUMN_LIST}) SELECT {COLUM
 
 
 _READ_EPOCH = f"SELECT coalesce(pg_sequence_last_value('{QUARANTINE_EPOCH}'), 0)"
+# The straight COPY's check, run once the lock is held: the epoch moved since it was read, the batch
+# goes staged. A DO block, not a function: no schema change, and nothing it calls can be planted.
+_EPOCH_MOVED = "login-etl: the quarantine epoch moved"
+_CHECK_EPOCH = (
+    "DO $check$ BEGIN IF coalesce(pg_catalog.pg_sequence_last_value("
+    f"'{QUARANTINE_EPOCH}'::pg_catalog.regclass), 0) <> {{expected}} "
+    f"THEN RAISE EXCEPTION '{_EPOCH_MOVED}'; END IF; END $check$"
+)
 
 
 def _copy_data(cur: Cursor, text: str) -> bytes:
