@@ -25,7 +25,7 @@ from botocore.exceptions import ClientError, HTTPClientError
 
 import config
 from aws.sqs import TRANSPORTS, QueueUnusable, SqsReader, SqsUnavailable
-from aws.sqs_json import JsonTransport, _parse_fields, _Response
+from aws.sqs_json import JsonTransport, _parse_fields, _request_head, _Response
 from models import ReceivedMessage
 
 ENDPOINT = "http://localhost:4566"
@@ -393,3 +393,51 @@ def test_a_proxy_makes_boto3_the_default_and_json_a_configuration_error() -> Non
     assert (bundle.sqs_client, bundle.ca_bundle) == ("json", "/etc/ca.pem")
     with pytest.raises(config.ConfigError, match="does not honour HTTPS_PROXY: set SQS_CLIENT=boto3"):
         config.Settings.from_env(env | {"HTTPS_PROXY": "http://proxy:3128", "SQS_CLIENT": "json"})
+
+
+def test_the_signing_key_kept_for_the_day_signs_as_botocore_on_every_call_and_on_the_next_day(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The transport derives the signing key once a day: the second call of a day (the key kept)
+    and the first of the next day (a new key) are signed exactly as botocore signs them."""
+    params = {"QueueUrl": QUEUE_URL, "MaxNumberOfMessages": 10}
+    for now in (FROZEN, FROZEN, FROZEN + datetime.timedelta(days=1)):
+        monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda now=now: now)
+        theirs = botocore_request("ReceiveMessage", params)
+        _body, headers = sent_by_transport("ReceiveMessage", params)
+        assert headers["Authorization"] == _text(theirs.headers["Authorization"]), now
+
+
+class Captured:
+    """A socket that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.written = b""
+
+    def sendall(self, data: bytes) -> None:
+        self.written += data
+
+
+def test_the_request_written_is_the_one_http_client_writes() -> None:
+    """GIVEN the headers and body of a request WHEN the transport writes it in one piece THEN the
+    bytes are those http.client writes in pieces for the same request."""
+    headers = {"Content-Type": "application/x-amz-json-1.0", "X-Amz-Target": "AmazonSQS.ReceiveMessage", "Host": "h:1"}
+    body = b'{"QueueUrl": "q"}'
+    theirs = http.client.HTTPConnection("h", 1)
+    theirs.sock = Captured()  # type: ignore[assignment]
+    theirs.putrequest("POST", "/", skip_host=True, skip_accept_encoding=True)
+    for name, value in headers.items():
+        theirs.putheader(name, value)
+    theirs.putheader("Content-Length", str(len(body)))
+    theirs.endheaders(body)
+    assert _request_head("/", headers, len(body)) + body == theirs.sock.written  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb"])
+def test_a_header_value_with_a_line_break_is_refused_as_http_client_refuses_it(value: str) -> None:
+    with pytest.raises(ValueError):
+        _request_head("/", {"User-Agent": value}, 0)
+    theirs = http.client.HTTPConnection("h")
+    theirs.putrequest("POST", "/", skip_host=True, skip_accept_encoding=True)
+    with pytest.raises(ValueError):
+        theirs.putheader("User-Agent", value)
