@@ -424,13 +424,14 @@ def test_the_request_written_is_the_one_http_client_writes() -> None:
     headers = {"Content-Type": "application/x-amz-json-1.0", "X-Amz-Target": "AmazonSQS.ReceiveMessage", "Host": "h:1"}
     body = b'{"QueueUrl": "q"}'
     theirs = http.client.HTTPConnection("h", 1)
-    theirs.sock = Captured()  # type: ignore[assignment]
+    captured = Captured()
+    theirs.sock = captured
     theirs.putrequest("POST", "/", skip_host=True, skip_accept_encoding=True)
     for name, value in headers.items():
         theirs.putheader(name, value)
     theirs.putheader("Content-Length", str(len(body)))
     theirs.endheaders(body)
-    assert _request_head("/", headers, len(body)) + body == theirs.sock.written  # type: ignore[attr-defined]
+    assert _request_head("/", headers, len(body)) + body == captured.written
 
 
 @pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb"])
