@@ -25,7 +25,7 @@ from botocore.exceptions import ClientError, HTTPClientError
 
 import config
 from aws.sqs import TRANSPORTS, QueueUnusable, SqsReader, SqsUnavailable
-from aws.sqs_json import JsonTransport, _parse_fields, _request_head, _Response
+from aws.sqs_json import JsonTransport, _parse_fields, _Request, _request_head, _Response, _Signer
 from models import ReceivedMessage
 
 ENDPOINT = "http://localhost:4566"
@@ -442,3 +442,24 @@ def test_a_header_value_with_a_line_break_is_refused_as_http_client_refuses_it(v
     theirs.putrequest("POST", "/", skip_host=True, skip_accept_encoding=True)
     with pytest.raises(ValueError):
         theirs.putheader("User-Agent", value)
+
+
+@pytest.mark.parametrize(
+    "endpoint", [ENDPOINT + "/", "https://sqs.eu-west-1.amazonaws.com/", "http://proxy:8080/a b/sqs/"]
+)
+@pytest.mark.parametrize(("operation", "params"), REQUESTS, ids=[op for op, _ in REQUESTS])
+def test_the_canonical_request_is_botocores_text(endpoint: str, operation: str, params: dict[str, Any]) -> None:
+    """The signer's canonical request, built in one go, is botocore's SigV4Auth.canonical_request
+    for the same request: every hot call, a session token, an endpoint under a path to quote."""
+    credentials = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "token-of-a-role")
+    made = JsonTransport(
+        endpoint, "us-east-1", credentials, connect_timeout_seconds=1, read_timeout_seconds=1, max_connections=1
+    )
+    request = _Request(made.endpoint_url, json.dumps(params).encode(), made._headers(operation))
+    ours = _Signer(credentials, "sqs", "us-east-1")
+    ours.add_auth(request)  # sets X-Amz-Date and the token header, as botocore's add_auth does
+    del request.headers["Authorization"]  # as add_auth has it when it builds the canonical request
+    request.signed = None
+    theirs = SigV4Auth(credentials, "sqs", "us-east-1")
+    assert ours.canonical_request(request) == theirs.canonical_request(request)
+    assert ours.canonical_request(request) == theirs.canonical_request(request)  # the URL's parts kept
