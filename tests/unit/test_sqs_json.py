@@ -463,3 +463,76 @@ def test_the_canonical_request_is_botocores_text(endpoint: str, operation: str, 
     theirs = SigV4Auth(credentials, "sqs", "us-east-1")
     assert ours.canonical_request(request) == theirs.canonical_request(request)
     assert ours.canonical_request(request) == theirs.canonical_request(request)  # the URL's parts kept
+
+
+# -- a receive within the room of the bytes in hand -------------------------------------------------
+
+ANSWER = json.dumps(
+    {"Messages": [{"MessageId": "m0", "ReceiptHandle": "r0", "MD5OfBody": "x", "Body": "{}", "Attributes": {}}]}
+).encode()
+
+
+class Room:
+    """A models.ReceiveRoom that records what it is asked for, and grants it or not."""
+
+    worst_case = 10 * 262_144
+
+    def __init__(self, grant: bool) -> None:
+        self.grant = grant
+        self.asked: list[int | None] = []
+
+    def take(self, nbytes: int | None) -> bool:
+        self.asked.append(nbytes)
+        return self.grant
+
+
+def sized_json_reader(answer: bytes) -> tuple[SqsReader, list[str]]:
+    """A JSON reader whose exchange answers `answer` with its Content-Length, asking `before_read`
+    first as the real exchange does; the list records 'read' when the body is read."""
+    reads: list[str] = []
+    reader = SqsReader(QUEUE_URL, endpoint_url=ENDPOINT, transport="json")
+
+    def exchange(body: bytes, headers: dict[str, str], before_read: Any = None) -> tuple[int, dict[str, str], bytes]:
+        if before_read is not None and not before_read(len(answer)):
+            return 200, {}, b""
+        reads.append("read")
+        return 200, {"content-length": str(len(answer))}, answer
+
+    reader._json = transport(lambda _b, _h: (200, {}, b"{}"))
+    reader._json._exchange = exchange  # type: ignore[method-assign]
+    return reader, reads
+
+
+def test_a_sized_receive_takes_twice_the_answer_before_reading_it_on_the_json_path() -> None:
+    reader, reads = sized_json_reader(ANSWER)
+    room = Room(grant=True)
+    assert reader.receive_within(room) == [ReceivedMessage("m0", "r0", "{}")]
+    assert room.asked == [2 * len(ANSWER)] and reads == ["read"]
+
+
+def test_a_refused_room_leaves_the_answer_unread_and_returns_nothing_on_the_json_path() -> None:
+    reader, reads = sized_json_reader(ANSWER)
+    room = Room(grant=False)
+    assert reader.receive_within(room) == [] and room.asked == [2 * len(ANSWER)] and reads == []
+
+
+@pytest.mark.parametrize("grant", [True, False])
+def test_a_sized_receive_on_boto3s_path_takes_the_worst_case_before_the_call(grant: bool) -> None:
+    reader = boto3_reader(200, ANSWER, {})
+    sent: list[str] = []
+    reader.client.meta.events.register("before-call.sqs.ReceiveMessage", lambda **_kw: sent.append("call"))
+    room = Room(grant)
+    assert reader.receive_within(room) == ([ReceivedMessage("m0", "r0", "{}")] if grant else [])
+    assert room.asked == [None] and sent == (["call"] if grant else [])
+
+
+def test_the_queue_check_returns_its_attributes_and_maps_its_errors() -> None:
+    attributes = {"Attributes": {"VisibilityTimeout": "30", "MaximumMessageSize": "1048576"}}
+    reader = boto3_reader(200, json.dumps(attributes).encode(), {})
+    assert reader.check() == {"VisibilityTimeout": "30", "MaximumMessageSize": "1048576"}
+    assert boto3_reader(200, b"{}", {}).check() == {}
+    gone = b'{"__type":"com.amazonaws.sqs#QueueDoesNotExist","message":"The specified queue does not exist."}'
+    gone_headers = {QUERY: "AWS.SimpleQueueService.NonExistentQueue;Sender"}
+    with pytest.raises(QueueUnusable, match="GetQueueAttributes on .* failed: AWS.SimpleQueueService.NonExistentQueue"):
+        boto3_reader(400, gone, gone_headers).check()
+    assert outcome(boto3_reader(503, b"", {}).check) == "retry"
