@@ -10,6 +10,8 @@ import datetime
 import http.client
 import io
 import json
+import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -536,3 +538,100 @@ def test_the_queue_check_returns_its_attributes_and_maps_its_errors() -> None:
     with pytest.raises(QueueUnusable, match="GetQueueAttributes on .* failed: AWS.SimpleQueueService.NonExistentQueue"):
         boto3_reader(400, gone, gone_headers).check()
     assert outcome(boto3_reader(503, b"", {}).check) == "retry"
+
+
+# -- what the reader sends and how it reads the answers (found by mutation testing) ----------------
+
+
+def capturing_reader(answer: bytes) -> tuple[SqsReader, list[dict[str, Any]]]:
+    """A JSON reader that records each request's parameters and answers `answer`."""
+    sent: list[dict[str, Any]] = []
+
+    def exchange(body: bytes, _headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        sent.append(json.loads(body))
+        return 200, {}, answer
+
+    reader = SqsReader(QUEUE_URL, endpoint_url=ENDPOINT, transport="json")
+    reader._json = transport(exchange)
+    return reader, sent
+
+
+def _messages(count: int) -> list[ReceivedMessage]:
+    return [ReceivedMessage(f"m{n}", f"receipt-{n}", "{}") for n in range(count)]
+
+
+@pytest.mark.parametrize("call", ["delete", "change_visibility"])
+def test_each_entry_of_a_batch_call_has_its_own_id_and_its_messages_receipt(call: str) -> None:
+    """SQS refuses a batch whose entry ids repeat (BatchEntryIdsNotDistinct), and reports a refused
+    entry by its id: ids are distinct within a call, and each names its message's receipt."""
+    reader, sent = capturing_reader(b"{}")
+    messages = _messages(12)
+    if call == "delete":
+        assert reader.delete(messages) == []
+    else:
+        assert reader.change_visibility(messages, 45) == []
+    assert [len(request["Entries"]) for request in sent] == [10, 2]
+    for request, chunk in zip(sent, (messages[:10], messages[10:]), strict=True):
+        assert len({entry["Id"] for entry in request["Entries"]}) == len(chunk)
+        assert [entry["ReceiptHandle"] for entry in request["Entries"]] == [m.receipt_handle for m in chunk]
+        if call == "change_visibility":
+            assert {entry["VisibilityTimeout"] for entry in request["Entries"]} == {45}
+
+
+def test_an_answer_without_failed_entries_means_every_entry_was_done() -> None:
+    reader, _ = capturing_reader(b'{"Successful": [{"Id": "0"}]}')
+    assert reader.delete(_messages(1)) == [] and reader.change_visibility(_messages(1), 30) == []
+
+
+def test_a_refused_delete_is_logged_with_its_message_id_and_code(caplog: pytest.LogCaptureFixture) -> None:
+    answer = b'{"Failed": [{"Id": "1", "Code": "ReceiptHandleIsInvalid", "SenderFault": true}, {"Id": "0"}]}'
+    reader, _ = capturing_reader(answer)
+    with caplog.at_level(logging.WARNING, logger="aws.sqs"):
+        assert reader.delete(_messages(2)) == ["m1", "m0"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "delete refused for message m1: ReceiptHandleIsInvalid",
+        "delete refused for message m0: unknown",
+    ]
+
+
+@pytest.mark.parametrize("call", ["delete", "change_visibility"])
+def test_a_failed_batch_call_names_its_operation(call: str) -> None:
+    reader = json_reader(503, b"", {})
+    with pytest.raises(
+        SqsUnavailable,
+        match="^DeleteMessageBatch failed" if call == "delete" else "^ChangeMessageVisibilityBatch failed",
+    ):
+        if call == "delete":
+            reader.delete(_messages(1))
+        else:
+            reader.change_visibility(_messages(1), 30)
+
+
+@pytest.mark.parametrize(("seconds", "allowed"), [(-1, False), (0, True), (43_200, True), (43_201, False)])
+def test_a_visibility_timeout_is_within_sqs_limits(seconds: int, allowed: bool) -> None:
+    """0 (visible now) to 12 hours, as SQS takes it; anything else is refused before a call."""
+    reader, sent = capturing_reader(b"{}")
+    if allowed:
+        assert reader.change_visibility(_messages(1), seconds) == [] and len(sent) == 1
+    else:
+        with pytest.raises(ValueError, match="timeout_seconds must be within 0..43200"):
+            reader.change_visibility(_messages(1), seconds)
+        assert sent == []
+
+
+def test_a_received_message_without_attributes_or_body_reads_with_the_defaults() -> None:
+    """No Attributes (an emulator that ignores MessageSystemAttributeNames), no Body: a first
+    delivery of unknown send time and an empty body; an empty SentTimestamp is unknown too."""
+    answer = json.dumps(
+        {
+            "Messages": [
+                {"MessageId": "m0", "ReceiptHandle": "r0"},
+                {"MessageId": "m1", "ReceiptHandle": "r1", "Body": "b", "Attributes": {"SentTimestamp": ""}},
+            ]
+        }
+    ).encode()
+    reader, _ = capturing_reader(answer)
+    before = time.monotonic()
+    got = reader.receive()
+    assert got == [ReceivedMessage("m0", "r0", "", None, 1), ReceivedMessage("m1", "r1", "b", None, 1)]
+    assert all(before <= m.received_at <= time.monotonic() for m in got)  # stamped before the call
