@@ -635,3 +635,12 @@ def test_a_received_message_without_attributes_or_body_reads_with_the_defaults()
     got = reader.receive()
     assert got == [ReceivedMessage("m0", "r0", "", None, 1), ReceivedMessage("m1", "r1", "b", None, 1)]
     assert all(before <= m.received_at <= time.monotonic() for m in got)  # stamped before the call
+
+
+def test_a_receive_long_polls_for_the_readers_wait_unless_told_otherwise() -> None:
+    reader, sent = capturing_reader(b"{}")
+    reader.wait_time_seconds = 7
+    assert reader.receive() == [] and reader.receive(wait_time_seconds=0) == []
+    assert reader.receive_within(Room(grant=True)) == []
+    assert [request["WaitTimeSeconds"] for request in sent] == [7, 0, 7]
+    assert all(request["MaxNumberOfMessages"] == 10 and request["QueueUrl"] == QUEUE_URL for request in sent)
