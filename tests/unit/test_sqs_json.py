@@ -644,3 +644,14 @@ def test_a_receive_long_polls_for_the_readers_wait_unless_told_otherwise() -> No
     assert reader.receive_within(Room(grant=True)) == []
     assert [request["WaitTimeSeconds"] for request in sent] == [7, 0, 7]
     assert all(request["MaxNumberOfMessages"] == 10 and request["QueueUrl"] == QUEUE_URL for request in sent)
+    assert all(
+        request["MessageSystemAttributeNames"] == ["SentTimestamp", "ApproximateReceiveCount"] for request in sent
+    )
+
+
+@pytest.mark.parametrize("transport_name", TRANSPORTS)
+def test_a_failed_receive_names_its_operation(transport_name: str) -> None:
+    reader = json_reader(503, b"", {}) if transport_name == "json" else boto3_reader(503, b"", {})
+    for receive in (reader.receive, lambda: reader.receive_within(Room(grant=True))):
+        with pytest.raises(SqsUnavailable, match="^ReceiveMessage failed"):
+            receive()
