@@ -18,6 +18,7 @@ from typing import Any
 import boto3
 import botocore.auth
 import botocore.handlers
+import botocore.validate
 import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSPreparedRequest, AWSRequest, AWSResponse
@@ -655,3 +656,85 @@ def test_a_failed_receive_names_its_operation(transport_name: str) -> None:
     for receive in (reader.receive, lambda: reader.receive_within(Room(grant=True))):
         with pytest.raises(SqsUnavailable, match="^ReceiveMessage failed"):
             receive()
+
+
+# -- the reader's configuration (found by mutation testing) ----------------------------------------
+
+
+def test_a_reader_by_default_long_polls_20_s_on_the_json_path_with_one_attempt_per_call() -> None:
+    """The defaults the run relies on: 20 s long polls read with 10 s to spare (a long poll must
+    not look like a hang), 5 s to connect, one botocore attempt (our Retrier alone retries), a pool
+    for every thread, no per-call parameter validation, the JSON transport, us-east-1."""
+    reader = SqsReader(QUEUE_URL, endpoint_url=ENDPOINT)
+    assert (reader.transport, reader.queue_url, reader.wait_time_seconds) == ("json", QUEUE_URL, 20)
+    client_config = reader.client.meta.config
+    assert (client_config.connect_timeout, client_config.read_timeout) == (5.0, 30)
+    assert client_config.retries == {"mode": "standard", "total_max_attempts": 1}
+    assert client_config.max_pool_connections == 32
+    # botocore's meta.config reads True whatever was asked; the serializer says whether it validates
+    assert not isinstance(reader.client._serializer, botocore.validate.ParamValidationDecorator)
+    assert reader.client.meta.region_name == "us-east-1" and reader.client.meta.endpoint_url == ENDPOINT
+
+
+def test_the_json_transport_is_made_once_with_the_readers_endpoint_region_and_timeouts() -> None:
+    reader = SqsReader(
+        QUEUE_URL,
+        endpoint_url=ENDPOINT,
+        region="eu-west-1",
+        wait_time_seconds=7,
+        connect_timeout_seconds=2.5,
+        max_connections=3,
+        ca_bundle=certifi_bundle(),
+    )
+    made = reader._json_transport()
+    assert reader._json_transport() is made and reader._json is made
+    assert (made.endpoint_url, made.region) == (ENDPOINT + "/", "eu-west-1")
+    assert (made._connect_timeout, made._read_timeout, made._max_idle) == (2.5, 17, 3)
+    assert reader._json_transport().call.__self__ is made  # type: ignore[attr-defined]
+
+
+def certifi_bundle() -> str:
+    from botocore.httpsession import get_cert_path
+
+    return str(get_cert_path(True))
+
+
+@pytest.mark.parametrize(("seconds", "allowed"), [(-1, False), (0, True), (20, True), (21, False)])
+def test_a_long_poll_is_within_sqs_limits(seconds: int, allowed: bool) -> None:
+    if allowed:
+        assert SqsReader(QUEUE_URL, endpoint_url=ENDPOINT, wait_time_seconds=seconds).wait_time_seconds == seconds
+    else:
+        with pytest.raises(ValueError, match="wait_time_seconds must be within 0..20"):
+            SqsReader(QUEUE_URL, endpoint_url=ENDPOINT, wait_time_seconds=seconds)
+
+
+def test_an_unknown_transport_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="transport must be one of json, boto3, got 'curl'"):
+        SqsReader(QUEUE_URL, endpoint_url=ENDPOINT, transport="curl")
+
+
+def test_the_queue_check_asks_for_every_attribute_of_its_queue() -> None:
+    reader = boto3_reader(200, b'{"Attributes": {}}', {})
+    sent: list[dict[str, Any]] = []
+    reader.client.meta.events.register(
+        "before-send.sqs.GetQueueAttributes",
+        lambda request, **_kw: sent.append(json.loads(request.body)),
+        unique_id="x",
+    )
+    reader.check()
+    assert sent == [{"QueueUrl": QUEUE_URL, "AttributeNames": ["All"]}]
+
+
+def test_a_sized_receive_names_its_operation_and_takes_the_worst_case_for_an_answer_of_unknown_size() -> None:
+    targets: list[str] = []
+    reader = SqsReader(QUEUE_URL, endpoint_url=ENDPOINT, transport="json")
+
+    def exchange(body: bytes, headers: dict[str, str], before_read: Any = None) -> tuple[int, dict[str, str], bytes]:
+        targets.append(headers["X-Amz-Target"])
+        return (200, {}, ANSWER) if before_read(None) else (200, {}, b"")  # chunked: no Content-Length
+
+    reader._json = transport(lambda _b, _h: (200, {}, b"{}"))
+    reader._json._exchange = exchange  # type: ignore[method-assign]
+    room = Room(grant=True)
+    assert len(reader.receive_within(room)) == 1
+    assert room.asked == [None] and targets == ["AmazonSQS.ReceiveMessage"]
