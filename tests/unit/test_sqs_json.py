@@ -11,6 +11,7 @@ import http.client
 import io
 import json
 import logging
+import pathlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -738,3 +739,18 @@ def test_a_sized_receive_names_its_operation_and_takes_the_worst_case_for_an_ans
     room = Room(grant=True)
     assert len(reader.receive_within(room)) == 1
     assert room.asked == [None] and targets == ["AmazonSQS.ReceiveMessage"]
+
+
+def test_an_https_transport_verifies_with_the_readers_ca_bundle(tmp_path: Any) -> None:
+    """AWS_CA_BUNDLE's file (a proxy's or a private CA's) is what the JSON transport trusts, not
+    botocore's default bundle: here a bundle of one certificate out of the default's many."""
+    default = pathlib.Path(certifi_bundle()).read_text()
+    first = default[default.index("-----BEGIN CERTIFICATE-----") :]
+    one = first[: first.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")] + "\n"
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text(one)
+    reader = SqsReader(QUEUE_URL, endpoint_url="https://sqs.example", ca_bundle=str(bundle))
+    made = reader._json_transport()
+    assert made._ssl is not None and len(made._ssl.get_ca_certs()) == 1
+    plain = SqsReader(QUEUE_URL, endpoint_url="https://sqs.example")._json_transport()
+    assert plain._ssl is not None and len(plain._ssl.get_ca_certs()) > 1
