@@ -1,6 +1,7 @@
 """What the consume loop reports about itself: the observer's events (the metrics' inputs), the
 commit's log line and its structured fields, the counters of the visibility extender, and the
-details of `Stopped` that the caller acts on. Over fakes; no network, no timed assertions."""
+details of `Stopped` that the caller acts on; and the bounds of its back-pressure and its threads.
+Over fakes; no network, no timed assertions."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -16,7 +17,19 @@ from etl.batch import Batch
 from etl.observability import JsonFormatter, Observer
 from etl.pipeline import Pipeline, Stopped
 from models import MaskedLogin, ReceivedMessage, Rejection, WriteResult
-from tests.fakes import MASKER, FailingSink, FakeClock, FakeQueue, FakeSink, bodies, options, run_in_thread, wait_until
+from tests.fakes import (
+    MASKER,
+    FailingSink,
+    FakeClock,
+    FakeQueue,
+    FakeSink,
+    MemoryQueue,
+    bodies,
+    body,
+    options,
+    run_in_thread,
+    wait_until,
+)
 
 WRITE_SECONDS = 0.01  # each write of SlowSink takes at least this long
 
@@ -141,16 +154,27 @@ def test_a_stop_that_gives_up_retrying_a_database_outage_says_no_call_is_in_flig
     assert error.uncommitted == pipeline.stats.received > 0
 
 
-def test_a_writer_stuck_outside_postgresql_is_stopped_without_blaming_postgresql() -> None:
-    """GIVEN a first batch committed, its report to the observer never returning (the writer's
-    thread is stuck after the commit, not in a PostgreSQL call), and two more batches received
+@pytest.mark.parametrize(("stuck_in", "uncommitted"), [("on_writer_turn", 30), ("on_commit", 20)])
+def test_a_writer_stuck_outside_postgresql_is_stopped_without_blaming_postgresql(
+    stuck_in: str, uncommitted: int
+) -> None:
+    """GIVEN the writer's thread stuck outside any PostgreSQL call: in its first turn (before any
+    commit), or in the report of a first commit of 10 (with 20 more received meanwhile)
     WHEN the run is stopped and its time limit passes
     THEN Stopped counts exactly the messages received and not committed, and says no PostgreSQL
     call hung (the writer's connection may be closed)."""
     all_received, stuck, release = threading.Event(), threading.Event(), threading.Event()
 
     class StuckObserver(Observer):
+        def on_writer_turn(self) -> None:
+            if stuck_in == "on_writer_turn":
+                self.stick()
+
         def on_commit(self, batch: Batch, seconds: float, written: WriteResult) -> None:
+            if stuck_in == "on_commit":
+                self.stick()
+
+        def stick(self) -> None:
             stuck.set()
             release.wait(30)
 
@@ -179,7 +203,136 @@ def test_a_writer_stuck_outside_postgresql_is_stopped_without_blaming_postgresql
         assert not thread.is_alive()
         [error] = outcome
         assert isinstance(error, Stopped) and not error.hung
-        assert error.uncommitted == pipeline.stats.received - len(sink.logins) == 20
+        assert error.uncommitted == pipeline.stats.received - len(sink.logins) == uncommitted
         assert "PostgreSQL" not in str(error)
     finally:
         release.set()
+
+
+def test_every_thread_of_a_run_is_a_daemon() -> None:
+    """GIVEN a run (receivers, writer, deleters, extender)
+    WHEN it is running
+    THEN each of its threads is a daemon: a call that hangs is abandoned on its thread at the stop's
+    time limit, and must not then hold up the process's exit (the pipeline's docstring)."""
+    before = set(threading.enumerate())
+    sink = FakeSink()
+    pipeline = Pipeline(FakeQueue(bodies(30), stored=sink.holds), sink, MASKER, options(follow=True, receivers=2))
+    runner, outcome = run_in_thread(pipeline)
+    try:
+        wait_until(lambda: len(sink.logins) == 30)
+        started = set(threading.enumerate()) - before - {runner}
+    finally:
+        pipeline.stop()
+        runner.join(10)
+    assert len(started) >= 2 + 1 + 2 + 1, started  # 2 receivers, the writer, 2 deleters, the extender
+    assert [t.name for t in started if not t.daemon] == []
+    assert not isinstance(outcome[0], Exception), outcome
+
+
+def test_each_failed_write_is_reported_as_a_postgres_error_and_retried_after_the_configured_backoff() -> None:
+    """GIVEN PostgreSQL failing the first 6 writes, --backoff-base-seconds 0.5, --backoff-cap-seconds 4
+    and every jitter draw at its top
+    WHEN the queue is drained
+    THEN the observer (the errors_total metric) hears of each failure as service "postgres", kind
+    "write", and the waits between attempts are 1, 2, 4 s, then the cap."""
+    errors: list[tuple[str, str]] = []
+
+    class ErrorObserver(Observer):
+        def on_error(self, service: str, kind: str) -> None:
+            errors.append((service, kind))
+
+    class SleepRecorder(FakeClock):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sleeps: list[float] = []
+
+        def sleep(self, seconds: float, wake: threading.Event) -> None:
+            self.sleeps.append(seconds)
+            super().sleep(seconds, wake)
+
+    clock = SleepRecorder()
+    sink = FailingSink(failures=6)
+    queue = FakeQueue(bodies(20), stored=sink.holds)
+    backoff = options(receivers=1, backoff_base_seconds=0.5, backoff_cap_seconds=4)
+    stats = Pipeline(queue, sink, MASKER, backoff, observer=ErrorObserver(), clock=clock, rng=lambda: 1.0).run()
+    assert stats.loaded == len(sink.logins) == 20
+    assert errors == [("postgres", "write")] * 6
+    assert clock.sleeps == [1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
+
+
+def stays(condition: Callable[[], bool], seconds: float = 0.3) -> bool:
+    """`condition()` held at each look for `seconds` (a bound that holds: what must not happen
+    did not happen meanwhile; never a measure of speed)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        time.sleep(0.01)
+    return True
+
+
+class WriteWaits(FakeSink):
+    """A sink whose writes wait until `release` is set (a database that is behind)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
+        self.release.wait(30)
+        return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
+
+
+@pytest.mark.parametrize(("batch_size", "batch", "inbox"), [(50, 50, 100), (51, 60, 100)])
+def test_while_the_writer_is_behind_the_receivers_hold_two_batches_besides_the_one_being_written(
+    batch_size: int, batch: int, inbox: int
+) -> None:
+    """GIVEN a write that does not return (the database is behind), receives of 10 messages
+    WHEN the receivers go on receiving
+    THEN they hold two batches (2 * batch_size // 10 receives) in the inbox besides the batch being
+    written, and one more receive waiting to be put there: back-pressure (docs/architecture.md)."""
+    messages = [ReceivedMessage(f"m{n:05d}", f"r{n}", body(n), 1_700_000_000_000, 1) for n in range(400)]
+    sink = WriteWaits()
+    pipeline = Pipeline(
+        MemoryQueue(messages), sink, MASKER, options(receivers=1, batch_size=batch_size, flush_seconds=3600)
+    )
+    runner, outcome = run_in_thread(pipeline)
+    try:
+        held = batch + inbox + 10
+        wait_until(lambda: pipeline.stats.received >= held)
+        assert stays(lambda: pipeline.stats.received == held), pipeline.stats.received
+    finally:
+        sink.release.set()
+        runner.join(10)
+    assert len(sink.logins) == 400 and not isinstance(outcome[0], Exception)
+
+
+@pytest.mark.parametrize(("batch_size", "commits"), [(10, 3), (12, 2)])
+def test_with_deletes_not_returning_the_writer_waits_once_two_batches_of_delete_calls_are_outstanding(
+    batch_size: int, commits: int
+) -> None:
+    """GIVEN DeleteMessageBatch calls that do not return, batches of 10 messages (1 call each) or
+    of 20 (batch size 12: 2 calls each; two batches of 12 are 2 calls)
+    WHEN the writer goes on committing
+    THEN it commits while at most two batches of delete calls are outstanding (queued or running),
+    and waits at the next batch's first delete: memory stays bounded (docs/architecture.md)."""
+    release = threading.Event()
+
+    class DeletesWait(FakeQueue):
+        def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
+            release.wait(30)
+            return super().delete(messages)
+
+    sink = FakeSink()
+    queue = DeletesWait(bodies(60), stored=sink.holds)
+    pipeline = Pipeline(
+        queue, sink, MASKER, options(receivers=1, deleters=2, batch_size=batch_size, flush_seconds=3600)
+    )
+    runner, outcome = run_in_thread(pipeline)
+    try:
+        wait_until(lambda: sink.commits >= commits)
+        assert stays(lambda: sink.commits == commits), sink.commits
+    finally:
+        release.set()
+        runner.join(10)
+    assert len(sink.logins) == 60 and queue.left == 0 and not isinstance(outcome[0], Exception)
