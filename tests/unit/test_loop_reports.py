@@ -343,3 +343,79 @@ def test_with_deletes_not_returning_the_writer_waits_once_two_batches_of_delete_
         release.set()
         runner.join(10)
     assert len(sink.logins) == 60 and queue.left == 0 and not isinstance(outcome[0], Exception)
+
+
+def test_a_write_that_never_returns_is_named_in_the_stop_error_with_the_time_limit_that_passed() -> None:
+    """GIVEN a write that neither returns nor fails (a half-open connection)
+    WHEN the run is stopped and its time limit (stop timeout 0.3 s + margin 0.2 s) passes
+    THEN the error (the line printed at exit 5) says a PostgreSQL call had not returned 0.5 s after
+    the stop: which service to look at, and how long it was given."""
+    entered, release = threading.Event(), threading.Event()
+
+    class HangingSink(FakeSink):
+        def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
+            entered.set()
+            release.wait(30)
+            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
+
+    sink = HangingSink()
+    pipeline = Pipeline(
+        FakeQueue(bodies(30), stored=sink.holds),
+        sink,
+        MASKER,
+        options(follow=True, receivers=1, stop_timeout_seconds=0.3),
+        stop_margin_seconds=0.2,
+    )
+    try:
+        thread, outcome = run_in_thread(pipeline)
+        assert entered.wait(10)
+        pipeline.stop()
+        thread.join(10)
+        [error] = outcome
+        assert isinstance(error, Stopped) and error.hung
+        assert "PostgreSQL" in str(error) and "0.5 s after the stop" in str(error)
+    finally:
+        release.set()
+
+
+def test_an_extension_call_that_never_returns_does_not_hold_up_the_end_of_the_run() -> None:
+    """GIVEN a ChangeMessageVisibilityBatch call that neither returns nor fails
+    WHEN the queue is drained (committed and deleted) meanwhile
+    THEN run() ends, abandoning the call on the extender's thread: it waits for that thread no
+    longer than the stop's time limit (the pipeline's docstring)."""
+    clock = FakeClock()
+    extending, release = threading.Event(), threading.Event()
+
+    class HangingExtensions(FakeQueue):
+        def change_visibility(self, messages: Sequence[ReceivedMessage], timeout_seconds: int) -> list[str]:
+            extending.set()
+            release.wait(30)
+            return super().change_visibility(messages, timeout_seconds)
+
+    class WritesAfterTheExtension(FakeSink):
+        def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
+            extending.wait(10)
+            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
+
+    sink = WritesAfterTheExtension()
+    queue = HangingExtensions(bodies(20), stored=sink.holds, clock=clock)
+    pipeline = Pipeline(
+        queue,
+        sink,
+        MASKER,
+        options(receivers=1, batch_size=20, flush_seconds=0, stop_timeout_seconds=0.3),
+        clock=clock,
+        stop_margin_seconds=0.2,
+    )
+    try:
+        thread, outcome = run_in_thread(pipeline)
+        wait_until(lambda: len(pipeline.keeper) == 20)
+        clock.advance(20)  # 10 s of a 30 s timeout left: due
+        assert extending.wait(10)
+        thread.join(10)
+        assert not thread.is_alive(), "run() waits for an extension call that never returns"
+        [stats] = outcome
+        assert not isinstance(stats, Exception), stats
+        assert len(sink.logins) == 20 and queue.left == 0
+    finally:
+        release.set()
