@@ -140,7 +140,8 @@ def test_the_counters_count_every_extension_the_queue_accepted() -> None:
 def test_a_stop_that_gives_up_retrying_a_database_outage_says_no_call_is_in_flight() -> None:
     """GIVEN PostgreSQL unreachable, every write failing at once
     WHEN a stop's timeout passes while the write is retried
-    THEN Stopped says no call hung: the caller may close the writer's connection (cli/run.py)."""
+    THEN Stopped names PostgreSQL and says no call hung: the caller may close the writer's
+    connection (cli/run.py)."""
     clock = FakeClock()
     sink = FailingSink(failures=float("inf"))
     queue = FakeQueue(bodies(30), stored=sink.holds)
@@ -152,6 +153,7 @@ def test_a_stop_that_gives_up_retrying_a_database_outage_says_no_call_is_in_flig
     [error] = outcome
     assert isinstance(error, Stopped) and not error.hung
     assert error.uncommitted == pipeline.stats.received > 0
+    assert "PostgreSQL" in str(error)  # the service that was down
 
 
 @pytest.mark.parametrize(("stuck_in", "uncommitted"), [("on_writer_turn", 30), ("on_commit", 20)])
@@ -419,3 +421,135 @@ def test_an_extension_call_that_never_returns_does_not_hold_up_the_end_of_the_ru
         assert len(sink.logins) == 20 and queue.left == 0
     finally:
         release.set()
+
+
+def test_a_receive_failing_when_the_run_stops_is_abandoned_and_each_failure_is_an_sqs_receive_error() -> None:
+    """GIVEN SQS failing every receive (an outage), --follow
+    WHEN the run is stopped
+    THEN the receiver gives up at its next failure (a receive is not finished like a commit): the
+    run ends with its counters, nothing uncommitted; each failure was reported as service "sqs",
+    kind "receive" (the errors_total metric)."""
+    clock = FakeClock()
+    errors: list[tuple[str, str]] = []
+
+    class ErrorObserver(Observer):
+        def on_error(self, service: str, kind: str) -> None:
+            errors.append((service, kind))
+
+    class Unreachable(MemoryQueue):
+        def receive(self) -> list[ReceivedMessage]:
+            from aws.sqs import SqsUnavailable
+
+            raise SqsUnavailable("ReceiveMessage failed: fake outage")
+
+    pipeline = Pipeline(
+        Unreachable([]), FakeSink(), MASKER, options(follow=True), observer=ErrorObserver(), clock=clock
+    )
+    thread, outcome = run_in_thread(pipeline)
+    wait_until(lambda: len(errors) >= 3)
+    pipeline.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    [stats] = outcome
+    assert not isinstance(stats, Exception), stats
+    assert set(errors) == {("sqs", "receive")} and pipeline.stats.received == 0
+
+
+@pytest.mark.parametrize("sized", [False, True], ids=["worst-case-share", "answer-size-share"])
+def test_a_receiver_waiting_for_room_in_hand_stops_at_once_when_the_run_is_stopped(sized: bool) -> None:
+    """GIVEN a bound on bytes in hand that the first receive fills, its batch in a write that waits,
+    and the receiver waiting for room (a source that knows its answer's size, or one that does not)
+    WHEN the run is stopped
+    THEN the receiver ends at once, before any room is made ("receivers stop at once"), and nothing
+    is received after the stop."""
+    entered, release = threading.Event(), threading.Event()
+
+    class WriteWaits(FakeSink):
+        def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
+            entered.set()
+            release.wait(30)
+            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
+
+    sink = WriteWaits()
+    if sized:
+        source: MemoryQueue | FakeQueue = FakeQueue(bodies(30), stored=sink.holds)
+    else:
+        source = MemoryQueue([ReceivedMessage(f"m{n}", f"r{n}", body(n), 1_700_000_000_000, 1) for n in range(30)])
+    before = set(threading.enumerate())
+    pipeline = Pipeline(
+        source,
+        sink,
+        MASKER,
+        options(follow=True, receivers=1, batch_size=10, max_bytes_in_hand=1000, max_message_bytes=100),
+    )
+    thread, outcome = run_in_thread(pipeline)
+    try:
+        assert entered.wait(10)
+        started = set(threading.enumerate()) - before - {thread}
+        assert pipeline.in_hand.held >= 1000  # the receiver waits for room
+        pipeline.stop()
+        # the receiver's end, with no room made: every thread of the run but one is still alive
+        wait_until(lambda: sum(t.is_alive() for t in started) == len(started) - 1)
+    finally:
+        release.set()
+        thread.join(10)
+    [stats] = outcome
+    assert not isinstance(stats, Exception), stats
+    assert pipeline.stats.received == len(sink.logins) == 10
+
+
+def test_redelivered_messages_are_counted_once_each_in_the_counters_and_for_the_observer() -> None:
+    """GIVEN messages received for the first, second and third time
+    WHEN the queue is drained
+    THEN `redelivered` (and the observer's count, the redelivered_total metric) counts each message
+    received more than once (ApproximateReceiveCount > 1), once."""
+    heard: list[tuple[int, int]] = []
+
+    class ReceivedObserver(Observer):
+        def on_received(self, count: int, redelivered: int) -> None:
+            heard.append((count, redelivered))
+
+    messages = [
+        ReceivedMessage(f"m{n}", f"r{n}", body(n), 1_700_000_000_000, receive_count=1 + n % 3) for n in range(30)
+    ]
+    stats = Pipeline(MemoryQueue(messages), FakeSink(), MASKER, options(), observer=ReceivedObserver()).run()
+    assert stats.received == sum(count for count, _ in heard) == 30
+    assert stats.redelivered == sum(redelivered for _, redelivered in heard) == 20
+
+
+def test_a_body_over_max_body_bytes_is_quarantined_unparsed_as_too_large() -> None:
+    """GIVEN --max-body-bytes 300 and one body of 400 bytes among small ones
+    WHEN the queue is drained
+    THEN that message is quarantined as too large, the others loaded (the size policy)."""
+    sink = FakeSink()
+    large = body(99, app_version="9" * 300)
+    queue = FakeQueue([*bodies(5), ("large", large)], stored=sink.holds)
+    stats = Pipeline(queue, sink, MASKER, options(max_body_bytes=300)).run()
+    assert len(large.encode()) > 300 >= max(len(b.encode()) for _, b in bodies(5))
+    assert sink.rejections["large"].kind == "body_too_large" and len(sink.logins) == 5
+    assert (stats.loaded, stats.rejected) == (5, 1)
+
+
+def test_a_queue_refused_for_good_at_a_receive_ends_the_run_with_queue_lost() -> None:
+    """GIVEN the queue deleted (or access denied) after a first receive
+    WHEN the next receive is refused for good
+    THEN the run ends with QueueLost (its exit code), not with its counters as after a drain; nothing
+    uncommitted was deleted."""
+    from aws.sqs import QueueUnusable
+    from etl.pipeline import QueueLost
+
+    class DeletedQueue(FakeQueue):
+        receives = 0
+
+        def receive(self, consumer: str = "") -> list[ReceivedMessage]:
+            self.receives += 1
+            if self.receives > 1:
+                raise QueueUnusable("ReceiveMessage failed: AWS.SimpleQueueService.NonExistentQueue")
+            return super().receive(consumer)
+
+    sink = FakeSink()
+    queue = DeletedQueue(bodies(30), stored=sink.holds)
+    pipeline = Pipeline(queue, sink, MASKER, options(receivers=1, batch_size=10))
+    with pytest.raises(QueueLost, match="NonExistentQueue"):
+        pipeline.run()
+    assert pipeline.stats.received == 10 and queue.early_deletes == []
