@@ -553,3 +553,47 @@ def test_a_queue_refused_for_good_at_a_receive_ends_the_run_with_queue_lost() ->
     with pytest.raises(QueueLost, match="NonExistentQueue"):
         pipeline.run()
     assert pipeline.stats.received == 10 and queue.early_deletes == []
+
+
+def test_a_write_hung_when_the_queue_is_refused_for_good_names_both_in_the_stop_error() -> None:
+    """GIVEN a write that never returns, and then the next receive refused for good (queue deleted)
+    WHEN the run's time limit passes
+    THEN the Stopped error names the hung PostgreSQL call and, after it, the failure that ended the
+    run: both are what the operator has to look at."""
+    from aws.sqs import QueueUnusable
+
+    entered, release = threading.Event(), threading.Event()
+
+    class HangingSink(FakeSink):
+        def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
+            entered.set()
+            release.wait(30)
+            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
+
+    class DeletedAfterTheFirstReceive(FakeQueue):
+        receives = 0
+
+        def receive(self, consumer: str = "") -> list[ReceivedMessage]:
+            self.receives += 1
+            if self.receives > 1:
+                entered.wait(10)  # the writer is inside the write
+                raise QueueUnusable("ReceiveMessage failed: AWS.SimpleQueueService.NonExistentQueue")
+            return super().receive(consumer)
+
+    sink = HangingSink()
+    pipeline = Pipeline(
+        DeletedAfterTheFirstReceive(bodies(30), stored=sink.holds),
+        sink,
+        MASKER,
+        options(follow=True, receivers=1, batch_size=10, stop_timeout_seconds=0.3),
+        stop_margin_seconds=0.2,
+    )
+    try:
+        thread, outcome = run_in_thread(pipeline)
+        thread.join(10)
+        assert not thread.is_alive()
+        [error] = outcome
+        assert isinstance(error, Stopped) and error.hung and error.uncommitted == 10
+        assert "PostgreSQL" in str(error) and "NonExistentQueue" in str(error)
+    finally:
+        release.set()
