@@ -6,7 +6,6 @@ never on each other.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -287,31 +286,6 @@ class BatchSink(Protocol):
         redelivered: bool = False,
         received_since: float = 0.0,
     ) -> WriteResult: ...
-
-
-# A token is named in the audit by the first 16 hex digits of its SHA-256: enough to find its row
-# (`left(encode(sha256(convert_to(masked_ip, 'UTF8')), 'hex'), 16)`), useless for learning the value.
-FINGERPRINT_HEX_DIGITS = 16
-
-
-def token_fingerprint(token: str) -> str:
-    """The audit's name for a token: a SHA-256 prefix of the token (a ciphertext), never the value."""
-    return hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).hexdigest()[:FINGERPRINT_HEX_DIGITS]
-
-
-@dataclass(frozen=True, slots=True)
-class UnmaskAudit:
-    """One `unmask` call as recorded in `pii_unmask_audit`: who, why, which tokens (fingerprints only)."""
-
-    requested_by: str
-    reason: str
-    fingerprints: tuple[str, ...]
-    failed: int = 0  # tokens that did not unmask (nothing is shown then)
-
-    @classmethod
-    def of(cls, requested_by: str, reason: str, tokens: list[str] | tuple[str, ...], failed: int = 0) -> UnmaskAudit:
-        """The audit entry of a call on `tokens`."""
-        return cls(requested_by, reason, tuple(token_fingerprint(t) for t in tokens), failed)
 
 
 def _load_json_object(body: str) -> dict[str, Any]:

@@ -10,11 +10,10 @@ from cli.arguments import add_audit_arguments, add_command, os_user
 from cli.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNMASK_FAILED, EXIT_UNREACHABLE, ErrorContext, fail
 from cli.startup import load_keys
 from database import key_checks
-from database.audit import AuditLog
+from database.audit import AuditLog, UnmaskAudit
 from database.errors import DatabaseError
 from database.sqs_postgres import PostgresWriter
 from etl.observability import escape_controls
-from models import UnmaskAudit
 from pii.encoding import canonical_spelling
 from pii.masking import Masker, MaskingError, token_version
 

@@ -8,7 +8,9 @@ why, how many tokens and a fingerprint of each, never a value or a token.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
@@ -17,13 +19,37 @@ from psycopg2 import sql
 from database.audit_tables import audit_table
 from database.connection import first_line, open_connection
 from database.errors import DatabaseError, DatabaseUnavailable
-from models import UnmaskAudit
 
 logger = logging.getLogger(__name__)
 
 AUDIT_DDL = (Path(__file__).parent / "audit.sql").read_text(encoding="utf-8")
 # Any constant: serialises the creation of the table by two first unmasks at once.
 _AUDIT_LOCK_ID = 7_412_350_192
+
+
+# A token is named in the audit by the first 16 hex digits of its SHA-256: enough to find its row
+# (`left(encode(sha256(convert_to(masked_ip, 'UTF8')), 'hex'), 16)`), useless for learning the value.
+FINGERPRINT_HEX_DIGITS = 16
+
+
+def token_fingerprint(token: str) -> str:
+    """The audit's name for a token: a SHA-256 prefix of the token (a ciphertext), never the value."""
+    return hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).hexdigest()[:FINGERPRINT_HEX_DIGITS]
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskAudit:
+    """One `unmask` call as recorded in `pii_unmask_audit`: who, why, which tokens (fingerprints only)."""
+
+    requested_by: str
+    reason: str
+    fingerprints: tuple[str, ...]
+    failed: int = 0  # tokens that did not unmask (nothing is shown then)
+
+    @classmethod
+    def of(cls, requested_by: str, reason: str, tokens: list[str] | tuple[str, ...], failed: int = 0) -> UnmaskAudit:
+        """The audit entry of a call on `tokens`."""
+        return cls(requested_by, reason, tuple(token_fingerprint(t) for t in tokens), failed)
 
 
 class AuditUnavailable(DatabaseError):

@@ -7,9 +7,9 @@ import subprocess
 import pytest
 
 from cli.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_UNMASK_FAILED, EXIT_UNREACHABLE
+from database.audit import token_fingerprint
 from helpers import query
 from main import main
-from models import token_fingerprint
 from pii.masking import Masker, decode_key, generate_key
 
 KEY = generate_key()

@@ -18,12 +18,12 @@ import psycopg2.errors
 import pytest
 
 from cli.exit_codes import EXIT_CONFIG, EXIT_OK
-from database.audit import AUDIT_DDL
+from database.audit import AUDIT_DDL, token_fingerprint
 from database.replay import REPLAY_AUDIT_DDL
 from database.sqs_postgres import PostgresWriter
 from helpers import ROOT, query
 from main import main
-from models import MaskedLogin, token_fingerprint
+from models import MaskedLogin
 from pii.masking import Masker, decode_key, generate_key
 from roles import apply_roles_sql
 

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from config import KEY_SOURCES, ConfigError, KmsSettings, Settings
-from models import UnmaskAudit, token_fingerprint
+from database.audit import UnmaskAudit, token_fingerprint
 from pii.keys import KmsWrappedKeys, StaticKeys
 from pii.masking import InvalidKey, Masker, UnmaskError, canonical, decode_key, generate_key, token_version
 from tests.legacy_tokens import legacy_token
