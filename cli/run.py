@@ -150,7 +150,7 @@ def _register_limits(option: Callable[..., None]) -> None:
         type=byte_count(MIN_MAX_BYTES_IN_HAND),
         default=None,
         metavar="BYTES",
-        help="bound on the bodies received and not yet committed; receivers wait at it "
+        help="bound on the bytes in hand (answers being read, bodies not yet committed); receivers wait at it "
         f"(MAX_BYTES_IN_HAND, else {DEFAULT_MAX_BYTES_IN_HAND // 1_048_576}MiB; at least 10MiB)",
     )
     option(
