@@ -86,6 +86,35 @@ SELECT gen_random_uuid()::text, md5(mod(n, %(users)s)::text)::uuid::text,
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    layouts = [layout for layout in LAYOUTS if layout in args.layouts.split(",")]
+    sizes = [int(float(s) * 1_000_000) for s in args.sizes.split(",")]
+    admin = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    started = time.monotonic()
+    _print_header(admin, args, sizes)
+    results: dict[str, list[tuple[int, float, list[float]]]] = {layout: [] for layout in layouts}
+    space: dict[str, tuple[int, int, int]] = {}
+    timings: list[tuple[int, str, str, float]] = []
+    databases = {layout: _database(admin) for layout in layouts}
+    try:
+        loaded = dict.fromkeys(databases, 0)
+        for layout, (dsn, _drop) in databases.items():
+            _create(dsn, layout)
+        for size in sizes:
+            _measure_size(admin, args, databases, loaded, size, results)
+            if size >= args.queries_from_m * 1_000_000 and not args.skip_queries:
+                timings += _time_queries(args, databases, size)
+        for layout, (dsn, _drop) in databases.items():
+            space[layout] = _space(dsn)
+    finally:
+        for _dsn, drop in databases.values():
+            drop()
+    _print_summary(layouts, sizes, results, space, timings)
+    print(f"\nfinished after {(time.monotonic() - started) / 60:.1f} min; load average {_load()}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="0,10,50", help="table sizes in millions of rows (0,10,50)")
     parser.add_argument("--rows-per-day-m", type=float, default=2.0, help="preloaded millions of rows per day (2)")
@@ -109,12 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         help="time the queries on these layouts only (partitioned); `plain` has no token index: minutes at 50M",
     )
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"some of {','.join(LAYOUTS)} (all)")
-    args = parser.parse_args(argv)
-    layouts = [layout for layout in LAYOUTS if layout in args.layouts.split(",")]
-    query_layouts = set(args.query_layouts.split(","))
-    sizes = [int(float(s) * 1_000_000) for s in args.sizes.split(",")]
-    admin = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    started = time.monotonic()
+    return parser
+
+
+def _print_header(admin: str, args: argparse.Namespace, sizes: list[int]) -> None:
     print(f"user_logins scale benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(
         f"machine: nproc {len(os.sched_getaffinity(0))}, {platform.system()} {platform.release()}; "
@@ -128,56 +155,65 @@ def main(argv: list[str] | None = None) -> int:
         f"sizes (rows preloaded): {', '.join(f'{s:,}' for s in sizes)}; {args.batches} COPYs of "
         f"{BATCH_ROWS:,} rows dated today per size; preload {args.rows_per_day_m}M rows per past day\n"
     )
-    results: dict[str, list[tuple[int, float, list[float]]]] = {layout: [] for layout in layouts}
-    space: dict[str, tuple[int, int, int]] = {}
-    timings: list[tuple[int, str, str, float]] = []
-    databases = {layout: _database(admin) for layout in layouts}
-    try:
-        loaded = dict.fromkeys(databases, 0)
+
+
+def _measure_size(
+    admin: str,
+    args: argparse.Namespace,
+    databases: dict[str, Any],
+    loaded: dict[str, int],
+    size: int,
+    results: dict[str, list[tuple[int, float, list[float]]]],
+) -> None:
+    """Preload every layout up to `size`, then time the COPYs; append to `results`."""
+    # The layouts preload side by side (one connection each, nothing timed meanwhile but
+    # the preloads themselves), then wait for the checkpoint their writes started.
+    preload = {}
+    with ThreadPoolExecutor(max_workers=len(databases)) as pool:
+        futures = {
+            layout: pool.submit(_timed_preload, dsn, layout, loaded[layout], size, int(args.rows_per_day_m * 1_000_000))
+            for layout, (dsn, _drop) in databases.items()
+        }
+        for layout, future in futures.items():
+            loaded[layout], preload[layout] = future.result()
+    with _connect(admin) as conn, conn.cursor() as cur:
+        cur.execute("CHECKPOINT")
+    # The two layouts' batches alternate, so that whatever else the machine does hits both alike.
+    rates: dict[str, list[float]] = {layout: [] for layout in databases}
+    for b in range(args.batches):
         for layout, (dsn, _drop) in databases.items():
-            _create(dsn, layout)
-        for size in sizes:
-            # The layouts preload side by side (one connection each, nothing timed meanwhile but
-            # the preloads themselves), then wait for the checkpoint their writes started.
-            preload = {}
-            with ThreadPoolExecutor(max_workers=len(databases)) as pool:
-                futures = {
-                    layout: pool.submit(
-                        _timed_preload, dsn, layout, loaded[layout], size, int(args.rows_per_day_m * 1_000_000)
-                    )
-                    for layout, (dsn, _drop) in databases.items()
-                }
-                for layout, future in futures.items():
-                    loaded[layout], preload[layout] = future.result()
-            with _connect(admin) as conn, conn.cursor() as cur:
-                cur.execute("CHECKPOINT")
-            # The two layouts' batches alternate, so that whatever else the machine does hits both alike.
-            rates: dict[str, list[float]] = {layout: [] for layout in databases}
-            for b in range(args.batches):
-                for layout, (dsn, _drop) in databases.items():
-                    rates[layout].append(_copy_rate(dsn, size, b))
-            for layout in databases:
-                r = rates[layout]
-                results[layout].append((size, preload[layout], r))
-                print(
-                    f"{layout:<12} at {size / 1e6:>5.1f}M rows: COPY median {statistics.median(r):>9,.0f} rows/s "
-                    f"(min {min(r):,.0f}, max {max(r):,.0f}); preload took {preload[layout]:.0f} s",
-                    flush=True,
-                )
-            if size >= args.queries_from_m * 1_000_000 and not args.skip_queries:
-                for layout, (dsn, _drop) in databases.items():
-                    if layout not in query_layouts:
-                        continue
-                    refreshes = 2 if size <= args.concurrent_refresh_up_to_m * 1_000_000 else 1
-                    timed = _queries(dsn) + (_snapshot(dsn, refreshes) if layout == "partitioned" else [])
-                    for name, seconds in timed:
-                        timings.append((size, layout, name, seconds))
-                        print(f"    {layout:<12} {name:<34} {seconds:>7.2f} s", flush=True)
-        for layout, (dsn, _drop) in databases.items():
-            space[layout] = _space(dsn)
-    finally:
-        for _dsn, drop in databases.values():
-            drop()
+            rates[layout].append(_copy_rate(dsn, size, b))
+    for layout in databases:
+        r = rates[layout]
+        results[layout].append((size, preload[layout], r))
+        print(
+            f"{layout:<12} at {size / 1e6:>5.1f}M rows: COPY median {statistics.median(r):>9,.0f} rows/s "
+            f"(min {min(r):,.0f}, max {max(r):,.0f}); preload took {preload[layout]:.0f} s",
+            flush=True,
+        )
+
+
+def _time_queries(args: argparse.Namespace, databases: dict[str, Any], size: int) -> list[tuple[int, str, str, float]]:
+    query_layouts = set(args.query_layouts.split(","))
+    timings = []
+    for layout, (dsn, _drop) in databases.items():
+        if layout not in query_layouts:
+            continue
+        refreshes = 2 if size <= args.concurrent_refresh_up_to_m * 1_000_000 else 1
+        timed = _queries(dsn) + (_snapshot(dsn, refreshes) if layout == "partitioned" else [])
+        for name, seconds in timed:
+            timings.append((size, layout, name, seconds))
+            print(f"    {layout:<12} {name:<34} {seconds:>7.2f} s", flush=True)
+    return timings
+
+
+def _print_summary(
+    layouts: list[str],
+    sizes: list[int],
+    results: dict[str, list[tuple[int, float, list[float]]]],
+    space: dict[str, tuple[int, int, int]],
+    timings: list[tuple[int, str, str, float]],
+) -> None:
     print("\nwrite rate (median rows/s of the timed COPYs), relative to the empty table")
     print(f"{'rows in table':>14}" + "".join(f"  {layout:>11} {'ratio':>6}" for layout in layouts))
     for i, size in enumerate(sizes):
@@ -198,8 +234,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\nanalysts' queries (one run each, right after the COPYs)")
         for size, layout, name, seconds in timings:
             print(f"  {size / 1e6:>5.1f}M rows  {layout:<12} {name:<34} {seconds:>7.2f} s")
-    print(f"\nfinished after {(time.monotonic() - started) / 60:.1f} min; load average {_load()}")
-    return 0
 
 
 def _load() -> str:
