@@ -159,6 +159,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"{'drain':<36} {'msgs/s':>8} {'wall s':>7} {'peak RSS':>9}  check",
     ]
+    failed, peaks = _floods(services, args, sizes, largest, lines)
+    ours, theirs = _ordinary_runs(services, args)
+    failed = _ordinary_rows(args, ours, theirs, lines) or failed
+    ratio = statistics.median(m.rate for m in ours) / statistics.median(m.rate for m in theirs)
+    worst = max(peaks)
+    lines += [
+        "",
+        f"peak RSS, worst flood or mix: {worst:.0f} MB   target <= {TARGET_PEAK_RSS_MB} MB   "
+        + ("PASS" if worst <= TARGET_PEAK_RSS_MB else "MISS"),
+        f"ordinary throughput, this / baseline: {ratio:.2f} (noise on a shared machine: about +-10%)",
+        f"finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC after "
+        f"{(datetime.now(timezone.utc) - started).total_seconds() / 60:.1f} min; load average before "
+        f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 cores shared with other work)",
+    ]
+    print("\n".join(lines))
+    if args.markdown:
+        command = " ".join(["PYTHONPATH=scripts .venv/bin/python -m bench.large_bodies", *(argv or sys.argv[1:])])
+        write_section(Path(args.markdown), lines, command)
+    return 1 if failed else 0
+
+
+def _floods(
+    services: Services, args: argparse.Namespace, sizes: list[int], largest: int, lines: list[str]
+) -> tuple[bool, list[float]]:
+    """The floods of each size and the mix, a row each in `lines`: whether any failed, the peaks (MB)."""
     failed = False
 
     def row(label: str, result: Measurement) -> None:
@@ -179,7 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = drain(services, mix(args.count, largest))
     peaks.append((result.rss_kb or 0) / 1024)
     row(f"mix up to {_size(largest)} (this)", result)
+    return failed, peaks
 
+
+def _ordinary_runs(services: Services, args: argparse.Namespace) -> tuple[list[Measurement], list[Measurement]]:
+    """The ordinary drains, this checkout's and the baseline's alternating."""
     ordinary = list(generate(args.ordinary_count, SEED))
     ours: list[Measurement] = []
     theirs: list[Measurement] = []
@@ -189,6 +218,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress(f"ordinary run {run + 1} (this): {ours[-1].rate:,.0f} msgs/s")
             theirs.append(drain(services, ordinary, root=base))
             progress(f"ordinary run {run + 1} (baseline): {theirs[-1].rate:,.0f} msgs/s")
+    return ours, theirs
+
+
+def _ordinary_rows(
+    args: argparse.Namespace, ours: list[Measurement], theirs: list[Measurement], lines: list[str]
+) -> bool:
+    """A row each for the ordinary drains in `lines`; whether any failed."""
+    failed = False
     for label, runs in (
         (f"ordinary (this, git {git_ref('HEAD')})", ours),
         (f"ordinary (baseline {args.baseline})", theirs),
@@ -202,22 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{label:<36} {statistics.median(rates):>8,.0f} {statistics.median(m.seconds for m in runs):>7.1f} "
             f"{rss:>6.0f} MB  {'OK' if ok else 'MISMATCH'} (runs: {each})"
         )
-    ratio = statistics.median(m.rate for m in ours) / statistics.median(m.rate for m in theirs)
-    worst = max(peaks)
-    lines += [
-        "",
-        f"peak RSS, worst flood or mix: {worst:.0f} MB   target <= {TARGET_PEAK_RSS_MB} MB   "
-        + ("PASS" if worst <= TARGET_PEAK_RSS_MB else "MISS"),
-        f"ordinary throughput, this / baseline: {ratio:.2f} (noise on a shared machine: about +-10%)",
-        f"finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC after "
-        f"{(datetime.now(timezone.utc) - started).total_seconds() / 60:.1f} min; load average before "
-        f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 cores shared with other work)",
-    ]
-    print("\n".join(lines))
-    if args.markdown:
-        command = " ".join(["PYTHONPATH=scripts .venv/bin/python -m bench.large_bodies", *(argv or sys.argv[1:])])
-        write_section(Path(args.markdown), lines, command)
-    return 1 if failed else 0
+    return failed
 
 
 def write_section(path: Path, lines: list[str], command: str) -> None:

@@ -35,10 +35,10 @@ from typing import Any
 
 import psycopg2
 
+from bench.partitions_sql import PLAIN_DDL, PRELOAD, connect, one, space_used, timed_queries, timed_snapshot
 from database import partitions
 from database.copy_format import copy_text
 from database.schema import CREATE_DUPLICATES_VIEW, LOGIN_COLUMNS
-from database.snapshot import SnapshotRefresher
 from database.sqs_postgres import PostgresWriter
 from database.token_indexes import index_closed_days
 from models import MaskedLogin
@@ -46,46 +46,38 @@ from models import MaskedLogin
 LAYOUTS = ("plain", "partitioned")
 BATCH_ROWS = 10_000
 PRELOAD_CHUNK = 1_000_000
-QUERIES = {
-    "devices seen most often": """SELECT masked_value, logins, users, first_seen, last_seen
-        FROM user_login_duplicates WHERE field = 'device_id' ORDER BY logins DESC LIMIT 20""",
-    "IPs seen most often": """SELECT masked_value, logins, users, first_seen, last_seen
-        FROM user_login_duplicates WHERE field = 'ip' ORDER BY logins DESC LIMIT 20""",
-    "users sharing a device": """SELECT masked_device_id, count(DISTINCT user_id) AS users,
-        array_agg(DISTINCT user_id) AS user_ids
-        FROM user_logins GROUP BY masked_device_id HAVING count(DISTINCT user_id) > 1
-        ORDER BY users DESC LIMIT 20""",
-    "the whole duplicates view": "SELECT field, count(*), sum(logins) FROM user_login_duplicates GROUP BY 1",
-    "one day's logins by device type": """SELECT device_type, count(*) FROM user_logins
-        WHERE create_date = current_date - 3 GROUP BY 1""",
-    "one device's logins": """SELECT user_id, create_date FROM user_logins
-        WHERE masked_device_id = (SELECT masked_device_id FROM user_logins WHERE create_date = current_date - 3
-                                   LIMIT 1)""",
-    "devices seen most often, 3 days": """SELECT masked_device_id, count(*) AS logins,
-        count(DISTINCT user_id) AS users FROM user_logins
-        WHERE create_date >= current_date - 3 AND masked_device_id IS NOT NULL
-        GROUP BY masked_device_id HAVING count(*) > 1 ORDER BY logins DESC LIMIT 20""",
-}
-_PLAIN_DDL = """
-CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
-    masked_device_id varchar(256), locale varchar(32), app_version varchar(32), create_date date,
-    message_id varchar(128), CONSTRAINT user_logins_message_id_key UNIQUE (message_id))"""
-# Rows shaped like the ETL's: a UUID message id, tokens of the length today's tokens have (base64
-# of Tink's prefix, SIV and plaintext: 52 characters for an IP, 72 for a device id), ~4 logins per
-# device and per IP, a UUID user id.
-_PRELOAD = """
-INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale, app_version,
-                         create_date)
-SELECT gen_random_uuid()::text, md5(mod(n, %(users)s)::text)::uuid::text,
-       CASE WHEN mod(n, 2) = 0 THEN 'android' ELSE 'ios' END,
-       'AQAAAAE' || md5('ip' || mod(n * 7919, %(pool)s)) || left(md5('IP' || mod(n * 7919, %(pool)s)), 13),
-       'AQAAAAE' || md5('dev' || mod(n * 104729, %(pool)s)) || md5('DEV' || mod(n * 104729, %(pool)s)) || '=',
-       CASE WHEN mod(n, 3) = 0 THEN NULL ELSE 'RU' END, '2.3.0',
-       %(last_day)s::date - (n / %(per_day)s)::int
-  FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS n"""
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    layouts = [layout for layout in LAYOUTS if layout in args.layouts.split(",")]
+    sizes = [int(float(s) * 1_000_000) for s in args.sizes.split(",")]
+    admin = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    started = time.monotonic()
+    _print_header(admin, args, sizes)
+    results: dict[str, list[tuple[int, float, list[float]]]] = {layout: [] for layout in layouts}
+    space: dict[str, tuple[int, int, int]] = {}
+    timings: list[tuple[int, str, str, float]] = []
+    databases = {layout: _database(admin) for layout in layouts}
+    try:
+        loaded = dict.fromkeys(databases, 0)
+        for layout, (dsn, _drop) in databases.items():
+            _create(dsn, layout)
+        for size in sizes:
+            _measure_size(admin, args, databases, loaded, size, results)
+            if size >= args.queries_from_m * 1_000_000 and not args.skip_queries:
+                timings += _time_queries(args, databases, size)
+        for layout, (dsn, _drop) in databases.items():
+            space[layout] = space_used(dsn)
+    finally:
+        for _dsn, drop in databases.values():
+            drop()
+    _print_summary(layouts, sizes, results, space, timings)
+    print(f"\nfinished after {(time.monotonic() - started) / 60:.1f} min; load average {_load()}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="0,10,50", help="table sizes in millions of rows (0,10,50)")
     parser.add_argument("--rows-per-day-m", type=float, default=2.0, help="preloaded millions of rows per day (2)")
@@ -109,75 +101,82 @@ def main(argv: list[str] | None = None) -> int:
         help="time the queries on these layouts only (partitioned); `plain` has no token index: minutes at 50M",
     )
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"some of {','.join(LAYOUTS)} (all)")
-    args = parser.parse_args(argv)
-    layouts = [layout for layout in LAYOUTS if layout in args.layouts.split(",")]
-    query_layouts = set(args.query_layouts.split(","))
-    sizes = [int(float(s) * 1_000_000) for s in args.sizes.split(",")]
-    admin = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    started = time.monotonic()
+    return parser
+
+
+def _print_header(admin: str, args: argparse.Namespace, sizes: list[int]) -> None:
     print(f"user_logins scale benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(
         f"machine: nproc {len(os.sched_getaffinity(0))}, {platform.system()} {platform.release()}; "
         f"Python {platform.python_version()}; load average {_load()}"
     )
-    with _connect(admin) as conn, conn.cursor() as cur:
+    with connect(admin) as conn, conn.cursor() as cur:
         cur.execute("SELECT version(), current_setting('shared_buffers'), current_setting('work_mem')")
-        version, shared_buffers, work_mem = _one(cur)
+        version, shared_buffers, work_mem = one(cur)
     print(f"PostgreSQL: {version.split(',')[0]}; shared_buffers {shared_buffers}, work_mem {work_mem}")
     print(
         f"sizes (rows preloaded): {', '.join(f'{s:,}' for s in sizes)}; {args.batches} COPYs of "
         f"{BATCH_ROWS:,} rows dated today per size; preload {args.rows_per_day_m}M rows per past day\n"
     )
-    results: dict[str, list[tuple[int, float, list[float]]]] = {layout: [] for layout in layouts}
-    space: dict[str, tuple[int, int, int]] = {}
-    timings: list[tuple[int, str, str, float]] = []
-    databases = {layout: _database(admin) for layout in layouts}
-    try:
-        loaded = dict.fromkeys(databases, 0)
+
+
+def _measure_size(
+    admin: str,
+    args: argparse.Namespace,
+    databases: dict[str, Any],
+    loaded: dict[str, int],
+    size: int,
+    results: dict[str, list[tuple[int, float, list[float]]]],
+) -> None:
+    """Preload every layout up to `size`, then time the COPYs; append to `results`."""
+    # The layouts preload side by side (one connection each, nothing timed meanwhile but
+    # the preloads themselves), then wait for the checkpoint their writes started.
+    preload = {}
+    with ThreadPoolExecutor(max_workers=len(databases)) as pool:
+        futures = {
+            layout: pool.submit(_timed_preload, dsn, layout, loaded[layout], size, int(args.rows_per_day_m * 1_000_000))
+            for layout, (dsn, _drop) in databases.items()
+        }
+        for layout, future in futures.items():
+            loaded[layout], preload[layout] = future.result()
+    with connect(admin) as conn, conn.cursor() as cur:
+        cur.execute("CHECKPOINT")
+    # The two layouts' batches alternate, so that whatever else the machine does hits both alike.
+    rates: dict[str, list[float]] = {layout: [] for layout in databases}
+    for b in range(args.batches):
         for layout, (dsn, _drop) in databases.items():
-            _create(dsn, layout)
-        for size in sizes:
-            # The layouts preload side by side (one connection each, nothing timed meanwhile but
-            # the preloads themselves), then wait for the checkpoint their writes started.
-            preload = {}
-            with ThreadPoolExecutor(max_workers=len(databases)) as pool:
-                futures = {
-                    layout: pool.submit(
-                        _timed_preload, dsn, layout, loaded[layout], size, int(args.rows_per_day_m * 1_000_000)
-                    )
-                    for layout, (dsn, _drop) in databases.items()
-                }
-                for layout, future in futures.items():
-                    loaded[layout], preload[layout] = future.result()
-            with _connect(admin) as conn, conn.cursor() as cur:
-                cur.execute("CHECKPOINT")
-            # The two layouts' batches alternate, so that whatever else the machine does hits both alike.
-            rates: dict[str, list[float]] = {layout: [] for layout in databases}
-            for b in range(args.batches):
-                for layout, (dsn, _drop) in databases.items():
-                    rates[layout].append(_copy_rate(dsn, size, b))
-            for layout in databases:
-                r = rates[layout]
-                results[layout].append((size, preload[layout], r))
-                print(
-                    f"{layout:<12} at {size / 1e6:>5.1f}M rows: COPY median {statistics.median(r):>9,.0f} rows/s "
-                    f"(min {min(r):,.0f}, max {max(r):,.0f}); preload took {preload[layout]:.0f} s",
-                    flush=True,
-                )
-            if size >= args.queries_from_m * 1_000_000 and not args.skip_queries:
-                for layout, (dsn, _drop) in databases.items():
-                    if layout not in query_layouts:
-                        continue
-                    refreshes = 2 if size <= args.concurrent_refresh_up_to_m * 1_000_000 else 1
-                    timed = _queries(dsn) + (_snapshot(dsn, refreshes) if layout == "partitioned" else [])
-                    for name, seconds in timed:
-                        timings.append((size, layout, name, seconds))
-                        print(f"    {layout:<12} {name:<34} {seconds:>7.2f} s", flush=True)
-        for layout, (dsn, _drop) in databases.items():
-            space[layout] = _space(dsn)
-    finally:
-        for _dsn, drop in databases.values():
-            drop()
+            rates[layout].append(_copy_rate(dsn, size, b))
+    for layout in databases:
+        r = rates[layout]
+        results[layout].append((size, preload[layout], r))
+        print(
+            f"{layout:<12} at {size / 1e6:>5.1f}M rows: COPY median {statistics.median(r):>9,.0f} rows/s "
+            f"(min {min(r):,.0f}, max {max(r):,.0f}); preload took {preload[layout]:.0f} s",
+            flush=True,
+        )
+
+
+def _time_queries(args: argparse.Namespace, databases: dict[str, Any], size: int) -> list[tuple[int, str, str, float]]:
+    query_layouts = set(args.query_layouts.split(","))
+    timings = []
+    for layout, (dsn, _drop) in databases.items():
+        if layout not in query_layouts:
+            continue
+        refreshes = 2 if size <= args.concurrent_refresh_up_to_m * 1_000_000 else 1
+        timed = timed_queries(dsn) + (timed_snapshot(dsn, refreshes) if layout == "partitioned" else [])
+        for name, seconds in timed:
+            timings.append((size, layout, name, seconds))
+            print(f"    {layout:<12} {name:<34} {seconds:>7.2f} s", flush=True)
+    return timings
+
+
+def _print_summary(
+    layouts: list[str],
+    sizes: list[int],
+    results: dict[str, list[tuple[int, float, list[float]]]],
+    space: dict[str, tuple[int, int, int]],
+    timings: list[tuple[int, str, str, float]],
+) -> None:
     print("\nwrite rate (median rows/s of the timed COPYs), relative to the empty table")
     print(f"{'rows in table':>14}" + "".join(f"  {layout:>11} {'ratio':>6}" for layout in layouts))
     for i, size in enumerate(sizes):
@@ -198,27 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\nanalysts' queries (one run each, right after the COPYs)")
         for size, layout, name, seconds in timings:
             print(f"  {size / 1e6:>5.1f}M rows  {layout:<12} {name:<34} {seconds:>7.2f} s")
-    print(f"\nfinished after {(time.monotonic() - started) / 60:.1f} min; load average {_load()}")
-    return 0
 
 
 def _load() -> str:
     return " ".join(f"{n:.2f}" for n in os.getloadavg())
 
 
-def _one(cur: psycopg2.extensions.cursor) -> tuple[Any, ...]:
-    row = cur.fetchone()
-    assert row is not None, "the query returns one row"
-    return row
-
-
-def _connect(dsn: str) -> psycopg2.extensions.connection:
-    return psycopg2.connect(dsn, application_name="bench-partitions")
-
-
 def _database(admin: str):
     name = f"bench_part_{uuid.uuid4().hex[:10]}"
-    conn = _connect(admin)
+    conn = connect(admin)
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name}")
@@ -238,8 +225,8 @@ def _create(dsn: str, layout: str) -> None:
         writer.connect()
         writer.close()
         return
-    with _connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(_PLAIN_DDL)
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(PLAIN_DDL)
         cur.execute(CREATE_DUPLICATES_VIEW)
 
 
@@ -259,7 +246,7 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
     last_day = datetime.now(timezone.utc).date() - timedelta(days=2)
     if size <= loaded:
         return loaded
-    conn = _connect(dsn)
+    conn = connect(dsn)
     conn.autocommit = True  # one statement per day, each its own transaction
     try:
         with conn.cursor() as cur:
@@ -273,7 +260,7 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
                 if layout != "plain":
                     target = partitions.partition_name(day)
                     cur.execute(f"SELECT to_regclass('{target}') IS NOT NULL")
-                    (attached,) = _one(cur)
+                    (attached,) = one(cur)
                     if attached:
                         cur.execute(f"ALTER TABLE user_logins DETACH PARTITION {target}")
                         cur.execute(f"DROP INDEX IF EXISTS {target}_message_id_create_date_key")
@@ -281,7 +268,7 @@ def _preload(dsn: str, layout: str, loaded: int, size: int, per_day: int) -> int
                     else:
                         cur.execute(f"CREATE TABLE {target} (LIKE user_logins)")
                 cur.execute(
-                    _PRELOAD.replace("INSERT INTO user_logins", f"INSERT INTO {target}"),
+                    PRELOAD.replace("INSERT INTO user_logins", f"INSERT INTO {target}"),
                     {
                         "users": max(size // 8, 1),
                         "pool": max(size // 4, 1),
@@ -329,7 +316,7 @@ def _copy_rate(dsn: str, size: int, batch: int) -> float:
         for i in range(BATCH_ROWS)
     ]
     text = copy_text(rows)
-    conn = _connect(dsn)
+    conn = connect(dsn)
     try:
         t0 = time.perf_counter()
         with conn, conn.cursor() as cur:
@@ -359,60 +346,6 @@ class _Reader:
     def read(self, _size: int = -1) -> str:
         text, self._text = self._text, None
         return text or ""
-
-
-def _queries(dsn: str, queries: dict[str, str] = QUERIES) -> list[tuple[str, float]]:
-    timed = []
-    conn = _connect(dsn)
-    try:
-        for name, sql in queries.items():
-            t0 = time.monotonic()
-            with conn, conn.cursor() as cur:
-                cur.execute("SET LOCAL statement_timeout = '600s'")
-                cur.execute(sql)
-                cur.fetchall()
-            timed.append((name, time.monotonic() - t0))
-    finally:
-        conn.close()
-    return timed
-
-
-SNAPSHOT_QUERIES = {
-    "snapshot: devices seen most often": """SELECT masked_value, logins, users, first_seen, last_seen
-        FROM user_login_duplicates_snapshot WHERE field = 'device_id' ORDER BY logins DESC LIMIT 20""",
-    "snapshot: IPs seen most often": """SELECT masked_value, logins, users, first_seen, last_seen
-        FROM user_login_duplicates_snapshot WHERE field = 'ip' ORDER BY logins DESC LIMIT 20""",
-    "snapshot: devices with most users": """SELECT masked_value, users, logins
-        FROM user_login_duplicates_snapshot WHERE field = 'device_id' ORDER BY users DESC LIMIT 20""",
-}
-
-
-def _snapshot(dsn: str, refreshes: int) -> list[tuple[str, float]]:
-    """The nightly job's refresh, as `python main.py snapshot` runs it: plainly when the snapshot is
-    not populated yet, then (`refreshes` 2) concurrently; then its top-20 queries."""
-    refresher = SnapshotRefresher(dsn)
-    timed = []
-    for _ in range(refreshes):
-        result = refresher.run()
-        timed.append(
-            (
-                f"snapshot refresh ({'concurrent' if result.concurrently else 'first'}, {result.rows:,} rows)",
-                result.seconds,
-            )
-        )
-    return timed + _queries(dsn, SNAPSHOT_QUERIES)
-
-
-def _space(dsn: str) -> tuple[int, int, int]:
-    with _connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute("""SELECT coalesce(sum(pg_table_size(relid)), 0), coalesce(sum(pg_indexes_size(relid)), 0)
-                         FROM (SELECT relid FROM pg_partition_tree('user_logins') WHERE isleaf
-                               UNION SELECT 'user_logins'::regclass WHERE NOT EXISTS
-                                     (SELECT 1 FROM pg_partition_tree('user_logins'))) t""")
-        heap, indexes = _one(cur)
-        cur.execute("SELECT count(*) FROM user_logins")
-        (rows,) = _one(cur)
-    return int(heap), int(indexes), int(rows)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from bench.scenarios import Services, fresh_database, stored_counts, via
 from sample_data import generate, send
@@ -52,50 +53,7 @@ def run(services: Services, bodies: list[str], replicas: int) -> dict[str, float
                 AWS_DEFAULT_REGION=services.region,
             )
             peaks = {"in_flight": 0, "rss_kb": 0}
-            done = threading.Event()
-
-            def sample(pids: list[int]) -> None:
-                while not done.wait(0.25):
-                    attributes = sqs.get_queue_attributes(
-                        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"]
-                    )["Attributes"]
-                    in_flight = int(attributes["ApproximateNumberOfMessagesNotVisible"])
-                    peaks["in_flight"] = max(peaks["in_flight"], in_flight)
-                    for pid in pids:
-                        try:
-                            with open(f"/proc/{pid}/status") as status:
-                                for line in status:
-                                    if line.startswith("VmHWM:"):
-                                        peaks["rss_kb"] = max(peaks["rss_kb"], int(line.split()[1]))
-                        except OSError:
-                            pass
-
-            cpu_before = os.times()
-            began = time.perf_counter()
-            with tempfile.TemporaryFile() as err:
-                procs = [
-                    subprocess.Popen(
-                        [sys.executable, str(ROOT / "main.py")],
-                        cwd=ROOT,
-                        env=env,
-                        stdout=subprocess.DEVNULL,
-                        stderr=err,
-                    )
-                    for _ in range(replicas)
-                ]
-                sampler = threading.Thread(target=sample, args=([p.pid for p in procs],), daemon=True)
-                sampler.start()
-                codes = [p.wait(timeout=900) for p in procs]
-                seconds = time.perf_counter() - began
-                done.set()
-                sampler.join()
-                if any(codes):
-                    err.seek(0)
-                    raise RuntimeError(f"exit codes {codes}: {err.read().decode()[-800:]}")
-            cpu_after = os.times()
-            cpu = (cpu_after.children_user - cpu_before.children_user) + (
-                cpu_after.children_system - cpu_before.children_system
-            )
+            seconds, cpu = _drain(env, replicas, lambda pids, done: _sample(sqs, url, pids, peaks, done))
             loaded, rejected = stored_counts(dsn)
         names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
         left = sum(int(v) for v in sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"].values())
@@ -110,6 +68,58 @@ def run(services: Services, bodies: list[str], replicas: int) -> dict[str, float
         "in_flight": peaks["in_flight"],
         "check": f"{verdict}: {loaded} + {rejected} rejected of {len(bodies)}, {left} left",
     }
+
+
+def _sample(sqs: Any, url: str, pids: list[int], peaks: dict[str, int], done: threading.Event) -> None:
+    """Until `done`: the queue's peak in-flight count and the processes' peak RSS, into `peaks`."""
+    while not done.wait(0.25):
+        attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"])[
+            "Attributes"
+        ]
+        in_flight = int(attributes["ApproximateNumberOfMessagesNotVisible"])
+        peaks["in_flight"] = max(peaks["in_flight"], in_flight)
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/status") as status:
+                    for line in status:
+                        if line.startswith("VmHWM:"):
+                            peaks["rss_kb"] = max(peaks["rss_kb"], int(line.split()[1]))
+            except OSError:
+                pass
+
+
+def _drain(
+    env: dict[str, str], replicas: int, sample: Callable[[list[int], threading.Event], None]
+) -> tuple[float, float]:
+    """Run `replicas` drain processes to the end, `sample` watching them: wall seconds, CPU seconds."""
+    done = threading.Event()
+    cpu_before = os.times()
+    began = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "main.py")],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+            for _ in range(replicas)
+        ]
+        sampler = threading.Thread(target=sample, args=([p.pid for p in procs], done), daemon=True)
+        sampler.start()
+        codes = [p.wait(timeout=900) for p in procs]
+        seconds = time.perf_counter() - began
+        done.set()
+        sampler.join()
+        if any(codes):
+            err.seek(0)
+            raise RuntimeError(f"exit codes {codes}: {err.read().decode()[-800:]}")
+    cpu_after = os.times()
+    cpu = (cpu_after.children_user - cpu_before.children_user) + (
+        cpu_after.children_system - cpu_before.children_system
+    )
+    return seconds, cpu
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -97,6 +97,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The sink passes 20,000 messages in ~0.3 s, too short to time well: it gets more of them.
     sink_bodies = bodies if args.sink_count == args.count else list(generate(args.sink_count, SEED))
     naive_count = args.naive_latency_count or max(RECEIVE_BATCH, args.count // 10)
+    results = _measure(args, services, bodies, sink_bodies, naive_count)
+    footer = report.footer(started, load_before[0], code_before)
+    lines = [*header, "", *report.report_lines(results, args, limit_threads, naive_count), "", *footer]
+    print("\n".join(lines))
+    _cpu_and_markdown(args, argv, services, lines)
+    checks = [m.check for key in ("ours", "ours_lat", "rss", "sink") for m in results.get(key, [])]
+    return EXIT_MISMATCH if any(c and not c.startswith("OK") for c in checks) else EXIT_OK
+
+
+def _measure(
+    args: argparse.Namespace, services: Services, bodies: list[str], sink_bodies: list[str], naive_count: int
+) -> dict[str, list[Measurement]]:
+    """Every run's drains, by key (a list of measurements each)."""
+    receivers, deleters, batch_size, flush_seconds = etl_defaults()
+    limit_threads = receivers + deleters  # the SQS calls the ETL may have in flight
     results: dict[str, list[Measurement]] = {}
 
     def record(key: str, label: str, measure: Callable[[], Measurement]) -> None:
@@ -137,9 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.rss:
             progress(f"rss: ours draining {args.rss_count:,}")
             record("rss", "ours (rss)", lambda: _ours(services, list(generate(args.rss_count, SEED))))
-    footer = report.footer(started, load_before[0], code_before)
-    lines = [*header, "", *report.report_lines(results, args, limit_threads, naive_count), "", *footer]
-    print("\n".join(lines))
+    return results
+
+
+def _cpu_and_markdown(
+    args: argparse.Namespace, argv: Sequence[str] | None, services: Services, lines: list[str]
+) -> None:
+    """The CPU section (--cpu), then the Markdown (--markdown)."""
     cpu_report = []
     if args.cpu:
         progress("cpu: CPU per message (bench/cpu.py)")
@@ -152,8 +171,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_markdown(Path(args.markdown), lines, command, __doc__ or "")
         if cpu_report:
             cpu.write_section(Path(args.markdown), cpu_report, command)
-    checks = [m.check for key in ("ours", "ours_lat", "rss", "sink") for m in results.get(key, [])]
-    return EXIT_MISMATCH if any(c and not c.startswith("OK") for c in checks) else EXIT_OK
 
 
 def _drain(services: Services, bodies: list[str], threads: int, proxy: str | None = None) -> Measurement:
