@@ -33,7 +33,8 @@ QUERIES = {
 PLAIN_DDL = """
 CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
     masked_device_id varchar(256), locale varchar(32), app_version varchar(32), create_date date,
-    message_id varchar(128), CONSTRAINT user_logins_message_id_key UNIQUE (message_id))"""
+    message_id varchar(128), masked_network varchar(256),
+    CONSTRAINT user_logins_message_id_key UNIQUE (message_id))"""
 # Rows shaped like the ETL's: a UUID message id, tokens of the length today's tokens have (base64
 # of Tink's prefix, SIV and plaintext: 52 characters for an IP, 72 for a device id), ~4 logins per
 # device and per IP, a UUID user id.
