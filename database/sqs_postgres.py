@@ -15,7 +15,6 @@ Partitions: database/partitions.py and docs/partitions.md.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections import deque
@@ -26,11 +25,10 @@ from typing import TypeVar
 import psycopg2
 import psycopg2.errors
 from psycopg2.extensions import cursor as Cursor
-from psycopg2.extensions import encodings
 
 from database import key_checks, partitions, schema
 from database.connection import ROW_ERRORS, close_quietly, first_line, one_row, open_connection, transaction
-from database.copy_format import REJECTED_STAGE_COLUMNS, copy_text, rejection_copy_text
+from database.copy_format import REJECTED_STAGE_COLUMNS, copy_data, copy_in, copy_text, rejection_copy_text
 from database.errors import DatabaseError, DatabaseRejectedRows, DatabaseUnavailable, KeyMismatch, SchemaBusy
 from database.schema import COLUMN_LIST, QUARANTINE_EPOCH, SCHEMA_LOCK_ID, SCHEMA_VERSION, lock_holders
 from models import MaskedLogin, Rejection, WriteResult
@@ -306,11 +304,11 @@ class PostgresWriter:
         """
         check = _CHECK_EPOCH.replace("{expected}", str(int(expected)))
         try:
-            _copy_in(
+            copy_in(
                 cur,
                 f"SELECT pg_advisory_xact_lock_shared({_QUARANTINE_LOCK_ID}); {check}; "
                 f"COPY user_logins ({COLUMN_LIST}) FROM STDIN",
-                _copy_data(cur, copy_text(logins)),
+                copy_data(cur, copy_text(logins)),
             )
             return len(logins)
         except psycopg2.errors.RaiseException as exc:
@@ -326,7 +324,7 @@ class PostgresWriter:
         ``ON CONFLICT DO NOTHING``; return how many."""
         if self._staged_batches_left:
             self._staged_batches_left -= 1
-        _copy_in(cur, f"COPY user_logins_stage ({COLUMN_LIST}) FROM STDIN", _copy_data(cur, copy_text(logins)))
+        copy_in(cur, f"COPY user_logins_stage ({COLUMN_LIST}) FROM STDIN", copy_data(cur, copy_text(logins)))
         cur.execute(_STAGED_LOGIN_INSERT)
         return cur.rowcount
 
@@ -357,8 +355,8 @@ def _insert_rejections(cur: Cursor, rejections: Sequence[Rejection]) -> list[str
     one every partition), RETURNING the ids (a rowcount would not say which). A row PostgreSQL
     refuses fails the statement, and write()'s fallback names it, as for logins.
     """
-    data = _copy_data(cur, rejection_copy_text(rejections))
-    _copy_in(cur, f"COPY user_logins_rejected_stage ({REJECTED_STAGE_COLUMNS}) FROM STDIN", data)
+    data = copy_data(cur, rejection_copy_text(rejections))
+    copy_in(cur, f"COPY user_logins_rejected_stage ({REJECTED_STAGE_COLUMNS}) FROM STDIN", data)
     stored: list[str] = []
     for kind, insert in _QUARANTINE_INSERTS.items():
         if any((r.sent_at is not None) == (kind == "dated") for r in rejections):
@@ -398,16 +396,3 @@ _CHECK_EPOCH = (
     f"'{QUARANTINE_EPOCH}'::pg_catalog.regclass), 0) <> {{expected}} "
     f"THEN RAISE EXCEPTION '{_EPOCH_MOVED}'; END IF; END $check$"
 )
-
-
-def _copy_data(cur: Cursor, text: str) -> bytes:
-    """COPY's text in the connection's encoding, encoded once: a StringIO would hold the text as 4
-    bytes a character (16 MiB of quarantined bodies: 64 MiB more), and psycopg2 encode each read."""
-    return text.encode(encodings[cur.connection.encoding])
-
-
-def _copy_in(cur: Cursor, statement: str, data: bytes) -> None:
-    """COPY … FROM STDIN of `data` in one read: each read is a trip back into Python (and a wait for
-    the GIL while the receivers parse and mask), so the default 8 KiB chunks cost. BytesIO shares
-    the bytes it wraps, and returns them whole to that one read: no copy."""
-    cur.copy_expert(statement, io.BytesIO(data), size=max(8192, len(data)))

@@ -69,15 +69,8 @@ def percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.0f}%" if whole else "—"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, help="a saved `mutmut results --all true` output")
-    args = parser.parse_args(argv)
-    statuses = results(args.results)
-    if not statuses:
-        print("no mutmut results: run `make mutation` first", file=sys.stderr)
-        return 1
-    explained = explanations()
+def count_per_module(statuses: dict[str, str], explained: dict[str, tuple[str, str]]) -> dict[str, Counter[str]]:
+    """Per module: mutants, checked, killed, explained, left and other (neither killed nor explained)."""
     per_module: dict[str, Counter[str]] = defaultdict(Counter)
     for name, status in statuses.items():
         counts = per_module[module_of(name)]
@@ -91,17 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             counts["explained" if name in explained else "left"] += 1
         else:
             counts["other"] += 1  # suspicious, segfault, ...: neither killed nor explained
-    total = sum(per_module.values(), Counter())
-    settled = total["killed"] + total["explained"]
-    print("# Mutation testing of the consume loop\n")
-    print(f"Written by `scripts/mutation_report.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.")
-    print("How it is run: [testing](testing.md#mutation-testing); survivors explained in")
-    print("[mutation-equivalent.md](mutation-equivalent.md).\n")
-    print(
-        f"**Score over the modules run: {total['killed']} of {total['checked']} mutants killed "
-        f"({percent(total['killed'], total['checked'])}); killed or explained: "
-        f"{settled} ({percent(settled, total['checked'])}).**\n"
-    )
+    return per_module
+
+
+def print_module_table(per_module: dict[str, Counter[str]]) -> None:
     print("| module | mutants | checked | killed | explained | left | score (killed) | killed or explained |")
     print("|---|---|---|---|---|---|---|---|")
     for module, c in sorted(per_module.items()):
@@ -114,6 +100,30 @@ def main(argv: list[str] | None = None) -> int:
             f"{c['left'] + c['other']} | {percent(c['killed'], c['checked'])} | "
             f"{percent(c['killed'] + c['explained'], c['checked'])} |"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, help="a saved `mutmut results --all true` output")
+    args = parser.parse_args(argv)
+    statuses = results(args.results)
+    if not statuses:
+        print("no mutmut results: run `make mutation` first", file=sys.stderr)
+        return 1
+    explained = explanations()
+    per_module = count_per_module(statuses, explained)
+    total = sum(per_module.values(), Counter())
+    settled = total["killed"] + total["explained"]
+    print("# Mutation testing of the consume loop\n")
+    print(f"Written by `scripts/mutation_report.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.")
+    print("How it is run: [testing](testing.md#mutation-testing); survivors explained in")
+    print("[mutation-equivalent.md](mutation-equivalent.md).\n")
+    print(
+        f"**Score over the modules run: {total['killed']} of {total['checked']} mutants killed "
+        f"({percent(total['killed'], total['checked'])}); killed or explained: "
+        f"{settled} ({percent(settled, total['checked'])}).**\n"
+    )
+    print_module_table(per_module)
     print("\n| status | mutants |\n|---|---|")
     for status, n in sorted(Counter(statuses.values()).items()):
         print(f"| {status} | {n} |")
