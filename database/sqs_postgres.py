@@ -253,13 +253,14 @@ class PostgresWriter:
         quarantines_redelivered = any(r.receive_count > 1 for r in rejections)
         exclusive = staged or quarantines_redelivered
         inserted: int | None = None
+        data = copy_data(cur, copy_text(logins)) if logins else b""  # once, for either COPY
         if logins and not exclusive and not self._staged_batches_left:
             expected = self._epoch_before(received_since)
             if expected is not None:
-                inserted = self._copy_straight(cur, logins, expected)
+                inserted = self._copy_straight(cur, data, len(logins), expected)
         if inserted is None:
             self._lock_quarantine(cur, exclusive=exclusive, bump=quarantines_redelivered)
-            inserted = self._insert_staged(cur, logins) if logins else 0
+            inserted = self._insert_staged(cur, data) if logins else 0
         # Not for a message already loaded. Its login row is in the partition of its day: with the
         # sent time known, one index probe there; without it (rare), one in each partition.
         stored = _insert_rejections(cur, rejections) if rejections else []
@@ -291,10 +292,11 @@ class PostgresWriter:
                 return epoch
         return None
 
-    def _copy_straight(self, cur: Cursor, logins: Sequence[MaskedLogin], expected: int) -> int | None:
-        """COPY a batch of first deliveries straight into user_logins, the fastest write (one
-        statement, each row written once, no look at the quarantine); None when it may not go
-        straight, with the transaction rolled back (it held nothing else: logins are written first).
+    def _copy_straight(self, cur: Cursor, data: bytes, count: int, expected: int) -> int | None:
+        """COPY a batch of `count` first deliveries (`data`: their COPY text) straight into
+        user_logins, the fastest write (one statement, each row written once, no look at the
+        quarantine); None when it may not go straight, with the transaction rolled back (it held
+        nothing else: logins are written first).
 
         One round trip: the quarantine lock (shared), then a check that the epoch is still
         `expected` (read before the batch's first receive: no redelivered copy quarantined since,
@@ -308,9 +310,9 @@ class PostgresWriter:
                 cur,
                 f"SELECT pg_advisory_xact_lock_shared({_QUARANTINE_LOCK_ID}); {check}; "
                 f"COPY user_logins ({COLUMN_LIST}) FROM STDIN",
-                copy_data(cur, copy_text(logins)),
+                data,
             )
-            return len(logins)
+            return count
         except psycopg2.errors.RaiseException as exc:
             if _EPOCH_MOVED not in str(exc):
                 raise
@@ -319,12 +321,12 @@ class PostgresWriter:
         cur.connection.rollback()  # which let the quarantine lock go: write() takes it again
         return None
 
-    def _insert_staged(self, cur: Cursor, logins: Sequence[MaskedLogin]) -> int:
+    def _insert_staged(self, cur: Cursor, data: bytes) -> int:
         """Insert the rows that are new and not quarantined, through the session's staging table and
         ``ON CONFLICT DO NOTHING``; return how many."""
         if self._staged_batches_left:
             self._staged_batches_left -= 1
-        copy_in(cur, f"COPY user_logins_stage ({COLUMN_LIST}) FROM STDIN", copy_data(cur, copy_text(logins)))
+        copy_in(cur, f"COPY user_logins_stage ({COLUMN_LIST}) FROM STDIN", data)
         cur.execute(_STAGED_LOGIN_INSERT)
         return cur.rowcount
 
