@@ -81,6 +81,20 @@ class MemoryQueue:
         return []
 
 
+class Room:
+    """A models.ReceiveRoom that records what it was asked for, and grants it or not."""
+
+    worst_case = 10 * 262_144
+
+    def __init__(self, grant: bool) -> None:
+        self.grant = grant
+        self.asked: list[int | None] = []
+
+    def take(self, nbytes: int | None) -> bool:
+        self.asked.append(nbytes)
+        return self.grant
+
+
 def run_in_thread(pipeline: Any) -> tuple[threading.Thread, list[object]]:
     """Start `pipeline.run()` on a daemon thread; the list receives its Stats or the exception it raised."""
     outcome: list[object] = []

@@ -17,6 +17,7 @@ import pytest
 from aws.sqs import TRANSPORTS, QueueUnusable, SqsReader
 from helpers import TEST_KMS_ENDPOINT, TEST_SQS_ENDPOINT, emulator_client, unavailable
 from proxy import TcpProxy
+from tests.fakes import Room
 
 TEST_MOTO_ENDPOINT = os.environ.get("TEST_MOTO_ENDPOINT", TEST_KMS_ENDPOINT)
 EMULATORS = {"localstack": TEST_SQS_ENDPOINT, "moto": TEST_MOTO_ENDPOINT}
@@ -135,20 +136,6 @@ def test_a_kept_connection_closed_by_the_other_side_is_replaced(queue: tuple[Any
         assert len(first) + len(rest) == 2
     finally:
         proxy.close()
-
-
-class Room:
-    """A models.ReceiveRoom that records what it was asked for, and grants it or not."""
-
-    worst_case = 10 * 262_144
-
-    def __init__(self, grant: bool) -> None:
-        self.grant = grant
-        self.asked: list[int | None] = []
-
-    def take(self, nbytes: int | None) -> bool:
-        self.asked.append(nbytes)
-        return self.grant
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

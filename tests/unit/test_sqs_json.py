@@ -31,6 +31,7 @@ import config
 from aws.sqs import TRANSPORTS, QueueUnusable, SqsReader, SqsUnavailable
 from aws.sqs_json import JsonTransport, _parse_fields, _Request, _request_head, _Response, _Signer
 from models import ReceivedMessage
+from tests.fakes import Room
 
 ENDPOINT = "http://localhost:4566"
 QUEUE_URL = f"{ENDPOINT}/000000000000/login-queue"
@@ -474,20 +475,6 @@ def test_the_canonical_request_is_botocores_text(endpoint: str, operation: str, 
 ANSWER = json.dumps(
     {"Messages": [{"MessageId": "m0", "ReceiptHandle": "r0", "MD5OfBody": "x", "Body": "{}", "Attributes": {}}]}
 ).encode()
-
-
-class Room:
-    """A models.ReceiveRoom that records what it is asked for, and grants it or not."""
-
-    worst_case = 10 * 262_144
-
-    def __init__(self, grant: bool) -> None:
-        self.grant = grant
-        self.asked: list[int | None] = []
-
-    def take(self, nbytes: int | None) -> bool:
-        self.asked.append(nbytes)
-        return self.grant
 
 
 def sized_json_reader(answer: bytes) -> tuple[SqsReader, list[str]]:
