@@ -485,6 +485,9 @@ class QueueClient:
     def receive(self) -> list[ReceivedMessage]:
         return self.queue.receive(self.name)
 
+    def receive_within(self, room: ReceiveRoom) -> list[ReceivedMessage]:
+        return self.queue.receive_within(room, self.name)
+
     def delete(self, messages: Sequence[ReceivedMessage]) -> list[str]:
         return self.queue.delete(messages)
 

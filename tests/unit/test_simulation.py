@@ -164,6 +164,12 @@ class Consumer:
             stop(wait_seconds)
 
         keeper.track, keeper.untrack, keeper.stop = tracking, untracking, stopping  # type: ignore[method-assign]
+        # The deleters were given the keeper's untrack when the pipeline was built: they let go of
+        # every chunk, deleted or not (a delete refused for good leaves its messages to reappear).
+        # Unseen here, such a reappearance looked like a lapse in the keeper (seed 433336763).
+        deleters = pipeline._deleters  # noqa: SLF001 - the simulation observes the loop's threads
+        assert deleters._untrack == untrack, "the deleters no longer untrack through the keeper"  # noqa: SLF001
+        deleters._untrack = untracking  # noqa: SLF001
         # The keeper's timer, on virtual time: a pass at every step of the clock while the process lives.
         clock.every_step(lambda: self.ended_at is None and keeper.extend_due())
 
