@@ -86,6 +86,9 @@ class PipelineOptions:
     max_bytes_in_hand: int = DEFAULT_MAX_BYTES_IN_HAND
     # The queue's MaximumMessageSize: one receive is counted at 10 times this until it returns.
     max_message_bytes: int = SQS_MAX_MESSAGE_BYTES
+    # The queue is FIFO (its FifoQueue attribute): a message group in flight holds its next messages
+    # back, so a drain's empty receive ends it only once this process holds no message.
+    fifo: bool = False
 
 
 class ConfigError(Exception):

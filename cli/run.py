@@ -305,6 +305,7 @@ def _options(args: argparse.Namespace, settings: Settings, attributes: dict[str,
         max_body_bytes=args.max_body_bytes or settings.max_body_bytes,
         max_bytes_in_hand=args.max_bytes_in_hand or settings.max_bytes_in_hand,
         max_message_bytes=max_message_bytes(attributes, quota=SQS_MAX_MESSAGE_BYTES),
+        fifo=attributes.get("FifoQueue") == "true",
     )
 
 

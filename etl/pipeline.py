@@ -48,6 +48,8 @@ from pii.masking import Masker
 logger = logging.getLogger(__name__)
 
 _METRIC_SERVICE = {"SQS": "sqs", "PostgreSQL": "postgres"}
+# A FIFO drain's pause after an empty receive while its own messages hold their groups back.
+HELD_BACK_PAUSE_SECONDS = 0.05
 
 
 class PipelineError(Exception):
@@ -201,6 +203,7 @@ class Pipeline:
                 if not ready:
                     return
                 prepared = None
+                held_back = self._held_back()  # before the receive: its answer may reflect them
                 try:
                     messages = self._retrier.call("SQS", "receive", receive, SqsUnavailable, finish=False)
                     if messages:
@@ -220,13 +223,22 @@ class Pipeline:
                     # messages are part of the batch that will be committed and deleted.
                     self._inbox.put(prepared)
                 elif not self._options.follow:
-                    return  # drained: an empty long poll
+                    if not (held_back or self._held_back()):
+                        return  # drained: an empty long poll
+                    self._stop.event.wait(HELD_BACK_PAUSE_SECONDS)  # a poll of 0 s must not spin
         except Abandoned:
             return  # stopped while SQS was unreachable
         except BaseException as exc:  # noqa: BLE001 - re-raised by run() in the calling thread
             self._fail(exc)
         finally:
             self._inbox.put(None)  # this receiver is done
+
+    def _held_back(self) -> bool:
+        """On a FIFO queue, an empty receive while this process holds messages (received, not yet
+        deleted) may mean only that their groups hold the next messages back: the drain goes on.
+        Asked before the receive and after it (a delete may end meanwhile). A standard queue
+        delivers any visible message: its empty receive ends the drain at once."""
+        return self._options.fifo and len(self.keeper) > 0
 
     def _extended(self, result: ExtendResult) -> None:
         self.stats.add(extended=result.extended)

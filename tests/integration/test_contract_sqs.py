@@ -239,3 +239,30 @@ def test_the_etl_drains_a_fifo_queue_exactly_once(etl_env: dict[str, str], sqs_c
         assert attributes == {"ApproximateNumberOfMessages": "0", "ApproximateNumberOfMessagesNotVisible": "0"}
     finally:
         sqs_client.delete_queue(QueueUrl=url)
+
+
+def test_a_fifo_drain_with_no_long_poll_does_not_end_while_it_holds_a_group_back(
+    etl_env: dict[str, str], sqs_client: Any, monkeypatch
+) -> None:
+    """One group of 25 drained with `--wait-seconds 0`: a receive made while the group's first 10 are
+    in hand (not yet deleted) comes back empty at once; the drain goes on until they are deleted and
+    ends with every message stored once and the queue empty."""
+    url = sqs_client.create_queue(QueueName=f"etl-{uuid.uuid4().hex[:40]}.fifo", Attributes={"FifoQueue": "true"})[
+        "QueueUrl"
+    ]
+    try:
+        ids = [
+            sqs_client.send_message(
+                QueueUrl=url, MessageBody=login(n), MessageGroupId="user-0", MessageDeduplicationId=f"d{n}"
+            )["MessageId"]
+            for n in range(25)
+        ]
+        monkeypatch.setenv("SQS_QUEUE_URL", url)
+        assert main(["--wait-seconds", "0"]) == EXIT_OK
+        assert_exactly_once(etl_env["DATABASE_URL"], ids)
+        attributes = sqs_client.get_queue_attributes(
+            QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        )["Attributes"]
+        assert attributes == {"ApproximateNumberOfMessages": "0", "ApproximateNumberOfMessagesNotVisible": "0"}
+    finally:
+        sqs_client.delete_queue(QueueUrl=url)

@@ -21,6 +21,7 @@ from cli.exit_codes import (
 )
 from cli.parser import build_parser
 from cli.startup import set_up_schema
+from config import Settings
 from database.errors import SchemaBusy
 from main import main
 from models import Backoff
@@ -163,3 +164,12 @@ def test_the_queue_size_limits_come_from_its_attributes_within_the_quota() -> No
     assert max_message_bytes({"MaximumMessageSize": "9999999"}, quota=1_048_576) == 1_048_576
     assert max_message_bytes({}, quota=1_048_576) == 1_048_576
     assert visibility_timeout_seconds({"VisibilityTimeout": "45"}) == 45 and visibility_timeout_seconds({}) == 30
+
+
+def test_the_loop_knows_a_fifo_queue_by_its_attribute() -> None:
+    """A FIFO queue's drain must not end while its own messages hold their groups back (etl/pipeline.py,
+    `_held_back`): the run tells the loop from the queue's FifoQueue attribute."""
+    args = build_parser().parse_args([])
+    settings = Settings.from_env({"MASKING_KEY": "A" * 86 + "=="})
+    assert run._options(args, settings, {"FifoQueue": "true", "VisibilityTimeout": "30"}).fifo is True
+    assert run._options(args, settings, {"VisibilityTimeout": "30"}).fifo is False

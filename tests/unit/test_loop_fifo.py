@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections import Counter
 
 from etl.pipeline import Pipeline
+from models import ReceivedMessage
 from tests.fake_fifo_queue import FakeFifoQueue
+from tests.fake_queue import FakeQueue
 from tests.fakes import MASKER, FakeSink, body, options
 
 
@@ -53,3 +55,41 @@ def test_the_loop_drains_one_long_group_with_many_receivers_exactly_once() -> No
     assert stored == Counter(ids)
     assert queue.early_deletes == [] and queue.left == 0
     assert stats.received == 55
+
+
+def test_a_drain_goes_on_while_its_own_messages_hold_their_group_back() -> None:
+    """GIVEN one group of 30 on a FIFO queue whose empty receives answer at once (a short long poll:
+    the commit and the delete of the group's first 10 take longer than the poll waits)
+    WHEN two receivers drain it (a receive finds the group in flight, behind messages this process
+    holds, and comes back empty)
+    THEN the drain does not end at that empty receive: it goes on until its messages are deleted
+    and the group's next ones delivered, and ends with the queue empty, every message stored once."""
+    sink = FakeSink()
+    queue, ids = fifo_queue(sink, groups=1, per_group=30)
+    queue.long_poll_seconds = 0.0
+    stats = Pipeline(queue, sink, MASKER, options(receivers=2, batch_size=10, fifo=True)).run()
+    stored = Counter(message_id for table, message_id, _, _ in sink.tables.inserts if table == "user_logins")
+    assert stored == Counter(ids)
+    assert queue.early_deletes == [] and queue.left == 0
+    assert stats.received == 30
+
+
+def test_a_drain_of_a_standard_queue_still_ends_at_its_first_empty_receive() -> None:
+    """GIVEN a standard queue (not FIFO), emptied by the first receive
+    WHEN the loop drains it while the batch is still in hand
+    THEN the receivers end at their empty receive (they do not poll again until the batch is
+    deleted): the drain's end is not held up by a long poll per receiver."""
+    sink = FakeSink()
+    queue = FakeQueue([(f"m{n}", body(n)) for n in range(5)], stored=sink.holds)
+    answers: list[int] = []
+    receive = queue.receive
+
+    def counted(consumer: str = "") -> list[ReceivedMessage]:
+        messages = receive(consumer)
+        answers.append(len(messages))
+        return messages
+
+    queue.receive = counted  # type: ignore[method-assign]
+    stats = Pipeline(queue, sink, MASKER, options(receivers=2, batch_size=100, flush_seconds=0.05)).run()
+    assert stats.received == 5 and queue.left == 0
+    assert sorted(answers) == [0, 0, 5]  # the first receive takes all 5; each receiver ends at its empty one
