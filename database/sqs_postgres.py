@@ -25,6 +25,7 @@ from typing import TypeVar
 import psycopg2
 import psycopg2.errors
 from psycopg2.extensions import cursor as Cursor
+from psycopg2.extras import execute_values
 
 from database import key_checks, partitions, schema
 from database.connection import ROW_ERRORS, close_quietly, first_line, one_row, open_connection, transaction
@@ -352,11 +353,18 @@ class PostgresWriter:
 def _insert_rejections(cur: Cursor, rejections: Sequence[Rejection]) -> list[str]:
     """Insert quarantine rows, but none whose message is loaded already; return the message ids stored.
 
-    Written like the logins: one COPY into the session's staging table (emptied at commit), then one
-    INSERT … SELECT per kind of row (a known day probes the partition of that day only, an unknown
-    one every partition), RETURNING the ids (a rowcount would not say which). A row PostgreSQL
-    refuses fails the statement, and write()'s fallback names it, as for logins.
+    The usual batch holds a few (a malformed message now and then): one INSERT … VALUES statement,
+    one round trip. A flood (more than VALUES_MAX_ROWS, or VALUES_MAX_BYTES of encrypted bodies) is
+    written like the logins: one COPY into the session's staging table (emptied at commit), then
+    one INSERT … SELECT per kind of row. Either way a known day probes the partition of that day
+    only, an unknown one every partition, and the ids come back by RETURNING (a rowcount would not
+    say which). A row PostgreSQL refuses fails the statement, and write()'s fallback names it.
     """
+    if len(rejections) <= VALUES_MAX_ROWS and sum(len(r.encrypted_body) for r in rejections) <= VALUES_MAX_BYTES:
+        rows = [
+            (r.message_id, r.reason, r.sent_at, r.receive_count, r.encrypted_body, r.create_date) for r in rejections
+        ]
+        return [row[0] for row in execute_values(cur, _QUARANTINE_VALUES_INSERT, rows, _VALUES_ROW, len(rows), True)]
     data = copy_data(cur, rejection_copy_text(rejections))
     copy_in(cur, f"COPY user_logins_rejected_stage ({REJECTED_STAGE_COLUMNS}) FROM STDIN", data)
     stored: list[str] = []
@@ -383,6 +391,21 @@ _QUARANTINE_INSERTS = {
         ("undated", "s.day IS NULL", "l.message_id = s.message_id"),
     )
 }
+# A few quarantine rows in one statement (_insert_rejections): the VALUES list typed by its first
+# row's casts; CASE evaluates only the probe of the row's kind.
+VALUES_MAX_ROWS = 100
+VALUES_MAX_BYTES = 256 * 1024
+_VALUES_ROW = "(%s, %s, %s::timestamptz, %s::integer, %s, %s::date)"
+_QUARANTINE_VALUES_INSERT = """
+    INSERT INTO user_logins_rejected (message_id, reason, sent_at, receive_count, encrypted_body)
+    SELECT v.message_id, v.reason, v.sent_at, v.receive_count, v.encrypted_body
+      FROM (VALUES %s) AS v (message_id, reason, sent_at, receive_count, encrypted_body, day)
+     WHERE CASE WHEN v.day IS NULL
+                THEN NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = v.message_id OFFSET 0)
+                ELSE NOT EXISTS (SELECT 1 FROM user_logins l
+                                  WHERE l.message_id = v.message_id AND l.create_date = v.day OFFSET 0)
+           END
+    ON CONFLICT (message_id) DO NOTHING RETURNING message_id"""
 # A login not quarantined already (probed per row, as above), nor stored already.
 _STAGED_LOGIN_INSERT = f"""INSERT INTO user_logins ({COLUMN_LIST}) SELECT {COLUMN_LIST} FROM user_logins_stage s
     WHERE NOT EXISTS (SELECT 1 FROM user_logins_rejected r WHERE r.message_id = s.message_id OFFSET 0)

@@ -17,7 +17,7 @@ import psycopg2
 import pytest
 from psycopg2.extensions import make_dsn, parse_dsn
 
-from database.sqs_postgres import PostgresWriter
+from database.sqs_postgres import VALUES_MAX_ROWS, PostgresWriter
 from etl.transform import reject, transform
 from models import ReceivedMessage, Rejection
 from tests.fakes import MASKER, body
@@ -85,8 +85,9 @@ def _plans_of(database_url: str, write) -> str:
 
 
 @pytest.mark.parametrize("dated", [True, False], ids=["dated", "undated"])
-def test_the_quarantine_insert_probes_the_day_by_index(full_day: str, dated: bool) -> None:
-    plans = _plans_of(full_day, lambda writer: writer.write(_rows(990), _rejections(10, dated=dated)))
+@pytest.mark.parametrize("count", [10, VALUES_MAX_ROWS + 1], ids=["values", "staged"])
+def test_the_quarantine_insert_probes_the_day_by_index(full_day: str, dated: bool, count: int) -> None:
+    plans = _plans_of(full_day, lambda writer: writer.write(_rows(1000 - count), _rejections(count, dated=dated)))
     assert "INSERT INTO user_logins_rejected" in plans, "auto_explain printed no plan of the quarantine insert"
     today = f"user_logins_p{datetime.now(timezone.utc):%Y%m%d}"  # the full one (the others are empty)
     assert f"Seq Scan on {today} " not in plans, plans
