@@ -42,6 +42,8 @@ from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 from botocore.httpsession import get_cert_path
 from botocore.parsers import create_parser
 
+from aws.http_answer import Answer
+
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/x-amz-json-1.0"
@@ -49,71 +51,6 @@ TARGET_PREFIX = "AmazonSQS."
 SIGNING_NAME = "sqs"
 
 Connection = http.client.HTTPConnection
-
-
-class _Fields(dict[str, str]):
-    """Response header fields by lower-case name (a repeated field's values joined by ", ")."""
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return super().get(name.lower(), default)
-
-
-class _Response(http.client.HTTPResponse):
-    """http.client's response, its header block read into a dict instead of through the email
-    package (which costs a third of a call's CPU). Status line, 100-continue, chunked bodies,
-    Content-Length and Connection are handled as HTTPResponse.begin handles them."""
-
-    def begin(self) -> None:
-        if self.headers is not None:
-            return
-        while True:
-            version, status, reason = self._read_status()
-            if status != http.client.CONTINUE:
-                break
-            http.client._read_headers(self.fp)
-        self.code = self.status = status
-        self.reason = reason.strip()
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            self.version = 10
-        elif version.startswith("HTTP/1."):
-            self.version = 11
-        else:
-            raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = _parse_fields(http.client._read_headers(self.fp))
-        self.chunked = (self.headers.get("transfer-encoding") or "").lower() == "chunked"
-        self.chunk_left = None
-        self.will_close = self._check_close()
-        self.length = None
-        length = self.headers.get("content-length")
-        if length and not self.chunked:
-            try:
-                self.length = int(length)
-            except ValueError:
-                self.length = None
-            else:
-                if self.length < 0:
-                    self.length = None
-        if status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or 100 <= status < 200:
-            self.length = 0
-        if not self.will_close and not self.chunked and self.length is None:
-            self.will_close = True
-
-
-def _parse_fields(lines: list[bytes]) -> _Fields:
-    fields = _Fields()
-    name = ""
-    for raw in lines:
-        line = raw.decode("iso-8859-1").rstrip("\r\n")
-        if not line:
-            continue
-        if line[0] in " \t" and name:  # an obsolete folded continuation
-            fields[name] += " " + line.strip()
-            continue
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        value = value.strip()
-        fields[name] = f"{fields[name]}, {value}" if name in fields else value
-    return fields
 
 
 class _Headers(dict[str, str]):
@@ -270,31 +207,30 @@ class JsonTransport:
 
     def _exchange(
         self, body: bytes, headers: dict[str, str], before_read: Callable[[int | None], bool] | None = None
-    ) -> tuple[int, dict[str, str], bytes]:
+    ) -> tuple[int, dict[str, str], bytes | bytearray]:
         request = _request_head(self._path, headers, len(body)) + body
         conn = self._checkout()
         try:
-            # The request in one write, read back by http.client's response: http.client's own
-            # request path checks each header with a regex and writes the head and the body apart
-            # (two system calls), a third of a call's CPU.
+            # The request in one write, the answer read back with one buffer (aws/http_answer.py):
+            # http.client's own request path checks each header with a regex and writes the head and
+            # the body apart, and its response reads through a file object made for each answer.
             sock = conn.sock
             assert sock is not None
             sock.sendall(request)
-            response = _Response(sock, method="POST")
-            response.begin()
-            if before_read is not None and response.status < 300 and not before_read(response.length):
+            answer = Answer(sock)
+            if before_read is not None and answer.status < 300 and not before_read(answer.length):
                 conn.close()
-                logger.info("an answer of %s bytes was left unread: the loop is stopping", response.length)
-                return response.status, {}, b""
-            data = response.read()
+                logger.info("an answer of %s bytes was left unread: the loop is stopping", answer.length)
+                return answer.status, {}, b""
+            data = answer.read()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise HTTPClientError(error=exc) from exc
-        if response.will_close:
+        if answer.will_close:
             conn.close()
         else:
             self._checkin(conn)
-        return response.status, dict(response.headers.items()), data
+        return answer.status, answer.headers, data
 
     def _checkout(self) -> Connection:
         # No lock: list.pop and list.append are atomic, and a lock here is contended by every
@@ -314,7 +250,6 @@ class JsonTransport:
             )
         else:
             fresh = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
-        fresh.response_class = _Response
         try:
             fresh.connect()
         except OSError as exc:
@@ -330,9 +265,9 @@ class JsonTransport:
         else:
             conn.close()
 
-    def _error(self, operation: str, status: int, headers: dict[str, str], body: bytes) -> ClientError:
+    def _error(self, operation: str, status: int, headers: dict[str, str], body: bytes | bytearray) -> ClientError:
         """botocore's own reading of an error answer (code, message, query-compatible code)."""
-        parsed = self._parser.parse({"status_code": status, "headers": headers, "body": body}, None)
+        parsed = self._parser.parse({"status_code": status, "headers": dict(headers), "body": bytes(body)}, None)
         return ClientError(parsed, operation)
 
     def close(self) -> None:

@@ -28,8 +28,9 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, HTTPClientError
 
 import config
+from aws.http_answer import Answer, parse_fields
 from aws.sqs import TRANSPORTS, QueueUnusable, SqsReader, SqsUnavailable
-from aws.sqs_json import JsonTransport, _parse_fields, _Request, _request_head, _Response, _Signer
+from aws.sqs_json import JsonTransport, _Request, _request_head, _Signer
 from models import ReceivedMessage
 from tests.fakes import Room
 
@@ -336,55 +337,95 @@ def _key() -> str:
     return generate_key()
 
 
-# -- the response reader: http.client's begin() without the email package ----------------------------
+# -- the answer reader: what http.client reads, with one buffer -------------------------------------
 
 
 class FakeSocket:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    """A socket that returns `data` at most `step` bytes a read (a network splits an answer anywhere)."""
+
+    def __init__(self, data: bytes, step: int = 1 << 20) -> None:
+        self.data = io.BytesIO(data)
+        self.step = step
 
     def makefile(self, _mode: str) -> io.BytesIO:
-        return io.BytesIO(self.data)
+        return self.data
+
+    def recv(self, size: int) -> bytes:
+        return self.data.read(min(size, self.step))
+
+    def recv_into(self, view: memoryview) -> int:
+        return self.data.readinto(view[: self.step])
 
 
-def read_both(raw: bytes) -> list[tuple[int, dict[str, str], bytes, bool]]:
-    """(status, headers, body, will_close) read by http.client's own response and by the transport's."""
-    results = []
-    for response_class in (http.client.HTTPResponse, _Response):
-        response = response_class(FakeSocket(raw), method="POST")  # type: ignore[arg-type]
-        response.begin()
-        headers = {name.lower(): value for name, value in response.getheaders()}
-        results.append((response.status, headers, response.read(), response.will_close))
-    return results
+def read_by_http_client(raw: bytes) -> tuple[int, dict[str, str], bytes, bool]:
+    response = http.client.HTTPResponse(FakeSocket(raw), method="POST")  # type: ignore[arg-type]
+    response.begin()
+    headers = {name.lower(): " ".join(value.split()) for name, value in response.getheaders()}
+    return response.status, headers, response.read(), response.will_close
+
+
+def read_by_answer(raw: bytes, step: int) -> tuple[int, dict[str, str], bytes, bool]:
+    answer = Answer(FakeSocket(raw, step))  # type: ignore[arg-type]
+    body = bytes(answer.read())
+    headers = {name: " ".join(value.split()) for name, value in answer.headers.items()}
+    return answer.status, headers, body, answer.will_close
+
+
+ANSWERS = [
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\n{"a\r\n6\r\n": 1}\n\r\n0\r\nX-Trailer: t\r\n\r\n',
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 400 Bad Request\r\nx-amzn-query-error: AWS.SimpleQueueService.NonExistentQueue;Sender\r\n"
+    b'Content-Length: 11\r\nConnection: close\r\n\r\n{"a": "b"}\n',
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.0 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nX-Folded: one\r\n two\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\nContent-Length: 2\n\n{}",  # bare line feeds
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n\r\nuntil the connection closes",
+    b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\n{}",  # no reason phrase
+    b"HTTP/1.1 200 OK\r\nContent-Length: 70000\r\n\r\n" + b"x" * 70_000,  # past one read
+]
+
+
+@pytest.mark.parametrize("step", [1, 7, 1 << 20], ids=["byte-by-byte", "7-byte-reads", "one-read"])
+@pytest.mark.parametrize("raw", ANSWERS)
+def test_the_answer_reader_reads_what_http_client_reads(raw: bytes, step: int) -> None:
+    assert read_by_answer(raw, step) == read_by_http_client(raw)
 
 
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "error"),
     [
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 2\r\n\r\n{}",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
-        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
-        b"HTTP/1.1 400 Bad Request\r\nx-amzn-query-error: AWS.SimpleQueueService.NonExistentQueue;Sender\r\n"
-        b'Content-Length: 11\r\nConnection: close\r\n\r\n{"a": "b"}\n',
-        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
-        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}",
-        b"HTTP/1.1 200 OK\r\nX-Folded: one\r\n two\r\nContent-Length: 0\r\n\r\n",
-        b"HTTP/1.1 204 No Content\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\n\r\nuntil the connection closes",
+        (b"", http.client.RemoteDisconnected),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", http.client.IncompleteRead),
+        (b"SMTP ready\r\n\r\n", http.client.BadStatusLine),
+        (b"HTTP/1.1 abc OK\r\n\r\n", http.client.BadStatusLine),
+        (b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n", http.client.UnknownProtocol),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", http.client.IncompleteRead),
+        (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", http.client.HTTPException),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70_000 + b"\r\n\r\n", http.client.LineTooLong),
     ],
+    ids=["closed", "cut-body", "not-http", "bad-status", "http2", "bad-chunk", "101-headers", "long-line"],
 )
-def test_the_response_reader_reads_what_http_client_reads(raw: bytes) -> None:
-    ours, theirs = read_both(raw)[1], read_both(raw)[0]
-    assert ours[0] == theirs[0]
-    assert ours[2] == theirs[2]
-    assert ours[3] == theirs[3]
-    assert {k: " ".join(v.split()) for k, v in ours[1].items()} == {
-        k: " ".join(v.split()) for k, v in theirs[1].items()
-    }
+def test_a_malformed_or_cut_answer_raises_as_http_client_raises(raw: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        read_by_http_client(raw)
+    for step in (1, 1 << 20):
+        with pytest.raises(error):
+            read_by_answer(raw, step)
+
+
+def test_bytes_past_the_answer_close_the_connection() -> None:
+    """No request is pipelined: bytes after an answer mean the connection cannot be trusted again."""
+    answer = Answer(FakeSocket(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}HTTP/1.1"))  # type: ignore[arg-type]
+    assert (bytes(answer.read()), answer.will_close) == (b"{}", True)
 
 
 def test_a_repeated_response_field_keeps_every_value() -> None:
-    fields = _parse_fields([b"Set-Thing: a\r\n", b"set-thing: b\r\n", b"\r\n"])
+    fields = parse_fields([b"Set-Thing: a\r\n", b"set-thing: b\r\n", b"\r\n"])
     assert fields.get("Set-Thing") == "a, b"
 
 
