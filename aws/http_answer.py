@@ -95,6 +95,7 @@ class Answer:
 
     def read(self) -> bytes | bytearray:
         """The whole body (by its length, its chunks, or until the connection closes)."""
+        body: bytes | bytearray
         if self.chunked:
             body = self._chunks()
         elif self.length is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-import boto3
+import botocore.session
 from botocore.exceptions import BotoCoreError
 
 from aws.limits import MAX_VISIBILITY_TIMEOUT_SECONDS
@@ -121,7 +121,9 @@ class OutageBackoff:
     def _reader(self, queue_arn: str) -> SqsReader:
         # The client's own endpoint (https://sqs.<region>.amazonaws.com on AWS, an emulator's when
         # AWS_ENDPOINT_URL_SQS says so) makes the queue URL: no GetQueueUrl call, no permission for it.
-        endpoint = boto3.session.Session(region_name=self._region).client("sqs", endpoint_url=self._endpoint_url)
+        endpoint = botocore.session.get_session().create_client(
+            "sqs", region_name=self._region, endpoint_url=self._endpoint_url
+        )
         url = queue_url_of(queue_arn, endpoint.meta.endpoint_url)
         return SqsReader(
             url, endpoint_url=self._endpoint_url, region=self._region, wait_time_seconds=0, connect_timeout_seconds=2.0
