@@ -7,13 +7,16 @@ the same bytes with one buffer: a `recv` or two for the head (and, for SQS's sma
 body with it), the rest of a long body straight into one buffer of its length (`recv_into`).
 
 What it reads is what HTTPResponse reads, as HTTPResponse reads it (tests/unit/test_sqs_json.py
-compares the two on the same bytes, in every split): the status line (1xx answers skipped), the
-header fields (a repeated field's values joined, folded lines unfolded), the body by Content-Length,
-by chunks (Transfer-Encoding: chunked, trailers dropped), or until the connection closes; whether
-the connection closes after it (HTTP/1.0 without keep-alive, ``Connection: close``, no length).
-A malformed or cut answer raises http.client's exception for it (HTTPException, or OSError from
-the socket), and the caller drops the connection. Bytes past the end of an answer (no request was
-pipelined: none should come) make `will_close` true: the connection is not used again.
+compares the two on the same bytes, in every split): the status line (a 100 Continue skipped; other
+1xx answers returned, bodiless, as http.client returns them), the header fields (a repeated
+field's values joined, folded lines unfolded; the answer framed by the first Content-Length,
+Transfer-Encoding and Connection, as http.client frames it), the body by Content-Length, by chunks
+(Transfer-Encoding: chunked, trailers dropped), or until the connection closes; whether the
+connection closes after it (HTTP/1.0 without keep-alive, ``Connection: close``, no length). A
+malformed or cut answer raises http.client's exception for it (HTTPException, or OSError from the
+socket), and the caller drops the connection. Bytes past the end of an answer that came with it (no
+request was pipelined: none should come) make `will_close` true; later ones are found by the pool's
+check before the connection is used again (aws/sqs_json.py, `_dropped`).
 """
 
 from __future__ import annotations
@@ -26,11 +29,17 @@ from typing import Any
 MAX_LINE = 65536
 MAX_HEADERS = 100
 RECV_BYTES = 65536
+BODY_RECV_BYTES = 1 << 18  # the most one read of a long body asks for
 _NO_BODY = (http.client.NO_CONTENT, http.client.NOT_MODIFIED)
 
 
 class Fields(dict[str, str]):
-    """Response header fields by lower-case name (a repeated field's values joined by ", ")."""
+    """Response header fields by lower-case name (a repeated field's values joined by ", "), and
+    each field's first value (`first`: what http.client frames an answer by when one repeats)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: dict[str, str] = {}
 
     def get(self, name: str, default: Any = None) -> Any:
         return super().get(name.lower(), default)
@@ -51,6 +60,7 @@ def parse_fields(lines: list[bytes]) -> Fields:
         name = name.strip().lower()
         value = value.strip()
         fields[name] = f"{fields[name]}, {value}" if name in fields else value
+        fields.first.setdefault(name, value)
     return fields
 
 
@@ -76,10 +86,11 @@ class Answer:
         else:
             raise http.client.UnknownProtocol(version)
         self.headers = parse_fields(lines)
-        self.chunked = (self.headers.get("transfer-encoding") or "").lower() == "chunked"
-        self.will_close = _closes(self.headers, http11)
+        first = self.headers.first  # a repeated framing field: its first value, as http.client
+        self.chunked = (first.get("transfer-encoding") or "").lower() == "chunked"
+        self.will_close = _closes(first, http11)
         self.length: int | None = None
-        declared = self.headers.get("content-length")
+        declared = first.get("content-length")
         if declared and not self.chunked:
             try:
                 self.length = int(declared)
@@ -163,22 +174,22 @@ class Answer:
         return line
 
     def _exactly(self, count: int) -> bytes | bytearray:
-        """The next `count` bytes: from the buffer, else into one buffer of that length."""
+        """The next `count` bytes: from the buffer, else grown as they arrive (never allocated ahead
+        of them: a Content-Length is the server's word, not yet bytes in hand)."""
+        if count < 0:
+            raise http.client.IncompleteRead(b"", count)
         held = len(self._buffer) - self._at
         if held >= count:
             data = bytes(self._buffer[self._at : self._at + count])
             self._at += count
             return data
-        body = bytearray(count)
-        body[:held] = self._buffer[self._at :]
+        body = self._buffer[self._at :]
         self._buffer, self._at = bytearray(), 0
-        view = memoryview(body)
-        got = held
-        while got < count:
-            n = self._sock.recv_into(view[got:])
-            if not n:
-                raise http.client.IncompleteRead(bytes(view[:got]), count - got)
-            got += n
+        while len(body) < count:
+            chunk = self._sock.recv(min(count - len(body), BODY_RECV_BYTES))
+            if not chunk:
+                raise http.client.IncompleteRead(bytes(body), count - len(body))
+            body += chunk
         return body
 
     def _until_closed(self) -> bytes:
@@ -196,6 +207,8 @@ class Answer:
                 size = int(line.split(b";", 1)[0], 16)
             except ValueError:
                 raise http.client.IncompleteRead(b"".join(parts)) from None
+            if size < 0:
+                raise http.client.IncompleteRead(b"".join(parts))
             if size == 0:
                 break
             parts.append(bytes(self._exactly(size)))
@@ -205,7 +218,7 @@ class Answer:
         return b"".join(parts)
 
 
-def _closes(headers: Fields, http11: bool) -> bool:
+def _closes(headers: dict[str, str], http11: bool) -> bool:
     """Whether the server closes the connection after this answer (http.client's reading)."""
     connection = headers.get("connection")
     if http11:

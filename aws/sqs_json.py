@@ -191,7 +191,10 @@ class JsonTransport:
         _Signer(self._credentials.get_frozen_credentials(), SIGNING_NAME, self.region).add_auth(request)
         status, headers, data = self._exchange(body, request.headers, before_read)
         if status < 300:
-            return orjson.loads(data) if data else {}
+            try:
+                return orjson.loads(data) if data else {}
+            except orjson.JSONDecodeError as exc:  # half an answer, or a proxy's page: try again
+                raise HTTPClientError(error=exc) from exc
         raise self._error(operation, status, headers, data)
 
     def _headers(self, operation: str) -> dict[str, str]:

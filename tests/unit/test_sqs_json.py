@@ -13,6 +13,7 @@ import json
 import logging
 import pathlib
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -360,7 +361,10 @@ class FakeSocket:
 def read_by_http_client(raw: bytes) -> tuple[int, dict[str, str], bytes, bool]:
     response = http.client.HTTPResponse(FakeSocket(raw), method="POST")  # type: ignore[arg-type]
     response.begin()
-    headers = {name.lower(): " ".join(value.split()) for name, value in response.getheaders()}
+    headers: dict[str, str] = {}
+    for name, value in response.getheaders():  # a repeated field's values joined, in order
+        value = " ".join(value.split())
+        headers[name.lower()] = f"{headers[name.lower()]}, {value}" if name.lower() in headers else value
     return response.status, headers, response.read(), response.will_close
 
 
@@ -387,6 +391,11 @@ ANSWERS = [
     b"HTTP/1.1 200 OK\r\n\r\nuntil the connection closes",
     b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\n{}",  # no reason phrase
     b"HTTP/1.1 200 OK\r\nContent-Length: 70000\r\n\r\n" + b"x" * 70_000,  # past one read
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",  # framed by the first
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",  # a 1xx other than 100: returned, bodiless
 ]
 
 
@@ -405,10 +414,25 @@ def test_the_answer_reader_reads_what_http_client_reads(raw: bytes, step: int) -
         (b"HTTP/1.1 abc OK\r\n\r\n", http.client.BadStatusLine),
         (b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n", http.client.UnknownProtocol),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", http.client.IncompleteRead),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabcde\r\n0\r\n\r\n", http.client.IncompleteRead),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-6\r\n", http.client.IncompleteRead),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 9223372036854775807\r\n\r\n{}", http.client.IncompleteRead),
         (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", http.client.HTTPException),
         (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70_000 + b"\r\n\r\n", http.client.LineTooLong),
     ],
-    ids=["closed", "cut-body", "not-http", "bad-status", "http2", "bad-chunk", "101-headers", "long-line"],
+    ids=[
+        "closed",
+        "cut-body",
+        "not-http",
+        "bad-status",
+        "http2",
+        "bad-chunk",
+        "negative-chunk",
+        "negative-chunk-alone",
+        "huge-length",
+        "101-headers",
+        "long-line",
+    ],
 )
 def test_a_malformed_or_cut_answer_raises_as_http_client_raises(raw: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
@@ -416,6 +440,27 @@ def test_a_malformed_or_cut_answer_raises_as_http_client_raises(raw: bytes, erro
     for step in (1, 1 << 20):
         with pytest.raises(error):
             read_by_answer(raw, step)
+
+
+def test_a_success_answer_that_is_not_json_is_a_failed_exchange() -> None:
+    """A 200 whose body is not JSON (a proxy's page, a body cut short) is retried like a lost answer,
+    not raised as a parse error the loop would end on."""
+    made = transport(lambda _body, _headers: (200, {}, b"<html>gateway</html>"))
+    with pytest.raises(HTTPClientError):
+        made.call("ReceiveMessage", {"QueueUrl": ENDPOINT + "/000000000000/q"})
+
+
+def test_a_long_body_is_held_as_it_arrives_not_as_its_length_says() -> None:
+    """A Content-Length is the server's word: 300 MB announced and 2 bytes sent cost no 300 MB."""
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 300000000\r\n\r\n{}"
+    tracemalloc.start()
+    try:
+        with pytest.raises(http.client.IncompleteRead):
+            read_by_answer(raw, 1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 << 20
 
 
 def test_bytes_past_the_answer_close_the_connection() -> None:
