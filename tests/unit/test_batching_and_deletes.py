@@ -289,6 +289,27 @@ def test_with_every_slot_taken_a_submit_gives_up_when_told_and_the_chunk_is_aban
     assert done.stats.delete_failures == 5
 
 
+def test_a_submit_waiting_for_a_slot_abandons_its_chunk_at_once_when_told_to_give_up() -> None:
+    """GIVEN every slot taken by a call that hangs
+    WHEN a submit waiting for a slot is told to give up (the stop's time limit has passed)
+    THEN its chunk is abandoned within a few tenths of a second, not after a long wait."""
+    release = threading.Event()
+
+    def delete(c: Sequence[ReceivedMessage]) -> list[str]:
+        release.wait(10)
+        return []
+
+    made, done = deleters(delete, threads=1, max_calls=1)
+    made.start()
+    made.submit(chunk("a"), never)
+    started = time.monotonic()
+    made.submit(chunk("b"), lambda: time.monotonic() - started > 0.05)
+    assert time.monotonic() - started < 0.7
+    assert done.untracked == [["b0", "b1"]] and done.stats.delete_failures == 2
+    release.set()
+    assert made.close(time.monotonic() + 5) == 2
+
+
 def test_a_submit_after_close_is_abandoned_at_once() -> None:
     made, done = deleters(lambda c: [], threads=1, max_calls=2)
     made.start()
@@ -388,3 +409,25 @@ def test_a_receive_waiting_for_room_gives_up_once_stopping_without_any_release()
     waiter.join(timeout=3)
     gate.join(timeout=3)
     assert got == [False, False] and full.held == 10
+
+
+def test_a_receive_waiting_for_room_sees_the_stop_at_once() -> None:
+    """GIVEN receives waiting for room (the bytes in hand at the bound), their own share or the
+    gate before a sized receive
+    WHEN the run stops (receivers stop at once: the last batch is cut when they have all ended)
+    THEN each gives up within a few tenths of a second, with no release to wake it."""
+    full = BytesInHand(limit=10, per_receive=10)
+    assert full.claim(lambda: False).take(None)
+    stopping = threading.Event()
+    waiters = [
+        threading.Thread(target=lambda: full.claim(stopping.is_set).take(3), daemon=True),
+        threading.Thread(target=lambda: full.wait_for_room(stopping.is_set), daemon=True),
+    ]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.05)  # both waiting
+    stopping.set()
+    started = time.monotonic()
+    for waiter in waiters:
+        waiter.join(timeout=3)
+    assert time.monotonic() - started < 0.7

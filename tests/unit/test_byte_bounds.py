@@ -166,6 +166,23 @@ def test_a_share_of_its_response_size_waits_only_when_that_size_does_not_fit() -
     assert alone.take(250)  # larger than the bound, with nothing else held: it goes
 
 
+def test_a_share_taken_again_and_refused_on_stopping_is_empty_and_settles_to_nothing() -> None:
+    """GIVEN a receive whose share was taken, then taken again (a retried receive) while stopping
+    with no room for the new size
+    WHEN the receiver settles it to nothing (its `finally`: no messages)
+    THEN the share holds nothing and the bytes in hand are the other receives' only."""
+    in_hand = BytesInHand(limit=100, per_receive=100)
+    assert in_hand.claim(lambda: False).take(90)
+    stopping = threading.Event()
+    retried = in_hand.claim(stopping.is_set)
+    assert retried.take(10) and in_hand.held == 100
+    stopping.set()
+    assert not retried.take(50)  # its 10 given back; 90 + 50 > 100 and stopping: nothing taken
+    assert retried.held == 0 and in_hand.held == 90
+    retried.settle(0)
+    assert retried.held == 0 and in_hand.held == 90
+
+
 def test_the_gate_before_a_sized_receive_waits_while_the_bytes_in_hand_are_at_the_bound() -> None:
     in_hand = BytesInHand(limit=100, per_receive=50)
     held = in_hand.claim(lambda: False)

@@ -49,6 +49,24 @@ class SlowSink(FakeSink):
         return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
 
 
+class StaggeredSink(SlowSink):
+    """A SlowSink whose writes take a quarter of a millisecond more each, modulo one: the commits'
+    durations fall on different fractions of a millisecond, so a field rounded to whole
+    milliseconds cannot pass for one rounded to a tenth (sleeps overshoot by a steady few tens of
+    microseconds; four staggered writes cannot all land that close to a whole millisecond)."""
+
+    def write(
+        self,
+        logins: Sequence[MaskedLogin],
+        rejections: Sequence[Rejection],
+        *,
+        redelivered: bool = False,
+        received_since: float = 0.0,
+    ) -> WriteResult:
+        time.sleep(0.00025 * (self.commits % 4))
+        return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
+
+
 class RecordingObserver(Observer):
     """Keeps every commit event: (batch, seconds, written)."""
 
@@ -85,14 +103,14 @@ def test_each_commit_logs_its_batch_size_and_duration_as_structured_fields(caplo
     WHEN batches are committed
     THEN each commit's line formats, and carries `batch_size` (the batch's messages) and
     `duration_ms` (the same write time the metrics get, in milliseconds)."""
-    sink = SlowSink()
+    sink = StaggeredSink()
     observer = RecordingObserver()
-    queue = FakeQueue(bodies(30), stored=sink.holds)
+    queue = FakeQueue(bodies(40), stored=sink.holds)
     with caplog.at_level(logging.DEBUG, logger="etl.pipeline"):
         Pipeline(queue, sink, MASKER, options(receivers=1, batch_size=10), observer=observer).run()
 
     records = [r for r in caplog.records if r.name == "etl.pipeline" and r.levelno == logging.DEBUG]
-    assert len(records) == len(observer.commits) == sink.commits > 0
+    assert len(records) == len(observer.commits) == sink.commits >= 4
     for record, (batch, seconds, _) in zip(records, observer.commits, strict=True):
         line = json.loads(JsonFormatter().format(record))  # formats the message: it must not raise
         assert line["batch_size"] == len(batch.messages)
