@@ -1,9 +1,8 @@
 """What happens to each message, as plain functions: the size policy, parse and mask, quarantine,
 the poison rule.
 
-And `Batch`: the messages of one transaction, what to write for them, and which of them may be
-deleted once it has committed; `reason_kind`: the bounded kind of a rejection reason (a metric
-label); `retry_quarantined`: today's validation of a quarantined message (`replay`).
+Also `retry_quarantined`: today's validation of a quarantined message (`replay`). A batch of them,
+the messages of one transaction, is etl/batch.py's `Batch`.
 """
 
 from __future__ import annotations
