@@ -35,7 +35,7 @@ PHASES: list[tuple[str, tuple[str, ...]]] = [
         ("urllib3/", "botocore/httpsession.py", "botocore/awsrequest.py", "botocore/endpoint.py"),
     ),
     ("other botocore (client, model, utils)", ("botocore/", "boto3/")),
-    ("narrow transport: request, answer", ("aws/sqs_json.py",)),
+    ("narrow transport: request, answer", ("aws/sqs_json.py", "aws/http_answer.py")),
     ("ours: parse + mask", ("etl/transform.py", "pii/", "models.py")),
     ("ours: COPY + commit (psycopg2)", ("database/", "etl/commit.py")),
     (
