@@ -13,7 +13,7 @@ from collections import Counter
 from etl.pipeline import Pipeline
 from models import ReceivedMessage
 from tests.fake_fifo_queue import FakeFifoQueue
-from tests.fake_queue import FakeQueue
+from tests.fake_queue import FakeQueue, QueuedMessage
 from tests.fakes import MASKER, FakeSink, body, options
 
 
@@ -93,3 +93,24 @@ def test_a_drain_of_a_standard_queue_still_ends_at_its_first_empty_receive() -> 
     stats = Pipeline(queue, sink, MASKER, options(receivers=2, batch_size=100, flush_seconds=0.05)).run()
     assert stats.received == 5 and queue.left == 0
     assert sorted(answers) == [0, 0, 5]  # the first receive takes all 5; each receiver ends at its empty one
+
+
+class OneAtATime(FakeFifoQueue):
+    """A FIFO queue whose receives deliver one message each: SQS may return fewer messages than
+    MaxNumberOfMessages asks for (ReceiveMessage, "fewer messages ... might be returned")."""
+
+    def _take(self, now: float) -> list[QueuedMessage]:
+        return super()._take(now)[:1]
+
+
+def test_a_drain_goes_on_while_a_single_message_holds_its_group_back() -> None:
+    """GIVEN one group of 5 on a FIFO queue that delivers one message a receive, at once
+    WHEN one receiver drains it (each next receive finds the group behind the one message in hand)
+    THEN the drain goes on until each is deleted: all 5 are stored and the queue is empty."""
+    sink = FakeSink()
+    queue = OneAtATime(stored=sink.holds)
+    queue.long_poll_seconds = 0.0
+    ids = [queue.send(body(n), group="user-0", deduplication_id=f"d{n}") for n in range(5)]
+    stats = Pipeline(queue, sink, MASKER, options(receivers=1, batch_size=1, fifo=True)).run()
+    assert stats.received == 5 and queue.left == 0
+    assert sorted(sink.logins) == sorted(ids)
