@@ -159,6 +159,36 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
+class WriteWaits(FakeSink):
+    """A sink whose writes wait until `release` is set, at most `wait_seconds` (None: for ever): a
+    database that is behind, or a call that neither returns nor fails (a half-open connection).
+    `entered` is set as each write begins; both events may be the test's own."""
+
+    def __init__(
+        self,
+        entered: threading.Event | None = None,
+        release: threading.Event | None = None,
+        *,
+        wait_seconds: float | None = 30.0,
+    ) -> None:
+        super().__init__()
+        self.entered = entered or threading.Event()
+        self.release = release or threading.Event()
+        self.wait_seconds = wait_seconds
+
+    def write(
+        self,
+        logins: Sequence[MaskedLogin],
+        rejections: Sequence[Rejection],
+        *,
+        redelivered: bool = False,
+        received_since: float = 0.0,
+    ) -> WriteResult:
+        self.entered.set()
+        self.release.wait(self.wait_seconds)
+        return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
+
+
 class FailingSink(FakeSink):
     """A sink whose writes fail (DatabaseUnavailable) the first `failures` times."""
 

@@ -4,15 +4,13 @@ for a consume loop stuck in one call. No network: the WSGI app is called directl
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 from etl.metrics import Metrics
 from etl.pipeline import Pipeline
 from etl.probes import Health
-from models import MaskedLogin, Rejection, WriteResult
 from tests import fakes
-from tests.fakes import FakeClock, FakeQueue, FakeSink
+from tests.fakes import FakeClock, FakeQueue, FakeSink, WriteWaits
 
 
 class ManualClock:
@@ -125,21 +123,8 @@ def test_a_writer_stuck_in_one_call_is_not_live() -> None:
     clock = ManualClock()
     entered, release = threading.Event(), threading.Event()
 
-    class StuckSink(FakeSink):
-        def write(
-            self,
-            logins: Sequence[MaskedLogin],
-            rejections: Sequence[Rejection],
-            *,
-            redelivered: bool = False,
-            received_since: float = 0.0,
-        ) -> WriteResult:
-            entered.set()
-            release.wait(10)  # a call that neither returns nor fails (a half-open connection)
-            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
-
     metrics = Metrics(Health(stall_seconds=300, clock=clock))
-    sink = StuckSink()
+    sink = WriteWaits(entered, release, wait_seconds=10)  # a call that neither returns nor fails
     pipeline = Pipeline(
         FakeQueue(fakes.bodies(5), stored=sink.holds),
         sink,

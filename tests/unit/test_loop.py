@@ -23,6 +23,7 @@ from tests.fakes import (
     Faults,
     FirstCallFails,
     MemoryQueue,
+    WriteWaits,
     bodies,
     body,
     options,
@@ -349,13 +350,7 @@ def test_stop_while_a_write_never_returns_ends_within_the_stop_timeout_and_exits
     deadline. run() used to wait for the writer thread for ever (then SIGKILL after the grace)."""
     entered, release = threading.Event(), threading.Event()
 
-    class HangingSink(FakeSink):
-        def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
-            entered.set()
-            release.wait()
-            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
-
-    sink = HangingSink()
+    sink = WriteWaits(entered, release, wait_seconds=None)
     queue = FakeQueue(bodies(30), stored=sink.holds)
     pipeline = Pipeline(
         queue,

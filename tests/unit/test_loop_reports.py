@@ -24,6 +24,7 @@ from tests.fakes import (
     FakeQueue,
     FakeSink,
     MemoryQueue,
+    WriteWaits,
     bodies,
     body,
     options,
@@ -131,13 +132,7 @@ def test_the_counters_count_every_extension_the_queue_accepted() -> None:
             accepted.append(len(messages) - len(refused))
             return refused
 
-    class WaitingSink(FakeSink):
-        def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
-            entered.set()
-            release.wait(10)
-            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
-
-    sink = WaitingSink()
+    sink = WriteWaits(entered, release, wait_seconds=10)
     queue = CountingQueue(bodies(20), stored=sink.holds, clock=clock)
     pipeline = Pipeline(queue, sink, MASKER, options(receivers=1, batch_size=20, flush_seconds=0), clock=clock)
     thread, outcome = run_in_thread(pipeline)
@@ -298,18 +293,6 @@ def stays(condition: Callable[[], bool], seconds: float = 0.3) -> bool:
     return True
 
 
-class WriteWaits(FakeSink):
-    """A sink whose writes wait until `release` is set (a database that is behind)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = threading.Event()
-
-    def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
-        self.release.wait(30)
-        return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
-
-
 @pytest.mark.parametrize(("batch_size", "batch", "inbox"), [(50, 50, 100), (51, 60, 100)])
 def test_while_the_writer_is_behind_the_receivers_hold_two_batches_besides_the_one_being_written(
     batch_size: int, batch: int, inbox: int
@@ -372,13 +355,7 @@ def test_a_write_that_never_returns_is_named_in_the_stop_error_with_the_time_lim
     the stop: which service to look at, and how long it was given."""
     entered, release = threading.Event(), threading.Event()
 
-    class HangingSink(FakeSink):
-        def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
-            entered.set()
-            release.wait(30)
-            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
-
-    sink = HangingSink()
+    sink = WriteWaits(entered, release)
     pipeline = Pipeline(
         FakeQueue(bodies(30), stored=sink.holds),
         sink,
@@ -482,13 +459,7 @@ def test_a_receiver_waiting_for_room_in_hand_stops_at_once_when_the_run_is_stopp
     is received after the stop."""
     entered, release = threading.Event(), threading.Event()
 
-    class WriteWaits(FakeSink):
-        def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
-            entered.set()
-            release.wait(30)
-            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
-
-    sink = WriteWaits()
+    sink = WriteWaits(entered, release)
     if sized:
         source: MemoryQueue | FakeQueue = FakeQueue(bodies(30), stored=sink.holds)
     else:
@@ -582,12 +553,6 @@ def test_a_write_hung_when_the_queue_is_refused_for_good_names_both_in_the_stop_
 
     entered, release = threading.Event(), threading.Event()
 
-    class HangingSink(FakeSink):
-        def write(self, logins, rejections, *, redelivered=False, received_since=0.0):
-            entered.set()
-            release.wait(30)
-            return super().write(logins, rejections, redelivered=redelivered, received_since=received_since)
-
     class DeletedAfterTheFirstReceive(FakeQueue):
         receives = 0
 
@@ -598,7 +563,7 @@ def test_a_write_hung_when_the_queue_is_refused_for_good_names_both_in_the_stop_
                 raise QueueUnusable("ReceiveMessage failed: AWS.SimpleQueueService.NonExistentQueue")
             return super().receive(consumer)
 
-    sink = HangingSink()
+    sink = WriteWaits(entered, release)
     pipeline = Pipeline(
         DeletedAfterTheFirstReceive(bodies(30), stored=sink.holds),
         sink,
