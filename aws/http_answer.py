@@ -4,7 +4,7 @@ http.client's HTTPResponse wraps the socket in a buffered file object for each a
 header block line by line through the email package, and closes the file again: about a fifth of
 the ETL's CPU per message on the hot path (docs/benchmarks.md, "CPU per message"). `Answer` reads
 the same bytes with one buffer: a `recv` or two for the head (and, for SQS's small answers, the
-body with it), the rest of a long body straight into one buffer of its length (`recv_into`).
+body with it), the rest of a long body appended as it arrives (never allocated ahead of it).
 
 What it reads is what HTTPResponse reads, as HTTPResponse reads it (tests/unit/test_sqs_json.py
 compares the two on the same bytes, in every split): the status line (a 100 Continue skipped; other
@@ -180,7 +180,7 @@ class Answer:
             raise http.client.IncompleteRead(b"", count)
         held = len(self._buffer) - self._at
         if held >= count:
-            data = bytes(self._buffer[self._at : self._at + count])
+            data = self._buffer[self._at : self._at + count]  # a copy already: no bytes() of it
             self._at += count
             return data
         body = self._buffer[self._at :]
@@ -200,7 +200,7 @@ class Answer:
         return data
 
     def _chunks(self) -> bytes:
-        parts: list[bytes] = []
+        parts: list[bytes | bytearray] = []
         while True:
             line = self._line("chunk size")
             try:
@@ -211,7 +211,7 @@ class Answer:
                 raise http.client.IncompleteRead(b"".join(parts))
             if size == 0:
                 break
-            parts.append(bytes(self._exactly(size)))
+            parts.append(self._exactly(size))
             self._exactly(2)  # the CRLF after the chunk's data
         while self._line("trailer line") not in (b"\r\n", b"\n", b""):
             pass
