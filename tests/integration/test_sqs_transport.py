@@ -7,14 +7,22 @@ serves SQS too; a few messages only: moto rescans its queue on every call).
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
+import socket
+import struct
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from botocore.credentials import Credentials
+from botocore.exceptions import HTTPClientError
 
 from aws.sqs import TRANSPORTS, QueueUnusable, SqsReader
+from aws.sqs_json import KERNEL_TIMEOUTS, JsonTransport
 from helpers import TEST_KMS_ENDPOINT, TEST_SQS_ENDPOINT, emulator_client, unavailable
 from proxy import TcpProxy
 from tests.fakes import Room
@@ -181,3 +189,82 @@ def test_a_refused_room_drops_the_answer_unread_and_its_messages_come_back(
             break
     assert [m.body for m in again] == ["kept " + "x" * 5000]
     assert again[0].receive_count == 2
+
+
+# -- the read timeout on a plain connection, and on a TLS one ---------------------------------------
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """An HTTP endpoint on loopback that accepts connections and never answers; its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+
+def plain_transport(endpoint: str, read_timeout: float) -> JsonTransport:
+    return JsonTransport(
+        endpoint,
+        "us-east-1",
+        Credentials("AKIDEXAMPLE", "secret"),
+        connect_timeout_seconds=1,
+        read_timeout_seconds=read_timeout,
+        max_connections=1,
+    )
+
+
+@pytest.mark.skipif(not KERNEL_TIMEOUTS, reason="kernel timeouts are set on Linux only")
+def test_a_plain_connection_is_bounded_by_the_kernels_timeouts_not_pythons() -> None:
+    """A plain connection is a blocking socket whose reads and writes the kernel bounds by the read
+    timeout (a Python timeout would poll before every recv and send)."""
+    with silent_server() as endpoint:
+        conn = plain_transport(endpoint, 2.25)._checkout()
+        sock = conn.sock
+        assert sock is not None and sock.gettimeout() is None
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            seconds, micros = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, option, 16))
+            assert abs(seconds + micros / 1e6 - 2.25) < 0.02  # the kernel rounds it to its clock's ticks
+        conn.close()
+
+
+def test_a_server_that_never_answers_is_a_timed_out_exchange_on_the_json_path() -> None:
+    """GIVEN a server that takes the request and never answers WHEN the transport calls it THEN the
+    read timeout ends the exchange as a failed one that says so (a retry for the reader)."""
+    failures: list[BaseException] = []
+
+    def call(made: JsonTransport) -> None:
+        try:
+            made.call("ReceiveMessage", {"QueueUrl": "http://127.0.0.1/000000000000/q"})
+        except BaseException as exc:  # noqa: BLE001 - kept for the assertions
+            failures.append(exc)
+
+    with silent_server() as endpoint:
+        caller = threading.Thread(target=call, args=(plain_transport(endpoint, 0.2),), daemon=True)
+        caller.start()
+        caller.join(30)
+        assert not caller.is_alive(), "the read timeout did not end the exchange"
+    assert len(failures) == 1 and isinstance(failures[0], HTTPClientError)
+    assert "no answer within 0.2 s" in str(failures[0]) or "timed out" in str(failures[0])
+
+
+def test_a_tls_connection_keeps_pythons_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ssl module retries a blocking socket's timed-out read for ever: a TLS connection is
+    bounded by Python's timeout (here the TLS handshake is left out, the branch is what is tested)."""
+    monkeypatch.setattr(http.client.HTTPSConnection, "connect", http.client.HTTPConnection.connect)
+    with silent_server() as endpoint:
+        made = plain_transport(endpoint.replace("http://", "https://"), 2.25)
+        conn = made._checkout()
+        assert conn.sock is not None and conn.sock.gettimeout() == 2.25
+        conn.close()

@@ -21,6 +21,7 @@ import boto3
 import botocore.auth
 import botocore.handlers
 import botocore.validate
+import orjson
 import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSPreparedRequest, AWSRequest, AWSResponse
@@ -80,8 +81,9 @@ def _credentials_and_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: FROZEN)
 
 
-def botocore_request(operation: str, params: dict[str, Any]) -> AWSPreparedRequest:
-    """The request botocore's own client sends for `operation` (caught before it leaves)."""
+def botocore_request(operation: str, params: dict[str, Any], body: bytes | None = None) -> AWSPreparedRequest:
+    """The request botocore's own client sends for `operation` (caught before it leaves); with
+    `body`, those bytes in place of its serialiser's, put in before botocore signs the request."""
     client = boto3.session.Session(region_name="us-east-1").client(
         "sqs", endpoint_url=ENDPOINT, config=Config(retries={"mode": "standard", "total_max_attempts": 1})
     )
@@ -94,6 +96,11 @@ def botocore_request(operation: str, params: dict[str, Any]) -> AWSPreparedReque
         sent.append(request)
         return AWSResponse(request.url, 200, {}, Body(b"{}"))
 
+    def put_body(request: AWSRequest, **_kwargs: object) -> None:
+        request.data = body
+
+    if body is not None:
+        client.meta.events.register(f"before-sign.sqs.{operation}", put_body)
     client.meta.events.register(f"before-send.sqs.{operation}", catch)
     getattr(client, SNAKE[operation])(**params)
     return sent[0]
@@ -133,12 +140,14 @@ def sent_by_transport(operation: str, params: dict[str, Any]) -> tuple[bytes, di
 
 
 @pytest.mark.parametrize(("operation", "params"), REQUESTS, ids=[op for op, _ in REQUESTS])
-def test_the_transport_sends_botocores_bytes_and_signature(operation: str, params: dict[str, Any]) -> None:
-    """GIVEN the same operation, parameters, credentials and clock WHEN both send it THEN the body,
-    the protocol headers and the Authorization header are botocore's, byte for byte."""
-    theirs = botocore_request(operation, params)
+def test_the_transport_sends_botocores_request_and_signature(operation: str, params: dict[str, Any]) -> None:
+    """GIVEN the same operation, parameters, credentials and clock WHEN both send it THEN the body
+    is the JSON value botocore's serialiser writes (in compact bytes), and botocore's client, sending
+    those bytes, sends the same protocol headers and Authorization header, byte for byte."""
     body, headers = sent_by_transport(operation, params)
-    assert body == theirs.body
+    assert json.loads(body) == json.loads(botocore_request(operation, params).body)
+    theirs = botocore_request(operation, params, body=body)
+    assert theirs.body == body
     for name in ("X-Amz-Target", "Content-Type", "x-amzn-query-mode", "X-Amz-Date", "Authorization"):
         assert headers[name] == _text(theirs.headers[name]), name
     assert "SignedHeaders=content-type;host;x-amz-date;x-amz-target;x-amzn-query-mode" in headers["Authorization"]
@@ -148,16 +157,15 @@ def test_a_session_token_is_sent_and_signed(monkeypatch: pytest.MonkeyPatch) -> 
     """Temporary credentials (a role's): the token travels in X-Amz-Security-Token, inside the signature."""
     monkeypatch.setenv("AWS_SESSION_TOKEN", "token-of-a-role")
     operation, params = REQUESTS[0]
-    theirs = botocore_request(operation, params)
-    _, headers = sent_by_transport(operation, params)
+    body, headers = sent_by_transport(operation, params)
+    theirs = botocore_request(operation, params, body=body)
     assert headers["X-Amz-Security-Token"] == "token-of-a-role"
     assert headers["Authorization"] == _text(theirs.headers["Authorization"])
 
 
 def test_the_light_request_signs_as_botocores_own_request_object() -> None:
     """The transport hands SigV4Auth a slimmer request object than AWSRequest: the signature is the same."""
-    _, headers = sent_by_transport(*REQUESTS[1])
-    body = json.dumps(REQUESTS[1][1]).encode()
+    body, headers = sent_by_transport(*REQUESTS[1])
     plain = AWSRequest(
         method="POST",
         url=ENDPOINT + "/",
@@ -494,8 +502,8 @@ def test_the_signing_key_kept_for_the_day_signs_as_botocore_on_every_call_and_on
     params = {"QueueUrl": QUEUE_URL, "MaxNumberOfMessages": 10}
     for now in (FROZEN, FROZEN, FROZEN + datetime.timedelta(days=1)):
         monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda now=now: now)
-        theirs = botocore_request("ReceiveMessage", params)
-        _body, headers = sent_by_transport("ReceiveMessage", params)
+        body, headers = sent_by_transport("ReceiveMessage", params)
+        theirs = botocore_request("ReceiveMessage", params, body=body)
         assert headers["Authorization"] == _text(theirs.headers["Authorization"]), now
 
 
@@ -546,7 +554,7 @@ def test_the_canonical_request_is_botocores_text(endpoint: str, operation: str, 
     made = JsonTransport(
         endpoint, "us-east-1", credentials, connect_timeout_seconds=1, read_timeout_seconds=1, max_connections=1
     )
-    request = _Request(made.endpoint_url, json.dumps(params).encode(), made._headers(operation))
+    request = _Request(made.endpoint_url, orjson.dumps(params), made._headers(operation))
     ours = _Signer(credentials, "sqs", "us-east-1")
     ours.add_auth(request)  # sets X-Amz-Date and the token header, as botocore's add_auth does
     del request.headers["Authorization"]  # as add_auth has it when it builds the canonical request
