@@ -9,7 +9,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -179,6 +179,80 @@ class RecentQuarantine:
 IDLE_WAIT_SECONDS = 0.5
 
 
+class Inbox:
+    """The receivers' prepared receives, and each receiver's None as it ends, on their way to the
+    writer: a bounded first-in first-out queue whose taker sleeps until it has a reason to wake.
+
+    `put` blocks while `maxsize` items wait (back-pressure on the receivers, as queue.Queue's). The
+    taker asks with `wait(timeout, messages, nbytes)` to be woken once the inbox holds that many
+    messages or bytes (what its batch lacks), or a receiver's end, or at the timeout (its batch's
+    age); `get_nowait` then takes the items one by one. queue.Queue would wake the writer at every
+    put: a thread switch, and two hand-offs of the GIL, for every receive of 10 messages, where one
+    per batch is enough (docs/benchmarks.md, "CPU per message").
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)  # the taker waits on it
+        self._room = threading.Condition(self._lock)  # receivers wait on it while the inbox is full
+        self._items: deque[Prepared | None] = deque()
+        self._maxsize = maxsize
+        self._messages = 0  # in the items waiting
+        self._nbytes = 0
+        self._ends = 0  # Nones waiting
+        self._putters = 0  # receivers waiting for room
+        self._wake_at: tuple[int, int] | None = None  # while the taker waits: (messages, bytes)
+
+    def put(self, item: Prepared | None) -> None:
+        """Add a receive's prepared messages (None: a receiver ends); blocks while the inbox is full."""
+        with self._lock:
+            while len(self._items) >= self._maxsize:
+                self._putters += 1
+                try:
+                    self._room.wait()
+                finally:
+                    self._putters -= 1
+            self._items.append(item)
+            if item is None:
+                self._ends += 1
+            else:
+                self._messages += len(item.messages)
+                self._nbytes += item.nbytes
+            if self._wake_at is not None and self._due(*self._wake_at):
+                self._wake_at = None
+                self._ready.notify()
+
+    def get_nowait(self) -> Prepared | None:
+        """The oldest item; raises queue.Empty when there is none."""
+        with self._lock:
+            if not self._items:
+                raise queue.Empty
+            item = self._items.popleft()
+            if item is None:
+                self._ends -= 1
+            else:
+                self._messages -= len(item.messages)
+                self._nbytes -= item.nbytes
+            if self._putters:
+                self._room.notify()
+            return item
+
+    def wait(self, timeout: float, messages: int, nbytes: int) -> None:
+        """Return once the inbox holds `messages` messages or `nbytes` bytes or a receiver's end, or
+        after `timeout` seconds."""
+        with self._lock:
+            if self._due(messages, nbytes):
+                return
+            self._wake_at = (messages, nbytes)
+            try:
+                self._ready.wait(timeout)
+            finally:
+                self._wake_at = None
+
+    def _due(self, messages: int, nbytes: int) -> bool:
+        return self._ends > 0 or (bool(self._items) and (self._messages >= messages or self._nbytes >= nbytes))
+
+
 class BytesInHand:
     """The bytes of the messages in hand, bounded: what receivers got and the writer has not yet
     committed, plus each receive's share (a Claim) while its response is read and prepared.
@@ -271,6 +345,9 @@ class Claim:
             self.held = nbytes
 
 
+_NOTHING = Prepared([])  # what the Batcher took when its wait ended with the inbox empty
+
+
 class Batcher:
     """Gathers the receivers' prepared messages into batches: a batch is cut when it holds
     `batch_size` messages or `batch_bytes` bytes (BytesInHand.batch_bytes), when its oldest message
@@ -279,7 +356,7 @@ class Batcher:
 
     def __init__(
         self,
-        inbox: queue.Queue[Prepared | None],
+        inbox: Inbox,
         options: PipelineOptions,
         *,
         batch_bytes: int,
@@ -301,15 +378,21 @@ class Batcher:
         nothing is left."""
         while self._live:
             self._on_turn()
-            if self._parts:
-                timeout = max(0.0, self._oldest + self._flush_seconds - time.monotonic())
-            else:
-                timeout = IDLE_WAIT_SECONDS
             try:
-                item = self._inbox.get(timeout=timeout)
+                item = self._inbox.get_nowait()
             except queue.Empty:
-                pass  # the oldest message's age may have come due
-            else:
+                # Asleep until the batch can be cut: what it lacks has come, or a receiver ended,
+                # or its oldest message's age comes due (an empty batch: the first part, or the turn).
+                if self._parts:
+                    timeout = max(0.0, self._oldest + self._flush_seconds - time.monotonic())
+                    self._inbox.wait(timeout, self._batch_size - self._size, self._batch_bytes - self._nbytes)
+                else:
+                    self._inbox.wait(IDLE_WAIT_SECONDS, 1, 1)
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = _NOTHING  # the oldest message's age may have come due
+            if item is not _NOTHING:
                 if item is None:
                     self._live -= 1
                 else:

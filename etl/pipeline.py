@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import queue
 import random
 import threading
 import time
@@ -37,7 +36,7 @@ from aws.limits import BATCH_LIMIT, chunks
 from aws.sqs import QueueUnusable, SqsUnavailable
 from aws.visibility import ExtendResult, VisibilityKeeper
 from config import PipelineOptions
-from etl.batch import Batcher, BytesInHand, Prepared, prepare
+from etl.batch import Batcher, BytesInHand, Inbox, Prepared, prepare
 from etl.commit import Committer
 from etl.deletes import Deleters
 from etl.observability import Observer, Stats
@@ -112,7 +111,7 @@ class Pipeline:
             clock=self._stop.clock.now,
             on_pass=self._extended,
         )
-        self._inbox: queue.Queue[Prepared | None] = queue.Queue(maxsize=max(4, 2 * options.batch_size // 10))
+        self._inbox = Inbox(maxsize=max(4, 2 * options.batch_size // 10))
         self.in_hand = BytesInHand(options.max_bytes_in_hand, BATCH_LIMIT * options.max_message_bytes)
         self._batcher = Batcher(
             self._inbox, options, batch_bytes=self.in_hand.batch_bytes, on_turn=self._observer.on_writer_turn

@@ -16,7 +16,7 @@ import pytest
 
 from aws.sqs import QueueUnusable, SqsUnavailable
 from config import PipelineOptions
-from etl.batch import Batch, Batcher, BytesInHand, Prepared, RecentQuarantine
+from etl.batch import Batch, Batcher, BytesInHand, Inbox, Prepared, RecentQuarantine
 from etl.commit import write_batch
 from etl.deletes import Deleters
 from etl.observability import Stats
@@ -37,7 +37,7 @@ def batcher(
     batch_bytes: int = 10**9,
     flush_seconds: float = 60.0,
 ) -> Batcher:
-    inbox: queue.Queue[Prepared | None] = queue.Queue()
+    inbox = Inbox(maxsize=max(1, len(parts)))
     for item in parts:
         inbox.put(item)
     options = PipelineOptions(receivers=receivers, batch_size=batch_size, flush_seconds=flush_seconds)
@@ -77,7 +77,7 @@ def test_a_batch_is_cut_at_exactly_batch_bytes_and_batch_size_from_the_first_bat
 def test_an_old_enough_batch_is_cut_while_receivers_still_run_and_the_batcher_does_not_spin() -> None:
     """Nothing more arrives and the receiver has not finished: the batch goes at its age, having
     waited on the inbox (a turn or two), not polled it in a loop."""
-    inbox: queue.Queue[Prepared | None] = queue.Queue()
+    inbox = Inbox(maxsize=100)
     turns: list[int] = []
     b = Batcher(
         inbox, PipelineOptions(receivers=1, flush_seconds=0.1), batch_bytes=10**9, on_turn=lambda: turns.append(1)
@@ -91,7 +91,7 @@ def test_an_old_enough_batch_is_cut_while_receivers_still_run_and_the_batcher_do
 
 def test_the_age_of_a_batch_counts_from_its_first_message() -> None:
     """After a cut the next batch's age starts at its own first message, not the previous one's."""
-    inbox: queue.Queue[Prepared | None] = queue.Queue()
+    inbox = Inbox(maxsize=100)
     b = Batcher(inbox, PipelineOptions(receivers=1, flush_seconds=0.3), batch_bytes=10**9, on_turn=lambda: None)
     inbox.put(part(0))
     assert len(b.take() or []) == 1  # cut at 0.3 s
@@ -110,13 +110,100 @@ def test_the_last_batch_goes_when_every_receiver_has_finished_and_then_none() ->
 
 
 def test_the_batcher_takes_a_turn_for_each_item_and_each_idle_wait() -> None:
-    inbox: queue.Queue[Prepared | None] = queue.Queue()
+    inbox = Inbox(maxsize=100)
     turns: list[float] = []
     b = Batcher(inbox, PipelineOptions(receivers=1), batch_bytes=10**9, on_turn=lambda: turns.append(1))
     inbox.put(part(0))
     inbox.put(None)
     assert sizes(drain(b)) == [1]
     assert len(turns) == 2
+
+
+def waiting(inbox: Inbox, messages: int, nbytes: int = 10**9) -> threading.Thread:
+    """A taker waiting (at most 30 s) for `messages` messages or `nbytes` bytes."""
+    taker = threading.Thread(target=inbox.wait, args=(30, messages, nbytes), daemon=True)
+    taker.start()
+    time.sleep(0.05)  # asleep in wait()
+    return taker
+
+
+def test_the_inbox_wakes_its_taker_when_what_it_waits_for_has_come_not_at_each_put() -> None:
+    """GIVEN a taker waiting for 3 messages WHEN parts of 1 message come THEN it sleeps through the
+    first two and wakes at the third; bytes wake it the same way."""
+    inbox = Inbox(maxsize=10)
+    taker = waiting(inbox, 3)
+    inbox.put(part(0))
+    inbox.put(part(1))
+    taker.join(0.3)
+    assert taker.is_alive(), "woken before the batch could be cut"
+    inbox.put(part(2))
+    taker.join(10)
+    assert not taker.is_alive()
+    for _ in range(3):
+        inbox.get_nowait()
+    taker = waiting(inbox, 100, nbytes=100)
+    inbox.put(part(3, nbytes=99))
+    taker.join(0.3)
+    assert taker.is_alive()
+    inbox.put(part(4, nbytes=1))
+    taker.join(10)
+    assert not taker.is_alive()
+
+
+def test_the_inbox_wakes_its_taker_at_a_receivers_end_and_at_its_timeout() -> None:
+    inbox = Inbox(maxsize=10)
+    taker = waiting(inbox, 100)
+    inbox.put(None)
+    taker.join(10)
+    assert not taker.is_alive()
+    assert inbox.get_nowait() is None
+    started = time.monotonic()
+    inbox.wait(0.1, 100, 10**9)
+    assert time.monotonic() - started >= 0.09
+    with pytest.raises(queue.Empty):
+        inbox.get_nowait()
+
+
+def test_a_full_inbox_holds_its_putters_until_the_taker_takes_in_order() -> None:
+    inbox = Inbox(maxsize=2)
+    inbox.put(part(0))
+    inbox.put(part(1))
+    putter = threading.Thread(target=inbox.put, args=(part(2),), daemon=True)
+    putter.start()
+    putter.join(0.2)
+    assert putter.is_alive(), "put past the bound"
+    first = inbox.get_nowait()
+    putter.join(10)
+    assert not putter.is_alive()
+    rest = [inbox.get_nowait(), inbox.get_nowait()]
+    assert [p.messages[0].message_id for p in [first, *rest] if p is not None] == ["m0-0", "m1-0", "m2-0"]
+
+
+def test_the_writer_is_woken_once_per_batch_not_once_per_receive() -> None:
+    """GIVEN a batch of 50 messages coming as 50 receives of one, from 5 threads WHEN the batcher
+    takes it THEN it waited (a turn) a few times, not once per receive."""
+    inbox = Inbox(maxsize=100)
+    turns: list[int] = []
+    b = Batcher(inbox, PipelineOptions(receivers=5, batch_size=50), batch_bytes=10**9, on_turn=lambda: turns.append(1))
+    waits: list[int] = []
+    plain_wait = inbox.wait
+
+    def counted(timeout: float, messages: int, nbytes: int) -> None:
+        waits.append(messages)
+        plain_wait(timeout, messages, nbytes)
+
+    inbox.wait = counted  # type: ignore[method-assign]
+
+    def receiver(n: int) -> None:
+        for i in range(10):
+            inbox.put(part(n * 10 + i))
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=receiver, args=(n,), daemon=True) for n in range(5)]
+    for thread in threads:
+        thread.start()
+    assert sizes([b.take() or []]) == [50]
+    assert len(waits) <= 5, waits  # the first part, then the rest of the batch (a few if they race)
 
 
 @pytest.mark.parametrize(("limit", "per_receive", "cut"), [(100, 30, 50), (100, 70, 30), (1, 1, 1), (10, 50, 1)])
