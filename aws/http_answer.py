@@ -16,7 +16,8 @@ connection closes after it (HTTP/1.0 without keep-alive, ``Connection: close``, 
 malformed or cut answer raises http.client's exception for it (HTTPException, or OSError from the
 socket), and the caller drops the connection. Bytes past the end of an answer that came with it (no
 request was pipelined: none should come) make `will_close` true; later ones are found by the pool's
-check before the connection is used again (aws/sqs_json.py, `_dropped`).
+check before a connection idle a second or more is used again (aws/sqs_json.py, `_dropped`), or
+fail the next exchange on it as a malformed answer.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import socket
 import ssl
 import struct
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,6 +58,9 @@ SIGNING_NAME = "sqs"
 Connection = http.client.HTTPConnection
 # Plain connections' timeouts are the kernel's where struct timeval is two longs (kernel_timeouts).
 KERNEL_TIMEOUTS = sys.platform == "linux"
+# A kept connection that came back to the pool less than this ago is used without checking that the
+# server has not closed it (a keep-alive timeout is seconds long); an older one is checked first.
+UNCHECKED_SECONDS = 1.0
 
 
 class _Headers(dict[str, str]):
@@ -175,7 +179,7 @@ class JsonTransport:
         self._connect_timeout = connect_timeout_seconds
         self._read_timeout = read_timeout_seconds
         self._max_idle = max_connections
-        self._idle: list[Connection] = []
+        self._idle: list[tuple[Connection, float]] = []  # (connection, time.monotonic() it came back)
         # AWS_CA_BUNDLE's file, else the bundle botocore verifies with by default (certifi's).
         cafile = ca_bundle or get_cert_path(True)
         self._ssl = ssl.create_default_context(cafile=cafile) if self._https else None
@@ -221,15 +225,39 @@ class JsonTransport:
         self, body: bytes, headers: dict[str, str], before_read: Callable[[int | None], bool] | None = None
     ) -> tuple[int, dict[str, str], bytes | bytearray]:
         request = _request_head(self._path, headers, len(body)) + body
-        conn = self._checkout()
+        conn, unchecked = self._checkout()
+        try:
+            return self._over(conn, request, before_read)
+        except _NoAnswer as exc:
+            if not unchecked:
+                raise HTTPClientError(error=exc.error) from exc.error
+        # A connection used again without the check had been closed by the server (restarted, or
+        # a proxy between): nothing of an answer came, so the request goes once more on a new one.
+        # Safe for the hot calls: a receive the server took and did not answer leaves its messages
+        # to reappear after their visibility timeout; deletes and visibility changes are idempotent.
+        conn, _ = self._checkout(reuse=False)
+        try:
+            return self._over(conn, request, before_read)
+        except _NoAnswer as exc:
+            raise HTTPClientError(error=exc.error) from exc.error
+
+    def _over(
+        self, conn: Connection, request: bytes, before_read: Callable[[int | None], bool] | None
+    ) -> tuple[int, dict[str, str], bytes | bytearray]:
+        """One exchange on `conn`; raises _NoAnswer when the server had closed it (reset, or EOF before
+        the status line), HTTPClientError for any other failure."""
         try:
             # The request in one write, the answer read back with one buffer (aws/http_answer.py):
             # http.client's own request path checks each header with a regex and writes the head and
             # the body apart, and its response reads through a file object made for each answer.
             sock = conn.sock
             assert sock is not None
-            sock.sendall(request)
-            answer = Answer(sock)
+            try:
+                sock.sendall(request)
+                answer = Answer(sock)
+            except (ConnectionResetError, BrokenPipeError) as exc:  # RemoteDisconnected is one
+                conn.close()
+                raise _NoAnswer(exc) from exc
             if before_read is not None and answer.status < 300 and not before_read(answer.length):
                 conn.close()
                 logger.info("an answer of %s bytes was left unread: the loop is stopping", answer.length)
@@ -247,16 +275,23 @@ class JsonTransport:
             self._checkin(conn)
         return answer.status, answer.headers, data
 
-    def _checkout(self) -> Connection:
+    def _checkout(self, *, reuse: bool = True) -> tuple[Connection, bool]:
+        """A connection, and whether it was taken from the pool without the check that the server
+        has not closed it (it came back less than UNCHECKED_SECONDS ago)."""
         # No lock: list.pop and list.append are atomic, and a lock here is contended by every
         # receiver and deleter thread (measured: the pool's lock was a tenth of the transport's CPU).
-        while True:
+        while reuse:
             try:
-                conn = self._idle.pop()
+                conn, returned_at = self._idle.pop()
             except IndexError:
                 break
+            # The check is a system call, and a hand-off of the GIL, per call: a connection that
+            # came back a moment ago is used without it (the exchange tries once more if the
+            # server had closed it after all). One idle longer may have met a keep-alive timeout.
+            if time.monotonic() - returned_at < UNCHECKED_SECONDS:
+                return conn, True
             if not _dropped(conn):
-                return conn
+                return conn, False
             conn.close()
         fresh: Connection
         if self._ssl is not None:
@@ -276,11 +311,11 @@ class JsonTransport:
             kernel_timeouts(fresh.sock, self._read_timeout)
         else:
             fresh.sock.settimeout(self._read_timeout)
-        return fresh
+        return fresh, False
 
     def _checkin(self, conn: Connection) -> None:
         if len(self._idle) < self._max_idle:  # racy by design: at most a few more kept than asked
-            self._idle.append(conn)
+            self._idle.append((conn, time.monotonic()))
         else:
             conn.close()
 
@@ -293,7 +328,7 @@ class JsonTransport:
         """Close the idle connections."""
         while self._idle:
             try:
-                self._idle.pop().close()
+                self._idle.pop()[0].close()
             except IndexError:
                 break
 
@@ -308,6 +343,14 @@ def _request_head(path: str, headers: dict[str, str], length: int) -> bytes:
     if head.count("\n") != len(lines) - 1 or head.count("\r") != len(lines) - 1:
         raise ValueError("a request header holds a line break")
     return head.encode("latin-1")
+
+
+class _NoAnswer(Exception):
+    """The server had closed the connection: reset, or closed before the first byte of an answer."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def kernel_timeouts(sock: socket.socket, seconds: float) -> None:

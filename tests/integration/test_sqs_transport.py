@@ -21,6 +21,7 @@ import pytest
 from botocore.credentials import Credentials
 from botocore.exceptions import HTTPClientError
 
+from aws import sqs_json
 from aws.sqs import TRANSPORTS, QueueUnusable, SqsReader
 from aws.sqs_json import KERNEL_TIMEOUTS, JsonTransport
 from helpers import TEST_KMS_ENDPOINT, TEST_SQS_ENDPOINT, emulator_client, unavailable
@@ -146,6 +147,65 @@ def test_a_kept_connection_closed_by_the_other_side_is_replaced(queue: tuple[Any
         proxy.close()
 
 
+def test_a_connection_back_a_moment_ago_is_used_unchecked_and_an_idle_one_checked_first(
+    queue: tuple[Any, str], emulator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check that the server has not closed a kept connection (a system call) is made for one
+    idle a second or more, not for one that came back a moment ago; either way the call succeeds."""
+    _, url = queue
+    checks: list[object] = []
+    plain = sqs_json._dropped
+
+    def counted(conn: object) -> bool:
+        checks.append(conn)
+        return plain(conn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqs_json, "_dropped", counted)
+    sqs = reader(emulator, url, "json")
+    sqs.receive(wait_time_seconds=0)
+    made = sqs._json
+    assert made is not None
+    if not made._idle:
+        pytest.skip(f"{emulator} closes each connection after its answer: none is kept to check")
+    sqs.receive(wait_time_seconds=0)
+    assert checks == []
+    assert len(made._idle) == 1
+    conn, returned_at = made._idle[0]
+    made._idle[0] = (conn, returned_at - sqs_json.UNCHECKED_SECONDS)
+    sqs.receive(wait_time_seconds=0)
+    assert checks == [conn]
+
+
+def test_a_connection_closed_by_the_server_a_moment_after_its_answer_is_replaced_within_the_call(
+    queue: tuple[Any, str], emulator: str
+) -> None:
+    """A connection used unchecked that the server had closed: the call goes once more on a new
+    connection and succeeds, nothing lost or doubled."""
+    client, url = queue
+    send(client, url, 3)
+    host, port = emulator.split("//", 1)[1].rsplit(":", 1)
+    proxy = TcpProxy(host, int(port))
+    try:
+        sqs = reader(f"http://{proxy.host}:{proxy.port}", url, "json")
+        first = sqs.receive()
+        made = sqs._json
+        assert made is not None
+        if not made._idle:
+            pytest.skip(f"{emulator} closes each connection after its answer: none is kept")
+        proxy.cut()
+        proxy.restore()
+        assert len(made._idle) == 1  # back a moment ago: used unchecked
+        assert sqs.delete(first) == []
+        rest: list[Any] = []
+        while len(first) + len(rest) < 3 and (more := sqs.receive()):
+            assert sqs.delete(more) == []
+            rest += more
+        assert sorted(m.message_id for m in first + rest) == sorted({m.message_id for m in first + rest})
+        assert len(first) + len(rest) == 3
+    finally:
+        proxy.close()
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_sized_receive_takes_room_for_the_answer_before_reading_it(
     queue: tuple[Any, str], emulator: str, transport: str
@@ -230,7 +290,7 @@ def test_a_plain_connection_is_bounded_by_the_kernels_timeouts_not_pythons() -> 
     """A plain connection is a blocking socket whose reads and writes the kernel bounds by the read
     timeout (a Python timeout would poll before every recv and send)."""
     with silent_server() as endpoint:
-        conn = plain_transport(endpoint, 2.25)._checkout()
+        conn, _ = plain_transport(endpoint, 2.25)._checkout()
         sock = conn.sock
         assert sock is not None and sock.gettimeout() is None
         for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
@@ -265,6 +325,6 @@ def test_a_tls_connection_keeps_pythons_timeout(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(http.client.HTTPSConnection, "connect", http.client.HTTPConnection.connect)
     with silent_server() as endpoint:
         made = plain_transport(endpoint.replace("http://", "https://"), 2.25)
-        conn = made._checkout()
+        conn, _ = made._checkout()
         assert conn.sock is not None and conn.sock.gettimeout() == 2.25
         conn.close()
