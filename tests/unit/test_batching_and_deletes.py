@@ -164,6 +164,27 @@ def test_the_inbox_wakes_its_taker_at_a_receivers_end_and_at_its_timeout() -> No
         inbox.get_nowait()
 
 
+def test_a_wait_for_what_the_inbox_holds_already_returns_at_once() -> None:
+    """A part put between the taker's look and its wait is not slept through."""
+    inbox = Inbox(maxsize=10)
+    inbox.put(part(0, nbytes=5))
+    for messages, nbytes in ((1, 10**9), (100, 5)):
+        started = time.monotonic()
+        inbox.wait(10, messages, nbytes)
+        assert time.monotonic() - started < 5
+
+
+def test_the_first_part_wakes_an_idle_writer_at_once() -> None:
+    """GIVEN the writer idle on an empty inbox WHEN one receive of one message (no bytes counted)
+    comes THEN its batch is cut at its own age, not after the idle wait (0.5 s) as well."""
+    inbox = Inbox(maxsize=10)
+    b = Batcher(inbox, PipelineOptions(receivers=1, flush_seconds=0.05), batch_bytes=10**9, on_turn=lambda: None)
+    threading.Timer(0.05, inbox.put, args=(part(0),)).start()
+    started = time.monotonic()
+    assert sizes([b.take() or []]) == [1]
+    assert time.monotonic() - started < 0.4  # 0.1 s; 0.6 s if only the idle wait's end saw it
+
+
 def test_a_full_inbox_holds_its_putters_until_the_taker_takes_in_order() -> None:
     inbox = Inbox(maxsize=2)
     inbox.put(part(0))
