@@ -49,7 +49,7 @@ def sizes(batches: Sequence[Sequence[Prepared]]) -> list[int]:
 
 
 def drain(b: Batcher) -> list[list[Prepared]]:
-    taken = []
+    taken: list[Prepared | None] = []
     while (batch := b.take()) is not None:
         taken.append(batch)
     return taken
@@ -183,6 +183,55 @@ def test_the_first_part_wakes_an_idle_writer_at_once() -> None:
     started = time.monotonic()
     assert sizes([b.take() or []]) == [1]
     assert time.monotonic() - started < 0.4  # 0.1 s; 0.6 s if only the idle wait's end saw it
+
+
+def returns_at_once(inbox: Inbox, messages: int, nbytes: int, *, timeout: float = 10.0) -> bool:
+    started = time.monotonic()
+    inbox.wait(timeout, messages, nbytes)
+    return time.monotonic() - started < timeout / 2
+
+
+def test_the_inbox_counts_what_it_still_holds_as_items_are_taken() -> None:
+    """What a wait compares with is what is left: parts' messages and bytes, and receivers' ends."""
+    inbox = Inbox(maxsize=10)
+    for n in range(3):
+        inbox.put(part(n, nbytes=5))
+    inbox.put(None)
+    inbox.put(None)
+    inbox.get_nowait()  # left: 2 parts (2 messages, 10 bytes), 2 ends
+    inbox.get_nowait()
+    inbox.get_nowait()
+    inbox.get_nowait()  # left: one end
+    assert returns_at_once(inbox, 100, 10**9)
+    inbox.get_nowait()
+    assert not returns_at_once(inbox, 1, 1, timeout=0.2)
+    for n in range(3):
+        inbox.put(part(n, nbytes=5))
+    inbox.get_nowait()  # left: 2 messages, 10 bytes
+    assert returns_at_once(inbox, 2, 10**9) and returns_at_once(inbox, 100, 10)
+    assert not returns_at_once(inbox, 3, 10**9, timeout=0.2)
+    assert not returns_at_once(inbox, 100, 11, timeout=0.2)
+
+
+def test_every_receiver_waiting_for_room_gets_in() -> None:
+    """Two receivers wait on a full inbox of one: each take lets one in, none is left waiting."""
+    inbox = Inbox(maxsize=1)
+    inbox.put(part(0))
+    putters = [threading.Thread(target=inbox.put, args=(part(n),), daemon=True) for n in (1, 2)]
+    for putter in putters:
+        putter.start()
+    time.sleep(0.1)  # both waiting
+    taken: list[Prepared | None] = []
+    deadline = time.monotonic() + 10
+    while len(taken) < 3 and time.monotonic() < deadline:
+        try:
+            taken.append(inbox.get_nowait())
+        except queue.Empty:
+            time.sleep(0.01)
+    assert len(taken) == 3, "a receiver was left waiting for room"
+    for putter in putters:
+        putter.join(1)
+        assert not putter.is_alive()
 
 
 def test_a_full_inbox_holds_its_putters_until_the_taker_takes_in_order() -> None:
