@@ -49,7 +49,7 @@ def sizes(batches: Sequence[Sequence[Prepared]]) -> list[int]:
 
 
 def drain(b: Batcher) -> list[list[Prepared]]:
-    taken: list[Prepared | None] = []
+    taken = []
     while (batch := b.take()) is not None:
         taken.append(batch)
     return taken
