@@ -150,9 +150,15 @@ class Consumer:
         track, untrack, stop = keeper.track, keeper.untrack, keeper.stop
 
         def tracking(messages: Sequence[ReceivedMessage]) -> None:
-            now = clock.now()
-            self.tracked.update((m.receipt_handle, now) for m in messages)
+            # When the keeper took them: the time its own clock read gave their deadline, not the
+            # time this call began. A receiver starved of the CPU between the two (a loaded CI
+            # machine) lets other threads move the virtual clock seconds meanwhile (seeds 362,
+            # 1693, 1789: a message tracked "at 0 s" that the keeper only held 28 s later).
             track(messages)
+            with keeper._lock:  # noqa: SLF001 - the simulation observes the keeper
+                held = {h: deadline - keeper.timeout for h, (_, deadline) in keeper._deadlines.items()}  # noqa: SLF001
+            now = clock.now()
+            self.tracked.update((m.receipt_handle, min(held.get(m.receipt_handle, now), now)) for m in messages)
 
         def untracking(messages: Sequence[ReceivedMessage]) -> None:
             self.released.update(m.receipt_handle for m in messages)
